@@ -1,0 +1,93 @@
+"""Prometheus metrics for gRPC servers. Each server gets its own registry, so several services can run
+in one process (as the tests do) without clashing names."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Awaitable, Callable
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+
+from service_kit.status import ServiceError
+
+logger = logging.getLogger(__name__)
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class RpcMetrics:
+    def __init__(self, service: str, registry: CollectorRegistry | None = None) -> None:
+        self.service = service
+        self.registry = registry or CollectorRegistry()
+        self.requests = Counter(
+            "vsearch_grpc_requests", "gRPC calls handled, by method and status code.",
+            ["service", "method", "code"], registry=self.registry,
+        )
+        self.latency = Histogram(
+            "vsearch_grpc_latency_seconds", "gRPC call latency, by method.",
+            ["service", "method"], buckets=LATENCY_BUCKETS, registry=self.registry,
+        )
+
+    def observe(self, method: str, code: str, seconds: float) -> None:
+        self.requests.labels(self.service, method, code).inc()
+        self.latency.labels(self.service, method).observe(seconds)
+
+    def serve_http(self, host: str, port: int) -> Any:
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        return server
+
+
+def _status_name(context: grpc.aio.ServicerContext, failed: bool) -> str:
+    code = context.code()
+    if code is None:
+        return "UNKNOWN" if failed else "OK"
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    return str(code)
+
+
+class ServiceInterceptor(grpc.aio.ServerInterceptor):
+    """Counts and times every call, turns `ServiceError` into its status, and turns any other
+    exception into INTERNAL with the traceback logged (a bug, never the caller's fault)."""
+
+    def __init__(self, metrics: RpcMetrics) -> None:
+        self.metrics = metrics
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or handler.unary_stream or handler.stream_stream:
+            return handler  # streaming responses (health Watch, reflection) pass untouched
+        method = details.method.rsplit("/", 1)[-1]
+        kind = "unary_unary" if handler.unary_unary else "stream_unary"
+        behavior = handler.unary_unary or handler.stream_unary
+
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            start = time.perf_counter()
+            failed = False
+            try:
+                return await behavior(request, context)
+            except ServiceError as error:
+                failed = True
+                await context.abort(error.code, error.message)
+            except grpc.aio.AbortError:
+                failed = True
+                raise
+            except Exception:
+                failed = True
+                logger.exception("unhandled error in %s", details.method)
+                await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}")
+            finally:
+                self.metrics.observe(method, _status_name(context, failed), time.perf_counter() - start)
+
+        factory = getattr(grpc, f"{kind}_rpc_method_handler")
+        return factory(
+            wrapped,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )

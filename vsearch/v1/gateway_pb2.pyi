@@ -1,0 +1,140 @@
+from google.protobuf import struct_pb2 as _struct_pb2
+from vsearch.v1 import embedder_pb2 as _embedder_pb2
+from vsearch.v1 import search_pb2 as _search_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class VisualSearchRequest(_message.Message):
+    __slots__ = ("image", "item_id", "crop", "k", "filter", "min_score")
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    CROP_FIELD_NUMBER: _ClassVar[int]
+    K_FIELD_NUMBER: _ClassVar[int]
+    FILTER_FIELD_NUMBER: _ClassVar[int]
+    MIN_SCORE_FIELD_NUMBER: _ClassVar[int]
+    image: bytes
+    item_id: str
+    crop: _embedder_pb2.CropBox
+    k: int
+    filter: _search_pb2.Filter
+    min_score: float
+    def __init__(self, image: _Optional[bytes] = ..., item_id: _Optional[str] = ..., crop: _Optional[_Union[_embedder_pb2.CropBox, _Mapping]] = ..., k: _Optional[int] = ..., filter: _Optional[_Union[_search_pb2.Filter, _Mapping]] = ..., min_score: _Optional[float] = ...) -> None: ...
+
+class SearchHit(_message.Message):
+    __slots__ = ("id", "score", "image_uri", "metadata")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_URI_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    score: float
+    image_uri: str
+    metadata: _struct_pb2.Struct
+    def __init__(self, id: _Optional[str] = ..., score: _Optional[float] = ..., image_uri: _Optional[str] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+
+class Timing(_message.Message):
+    __slots__ = ("embed_ms", "search_ms", "total_ms")
+    EMBED_MS_FIELD_NUMBER: _ClassVar[int]
+    SEARCH_MS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
+    embed_ms: float
+    search_ms: float
+    total_ms: float
+    def __init__(self, embed_ms: _Optional[float] = ..., search_ms: _Optional[float] = ..., total_ms: _Optional[float] = ...) -> None: ...
+
+class VisualSearchResponse(_message.Message):
+    __slots__ = ("hits", "from_cache", "embedding_from_cache", "timing", "index_generation", "model_version")
+    HITS_FIELD_NUMBER: _ClassVar[int]
+    FROM_CACHE_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_FROM_CACHE_FIELD_NUMBER: _ClassVar[int]
+    TIMING_FIELD_NUMBER: _ClassVar[int]
+    INDEX_GENERATION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    hits: _containers.RepeatedCompositeFieldContainer[SearchHit]
+    from_cache: bool
+    embedding_from_cache: bool
+    timing: Timing
+    index_generation: int
+    model_version: str
+    def __init__(self, hits: _Optional[_Iterable[_Union[SearchHit, _Mapping]]] = ..., from_cache: _Optional[bool] = ..., embedding_from_cache: _Optional[bool] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., index_generation: _Optional[int] = ..., model_version: _Optional[str] = ...) -> None: ...
+
+class AddImageRequest(_message.Message):
+    __slots__ = ("id", "image", "metadata", "image_uri")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_URI_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    image: bytes
+    metadata: _struct_pb2.Struct
+    image_uri: str
+    def __init__(self, id: _Optional[str] = ..., image: _Optional[bytes] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., image_uri: _Optional[str] = ...) -> None: ...
+
+class ItemFailure(_message.Message):
+    __slots__ = ("id", "code", "message", "index")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    code: int
+    message: str
+    index: int
+    def __init__(self, id: _Optional[str] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., index: _Optional[int] = ...) -> None: ...
+
+class AddImagesSummary(_message.Message):
+    __slots__ = ("received", "indexed", "failed", "failures", "index_generation")
+    RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    INDEXED_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
+    FAILURES_FIELD_NUMBER: _ClassVar[int]
+    INDEX_GENERATION_FIELD_NUMBER: _ClassVar[int]
+    received: int
+    indexed: int
+    failed: int
+    failures: _containers.RepeatedCompositeFieldContainer[ItemFailure]
+    index_generation: int
+    def __init__(self, received: _Optional[int] = ..., indexed: _Optional[int] = ..., failed: _Optional[int] = ..., failures: _Optional[_Iterable[_Union[ItemFailure, _Mapping]]] = ..., index_generation: _Optional[int] = ...) -> None: ...
+
+class DeleteImagesRequest(_message.Message):
+    __slots__ = ("ids",)
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class DeleteImagesResponse(_message.Message):
+    __slots__ = ("deleted", "index_generation")
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    INDEX_GENERATION_FIELD_NUMBER: _ClassVar[int]
+    deleted: int
+    index_generation: int
+    def __init__(self, deleted: _Optional[int] = ..., index_generation: _Optional[int] = ...) -> None: ...
+
+class VisualStatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class VisualStatsResponse(_message.Message):
+    __slots__ = ("count", "index_type", "metric", "index_generation", "dimension", "model_name", "model_version", "filterable_fields")
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    INDEX_TYPE_FIELD_NUMBER: _ClassVar[int]
+    METRIC_FIELD_NUMBER: _ClassVar[int]
+    INDEX_GENERATION_FIELD_NUMBER: _ClassVar[int]
+    DIMENSION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    FILTERABLE_FIELDS_FIELD_NUMBER: _ClassVar[int]
+    count: int
+    index_type: str
+    metric: str
+    index_generation: int
+    dimension: int
+    model_name: str
+    model_version: str
+    filterable_fields: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, count: _Optional[int] = ..., index_type: _Optional[str] = ..., metric: _Optional[str] = ..., index_generation: _Optional[int] = ..., dimension: _Optional[int] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., filterable_fields: _Optional[_Iterable[str]] = ...) -> None: ...
