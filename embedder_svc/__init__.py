@@ -1,0 +1,1 @@
+"""The embedder service: encoded images in, L2-normalised embeddings out (vsearch.v1.Embedder)."""

@@ -1,0 +1,52 @@
+"""Where the model runs. A backend takes a preprocessed batch [N, 3, H, W] and returns the model's
+output [N, D]; everything before (decoding, preprocessing) and after (batching, normalising) is the
+service's and the same for every backend."""
+
+from __future__ import annotations
+
+import abc
+from pathlib import Path
+
+import numpy as np
+
+from embedder_svc.model_card import MODEL_FILE_NAME, ModelCard
+from embedder_svc.settings import EmbedderSettings
+
+
+class BackendError(Exception):
+    """The backend cannot load the model, or failed to run a batch."""
+
+
+class InferenceBackend(abc.ABC):
+    #: What `Info.backend` reports.
+    name: str
+
+    @abc.abstractmethod
+    async def load(self) -> None:
+        """Makes the model ready to run; raises `BackendError` if it cannot."""
+
+    @abc.abstractmethod
+    async def infer(self, batch: np.ndarray) -> np.ndarray:
+        """One batch at a time (the batcher never overlaps calls); raises `BackendError`."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Frees what `load` took; safe to call when `load` never ran or failed."""
+
+    def describe(self) -> str:
+        """One line for the startup log."""
+        return self.name
+
+
+def create_backend(settings: EmbedderSettings, model_dir: Path, card: ModelCard) -> InferenceBackend:
+    if settings.backend == "onnxruntime":
+        from embedder_svc.onnx_backend import OnnxRuntimeBackend
+
+        return OnnxRuntimeBackend(
+            model_path=model_dir / MODEL_FILE_NAME,
+            input_name=card.input.name,
+            output_name=card.output.name,
+            providers=settings.providers,
+            inference_threads=settings.inference_threads,
+        )
+    raise BackendError(f"unknown backend {settings.backend!r}")

@@ -1,0 +1,116 @@
+"""The embedding pipeline, independent of gRPC: bytes -> decode -> preprocess (decode executor) ->
+micro-batch -> backend -> L2-normalised vector."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from embedder_svc.backends import BackendError, InferenceBackend
+from embedder_svc.batching import MicroBatcher
+from embedder_svc.embedder_metrics import EmbedderMetrics
+from embedder_svc.image_decoding import CropBox, ImageDecoder
+from embedder_svc.model_card import ModelCard, read_model_card
+from embedder_svc.preprocessing import Preprocessor
+
+logger = logging.getLogger(__name__)
+
+BackendFactory = Callable[[Path, ModelCard], InferenceBackend]
+
+
+class ModelNotLoaded(Exception):
+    """A call arrived before the model finished loading (or after shutdown began)."""
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    card: ModelCard
+    preprocessor: Preprocessor
+    backend: InferenceBackend
+    batcher: MicroBatcher
+
+
+class EmbeddingEngine:
+    def __init__(
+        self,
+        model_dir: Path,
+        backend_factory: BackendFactory,
+        decoder: ImageDecoder,
+        decode_executor: Executor,
+        max_batch_size: int,
+        max_batch_wait_s: float,
+        metrics: EmbedderMetrics,
+    ) -> None:
+        self.model_dir = model_dir
+        self._backend_factory = backend_factory
+        self._decoder = decoder
+        self._decode_executor = decode_executor
+        self.max_batch_size = max_batch_size
+        self.max_batch_wait_s = max_batch_wait_s
+        self._metrics = metrics
+        self._model: LoadedModel | None = None
+
+    @property
+    def model(self) -> LoadedModel:
+        if self._model is None:
+            raise ModelNotLoaded("model not loaded yet")
+        return self._model
+
+    async def load(self) -> None:
+        """Startup hook: reads the card, loads the model and checks it with one warm-up run.
+        Raises (and the server retries) when any of that fails."""
+        if self._model is not None:
+            return
+        card = await asyncio.to_thread(read_model_card, self.model_dir)
+        backend = self._backend_factory(self.model_dir, card)
+        try:
+            await backend.load()
+            await self._warm_up(backend, card)
+        except BaseException:
+            await backend.close()
+            raise
+        batcher = MicroBatcher(backend.infer, self.max_batch_size, self.max_batch_wait_s, self._metrics)
+        batcher.start()
+        self._model = LoadedModel(card, Preprocessor(card), backend, batcher)
+        logger.info(
+            "model %s version %s (%d-d) loaded on %s; preprocessing: %s",
+            card.name, card.version, card.output.dimension, backend.describe(), card.preprocessing_summary(),
+        )
+
+    @staticmethod
+    async def _warm_up(backend: InferenceBackend, card: ModelCard) -> None:
+        """The first run is slow (allocations, kernel choice), and a model that disagrees with its
+        card should fail here rather than on a caller's image."""
+        dtype = np.float16 if card.input.dtype == "float16" else np.float32
+        probe = np.zeros((1, 3, card.input.height, card.input.width), dtype=dtype)
+        output = await backend.infer(probe)
+        if output.shape != (1, card.output.dimension):
+            raise BackendError(
+                f"model output has shape {list(output.shape)} for one image; the card says {card.output.dimension} values"
+            )
+
+    async def close(self) -> None:
+        model, self._model = self._model, None
+        if model is not None:
+            await model.batcher.close()
+            await model.backend.close()
+
+    async def embed(self, data: bytes, crop: CropBox | None) -> np.ndarray:
+        """One image to its L2-normalised vector. Raises `ImageRejected` (the caller's fault),
+        `BackendError`, `BatcherClosed` or `ModelNotLoaded`."""
+        model = self.model
+        loop = asyncio.get_running_loop()
+        tensor = await loop.run_in_executor(self._decode_executor, self._prepare, model.preprocessor, data, crop)
+        vector = await model.batcher.submit(tensor)
+        if not model.card.output.l2_normalized:
+            vector = vector / max(float(np.linalg.norm(vector)), 1e-12)
+        return vector
+
+    def _prepare(self, preprocessor: Preprocessor, data: bytes, crop: CropBox | None) -> np.ndarray:
+        return preprocessor(self._decoder.decode(data, crop))

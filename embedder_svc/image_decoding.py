@@ -1,0 +1,142 @@
+"""Untrusted bytes in, an RGB Pillow image out (or `ImageRejected` with a message saying what is
+wrong). Blocking: run it in the decode executor, never on the event loop."""
+
+from __future__ import annotations
+
+import io
+import struct
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+# Pillow format names, in the order Image.open tries them.
+SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+_SUPPORTED_TEXT = "JPEG, PNG, WebP, GIF, BMP or TIFF"
+_BACKGROUND = (255, 255, 255)
+# Errors Pillow's plugins raise on malformed data, besides OSError.
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError)
+
+
+class ImageRejected(Exception):
+    """The bytes are not an image this service accepts; the message says why (for the caller)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+@dataclass(frozen=True)
+class CropBox:
+    """Pixels of the image as displayed, i.e. after EXIF orientation."""
+
+    x: int
+    y: int
+    width: int
+    height: int
+
+
+class ImageDecoder:
+    def __init__(self, max_bytes: int, max_pixels: int) -> None:
+        self.max_bytes = max_bytes
+        self.max_pixels = max_pixels
+        # Pillow's own bomb guard is process-wide and only a backstop (it raises at twice the limit);
+        # `decode` checks the header against this decoder's limit before decoding anything.
+        Image.MAX_IMAGE_PIXELS = max_pixels
+        # Pillow warns between the limit and twice it; `decode` refuses those images anyway.
+        warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+        # A truncated file must fail, not decode into grey padding.
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+    def decode(self, data: bytes, crop: CropBox | None = None) -> Image.Image:
+        if not data:
+            raise ImageRejected("empty image data")
+        if len(data) > self.max_bytes:
+            raise ImageRejected(f"image is {len(data)} bytes, over the limit of {self.max_bytes} bytes")
+        image = self._open(data)
+        width, height = image.size
+        if width * height > self.max_pixels:
+            raise ImageRejected(self._too_many_pixels(f"image is {width}x{height} = {width * height} pixels"))
+        try:
+            image.load()  # decode every pixel now, so truncation shows here and not later
+        except Image.DecompressionBombError as error:
+            raise ImageRejected(self._too_many_pixels(str(error))) from None
+        except _DECODE_ERRORS as error:
+            raise ImageRejected(f"truncated or corrupt {image.format} data: {error}") from None
+        image = _apply_exif_orientation(image)
+        if crop is not None:
+            image = _crop(image, crop)
+        return _to_rgb(image)
+
+    def _too_many_pixels(self, detail: str) -> str:
+        return f"image too large: over the limit of {self.max_pixels} pixels (decompression bomb guard): {detail}"
+
+    def _open(self, data: bytes) -> Image.Image:
+        try:
+            return Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)
+        except Image.DecompressionBombError as error:
+            # Pillow's backstop fired first (over twice the limit); its message carries the size.
+            raise ImageRejected(self._too_many_pixels(str(error))) from None
+        except UnidentifiedImageError:
+            raise ImageRejected(_unsupported_message(data)) from None
+        except _DECODE_ERRORS as error:
+            raise ImageRejected(f"corrupt image header: {error}") from None
+
+
+def _unsupported_message(data: bytes) -> str:
+    """Names the format when Pillow knows it but this service does not take it."""
+    try:
+        with Image.open(io.BytesIO(data)) as other:
+            found = other.format
+    except Exception:  # noqa: BLE001 - only used to word the message
+        found = None
+    if found:
+        return f"unsupported image format {found} (supported: {_SUPPORTED_TEXT})"
+    return f"not an image: the data is not {_SUPPORTED_TEXT}"
+
+
+def _apply_exif_orientation(image: Image.Image) -> Image.Image:
+    try:
+        rotated = ImageOps.exif_transpose(image)
+    except Exception:  # noqa: BLE001 - unreadable EXIF is no reason to refuse decodable pixels
+        return image
+    return rotated if rotated is not None else image
+
+
+def _crop(image: Image.Image, crop: CropBox) -> Image.Image:
+    width, height = image.size
+    box = f"x={crop.x} y={crop.y} width={crop.width} height={crop.height}"
+    if crop.width == 0 or crop.height == 0:
+        raise ImageRejected(f"crop box has zero size ({box})")
+    if crop.x + crop.width > width or crop.y + crop.height > height:
+        raise ImageRejected(f"crop box ({box}) lies outside the {width}x{height} image")
+    return image.crop((crop.x, crop.y, crop.x + crop.width, crop.y + crop.height))
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode == "RGB":
+        return image
+    if image.mode.startswith("I") or image.mode == "F":
+        return _high_depth_to_rgb(image)
+    try:
+        if image.has_transparency_data:
+            rgba = image.convert("RGBA")
+            background = Image.new("RGBA", rgba.size, (*_BACKGROUND, 255))
+            return Image.alpha_composite(background, rgba).convert("RGB")
+        return image.convert("RGB")
+    except ValueError as error:  # e.g. a colour mode Pillow cannot convert
+        raise ImageRejected(f"unsupported colour mode {image.mode}: {error}") from None
+
+
+def _high_depth_to_rgb(image: Image.Image) -> Image.Image:
+    """16-bit and 32-bit grayscale: Pillow's convert would clip to 255, so rescale to 8 bits."""
+    pixels = np.asarray(image)
+    if pixels.ndim != 2:
+        raise ImageRejected(f"unsupported colour mode {image.mode}")
+    if image.mode == "F":
+        values = pixels * 255.0 if pixels.max(initial=0.0) <= 1.0 else pixels
+    else:  # I;16*, and I (which holds 16-bit data from PNG/TIFF)
+        values = pixels.astype(np.float32) / 257.0
+    gray = np.clip(np.rint(values), 0, 255).astype(np.uint8)
+    return Image.fromarray(gray).convert("RGB")

@@ -1,0 +1,145 @@
+"""The model card: everything needed to turn an image into the tensor a prepared model expects, and
+what comes out of it. Written as ``model_card.json`` beside ``model.onnx`` by `vsearch model prepare`;
+the embedder's preprocessing is driven by it alone."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+CARD_FILE_NAME = "model_card.json"
+MODEL_FILE_NAME = "model.onnx"
+
+
+class ModelCardError(Exception):
+    """A model directory without a readable, valid card."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ModelSource(_Frozen):
+    """The classification model the embedding model was cut from."""
+
+    file: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    url: str | None = None
+
+
+class InputSpec(_Frozen):
+    name: str
+    height: int = Field(gt=0)
+    width: int = Field(gt=0)
+    layout: Literal["NCHW"] = "NCHW"
+    dtype: Literal["float32", "float16"] = "float32"
+
+
+class Preprocessing(_Frozen):
+    """Resize the shorter side to `resize_shorter`, center-crop `crop` x `crop`, reorder channels,
+    then per channel ``(pixel * pixel_scale - mean) / std``, with mean/std in `channel_order`."""
+
+    resize_shorter: int = Field(gt=0)
+    crop: int = Field(gt=0)
+    interpolation: Literal["nearest", "bilinear", "bicubic", "lanczos"] = "bilinear"
+    channel_order: Literal["RGB", "BGR"]
+    pixel_scale: float = Field(gt=0)
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    @model_validator(mode="after")
+    def _check(self) -> Preprocessing:
+        if self.crop > self.resize_shorter:
+            raise ValueError(f"crop {self.crop} is larger than resize_shorter {self.resize_shorter}")
+        if any(value <= 0 for value in self.std):
+            raise ValueError("std values must be positive")
+        return self
+
+    def summary(self) -> str:
+        def numbers(values: tuple[float, ...]) -> str:
+            return "[" + ",".join(f"{value:g}" for value in values) + "]"
+
+        scale = "/255" if abs(self.pixel_scale - 1 / 255) < 1e-9 else f"x{self.pixel_scale:g}"
+        return (
+            f"{self.channel_order} resize {self.resize_shorter} ({self.interpolation}) crop {self.crop} "
+            f"{scale} mean {numbers(self.mean)} std {numbers(self.std)}"
+        )
+
+
+class OutputSpec(_Frozen):
+    name: str
+    dimension: int = Field(gt=0)
+    pooling: Literal["avg", "gem"]
+    gem_p: float | None = None
+    # False: the service normalises the vectors itself.
+    l2_normalized: bool
+
+
+class ModelCard(_Frozen):
+    schema_version: Literal[1] = 1
+    name: str
+    # Changes whenever the vectors would: derived from the source, cut, pooling and preprocessing.
+    version: str
+    source: ModelSource
+    feature_tensor: str
+    input: InputSpec
+    preprocessing: Preprocessing
+    output: OutputSpec
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelCard:
+        crop = self.preprocessing.crop
+        if (self.input.height, self.input.width) != (crop, crop):
+            raise ValueError(
+                f"preprocessing crops {crop}x{crop} but the model input is {self.input.height}x{self.input.width}"
+            )
+        if self.output.pooling == "gem" and (self.output.gem_p is None or self.output.gem_p <= 0):
+            raise ValueError("gem pooling needs a positive gem_p")
+        return self
+
+    def preprocessing_summary(self) -> str:
+        return f"{self.preprocessing.summary()} {self.input.layout} {self.input.dtype}"
+
+    @staticmethod
+    def derive_version(
+        source: ModelSource, feature_tensor: str, input_spec: InputSpec, preprocessing: Preprocessing, output: OutputSpec
+    ) -> str:
+        defining = {
+            "source_sha256": source.sha256,
+            "feature_tensor": feature_tensor,
+            "input": input_spec.model_dump(mode="json"),
+            "preprocessing": preprocessing.model_dump(mode="json"),
+            "output": output.model_dump(mode="json", exclude={"name"}),
+        }
+        digest = hashlib.sha256(json.dumps(defining, sort_keys=True).encode()).hexdigest()
+        return digest[:12]
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2) + "\n"
+
+
+def read_model_card(model_dir: Path) -> ModelCard:
+    path = model_dir / CARD_FILE_NAME
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ModelCardError(f"no {CARD_FILE_NAME} in {model_dir} (run `vsearch model prepare --out {model_dir}`)") from None
+    except OSError as error:
+        raise ModelCardError(f"cannot read {path}: {error}") from None
+    try:
+        return ModelCard.model_validate_json(text)
+    except ValidationError as error:
+        raise ModelCardError(f"invalid model card {path}: {error}") from None
+
+
+def write_model_card(model_dir: Path, card: ModelCard) -> Path:
+    """Written through a temporary file, so a reader never sees half a card."""
+    path = model_dir / CARD_FILE_NAME
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(card.to_json())
+    partial.replace(path)
+    return path

@@ -1,0 +1,432 @@
+"""`vsearch model prepare`: a classification ONNX model in, an embedding model out.
+
+The source graph is cut at a feature tensor, float16 is widened to float32, the batch dimension is
+made dynamic, and a head is appended: pooling (average or GeM) -> flatten -> L2 normalisation. The
+result is checked with onnx.checker and with onnxruntime (a batch gives the same vectors as its
+images one by one), then written as ``model.onnx`` + ``model_card.json``."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx.version_converter
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+from embedder_svc.model_card import (
+    CARD_FILE_NAME,
+    MODEL_FILE_NAME,
+    InputSpec,
+    ModelCard,
+    ModelCardError,
+    ModelSource,
+    OutputSpec,
+    Preprocessing,
+    read_model_card,
+    write_model_card,
+)
+from embedder_svc.model_presets import DEFAULT_PRESET, PRESETS, ModelPreset, Pooling
+
+logger = logging.getLogger(__name__)
+
+OUTPUT_NAME = "embedding"
+BATCH_DIM = "batch"
+# Oldest default-domain opset the appended head is written for (Clip takes `min` as an input).
+_MIN_OPSET = 11
+_UPGRADE_OPSET = 13
+_EPSILON = 1e-12
+_VERIFY_BATCH = 3
+_VERIFY_TOLERANCE = 1e-5
+_REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ModelPrepareError(Exception):
+    """The source model cannot be found, fetched or turned into an embedding model."""
+
+
+class ChecksumMismatchError(ModelPrepareError):
+    pass
+
+
+def default_shared_dir() -> Path:
+    return Path(os.environ.get("VSEARCH_SHARED_DIR") or _REPO_ROOT.parent / "shared")
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "vsearch" / "models"
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        while chunk := stream.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _check_sha256(what: str, actual: str, expected: str, hint: str = "") -> None:
+    if actual != expected:
+        raise ChecksumMismatchError(f"checksum mismatch for {what}: sha256 is {actual}, expected {expected}{hint}")
+
+
+def download_verified(url: str, destination: Path, sha256: str, timeout_s: float = 60.0) -> Path:
+    """Fetches `url` to `destination` only if its sha256 matches; on any failure nothing is left."""
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    handle, partial_name = tempfile.mkstemp(dir=destination.parent, prefix=destination.name + ".", suffix=".partial")
+    partial = Path(partial_name)
+    try:
+        digest = hashlib.sha256()
+        with os.fdopen(handle, "wb") as out, urllib.request.urlopen(url, timeout=timeout_s) as response:
+            while chunk := response.read(1 << 20):
+                digest.update(chunk)
+                out.write(chunk)
+        _check_sha256(url, digest.hexdigest(), sha256, " (download discarded)")
+        partial.replace(destination)
+    except (urllib.error.URLError, OSError) as error:
+        partial.unlink(missing_ok=True)
+        raise ModelPrepareError(f"cannot download {url}: {error}") from error
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    return destination
+
+
+@dataclass(frozen=True)
+class ResolvedSource:
+    path: Path
+    sha256: str
+
+
+def resolve_source(
+    preset: ModelPreset,
+    source: Path | None = None,
+    *,
+    verify_checksum: bool = True,
+    shared_dir: Path | None = None,
+    cache_dir: Path | None = None,
+) -> ResolvedSource:
+    """An explicit file, else the shared copy, else the download cache (fetching it if needed).
+    Every file is checked against the preset's sha256 unless `verify_checksum` is False."""
+    if source is not None:
+        if not source.is_file():
+            raise ModelPrepareError(f"source model {source} not found")
+        return _verified_local(source, preset, verify_checksum)
+    shared = (shared_dir or default_shared_dir()) / "models" / preset.name / preset.file_name
+    if shared.is_file():
+        return _verified_local(shared, preset, verify_checksum)
+    cached = (cache_dir or default_cache_dir()) / preset.file_name
+    if cached.is_file():
+        sha256 = file_sha256(cached)
+        if sha256 == preset.sha256:
+            return ResolvedSource(cached, sha256)
+        logger.warning("cached %s has the wrong checksum; downloading it again", cached)
+        cached.unlink()
+    if preset.url is None:
+        raise ModelPrepareError(f"{preset.name}: no source file at {shared} and no download URL known")
+    logger.info("downloading %s to %s", preset.url, cached)
+    download_verified(preset.url, cached, preset.sha256)
+    return ResolvedSource(cached, preset.sha256)
+
+
+def _verified_local(path: Path, preset: ModelPreset, verify_checksum: bool) -> ResolvedSource:
+    sha256 = file_sha256(path)
+    if verify_checksum:
+        hint = f" for preset {preset.name} (a corrupt or different file; skip the check only for a deliberately different model)"
+        _check_sha256(str(path), sha256, preset.sha256, hint)
+    return ResolvedSource(path, sha256)
+
+
+# --- graph surgery ----------------------------------------------------------------------------
+
+
+def _default_opset(model: onnx.ModelProto) -> int:
+    for opset in model.opset_import:
+        if opset.domain in ("", "ai.onnx"):
+            return opset.version
+    raise ModelPrepareError("the model imports no default-domain opset")
+
+
+def cut_at(model: onnx.ModelProto, input_name: str, feature_tensor: str) -> onnx.ModelProto:
+    """The subgraph from `input_name` to `feature_tensor`, which becomes the only output."""
+    graph = model.graph
+    initializers = {tensor.name for tensor in graph.initializer}
+    inputs = {value.name: value for value in graph.input if value.name not in initializers}
+    if input_name not in inputs:
+        raise ModelPrepareError(f"the model has no input {input_name!r} (inputs: {', '.join(inputs)})")
+    producer = {name: index for index, node in enumerate(graph.node) for name in node.output if name}
+    if feature_tensor not in producer:
+        raise ModelPrepareError(f"no node of the model produces the tensor {feature_tensor!r}")
+    keep: set[int] = set()
+    pending = [feature_tensor]
+    while pending:
+        name = pending.pop()
+        if not name or name == input_name or name in initializers:
+            continue
+        if name not in producer:
+            raise ModelPrepareError(f"{feature_tensor!r} depends on {name!r}, which is not computed from {input_name!r}")
+        index = producer[name]
+        if index not in keep:
+            keep.add(index)
+            pending.extend(graph.node[index].input)
+    nodes = [graph.node[index] for index in sorted(keep)]  # source order is topological
+    used = {name for node in nodes for name in node.input}
+    known = {value.name: value for value in [*graph.value_info, *graph.output]}
+    output = known.get(feature_tensor) or helper.make_tensor_value_info(feature_tensor, TensorProto.FLOAT, None)
+    cut = helper.make_graph(
+        nodes,
+        graph.name or "embedding",
+        [inputs[input_name]],
+        [output],
+        initializer=[tensor for tensor in graph.initializer if tensor.name in used],
+    )
+    result = onnx.ModelProto()
+    result.CopyFrom(model)
+    result.graph.CopyFrom(cut)
+    return result
+
+
+def float16_to_float32(model: onnx.ModelProto) -> bool:
+    """Widens every float16 tensor, type and cast in the main graph, in place; True if any was.
+    onnxruntime's CPU provider lacks float16 kernels for much of what such models use."""
+    changed = False
+
+    def widen_tensor(tensor: onnx.TensorProto) -> None:
+        nonlocal changed
+        if tensor.data_type == TensorProto.FLOAT16:
+            tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor).astype(np.float32), tensor.name))
+            changed = True
+
+    def widen_type(value: onnx.ValueInfoProto) -> None:
+        nonlocal changed
+        if value.type.tensor_type.elem_type == TensorProto.FLOAT16:
+            value.type.tensor_type.elem_type = TensorProto.FLOAT
+            changed = True
+
+    graph = model.graph
+    for tensor in graph.initializer:
+        widen_tensor(tensor)
+    for value in [*graph.input, *graph.output, *graph.value_info]:
+        widen_type(value)
+    with_subgraphs = []
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.TENSOR:
+                widen_tensor(attribute.t)
+            elif attribute.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
+                with_subgraphs.append(node.name or node.op_type)
+            elif node.op_type == "Cast" and attribute.name == "to" and attribute.i == TensorProto.FLOAT16:
+                attribute.i = TensorProto.FLOAT
+                changed = True
+    if changed and with_subgraphs:
+        raise ModelPrepareError(f"cannot widen float16 inside subgraphs (nodes {', '.join(with_subgraphs)})")
+    return changed
+
+
+def make_batch_dynamic(model: onnx.ModelProto, input_name: str) -> None:
+    """In place. Stale intermediate shapes (with the old fixed batch) are dropped too."""
+    (value,) = [value for value in model.graph.input if value.name == input_name]
+    dims = value.type.tensor_type.shape.dim
+    if len(dims) != 4:
+        raise ModelPrepareError(f"input {input_name!r} has {len(dims)} dimensions; expected NCHW")
+    dims[0].Clear()
+    dims[0].dim_param = BATCH_DIM
+    del model.graph.value_info[:]
+
+
+def _input_size(model: onnx.ModelProto, input_name: str) -> tuple[int | None, int | None]:
+    (value,) = [value for value in model.graph.input if value.name == input_name]
+    dims = value.type.tensor_type.shape.dim
+    return tuple(dim.dim_value if dim.HasField("dim_value") else None for dim in dims[2:4])  # type: ignore[return-value]
+
+
+def append_head(model: onnx.ModelProto, feature_tensor: str, pooling: Pooling, gem_p: float) -> None:
+    """In place: feature [N, C, h, w] -> pooled -> [N, C] -> L2-normalised, as the only output."""
+    graph = model.graph
+    opset = _default_opset(model)
+
+    def constant(name: str, value: float) -> str:
+        graph.initializer.append(numpy_helper.from_array(np.array(value, dtype=np.float32), name))
+        return name
+
+    nodes = []
+    features = feature_tensor
+    if pooling == "gem":
+        # GeM: (mean(max(x, eps)^p))^(1/p); eps keeps Pow away from zero and negatives.
+        nodes += [
+            helper.make_node("Clip", [features, constant("head/gem_eps", 1e-6)], ["head/gem_clipped"], name="head/gem_clip"),
+            helper.make_node("Pow", ["head/gem_clipped", constant("head/gem_p", gem_p)], ["head/gem_powered"], name="head/gem_pow"),
+        ]
+        features = "head/gem_powered"
+    nodes.append(helper.make_node("GlobalAveragePool", [features], ["head/pooled"], name="head/pool"))
+    pooled = "head/pooled"
+    if pooling == "gem":
+        nodes.append(helper.make_node("Pow", [pooled, constant("head/gem_inv_p", 1.0 / gem_p)], ["head/gem_root"], name="head/gem_root"))
+        pooled = "head/gem_root"
+    nodes.append(helper.make_node("Flatten", [pooled], ["head/flat"], name="head/flatten", axis=1))
+    if opset >= 18:  # ReduceL2 takes its axes as an input from opset 18
+        graph.initializer.append(numpy_helper.from_array(np.array([1], dtype=np.int64), "head/l2_axes"))
+        nodes.append(helper.make_node("ReduceL2", ["head/flat", "head/l2_axes"], ["head/norm"], name="head/l2", keepdims=1))
+    else:
+        nodes.append(helper.make_node("ReduceL2", ["head/flat"], ["head/norm"], name="head/l2", axes=[1], keepdims=1))
+    nodes += [
+        # An all-zero feature map stays zero instead of becoming NaN.
+        helper.make_node("Max", ["head/norm", constant("head/l2_eps", _EPSILON)], ["head/norm_safe"], name="head/l2_guard"),
+        helper.make_node("Div", ["head/flat", "head/norm_safe"], [OUTPUT_NAME], name="head/normalise"),
+    ]
+    graph.node.extend(nodes)
+    del graph.output[:]
+    graph.output.append(helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, [BATCH_DIM, None]))
+
+
+def _upgrade_opset(model: onnx.ModelProto) -> onnx.ModelProto:
+    if _default_opset(model) >= _MIN_OPSET:
+        return model
+    try:
+        return onnx.version_converter.convert_version(model, _UPGRADE_OPSET)
+    except Exception as error:  # noqa: BLE001 - the converter raises assorted errors
+        raise ModelPrepareError(f"cannot convert the model to opset {_UPGRADE_OPSET}: {error}") from error
+
+
+def _set_ir_version(model: onnx.ModelProto) -> None:
+    """Old IR (< 4) wants initializers listed as graph inputs, which the cut graph no longer does."""
+    needed = helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
+    model.ir_version = max(model.ir_version, needed, 4)
+
+
+def build_embedding_model(
+    source: onnx.ModelProto, input_name: str, feature_tensor: str, pooling: Pooling, gem_p: float
+) -> onnx.ModelProto:
+    model = cut_at(source, input_name, feature_tensor)
+    float16_to_float32(model)
+    _set_ir_version(model)
+    model = _upgrade_opset(model)
+    _set_ir_version(model)
+    make_batch_dynamic(model, input_name)
+    append_head(model, feature_tensor, pooling, gem_p)
+    model.producer_name = "vsearch model prepare"
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as error:
+        raise ModelPrepareError(f"the embedding model does not pass onnx.checker: {error}") from error
+    return model
+
+
+def verify_embedding_model(model: onnx.ModelProto, input_name: str, height: int, width: int) -> int:
+    """Runs the model on onnxruntime CPU: a batch must give the same unit vectors as its images
+    one at a time. Returns the embedding dimension."""
+    try:
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    except Exception as error:  # noqa: BLE001 - onnxruntime's errors share no base class
+        raise ModelPrepareError(f"onnxruntime cannot load the embedding model: {error}") from error
+    batch = np.random.default_rng(0).standard_normal((_VERIFY_BATCH, 3, height, width)).astype(np.float32)
+    (together,) = session.run([OUTPUT_NAME], {input_name: batch})
+    alone = np.concatenate([session.run([OUTPUT_NAME], {input_name: batch[i : i + 1]})[0] for i in range(_VERIFY_BATCH)])
+    if together.ndim != 2 or together.shape[0] != _VERIFY_BATCH:
+        raise ModelPrepareError(f"embedding output has shape {list(together.shape)}; expected [{_VERIFY_BATCH}, D]")
+    difference = float(np.abs(together - alone).max())
+    if difference > _VERIFY_TOLERANCE:
+        raise ModelPrepareError(f"batch and single-image embeddings differ by {difference:.2e}; the batch dimension is not truly dynamic")
+    norms = np.linalg.norm(together, axis=1)
+    if not np.allclose(norms, 1.0, atol=1e-4):
+        raise ModelPrepareError(f"embeddings are not unit length (norms {norms.tolist()})")
+    return int(together.shape[1])
+
+
+def prepare_model(
+    out_dir: Path,
+    *,
+    preset: str = DEFAULT_PRESET,
+    source: Path | None = None,
+    feature_tensor: str | None = None,
+    pooling: Pooling | None = None,
+    gem_p: float = 3.0,
+    verify_checksum: bool = True,
+    shared_dir: Path | None = None,
+    cache_dir: Path | None = None,
+) -> ModelCard:
+    """Writes `out_dir`/model.onnx and `out_dir`/model_card.json; returns the card.
+
+    `feature_tensor` and `pooling` default to the preset's; the preprocessing always comes from the
+    preset (it belongs to the source model)."""
+    if preset not in PRESETS:
+        raise ModelPrepareError(f"unknown preset {preset!r} (known: {', '.join(PRESETS)})")
+    spec = PRESETS[preset]
+    feature_tensor = feature_tensor or spec.feature_tensor
+    pooling = pooling or spec.pooling
+    if pooling == "gem" and gem_p <= 0:
+        raise ModelPrepareError(f"GeM needs a positive p, got {gem_p}")
+    resolved = resolve_source(spec, source, verify_checksum=verify_checksum, shared_dir=shared_dir, cache_dir=cache_dir)
+    try:
+        source_model = onnx.load(str(resolved.path))
+    except Exception as error:  # noqa: BLE001 - protobuf decode errors vary
+        raise ModelPrepareError(f"cannot read {resolved.path} as an ONNX model: {error}") from error
+
+    model = build_embedding_model(source_model, spec.input_name, feature_tensor, pooling, gem_p)
+    size = spec.preprocessing.crop
+    declared = _input_size(model, spec.input_name)
+    if any(dim is not None and dim != size for dim in declared):
+        raise ModelPrepareError(f"the model input is {declared[0]}x{declared[1]}; the preset crops {size}x{size}")
+    dimension = verify_embedding_model(model, spec.input_name, size, size)
+    model.graph.output[0].type.tensor_type.shape.dim[1].dim_value = dimension
+
+    card = _make_card(spec, resolved, feature_tensor, pooling, gem_p, dimension)
+    _write_prepared(out_dir, model, card)
+    logger.info("prepared %s (%d-d, %s pooling) in %s", card.name, dimension, pooling, out_dir)
+    return card
+
+
+def _make_card(
+    spec: ModelPreset, resolved: ResolvedSource, feature_tensor: str, pooling: Pooling, gem_p: float, dimension: int
+) -> ModelCard:
+    source = ModelSource(file=resolved.path.name, sha256=resolved.sha256, url=spec.url)
+    size = spec.preprocessing.crop
+    input_spec = InputSpec(name=spec.input_name, height=size, width=size, layout="NCHW", dtype="float32")
+    preprocessing: Preprocessing = spec.preprocessing
+    output = OutputSpec(
+        name=OUTPUT_NAME, dimension=dimension, pooling=pooling,
+        gem_p=gem_p if pooling == "gem" else None, l2_normalized=True,
+    )
+    return ModelCard(
+        name=spec.name,
+        version=ModelCard.derive_version(source, feature_tensor, input_spec, preprocessing, output),
+        source=source,
+        feature_tensor=feature_tensor,
+        input=input_spec,
+        preprocessing=preprocessing,
+        output=output,
+    )
+
+
+def _write_prepared(out_dir: Path, model: onnx.ModelProto, card: ModelCard) -> None:
+    """The card goes last: a directory with a card always has the matching model."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / CARD_FILE_NAME).unlink(missing_ok=True)
+    model_path = out_dir / MODEL_FILE_NAME
+    partial = model_path.with_name(model_path.name + ".partial")
+    partial.write_bytes(model.SerializeToString())
+    partial.replace(model_path)
+    write_model_card(out_dir, card)
+
+
+def ensure_model(preset: str, models_dir: Path, *, shared_dir: Path | None = None, cache_dir: Path | None = None) -> Path:
+    """`models_dir`/`preset`, prepared with the preset's defaults unless it already holds that
+    preset's model. Returns the directory to give the embedder as EMBEDDER_MODEL_DIR."""
+    target = models_dir / preset
+    try:
+        card = read_model_card(target)
+        if card.name == preset and (target / MODEL_FILE_NAME).is_file():
+            return target
+    except ModelCardError:
+        pass
+    prepare_model(target, preset=preset, shared_dir=shared_dir, cache_dir=cache_dir)
+    return target

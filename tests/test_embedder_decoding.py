@@ -1,0 +1,201 @@
+"""What the embedder accepts (formats, EXIF orientation, colour modes, crops) and how it refuses
+nasty inputs: per item, with a message naming the problem, while the rest of the batch embeds."""
+
+from __future__ import annotations
+
+import io
+import struct
+import time
+import zlib
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import Image
+
+from embedder_svc.server import SERVICE_NAME
+from test_embedder_support import (  # noqa: F401 - fixtures
+    TEST_MAX_IMAGE_BYTES,
+    RunningEmbedder,
+    cosine,
+    embed_one,
+    embed_results,
+    embed_vectors,
+    embedder_models_dir,
+    encode,
+    image_input,
+    mobilenet_dir,
+    mobilenet_embedder,
+    vector_of,
+)
+
+INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+
+
+@pytest.fixture(scope="module")
+def jpeg(ukbench_images: list[Path]) -> bytes:
+    return ukbench_images[8].read_bytes()
+
+
+@pytest.fixture(scope="module")
+def pixels(jpeg: bytes) -> Image.Image:
+    """The JPEG's decoded RGB pixels: lossless re-encodings of these must embed identically."""
+    return Image.open(io.BytesIO(jpeg)).convert("RGB")
+
+
+@pytest.fixture(scope="module")
+async def jpeg_vector(mobilenet_embedder: RunningEmbedder, jpeg: bytes) -> np.ndarray:
+    return await embed_one(mobilenet_embedder.stub, jpeg)
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def _single_colour_png(width: int, height: int) -> bytes:
+    """A valid 1-bit PNG of any size, streamed through zlib so it never exists in memory."""
+    compressor = zlib.compressobj(9)
+    row = b"\x00" * (1 + (width + 7) // 8)  # filter byte + packed bits
+    body = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", body) + _png_chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize(
+    ("format", "options", "min_cosine"),
+    [
+        ("PNG", {}, 0.9999),
+        ("BMP", {}, 0.9999),
+        ("TIFF", {}, 0.9999),
+        ("TIFF", {"compression": "tiff_lzw"}, 0.9999),
+        ("WEBP", {"lossless": True}, 0.9999),
+        ("WEBP", {"quality": 90}, 0.95),
+        ("GIF", {}, 0.9),  # 256-colour palette
+        ("JPEG", {"quality": 75}, 0.95),
+    ],
+)
+async def test_each_format_embeds_like_the_jpeg(
+    mobilenet_embedder: RunningEmbedder, pixels: Image.Image, jpeg_vector: np.ndarray,
+    format: str, options: dict, min_cosine: float,
+) -> None:
+    vector = await embed_one(mobilenet_embedder.stub, encode(pixels, format, **options))
+    assert cosine(vector, jpeg_vector) > min_cosine
+
+
+async def test_gif_uses_the_first_frame(mobilenet_embedder: RunningEmbedder, pixels: Image.Image) -> None:
+    frames = [pixels.convert("P"), Image.new("P", pixels.size, 0)]
+    animated = encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=100)
+    still = encode(frames[0], "GIF")
+    assert Image.open(io.BytesIO(animated)).n_frames == 2
+    assert cosine(*(await embed_vectors(mobilenet_embedder.stub, [animated, still]))) > 0.9999
+
+
+async def test_exif_orientation_is_applied_and_crops_use_displayed_coordinates(
+    mobilenet_embedder: RunningEmbedder, pixels: Image.Image
+) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored pixels are shown rotated 90 degrees clockwise
+    rotated_jpeg = encode(pixels, "JPEG", quality=95, exif=exif.tobytes())
+    stored = Image.open(io.BytesIO(rotated_jpeg)).convert("RGB")  # Pillow ignores EXIF unless asked
+    displayed = stored.transpose(Image.Transpose.ROTATE_270)
+    assert displayed.size == (pixels.height, pixels.width)
+
+    crop = (40, 300, 320, 240)  # x, y, width, height of the portrait image as displayed
+    x, y, width, height = crop
+    vectors = await embed_vectors(mobilenet_embedder.stub, [
+        rotated_jpeg,
+        encode(displayed, "PNG"),
+        encode(stored, "PNG"),
+        image_input(rotated_jpeg, crop),
+        encode(displayed.crop((x, y, x + width, y + height)), "PNG"),
+    ])
+    assert cosine(vectors[0], vectors[1]) > 0.9999
+    assert cosine(vectors[0], vectors[2]) < 0.95  # orientation really matters to the model
+    assert cosine(vectors[3], vectors[4]) > 0.9999
+
+
+async def test_colour_modes(mobilenet_embedder: RunningEmbedder, pixels: Image.Image, jpeg_vector: np.ndarray) -> None:
+    gray = pixels.convert("L")
+    sixteen_bit = Image.fromarray(np.asarray(gray).astype(np.uint16) * 257)
+    assert sixteen_bit.mode == "I;16"
+    with_hole = pixels.convert("RGBA")
+    with_hole.paste((0, 0, 0, 0), (100, 100, 300, 300))  # transparent black
+    hole_on_white = pixels.copy()
+    hole_on_white.paste((255, 255, 255), (100, 100, 300, 300))
+
+    vectors = await embed_vectors(mobilenet_embedder.stub, [
+        encode(gray, "PNG"),                       # 0 grayscale
+        encode(gray.convert("RGB"), "PNG"),        # 1 the same, as RGB
+        encode(sixteen_bit, "PNG"),                # 2 16-bit grayscale
+        encode(pixels.convert("P"), "PNG"),        # 3 palette
+        encode(pixels.convert("RGBA"), "PNG"),     # 4 opaque RGBA
+        encode(with_hole, "PNG"),                  # 5 RGBA with a transparent area
+        encode(hole_on_white, "PNG"),              # 6 that area white
+        encode(pixels.convert("CMYK"), "JPEG", quality=95),  # 7 CMYK
+        encode(pixels.convert("1"), "PNG"),        # 8 bilevel
+    ])
+    assert cosine(vectors[0], vectors[1]) > 0.9999
+    assert cosine(vectors[2], vectors[1]) > 0.9999
+    assert cosine(vectors[3], jpeg_vector) > 0.9
+    assert cosine(vectors[4], jpeg_vector) > 0.9999
+    assert cosine(vectors[5], vectors[6]) > 0.9999
+    assert cosine(vectors[7], jpeg_vector) > 0.95
+    assert np.isfinite(vectors[8]).all()
+
+
+async def test_crop_box_equals_the_precropped_image(mobilenet_embedder: RunningEmbedder, pixels: Image.Image) -> None:
+    x, y, width, height = 100, 50, 300, 250
+    png = encode(pixels, "PNG")
+    vectors = await embed_vectors(mobilenet_embedder.stub, [
+        image_input(png, (x, y, width, height)),
+        encode(pixels.crop((x, y, x + width, y + height)), "PNG"),
+        image_input(png, (0, 0, pixels.width, pixels.height)),  # the whole image, as a crop
+        png,
+    ])
+    assert cosine(vectors[0], vectors[1]) > 0.9999
+    assert cosine(vectors[2], vectors[3]) > 0.9999
+    assert cosine(vectors[0], vectors[3]) < 0.99
+
+
+async def test_nasty_inputs_fail_alone_with_precise_messages(mobilenet_embedder: RunningEmbedder, jpeg: bytes, pixels: Image.Image) -> None:
+    png = encode(pixels, "PNG")
+    nasty = {
+        "empty image data": b"",
+        "truncated": jpeg[: len(jpeg) // 2],
+        "not an image": b"a plain text file, not an image\n" * 20,
+        "over the limit of 40000000 pixels (decompression bomb guard)": _single_colour_png(20_000, 20_000),
+        f"bytes, over the limit of {TEST_MAX_IMAGE_BYTES} bytes": jpeg + b"\0" * TEST_MAX_IMAGE_BYTES,
+        "lies outside the 640x480 image": image_input(png, (600, 0, 100, 100)),
+        "crop box has zero size": image_input(png, (10, 10, 0, 50)),
+        "unsupported image format ICO": encode(pixels.resize((64, 64)), "ICO"),
+    }
+    items = [jpeg, *nasty.values(), png]
+    results = await embed_results(mobilenet_embedder.stub, items)
+
+    assert cosine(vector_of(results[0]), vector_of(results[-1])) > 0.999
+    for expected, result in zip(nasty, results[1:-1]):
+        assert result.WhichOneof("result") == "error", expected
+        assert result.error.code == INVALID_ARGUMENT, expected
+        assert expected in result.error.message, (expected, result.error.message)
+    health = health_pb2_grpc.HealthStub(mobilenet_embedder.channel)
+    status = await health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=5)
+    assert status.status == health_pb2.HealthCheckResponse.SERVING
+    assert mobilenet_embedder.sample("vsearch_embedder_images_failed_total", {"code": "INVALID_ARGUMENT"}) >= len(nasty)
+
+
+@pytest.mark.parametrize(("width", "height"), [(20_000, 20_000), (8_000, 6_000)])
+async def test_decompression_bombs_are_refused_from_the_header(mobilenet_embedder: RunningEmbedder, width: int, height: int) -> None:
+    # 400 Mpx trips Pillow's own guard (set to the limit; it raises at twice that) as the file is
+    # opened; 48 Mpx passes it and is caught by the service's check of the header's size.
+    bomb = _single_colour_png(width, height)
+    assert len(bomb) < 100_000  # small on disk, huge decoded
+    started = time.perf_counter()
+    (result,) = await embed_results(mobilenet_embedder.stub, [bomb])
+    elapsed = time.perf_counter() - started
+    assert result.error.code == INVALID_ARGUMENT
+    message = result.error.message
+    assert "over the limit of 40000000 pixels (decompression bomb guard)" in message
+    assert f"{width * height} pixels" in message
+    assert elapsed < 0.5
