@@ -1,0 +1,423 @@
+"""HTTP/JSON API and the web page, served by the gateway process beside gRPC. Handlers call the same
+`VisualSearchCore` as the gRPC servicer; every error answers `{"error": {"code", "message"}}` with the
+HTTP status of its gRPC code."""
+
+from __future__ import annotations
+
+import logging
+import time
+from importlib import resources
+from typing import Any, AsyncIterator, Callable
+
+import grpc
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from pydantic import BaseModel, ValidationError
+from pydantic.json_schema import models_json_schema
+from starlette.datastructures import FormData, UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from gateway.core import VisualSearchCore
+from gateway.http_models import (
+    AddImagesBody,
+    AddImagesResponseBody,
+    DeleteResponseBody,
+    ErrorResponse,
+    HealthBody,
+    SearchBody,
+    SearchResponseBody,
+    StatsResponseBody,
+    check_k,
+    code_for_http_status,
+    delete_json,
+    describe_validation_error,
+    error_body,
+    image_body_to_proto,
+    metadata_to_struct,
+    parse_crop_text,
+    parse_filter_json,
+    parse_float,
+    parse_int,
+    parse_json_text,
+    search_body_to_proto,
+    search_response_json,
+    service_error_json,
+    stats_json,
+    summary_json,
+)
+from gateway.settings import GatewaySettings
+from service_kit.metrics import LATENCY_BUCKETS
+from service_kit.status import ServiceError, invalid_argument
+from vsearch.v1 import gateway_pb2
+
+logger = logging.getLogger(__name__)
+
+SEARCH_FORM_FIELDS = {"image", "item_id", "k", "min_score", "crop", "filter"}
+ADD_FORM_FIELDS = {"images", "image", "ids", "metadata", "image_uris"}
+FORM_CONTENT_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": description}
+    for status, description in [
+        (400, "Bad request (INVALID_ARGUMENT)"), (404, "Not found"), (413, "Request body too large"),
+        (503, "A downstream service is unavailable"), (504, "A downstream call ran out of time"),
+    ]
+}
+
+SEARCH_FORM_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "image": {"type": "string", "format": "binary", "description": "The query image."},
+        "item_id": {"type": "string", "description": "Instead of an image: search with this item's stored vector."},
+        "k": {"type": "integer", "minimum": 1},
+        "min_score": {"type": "number"},
+        "crop": {"type": "string", "description": "x,y,width,height in pixels", "example": "10,10,200,150"},
+        "filter": {
+            "type": "string",
+            "description": 'JSON: [{"field": "category", "op": "==", "value": "shoes"}] or {"category": "shoes"}',
+        },
+    },
+}
+
+ADD_FORM_SCHEMA = {
+    "type": "object",
+    "required": ["images"],
+    "properties": {
+        "images": {"type": "array", "items": {"type": "string", "format": "binary"}},
+        "ids": {"type": "string", "description": "JSON list of ids, one per file (default: sha256 of the bytes)"},
+        "metadata": {"type": "string", "description": "JSON: one object for every file, or a list of one per file"},
+        "image_uris": {"type": "string", "description": "JSON list of image URIs, one per file"},
+    },
+}
+
+
+def request_body_doc(json_model: type[BaseModel], form_schema: dict[str, Any]) -> dict[str, Any]:
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": {"$ref": f"#/components/schemas/{json_model.__name__}"}},
+        "multipart/form-data": {"schema": form_schema},
+    }}}
+
+
+class RequestBodyTooLarge(Exception):
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"request body exceeds {limit} bytes")
+        self.limit = limit
+
+
+class BodyLimitMiddleware:
+    """Refuses bodies over `max_bytes`: by Content-Length up front, or while reading a chunked one."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            status, message = (413, f"request body exceeds {self.max_bytes} bytes") if declared.isdigit() else (
+                400, "Content-Length is not a number")
+            response = JSONResponse(error_body(code_for_http_status(status), message), status_code=status)
+            await response(scope, receive, send)
+            return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise RequestBodyTooLarge(self.max_bytes)
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+class HttpMetricsMiddleware:
+    """Counts and times HTTP requests by route template (not raw path: ids would explode the labels)."""
+
+    def __init__(self, app: ASGIApp, registry: CollectorRegistry) -> None:
+        self.app = app
+        self.requests = Counter(
+            "vsearch_http_requests", "HTTP requests handled, by route and status.",
+            ["method", "route", "status"], registry=registry,
+        )
+        self.latency = Histogram(
+            "vsearch_http_latency_seconds", "HTTP request latency, by route.",
+            ["method", "route"], buckets=LATENCY_BUCKETS, registry=registry,
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def recording_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, recording_send)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.requests.labels(scope["method"], route, str(status)).inc()
+            self.latency.labels(scope["method"], route).observe(time.perf_counter() - started)
+
+
+def json_error(code: grpc.StatusCode, message: str, status: int) -> JSONResponse:
+    return JSONResponse(error_body(code, message), status_code=status)
+
+
+def content_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+def is_json(media_type: str) -> bool:
+    return media_type == "application/json" or media_type.endswith("+json")
+
+
+def reject_unknown_fields(form: FormData, known: set[str]) -> None:
+    unknown = sorted(set(form.keys()) - known)
+    if unknown:
+        raise invalid_argument(f"unknown form field(s) {', '.join(unknown)}; expected {', '.join(sorted(known))}")
+
+
+def form_text(form: FormData, name: str) -> str | None:
+    value = form.get(name)
+    if value is None:
+        return None
+    if isinstance(value, UploadFile):
+        raise invalid_argument(f"form field {name!r} must be text, not a file")
+    return value
+
+
+async def search_request_from_form(form: FormData) -> gateway_pb2.VisualSearchRequest:
+    reject_unknown_fields(form, SEARCH_FORM_FIELDS)
+    request = gateway_pb2.VisualSearchRequest()
+    image = form.get("image")
+    item_id = form_text(form, "item_id")
+    if image is not None and item_id:
+        raise invalid_argument("give either an image or an item_id, not both")
+    if image is not None:
+        if not isinstance(image, UploadFile):
+            raise invalid_argument("form field 'image' must be a file")
+        request.image = await image.read()
+    elif item_id is not None:
+        request.item_id = item_id
+    if (k := form_text(form, "k")) not in (None, ""):
+        request.k = check_k(parse_int(k, "k"))
+    if (min_score := form_text(form, "min_score")) not in (None, ""):
+        request.min_score = parse_float(min_score, "min_score")
+    if (crop := parse_crop_text(form_text(form, "crop") or "")) is not None:
+        request.crop.CopyFrom(crop)
+    request.filter.CopyFrom(parse_filter_json(form_text(form, "filter") or ""))
+    return request
+
+
+def optional_json_list(form: FormData, name: str, count: int) -> list[Any] | None:
+    text = form_text(form, name)
+    if text is None or not text.strip():
+        return None
+    value = parse_json_text(text, name)
+    if not isinstance(value, list) or len(value) != count:
+        raise invalid_argument(f"{name} must be a JSON list with one entry per file ({count})")
+    return value
+
+
+def add_requests_from_form(form: FormData) -> AsyncIterator[gateway_pb2.AddImageRequest]:
+    reject_unknown_fields(form, ADD_FORM_FIELDS)
+    files = [*form.getlist("images"), *form.getlist("image")]
+    if not files:
+        raise invalid_argument("send the images as file field(s) named 'images'")
+    if any(not isinstance(file, UploadFile) for file in files):
+        raise invalid_argument("form field 'images' must hold files")
+    ids = optional_json_list(form, "ids", len(files))
+    uris = optional_json_list(form, "image_uris", len(files))
+    metadata_text = form_text(form, "metadata")
+    metadata: list[Any] = [None] * len(files)
+    if metadata_text and metadata_text.strip():
+        parsed = parse_json_text(metadata_text, "metadata")
+        if isinstance(parsed, list):
+            if len(parsed) != len(files):
+                raise invalid_argument(f"metadata must be one object, or a list of one per file ({len(files)})")
+            metadata = parsed
+        else:
+            metadata = [parsed] * len(files)
+    structs = [
+        None if entry is None else metadata_to_struct(entry, f"metadata[{n}]") for n, entry in enumerate(metadata)
+    ]
+    for n, value in enumerate(ids or []):
+        if not isinstance(value, str):
+            raise invalid_argument(f"ids[{n}] must be a string")
+    for n, value in enumerate(uris or []):
+        if not isinstance(value, str):
+            raise invalid_argument(f"image_uris[{n}] must be a string")
+
+    async def requests() -> AsyncIterator[gateway_pb2.AddImageRequest]:
+        for n, file in enumerate(files):
+            request = gateway_pb2.AddImageRequest(
+                id=ids[n] if ids else "", image=await file.read(), image_uri=uris[n] if uris else ""
+            )
+            if structs[n] is not None:
+                request.metadata.CopyFrom(structs[n])
+            yield request
+
+    return requests()
+
+
+def create_app(
+    core: VisualSearchCore,
+    settings: GatewaySettings,
+    registry: CollectorRegistry,
+    is_ready: Callable[[], bool],
+) -> FastAPI:
+    app = FastAPI(
+        title="vsearch gateway",
+        version="1",
+        description="Visual search: send an image, get visually similar catalog images back.",
+        responses=ERROR_RESPONSES,
+    )
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.http_max_body_bytes)
+    app.add_middleware(HttpMetricsMiddleware, registry=registry)
+    index_html = resources.files("gateway").joinpath("static/index.html").read_text(encoding="utf-8")
+
+    # ---------------------------------------------------------------------------- error handling
+
+    @app.exception_handler(ServiceError)
+    async def on_service_error(_request: Request, error: ServiceError) -> JSONResponse:
+        status, body = service_error_json(error)
+        return JSONResponse(body, status_code=status)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(_request: Request, error: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in item['loc'])}: {item['msg']}" for item in error.errors()
+        )
+        return json_error(grpc.StatusCode.INVALID_ARGUMENT, problems or "invalid request", 400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(_request: Request, error: StarletteHTTPException) -> JSONResponse:
+        return json_error(code_for_http_status(error.status_code), str(error.detail), error.status_code)
+
+    @app.exception_handler(RequestBodyTooLarge)
+    async def on_body_too_large(_request: Request, error: RequestBodyTooLarge) -> JSONResponse:
+        return json_error(grpc.StatusCode.INVALID_ARGUMENT, str(error), 413)
+
+    @app.exception_handler(Exception)
+    async def on_unexpected(request: Request, _error: Exception) -> JSONResponse:
+        logger.exception("unhandled error in %s %s", request.method, request.url.path)
+        return json_error(grpc.StatusCode.INTERNAL, f"internal error in {request.method} {request.url.path}", 500)
+
+    def require_body_type(request: Request) -> str:
+        media_type = content_type(request)
+        if not (is_json(media_type) or media_type in FORM_CONTENT_TYPES):
+            raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, "send application/json or multipart/form-data")
+        return media_type
+
+    async def parse_json_body(request: Request, model: type[BaseModel]) -> Any:
+        try:
+            return model.model_validate_json(await request.body())
+        except ValidationError as error:
+            raise invalid_argument(describe_validation_error(error)) from None
+
+    # -------------------------------------------------------------------------------------- API
+
+    @app.post(
+        "/v1/search", response_model=SearchResponseBody, tags=["search"],
+        summary="Search by image (multipart or base64 JSON) or by an indexed item's id",
+        openapi_extra=request_body_doc(SearchBody, SEARCH_FORM_SCHEMA),
+    )
+    async def search(request: Request) -> JSONResponse:
+        if is_json(require_body_type(request)):
+            search_request = search_body_to_proto(await parse_json_body(request, SearchBody))
+        else:
+            async with request.form(max_part_size=settings.http_max_body_bytes) as form:
+                search_request = await search_request_from_form(form)
+        return JSONResponse(search_response_json(await core.search(search_request)))
+
+    @app.post(
+        "/v1/images", response_model=AddImagesResponseBody, tags=["catalog"],
+        summary="Add (or replace) images; bad items are reported in the summary, not fatal",
+        openapi_extra=request_body_doc(AddImagesBody, ADD_FORM_SCHEMA),
+    )
+    async def add_images(request: Request) -> JSONResponse:
+        if is_json(require_body_type(request)):
+            body: AddImagesBody = await parse_json_body(request, AddImagesBody)
+            decoded = [image_body_to_proto(image, n) for n, image in enumerate(body.images)]
+
+            async def from_json() -> AsyncIterator[gateway_pb2.AddImageRequest]:
+                for item in decoded:
+                    yield item
+
+            summary = await core.add_images(from_json())
+        else:
+            # The files are read one by one as the core consumes them, so the form stays open until then.
+            async with request.form(max_part_size=settings.http_max_body_bytes) as form:
+                summary = await core.add_images(add_requests_from_form(form))
+        return JSONResponse(summary_json(summary))
+
+    @app.delete(
+        # `:path` so that ids holding "/" (sent as %2F or plainly) can be deleted too.
+        "/v1/images/{image_id:path}", response_model=DeleteResponseBody, tags=["catalog"],
+        summary="Delete one image; 404 if there was none with this id",
+    )
+    async def delete_image(image_id: str) -> JSONResponse:
+        response = await core.delete_images(gateway_pb2.DeleteImagesRequest(ids=[image_id]))
+        if response.deleted == 0:
+            return json_error(grpc.StatusCode.NOT_FOUND, f"no image with id {image_id!r}", 404)
+        return JSONResponse(delete_json(response))
+
+    @app.get("/v1/stats", response_model=StatsResponseBody, tags=["catalog"], summary="Index and model statistics")
+    async def stats() -> JSONResponse:
+        return JSONResponse(stats_json(await core.stats()))
+
+    @app.get(
+        "/healthz", response_model=HealthBody, tags=["operations"],
+        summary="200 once both downstream services answered, 503 before that and while draining",
+    )
+    async def healthz() -> JSONResponse:
+        if is_ready():
+            return JSONResponse({"status": "SERVING"})
+        return JSONResponse({"status": "NOT_SERVING"}, status_code=503)
+
+    @app.get("/metrics", tags=["operations"], summary="Prometheus metrics", response_class=Response)
+    async def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def web_page() -> HTMLResponse:
+        return HTMLResponse(index_html)
+
+    # The JSON request bodies are parsed by hand (one path takes JSON or multipart), so their schemas
+    # are added to the OpenAPI components here for the `$ref`s in `request_body_doc`.
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            _, definitions = models_json_schema(
+                [(SearchBody, "validation"), (AddImagesBody, "validation")],
+                ref_template="#/components/schemas/{model}",
+            )
+            schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+            schemas.update(definitions.get("$defs", {}))
+            # Validation errors answer 400 with the common error shape, never FastAPI's 422.
+            for operations in schema.get("paths", {}).values():
+                for operation in operations.values():
+                    operation.get("responses", {}).pop("422", None)
+            schemas.pop("HTTPValidationError", None)
+            schemas.pop("ValidationError", None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app

@@ -1,0 +1,453 @@
+"""The HTTP/JSON API's shapes and their translation to and from the protobuf messages the core speaks;
+and how gRPC status codes read over HTTP."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+from typing import Annotated, Any
+
+import grpc
+from google.protobuf import json_format, struct_pb2
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, JsonValue, Tag, TypeAdapter, ValidationError
+
+from service_kit.status import ServiceError, code_from_int, invalid_argument
+from vsearch.v1 import embedder_pb2, gateway_pb2, search_pb2
+
+# ------------------------------------------------------------------------------------------ errors
+
+# google.rpc.Code's documented HTTP mapping.
+HTTP_STATUS_BY_CODE: dict[grpc.StatusCode, int] = {
+    grpc.StatusCode.OK: 200,
+    grpc.StatusCode.CANCELLED: 499,
+    grpc.StatusCode.UNKNOWN: 500,
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.ABORTED: 409,
+    grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
+    grpc.StatusCode.INTERNAL: 500,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DATA_LOSS: 500,
+}
+
+# For errors raised by the HTTP layer itself (unknown route, wrong method, ...).
+CODE_BY_HTTP_STATUS: dict[int, grpc.StatusCode] = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    403: grpc.StatusCode.PERMISSION_DENIED,
+    404: grpc.StatusCode.NOT_FOUND,
+    405: grpc.StatusCode.UNIMPLEMENTED,
+    409: grpc.StatusCode.ABORTED,
+    413: grpc.StatusCode.INVALID_ARGUMENT,
+    415: grpc.StatusCode.INVALID_ARGUMENT,
+    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    499: grpc.StatusCode.CANCELLED,
+    501: grpc.StatusCode.UNIMPLEMENTED,
+    503: grpc.StatusCode.UNAVAILABLE,
+    504: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+
+
+def http_status(code: grpc.StatusCode) -> int:
+    return HTTP_STATUS_BY_CODE.get(code, 500)
+
+
+def code_for_http_status(status: int) -> grpc.StatusCode:
+    if status in CODE_BY_HTTP_STATUS:
+        return CODE_BY_HTTP_STATUS[status]
+    return grpc.StatusCode.INVALID_ARGUMENT if 400 <= status < 500 else grpc.StatusCode.INTERNAL
+
+
+def error_body(code: grpc.StatusCode, message: str) -> dict[str, Any]:
+    return {"error": {"code": code.name, "message": message}}
+
+
+def format_location(prefix: str, location: tuple[int | str, ...]) -> str:
+    """("filter", 0, "value") -> "filter[0].value", leaving out union branch tags."""
+    text = prefix
+    for part in location:
+        if part in UNION_TAGS:
+            continue
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
+
+
+def describe_validation_error(error: ValidationError, prefix: str = "") -> str:
+    """One line for the caller: which field is wrong and why."""
+    problems = []
+    for item in error.errors():
+        if item["type"] == "json_invalid":
+            detail = (item.get("ctx") or {}).get("error", item["msg"])
+            return f"{prefix + ': ' if prefix else ''}malformed JSON: {detail}"
+        location = format_location(prefix, item["loc"])
+        problems.append(f"{location or 'request body'}: {item['msg']}")
+    return "; ".join(problems) or "invalid request"
+
+
+# ------------------------------------------------------------------------------------ request JSON
+
+class CropBody(BaseModel):
+    """A rectangle in pixels of the image as displayed (after EXIF orientation)."""
+
+    model_config = ConfigDict(extra="forbid")
+    x: int = Field(0, ge=0, lt=2**32)
+    y: int = Field(0, ge=0, lt=2**32)
+    width: int = Field(ge=0, lt=2**32)
+    height: int = Field(ge=0, lt=2**32)
+
+
+class ConditionBody(BaseModel):
+    """`field op value`; op is one of == != < <= > >= in not_in (or EQ NE LT LE GT GE IN NOT_IN)."""
+
+    model_config = ConfigDict(extra="forbid")
+    field: str
+    op: str
+    value: JsonValue
+
+
+CONDITIONS_TAG, SHORTHAND_TAG = "conditions", "shorthand"
+UNION_TAGS = {CONDITIONS_TAG, SHORTHAND_TAG}
+
+
+def filter_shape(value: object) -> str | None:
+    if isinstance(value, list):
+        return CONDITIONS_TAG
+    if isinstance(value, dict):
+        return SHORTHAND_TAG
+    return None
+
+
+# A list of conditions (all must hold), or the shorthand {"category": "shoes", "brand": ["a", "b"]}
+# (a list value means `in`, anything else `==`). Told apart by shape, so an error names one of them.
+FilterBody = Annotated[
+    Annotated[list[ConditionBody], Tag(CONDITIONS_TAG)] | Annotated[dict[str, JsonValue], Tag(SHORTHAND_TAG)],
+    Discriminator(
+        filter_shape,
+        custom_error_type="filter_shape",
+        custom_error_message="must be a list of conditions or an object of field: value",
+    ),
+]
+FILTER_ADAPTER: TypeAdapter[FilterBody] = TypeAdapter(FilterBody)
+
+
+class SearchBody(BaseModel):
+    """Search by an image (base64) or by the stored vector of an indexed item."""
+
+    model_config = ConfigDict(extra="forbid")
+    image_base64: str | None = None
+    item_id: str | None = None
+    k: int | None = Field(None, description="Hits wanted (1..max_k); the gateway's default_k when left out.")
+    crop: CropBody | None = None
+    filter: FilterBody | None = None
+    min_score: float | None = None
+
+
+class ImageBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    image_base64: str
+    id: str | None = Field(None, description="Defaults to the sha256 (hex) of the image bytes.")
+    metadata: dict[str, JsonValue] | None = None
+    image_uri: str | None = None
+
+
+class AddImagesBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    images: list[ImageBody]
+
+
+# ----------------------------------------------------------------------------------- response JSON
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="gRPC status code name, e.g. INVALID_ARGUMENT")
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class HitBody(BaseModel):
+    id: str
+    score: float
+    image_uri: str
+    metadata: dict[str, JsonValue]
+
+
+class TimingBody(BaseModel):
+    embed_ms: float
+    search_ms: float
+    total_ms: float
+
+
+class SearchResponseBody(BaseModel):
+    hits: list[HitBody]
+    from_cache: bool
+    embedding_from_cache: bool
+    timing: TimingBody
+    index_generation: int
+    model_version: str
+
+
+class ItemFailureBody(BaseModel):
+    id: str
+    code: str
+    message: str
+    index: int
+
+
+class AddImagesResponseBody(BaseModel):
+    received: int
+    indexed: int
+    failed: int
+    failures: list[ItemFailureBody]
+    index_generation: int
+
+
+class DeleteResponseBody(BaseModel):
+    deleted: int
+    index_generation: int
+
+
+class StatsResponseBody(BaseModel):
+    count: int
+    index_type: str
+    metric: str
+    index_generation: int
+    dimension: int
+    model_name: str
+    model_version: str
+    filterable_fields: list[str]
+
+
+class HealthBody(BaseModel):
+    status: str
+
+
+# --------------------------------------------------------------------------------- JSON -> protobuf
+
+OPERATORS: dict[str, int] = {
+    "==": search_pb2.EQ, "=": search_pb2.EQ, "!=": search_pb2.NE,
+    "<": search_pb2.LT, "<=": search_pb2.LE, ">": search_pb2.GT, ">=": search_pb2.GE,
+    "in": search_pb2.IN, "not_in": search_pb2.NOT_IN, "not in": search_pb2.NOT_IN,
+    **{name.lower(): value for name, value in search_pb2.Operator.items() if value != search_pb2.OPERATOR_UNSPECIFIED},
+}
+LIST_OPERATORS = {search_pb2.IN, search_pb2.NOT_IN}
+
+
+def operator_from_text(op: str) -> int:
+    operator = OPERATORS.get(op.strip().lower())
+    if operator is None:
+        raise invalid_argument(f"unknown filter op {op!r}; use one of == != < <= > >= in not_in")
+    return operator
+
+
+def condition_to_proto(field: str, op: str, value: JsonValue, where: str) -> search_pb2.Condition:
+    operator = operator_from_text(op)
+    if operator in LIST_OPERATORS and not isinstance(value, list):
+        raise invalid_argument(f"{where}: op {op!r} needs a list value")
+    if operator not in LIST_OPERATORS and (value is None or isinstance(value, (list, dict))):
+        raise invalid_argument(f"{where}: op {op!r} needs a string, number or boolean value")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise invalid_argument(f"{where}: value must be a finite number")
+    condition = search_pb2.Condition(field=field, op=operator)
+    json_format.ParseDict(value, condition.value)
+    return condition
+
+
+def filter_to_proto(body: FilterBody | None) -> search_pb2.Filter:
+    search_filter = search_pb2.Filter()
+    if body is None:
+        return search_filter
+    if isinstance(body, dict):
+        for field, value in body.items():
+            op = "in" if isinstance(value, list) else "=="
+            search_filter.conditions.append(condition_to_proto(field, op, value, f"filter.{field}"))
+        return search_filter
+    for position, condition in enumerate(body):
+        search_filter.conditions.append(
+            condition_to_proto(condition.field, condition.op, condition.value, f"filter[{position}]")
+        )
+    return search_filter
+
+
+def parse_filter_json(text: str) -> search_pb2.Filter:
+    """A filter sent as a JSON text (multipart form field)."""
+    if not text.strip():
+        return search_pb2.Filter()
+    try:
+        body = FILTER_ADAPTER.validate_json(text)
+    except ValidationError as error:
+        raise invalid_argument(describe_validation_error(error, prefix="filter")) from None
+    return filter_to_proto(body)
+
+
+def parse_crop_text(text: str) -> embedder_pb2.CropBox | None:
+    """ "x,y,width,height" in pixels; empty means no crop."""
+    if not text.strip():
+        return None
+    parts = [part.strip() for part in text.split(",")]
+    try:
+        x, y, width, height = (int(part) for part in parts)
+    except ValueError:
+        raise invalid_argument(f"crop must be four non-negative integers x,y,width,height, not {text!r}") from None
+    if min(x, y, width, height) < 0 or max(x, y, width, height) >= 2**32:
+        raise invalid_argument(f"crop must be four non-negative integers x,y,width,height, not {text!r}")
+    return embedder_pb2.CropBox(x=x, y=y, width=width, height=height)
+
+
+def decode_base64(text: str, where: str) -> bytes:
+    """Standard base64, optionally as a data URL ("data:image/png;base64,...")."""
+    if text.startswith("data:") and "," in text:
+        text = text.split(",", 1)[1]
+    try:
+        return base64.b64decode("".join(text.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise invalid_argument(f"{where} is not valid base64") from None
+
+
+def metadata_to_struct(metadata: object, where: str) -> struct_pb2.Struct:
+    if not isinstance(metadata, dict):
+        raise invalid_argument(f"{where} must be a JSON object")
+    struct = struct_pb2.Struct()
+    try:
+        struct.update(metadata)
+    except (TypeError, ValueError) as error:
+        raise invalid_argument(f"{where}: {error}") from None
+    return struct
+
+
+def check_k(k: int) -> int:
+    """Only what the proto's uint32 cannot hold; the core checks 1..max_k with the same message as gRPC."""
+    if not 0 <= k < 2**32:
+        raise invalid_argument(f"k must be 1..max_k, not {k}")
+    return k
+
+
+def search_body_to_proto(body: SearchBody) -> gateway_pb2.VisualSearchRequest:
+    if body.image_base64 is not None and body.item_id is not None:
+        raise invalid_argument("give either image_base64 or item_id, not both")
+    request = gateway_pb2.VisualSearchRequest(filter=filter_to_proto(body.filter))
+    if body.k is not None:
+        request.k = check_k(body.k)
+    if body.image_base64 is not None:
+        request.image = decode_base64(body.image_base64, "image_base64")
+    elif body.item_id is not None:
+        request.item_id = body.item_id
+    if body.crop is not None:
+        request.crop.CopyFrom(embedder_pb2.CropBox(**body.crop.model_dump()))
+    if body.min_score is not None:
+        request.min_score = body.min_score
+    return request
+
+
+def image_body_to_proto(body: ImageBody, position: int) -> gateway_pb2.AddImageRequest:
+    request = gateway_pb2.AddImageRequest(
+        id=body.id or "",
+        image=decode_base64(body.image_base64, f"images[{position}].image_base64"),
+        image_uri=body.image_uri or "",
+    )
+    if body.metadata is not None:
+        request.metadata.CopyFrom(metadata_to_struct(body.metadata, f"images[{position}].metadata"))
+    return request
+
+
+def parse_json_text(text: str, where: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise invalid_argument(f"{where}: malformed JSON: {error}") from None
+
+
+def parse_int(text: str, where: str) -> int:
+    try:
+        return int(text.strip())
+    except ValueError:
+        raise invalid_argument(f"{where} must be an integer, not {text!r}") from None
+
+
+def parse_float(text: str, where: str) -> float:
+    try:
+        value = float(text.strip())
+    except ValueError:
+        raise invalid_argument(f"{where} must be a number, not {text!r}") from None
+    if not math.isfinite(value):
+        raise invalid_argument(f"{where} must be a finite number")
+    return value
+
+
+# --------------------------------------------------------------------------------- protobuf -> JSON
+
+def float32_json(value: float) -> float:
+    """A float32 as the shortest decimal that reads back to it (0.9, not 0.8999999761581421)."""
+    return float(f"{value:.7g}") if math.isfinite(value) else value
+
+
+def struct_json(struct: struct_pb2.Struct) -> dict[str, Any]:
+    return json_format.MessageToDict(struct)
+
+
+def search_response_json(response: gateway_pb2.VisualSearchResponse) -> dict[str, Any]:
+    return {
+        "hits": [
+            {
+                "id": hit.id, "score": float32_json(hit.score), "image_uri": hit.image_uri,
+                "metadata": struct_json(hit.metadata),
+            }
+            for hit in response.hits
+        ],
+        "from_cache": response.from_cache,
+        "embedding_from_cache": response.embedding_from_cache,
+        "timing": {
+            "embed_ms": response.timing.embed_ms,
+            "search_ms": response.timing.search_ms,
+            "total_ms": response.timing.total_ms,
+        },
+        "index_generation": response.index_generation,
+        "model_version": response.model_version,
+    }
+
+
+def summary_json(summary: gateway_pb2.AddImagesSummary) -> dict[str, Any]:
+    return {
+        "received": summary.received,
+        "indexed": summary.indexed,
+        "failed": summary.failed,
+        "failures": [
+            {
+                "id": failure.id, "code": code_from_int(failure.code).name, "message": failure.message,
+                "index": failure.index,
+            }
+            for failure in summary.failures
+        ],
+        "index_generation": summary.index_generation,
+    }
+
+
+def delete_json(response: gateway_pb2.DeleteImagesResponse) -> dict[str, Any]:
+    return {"deleted": response.deleted, "index_generation": response.index_generation}
+
+
+def stats_json(stats: gateway_pb2.VisualStatsResponse) -> dict[str, Any]:
+    return {
+        "count": stats.count,
+        "index_type": stats.index_type,
+        "metric": stats.metric,
+        "index_generation": stats.index_generation,
+        "dimension": stats.dimension,
+        "model_name": stats.model_name,
+        "model_version": stats.model_version,
+        "filterable_fields": list(stats.filterable_fields),
+    }
+
+
+def service_error_json(error: ServiceError) -> tuple[int, dict[str, Any]]:
+    return http_status(error.code), error_body(error.code, error.message)

@@ -1,0 +1,140 @@
+"""Builds the gateway: gRPC (vsearch.v1.VisualSearch) and HTTP/JSON on one asyncio loop, both over one
+`VisualSearchCore`, with channels to the embedder and search_svc and the query cache."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from typing import Iterator
+
+import uvicorn
+
+from gateway.cache import QueryCache, create_store
+from gateway.core import VisualSearchCore
+from gateway.http_api import create_app
+from gateway.servicer import VisualSearchServicer
+from gateway.settings import GatewaySettings
+from service_kit.channels import create_channel
+from service_kit.server import ManagedServer
+from vsearch.v1 import embedder_pb2_grpc, gateway_pb2, gateway_pb2_grpc, search_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["VisualSearch"].full_name
+HTTP_START_TIMEOUT_S = 10.0
+
+
+class EmbeddedUvicorn(uvicorn.Server):
+    """uvicorn inside a process that owns its signals: the gateway's drain handles SIGTERM."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def bind_http_socket(host: str, port: int) -> socket.socket:
+    """Bound and listening before start(), so port 0 resolves here and early connections queue."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class GatewayServer(ManagedServer):
+    """A ManagedServer that also serves HTTP on `http_port` from `start()` until shutdown."""
+
+    def __init__(self, settings: GatewaySettings) -> None:
+        super().__init__("gateway", settings, [SERVICE_NAME])
+        self.draining = False
+        self._http_socket = bind_http_socket(settings.http_host, settings.http_port)
+        self.http_port: int = self._http_socket.getsockname()[1]
+        self._http_server: uvicorn.Server | None = None
+        self._http_task: asyncio.Task[None] | None = None
+
+    @property
+    def http_address(self) -> str:
+        return f"{self.settings.http_host}:{self.http_port}"
+
+    def serve_http(self, app: object) -> None:
+        config = uvicorn.Config(
+            app,
+            lifespan="off",
+            log_config=None,  # keep the process's structured logging
+            access_log=False,  # requests are counted in /metrics instead
+            ws="none",
+            timeout_graceful_shutdown=max(1, round(self.settings.grace_seconds)),
+        )
+        self._http_server = EmbeddedUvicorn(config)
+
+    async def start(self) -> None:
+        await super().start()
+        if self._http_server is None:
+            return
+        self._http_task = asyncio.create_task(self._http_server.serve(sockets=[self._http_socket]))
+        self._http_task.add_done_callback(self._http_stopped)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + HTTP_START_TIMEOUT_S
+        while not self._http_server.started:
+            if self._http_task.done() or loop.time() > deadline:
+                raise RuntimeError(f"gateway HTTP server did not start on {self.http_address}")
+            await asyncio.sleep(0.005)
+        logger.info("gateway HTTP listening on http://%s", self.http_address)
+
+    def _http_stopped(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None and not self.draining:
+            logger.error("gateway HTTP server failed", exc_info=task.exception())
+
+    async def stop(self, grace: float | None = None, drain: float = 0.0) -> None:
+        self.draining = True  # /healthz answers 503 from now on, like the gRPC health service
+        await super().stop(grace, drain)
+
+    async def stop_http(self) -> None:
+        if self._http_task is None or self._http_server is None:
+            self._http_socket.close()
+            return
+        self._http_server.should_exit = True
+        try:
+            await asyncio.wait_for(asyncio.shield(self._http_task), self.settings.grace_seconds + 5)
+        except TimeoutError:
+            self._http_server.force_exit = True
+            self._http_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._http_task
+        except Exception:  # noqa: BLE001 - already logged by the done-callback
+            pass
+
+
+async def create_server(settings: GatewaySettings) -> tuple[GatewayServer, int]:
+    """The gateway, not started: gRPC on the returned port, HTTP on `server.http_port` (both bound
+    already, so port 0 works for either). `start()` serves both; health turns SERVING once the embedder
+    and search_svc have both answered."""
+    server = GatewayServer(settings)
+    embedder_channel = create_channel(settings.embedder_address, max_message_bytes=settings.max_message_bytes)
+    search_channel = create_channel(settings.search_address, max_message_bytes=settings.max_message_bytes)
+    cache = QueryCache(create_store(settings.redis_url, settings.cache), settings.cache, server.metrics.registry)
+    core = VisualSearchCore(
+        settings,
+        embedder_pb2_grpc.EmbedderStub(embedder_channel),
+        search_pb2_grpc.VectorSearchStub(search_channel),
+        cache,
+    )
+    gateway_pb2_grpc.add_VisualSearchServicer_to_server(VisualSearchServicer(core), server.grpc_server)
+    server.serve_http(create_app(core, settings, server.metrics.registry, lambda: server.ready and not server.draining))
+    server.on_startup(core.connect)
+
+    async def close_clients() -> None:
+        await asyncio.gather(embedder_channel.close(), search_channel.close(), cache.close())
+
+    # Shutdown hooks run in reverse: HTTP stops (finishing its requests) before the clients close.
+    server.on_shutdown(close_clients)
+    server.on_shutdown(server.stop_http)
+    return server, server.port

@@ -1,0 +1,240 @@
+"""The gateway's query cache: both stores (a real redis-server and the in-process LRU) behave alike, keys
+separate what must be separate, and a dead or silent Redis costs a bounded miss, never an error."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry
+
+from conftest import RedisProcess, redis_binary
+from gateway.cache import (
+    LruTtlStore,
+    QueryCache,
+    RedisStore,
+    canonical_filter,
+    embedding_cache_key,
+    item_query_key,
+    result_cache_key,
+)
+from gateway.settings import CacheSettings
+from vsearch.v1 import embedder_pb2, gateway_pb2, search_pb2
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class StoreUnderTest:
+    """One store plus a way to let time pass for it: a fake clock for the LRU, real time for Redis
+    (whose TTLs are its own)."""
+
+    def __init__(self, store, clock: FakeClock | None) -> None:
+        self.store = store
+        self.clock = clock
+
+    async def advance(self, seconds: float) -> None:
+        if self.clock is not None:
+            self.clock.now += seconds
+        else:
+            await asyncio.sleep(seconds)
+
+
+@pytest.fixture(scope="module")
+def shared_redis():
+    """One redis-server for the store tests (emptied before each); the kill tests start their own."""
+    server = RedisProcess(redis_binary())
+    server.start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture(params=["lru", "redis"])
+async def store(request):
+    if request.param == "lru":
+        clock = FakeClock()
+        under_test = StoreUnderTest(LruTtlStore(max_entries=100, clock=clock), clock)
+    else:
+        redis_store = RedisStore(request.getfixturevalue("shared_redis").url, timeout_s=1.0)
+        await redis_store.client.flushdb()
+        under_test = StoreUnderTest(redis_store, None)
+    yield under_test
+    await under_test.store.close()
+
+
+def counter(registry: CollectorRegistry, name: str, **labels: str) -> float:
+    return registry.get_sample_value(name, labels) or 0.0
+
+
+async def test_stores_get_what_was_set_and_none_for_unknown_keys(store):
+    assert await store.store.get("absent") is None
+    await store.store.set("a", b"\x00\x01binary", ttl_s=60)
+    assert await store.store.get("a") == b"\x00\x01binary"
+    await store.store.set("a", b"replaced", ttl_s=60)
+    assert await store.store.get("a") == b"replaced"
+
+
+async def test_stores_expire_entries_after_their_ttl(store):
+    await store.store.set("short", b"1", ttl_s=0.2)
+    await store.store.set("long", b"2", ttl_s=60)
+    await store.advance(0.05)
+    assert await store.store.get("short") == b"1"
+    await store.advance(0.25)
+    assert await store.store.get("short") is None
+    assert await store.store.get("long") == b"2"
+
+
+async def test_lru_evicts_the_least_recently_used_entry():
+    store = LruTtlStore(max_entries=3, clock=FakeClock())
+    for key in ("a", "b", "c"):
+        await store.set(key, key.encode(), ttl_s=60)
+    assert await store.get("a") == b"a"  # "a" is now the most recently used; "b" the least
+    await store.set("d", b"d", ttl_s=60)
+    assert len(store) == 3
+    assert await store.get("b") is None
+    assert [await store.get(key) for key in ("a", "c", "d")] == [b"a", b"c", b"d"]
+
+
+async def test_query_cache_round_trips_embeddings_and_results_and_counts(store):
+    registry = CollectorRegistry()
+    cache = QueryCache(store.store, CacheSettings(), registry)
+    embedding = np.random.default_rng(0).standard_normal(1280).astype(np.float32)
+
+    assert await cache.get_embedding("e") is None
+    await cache.set_embedding("e", embedding)
+    cached = await cache.get_embedding("e")
+    assert cached is not None and cached.dtype == np.float32
+    np.testing.assert_array_equal(cached, embedding)  # raw float32 bytes: bit-exact
+
+    response = gateway_pb2.VisualSearchResponse(index_generation=7, model_version="m@1")
+    response.hits.add(id="x", score=0.5, image_uri="file:///x.jpg").metadata.update({"category": "shoes"})
+    assert await cache.get_result("r") is None
+    await cache.set_result("r", response)
+    assert await cache.get_result("r") == response
+
+    assert counter(registry, "vsearch_gateway_cache_hits_total", cache="embedding") == 1
+    assert counter(registry, "vsearch_gateway_cache_misses_total", cache="embedding") == 1
+    assert counter(registry, "vsearch_gateway_cache_hits_total", cache="result") == 1
+    assert counter(registry, "vsearch_gateway_cache_misses_total", cache="result") == 1
+    assert counter(registry, "vsearch_gateway_cache_errors_total") == 0
+
+
+async def test_query_cache_applies_each_kind_its_own_ttl():
+    clock = FakeClock()
+    cache = QueryCache(
+        LruTtlStore(100, clock=clock), CacheSettings(embedding_ttl_s=100, result_ttl_s=10), CollectorRegistry(), clock
+    )
+    await cache.set_embedding("e", np.ones(4, dtype=np.float32))
+    await cache.set_result("r", gateway_pb2.VisualSearchResponse(index_generation=1))
+    clock.now += 11
+    assert await cache.get_result("r") is None
+    assert await cache.get_embedding("e") is not None
+    clock.now += 90
+    assert await cache.get_embedding("e") is None
+
+
+async def test_a_killed_redis_gives_quick_misses_and_counted_errors(redis_server):
+    registry = CollectorRegistry()
+    settings = CacheSettings(redis_timeout_s=0.05, redis_cooldown_s=0.3)
+    cache = QueryCache(RedisStore(redis_server.url, settings.redis_timeout_s), settings, registry)
+    await cache.set_embedding("e", np.ones(8, dtype=np.float32))
+    assert await cache.get_embedding("e") is not None
+
+    redis_server.kill()
+    started = time.perf_counter()
+    assert await cache.get_embedding("e") is None
+    assert await cache.get_result("r") is None
+    await cache.set_result("r", gateway_pb2.VisualSearchResponse())
+    await cache.set_embedding("e", np.ones(8, dtype=np.float32))
+    assert time.perf_counter() - started < 0.5
+    assert counter(registry, "vsearch_gateway_cache_errors_total") >= 1
+
+    # During the cool-down Redis is not even tried: misses cost nothing and add no errors.
+    errors = counter(registry, "vsearch_gateway_cache_errors_total")
+    started = time.perf_counter()
+    for _ in range(20):
+        assert await cache.get_result("r") is None
+    assert time.perf_counter() - started < 0.05
+    assert counter(registry, "vsearch_gateway_cache_errors_total") == errors
+
+    # Once it is back, the cache is used again.
+    redis_server.start()
+    await asyncio.sleep(settings.redis_cooldown_s + 0.05)
+    await cache.set_embedding("e2", np.ones(8, dtype=np.float32))
+    assert await cache.get_embedding("e2") is not None
+    await cache.close()
+
+
+async def test_a_redis_that_never_answers_costs_at_most_the_timeout():
+    """A peer that accepts connections but never replies (a hung Redis, a black-holed route)."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def swallow(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)
+
+    silent = await asyncio.start_server(swallow, "127.0.0.1", 0)
+    port = silent.sockets[0].getsockname()[1]
+    registry = CollectorRegistry()
+    settings = CacheSettings(redis_timeout_s=0.1, redis_cooldown_s=0)
+    cache = QueryCache(RedisStore(f"redis://127.0.0.1:{port}/0", settings.redis_timeout_s), settings, registry)
+    try:
+        for _ in range(3):
+            started = time.perf_counter()
+            assert await cache.get_result("r") is None
+            await cache.set_embedding("e", np.ones(4, dtype=np.float32))
+            assert time.perf_counter() - started < 2 * settings.redis_timeout_s + 0.15
+        assert counter(registry, "vsearch_gateway_cache_errors_total") == 6
+    finally:
+        await cache.close()
+        for writer in held:
+            writer.close()
+        silent.close()
+        await silent.wait_closed()
+
+
+def condition(field: str, op: int, value) -> search_pb2.Condition:
+    result = search_pb2.Condition(field=field, op=op)
+    if isinstance(value, str):
+        result.value.string_value = value
+    else:
+        result.value.number_value = value
+    return result
+
+
+def test_embedding_keys_depend_on_image_crop_and_model_version():
+    crop = embedder_pb2.CropBox(x=1, y=2, width=30, height=40)
+    base = embedding_cache_key("ab" * 32, None, "m@1")
+    assert base == embedding_cache_key("ab" * 32, None, "m@1")
+    others = {
+        embedding_cache_key("cd" * 32, None, "m@1"),
+        embedding_cache_key("ab" * 32, crop, "m@1"),
+        embedding_cache_key("ab" * 32, None, "m@2"),
+        item_query_key("ab" * 32),
+    }
+    assert base not in others and len(others) == 4
+
+
+def test_result_keys_separate_every_input_and_ignore_condition_order():
+    a, b = condition("category", search_pb2.EQ, "shoes"), condition("price", search_pb2.LT, 50.0)
+    both = search_pb2.Filter(conditions=[a, b])
+    key = result_cache_key("q", 10, both, None, 5)
+    assert key == result_cache_key("q", 10, search_pb2.Filter(conditions=[b, a]), None, 5)
+    assert canonical_filter(both) == canonical_filter(search_pb2.Filter(conditions=[b, a]))
+    variants = [
+        result_cache_key("q2", 10, both, None, 5),
+        result_cache_key("q", 11, both, None, 5),
+        result_cache_key("q", 10, search_pb2.Filter(conditions=[a]), None, 5),
+        result_cache_key("q", 10, search_pb2.Filter(conditions=[a, condition("price", search_pb2.LE, 50.0)]), None, 5),
+        result_cache_key("q", 10, search_pb2.Filter(conditions=[a, condition("price", search_pb2.LT, 51.0)]), None, 5),
+        result_cache_key("q", 10, both, 0.5, 5),
+        result_cache_key("q", 10, both, 0.0, 5),
+        result_cache_key("q", 10, both, None, 6),
+    ]
+    assert key not in variants and len(set(variants)) == len(variants)

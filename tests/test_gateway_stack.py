@@ -1,0 +1,315 @@
+"""The gateway's HTTP/JSON API and web page over the real stack, in-process: embedder (ONNX) -> search_svc
+(Milvus Lite) behind the gateway, with a real redis-server as the cache."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+from pathlib import Path
+
+import grpc
+import httpx
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import Image
+from prometheus_client import CollectorRegistry
+
+from conftest import RedisProcess, redis_binary
+from embedder_svc.model_prepare import ensure_model
+from embedder_svc.server import create_server as create_embedder
+from embedder_svc.settings import EmbedderSettings
+from gateway.server import create_server as create_gateway
+from gateway.settings import GatewaySettings
+from search_svc.server import create_server as create_search
+from search_svc.settings import SearchSettings
+
+VIEWS = 4
+INDEXED = 12  # ukbench objects 0..2, four views each
+
+
+def image_id(position: int) -> str:
+    return f"g-{position:02d}"
+
+
+def metric(registry: CollectorRegistry, name: str, **labels: str) -> float:
+    return registry.get_sample_value(name, labels) or 0.0
+
+
+def jpeg_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+class Stack:
+    def __init__(self, embedder, search, gateway, redis: RedisProcess, images: list[Path]) -> None:
+        self.embedder, self.search, self.gateway, self.redis, self.images = embedder, search, gateway, redis, images
+        self.http = httpx.AsyncClient(base_url=f"http://127.0.0.1:{gateway.http_port}", timeout=30)
+
+    @property
+    def registry(self) -> CollectorRegistry:
+        return self.gateway.metrics.registry
+
+    def image(self, position: int) -> bytes:
+        return self.images[position].read_bytes()
+
+    async def search_file(self, data: bytes, **fields: str) -> httpx.Response:
+        return await self.http.post("/v1/search", files={"image": ("query.jpg", data, "image/jpeg")}, data=fields)
+
+
+@pytest.fixture(scope="module")
+async def stack(tmp_path_factory, ukbench_images):
+    tmp = tmp_path_factory.mktemp("gateway-stack")
+    redis = RedisProcess(redis_binary())
+    redis.start()
+    model_dir = ensure_model("mobilenetv2-12-int8", tmp / "models")
+    embedder, _ = await create_embedder(EmbedderSettings(model_dir=model_dir))
+    search, _ = await create_search(SearchSettings(milvus={"uri": str(tmp / "milvus.db")}))
+    await embedder.start()
+    await search.start()
+    gateway, _ = await create_gateway(GatewaySettings(
+        embedder_address=embedder.address, search_address=search.address, http_port=0, redis_url=redis.url,
+        # Generous for a loaded 2-core test machine; the timeout's effect is tested in test_gateway_cache.
+        cache={"redis_timeout_s": 0.5},
+    ))
+    await gateway.start()
+    for server in (embedder, search, gateway):
+        await server.wait_ready(60)
+    stack = Stack(embedder, search, gateway, redis, ukbench_images)
+
+    # Indexed through the HTTP multipart endpoint itself.
+    files = [("images", (f"{n}.jpg", stack.image(n), "image/jpeg")) for n in range(INDEXED)]
+    response = await stack.http.post("/v1/images", files=files, data={
+        "ids": json.dumps([image_id(n) for n in range(INDEXED)]),
+        "metadata": json.dumps([{"category": f"object-{n // VIEWS}", "price": float(n)} for n in range(INDEXED)]),
+        "image_uris": json.dumps([f"https://images.example/{n}.jpg" for n in range(INDEXED)]),
+    })
+    assert response.status_code == 200, response.text
+    summary = response.json()
+    assert (summary["received"], summary["indexed"], summary["failed"]) == (INDEXED, INDEXED, 0), summary
+    yield stack
+    await stack.http.aclose()
+    for server in (gateway, search, embedder):
+        await server.stop(grace=1)
+    redis.kill()
+
+
+def assert_error(response: httpx.Response, status: int, code: str, word: str) -> None:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"} and body["error"]["code"] == code, body
+    assert word in body["error"]["message"].lower(), body
+
+
+async def test_health_page_docs_and_openapi(stack):
+    health = await stack.http.get("/healthz")
+    assert (health.status_code, health.json()) == (200, {"status": "SERVING"})
+    page = await stack.http.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "<title>vsearch</title>" in page.text and "/v1/search" in page.text
+    assert "<script src" not in page.text and "<link" not in page.text  # self-contained: nothing fetched
+    assert (await stack.http.get("/docs")).status_code == 200
+    spec = (await stack.http.get("/openapi.json")).json()
+    paths = {"/v1/search", "/v1/images", "/v1/images/{image_id}", "/v1/stats", "/healthz", "/metrics"}
+    assert paths <= set(spec["paths"])
+    search_body = spec["paths"]["/v1/search"]["post"]["requestBody"]["content"]
+    assert {"application/json", "multipart/form-data"} <= set(search_body)
+    assert "SearchBody" in spec["components"]["schemas"] and "ConditionBody" in spec["components"]["schemas"]
+    assert all("422" not in op["responses"] for ops in spec["paths"].values() for op in ops.values())
+
+
+async def test_multipart_search_finds_the_other_views_of_the_object(stack):
+    response = await stack.search_file(stack.image(5), k="4")
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert [hit["id"] for hit in body["hits"]][0] == image_id(5)
+    assert {hit["id"] for hit in body["hits"]} == {image_id(n) for n in range(4, 8)}
+    scores = [hit["score"] for hit in body["hits"]]
+    assert scores == sorted(scores, reverse=True) and scores[0] > 0.99
+    first = body["hits"][0]
+    assert first["image_uri"] == "https://images.example/5.jpg"
+    assert first["metadata"] == {"category": "object-1", "price": 5.0}
+    assert body["model_version"] and body["index_generation"] > 0
+    assert set(body["timing"]) == {"embed_ms", "search_ms", "total_ms"} and body["timing"]["total_ms"] > 0
+
+
+async def test_base64_json_search_with_crop_filter_and_min_score(stack):
+    image = Image.open(io.BytesIO(stack.image(9)))
+    response = await stack.http.post("/v1/search", json={
+        "image_base64": base64.b64encode(stack.image(9)).decode(),
+        "k": 10,
+        "crop": {"x": 0, "y": 0, "width": image.width * 3 // 4, "height": image.height * 3 // 4},
+        "filter": [{"field": "category", "op": "in", "value": ["object-2", "object-0"]},
+                   {"field": "price", "op": ">=", "value": 8}],
+        "min_score": 0.2,
+    })
+    assert response.status_code == 200, response.text
+    hits = response.json()["hits"]
+    assert hits and hits[0]["id"] == image_id(9)
+    assert all(hit["metadata"]["category"] == "object-2" and hit["score"] >= 0.2 for hit in hits)
+
+    shorthand = await stack.http.post("/v1/search", json={
+        "image_base64": base64.b64encode(stack.image(9)).decode(), "filter": {"category": "object-0"},
+    })
+    assert shorthand.status_code == 200, shorthand.text
+    assert {hit["id"] for hit in shorthand.json()["hits"]} == {image_id(n) for n in range(4)}
+
+
+async def test_item_id_search_uses_the_stored_vector(stack):
+    response = await stack.http.post("/v1/search", json={"item_id": image_id(2), "k": 4})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["hits"][0]["id"] == image_id(2) and body["embedding_from_cache"] is True
+    assert {hit["id"] for hit in body["hits"]} == {image_id(n) for n in range(4)}
+    by_form = await stack.http.post("/v1/search", data={"item_id": image_id(2), "k": "4"})
+    assert [hit["id"] for hit in by_form.json()["hits"]] == [hit["id"] for hit in body["hits"]]
+    unknown = await stack.http.post("/v1/search", json={"item_id": "no-such-item"})
+    assert_error(unknown, 404, "NOT_FOUND", "no-such-item")
+
+
+async def test_repeat_is_cached_until_an_add_or_delete_through_http(stack):
+    query = stack.image(10)
+    hits_before = metric(stack.registry, "vsearch_gateway_cache_hits_total", cache="result")
+    first = (await stack.search_file(query, k="6")).json()
+    second = (await stack.search_file(query, k="6")).json()
+    assert not first["from_cache"] and not first["embedding_from_cache"]
+    assert second["from_cache"] and second["embedding_from_cache"]
+    assert second["hits"] == first["hits"] and second["index_generation"] == first["index_generation"]
+    assert metric(stack.registry, "vsearch_gateway_cache_hits_total", cache="result") == hits_before + 1
+    # A different k is a different result.
+    assert not (await stack.search_file(query, k="5")).json()["from_cache"]
+
+    mirrored = jpeg_bytes(Image.open(io.BytesIO(query)).transpose(Image.Transpose.FLIP_LEFT_RIGHT))
+    added = await stack.http.post("/v1/images", json={"images": [
+        {"image_base64": base64.b64encode(mirrored).decode(), "id": "mirrored-10",
+         "metadata": {"category": "object-2"}},
+        {"image_base64": base64.b64encode(b"not an image at all").decode(), "id": "junk"},
+    ]})
+    assert added.status_code == 200, added.text
+    summary = added.json()
+    assert (summary["received"], summary["indexed"], summary["failed"]) == (2, 1, 1)
+    assert summary["failures"][0]["id"] == "junk" and summary["failures"][0]["code"] == "INVALID_ARGUMENT"
+    assert summary["failures"][0]["index"] == 1 and "image" in summary["failures"][0]["message"]
+    assert summary["index_generation"] != first["index_generation"]
+
+    third = (await stack.search_file(query, k="6")).json()
+    assert not third["from_cache"] and third["embedding_from_cache"]
+    assert "mirrored-10" in [hit["id"] for hit in third["hits"]]
+    assert third["index_generation"] == summary["index_generation"]
+
+    deleted = await stack.http.delete("/v1/images/mirrored-10")
+    assert deleted.status_code == 200 and deleted.json()["deleted"] == 1
+    assert_error(await stack.http.delete("/v1/images/mirrored-10"), 404, "NOT_FOUND", "mirrored-10")
+    fourth = (await stack.search_file(query, k="6")).json()
+    assert not fourth["from_cache"]
+    assert [hit["id"] for hit in fourth["hits"]] == [hit["id"] for hit in first["hits"]]
+
+
+async def test_ids_with_slashes_and_spaces_round_trip(stack):
+    item_id = "catalog/shoes/red 1.jpg"
+    added = await stack.http.post("/v1/images", json={"images": [
+        {"image_base64": base64.b64encode(stack.image(20)).decode(), "id": item_id, "metadata": {"category": "x"}},
+    ]})
+    assert added.status_code == 200 and added.json()["indexed"] == 1, added.text
+    found = await stack.http.post("/v1/search", json={"item_id": item_id, "k": 1})
+    assert [hit["id"] for hit in found.json()["hits"]] == [item_id]
+    deleted = await stack.http.delete("/v1/images/catalog%2Fshoes%2Fred%201.jpg")
+    assert deleted.status_code == 200 and deleted.json()["deleted"] == 1, deleted.text
+
+
+async def test_bad_input_is_400_with_a_json_error(stack):
+    jpeg = stack.image(0)
+    as_form = {
+        "empty image": ({"image": ("e.jpg", b"", "image/jpeg")}, {}, "empty"),
+        "text file": ({"image": ("t.txt", b"hello, not an image\n" * 50, "text/plain")}, {}, "image"),
+        "k = 0": ({"image": ("q.jpg", jpeg, "image/jpeg")}, {"k": "0"}, "k"),
+        "k = 100000": ({"image": ("q.jpg", jpeg, "image/jpeg")}, {"k": "100000"}, "k"),
+        "k not a number": ({"image": ("q.jpg", jpeg, "image/jpeg")}, {"k": "ten"}, "k"),
+        "zero-width crop": ({"image": ("q.jpg", jpeg, "image/jpeg")}, {"crop": "0,0,0,10"}, "crop"),
+        "crop outside image": ({"image": ("q.jpg", jpeg, "image/jpeg")}, {"crop": "5000,5000,10,10"}, "crop"),
+        "malformed crop": ({"image": ("q.jpg", jpeg, "image/jpeg")}, {"crop": "1,2,3"}, "crop"),
+        "unknown filter field": ({"image": ("q.jpg", jpeg, "image/jpeg")},
+                                 {"filter": '[{"field": "colour", "op": "==", "value": "red"}]'}, "colour"),
+        "unknown filter op": ({"image": ("q.jpg", jpeg, "image/jpeg")},
+                              {"filter": '[{"field": "category", "op": "~", "value": "x"}]'}, "op"),
+        "malformed filter JSON": ({"image": ("q.jpg", jpeg, "image/jpeg")}, {"filter": "[{"}, "json"),
+        "unknown form field": ({"image": ("q.jpg", jpeg, "image/jpeg")}, {"colour": "red"}, "colour"),
+        "no image": ({}, {"k": "3"}, "image"),
+    }
+    for name, (files, data, word) in as_form.items():
+        response = await stack.http.post("/v1/search", files=files or None, data=data)
+        assert response.status_code == 400, (name, response.text)
+        assert_error(response, 400, "INVALID_ARGUMENT", word)
+
+    as_json = {
+        "malformed JSON": (b'{"image_base64": ', "malformed json"),
+        "bad base64": (json.dumps({"image_base64": "***"}).encode(), "base64"),
+        "unknown field": (json.dumps({"item_id": "g-00", "colour": "red"}).encode(), "colour"),
+        "k = 0": (json.dumps({"item_id": "g-00", "k": 0}).encode(), "k"),
+        "negative crop": (
+            json.dumps({"image_base64": "aGk=", "crop": {"x": -1, "width": 5, "height": 5}}).encode(), "crop"
+        ),
+        "image and item_id": (json.dumps({"image_base64": "aGk=", "item_id": "g-00"}).encode(), "not both"),
+        "neither": (b"{}", "image"),
+        "not an object": (b"[1, 2]", "request body"),
+        "filter of the wrong shape": (json.dumps({"item_id": "g-00", "filter": "category"}).encode(), "filter"),
+    }
+    for name, (content, word) in as_json.items():
+        response = await stack.http.post("/v1/search", content=content, headers={"content-type": "application/json"})
+        assert response.status_code == 400, (name, response.text)
+        assert_error(response, 400, "INVALID_ARGUMENT", word)
+
+    assert_error(await stack.http.post("/v1/search", content=b"x", headers={"content-type": "text/plain"}),
+                 400, "INVALID_ARGUMENT", "multipart")
+    no_image = await stack.http.post("/v1/images", json={"images": [{"id": "x"}]})
+    assert_error(no_image, 400, "INVALID_ARGUMENT", "image_base64")
+    bad_base64 = await stack.http.post("/v1/images", json={"images": [{"image_base64": "%%"}]})
+    assert_error(bad_base64, 400, "INVALID_ARGUMENT", "images[0].image_base64")
+    assert_error(await stack.http.get("/v1/nothing-here"), 404, "NOT_FOUND", "not found")
+    # Nothing above reached the index.
+    assert (await stack.http.get("/v1/stats")).json()["count"] == INDEXED
+
+
+async def test_stats_and_metrics(stack):
+    stats = (await stack.http.get("/v1/stats")).json()
+    assert stats["count"] == INDEXED
+    assert stats["dimension"] == 1280 and stats["model_name"] == "mobilenetv2-12-int8" and stats["model_version"]
+    assert "category" in stats["filterable_fields"] and stats["index_generation"] > 0
+    metrics = await stack.http.get("/metrics")
+    assert metrics.status_code == 200 and metrics.headers["content-type"].startswith("text/plain")
+    for name in ("vsearch_gateway_cache_hits_total", "vsearch_gateway_cache_misses_total",
+                 "vsearch_gateway_cache_errors_total", 'vsearch_http_requests_total{method="POST",route="/v1/search"'):
+        assert name in metrics.text, name
+
+
+async def test_body_limit_and_drain_of_a_second_gateway(stack):
+    gateway, _ = await create_gateway(GatewaySettings(
+        embedder_address=stack.embedder.address, search_address=stack.search.address, port=0, http_port=0,
+        http_max_body_bytes=4096,
+    ))
+    await gateway.start()
+    await gateway.wait_ready(30)
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{gateway.http_port}", timeout=10) as http:
+        small = await http.post("/v1/search", json={"item_id": image_id(0), "k": 2})
+        assert small.status_code == 200 and not small.json()["from_cache"]  # its own, in-process cache
+        big = base64.b64encode(stack.image(0)).decode()
+        assert_error(await http.post("/v1/search", json={"image_base64": big}), 413, "INVALID_ARGUMENT", "4096")
+
+        async def chunked():  # no Content-Length: counted while it is read
+            for _ in range(10):
+                yield b" " * 1000
+
+        assert_error(await http.post("/v1/search", content=chunked(), headers={"content-type": "application/json"}),
+                     413, "INVALID_ARGUMENT", "4096")
+
+        stopping = asyncio.create_task(gateway.stop(grace=1, drain=0.5))
+        await asyncio.sleep(0.2)
+        assert (await http.get("/healthz")).status_code == 503  # draining: still answering, not ready
+        async with grpc.aio.insecure_channel(gateway.address) as channel:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        await stopping
+        with pytest.raises(httpx.TransportError):
+            await http.get("/healthz")
