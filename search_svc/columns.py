@@ -1,0 +1,43 @@
+"""Names and sizes of the collection's columns, shared by the item codec, the filter compiler and the
+store.
+
+Each filter field gets a typed column (`category` VARCHAR, `price` DOUBLE, ...) and a BOOL presence
+column (`_has_category`): Milvus Lite 2.5 supports neither nullable columns nor default values, so an
+item without the field stores a zero value plus `_has_<field> == false`, and every filter condition
+requires presence. That keeps "a missing value matches no condition" identical on Milvus Lite and on
+a Milvus server."""
+
+from __future__ import annotations
+
+from pymilvus import DataType
+
+from search_svc.settings import FieldType
+
+ID = "id"
+VECTOR = "vector"
+IMAGE_URI = "image_uri"
+METADATA = "metadata"
+
+MAX_ID_CHARS = 256
+# Milvus VARCHAR lengths are in bytes. Stored ids are escaped (see item_codec.encode_id): at most
+# 4 bytes per character either way.
+ID_MAX_BYTES = 4 * MAX_ID_CHARS
+IMAGE_URI_MAX_BYTES = 2048
+STRING_FIELD_MAX_BYTES = 1024
+# A Milvus server refuses JSON values above 64 KiB; Milvus Lite would take them, so check ourselves.
+METADATA_MAX_BYTES = 65536
+
+FIELD_DATA_TYPES: dict[FieldType, DataType] = {
+    "string": DataType.VARCHAR,
+    "float": DataType.DOUBLE,
+    "int": DataType.INT64,
+    "bool": DataType.BOOL,
+}
+
+# What a row stores in a filter field's column when the item does not have that field.
+ABSENT_VALUES: dict[FieldType, object] = {"string": "", "float": 0.0, "int": 0, "bool": False}
+
+
+def presence_column(field: str) -> str:
+    # Filter field names start with a letter (settings check), so this never clashes with one.
+    return f"_has_{field}"

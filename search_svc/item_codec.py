@@ -1,0 +1,183 @@
+"""Validation and conversion between the protobuf messages and Milvus rows.
+
+Everything a caller sends is checked here, before anything reaches Milvus, so that bad input is an
+INVALID_ARGUMENT naming the item and field, and a rejected request writes nothing."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+from google.protobuf import json_format, struct_pb2
+
+from search_svc import columns
+from search_svc.filters import has_control_chars
+from search_svc.settings import FieldType
+from service_kit.status import invalid_argument
+from vsearch.v1 import search_pb2
+
+Row = dict[str, Any]
+
+# Milvus Lite 2.5.1 builds SQL from primary keys without escaping: an upsert of an id with a single
+# quote fails, and ids with control characters cannot be written in a filter literal (see filters.py).
+# So ids are stored with '%', "'" and control characters percent-encoded; every other id is stored
+# as is. Callers only ever see the original ids.
+_ID_CHARS_TO_ENCODE = re.compile(r"[%'\x00-\x1f\x7f]")
+_ENCODED_ID_CHAR = re.compile(r"%([0-9A-F]{2})")
+
+
+def encode_id(item_id: str) -> str:
+    return _ID_CHARS_TO_ENCODE.sub(lambda match: f"%{ord(match.group()):02X}", item_id)
+
+
+def decode_id(stored_id: str) -> str:
+    if "%" not in stored_id:
+        return stored_id
+    return _ENCODED_ID_CHAR.sub(lambda match: chr(int(match.group(1), 16)), stored_id)
+
+
+def check_id(item_id: str) -> None:
+    if not item_id:
+        raise invalid_argument("item id must not be empty")
+    if len(item_id) > columns.MAX_ID_CHARS:
+        raise invalid_argument(
+            f"item id {item_id[:32]!r}... is {len(item_id)} characters; at most {columns.MAX_ID_CHARS}"
+        )
+
+
+def stored_ids(ids: Iterable[str]) -> list[str]:
+    """Validated, de-duplicated (order kept) stored form of the ids of a Get or Delete."""
+    unique: dict[str, None] = {}
+    for item_id in ids:
+        check_id(item_id)
+        unique[encode_id(item_id)] = None
+    return list(unique)
+
+
+class ItemCodec:
+    def __init__(self, dimension: int, filter_fields: Mapping[str, FieldType]) -> None:
+        self.dimension = dimension
+        self.filter_fields = dict(filter_fields)
+
+    # --- requests -> Milvus ------------------------------------------------------------------
+
+    def vector(self, values: Sequence[float], what: str) -> np.ndarray:
+        vector = np.asarray(values, dtype=np.float32)
+        if vector.shape != (self.dimension,):
+            raise invalid_argument(f"{what} has {vector.size} dimensions; expected {self.dimension}")
+        if not np.isfinite(vector).all():
+            raise invalid_argument(f"{what} contains NaN or infinity")
+        return vector
+
+    def query_matrix(self, queries: Sequence[search_pb2.Vector]) -> np.ndarray:
+        return np.stack([self.vector(query.values, f"query vector {n}") for n, query in enumerate(queries)])
+
+    def rows(self, items: Sequence[search_pb2.Item]) -> list[Row]:
+        """One row per item, all validated first: INVALID_ARGUMENT for the first bad item."""
+        rows: list[Row] = []
+        seen: set[str] = set()
+        for item in items:
+            check_id(item.id)
+            if item.id in seen:
+                raise invalid_argument(f"item id {item.id!r} appears more than once in this upsert")
+            seen.add(item.id)
+            rows.append(self._row(item))
+        return rows
+
+    def _row(self, item: search_pb2.Item) -> Row:
+        if len(item.image_uri.encode()) > columns.IMAGE_URI_MAX_BYTES:
+            raise invalid_argument(
+                f"image_uri of item {item.id!r} is longer than {columns.IMAGE_URI_MAX_BYTES} bytes"
+            )
+        row: Row = {
+            columns.ID: encode_id(item.id),
+            columns.VECTOR: self.vector(item.vector.values, f"vector of item {item.id!r}"),
+            columns.IMAGE_URI: item.image_uri,
+        }
+        for field, field_type in self.filter_fields.items():  # before the whole metadata: precise errors
+            value = self._field_value(item, field, field_type)
+            row[columns.presence_column(field)] = value is not None
+            row[field] = columns.ABSENT_VALUES[field_type] if value is None else value
+        row[columns.METADATA] = self._metadata_json(item)
+        return row
+
+    @staticmethod
+    def _metadata_json(item: search_pb2.Item) -> str:
+        try:
+            metadata = json_format.MessageToDict(item.metadata)
+            encoded = json.dumps(metadata, allow_nan=False, ensure_ascii=False, separators=(",", ":"))
+        except ValueError:
+            raise invalid_argument(f"metadata of item {item.id!r} contains NaN or infinity") from None
+        size = len(encoded.encode())
+        if size > columns.METADATA_MAX_BYTES:
+            raise invalid_argument(
+                f"metadata of item {item.id!r} is {size} bytes as JSON; at most {columns.METADATA_MAX_BYTES}"
+            )
+        return encoded
+
+    @staticmethod
+    def _field_value(item: search_pb2.Item, field: str, field_type: FieldType) -> Any:
+        """The typed value of a filter field, None when absent or null."""
+        if field not in item.metadata.fields:
+            return None
+        value = item.metadata.fields[field]
+        kind = value.WhichOneof("kind")
+        if kind in (None, "null_value"):
+            return None
+        where = f"metadata field {field!r} of item {item.id!r}"
+        if field_type == "string":
+            if kind != "string_value":
+                raise invalid_argument(f"{where} must be a string")
+            text = value.string_value
+            if len(text.encode()) > columns.STRING_FIELD_MAX_BYTES:
+                raise invalid_argument(f"{where} is longer than {columns.STRING_FIELD_MAX_BYTES} bytes")
+            if has_control_chars(text):
+                raise invalid_argument(f"{where} contains a control character")
+            return text
+        if field_type == "bool":
+            if kind != "bool_value":
+                raise invalid_argument(f"{where} must be a bool")
+            return value.bool_value
+        if kind != "number_value":  # a bool is not a number here
+            raise invalid_argument(f"{where} must be a number")
+        number = value.number_value
+        if not math.isfinite(number):
+            raise invalid_argument(f"{where} must be finite")
+        if field_type == "float":
+            return number
+        if not number.is_integer() or abs(number) > 2**53:
+            raise invalid_argument(f"{where} must be an integer within +-2**53")
+        return int(number)
+
+    # --- Milvus -> responses -----------------------------------------------------------------
+
+    @staticmethod
+    def _metadata_struct(metadata: Any) -> struct_pb2.Struct:
+        struct = struct_pb2.Struct()
+        if isinstance(metadata, str):  # some Milvus versions hand JSON back undecoded
+            metadata = json.loads(metadata)
+        if metadata:
+            struct.update(metadata)
+        return struct
+
+    def item(self, row: Mapping[str, Any], include_vector: bool) -> search_pb2.Item:
+        item = search_pb2.Item(
+            id=decode_id(row[columns.ID]),
+            image_uri=row.get(columns.IMAGE_URI, ""),
+            metadata=self._metadata_struct(row.get(columns.METADATA)),
+        )
+        if include_vector:
+            item.vector.values.extend(row[columns.VECTOR])
+        return item
+
+    def hit(self, result: Mapping[str, Any]) -> search_pb2.Hit:
+        entity = result.get("entity", {})
+        return search_pb2.Hit(
+            id=decode_id(result[columns.ID]),
+            score=result["distance"],
+            image_uri=entity.get(columns.IMAGE_URI, ""),
+            metadata=self._metadata_struct(entity.get(columns.METADATA)),
+        )

@@ -1,0 +1,354 @@
+"""The Milvus collection behind the search service, through pymilvus's `MilvusClient`.
+
+Every method blocks; the servicer calls them from its bounded executor only. Every Milvus call gets
+the configured deadline and no hidden retries (pymilvus would otherwise retry up to 75 times, about
+3.5 minutes, when the timeout is a float), and a failure comes back as a `ServiceError` with a
+precise status code. Reads use Strong consistency, so a Search right after an Upsert or Delete sees
+it (Milvus Lite is read-your-writes anyway; a Milvus server is not by default)."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import grpc
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from pymilvus import DataType, MilvusClient
+from pymilvus.exceptions import (
+    ConnectError,
+    ConnectionConfigException,
+    ConnectionNotExistException,
+    DataNotMatchException,
+    DataTypeNotMatchException,
+    MilvusException,
+    MilvusUnavailableException,
+    ParamError,
+    PrimaryKeyException,
+)
+
+from search_svc import columns
+from search_svc.filters import ids_expression
+from search_svc.item_codec import Row
+from search_svc.settings import SearchSettings
+from service_kit.metrics import LATENCY_BUCKETS
+from service_kit.status import ServiceError
+
+logger = logging.getLogger(__name__)
+
+# Ids per `id in [...]` expression of a Get or Delete, to keep expressions and answers small.
+IDS_PER_EXPRESSION = 1000
+
+_RETRY_PREAMBLE = re.compile(r"^\[\w+\] Retry (run out of \d+ retry times|timeout: [\d.]+s), message=")
+_CLIENT_SIDE_INVALID = (ParamError, DataTypeNotMatchException, DataNotMatchException, PrimaryKeyException)
+_CONNECTION_FAILURES = (ConnectError, ConnectionConfigException, ConnectionNotExistException, MilvusUnavailableException)
+# Milvus server error codes (merr) worth telling apart; anything else is UNKNOWN.
+_MILVUS_CODES = {
+    2: grpc.StatusCode.UNAVAILABLE,  # service unavailable; also pymilvus's "connect failed"
+    3: grpc.StatusCode.RESOURCE_EXHAUSTED,  # memory limit
+    4: grpc.StatusCode.RESOURCE_EXHAUSTED,  # request limit
+    7: grpc.StatusCode.RESOURCE_EXHAUSTED,  # disk limit
+    8: grpc.StatusCode.RESOURCE_EXHAUSTED,  # rate limit
+    9: grpc.StatusCode.RESOURCE_EXHAUSTED,  # quota / force deny
+    100: grpc.StatusCode.FAILED_PRECONDITION,  # collection not found (dropped behind our back)
+    101: grpc.StatusCode.FAILED_PRECONDITION,  # collection not loaded
+    1100: grpc.StatusCode.INVALID_ARGUMENT,  # parameter invalid
+    1101: grpc.StatusCode.INVALID_ARGUMENT,  # parameter missing
+}
+_RPC_CODES = {
+    grpc.StatusCode.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.CANCELLED: grpc.StatusCode.UNAVAILABLE,  # the connection broke
+    grpc.StatusCode.DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
+    # Milvus refusing *our* credentials is a deployment fault, not the caller's.
+    grpc.StatusCode.UNAUTHENTICATED: grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.PERMISSION_DENIED: grpc.StatusCode.FAILED_PRECONDITION,
+}
+
+
+def milvus_service_error(operation: str, error: BaseException, timeout_s: float) -> ServiceError:
+    """The status to answer with for a failed Milvus call. pymilvus wraps gRPC errors (and its own
+    retries) in MilvusException; the innermost gRPC error or MilvusException says what happened."""
+    rpc_code: grpc.StatusCode | None = None
+    detail = ""
+    milvus_error: MilvusException | None = None
+    # pymilvus re-raises with `raise e from e`, which overwrites __cause__; __context__ keeps the chain.
+    seen: set[int] = set()
+    cause: BaseException | None = error
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, grpc.RpcError) and callable(getattr(cause, "code", None)):
+            rpc_code, detail = cause.code(), cause.details() or ""
+            break
+        if isinstance(cause, MilvusException):
+            milvus_error = milvus_error or cause
+            if callable(cause.code):  # pymilvus stores the gRPC error's bound code() as the code
+                rpc_code, detail = cause.code(), cause.message
+                break
+        cause = cause.__cause__ if cause.__cause__ is not None and cause.__cause__ is not cause else cause.__context__
+    if isinstance(rpc_code, grpc.StatusCode):
+        code = _RPC_CODES.get(rpc_code, grpc.StatusCode.UNKNOWN)
+        if rpc_code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return ServiceError(code, f"milvus {operation}: no answer within {timeout_s:g}s")
+        return ServiceError(code, f"milvus {operation}: {rpc_code.name} {_unwrapped(detail)}".rstrip())
+    if milvus_error is None:
+        return ServiceError(grpc.StatusCode.UNKNOWN, f"milvus {operation}: {error}")
+    if isinstance(milvus_error, _CLIENT_SIDE_INVALID):
+        code = grpc.StatusCode.INVALID_ARGUMENT
+    elif isinstance(milvus_error, _CONNECTION_FAILURES):
+        code = grpc.StatusCode.UNAVAILABLE
+    else:
+        milvus_code = milvus_error.code
+        code = _MILVUS_CODES.get(milvus_code, grpc.StatusCode.UNKNOWN) if isinstance(milvus_code, int) else grpc.StatusCode.UNKNOWN
+    return ServiceError(code, f"milvus {operation}: {_unwrapped(milvus_error.message)}")
+
+
+def _unwrapped(message: str) -> str:
+    """Drops pymilvus's "[search] Retry run out of 0 retry times, message=" preamble."""
+    return _RETRY_PREAMBLE.sub("", message)
+
+
+class MilvusMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.call_seconds = Histogram(
+            "vsearch_milvus_call_seconds", "Time spent in single Milvus calls, by operation.",
+            ["operation"], buckets=LATENCY_BUCKETS, registry=registry,
+        )
+        self.errors = Counter(
+            "vsearch_milvus_errors", "Failed Milvus calls, by operation and the status code answered.",
+            ["operation", "code"], registry=registry,
+        )
+        self.queue_seconds = Histogram(
+            "vsearch_milvus_queue_seconds", "Time requests waited for a free Milvus worker thread.",
+            buckets=LATENCY_BUCKETS, registry=registry,
+        )
+
+
+class MilvusStore:
+    def __init__(self, settings: SearchSettings, metrics: MilvusMetrics) -> None:
+        self._settings = settings
+        self._metrics = metrics
+        self._collection = settings.milvus.collection
+        # A float on purpose: with an int timeout pymilvus ignores retry_times=0 and retries until the
+        # timeout has passed, on top of the call that used it up.
+        self._timeout_s = float(settings.milvus.timeout_s)
+        self._local_path = Path(settings.milvus.uri).expanduser().resolve() if settings.milvus.is_local else None
+        # pymilvus keeps connections in a process-wide registry keyed by alias (by default the URI):
+        # our own alias keeps close() from closing another client's connection to the same Milvus.
+        self._alias = f"search_svc-{uuid.uuid4().hex}"
+        self._client: MilvusClient | None = None
+        self.index_type = settings.index_type
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Connects, creates the collection (or checks that the existing one matches the settings),
+        indexes and loads it. Raises ServiceError when Milvus is unreachable or does not match."""
+        if self._client is not None:
+            return
+        client = self._connect()
+        try:
+            self._prepare_collection(client)
+        except BaseException:
+            client.close()
+            raise
+        self._client = client
+
+    def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            client.close()
+        if self._local_path is not None:
+            # pymilvus starts one Milvus Lite process per file and never stops it; stop ours, so the
+            # file can be opened again (also by another process). Assumes one store per file.
+            from milvus_lite.server_manager import server_manager_instance
+
+            server_manager_instance.release_server(str(self._local_path))
+
+    def _connect(self) -> MilvusClient:
+        uri = self._settings.milvus.uri
+        if self._local_path is not None:
+            self._local_path.parent.mkdir(parents=True, exist_ok=True)
+            uri = str(self._local_path)
+        token = self._settings.milvus.token
+        start = time.perf_counter()
+        try:
+            return MilvusClient(
+                uri=uri, token=token.get_secret_value() if token else "", timeout=self._timeout_s, alias=self._alias
+            )
+        except (MilvusException, grpc.RpcError) as error:
+            raise ServiceError(
+                grpc.StatusCode.UNAVAILABLE, f"cannot connect to Milvus at {self._settings.milvus.display_uri}: {_unwrapped(str(error))}"
+            ) from error
+        finally:
+            self._metrics.call_seconds.labels("connect").observe(time.perf_counter() - start)
+
+    def _prepare_collection(self, client: MilvusClient) -> None:
+        name = self._collection
+        if self._call(client, "has_collection", client.has_collection, name):
+            self._check_schema(self._call(client, "describe_collection", client.describe_collection, name))
+        else:
+            logger.info("creating collection %s (dimension %d)", name, self._settings.dimension)
+            self._call(
+                client, "create_collection", client.create_collection, name,
+                schema=self._schema(), consistency_level="Strong",
+            )
+        indexes = self._call(client, "list_indexes", client.list_indexes, name, field_name=columns.VECTOR)
+        if indexes:
+            self._check_index(self._call(client, "describe_index", client.describe_index, name, indexes[0]))
+        else:
+            index_params = client.prepare_index_params()
+            index_params.add_index(
+                columns.VECTOR, index_type=self._settings.index_type, metric_type=self._settings.metric,
+                params=dict(self._settings.index_params),
+            )
+            self._call(client, "create_index", client.create_index, name, index_params)
+        self._call(client, "load_collection", client.load_collection, name)
+
+    def _expected_columns(self) -> dict[str, DataType]:
+        expected = {
+            columns.ID: DataType.VARCHAR,
+            columns.VECTOR: DataType.FLOAT_VECTOR,
+            columns.IMAGE_URI: DataType.VARCHAR,
+            columns.METADATA: DataType.JSON,
+        }
+        for field, field_type in self._settings.filter_fields.items():
+            expected[field] = columns.FIELD_DATA_TYPES[field_type]
+            expected[columns.presence_column(field)] = DataType.BOOL
+        return expected
+
+    def _schema(self) -> Any:
+        schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+        schema.add_field(columns.ID, DataType.VARCHAR, max_length=columns.ID_MAX_BYTES, is_primary=True)
+        schema.add_field(columns.VECTOR, DataType.FLOAT_VECTOR, dim=self._settings.dimension)
+        schema.add_field(columns.IMAGE_URI, DataType.VARCHAR, max_length=columns.IMAGE_URI_MAX_BYTES)
+        schema.add_field(columns.METADATA, DataType.JSON)
+        for field, field_type in self._settings.filter_fields.items():
+            if field_type == "string":
+                schema.add_field(field, DataType.VARCHAR, max_length=columns.STRING_FIELD_MAX_BYTES)
+            else:
+                schema.add_field(field, columns.FIELD_DATA_TYPES[field_type])
+            schema.add_field(columns.presence_column(field), DataType.BOOL)
+        return schema
+
+    def _check_schema(self, description: dict) -> None:
+        actual = {field["name"]: field for field in description.get("fields", [])}
+        problems = []
+        vector = actual.get(columns.VECTOR)
+        if vector is not None:
+            dimension = int(vector.get("params", {}).get("dim", 0))
+            if dimension != self._settings.dimension:
+                problems.append(f"its vectors have dimension {dimension}, SEARCH_DIMENSION is {self._settings.dimension}")
+        for name, data_type in self._expected_columns().items():
+            if name not in actual:
+                problems.append(f"it has no column {name!r}")
+            elif DataType(actual[name]["type"]) != data_type:
+                problems.append(f"column {name!r} is {DataType(actual[name]['type']).name}, expected {data_type.name}")
+        extra = sorted(set(actual) - set(self._expected_columns()))
+        if extra:
+            problems.append(f"it has columns {', '.join(extra)} that SEARCH_FILTER_FIELDS does not declare")
+        if problems:
+            raise ServiceError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"collection {self._collection!r} does not match the settings: {'; '.join(problems)}. "
+                "Use another SEARCH_MILVUS__COLLECTION, or drop this collection to rebuild it.",
+            )
+
+    def _check_index(self, description: dict) -> None:
+        index_type = str(description.get("index_type", "")).upper()
+        metric = str(description.get("metric_type", "")).upper()
+        if index_type != self._settings.index_type or metric != self._settings.metric:
+            raise ServiceError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"collection {self._collection!r} is indexed with {index_type}/{metric}, the settings ask for "
+                f"{self._settings.index_type}/{self._settings.metric}. Change SEARCH_INDEX_TYPE, or drop the index "
+                "or the collection to rebuild it.",
+            )
+        self.index_type = index_type
+
+    # --- calls -------------------------------------------------------------------------------
+
+    def _call(self, client: MilvusClient, operation: str, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return method(*args, timeout=self._timeout_s, retry_times=0, **kwargs)
+        except (MilvusException, grpc.RpcError) as error:
+            service_error = milvus_service_error(operation, error, self._timeout_s)
+            self._metrics.errors.labels(operation, service_error.code.name).inc()
+            raise service_error from error
+        finally:
+            self._metrics.call_seconds.labels(operation).observe(time.perf_counter() - start)
+
+    @property
+    def _open_client(self) -> MilvusClient:
+        if self._client is None:
+            raise ServiceError(grpc.StatusCode.UNAVAILABLE, "not connected to Milvus yet")
+        return self._client
+
+    def _batches(self, rows: Sequence[Row]) -> Iterator[Sequence[Row]]:
+        max_rows, max_bytes = self._settings.max_batch_rows, self._settings.max_batch_bytes
+        start, size = 0, 0
+        for end, row in enumerate(rows):
+            row_bytes = row[columns.VECTOR].nbytes + len(row[columns.METADATA]) + len(row[columns.IMAGE_URI]) + 64
+            if end > start and (end - start >= max_rows or size + row_bytes > max_bytes):
+                yield rows[start:end]
+                start, size = end, 0
+            size += row_bytes
+        if start < len(rows):
+            yield rows[start:]
+
+    def upsert(self, rows: Sequence[Row]) -> None:
+        client = self._open_client
+        for batch in self._batches(rows):
+            self._call(client, "upsert", client.upsert, self._collection, list(batch))
+
+    def search(self, vectors: np.ndarray, k: int, expression: str) -> list[list[dict]]:
+        client = self._open_client
+        results = self._call(
+            client, "search", client.search, self._collection,
+            data=vectors.tolist(), filter=expression, limit=k, anns_field=columns.VECTOR,
+            output_fields=[columns.IMAGE_URI, columns.METADATA],
+            search_params={"metric_type": self._settings.metric, "params": dict(self._settings.search_params)},
+            consistency_level="Strong",
+        )
+        return [list(hits) for hits in results]
+
+    def get(self, stored_ids: Sequence[str], include_vectors: bool) -> list[dict]:
+        output_fields = [columns.ID, columns.IMAGE_URI, columns.METADATA] + ([columns.VECTOR] if include_vectors else [])
+        return self._query_ids(stored_ids, output_fields)
+
+    def existing_ids(self, stored_ids: Sequence[str]) -> list[str]:
+        return [row[columns.ID] for row in self._query_ids(stored_ids, [columns.ID])]
+
+    def _query_ids(self, stored_ids: Sequence[str], output_fields: list[str]) -> list[dict]:
+        client = self._open_client
+        rows: list[dict] = []
+        for start in range(0, len(stored_ids), IDS_PER_EXPRESSION):
+            chunk = stored_ids[start:start + IDS_PER_EXPRESSION]
+            rows.extend(self._call(
+                client, "query", client.query, self._collection,
+                filter=ids_expression(chunk), output_fields=output_fields, consistency_level="Strong",
+            ))
+        return rows
+
+    def delete(self, stored_ids: Sequence[str]) -> None:
+        # By expression, not `ids=`: pymilvus writes `ids=` into an expression without escaping.
+        client = self._open_client
+        for start in range(0, len(stored_ids), IDS_PER_EXPRESSION):
+            chunk = stored_ids[start:start + IDS_PER_EXPRESSION]
+            self._call(client, "delete", client.delete, self._collection, filter=ids_expression(chunk))
+
+    def count(self) -> int:
+        # count(*) rather than collection stats: a server's row_count includes deleted rows until
+        # compaction.
+        client = self._open_client
+        result = self._call(
+            client, "count", client.query, self._collection,
+            filter="", output_fields=["count(*)"], consistency_level="Strong",
+        )
+        return int(result[0]["count(*)"])

@@ -1,0 +1,170 @@
+"""The `vsearch.v1.VectorSearch` servicer and the factory that wires it into a ManagedServer."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, TypeVar
+
+import grpc
+import numpy as np
+
+from search_svc import columns
+from search_svc.filters import compile_filter
+from search_svc.generation import IndexGeneration
+from search_svc.item_codec import ItemCodec, stored_ids
+from search_svc.milvus_store import MilvusMetrics, MilvusStore
+from search_svc.settings import SearchSettings
+from service_kit.server import ManagedServer
+from service_kit.status import invalid_argument
+from vsearch.v1 import search_pb2, search_pb2_grpc
+
+SERVICE_NAME = search_pb2.DESCRIPTOR.services_by_name["VectorSearch"].full_name
+# Query vectors per Search (Milvus itself takes up to 16384).
+MAX_QUERIES = 1024
+
+ResultT = TypeVar("ResultT")
+
+
+class VectorSearchServicer(search_pb2_grpc.VectorSearchServicer):
+    """Each RPC hands its whole blocking part (validation, Milvus calls, building the answer) to the
+    bounded executor in one hop; the event loop only reads the generation and awaits."""
+
+    def __init__(
+        self,
+        settings: SearchSettings,
+        store: MilvusStore,
+        codec: ItemCodec,
+        generation: IndexGeneration,
+        executor: ThreadPoolExecutor,
+        metrics: MilvusMetrics,
+    ) -> None:
+        self._settings = settings
+        self._store = store
+        self._codec = codec
+        self._generation = generation
+        self._executor = executor
+        self._metrics = metrics
+
+    async def _offload(self, function: Callable[..., ResultT], *args: object) -> ResultT:
+        submitted = time.perf_counter()
+
+        def run() -> ResultT:
+            self._metrics.queue_seconds.observe(time.perf_counter() - submitted)
+            return function(*args)
+
+        return await asyncio.get_running_loop().run_in_executor(self._executor, run)
+
+    # --- writes: the generation advances after any write that reached Milvus, even a failed one,
+    # since a failed multi-batch upsert may have been partly applied.
+
+    async def Upsert(self, request: search_pb2.UpsertRequest, context: grpc.aio.ServicerContext) -> search_pb2.UpsertResponse:
+        return await self._offload(self._upsert, request)
+
+    def _upsert(self, request: search_pb2.UpsertRequest) -> search_pb2.UpsertResponse:
+        rows = self._codec.rows(request.items)  # everything validated before anything is written
+        if not rows:
+            return search_pb2.UpsertResponse(upserted=0, generation=self._generation.current)
+        try:
+            self._store.upsert(rows)
+        finally:
+            generation = self._generation.advance()
+        return search_pb2.UpsertResponse(upserted=len(rows), generation=generation)
+
+    async def Delete(self, request: search_pb2.DeleteRequest, context: grpc.aio.ServicerContext) -> search_pb2.DeleteResponse:
+        return await self._offload(self._delete, request)
+
+    def _delete(self, request: search_pb2.DeleteRequest) -> search_pb2.DeleteResponse:
+        ids = stored_ids(request.ids)
+        # Milvus does not say how many of the ids existed, so look first; a concurrent write to the
+        # same ids between the two calls can make the count off by those.
+        existing = self._store.existing_ids(ids) if ids else []
+        if not existing:  # nothing changes, so cached results stay valid
+            return search_pb2.DeleteResponse(deleted=0, generation=self._generation.current)
+        try:
+            self._store.delete(existing)
+        finally:
+            generation = self._generation.advance()
+        return search_pb2.DeleteResponse(deleted=len(existing), generation=generation)
+
+    # --- reads: the generation is read before the read itself, so an answer is never labelled
+    # newer than the data it saw (at worst it is older, and a cache drops it sooner).
+
+    async def Search(self, request: search_pb2.SearchRequest, context: grpc.aio.ServicerContext) -> search_pb2.SearchResponse:
+        return await self._offload(self._search, request, self._generation.current)
+
+    def _search(self, request: search_pb2.SearchRequest, generation: int) -> search_pb2.SearchResponse:
+        if not request.queries:
+            raise invalid_argument("a search needs at least one query vector")
+        if len(request.queries) > MAX_QUERIES:
+            raise invalid_argument(f"a search takes at most {MAX_QUERIES} query vectors, got {len(request.queries)}")
+        if not 1 <= request.k <= self._settings.max_k:
+            raise invalid_argument(f"k must be between 1 and {self._settings.max_k}, got {request.k}")
+        min_score = request.min_score if request.HasField("min_score") else None
+        if min_score is not None and not math.isfinite(min_score):
+            raise invalid_argument(f"min_score must be finite, got {min_score}")
+        vectors = self._codec.query_matrix(request.queries)
+        expression = compile_filter(request.filter, self._settings.filter_fields)
+        results = self._store.search(vectors, request.k, expression)
+        response = search_pb2.SearchResponse(generation=generation)
+        for hits in results:
+            # Best first, ties by id, so equal requests give equal answers.
+            hits.sort(key=lambda hit: (-hit["distance"], hit[columns.ID]))
+            if min_score is not None:  # compared as float32, the precision of Hit.score
+                hits = [hit for hit in hits if np.float32(hit["distance"]) >= np.float32(min_score)]
+            response.results.add().hits.extend(self._codec.hit(hit) for hit in hits)
+        return response
+
+    async def Get(self, request: search_pb2.GetRequest, context: grpc.aio.ServicerContext) -> search_pb2.GetResponse:
+        return await self._offload(self._get, request)
+
+    def _get(self, request: search_pb2.GetRequest) -> search_pb2.GetResponse:
+        ids = stored_ids(request.ids)
+        rows = {row[columns.ID]: row for row in self._store.get(ids, request.include_vectors)} if ids else {}
+        return search_pb2.GetResponse(
+            items=[self._codec.item(rows[item_id], request.include_vectors) for item_id in ids if item_id in rows]
+        )
+
+    async def Stats(self, request: search_pb2.StatsRequest, context: grpc.aio.ServicerContext) -> search_pb2.StatsResponse:
+        return await self._offload(self._stats, self._generation.current)
+
+    def _stats(self, generation: int) -> search_pb2.StatsResponse:
+        return search_pb2.StatsResponse(
+            count=self._store.count(),
+            index_type=self._store.index_type,
+            metric=self._settings.metric,
+            generation=generation,
+            dimension=self._settings.dimension,
+            collection=self._settings.milvus.collection,
+            filterable_fields=list(self._settings.filter_fields),
+        )
+
+
+async def create_server(settings: SearchSettings) -> tuple[ManagedServer, int]:
+    """The search service, not started. `start()` binds the port at once; health stays NOT_SERVING
+    until Milvus is reached and the collection is ready (retried with backoff until it is)."""
+    server = ManagedServer("search_svc", settings, [SERVICE_NAME])
+    metrics = MilvusMetrics(server.metrics.registry)
+    executor = ThreadPoolExecutor(max_workers=settings.milvus_workers, thread_name_prefix="search-milvus")
+    store = MilvusStore(settings, metrics)
+    servicer = VectorSearchServicer(
+        settings, store, ItemCodec(settings.dimension, settings.filter_fields), IndexGeneration(), executor, metrics
+    )
+    search_pb2_grpc.add_VectorSearchServicer_to_server(servicer, server.grpc_server)
+
+    async def open_store() -> None:
+        await asyncio.get_running_loop().run_in_executor(executor, store.open)
+
+    async def close_store() -> None:
+        # Off the loop: waits for calls still in the executor (each bounded by the Milvus timeout),
+        # including a startup attempt that stop() gave up on, then closes what they used.
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, functools.partial(executor.shutdown, wait=True, cancel_futures=True))
+        await loop.run_in_executor(None, store.close)
+
+    server.on_startup(open_store)
+    server.on_shutdown(close_store)
+    return server, server.port

@@ -1,0 +1,105 @@
+"""Settings of the search service, read from `SEARCH_*` environment variables (nested Milvus
+settings as `SEARCH_MILVUS__URI`, dicts as JSON, e.g. `SEARCH_FILTER_FIELDS='{"category": "string"}'`)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+from urllib.parse import urlparse
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic_settings import SettingsConfigDict
+
+from service_kit.settings import ServiceSettings
+
+FieldType = Literal["string", "float", "int", "bool"]
+
+# Column names the collection uses for itself; a filter field may not take one of them.
+RESERVED_COLUMNS = frozenset({"id", "vector", "image_uri", "metadata"})
+_FIELD_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,62}$")
+_COLLECTION_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
+_SERVER_SCHEMES = ("http", "https", "tcp", "grpc", "unix")
+
+
+class MilvusSettings(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    # A path ending in .db runs an embedded Milvus Lite on that file (its folder is created);
+    # http://host:port (or https://, tcp://, unix:) talks to a Milvus standalone or cluster server.
+    uri: str = ".vsearch/milvus.db"
+    token: SecretStr | None = None
+    collection: str = "vsearch_images"
+    # Deadline of every single Milvus call (and of connecting); nothing is retried inside it.
+    timeout_s: float = Field(10.0, gt=0, le=3600)
+
+    @property
+    def is_local(self) -> bool:
+        return urlparse(self.uri).scheme.lower() not in _SERVER_SCHEMES
+
+    @property
+    def display_uri(self) -> str:
+        """The URI without a password, for logs and error messages."""
+        parsed = urlparse(self.uri)
+        if parsed.password is None:
+            return self.uri
+        return parsed._replace(netloc=f"{parsed.username}:***@{parsed.hostname}" + (f":{parsed.port}" if parsed.port else "")).geturl()
+
+    @field_validator("uri")
+    @classmethod
+    def _check_uri(cls, uri: str) -> str:
+        if urlparse(uri).scheme.lower() not in _SERVER_SCHEMES and not uri.endswith(".db"):
+            raise ValueError("must be a Milvus Lite file path ending in .db or an http(s)://host:port URI")
+        return uri
+
+    @field_validator("collection")
+    @classmethod
+    def _check_collection(cls, name: str) -> str:
+        if not _COLLECTION_NAME.match(name):
+            raise ValueError("must be letters, digits and underscores, not starting with a digit")
+        return name
+
+
+class SearchSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="SEARCH_")
+
+    port: int = 50053
+    milvus: MilvusSettings = MilvusSettings()
+    # Length of the stored vectors; the service refuses to become ready on a collection of another.
+    dimension: int = Field(1280, ge=1, le=32768)
+    # FLAT is exact; IVF_FLAT works on Milvus Lite too; HNSW, IVF_SQ8, DISKANN, ... need a server.
+    index_type: str = "FLAT"
+    index_params: dict[str, Any] = Field(default_factory=dict)  # e.g. {"nlist": 1024}
+    search_params: dict[str, Any] = Field(default_factory=dict)  # e.g. {"nprobe": 32}
+    # Metadata keys stored in typed columns that Search filters may use.
+    filter_fields: dict[str, FieldType] = Field(default_factory=lambda: {"category": "string", "price": "float"})
+    max_k: int = Field(1000, ge=1, le=16384)  # 16384 is Milvus's own top-k limit
+    # Upserts are sent to Milvus in batches of at most this many rows and about this many bytes:
+    # Milvus Lite becomes 5-25x slower once one request carries more than ~7 MB (e.g. ~1450 rows
+    # of 1280 floats) or more than ~3000 rows.
+    max_batch_rows: int = Field(3000, ge=1)
+    max_batch_bytes: int = Field(4 * 1024 * 1024, ge=64 * 1024)
+    # Threads that may wait on Milvus (or validate large requests) at once.
+    milvus_workers: int = Field(4, ge=1, le=256)
+
+    # Fixed: vectors are L2-normalised, so inner product is cosine similarity.
+    @property
+    def metric(self) -> str:
+        return "IP"
+
+    @field_validator("index_type")
+    @classmethod
+    def _normalise_index_type(cls, index_type: str) -> str:
+        index_type = index_type.strip().upper()
+        if not re.match(r"^[A-Z0-9_]+$", index_type):
+            raise ValueError("must be a Milvus index type such as FLAT, IVF_FLAT or HNSW")
+        return index_type
+
+    @field_validator("filter_fields")
+    @classmethod
+    def _check_filter_fields(cls, fields: dict[str, FieldType]) -> dict[str, FieldType]:
+        for name in fields:
+            if not _FIELD_NAME.match(name):
+                raise ValueError(f"field name {name!r} must be a letter then letters, digits or underscores (at most 63)")
+            if name in RESERVED_COLUMNS:
+                raise ValueError(f"field name {name!r} is reserved")
+        return fields

@@ -1,0 +1,233 @@
+"""search_svc against a Milvus server (Milvus Lite in server mode on a loopback port), readiness
+while Milvus is down, and `python -m search_svc` as a process."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import grpc
+import numpy as np
+import pytest
+from google.protobuf import json_format, struct_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from milvus_lite.server import Server
+
+from search_svc.server import SERVICE_NAME, create_server
+from search_svc.settings import MilvusSettings, SearchSettings
+from vsearch.v1 import search_pb2, search_pb2_grpc
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class MilvusLiteServer:
+    """Milvus Lite serving gRPC on 127.0.0.1:port, as a Milvus standalone would."""
+
+    def __init__(self, db_file: Path, port: int) -> None:
+        self.port = port
+        self._server = Server(str(db_file), address=f"127.0.0.1:{port}")
+
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        assert self._server.start(), "milvus-lite did not start"
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            time.sleep(0.05)
+        raise RuntimeError(f"milvus-lite not listening on {self.port}")
+
+    @property
+    def pid(self) -> int:
+        return self._server._p.pid  # the milvus process we started
+
+    def stop(self) -> None:
+        self._server.stop()
+
+
+@pytest.fixture
+def milvus_server(tmp_path: Path) -> Iterator[MilvusLiteServer]:
+    server = MilvusLiteServer(tmp_path / "remote.db", free_port())
+    server.start()
+    yield server
+    server.stop()
+
+
+def unit_vectors(count: int, dim: int, seed: int) -> np.ndarray:
+    vectors = np.random.default_rng(seed).normal(size=(count, dim)).astype(np.float32)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def item(item_id: str, vector: np.ndarray, **metadata: object) -> search_pb2.Item:
+    message = search_pb2.Item(id=item_id, image_uri=f"s3://catalog/{item_id}.jpg")
+    message.vector.values.extend(vector.tolist())
+    message.metadata.update(metadata)
+    return message
+
+
+async def health_status(channel: grpc.aio.Channel) -> int:
+    response = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME))
+    return response.status
+
+
+async def test_round_trip_through_a_milvus_server(milvus_server: MilvusLiteServer, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("SEARCH_MILVUS__URI", milvus_server.uri)
+    monkeypatch.setenv("SEARCH_MILVUS__TIMEOUT_S", "2")
+    monkeypatch.setenv("SEARCH_PORT", "0")
+    monkeypatch.setenv("SEARCH_LOG_FORMAT", "text")
+    settings = SearchSettings()  # everything else at its default: dimension 1280, FLAT, category + price
+    assert settings.dimension == 1280
+    server, port = await create_server(settings)
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    stub = search_pb2_grpc.VectorSearchStub(channel)
+    try:
+        await server.wait_ready(timeout=30)
+        assert await health_status(channel) == health_pb2.HealthCheckResponse.SERVING
+        vectors = unit_vectors(60, 1280, seed=1)
+        upserted = await stub.Upsert(search_pb2.UpsertRequest(
+            items=[item(f"r{n}", vector, category="even" if n % 2 == 0 else "odd", price=n) for n, vector in enumerate(vectors)]
+        ))
+        assert upserted.upserted == 60
+
+        price_below = struct_pb2.Value(number_value=30)
+        request = search_pb2.SearchRequest(
+            queries=[search_pb2.Vector(values=vectors[4].tolist())], k=5,
+            filter=search_pb2.Filter(conditions=[
+                search_pb2.Condition(field="category", op=search_pb2.EQ, value=struct_pb2.Value(string_value="even")),
+                search_pb2.Condition(field="price", op=search_pb2.LT, value=price_below),
+            ]),
+        )
+        hits = (await stub.Search(request)).results[0].hits
+        candidates = [n for n in range(60) if n % 2 == 0 and n < 30]
+        expected = sorted(candidates, key=lambda n: -float(vectors[n] @ vectors[4]))[:5]
+        assert [hit.id for hit in hits] == [f"r{n}" for n in expected]
+        assert hits[0].image_uri == "s3://catalog/r4.jpg"
+        assert json_format.MessageToDict(hits[0].metadata) == {"category": "even", "price": 4}
+
+        deleted = await stub.Delete(search_pb2.DeleteRequest(ids=["r4", "r5", "nope"]))
+        assert deleted.deleted == 2 and deleted.generation > upserted.generation
+        stats = await stub.Stats(search_pb2.StatsRequest())
+        assert (stats.count, stats.dimension, stats.index_type, stats.generation) == (58, 1280, "FLAT", deleted.generation)
+        assert (await stub.Search(request)).results[0].hits[0].id != "r4"
+
+        # Milvus hangs: the call gives up at the Milvus deadline, and says so.
+        os.kill(milvus_server.pid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.Search(request, timeout=30)
+            assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, caught.value.details()
+            assert caught.value.details() == "milvus search: no answer within 2s"
+            assert time.monotonic() - started < 10
+        finally:
+            os.kill(milvus_server.pid, signal.SIGCONT)
+        assert len((await stub.Search(request)).results[0].hits) == 5
+
+        # Milvus goes away: calls fail fast and say so, rather than INTERNAL or hanging.
+        milvus_server.stop()
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Search(request, timeout=30)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE, caught.value.details()
+        assert caught.value.details().startswith("milvus search: UNAVAILABLE"), caught.value.details()
+    finally:
+        await channel.close()
+        await server.stop(grace=1)
+
+
+async def test_not_serving_until_milvus_is_reachable(tmp_path: Path):
+    milvus = MilvusLiteServer(tmp_path / "late.db", free_port())
+    settings = SearchSettings(port=0, dimension=8, log_format="text", milvus=MilvusSettings(uri=milvus.uri, timeout_s=1))
+    server, port = await create_server(settings)
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    stub = search_pb2_grpc.VectorSearchStub(channel)
+    try:
+        assert await health_status(channel) == health_pb2.HealthCheckResponse.NOT_SERVING
+        await asyncio.sleep(1.5)  # at least one failed attempt to connect
+        assert await health_status(channel) == health_pb2.HealthCheckResponse.NOT_SERVING
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Stats(search_pb2.StatsRequest())
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+
+        milvus.start()
+        await server.wait_ready(timeout=30)  # the startup hook retried and got through
+        assert await health_status(channel) == health_pb2.HealthCheckResponse.SERVING
+        vector = unit_vectors(1, 8, seed=2)[0]
+        await stub.Upsert(search_pb2.UpsertRequest(items=[item("late", vector, category="x")]))
+        hits = (await stub.Search(search_pb2.SearchRequest(queries=[search_pb2.Vector(values=vector.tolist())], k=1))).results[0].hits
+        assert [hit.id for hit in hits] == ["late"]
+    finally:
+        await channel.close()
+        await server.stop(grace=1)
+        milvus.stop()
+
+
+def service_env(**settings: str) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("SEARCH_")}
+    env.update(settings)
+    return env
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("SEARCH_DIMENSION", "zero"), ("SEARCH_FILTER_FIELDS", '{"vector": "string"}'), ("SEARCH_MILVUS__URI", "milvus.sqlite")],
+)
+def test_invalid_setting_refuses_to_start_with_one_line(name: str, value: str):
+    result = subprocess.run(
+        [sys.executable, "-m", "search_svc"], cwd=REPO_ROOT, env=service_env(**{name: value}),
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("search_svc: refusing to start") and name in lines[0]
+
+
+async def test_runs_as_a_process_and_stops_on_sigterm(tmp_path: Path):
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "search_svc"], cwd=REPO_ROOT,
+        env=service_env(SEARCH_PORT=str(port), SEARCH_MILVUS__URI=str(tmp_path / "data" / "proc.db"),
+                        SEARCH_DIMENSION="8", SEARCH_DRAIN_SECONDS="0"),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    if await health_status(channel) == health_pb2.HealthCheckResponse.SERVING:
+                        break
+                except grpc.aio.AioRpcError:
+                    pass
+                assert time.monotonic() < deadline and process.poll() is None, "search_svc did not become SERVING"
+                await asyncio.sleep(0.1)
+            stats = await search_pb2_grpc.VectorSearchStub(channel).Stats(search_pb2.StatsRequest())
+            assert (stats.count, stats.dimension) == (0, 8)
+        assert (tmp_path / "data" / "proc.db").exists()  # the folder was created
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=30)
+        assert process.returncode == 0, stderr
+        assert '"msg": "search_svc stopped"' in stderr
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

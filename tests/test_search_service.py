@@ -1,0 +1,444 @@
+"""search_svc over gRPC against a real embedded Milvus Lite file, in process on port 0."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+from pathlib import Path
+from typing import AsyncIterator, Callable
+
+import grpc
+import numpy as np
+import pytest
+import pytest_asyncio
+from google.protobuf import json_format, struct_pb2
+
+from search_svc.server import create_server
+from search_svc.settings import MilvusSettings, SearchSettings
+from service_kit.server import ManagedServer
+from vsearch.v1 import search_pb2, search_pb2_grpc
+
+DIM = 16
+FIELDS = {"category": "string", "price": "float", "stock": "int", "in_stock": "bool"}
+
+
+class Service:
+    def __init__(self, server: ManagedServer, stub: search_pb2_grpc.VectorSearchStub) -> None:
+        self.server = server
+        self.stub = stub
+
+    async def upsert(self, items: list[search_pb2.Item]) -> search_pb2.UpsertResponse:
+        return await self.stub.Upsert(search_pb2.UpsertRequest(items=items))
+
+    async def search(self, queries: np.ndarray, k: int, *conditions: search_pb2.Condition,
+                     min_score: float | None = None) -> search_pb2.SearchResponse:
+        request = search_pb2.SearchRequest(
+            queries=[search_pb2.Vector(values=q.tolist()) for q in np.atleast_2d(queries)], k=k,
+            filter=search_pb2.Filter(conditions=list(conditions)),
+        )
+        if min_score is not None:
+            request.min_score = min_score
+        return await self.stub.Search(request)
+
+    async def ids(self, *conditions: search_pb2.Condition, k: int = 1000) -> set[str]:
+        response = await self.search(unit(np.ones(DIM)), k, *conditions)
+        return {hit.id for hit in response.results[0].hits}
+
+    async def count(self) -> int:
+        return (await self.stub.Stats(search_pb2.StatsRequest())).count
+
+
+@contextlib.asynccontextmanager
+async def running(db_file: Path, **overrides: object) -> AsyncIterator[Service]:
+    settings = SearchSettings(
+        port=0, dimension=overrides.pop("dimension", DIM), log_format="text",
+        milvus=MilvusSettings(uri=str(db_file), timeout_s=20), filter_fields=overrides.pop("filter_fields", FIELDS),
+        **overrides,
+    )
+    server, port = await create_server(settings)
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        await server.wait_ready(timeout=60)
+        yield Service(server, search_pb2_grpc.VectorSearchStub(channel))
+    finally:
+        await channel.close()
+        await server.stop(grace=1)
+
+
+@pytest_asyncio.fixture(scope="module")
+async def shared(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Service]:
+    """One service for the tests that only add uniquely named items and look at those."""
+    async with running(tmp_path_factory.mktemp("search") / "shared.db") as service:
+        yield service
+
+
+def unit(vector: np.ndarray) -> np.ndarray:
+    vector = np.asarray(vector, dtype=np.float32)
+    return vector / np.linalg.norm(vector)
+
+
+def random_unit_vectors(count: int, seed: int, dim: int = DIM) -> np.ndarray:
+    vectors = np.random.default_rng(seed).normal(size=(count, dim)).astype(np.float32)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def item(item_id: str, vector: np.ndarray | list[float], **metadata: object) -> search_pb2.Item:
+    message = search_pb2.Item(id=item_id, image_uri=f"file:///images/{item_id}.jpg")
+    message.vector.values.extend(np.asarray(vector, dtype=np.float32).tolist())
+    message.metadata.update(metadata)
+    return message
+
+
+def condition(field: str, op: int, python_value: object) -> search_pb2.Condition:
+    wrapper = struct_pb2.Struct()
+    wrapper.update({"v": python_value})
+    return search_pb2.Condition(field=field, op=op, value=wrapper.fields["v"])
+
+
+async def expect_invalid(call, *fragments: str) -> str:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, caught.value.details()
+    for fragment in fragments:
+        assert fragment in caught.value.details()
+    return caught.value.details()
+
+
+# --- round trip, ranking, indexes, batches ------------------------------------------------------
+
+
+async def test_round_trip(tmp_path: Path):
+    async with running(tmp_path / "milvus.db") as service:
+        stats = await service.stub.Stats(search_pb2.StatsRequest())
+        assert (stats.count, stats.index_type, stats.metric, stats.dimension) == (0, "FLAT", "IP", DIM)
+        assert stats.collection == "vsearch_images"
+        assert list(stats.filterable_fields) == ["category", "price", "stock", "in_stock"]
+
+        vectors = np.eye(DIM, dtype=np.float32)
+        upserted = await service.upsert([
+            item("shoe-1", vectors[0], category="shoes", price=59.5, stock=3, in_stock=True, tags=["red", "leather"]),
+            item("hat-1", vectors[1], category="hats", price=20),
+            item("bare", unit(vectors[0] + vectors[1])),
+        ])
+        assert upserted.upserted == 3 and upserted.generation > stats.generation
+        assert await service.count() == 3
+
+        response = await service.search(vectors[0], 10)
+        assert response.generation == upserted.generation
+        [hits] = response.results
+        assert [hit.id for hit in hits.hits] == ["shoe-1", "bare", "hat-1"]
+        assert [round(hit.score, 5) for hit in hits.hits] == [1.0, round(1 / math.sqrt(2), 5), 0.0]
+        first = hits.hits[0]
+        assert first.image_uri == "file:///images/shoe-1.jpg"
+        assert json_format.MessageToDict(first.metadata) == {
+            "category": "shoes", "price": 59.5, "stock": 3, "in_stock": True, "tags": ["red", "leather"],
+        }
+
+        got = await service.stub.Get(search_pb2.GetRequest(ids=["hat-1", "missing", "shoe-1"]))
+        assert [found.id for found in got.items] == ["hat-1", "shoe-1"]
+        assert not got.items[0].vector.values
+        assert json_format.MessageToDict(got.items[0].metadata) == {"category": "hats", "price": 20}
+        with_vectors = await service.stub.Get(search_pb2.GetRequest(ids=["hat-1"], include_vectors=True))
+        assert np.allclose(with_vectors.items[0].vector.values, vectors[1])
+
+        deleted = await service.stub.Delete(search_pb2.DeleteRequest(ids=["hat-1", "missing", "hat-1"]))
+        assert deleted.deleted == 1 and deleted.generation > upserted.generation
+        assert await service.count() == 2
+        assert [hit.id for hit in (await service.search(vectors[1], 10)).results[0].hits] == ["bare", "shoe-1"]
+        assert not (await service.stub.Get(search_pb2.GetRequest(ids=["hat-1"]))).items
+
+        nothing = await service.stub.Delete(search_pb2.DeleteRequest(ids=["hat-1"]))
+        assert nothing.deleted == 0 and nothing.generation == deleted.generation  # nothing changed
+
+        empty = await service.upsert([])
+        assert empty.upserted == 0 and empty.generation == deleted.generation
+
+
+async def test_ranking_matches_brute_force_and_min_score(shared: Service):
+    vectors = random_unit_vectors(300, seed=1)
+    ids = [f"rank-{n:03d}" for n in range(len(vectors))]
+    await shared.upsert([item(item_id, vector, category="ranking") for item_id, vector in zip(ids, vectors)])
+    queries = random_unit_vectors(4, seed=2)
+    only_these = condition("category", search_pb2.EQ, "ranking")
+
+    response = await shared.search(queries, 25, only_these)
+    assert len(response.results) == len(queries)
+    for query, hits in zip(queries, response.results):
+        scores = vectors @ query
+        expected = np.argsort(-scores, kind="stable")[:25]
+        assert [hit.id for hit in hits.hits] == [ids[n] for n in expected]
+        assert np.allclose([hit.score for hit in hits.hits], scores[expected], atol=1e-5)
+        got = [hit.score for hit in hits.hits]
+        assert got == sorted(got, reverse=True)
+
+    threshold = 0.3
+    response = await shared.search(queries, 300, only_these, min_score=threshold)
+    for query, hits in zip(queries, response.results):
+        scores = dict(zip(ids, vectors @ query))
+        got = {hit.id for hit in hits.hits}
+        assert all(hit.score >= threshold for hit in hits.hits)
+        assert {item_id for item_id, score in scores.items() if score >= threshold + 1e-5} <= got
+        assert all(scores[item_id] >= threshold - 1e-5 for item_id in got)
+
+
+async def test_ivf_flat_index(tmp_path: Path):
+    async with running(
+        tmp_path / "ivf.db", index_type="IVF_FLAT", index_params={"nlist": 8}, search_params={"nprobe": 8}
+    ) as service:
+        vectors = random_unit_vectors(400, seed=3)
+        await service.upsert([item(f"v{n}", vector) for n, vector in enumerate(vectors)])
+        stats = await service.stub.Stats(search_pb2.StatsRequest())
+        assert (stats.index_type, stats.count) == ("IVF_FLAT", 400)
+        query = random_unit_vectors(1, seed=4)[0]
+        hits = (await service.search(query, 10)).results[0].hits
+        # nprobe == nlist searches every list: exact.
+        assert [hit.id for hit in hits] == [f"v{n}" for n in np.argsort(-(vectors @ query))[:10]]
+
+
+async def test_upsert_larger_than_one_batch(tmp_path: Path):
+    async with running(tmp_path / "bulk.db") as service:
+        vectors = random_unit_vectors(7000, seed=5)
+        response = await service.upsert(
+            [item(f"bulk-{n}", vector, category=f"c{n % 7}", price=float(n)) for n, vector in enumerate(vectors)]
+        )
+        assert response.upserted == 7000
+        assert await service.count() == 7000
+        batches = service.server.metrics.registry.get_sample_value(
+            "vsearch_milvus_call_seconds_count", {"operation": "upsert"}
+        )
+        assert batches == 3  # 3000 + 3000 + 1000
+        sample = [f"bulk-{n}" for n in (0, 2999, 3000, 5999, 6000, 6999)]
+        got = await service.stub.Get(search_pb2.GetRequest(ids=sample))
+        assert [found.id for found in got.items] == sample
+        assert got.items[-1].metadata["price"] == 6999
+        hits = (await service.search(vectors[6500], 1)).results[0].hits
+        assert hits[0].id == "bulk-6500"
+
+
+async def test_reupsert_replaces_the_item(shared: Service):
+    vectors = random_unit_vectors(2, seed=6)
+    await shared.upsert([item("replace-me", vectors[0], category="old", price=1)])
+    before = await shared.count()
+    await shared.upsert([item("replace-me", vectors[1], category="new", note="second")])
+    assert await shared.count() == before
+    [found] = (await shared.stub.Get(search_pb2.GetRequest(ids=["replace-me"], include_vectors=True))).items
+    assert json_format.MessageToDict(found.metadata) == {"category": "new", "note": "second"}
+    assert np.allclose(found.vector.values, vectors[1])
+    assert await shared.ids(condition("category", search_pb2.EQ, "old")) == set()
+    assert await shared.ids(condition("category", search_pb2.EQ, "new")) == {"replace-me"}
+    assert await shared.ids(condition("price", search_pb2.GE, 0), condition("category", search_pb2.EQ, "new")) == set()
+
+
+async def test_ids_with_quotes_percent_and_control_characters(shared: Service):
+    odd_ids = ["it's", "100%", "%27", 'dq"\\', "line\nbreak", "tab\tnul\x00", "x') OR ('1'='1", "é✓😀"]
+    vectors = random_unit_vectors(len(odd_ids), seed=7)
+    before = await shared.count()
+    await shared.upsert([item(item_id, vector, category="odd-ids") for item_id, vector in zip(odd_ids, vectors)])
+    assert await shared.count() == before + len(odd_ids)
+    got = await shared.stub.Get(search_pb2.GetRequest(ids=odd_ids))
+    assert [found.id for found in got.items] == odd_ids
+    assert await shared.ids(condition("category", search_pb2.EQ, "odd-ids")) == set(odd_ids)
+    deleted = await shared.stub.Delete(search_pb2.DeleteRequest(ids=odd_ids[:4]))
+    assert deleted.deleted == 4
+    assert await shared.ids(condition("category", search_pb2.EQ, "odd-ids")) == set(odd_ids[4:])
+    assert await shared.count() == before + len(odd_ids) - 4
+
+
+async def test_generation_increases_on_every_write_and_across_restarts(tmp_path: Path):
+    db_file = tmp_path / "generation.db"
+    vectors = random_unit_vectors(3, seed=8)
+    async with running(db_file) as service:
+        seen = [(await service.stub.Stats(search_pb2.StatsRequest())).generation]
+        seen.append((await service.upsert([item("a", vectors[0])])).generation)
+        seen.append((await service.upsert([item("b", vectors[1])])).generation)
+        seen.append((await service.upsert([item("a", vectors[2])])).generation)
+        seen.append((await service.stub.Delete(search_pb2.DeleteRequest(ids=["b"]))).generation)
+        assert seen == sorted(set(seen)), seen
+        assert (await service.search(vectors[0], 1)).generation == seen[-1]
+        assert (await service.stub.Stats(search_pb2.StatsRequest())).generation == seen[-1]
+    async with running(db_file) as restarted:
+        stats = await restarted.stub.Stats(search_pb2.StatsRequest())
+        assert stats.count == 1  # the data survived the restart
+        assert stats.generation > seen[-1]
+        assert (await restarted.upsert([item("c", vectors[0])])).generation > stats.generation
+    db_file.unlink()
+    async with running(db_file) as wiped:
+        stats = await wiped.stub.Stats(search_pb2.StatsRequest())
+        assert stats.count == 0 and stats.generation > seen[-1]
+
+
+async def test_refuses_a_collection_of_another_dimension(tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    db_file = tmp_path / "dimension.db"
+    async with running(db_file):
+        pass
+    settings = SearchSettings(port=0, dimension=DIM * 2, milvus=MilvusSettings(uri=str(db_file), timeout_s=20))
+    server, _port = await create_server(settings)
+    with caplog.at_level(logging.WARNING, logger="service_kit.server"):
+        await server.start()
+        try:
+            with pytest.raises(TimeoutError):
+                await server.wait_ready(timeout=2)
+            assert not server.ready
+        finally:
+            await server.stop(grace=0)
+    assert f"its vectors have dimension {DIM}, SEARCH_DIMENSION is {DIM * 2}" in caplog.text
+
+
+# --- filters against the real Milvus -----------------------------------------------------------
+
+TRICKY = [
+    'shoes" or category != "',
+    "x' or 1==1 or '",
+    "x') || (1==1",
+    'back\\slash',
+    '\\"',
+    "\\",
+    "''",
+    "x'); DELETE FROM t; --",
+    'a"b\'c\\d',
+    "{c}",
+    "é ✓ 😀",
+    "",
+]
+
+
+@pytest_asyncio.fixture(scope="module")
+async def catalog(shared: Service) -> dict[str, dict]:
+    """200 items with random category/price/stock/in_stock (some missing), plus one per tricky value."""
+    rng = random.Random(9)
+    vectors = random_unit_vectors(200 + len(TRICKY), seed=10)
+    metadata: dict[str, dict] = {}
+    for n in range(200):
+        fields: dict[str, object] = {"kind": "catalog"}
+        if rng.random() < 0.9:
+            fields["category"] = rng.choice(["shoes", "hats", "bags", "Shoes", "shoes "])
+        if rng.random() < 0.9:
+            fields["price"] = round(rng.uniform(0, 100), 2)
+        if rng.random() < 0.8:
+            fields["stock"] = rng.randint(-5, 20)
+        if rng.random() < 0.8:
+            fields["in_stock"] = rng.random() < 0.5
+        metadata[f"cat-{n}"] = fields
+    for n, value in enumerate(TRICKY):
+        metadata[f"tricky-{n}"] = {"kind": "catalog", "category": value, "price": 1.0}
+    await shared.upsert([item(item_id, vector, **fields) for (item_id, fields), vector in zip(metadata.items(), vectors)])
+    return metadata
+
+
+def matching(catalog: dict[str, dict], predicate: Callable[[dict], bool]) -> set[str]:
+    return {item_id for item_id, fields in catalog.items() if predicate(fields)}
+
+
+def has(fields: dict, *names: str) -> bool:
+    return all(name in fields for name in names)
+
+
+async def test_filters_match_a_python_filter(shared: Service, catalog: dict[str, dict]):
+    cases = [
+        ([condition("category", search_pb2.EQ, "shoes"), condition("price", search_pb2.LT, 50)],
+         lambda f: has(f, "category", "price") and f["category"] == "shoes" and f["price"] < 50),
+        ([condition("category", search_pb2.NE, "shoes")],
+         lambda f: has(f, "category") and f["category"] != "shoes"),
+        ([condition("category", search_pb2.IN, ["hats", "bags", "nope"])],
+         lambda f: has(f, "category") and f["category"] in ("hats", "bags")),
+        ([condition("category", search_pb2.NOT_IN, ["hats", "bags"])],
+         lambda f: has(f, "category") and f["category"] not in ("hats", "bags")),
+        ([condition("category", search_pb2.LT, "shoes")],
+         lambda f: has(f, "category") and f["category"] < "shoes"),
+        ([condition("price", search_pb2.GE, 25.5), condition("price", search_pb2.LE, 75)],
+         lambda f: has(f, "price") and 25.5 <= f["price"] <= 75),
+        ([condition("price", search_pb2.IN, [1, 2.5])],
+         lambda f: has(f, "price") and f["price"] in (1.0, 2.5)),
+        ([condition("stock", search_pb2.GT, 0), condition("in_stock", search_pb2.EQ, True)],
+         lambda f: has(f, "stock", "in_stock") and f["stock"] > 0 and f["in_stock"]),
+        ([condition("stock", search_pb2.NOT_IN, [0, 1, 2])],
+         lambda f: has(f, "stock") and f["stock"] not in (0, 1, 2)),
+        ([condition("in_stock", search_pb2.NE, True)],
+         lambda f: has(f, "in_stock") and not f["in_stock"]),
+    ]
+    for conditions, predicate in cases:
+        expected = matching(catalog, predicate)
+        assert expected, conditions  # each case selects something
+        got = await shared.ids(*conditions)
+        assert got & set(catalog) == expected, conditions
+
+
+async def test_tricky_strings_match_only_themselves(shared: Service, catalog: dict[str, dict]):
+    for n, value in enumerate(TRICKY):
+        assert await shared.ids(condition("category", search_pb2.EQ, value)) == {f"tricky-{n}"}, value
+        assert await shared.ids(condition("category", search_pb2.IN, [value, "no such category"])) == {f"tricky-{n}"}
+        others = await shared.ids(condition("category", search_pb2.NE, value))
+        assert f"tricky-{n}" not in others
+        assert others & set(catalog) == matching(catalog, lambda f: has(f, "category") and f["category"] != value)
+    # Injection attempts that are not stored values match nothing at all, whatever they try to say.
+    for attack in ['nothing" or category != "', "nothing' or 1==1 or '", 'x" || true || "', '") or (id != "',
+                   "nothing\\", 'nothing\\" or category != \\"']:
+        assert await shared.ids(condition("category", search_pb2.EQ, attack)) == set(), attack
+        assert await shared.ids(condition("category", search_pb2.IN, [attack])) == set(), attack
+
+
+async def test_invalid_filters(shared: Service, catalog: dict[str, dict]):
+    query = unit(np.ones(DIM))
+    await expect_invalid(
+        shared.search(query, 5, condition("colour", search_pb2.EQ, "red")),
+        "unknown filter field 'colour'; filterable fields: category, price, stock, in_stock",
+    )
+    await expect_invalid(shared.search(query, 5, condition("in_stock", search_pb2.GT, True)), "GT", "'in_stock'")
+    await expect_invalid(
+        shared.search(query, 5, search_pb2.Condition(field="price", value=struct_pb2.Value(number_value=1))),
+        "'price'", "OPERATOR_UNSPECIFIED",
+    )
+    await expect_invalid(shared.search(query, 5, condition("price", search_pb2.LT, "cheap")), "'price'", "number")
+    await expect_invalid(shared.search(query, 5, condition("category", search_pb2.EQ, 7)), "'category'", "string")
+    await expect_invalid(shared.search(query, 5, condition("price", search_pb2.LT, math.nan)), "'price'", "finite")
+    await expect_invalid(shared.search(query, 5, condition("category", search_pb2.IN, "shoes")), "list")
+    await expect_invalid(shared.search(query, 5, condition("category", search_pb2.IN, [])), "non-empty")
+    await expect_invalid(shared.search(query, 5, condition("stock", search_pb2.EQ, 1.5)), "'stock'", "integer")
+
+
+# --- bad input ----------------------------------------------------------------------------------
+
+
+async def test_bad_input_is_refused_and_changes_nothing(shared: Service):
+    good = random_unit_vectors(1, seed=11)[0]
+    await shared.upsert([item("keeper", good, category="kept", price=5)])
+    before = await shared.count()
+    generation = (await shared.stub.Stats(search_pb2.StatsRequest())).generation
+
+    bad_searches = [
+        (search_pb2.SearchRequest(queries=[search_pb2.Vector(values=good.tolist())], k=0), "k must be between 1 and 1000"),
+        (search_pb2.SearchRequest(queries=[search_pb2.Vector(values=good.tolist())], k=100000), "got 100000"),
+        (search_pb2.SearchRequest(k=5), "at least one query vector"),
+        (search_pb2.SearchRequest(queries=[search_pb2.Vector(values=good.tolist()[:-1])], k=5), "query vector 0 has 15 dimensions"),
+        (search_pb2.SearchRequest(queries=[search_pb2.Vector(values=good.tolist()), search_pb2.Vector(values=[math.nan] * DIM)], k=5),
+         "query vector 1 contains NaN"),
+        (search_pb2.SearchRequest(queries=[search_pb2.Vector(values=good.tolist())], k=5, min_score=math.nan), "min_score"),
+    ]
+    for request, fragment in bad_searches:
+        await expect_invalid(shared.stub.Search(request), fragment)
+
+    nan_vector = good.copy()
+    nan_vector[3] = math.inf
+    bad_upserts = [
+        ([item("", good)], "must not be empty"),
+        ([item("x" * 300, good)], "300 characters; at most 256"),
+        ([item("dup", good), item("dup", good)], "'dup' appears more than once"),
+        ([item("short", good[:-1])], "vector of item 'short' has 15 dimensions; expected 16"),
+        ([item("inf", nan_vector)], "vector of item 'inf' contains NaN or infinity"),
+        ([item("keeper", good, category=3)], "'category' of item 'keeper' must be a string"),
+        ([item("keeper", good, price=True)], "'price' of item 'keeper' must be a number"),
+        # A bad item late in the request: nothing of it is written, the good items before included.
+        ([item("fine-1", good), item("fine-2", good), item("keeper", good, stock="many")], "'stock' of item 'keeper'"),
+    ]
+    for items, fragment in bad_upserts:
+        await expect_invalid(shared.upsert(items), fragment)
+    await expect_invalid(shared.stub.Get(search_pb2.GetRequest(ids=["ok", ""])), "must not be empty")
+    await expect_invalid(shared.stub.Delete(search_pb2.DeleteRequest(ids=["y" * 257])), "257 characters")
+
+    assert await shared.count() == before
+    assert (await shared.stub.Stats(search_pb2.StatsRequest())).generation == generation
+    [kept] = (await shared.stub.Get(search_pb2.GetRequest(ids=["keeper", "fine-1"]))).items
+    assert json_format.MessageToDict(kept.metadata) == {"category": "kept", "price": 5}
