@@ -124,7 +124,9 @@ class VisualSearchCore:
         return model
 
     async def _fetch_generation(self) -> int:
-        stats = await self._call(SEARCH, self.index.Stats, search_pb2.StatsRequest(), self.settings.search_timeout_s)
+        stats = await self._call(
+            SEARCH, self.index.Stats, search_pb2.StatsRequest(skip_count=True), self.settings.search_timeout_s
+        )
         return stats.generation
 
     async def connect(self) -> None:

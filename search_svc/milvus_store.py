@@ -284,6 +284,10 @@ class MilvusStore:
         finally:
             self._metrics.call_seconds.labels(operation).observe(time.perf_counter() - start)
 
+    def require_connected(self) -> None:
+        """Raises UNAVAILABLE until the startup hook has connected."""
+        self._open_client  # noqa: B018 - the property raises when not connected
+
     @property
     def _open_client(self) -> MilvusClient:
         if self._client is None:

@@ -129,11 +129,12 @@ class VectorSearchServicer(search_pb2_grpc.VectorSearchServicer):
         )
 
     async def Stats(self, request: search_pb2.StatsRequest, context: grpc.aio.ServicerContext) -> search_pb2.StatsResponse:
-        return await self._offload(self._stats, self._generation.current)
-
-    def _stats(self, generation: int) -> search_pb2.StatsResponse:
+        # Read before counting, so the answer is never labelled newer than the data it saw.
+        generation = self._generation.current
+        self._store.require_connected()
+        count = 0 if request.skip_count else await self._offload(self._store.count)
         return search_pb2.StatsResponse(
-            count=self._store.count(),
+            count=count,
             index_type=self._store.index_type,
             metric=self._settings.metric,
             generation=generation,

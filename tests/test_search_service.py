@@ -259,6 +259,9 @@ async def test_generation_increases_on_every_write_and_across_restarts(tmp_path:
         assert seen == sorted(set(seen)), seen
         assert (await service.search(vectors[0], 1)).generation == seen[-1]
         assert (await service.stub.Stats(search_pb2.StatsRequest())).generation == seen[-1]
+        # The cheap form the gateway polls: same generation, no count.
+        cheap = await service.stub.Stats(search_pb2.StatsRequest(skip_count=True))
+        assert (cheap.generation, cheap.count, cheap.dimension) == (seen[-1], 0, DIM)
     async with running(db_file) as restarted:
         stats = await restarted.stub.Stats(search_pb2.StatsRequest())
         assert stats.count == 1  # the data survived the restart

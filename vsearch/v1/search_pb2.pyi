@@ -144,8 +144,10 @@ class DeleteResponse(_message.Message):
     def __init__(self, deleted: _Optional[int] = ..., generation: _Optional[int] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("skip_count",)
+    SKIP_COUNT_FIELD_NUMBER: _ClassVar[int]
+    skip_count: bool
+    def __init__(self, skip_count: _Optional[bool] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
     __slots__ = ("count", "index_type", "metric", "generation", "dimension", "collection", "filterable_fields")

@@ -1,0 +1,17 @@
+# The two commands a newcomer needs: `make demo` (install everything, run the main job) and `make test`.
+.PHONY: setup demo test protos check-protos
+
+setup: .venv/.installed
+
+.venv/.installed: pyproject.toml scripts/setup
+	scripts/setup
+
+demo: setup
+	scripts/demo
+
+test: setup
+	.venv/bin/python -m pytest
+
+# Regenerate vsearch/v1/ from protos/ with the pinned grpcio-tools.
+protos: setup
+	scripts/gen-protos

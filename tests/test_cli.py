@@ -1,0 +1,103 @@
+"""The command line as a user runs it: `vsearch up` as real processes, then `index` and `search`."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO_ROOT, free_port
+
+VSEARCH = [sys.executable, "-m", "vsearch.cli"]
+
+
+def child_pids(parent: int) -> list[int]:
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            # The command name (field 2) may hold spaces; the fields after its closing parenthesis don't.
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == parent:
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([*VSEARCH, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT)
+
+
+@pytest.fixture(scope="module")
+def running_stack(tmp_path_factory):
+    data_dir = tmp_path_factory.mktemp("up")
+    grpc_port, http_port = free_port(), free_port()
+    process = subprocess.Popen(
+        [*VSEARCH, "up", "--data-dir", str(data_dir), "--grpc-port", str(grpc_port), "--http-port", str(http_port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO_ROOT,
+    )
+    # `up` prints exactly one line once every service reports SERVING.
+    banner = process.stdout.readline()
+    if not banner.startswith("vsearch up: gateway"):
+        process.terminate()
+        pytest.fail(f"vsearch up failed: {banner}{process.stdout.read()}")
+    yield {"gateway": f"127.0.0.1:{grpc_port}", "http_port": http_port, "banner": banner,
+           "process": process, "data_dir": data_dir}
+    if process.poll() is None:
+        process.terminate()
+        process.wait(30)
+
+
+def test_up_prints_addresses_and_uses_redis(running_stack):
+    banner = running_stack["banner"]
+    assert running_stack["gateway"] in banner
+    assert f"http://127.0.0.1:{running_stack['http_port']}" in banner
+    assert "redis://127.0.0.1:" in banner
+
+
+def test_index_reports_and_skips_bad_files(running_stack, ukbench_images, tmp_path):
+    folder = tmp_path / "catalog" / "nested"
+    folder.mkdir(parents=True)
+    for path in ukbench_images[:8]:
+        (folder / path.name).write_bytes(path.read_bytes())
+    (folder / "broken.jpg").write_bytes(ukbench_images[8].read_bytes()[:2000])
+    (folder / "notes.txt").write_text("not an image")
+    result = run_cli("index", str(tmp_path / "catalog"), "--gateway", running_stack["gateway"], "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert set(summary) == {"indexed", "skipped", "failed", "failures"}
+    assert (summary["indexed"], summary["skipped"], summary["failed"]) == (8, 1, 1)
+    assert summary["failures"][0]["path"].endswith("broken.jpg")
+    assert summary["failures"][0]["code"] == "INVALID_ARGUMENT"
+
+
+def test_search_finds_the_same_object(running_stack, ukbench_images):
+    result = run_cli("search", str(ukbench_images[1]), "-k", "4", "--gateway", running_stack["gateway"], "--json")
+    assert result.returncode == 0, result.stderr
+    reply = json.loads(result.stdout)
+    paths = [hit["metadata"]["filename"] for hit in reply["hits"]]
+    # ukbench00000..00003 are four views of one object; the query is one of them.
+    assert {"ukbench00000.jpg", "ukbench00001.jpg", "ukbench00002.jpg", "ukbench00003.jpg"} == set(paths)
+
+
+def test_search_with_a_bad_filter_fails_clearly(running_stack, ukbench_images):
+    result = run_cli("search", str(ukbench_images[1]), "--where", "colour", "==", "red",
+                     "--gateway", running_stack["gateway"])
+    assert result.returncode == 1
+    assert "INVALID_ARGUMENT" in result.stderr and "colour" in result.stderr
+
+
+def test_sigterm_stops_every_process(running_stack):
+    process = running_stack["process"]
+    children = child_pids(process.pid)
+    assert len(children) == 4  # redis, embedder, search, gateway
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == 0
+    assert "vsearch up: stopped" in output
+    for pid in children:
+        assert not Path(f"/proc/{pid}").exists(), f"child {pid} outlived vsearch up"

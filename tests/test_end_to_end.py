@@ -1,0 +1,255 @@
+"""One request through all three real services: gateway -> embedder (ONNX) -> search (Milvus Lite),
+cached in a real redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from pathlib import Path
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+from google.protobuf import struct_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import Image
+from prometheus_client import CollectorRegistry
+
+from conftest import RedisProcess, redis_binary
+from embedder_svc.model_prepare import ensure_model
+from embedder_svc.server import create_server as create_embedder
+from embedder_svc.settings import EmbedderSettings
+from gateway.server import create_server as create_gateway
+from gateway.settings import GatewaySettings
+from search_svc.server import create_server as create_search
+from search_svc.settings import SearchSettings
+from vsearch.v1 import embedder_pb2, gateway_pb2, gateway_pb2_grpc, search_pb2
+
+OBJECTS = 14
+VIEWS = 4
+
+
+def metric_value(registry: CollectorRegistry, name: str, **labels: str) -> float:
+    value = registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value
+
+
+class Stack:
+    def __init__(self, embedder, search, gateway, redis: RedisProcess) -> None:
+        self.embedder, self.search_server, self.gateway, self.redis = embedder, search, gateway, redis
+        self.channel = grpc.aio.insecure_channel(gateway.address)
+        self.stub = gateway_pb2_grpc.VisualSearchStub(self.channel)
+        self.http = httpx.AsyncClient(base_url=f"http://127.0.0.1:{gateway.http_port}", timeout=30)
+
+    @property
+    def registry(self) -> CollectorRegistry:
+        return self.gateway.metrics.registry
+
+    async def search(self, image: bytes, k: int = 4, **fields) -> gateway_pb2.VisualSearchResponse:
+        return await self.stub.Search(gateway_pb2.VisualSearchRequest(image=image, k=k, **fields), timeout=30)
+
+    async def all_serving(self) -> bool:
+        for server in (self.embedder, self.search_server, self.gateway):
+            async with grpc.aio.insecure_channel(server.address) as channel:
+                reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+                if reply.status != health_pb2.HealthCheckResponse.SERVING:
+                    return False
+        return True
+
+    async def count(self) -> int:
+        return (await self.stub.Stats(gateway_pb2.VisualStatsRequest(), timeout=10)).count
+
+
+async def add_images(stub, items: list[tuple[str, bytes, dict]]) -> gateway_pb2.AddImagesSummary:
+    def requests():
+        for item_id, data, metadata in items:
+            struct = struct_pb2.Struct()
+            struct.update(metadata)
+            yield gateway_pb2.AddImageRequest(id=item_id, image=data, metadata=struct, image_uri=f"test://{item_id}")
+
+    return await stub.AddImages(requests(), timeout=120)
+
+
+@pytest.fixture(scope="module")
+async def stack(tmp_path_factory, ukbench_images):
+    tmp = tmp_path_factory.mktemp("e2e")
+    redis = RedisProcess(redis_binary())
+    redis.start()
+    model_dir = ensure_model("mobilenetv2-12-int8", tmp / "models")
+    embedder, _ = await create_embedder(EmbedderSettings(model_dir=model_dir, port=0))
+    search, _ = await create_search(SearchSettings(port=0, milvus={"uri": str(tmp / "milvus.db")}))
+    await embedder.start()
+    await search.start()
+    gateway, _ = await create_gateway(GatewaySettings(
+        port=0, http_port=0, embedder_address=embedder.address, search_address=search.address, redis_url=redis.url,
+    ))
+    await gateway.start()
+    for server in (embedder, search, gateway):
+        await server.wait_ready(60)
+    stack = Stack(embedder, search, gateway, redis)
+    items = [
+        (f"ukb-{i:02d}", path.read_bytes(), {"category": f"object-{i // VIEWS}", "price": float(i), "path": path.name})
+        for i, path in enumerate(ukbench_images)
+    ]
+    summary = await add_images(stack.stub, items)
+    assert (summary.received, summary.indexed, summary.failed) == (56, 56, 0), summary
+    yield stack
+    await stack.http.aclose()
+    await stack.channel.close()
+    for server in (gateway, search, embedder):
+        await server.stop(grace=1)
+    redis.kill()
+
+
+async def test_ukbench_ns_score_through_the_whole_system(stack, ukbench_images):
+    same_object_in_top4 = []
+    for i, path in enumerate(ukbench_images):
+        reply = await stack.search(path.read_bytes(), k=4)
+        assert len(reply.hits) == 4
+        scores = [hit.score for hit in reply.hits]
+        assert scores == sorted(scores, reverse=True)
+        same_object_in_top4.append(sum(int(hit.id[4:]) // VIEWS == i // VIEWS for hit in reply.hits))
+        assert reply.hits[0].metadata["category"] in {f"object-{j}" for j in range(OBJECTS)}
+    ns_score = float(np.mean(same_object_in_top4))
+    assert ns_score >= 3.9, f"N-S score {ns_score:.2f} (per query: {same_object_in_top4})"
+
+
+async def test_repeat_query_is_served_from_cache_until_the_index_changes(stack, ukbench_images):
+    image = ukbench_images[5].read_bytes()
+    hits_before = metric_value(stack.registry, "vsearch_gateway_cache_hits_total", cache="result")
+    first = await stack.search(image, k=7)
+    second = await stack.search(image, k=7)
+    assert not first.from_cache
+    assert second.from_cache and second.embedding_from_cache
+    assert [h.id for h in second.hits] == [h.id for h in first.hits]
+    assert metric_value(stack.registry, "vsearch_gateway_cache_hits_total", cache="result") == hits_before + 1
+
+    # A write moves the index generation: the cached result must not be served again.
+    flipped = Image.open(io.BytesIO(image)).transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    buffer = io.BytesIO()
+    flipped.save(buffer, format="JPEG", quality=92)
+    summary = await add_images(stack.stub, [("ukb-05-flipped", buffer.getvalue(), {"category": "object-1"})])
+    assert summary.indexed == 1
+    third = await stack.search(image, k=7)
+    assert not third.from_cache
+    assert third.embedding_from_cache  # the query embedding does not depend on the index
+    assert "ukb-05-flipped" in [hit.id for hit in third.hits]
+    await stack.stub.DeleteImages(gateway_pb2.DeleteImagesRequest(ids=["ukb-05-flipped"]), timeout=10)
+    fourth = await stack.search(image, k=7)
+    assert not fourth.from_cache
+    assert "ukb-05-flipped" not in [hit.id for hit in fourth.hits]
+
+
+def condition(field: str, op: int, value) -> search_pb2.Condition:
+    struct_value = struct_pb2.Value()
+    if isinstance(value, str):
+        struct_value.string_value = value
+    else:
+        struct_value.number_value = value
+    return search_pb2.Condition(field=field, op=op, value=struct_value)
+
+
+async def test_filters_are_honoured(stack, ukbench_images):
+    query = ukbench_images[0].read_bytes()
+    wanted = search_pb2.Filter(conditions=[
+        condition("category", search_pb2.EQ, "object-3"),
+        condition("price", search_pb2.LT, 14.0),
+    ])
+    reply = await stack.search(query, k=10, filter=wanted)
+    # object-3 holds prices 12..15; only 12 and 13 are below 14.
+    assert sorted(hit.id for hit in reply.hits) == ["ukb-12", "ukb-13"]
+    for hit in reply.hits:
+        assert hit.metadata["category"] == "object-3" and hit.metadata["price"] < 14
+
+
+async def test_filter_values_with_quotes_match_literally(stack, ukbench_images):
+    tricky = 'shoes" or category != "'
+    summary = await add_images(stack.stub, [("tricky-item", ukbench_images[1].read_bytes(), {"category": tricky})])
+    assert summary.indexed == 1
+    try:
+        query = ukbench_images[0].read_bytes()
+        exact = await stack.search(query, k=50, filter=search_pb2.Filter(conditions=[
+            condition("category", search_pb2.EQ, tricky)]))
+        assert [hit.id for hit in exact.hits] == ["tricky-item"]
+        for injection in ['object-1" or category != "', "object-1' or 1==1 or '", 'object-1") || (1==1', "\\"]:
+            widened = await stack.search(query, k=50, filter=search_pb2.Filter(conditions=[
+                condition("category", search_pb2.EQ, injection)]))
+            assert list(widened.hits) == [], injection
+    finally:
+        await stack.stub.DeleteImages(gateway_pb2.DeleteImagesRequest(ids=["tricky-item"]), timeout=10)
+
+
+def png_bytes(width: int, height: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("L", (width, height)).save(buffer, format="PNG", optimize=True)
+    return buffer.getvalue()
+
+
+def bad_requests(jpeg: bytes) -> dict[str, tuple[dict, str]]:
+    """name -> (VisualSearchRequest fields, a word the error message must contain)."""
+    return {
+        "empty bytes": ({"image": b""}, "empty"),
+        "truncated jpeg": ({"image": jpeg[: len(jpeg) // 3]}, "truncated"),
+        "text file": ({"image": b"just some text, not an image\n" * 20}, "image"),
+        "20000x20000 png": ({"image": png_bytes(20000, 20000)}, "pixels"),
+        "crop outside image": ({"image": jpeg, "crop": embedder_pb2.CropBox(x=600, y=400, width=200, height=200)},
+                               "crop"),
+        "k = 0": ({"image": jpeg, "k": 0}, "k"),
+        "k = 100000": ({"image": jpeg, "k": 100000}, "k"),
+        "unknown filter field": ({"image": jpeg, "filter": search_pb2.Filter(conditions=[
+            condition("colour", search_pb2.EQ, "red")])}, "colour"),
+    }
+
+
+async def test_bad_inputs_are_invalid_argument_and_harm_nothing(stack, ukbench_images):
+    jpeg = ukbench_images[0].read_bytes()
+    count_before = await stack.count()
+    for name, (fields, word) in bad_requests(jpeg).items():
+        fields = {"k": 4, **fields}
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stack.stub.Search(gateway_pb2.VisualSearchRequest(**fields), timeout=30)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (name, caught.value.details())
+        assert word in caught.value.details().lower(), (name, caught.value.details())
+    assert await stack.all_serving()
+    assert await stack.count() == count_before
+    assert len((await stack.search(jpeg, k=4)).hits) == 4
+
+
+async def test_bad_inputs_over_http_are_400_with_a_json_body(stack, ukbench_images):
+    jpeg = ukbench_images[0].read_bytes()
+    count_before = await stack.count()
+    cases = {
+        "empty bytes": ({"image": ("empty.jpg", b"", "image/jpeg")}, {}, "empty"),
+        "truncated jpeg": ({"image": ("t.jpg", jpeg[:4000], "image/jpeg")}, {}, "truncated"),
+        "text file": ({"image": ("t.txt", b"hello " * 100, "text/plain")}, {}, "image"),
+        "20000x20000 png": ({"image": ("big.png", png_bytes(20000, 20000), "image/png")}, {}, "pixels"),
+        "bad crop": ({"image": ("q.jpg", jpeg, "image/jpeg")}, {"crop": "600,400,200,200"}, "crop"),
+        "k = 0": ({"image": ("q.jpg", jpeg, "image/jpeg")}, {"k": "0"}, "k"),
+        "k = 100000": ({"image": ("q.jpg", jpeg, "image/jpeg")}, {"k": "100000"}, "k"),
+        "unknown filter field": ({"image": ("q.jpg", jpeg, "image/jpeg")},
+                                 {"filter": '[{"field": "colour", "op": "==", "value": "red"}]'}, "colour"),
+    }
+    for name, (files, data, word) in cases.items():
+        response = await stack.http.post("/v1/search", files=files, data=data)
+        assert response.status_code == 400, (name, response.text)
+        body = response.json()
+        assert body["error"]["code"] == "INVALID_ARGUMENT", (name, body)
+        assert word in body["error"]["message"].lower(), (name, body)
+    assert await stack.all_serving()
+    assert await stack.count() == count_before
+
+
+async def test_searches_go_on_when_redis_is_killed(stack, ukbench_images):
+    errors_before = metric_value(stack.registry, "vsearch_gateway_cache_errors_total")
+    first = await stack.search(ukbench_images[8].read_bytes(), k=4)
+    assert len(first.hits) == 4
+    stack.redis.kill()
+    for path in ukbench_images[8:16]:
+        reply = await asyncio.wait_for(stack.search(path.read_bytes(), k=4), timeout=10)
+        assert len(reply.hits) == 4
+        assert not reply.from_cache
+    again = await stack.search(ukbench_images[8].read_bytes(), k=4)
+    assert [h.id for h in again.hits] == [h.id for h in first.hits]
+    assert metric_value(stack.registry, "vsearch_gateway_cache_errors_total") > errors_before
+    assert await stack.all_serving()

@@ -1,0 +1,279 @@
+"""The `vsearch` command line: run the local stack, index images, search, and manage models."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import grpc
+from google.protobuf import json_format, struct_pb2
+from tqdm import tqdm
+
+from service_kit.status import code_from_int
+from vsearch import cli_model
+from vsearch.local_stack import LocalStack, StackLayout, free_port, port_is_free
+from vsearch.v1 import embedder_pb2, gateway_pb2, gateway_pb2_grpc, search_pb2
+
+DEFAULT_GATEWAY = "127.0.0.1:50051"
+DEFAULT_DATA_DIR = Path(".vsearch")
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
+# Images per AddImages stream: a broken connection costs at most this much re-sending.
+INDEX_CHUNK = 64
+OPERATORS = {
+    "==": search_pb2.EQ, "!=": search_pb2.NE, "<": search_pb2.LT, "<=": search_pb2.LE,
+    ">": search_pb2.GT, ">=": search_pb2.GE, "in": search_pb2.IN, "not_in": search_pb2.NOT_IN,
+}
+
+
+# ---- up -------------------------------------------------------------------------------------
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from embedder_svc.model_prepare import ModelPrepareError, ensure_model
+
+    data_dir = Path(args.data_dir).resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    for port, flag in ((args.grpc_port, "--grpc-port"), (args.http_port, "--http-port")):
+        if not port_is_free(port):
+            print(f"vsearch up: port {port} ({flag}) is already in use", file=sys.stderr)
+            return 1
+    try:
+        model_dir = ensure_model(args.model, data_dir / "models")
+    except ModelPrepareError as error:
+        print(f"vsearch up: cannot prepare model {args.model}: {error}", file=sys.stderr)
+        return 1
+    layout = StackLayout(
+        data_dir=data_dir, model_dir=model_dir, gateway_port=args.grpc_port, http_port=args.http_port,
+        redis_port=None if args.no_redis else free_port(),
+    )
+    stack = LocalStack(layout, data_dir / "logs")
+    stop_requested = False
+
+    def request_stop(signum: int, _frame: object) -> None:
+        nonlocal stop_requested
+        stop_requested = True
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    try:
+        asyncio.run(stack.start(timeout=args.timeout))
+    except (RuntimeError, TimeoutError) as error:
+        print(f"vsearch up: {error}; logs in {data_dir / 'logs'}", file=sys.stderr)
+        stack.stop()
+        return 1
+    cache = layout.redis_url or "in-process cache (no redis-server found)"
+    print(
+        f"vsearch up: gateway grpc 127.0.0.1:{layout.gateway_port} http http://127.0.0.1:{layout.http_port} "
+        f"| embedder 127.0.0.1:{layout.embedder_port} | search 127.0.0.1:{layout.search_port} | cache {cache} "
+        f"| data {data_dir} | Ctrl-C stops",
+        flush=True,
+    )
+    try:
+        while not stop_requested:
+            for name, process in stack.processes.items():
+                if process.poll() is not None:
+                    print(f"vsearch up: {name} exited with code {process.returncode}; stopping", file=sys.stderr)
+                    stop_requested = True
+            time.sleep(0.2)
+    finally:
+        stack.stop()
+    print("vsearch up: stopped", flush=True)
+    return 0
+
+
+# ---- index ----------------------------------------------------------------------------------
+
+def iter_image_files(paths: Sequence[str]) -> tuple[list[Path], list[Path]]:
+    """(image files, skipped non-image files), recursively, in a stable order."""
+    images, skipped = [], []
+    for raw in paths:
+        path = Path(raw)
+        candidates = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        for candidate in candidates:
+            (images if candidate.suffix.lower() in IMAGE_SUFFIXES else skipped).append(candidate)
+    return images, skipped
+
+
+def item_metadata(path: Path) -> struct_pb2.Struct:
+    metadata = struct_pb2.Struct()
+    metadata.update({"path": str(path.resolve()), "filename": path.name, "folder": path.parent.name})
+    return metadata
+
+
+async def index_files(files: list[Path], gateway: str, show_progress: bool, category_from_folder: bool) -> dict:
+    summary = {"indexed": 0, "skipped": 0, "failed": 0, "failures": []}
+    progress = tqdm(total=len(files), unit="img", disable=not show_progress, file=sys.stderr, dynamic_ncols=True)
+    async with grpc.aio.insecure_channel(gateway) as channel:
+        stub = gateway_pb2_grpc.VisualSearchStub(channel)
+        for start in range(0, len(files), INDEX_CHUNK):
+            chunk = files[start:start + INDEX_CHUNK]
+            requests: list[gateway_pb2.AddImageRequest] = []
+            sent_paths: list[Path] = []
+            for path in chunk:
+                try:
+                    data = path.read_bytes()
+                except OSError as error:
+                    summary["failed"] += 1
+                    summary["failures"].append({"path": str(path), "code": "UNAVAILABLE", "message": str(error)})
+                    continue
+                metadata = item_metadata(path)
+                if category_from_folder:
+                    metadata.update({"category": path.parent.name})
+                requests.append(gateway_pb2.AddImageRequest(
+                    image=data, metadata=metadata, image_uri=path.resolve().as_uri()))
+                sent_paths.append(path)
+            if requests:
+                reply = await stub.AddImages(iter(requests), timeout=300, wait_for_ready=True)
+                summary["indexed"] += reply.indexed
+                summary["failed"] += reply.failed
+                for failure in reply.failures:
+                    summary["failures"].append({
+                        "path": str(sent_paths[failure.index]), "id": failure.id,
+                        "code": code_from_int(failure.code).name, "message": failure.message,
+                    })
+            progress.update(len(chunk))
+    progress.close()
+    return summary
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    missing = [p for p in args.paths if not Path(p).exists()]
+    if missing:
+        print(f"vsearch index: no such file or directory: {', '.join(missing)}", file=sys.stderr)
+        return 2
+    files, skipped = iter_image_files(args.paths)
+    try:
+        summary = asyncio.run(index_files(files, args.gateway, not args.json and sys.stderr.isatty() or args.progress,
+                                          args.category_from_folder))
+    except grpc.aio.AioRpcError as error:
+        print(f"vsearch index: gateway {args.gateway}: {error.code().name}: {error.details()}", file=sys.stderr)
+        return 1
+    summary["skipped"] = len(skipped)
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"indexed {summary['indexed']}, skipped {summary['skipped']}, failed {summary['failed']}")
+        for failure in summary["failures"]:
+            print(f"  failed {failure['path']}: {failure['code']}: {failure['message']}")
+    return 0
+
+
+# ---- search ---------------------------------------------------------------------------------
+
+def parse_crop(text: str) -> embedder_pb2.CropBox:
+    try:
+        x, y, width, height = (int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"crop must be x,y,w,h in pixels, got {text!r}") from None
+    if min(x, y) < 0 or width <= 0 or height <= 0:
+        raise argparse.ArgumentTypeError(f"crop needs x,y >= 0 and w,h > 0, got {text!r}")
+    return embedder_pb2.CropBox(x=x, y=y, width=width, height=height)
+
+
+def parse_value(text: str) -> struct_pb2.Value:
+    """A JSON literal when the text is one (3.5, true, ["a","b"], "123"), else the text as a string."""
+    try:
+        parsed = json.loads(text)
+    except json.JSONDecodeError:
+        parsed = text
+    value = struct_pb2.Value()
+    json_format.ParseDict(parsed, value)
+    return value
+
+
+def build_filter(conditions: Sequence[Sequence[str]]) -> search_pb2.Filter:
+    result = search_pb2.Filter()
+    for field_name, op, value in conditions:
+        if op not in OPERATORS:
+            raise argparse.ArgumentTypeError(f"unknown operator {op!r}; use one of {', '.join(OPERATORS)}")
+        result.conditions.append(search_pb2.Condition(field=field_name, op=OPERATORS[op], value=parse_value(value)))
+    return result
+
+
+async def search_image(args: argparse.Namespace, image: bytes) -> gateway_pb2.VisualSearchResponse:
+    request = gateway_pb2.VisualSearchRequest(image=image, k=args.k, filter=build_filter(args.where or []))
+    if args.crop is not None:
+        request.crop.CopyFrom(args.crop)
+    if args.min_score is not None:
+        request.min_score = args.min_score
+    async with grpc.aio.insecure_channel(args.gateway) as channel:
+        return await gateway_pb2_grpc.VisualSearchStub(channel).Search(request, timeout=30, wait_for_ready=True)
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    try:
+        image = Path(args.image).read_bytes()
+        reply = asyncio.run(search_image(args, image))
+    except OSError as error:
+        print(f"vsearch search: {error}", file=sys.stderr)
+        return 2
+    except argparse.ArgumentTypeError as error:
+        print(f"vsearch search: {error}", file=sys.stderr)
+        return 2
+    except grpc.aio.AioRpcError as error:
+        print(f"vsearch search: {error.code().name}: {error.details()}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json_format.MessageToJson(reply, indent=None, preserving_proto_field_name=True,
+                                        always_print_fields_with_no_presence=True))
+        return 0
+    timing = reply.timing
+    print(f"{len(reply.hits)} hits in {timing.total_ms:.1f} ms (embed {timing.embed_ms:.1f}, "
+          f"search {timing.search_ms:.1f}){' from cache' if reply.from_cache else ''}")
+    for rank, hit in enumerate(reply.hits, 1):
+        metadata = json_format.MessageToDict(hit.metadata)
+        print(f"{rank:>3}  {hit.score:.4f}  {hit.id[:16]}  {hit.image_uri}  {json.dumps(metadata)}")
+    return 0
+
+
+# ---- parser ---------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vsearch", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="start the whole stack locally; Ctrl-C stops it")
+    up.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR), help="models, Milvus file and logs (default .vsearch)")
+    up.add_argument("--grpc-port", type=int, default=50051)
+    up.add_argument("--http-port", type=int, default=8080)
+    up.add_argument("--model", default="mobilenetv2-12-int8", help="model preset to prepare and serve")
+    up.add_argument("--no-redis", action="store_true", help="use the in-process cache even if redis-server exists")
+    up.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for every service to be SERVING")
+    up.set_defaults(func=cmd_up)
+
+    index = sub.add_parser("index", help="add image files (recursively) through the gateway")
+    index.add_argument("paths", nargs="+")
+    index.add_argument("--gateway", default=DEFAULT_GATEWAY)
+    index.add_argument("--json", action="store_true", help="print one JSON summary object")
+    index.add_argument("--progress", action="store_true", help="show the progress bar even when not on a terminal")
+    index.add_argument("--category-from-folder", action="store_true",
+                       help="set each item's filterable `category` to its folder's name")
+    index.set_defaults(func=cmd_index)
+
+    search = sub.add_parser("search", help="find the catalog images most similar to IMAGE")
+    search.add_argument("image")
+    search.add_argument("-k", type=int, default=10)
+    search.add_argument("--crop", type=parse_crop, help="x,y,w,h in pixels")
+    search.add_argument("--where", nargs=3, action="append", metavar=("FIELD", "OP", "VALUE"),
+                        help=f"filter; OP one of {' '.join(OPERATORS)}; repeat for AND")
+    search.add_argument("--min-score", type=float)
+    search.add_argument("--gateway", default=DEFAULT_GATEWAY)
+    search.add_argument("--json", action="store_true")
+    search.set_defaults(func=cmd_search)
+
+    cli_model.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
