@@ -101,16 +101,31 @@ class EmbeddingEngine:
             await model.batcher.close()
             await model.backend.close()
 
-    async def embed(self, data: bytes, crop: CropBox | None) -> np.ndarray:
-        """One image to its L2-normalised vector. Raises `ImageRejected` (the caller's fault),
-        `BackendError`, `BatcherClosed` or `ModelNotLoaded`."""
+    async def embed_many(self, images: list[tuple[bytes, CropBox | None]]) -> list[np.ndarray | Exception]:
+        """Each image to its L2-normalised vector, or to the exception that stopped it: `ImageRejected`
+        (the caller's fault), `BackendError`, `BatcherClosed` or `ModelNotLoaded`. All images are
+        decoded before any is queued for inference, so one request's images reach the batcher
+        together and share batches (queued as each decode finishes, they would trickle into small
+        ones)."""
         model = self.model
         loop = asyncio.get_running_loop()
-        tensor = await loop.run_in_executor(self._decode_executor, self._prepare, model.preprocessor, data, crop)
-        vector = await model.batcher.submit(tensor)
-        if not model.card.output.l2_normalized:
-            vector = vector / max(float(np.linalg.norm(vector)), 1e-12)
-        return vector
+        tensors = await asyncio.gather(
+            *(loop.run_in_executor(self._decode_executor, self._prepare, model.preprocessor, data, crop)
+              for data, crop in images),
+            return_exceptions=True,
+        )
+        queued = [tensor if isinstance(tensor, BaseException) else model.batcher.submit(tensor) for tensor in tensors]
+        vectors = await asyncio.gather(
+            *(entry for entry in queued if not isinstance(entry, BaseException)), return_exceptions=True
+        )
+        results: list[np.ndarray | Exception] = []
+        vector_iter = iter(vectors)
+        for entry in queued:
+            result = entry if isinstance(entry, BaseException) else next(vector_iter)
+            if not isinstance(result, BaseException) and not model.card.output.l2_normalized:
+                result = result / max(float(np.linalg.norm(result)), 1e-12)
+            results.append(result)
+        return results
 
     def _prepare(self, preprocessor: Preprocessor, data: bytes, crop: CropBox | None) -> np.ndarray:
         return preprocessor(self._decoder.decode(data, crop))

@@ -52,23 +52,26 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServicer):
             raise invalid_argument("no images in the request; send at least one")
         if count > self._max_images:
             raise invalid_argument(f"{count} images in one request, over the limit of {self._max_images}")
-        results = await asyncio.gather(*(self._embed_item(index, image) for index, image in enumerate(request.images)))
+        inputs = [
+            (image.data, CropBox(image.crop.x, image.crop.y, image.crop.width, image.crop.height)
+             if image.HasField("crop") else None)
+            for image in request.images
+        ]
+        outcomes = await self._engine.embed_many(inputs)
+        results = [self._result(index, outcome) for index, outcome in enumerate(outcomes)]
         return embedder_pb2.EmbedImagesResponse(results=results, model_version=card.version)
 
-    async def _embed_item(self, index: int, image: embedder_pb2.ImageInput) -> embedder_pb2.EmbedResult:
-        crop = None
-        if image.HasField("crop"):
-            crop = CropBox(image.crop.x, image.crop.y, image.crop.width, image.crop.height)
-        try:
-            vector = await self._engine.embed(image.data, crop)
-        except ImageRejected as error:
-            return self._item_error(grpc.StatusCode.INVALID_ARGUMENT, f"image {index}: {error.message}")
-        except (BatcherClosed, ModelNotLoaded) as error:
-            return self._item_error(grpc.StatusCode.UNAVAILABLE, f"image {index}: {error}")
-        except BackendError as error:
-            return self._item_error(grpc.StatusCode.INTERNAL, f"image {index}: inference failed: {error}")
+    def _result(self, index: int, outcome: object) -> embedder_pb2.EmbedResult:
+        if isinstance(outcome, ImageRejected):
+            return self._item_error(grpc.StatusCode.INVALID_ARGUMENT, f"image {index}: {outcome.message}")
+        if isinstance(outcome, (BatcherClosed, ModelNotLoaded)):
+            return self._item_error(grpc.StatusCode.UNAVAILABLE, f"image {index}: {outcome}")
+        if isinstance(outcome, BackendError):
+            return self._item_error(grpc.StatusCode.INTERNAL, f"image {index}: inference failed: {outcome}")
+        if isinstance(outcome, BaseException):
+            raise outcome
         self._metrics.images_embedded.inc()
-        return embedder_pb2.EmbedResult(embedding=embedder_pb2.Embedding(values=vector.tolist()))
+        return embedder_pb2.EmbedResult(embedding=embedder_pb2.Embedding(values=outcome.tolist()))
 
     def _item_error(self, code: grpc.StatusCode, message: str) -> embedder_pb2.EmbedResult:
         self._metrics.images_failed.labels(code.name).inc()

@@ -40,10 +40,10 @@ def embedding_cache_key(image_sha256: str, crop: embedder_pb2.CropBox | None, mo
     return f"{KEY_PREFIX}:emb:{model_version}:{image_sha256}:{crop_part}"
 
 
-def item_query_key(item_id: str) -> str:
+def item_query_key(collection: str, item_id: str) -> str:
     """Stands in for the embedding key of an `item_id` query: its vector lives in the index, so the
     index generation in the result key already covers any change to it."""
-    return f"{KEY_PREFIX}:item:{item_id}"
+    return f"{KEY_PREFIX}:item:{len(collection)}:{collection}:{item_id}"
 
 
 def canonical_filter(search_filter: search_pb2.Filter) -> str:
@@ -59,13 +59,14 @@ def canonical_filter(search_filter: search_pb2.Filter) -> str:
 
 
 def result_cache_key(
-    query_key: str, k: int, search_filter: search_pb2.Filter, min_score: float | None, generation: int
+    query_key: str, k: int, search_filter: search_pb2.Filter, min_score: float | None, generation: int,
+    collection: str = "",
 ) -> str:
     """A search result is only valid for the index generation it was computed on; keying by the
     generation means a write makes every older entry unreachable (they expire by TTL)."""
     min_score_part = "-" if min_score is None else repr(float(min_score))
     digest = hashlib.sha256(
-        "\x00".join([query_key, str(k), canonical_filter(search_filter), min_score_part]).encode()
+        "\x00".join([query_key, collection, str(k), canonical_filter(search_filter), min_score_part]).encode()
     ).hexdigest()
     return f"{KEY_PREFIX}:res:{generation}:{digest}"
 

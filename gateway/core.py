@@ -58,6 +58,7 @@ class PendingItem:
 
     index: int
     id: str
+    content_sha256: str
     request: gateway_pb2.AddImageRequest
 
 
@@ -173,7 +174,7 @@ class VisualSearchCore:
                 raise invalid_argument("item_id is empty")
             if crop is not None:
                 raise invalid_argument("crop applies only to image queries")
-            query_key = item_query_key(request.item_id)
+            query_key = item_query_key(request.collection, request.item_id)
         k = request.k if request.HasField("k") else self.settings.default_k
         if not 1 <= k <= self.settings.max_k:
             raise invalid_argument(f"k must be 1..{self.settings.max_k}, not {k}")
@@ -189,7 +190,9 @@ class VisualSearchCore:
             )
         else:
             generation, cached_embedding = await self.generations.current(), None
-        cached = await self.cache.get_result(result_cache_key(query_key, k, request.filter, min_score, generation))
+        cached = await self.cache.get_result(
+            result_cache_key(query_key, k, request.filter, min_score, generation, request.collection)
+        )
         if cached is not None:
             cached.from_cache = True
             cached.embedding_from_cache = True
@@ -209,12 +212,14 @@ class VisualSearchCore:
                     query_key = embedding_cache_key(image_sha256, crop, version)
                 new_embedding = (query_key, vector)
         else:
-            vector, embedding_from_cache = await self._stored_vector(request.item_id, deadline), True
+            vector = await self._stored_vector(request.collection, request.item_id, deadline)
+            embedding_from_cache = True
         embed_ms = elapsed_ms(embed_started)
 
         search_started = time.perf_counter()
         search_request = search_pb2.SearchRequest(
-            queries=[search_pb2.Vector(values=vector.tolist())], k=k, filter=request.filter
+            queries=[search_pb2.Vector(values=vector.tolist())], k=k, filter=request.filter,
+            collection=request.collection,
         )
         if min_score is not None:
             search_request.min_score = min_score
@@ -228,7 +233,7 @@ class VisualSearchCore:
             response.hits.add(id=hit.id, score=hit.score, image_uri=hit.image_uri, metadata=hit.metadata)
         # Cached under the generation the search actually ran on, which may be newer than `generation`.
         writes = [self.cache.set_result(
-            result_cache_key(query_key, k, request.filter, min_score, found.generation), response
+            result_cache_key(query_key, k, request.filter, min_score, found.generation, request.collection), response
         )]
         if new_embedding is not None:
             writes.append(self.cache.set_embedding(*new_embedding))
@@ -259,9 +264,10 @@ class VisualSearchCore:
             raise item_error(result.error)
         return np.asarray(result.embedding.values, dtype=np.float32), response.model_version
 
-    async def _stored_vector(self, item_id: str, deadline: float | None) -> np.ndarray:
+    async def _stored_vector(self, collection: str, item_id: str, deadline: float | None) -> np.ndarray:
         response = await self._call(
-            SEARCH, self.index.Get, search_pb2.GetRequest(ids=[item_id], include_vectors=True),
+            SEARCH, self.index.Get,
+            search_pb2.GetRequest(ids=[item_id], include_vectors=True, collection=collection),
             self._timeout(self.settings.search_timeout_s, deadline),
         )
         for item in response.items:
@@ -288,43 +294,69 @@ class VisualSearchCore:
         self, requests: AsyncIterable[gateway_pb2.AddImageRequest], deadline: float | None = None
     ) -> gateway_pb2.AddImagesSummary:
         """Bad items are reported and skipped; only a downstream outage (or deadline) ends the call.
-        Upserts are by id, so a client may safely resend a stream that failed part-way."""
+        Upserts are by id, so a client may safely resend a stream that failed part-way: items already
+        stored with the same content, metadata and URI are counted as unchanged and not embedded again.
+
+        Batches are pipelined: while one batch is being upserted the next is embedded, at most
+        `add_pipeline_depth` batches in flight."""
         model = self._require_model()
         batch_size = min(self.settings.add_batch_size, model.max_batch_size or self.settings.add_batch_size)
         byte_budget = max(self.settings.max_message_bytes - MESSAGE_HEADROOM_BYTES, self.settings.max_image_bytes)
         summary = gateway_pb2.AddImagesSummary()
-        generation: int | None = None
+        generations: list[int] = []
         batch: list[PendingItem] = []
         batch_bytes = 0
+        collection: str | None = None
+        in_flight: list[tuple[asyncio.Task[int | None], set[str]]] = []
+
+        async def wait_oldest() -> None:
+            task, _ids = in_flight.pop(0)
+            if (generation := await task) is not None:
+                generations.append(generation)
 
         async def flush() -> None:
-            nonlocal batch, batch_bytes, generation
+            nonlocal batch, batch_bytes
             if batch:
-                generation = await self._index_batch(batch, summary, deadline) or generation
+                task = asyncio.create_task(self._index_batch(batch, collection or "", summary, deadline))
+                in_flight.append((task, {pending.id for pending in batch}))
+                while len(in_flight) > self.settings.add_pipeline_depth:
+                    await wait_oldest()
             batch, batch_bytes = [], 0
 
-        async for request in requests:
-            position = summary.received
-            summary.received += 1
-            item_id = request.id or (hashlib.sha256(request.image).hexdigest() if request.image else "")
-            problem = self._check_item(request)
-            if problem is not None:
-                summary.failures.add(id=item_id, code=INVALID_ARGUMENT, message=problem, index=position)
-                continue
-            if (
-                len(batch) >= batch_size
-                or batch_bytes + len(request.image) > byte_budget
-                # A repeated id goes to the next batch, so the later item replaces the earlier one.
-                or any(pending.id == item_id for pending in batch)
-            ):
-                await flush()
-            batch.append(PendingItem(position, item_id, request))
-            batch_bytes += len(request.image)
-        await flush()
+        try:
+            async for request in requests:
+                position = summary.received
+                summary.received += 1
+                content_sha256 = hashlib.sha256(request.image).hexdigest() if request.image else ""
+                item_id = request.id or content_sha256
+                if collection is None:
+                    collection = request.collection
+                problem = self._check_item(request)
+                if problem is None and request.collection and request.collection != collection:
+                    problem = f"collection {request.collection!r} differs from the stream's {collection!r}"
+                if problem is not None:
+                    summary.failures.add(id=item_id, code=INVALID_ARGUMENT, message=problem, index=position)
+                    continue
+                repeated = any(pending.id == item_id for pending in batch)
+                if len(batch) >= batch_size or batch_bytes + len(request.image) > byte_budget or repeated:
+                    await flush()
+                if repeated or any(item_id in ids for _task, ids in in_flight):
+                    # A repeated id must be written after the earlier one, so the later item wins:
+                    # let every batch in flight finish first (rare: only for repeated ids).
+                    while in_flight:
+                        await wait_oldest()
+                batch.append(PendingItem(position, item_id, content_sha256, request))
+                batch_bytes += len(request.image)
+            await flush()
+            while in_flight:
+                await wait_oldest()
+        finally:
+            for task, _ids in in_flight:  # the stream broke or a downstream failed: stop the rest
+                task.cancel()
 
         summary.failures.sort(key=lambda failure: failure.index)
         summary.failed = len(summary.failures)
-        summary.index_generation = generation if generation is not None else await self.generations.current()
+        summary.index_generation = max(generations) if generations else await self.generations.current()
         return summary
 
     async def _embed_items(
@@ -358,11 +390,11 @@ class VisualSearchCore:
         return list(response.results)
 
     async def _upsert(
-        self, items: list[tuple[PendingItem, search_pb2.Item]], summary: gateway_pb2.AddImagesSummary,
-        deadline: float | None,
+        self, items: list[tuple[PendingItem, search_pb2.Item]], collection: str,
+        summary: gateway_pb2.AddImagesSummary, deadline: float | None,
     ) -> int | None:
         """Upserts the items; returns the generation of the last successful write, if any."""
-        request = search_pb2.UpsertRequest(items=[item for _, item in items])
+        request = search_pb2.UpsertRequest(items=[item for _, item in items], collection=collection)
         try:
             response = await self.index.Upsert(request, timeout=self._timeout(self.settings.write_timeout_s, deadline))
         except grpc.aio.AioRpcError as error:
@@ -377,15 +409,40 @@ class VisualSearchCore:
             # One bad item (e.g. metadata of the wrong type) spoils the batch: isolate it.
             generation = None
             for one in items:
-                generation = await self._upsert([one], summary, deadline) or generation
+                generation = await self._upsert([one], collection, summary, deadline) or generation
             return generation
         self.generations.observe_write(response.generation)
         summary.indexed += len(items)
         return response.generation
 
+    async def _unchanged_ids(self, batch: list[PendingItem], collection: str, deadline: float | None) -> set[str]:
+        """Ids in the batch already stored with the same content, metadata and image URI."""
+        response = await self._call(
+            SEARCH, self.index.Get, search_pb2.GetRequest(ids=[pending.id for pending in batch], collection=collection),
+            self._timeout(self.settings.search_timeout_s, deadline),
+        )
+        stored = {item.id: item for item in response.items}
+        unchanged = set()
+        for pending in batch:
+            item = stored.get(pending.id)
+            if (
+                item is not None
+                and item.content_sha256 == pending.content_sha256
+                and item.image_uri == pending.request.image_uri
+                and item.metadata == pending.request.metadata
+            ):
+                unchanged.add(pending.id)
+        return unchanged
+
     async def _index_batch(
-        self, batch: list[PendingItem], summary: gateway_pb2.AddImagesSummary, deadline: float | None
+        self, batch: list[PendingItem], collection: str, summary: gateway_pb2.AddImagesSummary,
+        deadline: float | None,
     ) -> int | None:
+        unchanged = await self._unchanged_ids(batch, collection, deadline)
+        summary.unchanged += len(unchanged)
+        batch = [pending for pending in batch if pending.id not in unchanged]
+        if not batch:
+            return None
         results = await self._embed_items(batch, deadline)
         items: list[tuple[PendingItem, search_pb2.Item]] = []
         for pending, result in zip(batch, results, strict=True):
@@ -400,8 +457,9 @@ class VisualSearchCore:
                 vector=search_pb2.Vector(values=result.embedding.values),
                 image_uri=pending.request.image_uri,
                 metadata=pending.request.metadata,
+                content_sha256=pending.content_sha256,
             )))
-        return await self._upsert(items, summary, deadline) if items else None
+        return await self._upsert(items, collection, summary, deadline) if items else None
 
     # ------------------------------------------------------------------------------ delete, stats
 
@@ -412,17 +470,19 @@ class VisualSearchCore:
         if not request.ids:
             return gateway_pb2.DeleteImagesResponse(deleted=0, index_generation=await self.generations.current())
         response = await self._call(
-            SEARCH, self.index.Delete, search_pb2.DeleteRequest(ids=request.ids),
+            SEARCH, self.index.Delete, search_pb2.DeleteRequest(ids=request.ids, collection=request.collection),
             self._timeout(self.settings.write_timeout_s, deadline),
         )
         self.generations.observe_write(response.generation)
         return gateway_pb2.DeleteImagesResponse(deleted=response.deleted, index_generation=response.generation)
 
-    async def stats(self, deadline: float | None = None) -> gateway_pb2.VisualStatsResponse:
+    async def stats(
+        self, request: gateway_pb2.VisualStatsRequest, deadline: float | None = None
+    ) -> gateway_pb2.VisualStatsResponse:
         self._require_model()
         timeout = self._timeout(self.settings.search_timeout_s, deadline)
         stats, info = await asyncio.gather(
-            self._call(SEARCH, self.index.Stats, search_pb2.StatsRequest(), timeout),
+            self._call(SEARCH, self.index.Stats, search_pb2.StatsRequest(collection=request.collection), timeout),
             self._call(EMBEDDER, self.embedder.Info, embedder_pb2.InfoRequest(), timeout),
         )
         self._remember_model(info)
@@ -436,3 +496,13 @@ class VisualSearchCore:
             model_version=info.model_version,
             filterable_fields=stats.filterable_fields,
         )
+
+    async def drop_collection(
+        self, request: search_pb2.DropCollectionRequest, deadline: float | None = None
+    ) -> search_pb2.DropCollectionResponse:
+        self._require_model()
+        response = await self._call(
+            SEARCH, self.index.DropCollection, request, self._timeout(self.settings.write_timeout_s, deadline)
+        )
+        self.generations.observe_write(response.generation)
+        return response

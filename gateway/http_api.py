@@ -56,7 +56,7 @@ from vsearch.v1 import gateway_pb2
 
 logger = logging.getLogger(__name__)
 
-SEARCH_FORM_FIELDS = {"image", "item_id", "k", "min_score", "crop", "filter"}
+SEARCH_FORM_FIELDS = {"image", "item_id", "k", "min_score", "crop", "filter", "collection"}
 ADD_FORM_FIELDS = {"images", "image", "ids", "metadata", "image_uris"}
 FORM_CONTENT_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 
@@ -73,6 +73,7 @@ SEARCH_FORM_SCHEMA = {
     "properties": {
         "image": {"type": "string", "format": "binary", "description": "The query image."},
         "item_id": {"type": "string", "description": "Instead of an image: search with this item's stored vector."},
+        "collection": {"type": "string", "description": "Which catalog; empty for the default one."},
         "k": {"type": "integer", "minimum": 1},
         "min_score": {"type": "number"},
         "crop": {"type": "string", "description": "x,y,width,height in pixels", "example": "10,10,200,150"},
@@ -222,6 +223,7 @@ async def search_request_from_form(form: FormData) -> gateway_pb2.VisualSearchRe
     if (crop := parse_crop_text(form_text(form, "crop") or "")) is not None:
         request.crop.CopyFrom(crop)
     request.filter.CopyFrom(parse_filter_json(form_text(form, "filter") or ""))
+    request.collection = form_text(form, "collection") or ""
     return request
 
 
@@ -372,15 +374,15 @@ def create_app(
         "/v1/images/{image_id:path}", response_model=DeleteResponseBody, tags=["catalog"],
         summary="Delete one image; 404 if there was none with this id",
     )
-    async def delete_image(image_id: str) -> JSONResponse:
-        response = await core.delete_images(gateway_pb2.DeleteImagesRequest(ids=[image_id]))
+    async def delete_image(image_id: str, collection: str = "") -> JSONResponse:
+        response = await core.delete_images(gateway_pb2.DeleteImagesRequest(ids=[image_id], collection=collection))
         if response.deleted == 0:
             return json_error(grpc.StatusCode.NOT_FOUND, f"no image with id {image_id!r}", 404)
         return JSONResponse(delete_json(response))
 
     @app.get("/v1/stats", response_model=StatsResponseBody, tags=["catalog"], summary="Index and model statistics")
-    async def stats() -> JSONResponse:
-        return JSONResponse(stats_json(await core.stats()))
+    async def stats(collection: str = "") -> JSONResponse:
+        return JSONResponse(stats_json(await core.stats(gateway_pb2.VisualStatsRequest(collection=collection))))
 
     @app.get(
         "/healthz", response_model=HealthBody, tags=["operations"],

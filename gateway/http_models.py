@@ -149,6 +149,7 @@ class SearchBody(BaseModel):
     crop: CropBody | None = None
     filter: FilterBody | None = None
     min_score: float | None = None
+    collection: str = Field("", description="Which catalog; empty for the default one.")
 
 
 class ImageBody(BaseModel):
@@ -335,7 +336,7 @@ def check_k(k: int) -> int:
 def search_body_to_proto(body: SearchBody) -> gateway_pb2.VisualSearchRequest:
     if body.image_base64 is not None and body.item_id is not None:
         raise invalid_argument("give either image_base64 or item_id, not both")
-    request = gateway_pb2.VisualSearchRequest(filter=filter_to_proto(body.filter))
+    request = gateway_pb2.VisualSearchRequest(filter=filter_to_proto(body.filter), collection=body.collection)
     if body.k is not None:
         request.k = check_k(body.k)
     if body.image_base64 is not None:

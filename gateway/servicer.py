@@ -8,7 +8,7 @@ from typing import AsyncIterator
 import grpc
 
 from gateway.core import VisualSearchCore, deadline_after
-from vsearch.v1 import gateway_pb2, gateway_pb2_grpc
+from vsearch.v1 import gateway_pb2, gateway_pb2_grpc, search_pb2
 
 
 class VisualSearchServicer(gateway_pb2_grpc.VisualSearchServicer):
@@ -33,4 +33,9 @@ class VisualSearchServicer(gateway_pb2_grpc.VisualSearchServicer):
     async def Stats(
         self, request: gateway_pb2.VisualStatsRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.VisualStatsResponse:
-        return await self.core.stats(deadline_after(context.time_remaining()))
+        return await self.core.stats(request, deadline_after(context.time_remaining()))
+
+    async def DropCollection(
+        self, request: search_pb2.DropCollectionRequest, context: grpc.aio.ServicerContext
+    ) -> search_pb2.DropCollectionResponse:
+        return await self.core.drop_collection(request, deadline_after(context.time_remaining()))

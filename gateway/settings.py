@@ -56,3 +56,5 @@ class GatewaySettings(ServiceSettings):
     max_image_bytes: int = Field(20 * 1024 * 1024, ge=1)
     # AddImages sends streamed images downstream in groups of this many (fewer when they are large).
     add_batch_size: int = Field(32, ge=1)
+    # AddImages batches in flight at once: the next batch is embedded while the last is upserted.
+    add_pipeline_depth: int = Field(2, ge=1, le=16)

@@ -17,12 +17,14 @@ ID = "id"
 VECTOR = "vector"
 IMAGE_URI = "image_uri"
 METADATA = "metadata"
+CONTENT_SHA256 = "content_sha256"
 
 MAX_ID_CHARS = 256
 # Milvus VARCHAR lengths are in bytes. Stored ids are escaped (see item_codec.encode_id): at most
 # 4 bytes per character either way.
 ID_MAX_BYTES = 4 * MAX_ID_CHARS
 IMAGE_URI_MAX_BYTES = 2048
+CONTENT_SHA256_MAX_BYTES = 64
 STRING_FIELD_MAX_BYTES = 1024
 # A Milvus server refuses JSON values above 64 KiB; Milvus Lite would take them, so check ourselves.
 METADATA_MAX_BYTES = 65536

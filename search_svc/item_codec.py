@@ -57,6 +57,9 @@ def stored_ids(ids: Iterable[str]) -> list[str]:
     return list(unique)
 
 
+_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+
+
 class ItemCodec:
     def __init__(self, dimension: int, filter_fields: Mapping[str, FieldType]) -> None:
         self.dimension = dimension
@@ -92,10 +95,13 @@ class ItemCodec:
             raise invalid_argument(
                 f"image_uri of item {item.id!r} is longer than {columns.IMAGE_URI_MAX_BYTES} bytes"
             )
+        if item.content_sha256 and not _SHA256_HEX.match(item.content_sha256):
+            raise invalid_argument(f"content_sha256 of item {item.id!r} must be 64 lowercase hex digits")
         row: Row = {
             columns.ID: encode_id(item.id),
             columns.VECTOR: self.vector(item.vector.values, f"vector of item {item.id!r}"),
             columns.IMAGE_URI: item.image_uri,
+            columns.CONTENT_SHA256: item.content_sha256,
         }
         for field, field_type in self.filter_fields.items():  # before the whole metadata: precise errors
             value = self._field_value(item, field, field_type)
@@ -168,6 +174,7 @@ class ItemCodec:
             id=decode_id(row[columns.ID]),
             image_uri=row.get(columns.IMAGE_URI, ""),
             metadata=self._metadata_struct(row.get(columns.METADATA)),
+            content_sha256=row.get(columns.CONTENT_SHA256, ""),
         )
         if include_vector:
             item.vector.values.extend(row[columns.VECTOR])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -34,7 +35,7 @@ from pymilvus.exceptions import (
 from search_svc import columns
 from search_svc.filters import ids_expression
 from search_svc.item_codec import Row
-from search_svc.settings import SearchSettings
+from search_svc.settings import COLLECTION_NAME, SearchSettings
 from service_kit.metrics import LATENCY_BUCKETS
 from service_kit.status import ServiceError
 
@@ -133,7 +134,11 @@ class MilvusStore:
     def __init__(self, settings: SearchSettings, metrics: MilvusMetrics) -> None:
         self._settings = settings
         self._metrics = metrics
-        self._collection = settings.milvus.collection
+        self.default_collection = settings.milvus.collection
+        # Collections checked (or created), indexed and loaded by this process. Guarded by a lock:
+        # the executor's threads may all want a new collection at once.
+        self._prepared: set[str] = set()
+        self._prepare_lock = threading.Lock()
         # A float on purpose: with an int timeout pymilvus ignores retry_times=0 and retries until the
         # timeout has passed, on top of the call that used it up.
         self._timeout_s = float(settings.milvus.timeout_s)
@@ -153,7 +158,7 @@ class MilvusStore:
             return
         client = self._connect()
         try:
-            self._prepare_collection(client)
+            self._prepare_collection(client, self.default_collection, create=True)
         except BaseException:
             client.close()
             raise
@@ -161,6 +166,7 @@ class MilvusStore:
 
     def close(self) -> None:
         client, self._client = self._client, None
+        self._prepared.clear()
         if client is not None:
             client.close()
         if self._local_path is not None:
@@ -188,10 +194,44 @@ class MilvusStore:
         finally:
             self._metrics.call_seconds.labels("connect").observe(time.perf_counter() - start)
 
-    def _prepare_collection(self, client: MilvusClient) -> None:
-        name = self._collection
+    def collection_name(self, requested: str) -> str:
+        """The collection a request names; empty means the default one."""
+        if not requested:
+            return self.default_collection
+        if not COLLECTION_NAME.match(requested):
+            raise ServiceError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"collection name {requested[:80]!r} is invalid: use a letter or '_', then letters, digits or '_' "
+                "(at most 255)",
+            )
+        return requested
+
+    def _ready_collection(self, name: str, create: bool) -> MilvusClient | None:
+        """The client, once collection `name` exists, matches the settings, is indexed and loaded.
+        A missing collection is created when `create`, else None is returned."""
+        client = self._open_client
+        if name in self._prepared:
+            return client
+        with self._prepare_lock:
+            if name not in self._prepared and not self._prepare_collection(client, name, create):
+                return None
+        return client
+
+    def require_collection(self, name: str) -> None:
+        """NOT_FOUND unless collection `name` exists."""
+        self._existing_collection(name)
+
+    def _existing_collection(self, name: str) -> MilvusClient:
+        client = self._ready_collection(name, create=False)
+        if client is None:
+            raise ServiceError(grpc.StatusCode.NOT_FOUND, f"collection {name!r} does not exist")
+        return client
+
+    def _prepare_collection(self, client: MilvusClient, name: str, create: bool) -> bool:
         if self._call(client, "has_collection", client.has_collection, name):
-            self._check_schema(self._call(client, "describe_collection", client.describe_collection, name))
+            self._check_schema(name, self._call(client, "describe_collection", client.describe_collection, name))
+        elif not create:
+            return False
         else:
             logger.info("creating collection %s (dimension %d)", name, self._settings.dimension)
             self._call(
@@ -200,7 +240,7 @@ class MilvusStore:
             )
         indexes = self._call(client, "list_indexes", client.list_indexes, name, field_name=columns.VECTOR)
         if indexes:
-            self._check_index(self._call(client, "describe_index", client.describe_index, name, indexes[0]))
+            self._check_index(name, self._call(client, "describe_index", client.describe_index, name, indexes[0]))
         else:
             index_params = client.prepare_index_params()
             index_params.add_index(
@@ -209,6 +249,8 @@ class MilvusStore:
             )
             self._call(client, "create_index", client.create_index, name, index_params)
         self._call(client, "load_collection", client.load_collection, name)
+        self._prepared.add(name)
+        return True
 
     def _expected_columns(self) -> dict[str, DataType]:
         expected = {
@@ -216,6 +258,7 @@ class MilvusStore:
             columns.VECTOR: DataType.FLOAT_VECTOR,
             columns.IMAGE_URI: DataType.VARCHAR,
             columns.METADATA: DataType.JSON,
+            columns.CONTENT_SHA256: DataType.VARCHAR,
         }
         for field, field_type in self._settings.filter_fields.items():
             expected[field] = columns.FIELD_DATA_TYPES[field_type]
@@ -228,6 +271,7 @@ class MilvusStore:
         schema.add_field(columns.VECTOR, DataType.FLOAT_VECTOR, dim=self._settings.dimension)
         schema.add_field(columns.IMAGE_URI, DataType.VARCHAR, max_length=columns.IMAGE_URI_MAX_BYTES)
         schema.add_field(columns.METADATA, DataType.JSON)
+        schema.add_field(columns.CONTENT_SHA256, DataType.VARCHAR, max_length=columns.CONTENT_SHA256_MAX_BYTES)
         for field, field_type in self._settings.filter_fields.items():
             if field_type == "string":
                 schema.add_field(field, DataType.VARCHAR, max_length=columns.STRING_FIELD_MAX_BYTES)
@@ -236,7 +280,7 @@ class MilvusStore:
             schema.add_field(columns.presence_column(field), DataType.BOOL)
         return schema
 
-    def _check_schema(self, description: dict) -> None:
+    def _check_schema(self, name: str, description: dict) -> None:
         actual = {field["name"]: field for field in description.get("fields", [])}
         problems = []
         vector = actual.get(columns.VECTOR)
@@ -255,17 +299,17 @@ class MilvusStore:
         if problems:
             raise ServiceError(
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f"collection {self._collection!r} does not match the settings: {'; '.join(problems)}. "
+                f"collection {name!r} does not match the settings: {'; '.join(problems)}. "
                 "Use another SEARCH_MILVUS__COLLECTION, or drop this collection to rebuild it.",
             )
 
-    def _check_index(self, description: dict) -> None:
+    def _check_index(self, name: str, description: dict) -> None:
         index_type = str(description.get("index_type", "")).upper()
         metric = str(description.get("metric_type", "")).upper()
         if index_type != self._settings.index_type or metric != self._settings.metric:
             raise ServiceError(
                 grpc.StatusCode.FAILED_PRECONDITION,
-                f"collection {self._collection!r} is indexed with {index_type}/{metric}, the settings ask for "
+                f"collection {name!r} is indexed with {index_type}/{metric}, the settings ask for "
                 f"{self._settings.index_type}/{self._settings.metric}. Change SEARCH_INDEX_TYPE, or drop the index "
                 "or the collection to rebuild it.",
             )
@@ -306,15 +350,15 @@ class MilvusStore:
         if start < len(rows):
             yield rows[start:]
 
-    def upsert(self, rows: Sequence[Row]) -> None:
-        client = self._open_client
+    def upsert(self, collection: str, rows: Sequence[Row]) -> None:
+        client = self._ready_collection(collection, create=True)
         for batch in self._batches(rows):
-            self._call(client, "upsert", client.upsert, self._collection, list(batch))
+            self._call(client, "upsert", client.upsert, collection, list(batch))
 
-    def search(self, vectors: np.ndarray, k: int, expression: str) -> list[list[dict]]:
-        client = self._open_client
+    def search(self, collection: str, vectors: np.ndarray, k: int, expression: str) -> list[list[dict]]:
+        client = self._existing_collection(collection)
         results = self._call(
-            client, "search", client.search, self._collection,
+            client, "search", client.search, collection,
             data=vectors.tolist(), filter=expression, limit=k, anns_field=columns.VECTOR,
             output_fields=[columns.IMAGE_URI, columns.METADATA],
             search_params={"metric_type": self._settings.metric, "params": dict(self._settings.search_params)},
@@ -322,37 +366,58 @@ class MilvusStore:
         )
         return [list(hits) for hits in results]
 
-    def get(self, stored_ids: Sequence[str], include_vectors: bool) -> list[dict]:
-        output_fields = [columns.ID, columns.IMAGE_URI, columns.METADATA] + ([columns.VECTOR] if include_vectors else [])
-        return self._query_ids(stored_ids, output_fields)
+    def get(self, collection: str, stored_ids: Sequence[str], include_vectors: bool) -> list[dict]:
+        output_fields = [columns.ID, columns.IMAGE_URI, columns.METADATA, columns.CONTENT_SHA256]
+        if include_vectors:
+            output_fields.append(columns.VECTOR)
+        return self._query_ids(collection, stored_ids, output_fields)
 
-    def existing_ids(self, stored_ids: Sequence[str]) -> list[str]:
-        return [row[columns.ID] for row in self._query_ids(stored_ids, [columns.ID])]
+    def existing_ids(self, collection: str, stored_ids: Sequence[str]) -> list[str]:
+        return [row[columns.ID] for row in self._query_ids(collection, stored_ids, [columns.ID])]
 
-    def _query_ids(self, stored_ids: Sequence[str], output_fields: list[str]) -> list[dict]:
-        client = self._open_client
+    def _query_ids(self, collection: str, stored_ids: Sequence[str], output_fields: list[str]) -> list[dict]:
+        """Rows for those ids; none when the collection does not exist."""
+        client = self._ready_collection(collection, create=False)
+        if client is None:
+            return []
         rows: list[dict] = []
         for start in range(0, len(stored_ids), IDS_PER_EXPRESSION):
             chunk = stored_ids[start:start + IDS_PER_EXPRESSION]
             rows.extend(self._call(
-                client, "query", client.query, self._collection,
+                client, "query", client.query, collection,
                 filter=ids_expression(chunk), output_fields=output_fields, consistency_level="Strong",
             ))
         return rows
 
-    def delete(self, stored_ids: Sequence[str]) -> None:
+    def delete(self, collection: str, stored_ids: Sequence[str]) -> None:
         # By expression, not `ids=`: pymilvus writes `ids=` into an expression without escaping.
-        client = self._open_client
+        client = self._existing_collection(collection)
         for start in range(0, len(stored_ids), IDS_PER_EXPRESSION):
             chunk = stored_ids[start:start + IDS_PER_EXPRESSION]
-            self._call(client, "delete", client.delete, self._collection, filter=ids_expression(chunk))
+            self._call(client, "delete", client.delete, collection, filter=ids_expression(chunk))
 
-    def count(self) -> int:
+    def drop(self, collection: str) -> bool:
+        """Drops a collection other than the default; False when it did not exist."""
+        if collection == self.default_collection:
+            raise ServiceError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"collection {collection!r} is the service's default collection and is never dropped through the API",
+            )
+        client = self._open_client
+        with self._prepare_lock:
+            if not self._call(client, "has_collection", client.has_collection, collection):
+                self._prepared.discard(collection)
+                return False
+            self._call(client, "drop_collection", client.drop_collection, collection)
+            self._prepared.discard(collection)
+        return True
+
+    def count(self, collection: str) -> int:
         # count(*) rather than collection stats: a server's row_count includes deleted rows until
         # compaction.
-        client = self._open_client
+        client = self._existing_collection(collection)
         result = self._call(
-            client, "count", client.query, self._collection,
+            client, "count", client.query, collection,
             filter="", output_fields=["count(*)"], consistency_level="Strong",
         )
         return int(result[0]["count(*)"])

@@ -65,11 +65,12 @@ class VectorSearchServicer(search_pb2_grpc.VectorSearchServicer):
         return await self._offload(self._upsert, request)
 
     def _upsert(self, request: search_pb2.UpsertRequest) -> search_pb2.UpsertResponse:
+        collection = self._store.collection_name(request.collection)
         rows = self._codec.rows(request.items)  # everything validated before anything is written
         if not rows:
             return search_pb2.UpsertResponse(upserted=0, generation=self._generation.current)
         try:
-            self._store.upsert(rows)
+            self._store.upsert(collection, rows)
         finally:
             generation = self._generation.advance()
         return search_pb2.UpsertResponse(upserted=len(rows), generation=generation)
@@ -78,14 +79,15 @@ class VectorSearchServicer(search_pb2_grpc.VectorSearchServicer):
         return await self._offload(self._delete, request)
 
     def _delete(self, request: search_pb2.DeleteRequest) -> search_pb2.DeleteResponse:
+        collection = self._store.collection_name(request.collection)
         ids = stored_ids(request.ids)
         # Milvus does not say how many of the ids existed, so look first; a concurrent write to the
         # same ids between the two calls can make the count off by those.
-        existing = self._store.existing_ids(ids) if ids else []
+        existing = self._store.existing_ids(collection, ids) if ids else []
         if not existing:  # nothing changes, so cached results stay valid
             return search_pb2.DeleteResponse(deleted=0, generation=self._generation.current)
         try:
-            self._store.delete(existing)
+            self._store.delete(collection, existing)
         finally:
             generation = self._generation.advance()
         return search_pb2.DeleteResponse(deleted=len(existing), generation=generation)
@@ -97,6 +99,7 @@ class VectorSearchServicer(search_pb2_grpc.VectorSearchServicer):
         return await self._offload(self._search, request, self._generation.current)
 
     def _search(self, request: search_pb2.SearchRequest, generation: int) -> search_pb2.SearchResponse:
+        collection = self._store.collection_name(request.collection)
         if not request.queries:
             raise invalid_argument("a search needs at least one query vector")
         if len(request.queries) > MAX_QUERIES:
@@ -108,7 +111,7 @@ class VectorSearchServicer(search_pb2_grpc.VectorSearchServicer):
             raise invalid_argument(f"min_score must be finite, got {min_score}")
         vectors = self._codec.query_matrix(request.queries)
         expression = compile_filter(request.filter, self._settings.filter_fields)
-        results = self._store.search(vectors, request.k, expression)
+        results = self._store.search(collection, vectors, request.k, expression)
         response = search_pb2.SearchResponse(generation=generation)
         for hits in results:
             # Best first, ties by id, so equal requests give equal answers.
@@ -122,8 +125,9 @@ class VectorSearchServicer(search_pb2_grpc.VectorSearchServicer):
         return await self._offload(self._get, request)
 
     def _get(self, request: search_pb2.GetRequest) -> search_pb2.GetResponse:
+        collection = self._store.collection_name(request.collection)
         ids = stored_ids(request.ids)
-        rows = {row[columns.ID]: row for row in self._store.get(ids, request.include_vectors)} if ids else {}
+        rows = {row[columns.ID]: row for row in self._store.get(collection, ids, request.include_vectors)} if ids else {}
         return search_pb2.GetResponse(
             items=[self._codec.item(rows[item_id], request.include_vectors) for item_id in ids if item_id in rows]
         )
@@ -132,16 +136,42 @@ class VectorSearchServicer(search_pb2_grpc.VectorSearchServicer):
         # Read before counting, so the answer is never labelled newer than the data it saw.
         generation = self._generation.current
         self._store.require_connected()
-        count = 0 if request.skip_count else await self._offload(self._store.count)
+        collection = self._store.collection_name(request.collection)
+        if request.skip_count and collection == self._store.default_collection:
+            count = 0  # the default collection always exists: no Milvus call at all
+        else:
+            count = await self._offload(self._count, collection, request.skip_count)
         return search_pb2.StatsResponse(
             count=count,
             index_type=self._store.index_type,
             metric=self._settings.metric,
             generation=generation,
             dimension=self._settings.dimension,
-            collection=self._settings.milvus.collection,
+            collection=collection,
             filterable_fields=list(self._settings.filter_fields),
         )
+
+    def _count(self, collection: str, skip_count: bool) -> int:
+        """The collection's item count (0 when skipped); NOT_FOUND when it does not exist."""
+        if skip_count:
+            self._store.require_collection(collection)
+            return 0
+        return self._store.count(collection)
+
+    async def DropCollection(
+        self, request: search_pb2.DropCollectionRequest, context: grpc.aio.ServicerContext
+    ) -> search_pb2.DropCollectionResponse:
+        return await self._offload(self._drop_collection, request)
+
+    def _drop_collection(self, request: search_pb2.DropCollectionRequest) -> search_pb2.DropCollectionResponse:
+        if not request.collection:
+            raise invalid_argument("name the collection to drop")
+        collection = self._store.collection_name(request.collection)
+        try:
+            dropped = self._store.drop(collection)
+        finally:
+            generation = self._generation.advance()
+        return search_pb2.DropCollectionResponse(dropped=dropped, generation=generation)
 
 
 async def create_server(settings: SearchSettings) -> tuple[ManagedServer, int]:

@@ -15,9 +15,9 @@ from service_kit.settings import ServiceSettings
 FieldType = Literal["string", "float", "int", "bool"]
 
 # Column names the collection uses for itself; a filter field may not take one of them.
-RESERVED_COLUMNS = frozenset({"id", "vector", "image_uri", "metadata"})
+RESERVED_COLUMNS = frozenset({"id", "vector", "image_uri", "metadata", "content_sha256"})
 _FIELD_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,62}$")
-_COLLECTION_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
+COLLECTION_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
 _SERVER_SCHEMES = ("http", "https", "tcp", "grpc", "unix")
 
 
@@ -54,7 +54,7 @@ class MilvusSettings(BaseModel):
     @field_validator("collection")
     @classmethod
     def _check_collection(cls, name: str) -> str:
-        if not _COLLECTION_NAME.match(name):
+        if not COLLECTION_NAME.match(name):
             raise ValueError("must be letters, digits and underscores, not starting with a digit")
         return name
 

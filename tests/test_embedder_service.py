@@ -125,6 +125,17 @@ async def test_concurrent_single_image_requests_are_batched(mobilenet_dir: Path,
     np.testing.assert_allclose(np.stack(concurrent[:4]), np.stack(one_by_one), atol=1e-5)
 
 
+async def test_one_request_of_many_images_runs_as_full_batches(mobilenet_dir: Path, ukbench_bytes: list[bytes]) -> None:
+    # The default short wait: a request's images must not trickle into small batches as each decode ends.
+    settings = embedder_settings(mobilenet_dir, max_batch_size=8, max_batch_wait_ms=2.0)
+    async with running_embedder(settings) as embedder:
+        before = embedder.sample("vsearch_embedder_batch_size_count")
+        request = embedder_pb2.EmbedImagesRequest(images=[image_input(data) for data in ukbench_bytes[:16]])
+        response = await embedder.stub.EmbedImages(request, timeout=60)
+        assert all(result.WhichOneof("result") == "embedding" for result in response.results)
+        assert embedder.sample("vsearch_embedder_batch_size_count") - before == 2  # 16 images, batches of 8
+
+
 async def test_health_is_not_serving_until_the_model_is_loaded(mobilenet_dir: Path, tmp_path: Path) -> None:
     # The model directory starts empty (say, a volume still being filled): the startup hook fails
     # and is retried, and the service must say NOT_SERVING and refuse calls until it succeeds.

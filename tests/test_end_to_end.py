@@ -240,6 +240,69 @@ async def test_bad_inputs_over_http_are_400_with_a_json_body(stack, ukbench_imag
     assert await stack.count() == count_before
 
 
+async def test_re_adding_unchanged_items_writes_nothing_and_changed_ones_are_updated(stack, ukbench_images):
+    items = [
+        (f"ukb-{i:02d}", path.read_bytes(), {"category": f"object-{i // VIEWS}", "price": float(i), "path": path.name})
+        for i, path in enumerate(ukbench_images[:6])
+    ]
+    generation_before = (await stack.stub.Stats(gateway_pb2.VisualStatsRequest(), timeout=10)).index_generation
+    again = await add_images(stack.stub, items)
+    assert (again.received, again.indexed, again.unchanged, again.failed) == (6, 0, 6, 0)
+    assert again.index_generation == generation_before  # nothing written, cached results stay valid
+
+    renamed = [(item_id, data, {**metadata, "price": 99.5}) for item_id, data, metadata in items[:2]]
+    updated = await add_images(stack.stub, renamed)
+    try:
+        assert (updated.indexed, updated.unchanged) == (2, 0)
+        assert await stack.count() == 56
+        reply = await stack.search(items[0][1], k=1)
+        assert reply.hits[0].id == "ukb-00" and reply.hits[0].metadata["price"] == 99.5
+    finally:
+        await add_images(stack.stub, items[:2])
+
+
+async def test_a_repeated_id_in_one_stream_keeps_the_last_item(stack, ukbench_images):
+    # More items than one embedder batch, so batches are in flight together when the id repeats.
+    images = [path.read_bytes() for path in ukbench_images[:40]]
+    items = [(f"stream-{i}", data, {"n": i}) for i, data in enumerate(images[:39])]
+    items.append(("stream-3", images[39], {"n": "last"}))
+    summary = await add_images(stack.stub, items)
+    try:
+        assert (summary.indexed, summary.failed) == (40, 0)
+        # ukb-39 holds the same image, so both score 1.0.
+        reply = await stack.search(images[39], k=2)
+        hit = next(hit for hit in reply.hits if hit.id == "stream-3")
+        assert hit.metadata["n"] == "last" and hit.score > 0.999
+    finally:
+        await stack.stub.DeleteImages(
+            gateway_pb2.DeleteImagesRequest(ids=[item_id for item_id, _, _ in items]), timeout=30)
+
+
+async def test_collections_are_separate_catalogs_through_the_gateway(stack, ukbench_images):
+    def requests():
+        for i, path in enumerate(ukbench_images[:8]):
+            yield gateway_pb2.AddImageRequest(
+                id=f"c-{i}", image=path.read_bytes(), collection="gateway_test" if i == 0 else "")
+
+    summary = await stack.stub.AddImages(requests(), timeout=60)
+    assert summary.indexed == 8
+    stats = await stack.stub.Stats(gateway_pb2.VisualStatsRequest(collection="gateway_test"), timeout=10)
+    assert stats.count == 8 and await stack.count() == 56
+    reply = await stack.search(ukbench_images[0].read_bytes(), k=4, collection="gateway_test")
+    assert {hit.id for hit in reply.hits} == {"c-0", "c-1", "c-2", "c-3"}
+    by_id = await stack.stub.Search(
+        gateway_pb2.VisualSearchRequest(item_id="c-0", k=1, collection="gateway_test"), timeout=10)
+    assert by_id.hits[0].id == "c-0"
+    dropped = await stack.stub.DropCollection(search_pb2.DropCollectionRequest(collection="gateway_test"), timeout=30)
+    assert dropped.dropped
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stack.search(ukbench_images[0].read_bytes(), k=4, collection="gateway_test")
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    response = await stack.http.get("/v1/stats", params={"collection": "gateway_test"})
+    assert response.status_code == 404 and response.json()["error"]["code"] == "NOT_FOUND"
+    assert await stack.count() == 56
+
+
 async def test_searches_go_on_when_redis_is_killed(stack, ukbench_images):
     errors_before = metric_value(stack.registry, "vsearch_gateway_cache_errors_total")
     first = await stack.search(ukbench_images[8].read_bytes(), k=4)

@@ -216,9 +216,11 @@ def test_embedding_keys_depend_on_image_crop_and_model_version():
         embedding_cache_key("cd" * 32, None, "m@1"),
         embedding_cache_key("ab" * 32, crop, "m@1"),
         embedding_cache_key("ab" * 32, None, "m@2"),
-        item_query_key("ab" * 32),
+        item_query_key("", "ab" * 32),
     }
     assert base not in others and len(others) == 4
+    # An item id query is per collection, and no (collection, id) pair can pose as another.
+    assert item_query_key("a", "b:c") != item_query_key("a:b", "c")
 
 
 def test_result_keys_separate_every_input_and_ignore_condition_order():
@@ -236,5 +238,6 @@ def test_result_keys_separate_every_input_and_ignore_condition_order():
         result_cache_key("q", 10, both, 0.5, 5),
         result_cache_key("q", 10, both, 0.0, 5),
         result_cache_key("q", 10, both, None, 6),
+        result_cache_key("q", 10, both, None, 5, collection="eval_1"),
     ]
     assert key not in variants and len(set(variants)) == len(variants)

@@ -445,3 +445,62 @@ async def test_bad_input_is_refused_and_changes_nothing(shared: Service):
     assert (await shared.stub.Stats(search_pb2.StatsRequest())).generation == generation
     [kept] = (await shared.stub.Get(search_pb2.GetRequest(ids=["keeper", "fine-1"]))).items
     assert json_format.MessageToDict(kept.metadata) == {"category": "kept", "price": 5}
+
+
+# --- collections and content hashes -----------------------------------------------------------
+
+async def test_named_collections_are_separate_catalogs(tmp_path: Path):
+    vectors = random_unit_vectors(4, seed=21)
+    async with running(tmp_path / "collections.db") as service:
+        stub = service.stub
+        await service.upsert([item("in-default", vectors[0], category="a")])
+        # The first write to a named collection creates it; the default one is untouched.
+        reply = await stub.Upsert(search_pb2.UpsertRequest(
+            collection="eval_1", items=[item("x", vectors[1]), item("y", vectors[2])]))
+        assert reply.upserted == 2
+        assert (await stub.Stats(search_pb2.StatsRequest(collection="eval_1"))).count == 2
+        assert (await stub.Stats(search_pb2.StatsRequest())).count == 1
+        hits = await stub.Search(search_pb2.SearchRequest(
+            collection="eval_1", queries=[search_pb2.Vector(values=vectors[0].tolist())], k=10))
+        assert {hit.id for hit in hits.results[0].hits} == {"x", "y"}
+        got = await stub.Get(search_pb2.GetRequest(collection="eval_1", ids=["x", "in-default"]))
+        assert [i.id for i in got.items] == ["x"]
+
+        # Reading a collection that does not exist is NOT_FOUND; Get and Delete find nothing.
+        for call in (
+            stub.Search(search_pb2.SearchRequest(
+                collection="nope", queries=[search_pb2.Vector(values=vectors[0].tolist())], k=1)),
+            stub.Stats(search_pb2.StatsRequest(collection="nope")),
+            stub.Stats(search_pb2.StatsRequest(collection="nope", skip_count=True)),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await call
+            assert caught.value.code() == grpc.StatusCode.NOT_FOUND and "'nope'" in caught.value.details()
+        assert not (await stub.Get(search_pb2.GetRequest(collection="nope", ids=["x"]))).items
+        assert (await stub.Delete(search_pb2.DeleteRequest(collection="nope", ids=["x"]))).deleted == 0
+
+        await expect_invalid(stub.Upsert(search_pb2.UpsertRequest(
+            collection='x"; drop', items=[item("z", vectors[3])])), "collection name")
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.DropCollection(search_pb2.DropCollectionRequest(collection=service.server.settings.milvus.collection))
+        assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+        dropped = await stub.DropCollection(search_pb2.DropCollectionRequest(collection="eval_1"))
+        assert dropped.dropped
+        assert not (await stub.DropCollection(search_pb2.DropCollectionRequest(collection="eval_1"))).dropped
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Stats(search_pb2.StatsRequest(collection="eval_1"))
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+        assert await service.count() == 1
+
+
+async def test_content_sha256_round_trips_and_is_checked(shared: Service):
+    digest = "ab" * 32
+    stored = item("hashed-item", random_unit_vectors(1, seed=22)[0])
+    stored.content_sha256 = digest
+    await shared.upsert([stored])
+    got = await shared.stub.Get(search_pb2.GetRequest(ids=["hashed-item"]))
+    assert got.items[0].content_sha256 == digest
+    bad = item("bad-hash", random_unit_vectors(1, seed=23)[0])
+    bad.content_sha256 = "not-a-sha"
+    await expect_invalid(shared.upsert([bad]), "content_sha256", "bad-hash")

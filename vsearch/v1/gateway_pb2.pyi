@@ -10,20 +10,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class VisualSearchRequest(_message.Message):
-    __slots__ = ("image", "item_id", "crop", "k", "filter", "min_score")
+    __slots__ = ("image", "item_id", "crop", "k", "filter", "min_score", "collection")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     ITEM_ID_FIELD_NUMBER: _ClassVar[int]
     CROP_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     FILTER_FIELD_NUMBER: _ClassVar[int]
     MIN_SCORE_FIELD_NUMBER: _ClassVar[int]
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
     image: bytes
     item_id: str
     crop: _embedder_pb2.CropBox
     k: int
     filter: _search_pb2.Filter
     min_score: float
-    def __init__(self, image: _Optional[bytes] = ..., item_id: _Optional[str] = ..., crop: _Optional[_Union[_embedder_pb2.CropBox, _Mapping]] = ..., k: _Optional[int] = ..., filter: _Optional[_Union[_search_pb2.Filter, _Mapping]] = ..., min_score: _Optional[float] = ...) -> None: ...
+    collection: str
+    def __init__(self, image: _Optional[bytes] = ..., item_id: _Optional[str] = ..., crop: _Optional[_Union[_embedder_pb2.CropBox, _Mapping]] = ..., k: _Optional[int] = ..., filter: _Optional[_Union[_search_pb2.Filter, _Mapping]] = ..., min_score: _Optional[float] = ..., collection: _Optional[str] = ...) -> None: ...
 
 class SearchHit(_message.Message):
     __slots__ = ("id", "score", "image_uri", "metadata")
@@ -64,16 +66,18 @@ class VisualSearchResponse(_message.Message):
     def __init__(self, hits: _Optional[_Iterable[_Union[SearchHit, _Mapping]]] = ..., from_cache: _Optional[bool] = ..., embedding_from_cache: _Optional[bool] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., index_generation: _Optional[int] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class AddImageRequest(_message.Message):
-    __slots__ = ("id", "image", "metadata", "image_uri")
+    __slots__ = ("id", "image", "metadata", "image_uri", "collection")
     ID_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
     IMAGE_URI_FIELD_NUMBER: _ClassVar[int]
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
     id: str
     image: bytes
     metadata: _struct_pb2.Struct
     image_uri: str
-    def __init__(self, id: _Optional[str] = ..., image: _Optional[bytes] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., image_uri: _Optional[str] = ...) -> None: ...
+    collection: str
+    def __init__(self, id: _Optional[str] = ..., image: _Optional[bytes] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., image_uri: _Optional[str] = ..., collection: _Optional[str] = ...) -> None: ...
 
 class ItemFailure(_message.Message):
     __slots__ = ("id", "code", "message", "index")
@@ -88,24 +92,28 @@ class ItemFailure(_message.Message):
     def __init__(self, id: _Optional[str] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., index: _Optional[int] = ...) -> None: ...
 
 class AddImagesSummary(_message.Message):
-    __slots__ = ("received", "indexed", "failed", "failures", "index_generation")
+    __slots__ = ("received", "indexed", "failed", "failures", "index_generation", "unchanged")
     RECEIVED_FIELD_NUMBER: _ClassVar[int]
     INDEXED_FIELD_NUMBER: _ClassVar[int]
     FAILED_FIELD_NUMBER: _ClassVar[int]
     FAILURES_FIELD_NUMBER: _ClassVar[int]
     INDEX_GENERATION_FIELD_NUMBER: _ClassVar[int]
+    UNCHANGED_FIELD_NUMBER: _ClassVar[int]
     received: int
     indexed: int
     failed: int
     failures: _containers.RepeatedCompositeFieldContainer[ItemFailure]
     index_generation: int
-    def __init__(self, received: _Optional[int] = ..., indexed: _Optional[int] = ..., failed: _Optional[int] = ..., failures: _Optional[_Iterable[_Union[ItemFailure, _Mapping]]] = ..., index_generation: _Optional[int] = ...) -> None: ...
+    unchanged: int
+    def __init__(self, received: _Optional[int] = ..., indexed: _Optional[int] = ..., failed: _Optional[int] = ..., failures: _Optional[_Iterable[_Union[ItemFailure, _Mapping]]] = ..., index_generation: _Optional[int] = ..., unchanged: _Optional[int] = ...) -> None: ...
 
 class DeleteImagesRequest(_message.Message):
-    __slots__ = ("ids",)
+    __slots__ = ("ids", "collection")
     IDS_FIELD_NUMBER: _ClassVar[int]
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
     ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    collection: str
+    def __init__(self, ids: _Optional[_Iterable[str]] = ..., collection: _Optional[str] = ...) -> None: ...
 
 class DeleteImagesResponse(_message.Message):
     __slots__ = ("deleted", "index_generation")
@@ -116,8 +124,10 @@ class DeleteImagesResponse(_message.Message):
     def __init__(self, deleted: _Optional[int] = ..., index_generation: _Optional[int] = ...) -> None: ...
 
 class VisualStatsRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("collection",)
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    collection: str
+    def __init__(self, collection: _Optional[str] = ...) -> None: ...
 
 class VisualStatsResponse(_message.Message):
     __slots__ = ("count", "index_type", "metric", "index_generation", "dimension", "model_name", "model_version", "filterable_fields")

@@ -4,6 +4,7 @@ import grpc
 import warnings
 
 from vsearch.v1 import gateway_pb2 as vsearch_dot_v1_dot_gateway__pb2
+from vsearch.v1 import search_pb2 as vsearch_dot_v1_dot_search__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -55,6 +56,11 @@ class VisualSearchStub:
                 request_serializer=vsearch_dot_v1_dot_gateway__pb2.VisualStatsRequest.SerializeToString,
                 response_deserializer=vsearch_dot_v1_dot_gateway__pb2.VisualStatsResponse.FromString,
                 _registered_method=True)
+        self.DropCollection = channel.unary_unary(
+                '/vsearch.v1.VisualSearch/DropCollection',
+                request_serializer=vsearch_dot_v1_dot_search__pb2.DropCollectionRequest.SerializeToString,
+                response_deserializer=vsearch_dot_v1_dot_search__pb2.DropCollectionResponse.FromString,
+                _registered_method=True)
 
 
 class VisualSearchServicer:
@@ -87,6 +93,13 @@ class VisualSearchServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DropCollection(self, request, context):
+        """Removes a whole collection other than the default one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_VisualSearchServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -109,6 +122,11 @@ def add_VisualSearchServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=vsearch_dot_v1_dot_gateway__pb2.VisualStatsRequest.FromString,
                     response_serializer=vsearch_dot_v1_dot_gateway__pb2.VisualStatsResponse.SerializeToString,
+            ),
+            'DropCollection': grpc.unary_unary_rpc_method_handler(
+                    servicer.DropCollection,
+                    request_deserializer=vsearch_dot_v1_dot_search__pb2.DropCollectionRequest.FromString,
+                    response_serializer=vsearch_dot_v1_dot_search__pb2.DropCollectionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -220,6 +238,33 @@ class VisualSearch:
             '/vsearch.v1.VisualSearch/Stats',
             vsearch_dot_v1_dot_gateway__pb2.VisualStatsRequest.SerializeToString,
             vsearch_dot_v1_dot_gateway__pb2.VisualStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DropCollection(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vsearch.v1.VisualSearch/DropCollection',
+            vsearch_dot_v1_dot_search__pb2.DropCollectionRequest.SerializeToString,
+            vsearch_dot_v1_dot_search__pb2.DropCollectionResponse.FromString,
             options,
             channel_credentials,
             insecure,

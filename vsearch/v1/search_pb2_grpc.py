@@ -60,6 +60,11 @@ class VectorSearchStub:
                 request_serializer=vsearch_dot_v1_dot_search__pb2.StatsRequest.SerializeToString,
                 response_deserializer=vsearch_dot_v1_dot_search__pb2.StatsResponse.FromString,
                 _registered_method=True)
+        self.DropCollection = channel.unary_unary(
+                '/vsearch.v1.VectorSearch/DropCollection',
+                request_serializer=vsearch_dot_v1_dot_search__pb2.DropCollectionRequest.SerializeToString,
+                response_deserializer=vsearch_dot_v1_dot_search__pb2.DropCollectionResponse.FromString,
+                _registered_method=True)
 
 
 class VectorSearchServicer:
@@ -99,6 +104,13 @@ class VectorSearchServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DropCollection(self, request, context):
+        """Removes a whole collection other than the service's default one (e.g. an evaluation's).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_VectorSearchServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -126,6 +138,11 @@ def add_VectorSearchServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=vsearch_dot_v1_dot_search__pb2.StatsRequest.FromString,
                     response_serializer=vsearch_dot_v1_dot_search__pb2.StatsResponse.SerializeToString,
+            ),
+            'DropCollection': grpc.unary_unary_rpc_method_handler(
+                    servicer.DropCollection,
+                    request_deserializer=vsearch_dot_v1_dot_search__pb2.DropCollectionRequest.FromString,
+                    response_serializer=vsearch_dot_v1_dot_search__pb2.DropCollectionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -264,6 +281,33 @@ class VectorSearch:
             '/vsearch.v1.VectorSearch/Stats',
             vsearch_dot_v1_dot_search__pb2.StatsRequest.SerializeToString,
             vsearch_dot_v1_dot_search__pb2.StatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DropCollection(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vsearch.v1.VectorSearch/DropCollection',
+            vsearch_dot_v1_dot_search__pb2.DropCollectionRequest.SerializeToString,
+            vsearch_dot_v1_dot_search__pb2.DropCollectionResponse.FromString,
             options,
             channel_credentials,
             insecure,
