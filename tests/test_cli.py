@@ -69,7 +69,7 @@ def test_index_reports_and_skips_bad_files(running_stack, ukbench_images, tmp_pa
     result = run_cli("index", str(tmp_path / "catalog"), "--gateway", running_stack["gateway"], "--json")
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
-    assert set(summary) == {"indexed", "skipped", "failed", "failures"}
+    assert {"indexed", "skipped", "failed", "failures"} <= set(summary)
     assert (summary["indexed"], summary["skipped"], summary["failed"]) == (8, 1, 1)
     assert summary["failures"][0]["path"].endswith("broken.jpg")
     assert summary["failures"][0]["code"] == "INVALID_ARGUMENT"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import shutil
 from pathlib import Path
 
 import grpc
@@ -26,6 +27,11 @@ from search_svc.server import create_server as create_search
 from search_svc.settings import SearchSettings
 from vsearch.v1 import embedder_pb2, gateway_pb2, gateway_pb2_grpc, search_pb2
 
+# Headless in a sandbox with no network: no GPU, no sandboxing as root, no background connections.
+CHROMIUM_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
 OBJECTS = 14
 VIEWS = 4
 
@@ -301,6 +307,35 @@ async def test_collections_are_separate_catalogs_through_the_gateway(stack, ukbe
     response = await stack.http.get("/v1/stats", params={"collection": "gateway_test"})
     assert response.status_code == 404 and response.json()["error"]["code"] == "NOT_FOUND"
     assert await stack.count() == 56
+
+
+async def test_web_page_searches_by_upload_and_shows_errors(stack, ukbench_images, tmp_path):
+    from playwright.async_api import async_playwright, expect
+
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.fail("chromium not installed (scripts/setup installs Debian's chromium)")
+    text_file = tmp_path / "notes.jpg"
+    text_file.write_text("not an image at all")
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS)
+        try:
+            page = await browser.new_page()
+            await page.goto(f"http://127.0.0.1:{stack.gateway.http_port}/")
+            await expect(page.locator("#model")).to_contain_text("56 images")
+            await page.set_input_files("#file", str(ukbench_images[4]))
+            await page.click("#go")
+            await expect(page.locator(".hit")).to_have_count(12)
+            ids = await page.locator(".hit .id").all_inner_texts()
+            assert set(ids[:4]) == {"ukb-04", "ukb-05", "ukb-06", "ukb-07"}
+            await expect(page.locator("#status")).to_contain_text("12 hits")
+            await page.screenshot(path=str(tmp_path / "results.png"), full_page=True)
+
+            await page.set_input_files("#file", str(text_file))
+            await page.click("#go")
+            await expect(page.locator("#status.error")).to_contain_text("INVALID_ARGUMENT")
+        finally:
+            await browser.close()
 
 
 async def test_searches_go_on_when_redis_is_killed(stack, ukbench_images):
