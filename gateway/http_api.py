@@ -13,7 +13,7 @@ import grpc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from pydantic import BaseModel, ValidationError
 from pydantic.json_schema import models_json_schema
@@ -49,6 +49,7 @@ from gateway.http_models import (
     stats_json,
     summary_json,
 )
+from gateway.local_files import LocalImageFiles
 from gateway.settings import GatewaySettings
 from service_kit.metrics import LATENCY_BUCKETS
 from service_kit.status import ServiceError, invalid_argument
@@ -379,6 +380,19 @@ def create_app(
         if response.deleted == 0:
             return json_error(grpc.StatusCode.NOT_FOUND, f"no image with id {image_id!r}", 404)
         return JSONResponse(delete_json(response))
+
+    local_files = LocalImageFiles(settings.image_roots)
+
+    @app.get(
+        "/v1/files", tags=["catalog"], response_class=FileResponse,
+        summary="An indexed image stored as a file:// URI under GATEWAY_IMAGE_ROOTS (404 for anything else)",
+    )
+    async def local_file(uri: str) -> Response:
+        found = local_files.resolve(uri) if local_files.enabled else None
+        if found is None:
+            return json_error(grpc.StatusCode.NOT_FOUND, "no servable image at that uri", 404)
+        path, media_type = found
+        return FileResponse(path, media_type=media_type, headers={"Cache-Control": "private, max-age=3600"})
 
     @app.get("/v1/stats", response_model=StatsResponseBody, tags=["catalog"], summary="Index and model statistics")
     async def stats(collection: str = "") -> JSONResponse:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import SettingsConfigDict
 
@@ -35,6 +37,9 @@ class GatewaySettings(ServiceSettings):
     http_port: int = 8080
     # Requests with a larger body are refused with 413 before they are read.
     http_max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    # Directories whose images `GET /v1/files?uri=file://...` may serve (the web page's thumbnails).
+    # Empty: serve none. JSON list in the environment: GATEWAY_IMAGE_ROOTS='["/data/catalog"]'.
+    image_roots: list[Path] = []
 
     # None: an in-process LRU cache (per replica); set it to share the cache between replicas.
     redis_url: str | None = None

@@ -89,6 +89,7 @@ async def stack(tmp_path_factory, ukbench_images):
     await search.start()
     gateway, _ = await create_gateway(GatewaySettings(
         port=0, http_port=0, embedder_address=embedder.address, search_address=search.address, redis_url=redis.url,
+        image_roots=[ukbench_images[0].parent],
     ))
     await gateway.start()
     for server in (embedder, search, gateway):
@@ -336,6 +337,23 @@ async def test_web_page_searches_by_upload_and_shows_errors(stack, ukbench_image
             await expect(page.locator("#status.error")).to_contain_text("INVALID_ARGUMENT")
         finally:
             await browser.close()
+
+
+async def test_gateway_serves_image_files_only_from_its_roots(stack, ukbench_images, tmp_path):
+    image = ukbench_images[3]
+    response = await stack.http.get("/v1/files", params={"uri": image.resolve().as_uri()})
+    assert response.status_code == 200 and response.headers["content-type"] == "image/jpeg"
+    assert response.content == image.read_bytes()
+    outside = tmp_path / "secret.jpg"
+    outside.write_bytes(image.read_bytes())
+    escape = image.parent / ".." / ".." / ".." / ".." / ".." / "etc" / "passwd"
+    for uri in (outside.as_uri(), "file:///etc/passwd", escape.as_uri(), image.parent.as_uri(),
+                (image.parent / "missing.jpg").as_uri()):
+        response = await stack.http.get("/v1/files", params={"uri": uri})
+        assert response.status_code == 404, uri
+        assert response.json()["error"]["code"] == "NOT_FOUND"
+    response = await stack.http.get("/v1/files", params={"uri": "https://example.com/a.jpg"})
+    assert response.status_code == 400 and response.json()["error"]["code"] == "INVALID_ARGUMENT"
 
 
 async def test_searches_go_on_when_redis_is_killed(stack, ukbench_images):
