@@ -66,13 +66,16 @@ def test_index_reports_and_skips_bad_files(running_stack, ukbench_images, tmp_pa
         (folder / path.name).write_bytes(path.read_bytes())
     (folder / "broken.jpg").write_bytes(ukbench_images[8].read_bytes()[:2000])
     (folder / "notes.txt").write_text("not an image")
-    result = run_cli("index", str(tmp_path / "catalog"), "--gateway", running_stack["gateway"], "--json")
+    result = run_cli("index", str(tmp_path / "catalog"), "--gateway", running_stack["gateway"], "--json",
+                     "--errors", str(tmp_path / "errors.jsonl"))
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     assert {"indexed", "skipped", "failed", "failures"} <= set(summary)
     assert (summary["indexed"], summary["skipped"], summary["failed"]) == (8, 1, 1)
     assert summary["failures"][0]["path"].endswith("broken.jpg")
     assert summary["failures"][0]["code"] == "INVALID_ARGUMENT"
+    errors = [json.loads(line) for line in (tmp_path / "errors.jsonl").read_text().splitlines()]
+    assert [error["path"] for error in errors] == [summary["failures"][0]["path"]]
 
 
 def test_search_finds_the_same_object(running_stack, ukbench_images):

@@ -1,0 +1,600 @@
+"""`vsearch index` and `vsearch delete`: keep the catalog in step with image files through the gateway.
+
+An item's id is the hex sha256 of its bytes unless a manifest gives one, and the gateway skips an id
+that is already stored with the same content, metadata and image URI (`unchanged`). So indexing is
+idempotent and resumable without any client state: after a crash or a kill, running the same command
+again sends everything again and only what is missing or different gets embedded and written.
+
+Pipeline: one producer thread lists the sources, reads and hashes files on a small thread pool (in
+order, a bounded window ahead), drops in-run duplicates and packs chunks; `--concurrency` sender
+tasks each stream one chunk at a time to AddImages. A bounded number of chunks exist at once, so
+memory stays flat however large the catalog."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import errno
+import hashlib
+import itertools
+import json
+import os
+import random
+import re
+import sys
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import grpc
+from google.protobuf import struct_pb2
+from tqdm import tqdm
+
+from service_kit.status import code_from_int
+from vsearch.manifest import ManifestError, check_manifest, count_rows, read_manifest
+from vsearch.v1 import gateway_pb2, gateway_pb2_grpc
+
+DEFAULT_GATEWAY = "127.0.0.1:50051"
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
+# Images per AddImages stream: two of the gateway's embedder batches of 32, and a broken stream costs
+# at most this much re-sending.
+INDEX_CHUNK = 64
+# A chunk of large images closes early, bounding what the retry buffer holds.
+CHUNK_MAX_BYTES = 32 * 1024 * 1024
+# The gateway refuses gRPC messages over 64 MiB by default, which would fail the whole stream; a file
+# this large is failed here instead. (The gateway's own per-image limit, 20 MB by default, is lower.)
+MAX_FILE_BYTES = 63 * 1024 * 1024
+DEFAULT_CONCURRENCY = 2
+DEFAULT_READ_THREADS = 4
+DEFAULT_RETRIES = 5
+RETRY_BASE_S = 0.5
+RETRY_MAX_S = 8.0
+CONNECT_TIMEOUT_S = 20.0
+DELETE_BATCH = 1000
+# Failures listed on the terminal; the errors file always has all of them.
+SHOWN_FAILURES = 20
+COLLECTION_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
+DATA_DIR = Path(".vsearch")
+# Item-level codes: the gateway reports these per item; the client uses the same names for its own.
+READ_ERROR_CODES = {
+    errno.ENOENT: "NOT_FOUND", errno.EACCES: "PERMISSION_DENIED", errno.EPERM: "PERMISSION_DENIED",
+    errno.EISDIR: "INVALID_ARGUMENT",
+}
+
+
+class UsageError(Exception):
+    """Bad command-line input: a one-line message and exit status 2."""
+
+
+class GatewayError(Exception):
+    """A whole call failed (not one item): the run stops with exit status 1."""
+
+
+# ---- sources --------------------------------------------------------------------------------
+
+@dataclass
+class Source:
+    """One image to index, as listed (a file under a PATH argument, or a manifest row)."""
+
+    path: Path
+    item_id: str | None
+    metadata: dict[str, Any]
+    # Manifest rows only: the line it starts on, and why it is unusable when it is.
+    line: int | None = None
+    error: str | None = None
+
+    @property
+    def label(self) -> str:
+        return str(self.path)
+
+
+@dataclass
+class LoadedImage:
+    source: Source
+    data: bytes = b""
+    sha256: str = ""
+    image_uri: str = ""
+    failure: dict[str, Any] | None = None
+
+
+@dataclass
+class ChunkItem:
+    source: Source
+    item_id: str
+
+
+@dataclass
+class Chunk:
+    items: list[ChunkItem] = field(default_factory=list)
+    requests: list[gateway_pb2.AddImageRequest] = field(default_factory=list)
+    nbytes: int = 0
+
+
+def iter_image_files(paths: Sequence[str]) -> tuple[list[Path], list[Path]]:
+    """(image files, skipped non-image files), recursively, in a stable order."""
+    images, skipped = [], []
+    for raw in paths:
+        path = Path(raw)
+        candidates = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        for candidate in candidates:
+            (images if candidate.suffix.lower() in IMAGE_SUFFIXES else skipped).append(candidate)
+    return images, skipped
+
+
+def item_metadata(path: Path) -> dict[str, Any]:
+    return {"path": str(path.resolve()), "filename": path.name, "folder": path.parent.name}
+
+
+def file_sources(files: Iterable[Path]) -> Iterator[Source]:
+    for path in files:
+        yield Source(path=path, item_id=None, metadata=item_metadata(path))
+
+
+def manifest_sources(manifest: Path) -> Iterator[Source]:
+    for row in read_manifest(manifest):
+        path = row.image_path if row.image_path is not None else Path(row.source)
+        error = f"{manifest.name} {row.error}" if row.error else None
+        yield Source(path=path, item_id=row.item_id, metadata=row.metadata, line=row.line, error=error)
+
+
+def failure_record(source: Source, item_id: str, code: str, message: str) -> dict[str, Any]:
+    record: dict[str, Any] = {"path": source.label, "id": item_id, "code": code, "message": message}
+    if source.line is not None:
+        record["line"] = source.line
+    return record
+
+
+def load_image(source: Source) -> LoadedImage:
+    """Reads and hashes one file (on a reader thread; sha256 releases the GIL on large buffers)."""
+    where = f"line {source.line}: " if source.line is not None else ""
+    try:
+        size = source.path.stat().st_size
+        if size > MAX_FILE_BYTES:
+            return LoadedImage(source, failure=failure_record(
+                source, source.item_id or "", "INVALID_ARGUMENT",
+                f"{where}file is {size} bytes; at most {MAX_FILE_BYTES} can be sent"))
+        data = source.path.read_bytes()
+    except OSError as error:
+        code = READ_ERROR_CODES.get(error.errno or 0, "UNKNOWN")
+        return LoadedImage(source, failure=failure_record(
+            source, source.item_id or "", code, f"{where}cannot read file: {error.strerror or error}"))
+    if not data:
+        return LoadedImage(source, failure=failure_record(source, source.item_id or "", "INVALID_ARGUMENT",
+                                                          f"{where}file is empty"))
+    return LoadedImage(source, data=data, sha256=hashlib.sha256(data).hexdigest(),
+                       image_uri=source.path.resolve().as_uri())
+
+
+def ordered_loads(sources: Iterable[Source], pool: ThreadPoolExecutor, window: int,
+                  stop: threading.Event) -> Iterator[LoadedImage]:
+    """Loads sources on the pool, up to `window` ahead, yielding results in source order so that
+    "first seen" (for duplicates) does not depend on thread timing."""
+    pending: deque[Future[LoadedImage]] = deque()
+    for source in sources:
+        if stop.is_set():
+            break
+        if source.error is not None:
+            failed: Future[LoadedImage] = Future()
+            failed.set_result(LoadedImage(source, failure=failure_record(
+                source, source.item_id or "", "INVALID_ARGUMENT", source.error)))
+            pending.append(failed)
+        else:
+            pending.append(pool.submit(load_image, source))
+        while len(pending) > window:
+            yield pending.popleft().result()
+    while pending and not stop.is_set():
+        yield pending.popleft().result()
+    for future in pending:
+        future.cancel()
+
+
+# ---- the run's report -----------------------------------------------------------------------
+
+class IndexReport:
+    """Counts, failures and duplicates of one run; shared by the producer thread and the senders.
+    Each failure is appended to the errors file as one JSON line in a single write(2), so a kill at
+    any moment leaves whole lines only."""
+
+    def __init__(self, errors_path: Path, progress: tqdm) -> None:
+        self._lock = threading.Lock()
+        self.errors_path = errors_path
+        self._errors_fd: int | None = None
+        self._errors_unwritable = False
+        self.progress = progress
+        self.indexed = 0
+        self.unchanged = 0
+        self.skipped = 0
+        self.failures: list[dict[str, Any]] = []
+        self.duplicate_items: list[dict[str, Any]] = []
+        self.started = time.monotonic()
+        # The file describes the latest run only; a stale one would report errors since fixed.
+        try:
+            errors_path.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+    def fail(self, record: dict[str, Any]) -> None:
+        with self._lock:
+            self.failures.append(record)
+            self._write_error(record)
+            self.progress.update(1)
+
+    def duplicate(self, record: dict[str, Any]) -> None:
+        with self._lock:
+            self.duplicate_items.append(record)
+            self.progress.update(1)
+
+    def chunk_done(self, chunk: Chunk, reply: gateway_pb2.AddImagesSummary) -> None:
+        with self._lock:
+            self.indexed += reply.indexed
+            self.unchanged += reply.unchanged
+            for failure in reply.failures:
+                if failure.index >= len(chunk.items):  # not ours to map; still counted
+                    record = {"path": "", "id": failure.id, "code": code_from_int(failure.code).name,
+                              "message": failure.message}
+                else:
+                    item = chunk.items[failure.index]
+                    record = failure_record(item.source, failure.id or item.item_id,
+                                            code_from_int(failure.code).name, failure.message)
+                self.failures.append(record)
+                self._write_error(record)
+            self.progress.update(len(chunk.items))
+            self.progress.set_postfix(indexed=self.indexed, unchanged=self.unchanged, failed=len(self.failures),
+                                      refresh=False)
+
+    def _write_error(self, record: dict[str, Any]) -> None:
+        if self._errors_unwritable:
+            return
+        line = (json.dumps(record, ensure_ascii=False) + "\n").encode()
+        try:
+            if self._errors_fd is None:
+                self._errors_fd = os.open(self.errors_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            os.write(self._errors_fd, line)
+        except OSError as error:
+            self._errors_unwritable = True
+            print(f"vsearch index: cannot write errors file {self.errors_path}: {error.strerror or error}",
+                  file=sys.stderr)
+
+    def close(self) -> None:
+        self.progress.close()
+        if self._errors_fd is not None:
+            os.close(self._errors_fd)
+            self._errors_fd = None
+
+    def summary(self) -> dict[str, Any]:
+        elapsed = time.monotonic() - self.started
+        return {
+            "indexed": self.indexed,
+            "unchanged": self.unchanged,
+            "skipped": self.skipped,
+            "failed": len(self.failures),
+            "failures": self.failures,
+            "duplicates": len(self.duplicate_items),
+            "duplicate_items": self.duplicate_items,
+            "errors_file": str(self.errors_path) if self.failures and not self._errors_unwritable else None,
+            "elapsed_s": round(elapsed, 3),
+        }
+
+
+# ---- producer (thread) ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class IndexOptions:
+    gateway: str
+    collection: str = ""
+    concurrency: int = DEFAULT_CONCURRENCY
+    read_threads: int = DEFAULT_READ_THREADS
+    chunk_size: int = INDEX_CHUNK
+    retries: int = DEFAULT_RETRIES
+    timeout_s: float = 300.0
+    category_from_folder: bool = False
+
+
+def produce_chunks(sources: Iterable[Source], options: IndexOptions, report: IndexReport,
+                   deliver: Callable[[Chunk | None], bool], stop: threading.Event) -> None:
+    """Runs on its own thread: loads, de-duplicates and packs the sources into chunks for `deliver`
+    (which blocks while enough chunks wait), then delivers None to say the sources are exhausted."""
+    first_path_by_id: dict[str, str] = {}
+    chunk = Chunk()
+    with ThreadPoolExecutor(options.read_threads, thread_name_prefix="vsearch-read") as pool:
+        for loaded in ordered_loads(sources, pool, options.read_threads * 4, stop):
+            source = loaded.source
+            if loaded.failure is not None:
+                report.fail(loaded.failure)
+                continue
+            item_id = source.item_id or loaded.sha256
+            if item_id in first_path_by_id:
+                duplicate = {"path": source.label, "id": item_id, "duplicate_of": first_path_by_id[item_id]}
+                if source.line is not None:
+                    duplicate["line"] = source.line
+                report.duplicate(duplicate)
+                continue
+            first_path_by_id[item_id] = source.label
+            metadata = dict(source.metadata)
+            if options.category_from_folder:
+                metadata.setdefault("category", source.path.parent.name)
+            struct = struct_pb2.Struct()
+            struct.update(metadata)
+            chunk.items.append(ChunkItem(source, item_id))
+            chunk.requests.append(gateway_pb2.AddImageRequest(
+                id=item_id, image=loaded.data, metadata=struct, image_uri=loaded.image_uri,
+                collection=options.collection,
+            ))
+            chunk.nbytes += len(loaded.data)
+            if len(chunk.items) >= options.chunk_size or chunk.nbytes >= CHUNK_MAX_BYTES:
+                if not deliver(chunk):
+                    return
+                chunk = Chunk()
+    if stop.is_set():
+        return
+    if chunk.items and not deliver(chunk):
+        return
+    deliver(None)
+
+
+# ---- senders (asyncio) ----------------------------------------------------------------------
+
+async def add_chunk(stub: gateway_pb2_grpc.VisualSearchStub, chunk: Chunk,
+                    options: IndexOptions) -> gateway_pb2.AddImagesSummary:
+    """One AddImages stream for the chunk, retried on UNAVAILABLE: the gateway upserts by id, so
+    resending items that a broken stream already wrote is harmless (they come back unchanged)."""
+    for attempt in range(options.retries + 1):
+        try:
+            return await stub.AddImages(iter(chunk.requests), timeout=options.timeout_s, wait_for_ready=True)
+        except grpc.aio.AioRpcError as error:
+            if error.code() != grpc.StatusCode.UNAVAILABLE or attempt == options.retries:
+                tries = f" after {attempt + 1} attempts" if attempt else ""
+                raise GatewayError(f"gateway {options.gateway}: {error.code().name}: {error.details()}{tries}") from None
+            # Full jitter: concurrent senders that failed together do not come back together.
+            await asyncio.sleep(random.uniform(0, min(RETRY_MAX_S, RETRY_BASE_S * 2 ** attempt)))
+    raise AssertionError("unreachable")
+
+
+async def index_sources(sources: Iterable[Source], options: IndexOptions, report: IndexReport) -> None:
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[Chunk | None] = asyncio.Queue()
+    # Chunks read ahead of the senders, plus those being sent: bounds memory to a few chunks.
+    slots = threading.BoundedSemaphore(options.concurrency * 2)
+    stop = threading.Event()
+
+    def deliver(chunk: Chunk | None) -> bool:
+        if chunk is not None:
+            while not slots.acquire(timeout=0.2):
+                if stop.is_set():
+                    return False
+        if stop.is_set():
+            return False
+        loop.call_soon_threadsafe(queue.put_nowait, chunk)
+        return True
+
+    async def send_loop(stub: gateway_pb2_grpc.VisualSearchStub) -> None:
+        while True:
+            chunk = await queue.get()
+            if chunk is None:
+                queue.put_nowait(None)  # for the other senders
+                return
+            try:
+                reply = await add_chunk(stub, chunk, options)
+            finally:
+                slots.release()
+            report.chunk_done(chunk, reply)
+
+    async with grpc.aio.insecure_channel(options.gateway) as channel:
+        await wait_connected(channel, options.gateway)
+        stub = gateway_pb2_grpc.VisualSearchStub(channel)
+        producer = asyncio.ensure_future(asyncio.to_thread(produce_chunks, sources, options, report, deliver, stop))
+        senders = [asyncio.create_task(send_loop(stub)) for _ in range(options.concurrency)]
+        try:
+            await asyncio.gather(producer, *senders)
+        finally:
+            stop.set()
+            for sender in senders:
+                sender.cancel()
+            await asyncio.wait([producer, *senders])  # the producer notices `stop` within 0.2 s
+
+
+# ---- commands -------------------------------------------------------------------------------
+
+def check_collection(name: str) -> str:
+    if name and not COLLECTION_NAME.match(name):
+        raise UsageError(f"collection name {name!r} is invalid: use a letter or '_', then letters, digits or '_'")
+    return name
+
+
+def default_errors_path(manifest: Path | None) -> Path:
+    if manifest is not None:
+        return manifest.parent / f"{manifest.stem}.errors.jsonl"
+    return DATA_DIR / "index-errors.jsonl" if DATA_DIR.is_dir() else Path("vsearch-index-errors.jsonl")
+
+
+def print_index_summary(summary: dict[str, Any]) -> None:
+    line = (f"indexed {summary['indexed']}, unchanged {summary['unchanged']}, duplicates {summary['duplicates']}, "
+            f"skipped {summary['skipped']}, failed {summary['failed']} in {summary['elapsed_s']:.1f} s")
+    if summary["indexed"] == 0 and summary["unchanged"] and not summary["failed"]:
+        line += ": everything was already indexed"
+    print(line)
+    for duplicate in summary["duplicate_items"][:SHOWN_FAILURES]:
+        print(f"  duplicate {duplicate['path']}: same id as {duplicate['duplicate_of']}")
+    for failure in summary["failures"][:SHOWN_FAILURES]:
+        print(f"  failed {failure['path']}: {failure['code']}: {failure['message']}")
+    hidden = max(0, len(summary["failures"]) - SHOWN_FAILURES) + max(0, summary["duplicates"] - SHOWN_FAILURES)
+    if hidden:
+        print(f"  ... and {hidden} more")
+    if summary["errors_file"]:
+        print(f"errors: {summary['errors_file']}")
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    try:
+        collection = check_collection(args.collection)
+        if not args.paths and args.manifest is None:
+            raise UsageError("give image files or folders, or --manifest FILE")
+        missing = [p for p in args.paths if not Path(p).exists()]
+        if missing:
+            raise UsageError(f"no such file or directory: {', '.join(missing)}")
+        manifest = Path(args.manifest) if args.manifest is not None else None
+        if manifest is not None:
+            check_manifest(manifest)
+        for name, value in (("--concurrency", args.concurrency), ("--read-threads", args.read_threads),
+                            ("--chunk-size", args.chunk_size)):
+            if value < 1:
+                raise UsageError(f"{name} must be at least 1")
+        if args.retries < 0 or not args.timeout > 0:
+            raise UsageError("--retries must be at least 0 and --timeout positive")
+    except (UsageError, ManifestError) as error:
+        print(f"vsearch index: {error}", file=sys.stderr)
+        return 2
+
+    files, skipped = iter_image_files(args.paths)
+    sources: Iterable[Source] = file_sources(files)
+    total = len(files)
+    if manifest is not None:
+        sources = itertools.chain(manifest_sources(manifest), sources)
+        total += count_rows(manifest)
+    options = IndexOptions(
+        gateway=args.gateway, collection=collection, concurrency=args.concurrency, read_threads=args.read_threads,
+        chunk_size=args.chunk_size, retries=args.retries, timeout_s=args.timeout,
+        category_from_folder=args.category_from_folder,
+    )
+    show_progress = args.progress or (not args.json and sys.stderr.isatty())
+    progress = tqdm(total=total, unit="img", disable=not show_progress, file=sys.stderr, dynamic_ncols=True)
+    report = IndexReport(Path(args.errors) if args.errors else default_errors_path(manifest), progress)
+    report.skipped = len(skipped)
+    status, problem = 0, None
+    try:
+        asyncio.run(index_sources(sources, options, report))
+    except GatewayError as error:
+        status, problem = 1, str(error)
+    except ManifestError as error:
+        status, problem = 2, str(error)
+    except KeyboardInterrupt:
+        status, problem = 130, "interrupted; run the same command again to resume"
+    finally:
+        report.close()
+    summary = report.summary()
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print_index_summary(summary)
+    if problem:
+        print(f"vsearch index: {problem}", file=sys.stderr)
+    return status
+
+
+def manifest_ids(manifest: Path, read_threads: int) -> tuple[list[str], list[dict[str, Any]]]:
+    """The ids indexing `manifest` would write (explicit, or the file's sha256), and the rows that
+    name no usable image."""
+    ids: list[str] = []
+    failures: list[dict[str, Any]] = []
+    to_hash: list[Source] = []
+    for source in manifest_sources(manifest):
+        if source.error is None and source.item_id:
+            ids.append(source.item_id)  # no need to read the file
+        else:
+            to_hash.append(source)
+    with ThreadPoolExecutor(read_threads) as pool:
+        for loaded in ordered_loads(to_hash, pool, read_threads * 4, threading.Event()):
+            if loaded.failure is not None:
+                failures.append(loaded.failure)
+            else:
+                ids.append(loaded.sha256)
+    return ids, failures
+
+
+async def wait_connected(channel: grpc.aio.Channel, gateway: str) -> None:
+    """Calls use wait_for_ready (riding out a gateway restart); this turns "nothing listens there"
+    into a prompt error rather than a long wait."""
+    try:
+        await asyncio.wait_for(channel.channel_ready(), CONNECT_TIMEOUT_S)
+    except asyncio.TimeoutError:
+        raise GatewayError(f"gateway {gateway}: not reachable after {CONNECT_TIMEOUT_S:.0f}s") from None
+
+
+async def delete_ids(gateway: str, ids: list[str], collection: str) -> int:
+    deleted = 0
+    async with grpc.aio.insecure_channel(gateway) as channel:
+        await wait_connected(channel, gateway)
+        stub = gateway_pb2_grpc.VisualSearchStub(channel)
+        for start in range(0, len(ids), DELETE_BATCH):
+            reply = await stub.DeleteImages(
+                gateway_pb2.DeleteImagesRequest(ids=ids[start:start + DELETE_BATCH], collection=collection),
+                timeout=60, wait_for_ready=True,
+            )
+            deleted += reply.deleted
+    return deleted
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    try:
+        collection = check_collection(args.collection)
+        if not args.ids and args.manifest is None:
+            raise UsageError("give item ids, or --manifest FILE")
+        if args.manifest is not None:
+            check_manifest(Path(args.manifest))
+    except (UsageError, ManifestError) as error:
+        print(f"vsearch delete: {error}", file=sys.stderr)
+        return 2
+    ids, failures = list(args.ids), []
+    if args.manifest is not None:
+        try:
+            found, failures = manifest_ids(Path(args.manifest), DEFAULT_READ_THREADS)
+        except ManifestError as error:
+            print(f"vsearch delete: {error}", file=sys.stderr)
+            return 2
+        ids.extend(found)
+    unique_ids = list(dict.fromkeys(ids))
+    try:
+        deleted = asyncio.run(delete_ids(args.gateway, unique_ids, collection)) if unique_ids else 0
+    except grpc.aio.AioRpcError as error:
+        print(f"vsearch delete: gateway {args.gateway}: {error.code().name}: {error.details()}", file=sys.stderr)
+        return 1
+    except GatewayError as error:
+        print(f"vsearch delete: {error}", file=sys.stderr)
+        return 1
+    summary = {"requested": len(unique_ids), "deleted": deleted, "failed": len(failures), "failures": failures}
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"deleted {deleted} of {len(unique_ids)} ids ({len(unique_ids) - deleted} did not exist)"
+              + (f"; {len(failures)} manifest rows failed" if failures else ""))
+        for failure in failures[:SHOWN_FAILURES]:
+            print(f"  failed {failure['path']}: {failure['code']}: {failure['message']}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    index = sub.add_parser("index", help="add or update images (files, folders, or a manifest) through the gateway")
+    index.add_argument("paths", nargs="*", help="image files and folders (searched recursively)")
+    index.add_argument("--manifest", metavar="FILE",
+                       help="JSONL or CSV: per row `path` (relative to the manifest) or `uri` (file://), "
+                            "optional `id`, and metadata (category, price, title, ...)")
+    index.add_argument("--collection", default="", help="catalog to write to (default: the default one)")
+    index.add_argument("--gateway", default=DEFAULT_GATEWAY)
+    index.add_argument("--json", action="store_true", help="print one JSON summary object")
+    index.add_argument("--progress", action="store_true", help="show the progress bar even when not on a terminal")
+    index.add_argument("--category-from-folder", action="store_true",
+                       help="set each item's filterable `category` to its folder's name (unless given)")
+    index.add_argument("--errors", metavar="FILE",
+                       help="JSONL of this run's failures (default: beside the manifest, else .vsearch/ or here)")
+    index.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY,
+                       help=f"AddImages streams in flight (default {DEFAULT_CONCURRENCY})")
+    index.add_argument("--read-threads", type=int, default=DEFAULT_READ_THREADS,
+                       help=f"threads reading and hashing files (default {DEFAULT_READ_THREADS})")
+    index.add_argument("--chunk-size", type=int, default=INDEX_CHUNK,
+                       help=f"images per AddImages stream (default {INDEX_CHUNK})")
+    index.add_argument("--retries", type=int, default=DEFAULT_RETRIES,
+                       help=f"retries of a chunk the gateway answers UNAVAILABLE (default {DEFAULT_RETRIES})")
+    index.add_argument("--timeout", type=float, default=300.0, help="seconds allowed per chunk")
+    index.set_defaults(func=cmd_index)
+
+    delete = sub.add_parser("delete", help="remove items by id (or the items a manifest would index)")
+    delete.add_argument("ids", nargs="*")
+    delete.add_argument("--manifest", metavar="FILE", help="delete the ids that indexing this manifest would write")
+    delete.add_argument("--collection", default="")
+    delete.add_argument("--gateway", default=DEFAULT_GATEWAY)
+    delete.add_argument("--json", action="store_true")
+    delete.set_defaults(func=cmd_delete)
