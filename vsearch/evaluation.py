@@ -1,0 +1,423 @@
+"""`vsearch eval`: retrieval quality of the running system on a labelled image set.
+
+The catalog images are indexed through the gateway into a fresh collection of their own, every query
+image is searched through the gateway exactly as a client would, and the rankings are scored against
+the labels (relevant = same label). The collection is dropped at the end, so the default catalog and
+any other collection are left as they were.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import json
+import secrets
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Awaitable, Iterable, Iterator, Sequence
+
+import grpc
+import numpy as np
+from google.protobuf import struct_pb2
+from tqdm import tqdm
+
+from service_kit.status import code_from_int
+from vsearch.ingest import DEFAULT_GATEWAY
+from vsearch.retrieval_metrics import NS_DEPTH, QueryScores, score_query, summarise
+from vsearch.v1 import gateway_pb2, gateway_pb2_grpc, search_pb2
+
+# Images per AddImages stream, and streams in flight: two streams let the gateway embed one batch
+# while the search service writes the other.
+INGEST_CHUNK = 128
+INGEST_STREAMS = 2
+INGEST_TIMEOUT_S = 600.0
+SEARCH_TIMEOUT_S = 120.0
+CONTROL_TIMEOUT_S = 60.0
+MAX_REPORTED_FAILURES = 20
+
+
+class EvalError(Exception):
+    """A problem to report in one line; `exit_code` 2 for bad input, 1 for the system's answer."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass(frozen=True)
+class LabelledImage:
+    id: str  # the path relative to the images root, as written in the labels file
+    path: Path
+    label: str  # "" for an unlabelled row: a catalog distractor, never a query
+    split: str
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    catalog: list[LabelledImage]
+    queries: list[LabelledImage]
+
+
+@dataclass(frozen=True)
+class QueryOutcome:
+    query: LabelledImage
+    ranked_ids: list[str]
+    latency_ms: float
+    embedding_from_cache: bool
+
+
+# ---- the labelled set ----------------------------------------------------------------------------
+
+def load_eval_set(
+    images_root: Path,
+    labels_csv: Path,
+    path_col: str = "path",
+    label_col: str = "label",
+    split_col: str = "split",
+    catalog_split: str | None = None,
+    query_split: str | None = None,
+    exclude_labels: Sequence[str] = (),
+) -> EvalSet:
+    """Catalog: the rows of `catalog_split` (all rows without one). Queries: the labelled rows of
+    `query_split` (all of them without one) whose label is not excluded. Excluded labels stay in the
+    catalog as distractors, as unrelated images do in a real catalog."""
+    try:
+        with labels_csv.open(newline="", encoding="utf-8") as file:
+            reader = csv.DictReader(file)
+            columns = reader.fieldnames or []
+            rows = list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise EvalError(f"cannot read {labels_csv}: {error}", 2) from None
+    needed = [path_col, label_col] + ([split_col] if catalog_split is not None or query_split is not None else [])
+    missing_columns = [column for column in needed if column not in columns]
+    if missing_columns:
+        raise EvalError(f"{labels_csv} has no column {', '.join(map(repr, missing_columns))} "
+                        f"(columns: {', '.join(columns)})", 2)
+
+    images: list[LabelledImage] = []
+    seen: set[str] = set()
+    for row in rows:
+        relative = (row.get(path_col) or "").strip()
+        if not relative:
+            continue
+        if relative in seen:
+            raise EvalError(f"{labels_csv}: {relative!r} is listed twice", 2)
+        seen.add(relative)
+        images.append(LabelledImage(
+            id=relative, path=images_root / relative, label=(row.get(label_col) or "").strip(),
+            split=(row.get(split_col) or "").strip(),
+        ))
+    missing_files = [image for image in images if not image.path.is_file()]
+    if missing_files:
+        raise EvalError(f"{len(missing_files)} listed image(s) not found under {images_root}, "
+                        f"e.g. {missing_files[0].path}", 2)
+
+    excluded = set(exclude_labels)
+    catalog = [image for image in images if catalog_split is None or image.split == catalog_split]
+    queries = [
+        image for image in images
+        if (query_split is None or image.split == query_split) and image.label and image.label not in excluded
+    ]
+    if not catalog:
+        raise EvalError(f"no catalog images (split {catalog_split!r})" if catalog_split else "no catalog images", 2)
+    if not queries:
+        raise EvalError("no query images left after the split and the excluded labels", 2)
+    return EvalSet(catalog=catalog, queries=queries)
+
+
+def new_collection_name() -> str:
+    return f"eval_{secrets.token_hex(4)}"
+
+
+# ---- talking to the gateway ------------------------------------------------------------------------
+
+async def gather_or_cancel(coroutines: Iterable[Awaitable[None]]) -> None:
+    """Runs them all; on the first failure (or our own cancellation) cancels and awaits the rest, so
+    nothing still writes to the collection while it is being dropped."""
+    tasks = [asyncio.ensure_future(coroutine) for coroutine in coroutines]
+    try:
+        await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def rpc_message(error: grpc.aio.AioRpcError) -> str:
+    return f"{error.code().name}: {error.details()}"
+
+
+async def require_collection_support(stub: gateway_pb2_grpc.VisualSearchStub, collection: str) -> None:
+    """A gateway that predates collections ignores the field and would fill the default catalog with
+    the evaluation's images: refuse to start unless the fresh collection reads as NOT_FOUND. Also the
+    first call, so it does not wait for the gateway: no gateway is a quick UNAVAILABLE."""
+    try:
+        await stub.Stats(gateway_pb2.VisualStatsRequest(collection=collection), timeout=CONTROL_TIMEOUT_S)
+    except grpc.aio.AioRpcError as error:
+        if error.code() == grpc.StatusCode.NOT_FOUND:
+            return
+        raise EvalError(f"gateway Stats: {rpc_message(error)}") from None
+    raise EvalError(f"the gateway answered Stats for the new collection {collection!r} instead of NOT_FOUND: "
+                    "it does not support collections, and indexing would write into the default catalog")
+
+
+def add_requests(images: Sequence[LabelledImage], collection: str) -> Iterator[gateway_pb2.AddImageRequest]:
+    """Read lazily, so only the images of the streams in flight are held in memory."""
+    for image in images:
+        metadata = struct_pb2.Struct()
+        if image.label:
+            metadata.update({"label": image.label})
+        yield gateway_pb2.AddImageRequest(
+            id=image.id, image=image.path.read_bytes(), metadata=metadata,
+            image_uri=image.path.resolve().as_uri(), collection=collection,
+        )
+
+
+async def index_catalog(
+    stub: gateway_pb2_grpc.VisualSearchStub, catalog: Sequence[LabelledImage], collection: str,
+    show_progress: bool,
+) -> dict[str, str]:
+    """Indexes the catalog; returns {id: "CODE: message"} for the images the gateway refused."""
+    chunks = [catalog[start:start + INGEST_CHUNK] for start in range(0, len(catalog), INGEST_CHUNK)]
+    failures: dict[str, str] = {}
+    streams = asyncio.Semaphore(INGEST_STREAMS)
+    progress = tqdm(total=len(catalog), desc="index", unit="img", disable=not show_progress, file=sys.stderr,
+                    dynamic_ncols=True)
+
+    async def index_chunk(chunk: Sequence[LabelledImage]) -> None:
+        async with streams:
+            summary = await stub.AddImages(add_requests(chunk, collection), timeout=INGEST_TIMEOUT_S,
+                                           wait_for_ready=True)
+        for failure in summary.failures:
+            failures[chunk[failure.index].id] = f"{code_from_int(failure.code).name}: {failure.message}"
+        progress.update(len(chunk))
+
+    try:
+        await gather_or_cancel(index_chunk(chunk) for chunk in chunks)
+    finally:
+        progress.close()
+    return failures
+
+
+async def search_queries(
+    stub: gateway_pb2_grpc.VisualSearchStub, queries: Sequence[LabelledImage], collection: str,
+    hits_wanted: int, concurrency: int, show_progress: bool,
+) -> tuple[list[QueryOutcome], dict[str, str]]:
+    """Every query through gateway Search, at most `concurrency` in flight. An image the system refuses
+    (INVALID_ARGUMENT) is a failed query; any other error ends the evaluation."""
+    in_flight = asyncio.Semaphore(concurrency)
+    outcomes: list[QueryOutcome] = []
+    failures: dict[str, str] = {}
+    progress = tqdm(total=len(queries), desc="search", unit="query", disable=not show_progress, file=sys.stderr,
+                    dynamic_ncols=True)
+
+    async def search_one(query: LabelledImage) -> None:
+        async with in_flight:
+            request = gateway_pb2.VisualSearchRequest(image=query.path.read_bytes(), k=hits_wanted,
+                                                      collection=collection)
+            started = time.perf_counter()
+            try:
+                reply = await stub.Search(request, timeout=SEARCH_TIMEOUT_S, wait_for_ready=True)
+            except grpc.aio.AioRpcError as error:
+                if error.code() != grpc.StatusCode.INVALID_ARGUMENT:
+                    raise
+                failures[query.id] = rpc_message(error)
+            else:
+                outcomes.append(QueryOutcome(query, [hit.id for hit in reply.hits],
+                                             (time.perf_counter() - started) * 1000.0, reply.embedding_from_cache))
+            progress.update(1)
+
+    try:
+        await gather_or_cancel(search_one(query) for query in queries)
+    finally:
+        progress.close()
+    return outcomes, failures
+
+
+async def drop_collection(stub: gateway_pb2_grpc.VisualSearchStub, collection: str) -> bool:
+    try:
+        reply = await stub.DropCollection(search_pb2.DropCollectionRequest(collection=collection),
+                                          timeout=CONTROL_TIMEOUT_S)
+    except grpc.aio.AioRpcError as error:
+        print(f"vsearch eval: could not drop collection {collection}: {rpc_message(error)}", file=sys.stderr)
+        return False
+    return reply.dropped
+
+
+# ---- the evaluation ------------------------------------------------------------------------------
+
+def score_outcomes(
+    outcomes: Sequence[QueryOutcome], catalog: Sequence[LabelledImage], k: int,
+) -> tuple[list[QueryScores], int]:
+    """Scores per query, and the number of queries skipped because the catalog holds nothing relevant
+    to them (AP is undefined there)."""
+    label_of = {image.id: image.label for image in catalog}
+    label_counts = Counter(image.label for image in catalog)
+    scores: list[QueryScores] = []
+    skipped = 0
+    for outcome in outcomes:
+        query = outcome.query
+        relevant_total = label_counts[query.label] - (1 if label_of.get(query.id) == query.label else 0)
+        if relevant_total <= 0:
+            skipped += 1
+            continue
+        scores.append(score_query(outcome.ranked_ids, query.id, query.label, label_of, relevant_total, k))
+    return scores, skipped
+
+
+async def evaluate(
+    eval_set: EvalSet, gateway: str, k: int, concurrency: int = 8, keep_collection: bool = False,
+    show_progress: bool = False, collection: str | None = None,
+) -> dict:
+    """Indexes the catalog into `collection` (a fresh `eval_<hex>` by default), searches with every
+    query, drops the collection unless `keep_collection`, and returns the report: the metrics of
+    `retrieval_metrics.summarise` (mean over the queries that have a relevant catalog image), then
+    wall_time_s and the extras (sizes, failures, per-phase timings, query latencies)."""
+    started = time.perf_counter()
+    collection = collection or new_collection_name()
+    # One more hit than scored, for the query's own hit to drop out; at least N-S's depth.
+    hits_wanted = max(k + 1, NS_DEPTH)
+    async with grpc.aio.insecure_channel(gateway) as channel:
+        stub = gateway_pb2_grpc.VisualSearchStub(channel)
+        await require_collection_support(stub, collection)
+        dropped = False
+        try:
+            index_started = time.perf_counter()
+            catalog_failures = await index_catalog(stub, eval_set.catalog, collection, show_progress)
+            index_s = time.perf_counter() - index_started
+            indexed = [image for image in eval_set.catalog if image.id not in catalog_failures]
+            if not indexed:
+                raise EvalError(f"no catalog image could be indexed, e.g. {next(iter(catalog_failures.items()))}")
+            stats = await stub.Stats(gateway_pb2.VisualStatsRequest(collection=collection), timeout=CONTROL_TIMEOUT_S)
+            if stats.count != len(indexed):
+                raise EvalError(f"collection {collection} holds {stats.count} items after indexing "
+                                f"{len(indexed)}")
+
+            search_started = time.perf_counter()
+            outcomes, query_failures = await search_queries(
+                stub, eval_set.queries, collection, hits_wanted, concurrency, show_progress)
+            search_s = time.perf_counter() - search_started
+            if not outcomes:
+                raise EvalError(f"every query failed, e.g. {next(iter(query_failures.items()))}")
+        except grpc.aio.AioRpcError as error:
+            raise EvalError(f"gateway {gateway}: {rpc_message(error)}") from None
+        finally:
+            if not keep_collection:
+                dropped = await drop_collection(stub, collection)
+
+    scores, without_relevant = score_outcomes(outcomes, indexed, k)
+    if not scores:
+        raise EvalError("no query has a relevant image in the catalog")
+    latencies = np.array([outcome.latency_ms for outcome in outcomes])
+    report: dict = summarise(scores)
+    report.update({
+        "wall_time_s": round(time.perf_counter() - started, 3),
+        "k": k,
+        "catalog_size": len(indexed),
+        "catalog_labels": len({image.label for image in indexed if image.label}),
+        "catalog_failed": len(catalog_failures),
+        "queries_failed": len(query_failures),
+        "queries_without_relevant": without_relevant,
+        "collection": collection,
+        "collection_dropped": dropped,
+        "index_s": round(index_s, 3),
+        "search_s": round(search_s, 3),
+        "ingest_images_per_s": round(len(eval_set.catalog) / index_s, 2),
+        "queries_per_s": round(len(eval_set.queries) / search_s, 2),
+        "query_p50_ms": round(float(np.percentile(latencies, 50)), 2),
+        "query_p95_ms": round(float(np.percentile(latencies, 95)), 2),
+        "embedding_cache_hits": sum(outcome.embedding_from_cache for outcome in outcomes),
+        "concurrency": concurrency,
+        # The first few only: the counts above are complete.
+        "failures": dict(list({**catalog_failures, **query_failures}.items())[:MAX_REPORTED_FAILURES]),
+    })
+    return report
+
+
+# ---- command line --------------------------------------------------------------------------------
+
+METRIC_ROWS = (
+    ("map_at_k", "mAP@{k}"), ("precision_at_1", "P@1"), ("recall_at_10", "recall@10 (any relevant in top 10)"),
+    ("mrr_at_k", "MRR@{k}"), ("ns_score", "N-S score (relevant in top 4, query kept; max 4)"),
+)
+
+
+def format_report(report: dict) -> str:
+    lines = [f"{label.format(k=report['k']):<50} {report[key]:.4f}" for key, label in METRIC_ROWS]
+    lines += [
+        f"{'queries':<50} {report['queries']} ({report['queries_failed']} failed, "
+        f"{report['queries_without_relevant']} without a relevant catalog image)",
+        f"{'catalog':<50} {report['catalog_size']} images, {report['catalog_labels']} labels "
+        f"({report['catalog_failed']} failed to index)",
+        f"{'index':<50} {report['index_s']:.1f} s ({report['ingest_images_per_s']:.1f} images/s)",
+        f"{'search':<50} {report['search_s']:.1f} s ({report['queries_per_s']:.1f} queries/s, "
+        f"p50 {report['query_p50_ms']:.0f} ms, p95 {report['query_p95_ms']:.0f} ms, "
+        f"{report['concurrency']} in flight)",
+        f"{'wall time':<50} {report['wall_time_s']:.1f} s",
+        f"{'collection':<50} {report['collection']} ({'dropped' if report['collection_dropped'] else 'kept'})",
+    ]
+    for image_id, message in list(report["failures"].items())[:10]:
+        lines.append(f"  failed {image_id}: {message}")
+    return "\n".join(lines)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    if args.k < 1 or args.concurrency < 1:
+        print("vsearch eval: --k and --concurrency must be at least 1", file=sys.stderr)
+        return 2
+    collection = new_collection_name()
+    try:
+        eval_set = load_eval_set(
+            Path(args.images), Path(args.labels), args.path_col, args.label_col, args.split_col,
+            args.catalog_split, args.query_split, args.exclude_label or (),
+        )
+        report = asyncio.run(evaluate(
+            eval_set, args.gateway, args.k, args.concurrency, args.keep_collection,
+            show_progress=args.progress or sys.stderr.isatty(), collection=collection,
+        ))
+    except EvalError as error:
+        print(f"vsearch eval: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        # asyncio.run cancelled the evaluation, whose cleanup has dropped the collection by now.
+        kept = "kept" if args.keep_collection else "dropped"
+        print(f"vsearch eval: interrupted; collection {collection} {kept}", file=sys.stderr)
+        return 130
+    print(json.dumps(report) if args.json else format_report(report))
+    # A collection left behind is the caller's to clean up: say so in the exit status too.
+    return 0 if args.keep_collection or report["collection_dropped"] else 1
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    evaluation = sub.add_parser(
+        "eval", help="measure retrieval quality on a labelled image set, through the running system",
+        description=(
+            "Indexes the catalog rows of a labels CSV into a fresh collection through the gateway, searches "
+            "with every query row, scores the rankings (relevant = same label; a query's own hit is never "
+            "counted, except by the N-S score) and drops the collection. Excluded labels are removed from "
+            "the queries only: their images stay in the catalog as distractors."
+        ),
+    )
+    evaluation.add_argument("--images", required=True, help="folder the CSV's paths are relative to")
+    evaluation.add_argument("--labels", required=True, help="CSV with a header row")
+    evaluation.add_argument("--path-col", default="path")
+    evaluation.add_argument("--label-col", default="label")
+    evaluation.add_argument("--split-col", default="split")
+    evaluation.add_argument("--catalog-split", help="index only the rows of this split (default: all rows)")
+    evaluation.add_argument("--query-split", help="query with the rows of this split (default: all labelled rows)")
+    evaluation.add_argument("--exclude-label", action="append", metavar="LABEL",
+                            help="no queries with this label (they stay in the catalog); repeatable")
+    evaluation.add_argument("--k", type=int, default=100,
+                            help="ranking depth scored (default 100; k+1 hits are asked for, so at most "
+                                 "the gateway's max_k - 1)")
+    evaluation.add_argument("--gateway", default=DEFAULT_GATEWAY)
+    evaluation.add_argument("--concurrency", type=int, default=8, help="searches in flight (default 8)")
+    evaluation.add_argument("--keep-collection", action="store_true",
+                            help="leave the evaluation's collection in place (its name is in the report)")
+    evaluation.add_argument("--json", action="store_true", help="print one JSON object")
+    evaluation.add_argument("--progress", action="store_true", help="show progress bars even when not on a terminal")
+    evaluation.set_defaults(func=cmd_eval)
