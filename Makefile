@@ -1,5 +1,5 @@
 # The two commands a newcomer needs: `make demo` (install everything, run the main job) and `make test`.
-.PHONY: setup demo test protos check-protos
+.PHONY: setup demo test protos validate-deploy
 
 setup: .venv/.installed
 
@@ -15,3 +15,7 @@ test: setup
 # Regenerate vsearch/v1/ from protos/ with the pinned grpcio-tools.
 protos: setup
 	scripts/gen-protos
+
+# Offline checks of the container, compose and Kubernetes files (installs its own tools).
+validate-deploy:
+	scripts/validate-deploy

@@ -4,8 +4,10 @@ HTTP status of its gRPC code."""
 
 from __future__ import annotations
 
+import hmac
 import logging
 import time
+from urllib.parse import parse_qsl
 from importlib import resources
 from typing import Any, AsyncIterator, Callable
 
@@ -279,6 +281,41 @@ def add_requests_from_form(form: FormData) -> AsyncIterator[gateway_pb2.AddImage
     return requests()
 
 
+class ApiKeyMiddleware:
+    """External clients must send the API key (`X-API-Key: KEY` or `Authorization: Bearer KEY`) with
+    every /v1/ call. The page, the docs, /healthz and /metrics stay open (probes and scrapers carry
+    no key; the NetworkPolicy limits who reaches /metrics)."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self.api_key = api_key.encode()
+
+    def _presented(self, scope: Scope) -> bytes | None:
+        if scope["path"] == "/v1/files":
+            # <img> tags cannot send headers: thumbnails carry the key as a query parameter.
+            for name, value in parse_qsl(scope.get("query_string", b"").decode("latin-1")):
+                if name == "api_key":
+                    return value.encode()
+        headers = dict(scope.get("headers") or [])
+        if b"x-api-key" in headers:
+            return headers[b"x-api-key"].strip()
+        scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
+        return token.strip() if scheme.lower() == b"bearer" else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            presented = self._presented(scope)
+            if presented is None or not hmac.compare_digest(presented, self.api_key):
+                response = json_error(
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    "missing API key" if presented is None else "wrong API key", 401,
+                )
+                response.headers["WWW-Authenticate"] = "Bearer"
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def create_app(
     core: VisualSearchCore,
     settings: GatewaySettings,
@@ -292,6 +329,8 @@ def create_app(
         responses=ERROR_RESPONSES,
     )
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.http_max_body_bytes)
+    if settings.api_key is not None:
+        app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key.get_secret_value())
     app.add_middleware(HttpMetricsMiddleware, registry=registry)
     index_html = resources.files("gateway").joinpath("static/index.html").read_text(encoding="utf-8")
 

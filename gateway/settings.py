@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
 from service_kit.settings import ServiceSettings
@@ -40,6 +40,9 @@ class GatewaySettings(ServiceSettings):
     # Directories whose images `GET /v1/files?uri=file://...` may serve (the web page's thumbnails).
     # Empty: serve none. JSON list in the environment: GATEWAY_IMAGE_ROOTS='["/data/catalog"]'.
     image_roots: list[Path] = []
+    # When set, HTTP /v1/ calls must carry it (X-API-Key or Authorization: Bearer). gRPC is for
+    # internal services and is not checked here.
+    api_key: SecretStr | None = None
 
     # None: an in-process LRU cache (per replica); set it to share the cache between replicas.
     redis_url: str | None = None

@@ -10,6 +10,9 @@ import grpc
 
 def retry_service_config(attempts: int = 4, initial_backoff_s: float = 0.05, max_backoff_s: float = 1.0) -> str:
     return json.dumps({
+        # Spread calls over every address the name resolves to (a headless Service lists each pod),
+        # rather than pinning one connection to one pod.
+        "loadBalancingConfig": [{"round_robin": {}}],
         "methodConfig": [{
             "name": [{}],
             "retryPolicy": {

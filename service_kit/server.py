@@ -44,6 +44,9 @@ class ManagedServer:
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
             ("grpc.so_reuseport", 0),
+            # Clients reconnect every few minutes, re-resolving names, so new replicas get traffic.
+            ("grpc.max_connection_age_ms", 300_000),
+            ("grpc.max_connection_age_grace_ms", 30_000),
         ]
         self.grpc_server = grpc.aio.server(interceptors=[ServiceInterceptor(self.metrics)], options=options)
         self.health = health.aio.HealthServicer()

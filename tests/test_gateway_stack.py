@@ -313,3 +313,25 @@ async def test_body_limit_and_drain_of_a_second_gateway(stack):
         await stopping
         with pytest.raises(httpx.TransportError):
             await http.get("/healthz")
+
+
+async def test_an_api_key_guards_the_http_api_but_not_probes(stack):
+    gateway, _ = await create_gateway(GatewaySettings(
+        embedder_address=stack.embedder.address, search_address=stack.search.address, port=0, http_port=0,
+        api_key="s3cret-key",
+    ))
+    await gateway.start()
+    try:
+        await gateway.wait_ready(30)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{gateway.http_port}", timeout=10) as http:
+            assert_error(await http.get("/v1/stats"), 401, "UNAUTHENTICATED", "missing")
+            assert_error(await http.get("/v1/stats", headers={"X-API-Key": "s3cret-kez"}), 401, "UNAUTHENTICATED", "wrong")
+            assert_error(await http.post("/v1/search", json={"item_id": image_id(0)}), 401, "UNAUTHENTICATED", "key")
+            assert (await http.get("/v1/stats", headers={"X-API-Key": "s3cret-key"})).status_code == 200
+            bearer = await http.post("/v1/search", json={"item_id": image_id(0), "k": 2},
+                                     headers={"Authorization": "Bearer s3cret-key"})
+            assert bearer.status_code == 200 and len(bearer.json()["hits"]) == 2
+            for open_path in ("/healthz", "/metrics", "/", "/openapi.json"):
+                assert (await http.get(open_path)).status_code == 200, open_path
+    finally:
+        await gateway.stop(grace=1)
