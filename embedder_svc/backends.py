@@ -14,12 +14,25 @@ from embedder_svc.settings import EmbedderSettings
 
 
 class BackendError(Exception):
-    """The backend cannot load the model, or failed to run a batch."""
+    """The backend cannot load the model, or failed to run a batch (callers see INTERNAL)."""
+
+
+class BackendUnavailable(BackendError):
+    """The model server cannot be reached, or its model is not ready yet; worth retrying
+    (callers see UNAVAILABLE)."""
+
+
+class BackendMisconfigured(BackendError):
+    """The model server answers but lacks the model, or serves one that does not match the card;
+    retrying will not help until someone fixes it (callers see FAILED_PRECONDITION)."""
 
 
 class InferenceBackend(abc.ABC):
     #: What `Info.backend` reports.
     name: str
+    #: Seconds between readiness checks while serving (`check_ready`); None: the backend cannot
+    #: stop being ready once loaded (in-process), so nothing is checked.
+    health_interval_s: float | None = None
 
     @abc.abstractmethod
     async def load(self) -> None:
@@ -28,6 +41,11 @@ class InferenceBackend(abc.ABC):
     @abc.abstractmethod
     async def infer(self, batch: np.ndarray) -> np.ndarray:
         """One batch at a time (the batcher never overlaps calls); raises `BackendError`."""
+
+    async def check_ready(self) -> None:
+        """Raises `BackendUnavailable` or `BackendMisconfigured` when the loaded model can no longer
+        serve (a remote server went away or dropped the model). Cheap; called every
+        `health_interval_s` while serving."""
 
     @abc.abstractmethod
     async def close(self) -> None:
@@ -49,4 +67,8 @@ def create_backend(settings: EmbedderSettings, model_dir: Path, card: ModelCard)
             providers=settings.providers,
             inference_threads=settings.inference_threads,
         )
+    if settings.backend == "triton":
+        from embedder_svc.triton_backend import TritonBackend
+
+        return TritonBackend(settings.triton, card)
     raise BackendError(f"unknown backend {settings.backend!r}")

@@ -25,7 +25,12 @@ BackendFactory = Callable[[Path, ModelCard], InferenceBackend]
 
 
 class ModelNotLoaded(Exception):
-    """A call arrived before the model finished loading (or after shutdown began)."""
+    """A call arrived before the model finished loading (or after shutdown began). `cause` is why
+    the last attempt to load it failed, if one did."""
+
+    def __init__(self, message: str, cause: BaseException | None = None) -> None:
+        super().__init__(message)
+        self.cause = cause
 
 
 @dataclass(frozen=True)
@@ -55,11 +60,13 @@ class EmbeddingEngine:
         self.max_batch_wait_s = max_batch_wait_s
         self._metrics = metrics
         self._model: LoadedModel | None = None
+        self.last_load_error: BaseException | None = None
 
     @property
     def model(self) -> LoadedModel:
         if self._model is None:
-            raise ModelNotLoaded("model not loaded yet")
+            cause = self.last_load_error
+            raise ModelNotLoaded("model not loaded yet" + (f" ({cause})" if cause is not None else ""), cause)
         return self._model
 
     async def load(self) -> None:
@@ -67,14 +74,21 @@ class EmbeddingEngine:
         Raises (and the server retries) when any of that fails."""
         if self._model is not None:
             return
-        card = await asyncio.to_thread(read_model_card, self.model_dir)
-        backend = self._backend_factory(self.model_dir, card)
+        try:
+            card = await asyncio.to_thread(read_model_card, self.model_dir)
+            backend = self._backend_factory(self.model_dir, card)
+        except Exception as error:
+            self.last_load_error = error
+            raise
         try:
             await backend.load()
             await self._warm_up(backend, card)
-        except BaseException:
+        except BaseException as error:
+            if isinstance(error, Exception):
+                self.last_load_error = error
             await backend.close()
             raise
+        self.last_load_error = None
         batcher = MicroBatcher(backend.infer, self.max_batch_size, self.max_batch_wait_s, self._metrics)
         batcher.start()
         self._model = LoadedModel(card, Preprocessor(card), backend, batcher)

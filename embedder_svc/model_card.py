@@ -79,6 +79,27 @@ class OutputSpec(_Frozen):
     l2_normalized: bool
 
 
+class Quantization(_Frozen):
+    """How `vsearch model quantize` made this model from a float one (absent on float models)."""
+
+    method: Literal["static_qdq"] = "static_qdq"
+    weight_type: Literal["int8", "uint8"]
+    activation_type: Literal["int8", "uint8"]
+    per_channel: bool
+    calibration_method: Literal["minmax", "entropy", "percentile"]
+    calibration_images: int = Field(gt=0)
+    # sha256 over the calibration images' bytes, in the order used: the same set gives the same model.
+    calibration_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    # The float model it was quantized from.
+    float_version: str
+    float_model_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    # What the accuracy guard measured (float, int8), on `guard_eval_set`.
+    guard_metric: str | None = None
+    guard_float: float | None = None
+    guard_int8: float | None = None
+    guard_eval_set: str | None = None
+
+
 class ModelCard(_Frozen):
     schema_version: Literal[1] = 1
     name: str
@@ -89,6 +110,8 @@ class ModelCard(_Frozen):
     input: InputSpec
     preprocessing: Preprocessing
     output: OutputSpec
+    # Set on models written by `vsearch model quantize`.
+    quantization: Quantization | None = None
 
     @model_validator(mode="after")
     def _check(self) -> ModelCard:
@@ -118,8 +141,20 @@ class ModelCard(_Frozen):
         digest = hashlib.sha256(json.dumps(defining, sort_keys=True).encode()).hexdigest()
         return digest[:12]
 
+    @staticmethod
+    def derive_quantized_version(float_version: str, quantization: Quantization, model_sha256: str) -> str:
+        """A quantized model's version: the float model's, how it was quantized, and the result."""
+        defining = {
+            "float_version": float_version,
+            "quantization": quantization.model_dump(mode="json", exclude={"guard_metric", "guard_float", "guard_int8", "guard_eval_set"}),
+            "model_sha256": model_sha256,
+        }
+        return hashlib.sha256(json.dumps(defining, sort_keys=True).encode()).hexdigest()[:12]
+
     def to_json(self) -> str:
-        return self.model_dump_json(indent=2) + "\n"
+        # Float models keep the card they always had (no "quantization": null).
+        exclude = {"quantization"} if self.quantization is None else None
+        return self.model_dump_json(indent=2, exclude=exclude) + "\n"
 
 
 def read_model_card(model_dir: Path) -> ModelCard:

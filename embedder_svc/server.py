@@ -8,8 +8,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
+from grpc_health.v1 import health_pb2
 
-from embedder_svc.backends import BackendError, InferenceBackend, create_backend
+from embedder_svc.backends import (
+    BackendError,
+    BackendMisconfigured,
+    BackendUnavailable,
+    InferenceBackend,
+    create_backend,
+)
 from embedder_svc.batching import BatcherClosed
 from embedder_svc.embedder_metrics import EmbedderMetrics
 from embedder_svc.engine import EmbeddingEngine, ModelNotLoaded
@@ -30,18 +37,91 @@ def _rpc_code(code: grpc.StatusCode) -> int:
     return code.value[0]
 
 
+class BackendHealthMonitor:
+    """Keeps health in step with a backend that can stop being ready after it loaded (a remote
+    model server): every `health_interval_s`, and at once after an inference call found it
+    unavailable, it asks the backend; NOT_SERVING while it is not ready, SERVING again when it is.
+    In-process backends (no interval) are never checked."""
+
+    def __init__(self, server: ManagedServer, engine: EmbeddingEngine) -> None:
+        self._server = server
+        self._engine = engine
+        self._task: asyncio.Task | None = None
+        self._wake = asyncio.Event()
+        self.serving = True
+        self.last_error: BackendError | None = None
+
+    async def start(self) -> None:
+        """Startup hook, after the model loaded (health turns SERVING right after)."""
+        if self._task is None and self._engine.model.backend.health_interval_s is not None:
+            self._task = asyncio.create_task(self._run(), name="embedder-backend-health")
+
+    def backend_failed(self) -> None:
+        self._wake.set()
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                backend = self._engine.model.backend
+            except ModelNotLoaded:  # shutting down
+                return
+            interval = backend.health_interval_s or 1.0
+            try:
+                await asyncio.wait_for(self._wake.wait(), interval)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            try:
+                await backend.check_ready()
+            except BackendError as error:
+                self.last_error = error
+                await self._set_serving(False, str(error))
+            else:
+                self.last_error = None
+                await self._set_serving(True, backend.describe())
+
+    async def _set_serving(self, serving: bool, reason: str) -> None:
+        if serving == self.serving:
+            return
+        self.serving = serving
+        if serving:
+            logger.info("embedder backend ready again: %s; SERVING", reason)
+        else:
+            logger.warning("embedder backend not ready: %s; NOT_SERVING", reason)
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        # After a SIGTERM the health servicer ignores this (it stays NOT_SERVING while draining).
+        for name in ("", *self._server.service_names):
+            await self._server.health.set(name, status)
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+
+
 class EmbedderServicer(embedder_pb2_grpc.EmbedderServicer):
-    def __init__(self, engine: EmbeddingEngine, backend_name: str, max_images_per_request: int, metrics: EmbedderMetrics) -> None:
+    def __init__(
+        self, engine: EmbeddingEngine, backend_name: str, max_images_per_request: int, metrics: EmbedderMetrics,
+        monitor: BackendHealthMonitor | None = None,
+    ) -> None:
         self._engine = engine
         self._backend_name = backend_name
         self._max_images = max_images_per_request
         self._metrics = metrics
+        self._monitor = monitor
 
     def _loaded_card(self) -> ModelCard:
         try:
             return self._engine.model.card
         except ModelNotLoaded as error:
-            raise ServiceError(grpc.StatusCode.UNAVAILABLE, f"embedder: {error}") from None
+            # A model server without the model will not get it by retrying: say so precisely.
+            code = (grpc.StatusCode.FAILED_PRECONDITION if isinstance(error.cause, BackendMisconfigured)
+                    else grpc.StatusCode.UNAVAILABLE)
+            raise ServiceError(code, f"embedder: {error}") from None
 
     async def EmbedImages(
         self, request: embedder_pb2.EmbedImagesRequest, context: grpc.aio.ServicerContext
@@ -66,6 +146,14 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServicer):
             return self._item_error(grpc.StatusCode.INVALID_ARGUMENT, f"image {index}: {outcome.message}")
         if isinstance(outcome, (BatcherClosed, ModelNotLoaded)):
             return self._item_error(grpc.StatusCode.UNAVAILABLE, f"image {index}: {outcome}")
+        if isinstance(outcome, BackendUnavailable):
+            if self._monitor is not None:
+                self._monitor.backend_failed()
+            return self._item_error(grpc.StatusCode.UNAVAILABLE, f"image {index}: {outcome}")
+        if isinstance(outcome, BackendMisconfigured):
+            if self._monitor is not None:
+                self._monitor.backend_failed()
+            return self._item_error(grpc.StatusCode.FAILED_PRECONDITION, f"image {index}: {outcome}")
         if isinstance(outcome, BackendError):
             return self._item_error(grpc.StatusCode.INTERNAL, f"image {index}: inference failed: {outcome}")
         if isinstance(outcome, BaseException):
@@ -108,14 +196,17 @@ async def create_server(settings: EmbedderSettings) -> tuple[ManagedServer, int]
         max_batch_wait_s=settings.max_batch_wait_ms / 1000.0,
         metrics=metrics,
     )
-    servicer = EmbedderServicer(engine, settings.backend, settings.max_images_per_request, metrics)
+    monitor = BackendHealthMonitor(server, engine)
+    servicer = EmbedderServicer(engine, settings.backend, settings.max_images_per_request, metrics, monitor)
     embedder_pb2_grpc.add_EmbedderServicer_to_server(servicer, server.grpc_server)
 
     async def shut_down_decoding() -> None:
         await asyncio.to_thread(decode_executor.shutdown, True, cancel_futures=True)
 
     server.on_startup(engine.load)
-    # Shutdown hooks run in reverse: the engine (batcher, backend) first, then decoding.
+    server.on_startup(monitor.start)
+    # Shutdown hooks run in reverse: the health monitor, the engine (batcher, backend), then decoding.
     server.on_shutdown(shut_down_decoding)
     server.on_shutdown(engine.close)
+    server.on_shutdown(monitor.stop)
     return server, server.port

@@ -6,10 +6,39 @@ import json
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
 from service_kit.settings import ServiceSettings
+
+
+class TritonSettings(BaseModel):
+    """Where the `triton` backend finds its model: ``EMBEDDER_TRITON__URL`` and friends."""
+
+    # protected_namespaces: model_name and model_version are Triton's words, not pydantic's.
+    model_config = ConfigDict(frozen=True, protected_namespaces=())
+
+    # host:port of Triton's gRPC endpoint (not the HTTP one).
+    url: str = "127.0.0.1:8001"
+    # The model's name in Triton's repository; default: the model card's name (which is also what
+    # `vsearch model triton-repo` names it).
+    model_name: str | None = None
+    # "" lets Triton choose (its version policy: the latest version by default).
+    model_version: str = ""
+    # Deadline of one inference call (one micro-batch).
+    request_timeout_s: float = Field(30.0, gt=0)
+    # Deadline of readiness and metadata calls, and of connecting at startup.
+    check_timeout_s: float = Field(2.0, gt=0)
+    # While serving, how often the embedder asks Triton whether the model is still ready; health
+    # follows (NOT_SERVING while it is not, SERVING again once it is).
+    health_interval_s: float = Field(1.0, gt=0)
+
+    @field_validator("model_version")
+    @classmethod
+    def _check_version(cls, value: str) -> str:
+        if value and not value.isdigit():
+            raise ValueError("must be empty (Triton chooses) or a version number")
+        return value
 
 
 class EmbedderSettings(ServiceSettings):
@@ -18,8 +47,11 @@ class EmbedderSettings(ServiceSettings):
     port: int = 50052
     # A directory written by `vsearch model prepare`: model.onnx + model_card.json.
     model_dir: Path
-    # Only in-process onnxruntime for now; each backend is an `InferenceBackend` (see backends.py).
-    backend: Literal["onnxruntime"] = "onnxruntime"
+    # Where the model runs; each backend is an `InferenceBackend` (see backends.py). "onnxruntime":
+    # in-process, model.onnx from model_dir. "triton": a Triton Inference Server over gRPC
+    # (EMBEDDER_TRITON__*); model_dir then needs only the model card.
+    backend: Literal["onnxruntime", "triton"] = "onnxruntime"
+    triton: TritonSettings = TritonSettings()
     max_batch_size: int = Field(32, ge=1)
     # How long the first image of a batch may wait for others to join it.
     max_batch_wait_ms: float = Field(2.0, ge=0)

@@ -1,17 +1,45 @@
-"""`vsearch model ...`: preparing embedding models for the embedder service."""
+"""`vsearch model ...`: preparing embedding models for the embedder service, quantizing them to int8
+(with an accuracy guard), and writing Triton model repositories for them."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 from embedder_svc.model_presets import DEFAULT_PRESET, PRESETS
 
 
+def _shared_dir() -> Path:
+    from embedder_svc.model_prepare import default_shared_dir
+
+    return default_shared_dir()
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _batch_sizes(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Adds the `model` command to the main CLI's subparsers; handlers are `args.func(args) -> int`."""
-    model = subparsers.add_parser("model", help="prepare embedding models", description="Prepare embedding models.")
+    model = subparsers.add_parser(
+        "model", help="prepare, quantize and export embedding models",
+        description="Prepare embedding models, quantize them to int8, write Triton model repositories for them.",
+    )
     commands = model.add_subparsers(dest="model_command", metavar="COMMAND", required=True)
 
     prepare = commands.add_parser(
@@ -36,6 +64,83 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     prepare.add_argument("--out", type=Path, required=True, help="directory to write model.onnx and model_card.json into")
     prepare.set_defaults(func=run_prepare)
 
+    caltech = "$VSEARCH_SHARED_DIR/datasets/caltech101"
+    quantize = commands.add_parser(
+        "quantize",
+        help="int8-quantize a prepared model, refusing if retrieval quality drops",
+        description=(
+            "Static int8 quantization (QDQ, onnxruntime.quantization) of a prepared embedding model: "
+            "quant_pre_process, per-channel int8 weights, activations calibrated on images drawn from a "
+            "folder (never the evaluation images). Both models then embed a labelled set in-process and are "
+            "scored all-vs-all like `vsearch eval` (relevant = same label); if mAP@100 drops by more than "
+            "--tolerance nothing is written and the exit status is 3. Otherwise --out gets model.onnx and a "
+            "card recording the quantization, with a new version. Prints size, batch-1/batch-32 latency "
+            "and the metrics of both models side by side."
+        ),
+    )
+    quantize.add_argument("--model-dir", type=Path, required=True, help="the prepared float model (model.onnx + model_card.json)")
+    quantize.add_argument("--out", type=Path, required=True, help="directory for the int8 model (written only if the guard passes)")
+    quantize.add_argument("--name", help="model name on the new card (default: <float name>-int8)")
+    quantize.add_argument("--calibration-dir", type=Path,
+                          help=f"folder of catalog images to calibrate on, searched recursively (default {caltech}/101_ObjectCategories)")
+    quantize.add_argument("--calibration-count", type=_positive_int, default=128,
+                          help="images drawn (seeded) from --calibration-dir (default 128)")
+    quantize.add_argument("--calibration-method", choices=["minmax", "entropy", "percentile"], default="minmax",
+                          help="how activation ranges are chosen (default minmax)")
+    quantize.add_argument("--percentile", type=float, default=99.999, help="for --calibration-method percentile (default 99.999)")
+    quantize.add_argument("--activation-type", choices=["uint8", "int8"], default="uint8",
+                          help="activation type (default uint8: the fast U8S8 kernels of onnxruntime on x86)")
+    quantize.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor instead of per output channel")
+    quantize.add_argument("--eval-labels", type=Path,
+                          help=f"labels CSV of the guard's labelled set (default {caltech}/labels.csv)")
+    quantize.add_argument("--eval-images", type=Path, help="folder the CSV's paths are relative to (default: the CSV's folder)")
+    quantize.add_argument("--eval-path-col", default="path")
+    quantize.add_argument("--eval-label-col", default="label")
+    quantize.add_argument("--eval-split-col", default="split")
+    quantize.add_argument("--eval-split", help="use only the rows of this split (default: all rows)")
+    quantize.add_argument("--eval-per-class", type=_positive_int, default=10,
+                          help="at most this many images per label, a seeded pick (default 10)")
+    quantize.add_argument("--eval-limit", type=_positive_int, help="at most this many images in all")
+    quantize.add_argument("--eval-exclude-label", action="append", metavar="LABEL", default=[],
+                          help="no queries of this label (its images stay as distractors), e.g. BACKGROUND_Google; repeatable")
+    quantize.add_argument("--tolerance", type=float, default=0.01,
+                          help="largest allowed drop of mAP@100, absolute (default 0.01 = 1 point)")
+    quantize.add_argument("--latency-runs", type=_positive_int, default=20, help="timed runs per latency figure (median; default 20)")
+    quantize.add_argument("--latency-batch-sizes", type=_batch_sizes, default=(1, 32),
+                          help="batch sizes timed for both models (default 1,32)")
+    quantize.add_argument("--seed", type=int, default=0, help="seed of the calibration and evaluation picks")
+    quantize.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    quantize.set_defaults(func=run_quantize)
+
+    triton = commands.add_parser(
+        "triton-repo",
+        help="write a Triton model repository for a prepared model",
+        description=(
+            "Write <out>/<name>/config.pbtxt and <out>/<name>/<version>/model.onnx for Triton Inference Server. "
+            "--flavour gpu (production): onnxruntime backend on GPU, dynamic batching, TensorRT accelerator "
+            "(FP16; INT8 for a quantized model), warm-up. --flavour cpu: python backend running the same ONNX "
+            "file with onnxruntime (model.py), what the tritonserver of the nvidia-pytriton wheel can serve. "
+            "Point the embedder at it with EMBEDDER_BACKEND=triton EMBEDDER_TRITON__URL=host:8001 "
+            "(EMBEDDER_MODEL_DIR still names the model directory: its card drives preprocessing)."
+        ),
+    )
+    triton.add_argument("--model-dir", type=Path, required=True, help="the prepared model (model.onnx + model_card.json)")
+    triton.add_argument("--out", type=Path, required=True, help="the model repository (other models in it are kept)")
+    triton.add_argument("--flavour", choices=["gpu", "cpu"], default="gpu", help="default gpu")
+    triton.add_argument("--name", help="model name in the repository (default: the card's name)")
+    triton.add_argument("--model-version", type=_positive_int, default=1, help="Triton version directory (default 1)")
+    triton.add_argument("--max-batch-size", type=_positive_int, default=64, help="default 64")
+    triton.add_argument("--preferred-batch-sizes", type=_batch_sizes,
+                        help="dynamic batcher's preferred sizes, e.g. 16,32,64 (default: the three largest powers of two up to the max)")
+    triton.add_argument("--max-queue-delay-us", type=int, default=2000,
+                        help="how long the dynamic batcher may hold a request for a fuller batch (default 2000)")
+    triton.add_argument("--instances", type=_positive_int, default=1, help="model instances (default 1)")
+    triton.add_argument("--gpus", type=_batch_sizes, help="gpu flavour: GPU ids for the instances, e.g. 0,1 (default: all)")
+    triton.add_argument("--tensorrt-precision", choices=["FP32", "FP16", "INT8"],
+                        help="gpu flavour (default: INT8 for a quantized model, else FP16)")
+    triton.add_argument("--cpu-threads", type=int, default=0, help="cpu flavour: onnxruntime threads (default 0: all cores)")
+    triton.set_defaults(func=run_triton_repo)
+
 
 def run_prepare(args: argparse.Namespace) -> int:
     # Imported here: onnx and onnxruntime are slow to import and only this command needs them.
@@ -59,4 +164,94 @@ def run_prepare(args: argparse.Namespace) -> int:
     print(f"prepared {card.name} version {card.version} in {args.out}")
     print(f"  {card.output.dimension}-d, cut at {card.feature_tensor!r}, {pooling} pooling, L2-normalised")
     print(f"  preprocessing: {card.preprocessing_summary()}")
+    return 0
+
+
+def run_quantize(args: argparse.Namespace) -> int:
+    from embedder_svc.quantize import (
+        GUARD_METRIC,
+        AccuracyGuardError,
+        QuantizeError,
+        QuantizeReport,
+        draw_calibration_images,
+        load_labelled_images,
+        quantize_embedding_model,
+    )
+
+    caltech = _shared_dir() / "datasets" / "caltech101"
+    labels = args.eval_labels or caltech / "labels.csv"
+    calibration_dir = args.calibration_dir or caltech / "101_ObjectCategories"
+
+    def progress(message: str) -> None:
+        print(f"vsearch model quantize: {message}", file=sys.stderr, flush=True)
+
+    def show(report: QuantizeReport) -> None:
+        if args.json:
+            print(json.dumps({
+                "passed": report.passed, "out_dir": str(report.out_dir) if report.out_dir else None,
+                "version": report.card.version if report.card else None,
+                "float": vars(report.float_model), "int8": vars(report.int8_model),
+                "guard_metric": GUARD_METRIC, "drop": report.guard_drop, "tolerance": report.tolerance,
+                "eval_set": report.eval_set, "eval_images": report.eval_images,
+                "calibration_images": report.calibration_images, "calibration_method": report.calibration_method,
+                "qdq_nodes": report.qdq_nodes, "seconds": report.seconds,
+            }, default=str))
+            return
+        print(report.table())
+        print(f"\nguard: {GUARD_METRIC} {report.float_model.metrics[GUARD_METRIC]:.4f} -> "
+              f"{report.int8_model.metrics[GUARD_METRIC]:.4f} (drop {report.guard_drop:+.4f}, tolerance "
+              f"{report.tolerance:.4f}) on {report.eval_set}; calibrated on {report.calibration_images} images "
+              f"({report.calibration_method}); {report.qdq_nodes} QDQ nodes; "
+              + ", ".join(f"{name} {value:.1f}s" for name, value in report.seconds.items()))
+
+    try:
+        eval_set = load_labelled_images(
+            labels, args.eval_images, path_col=args.eval_path_col, label_col=args.eval_label_col,
+            split_col=args.eval_split_col, split=args.eval_split, per_class=args.eval_per_class,
+            limit=args.eval_limit, exclude_labels=args.eval_exclude_label, seed=args.seed,
+        )
+        calibration = draw_calibration_images(calibration_dir, args.calibration_count, seed=args.seed,
+                                              exclude=eval_set.paths)
+        report = quantize_embedding_model(
+            args.model_dir, args.out, calibration_images=calibration, eval_set=eval_set,
+            calibration_method=args.calibration_method, per_channel=not args.per_tensor,
+            activation_type=args.activation_type, percentile=args.percentile, tolerance=args.tolerance,
+            name=args.name, latency_batches=args.latency_batch_sizes, latency_runs=args.latency_runs,
+            progress=progress,
+        )
+    except AccuracyGuardError as error:
+        show(error.report)
+        print(f"vsearch model quantize: {error}", file=sys.stderr)
+        return 3
+    except QuantizeError as error:
+        print(f"vsearch model quantize: error: {error}", file=sys.stderr)
+        return 1
+    show(report)
+    if not args.json and report.card is not None:
+        print(f"wrote {report.card.name} version {report.card.version} to {report.out_dir}")
+    return 0
+
+
+def run_triton_repo(args: argparse.Namespace) -> int:
+    from embedder_svc.model_card import ModelCardError
+    from embedder_svc.triton_repo import TritonRepoError, TritonRepoOptions, tensorrt_precision_for, write_triton_repo
+
+    options = TritonRepoOptions(
+        flavour=args.flavour, model_name=args.name, model_version=args.model_version,
+        max_batch_size=args.max_batch_size, preferred_batch_sizes=args.preferred_batch_sizes,
+        max_queue_delay_us=args.max_queue_delay_us, instance_count=args.instances, gpus=args.gpus or (),
+        tensorrt_precision=args.tensorrt_precision, cpu_threads=args.cpu_threads,
+    )
+    try:
+        written = write_triton_repo(args.model_dir, args.out, options)
+    except (TritonRepoError, ModelCardError) as error:
+        print(f"vsearch model triton-repo: error: {error}", file=sys.stderr)
+        return 1
+    detail = (f"onnxruntime on GPU, TensorRT {tensorrt_precision_for(written.card, args.tensorrt_precision)}"
+              if args.flavour == "gpu" else "python backend, onnxruntime CPU")
+    print(f"wrote {written.model_name} version {written.model_version} ({detail}, max batch {args.max_batch_size}) "
+          f"to {args.out}")
+    print(f"  config: {written.config_path}")
+    print(f"  embedder: EMBEDDER_BACKEND=triton EMBEDDER_TRITON__URL=<triton host>:8001 "
+          f"EMBEDDER_TRITON__MODEL_NAME={written.model_name} EMBEDDER_MODEL_DIR={args.model_dir}")
     return 0
