@@ -107,20 +107,13 @@ def load_labelled_images(
     """Rows of a labels CSV (paths relative to `images_root`, default: the CSV's folder), optionally
     one split, at most `per_class` images per label and `limit` in all (a seeded random pick, so the
     same options give the same set)."""
-    import csv
+    from vsearch.labelled_csv import LabelsFileError, read_label_rows
 
     images_root = images_root or labels_csv.parent
     try:
-        with labels_csv.open(newline="", encoding="utf-8") as stream:
-            reader = csv.DictReader(stream)
-            columns = reader.fieldnames or []
-            rows = list(reader)
-    except (OSError, UnicodeDecodeError, csv.Error) as error:
-        raise QuantizeError(f"cannot read {labels_csv}: {error}") from None
-    needed = [path_col, label_col] + ([split_col] if split is not None else [])
-    missing = [column for column in needed if column not in columns]
-    if missing:
-        raise QuantizeError(f"{labels_csv} has no column {', '.join(map(repr, missing))} (columns: {', '.join(columns)})")
+        rows = read_label_rows(labels_csv, [path_col, label_col] + ([split_col] if split is not None else []))
+    except LabelsFileError as error:
+        raise QuantizeError(str(error)) from None
     by_label: dict[str, list[Path]] = {}
     for row in rows:
         relative, label = (row.get(path_col) or "").strip(), (row.get(label_col) or "").strip()

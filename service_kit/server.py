@@ -13,7 +13,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from service_kit.metrics import RpcMetrics, ServiceInterceptor
-from service_kit.settings import ServiceSettings
+from service_kit.settings import ServiceSettings, SettingsT, load_settings
+from service_kit.structured_logging import configure_logging
 
 logger = logging.getLogger(__name__)
 
@@ -148,11 +149,18 @@ async def serve_until_signalled(server: ManagedServer) -> None:
     await server.stop(drain=server.settings.drain_seconds)
 
 
-def run_service(server_factory: Callable[[], Awaitable[tuple[ManagedServer, int]]]) -> None:
-    """Entry point body for `python -m <service>`."""
+def run_service(
+    name: str,
+    settings_cls: type[SettingsT],
+    create_server: Callable[[SettingsT], Awaitable[tuple[ManagedServer, int]]],
+) -> None:
+    """The body of every `python -m <service>`: settings from the environment (or a one-line refusal),
+    logging, then the server until SIGTERM or SIGINT."""
+    settings = load_settings(settings_cls, name)
+    configure_logging(name, settings.log_level, settings.log_format)
 
     async def main() -> None:
-        server, _port = await server_factory()
+        server, _port = await create_server(settings)
         await serve_until_signalled(server)
 
     asyncio.run(main())

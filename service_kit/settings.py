@@ -28,7 +28,7 @@ class ServiceSettings(BaseSettings):
     max_message_bytes: int = 64 * 1024 * 1024
 
 
-SettingsT = TypeVar("SettingsT", bound=BaseSettings)
+SettingsT = TypeVar("SettingsT", bound=ServiceSettings)
 
 
 def describe_validation_error(settings_cls: type[BaseSettings], error: ValidationError) -> str:

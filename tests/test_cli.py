@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
 from conftest import REPO_ROOT, free_port
@@ -33,11 +34,12 @@ def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def running_stack(tmp_path_factory):
+def running_stack(tmp_path_factory, ukbench_images):
     data_dir = tmp_path_factory.mktemp("up")
     grpc_port, http_port = free_port(), free_port()
     process = subprocess.Popen(
-        [*VSEARCH, "up", "--data-dir", str(data_dir), "--grpc-port", str(grpc_port), "--http-port", str(http_port)],
+        [*VSEARCH, "up", "--data-dir", str(data_dir), "--grpc-port", str(grpc_port), "--http-port", str(http_port),
+         "--image-root", str(ukbench_images[0].parent)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO_ROOT,
     )
     # `up` prints exactly one line once every service reports SERVING.
@@ -57,6 +59,15 @@ def test_up_prints_addresses_and_uses_redis(running_stack):
     assert running_stack["gateway"] in banner
     assert f"http://127.0.0.1:{running_stack['http_port']}" in banner
     assert "redis://127.0.0.1:" in banner
+
+
+def test_up_lets_the_gateway_serve_images_from_its_image_roots(running_stack, ukbench_images, tmp_path):
+    base = f"http://127.0.0.1:{running_stack['http_port']}/v1/files"
+    inside = httpx.get(base, params={"uri": ukbench_images[0].resolve().as_uri()}, timeout=10)
+    assert inside.status_code == 200 and inside.content == ukbench_images[0].read_bytes()
+    copy = tmp_path / "copy.jpg"
+    copy.write_bytes(ukbench_images[0].read_bytes())
+    assert httpx.get(base, params={"uri": copy.as_uri()}, timeout=10).status_code == 404
 
 
 def test_index_reports_and_skips_bad_files(running_stack, ukbench_images, tmp_path):

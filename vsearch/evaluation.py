@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import csv
 import json
 import secrets
 import sys
@@ -27,6 +26,7 @@ from tqdm import tqdm
 
 from service_kit.status import code_from_int
 from vsearch.ingest import DEFAULT_GATEWAY
+from vsearch.labelled_csv import LabelsFileError, read_label_rows
 from vsearch.retrieval_metrics import NS_DEPTH, QueryScores, score_query, summarise
 from vsearch.v1 import gateway_pb2, gateway_pb2_grpc, search_pb2
 
@@ -85,18 +85,11 @@ def load_eval_set(
     """Catalog: the rows of `catalog_split` (all rows without one). Queries: the labelled rows of
     `query_split` (all of them without one) whose label is not excluded. Excluded labels stay in the
     catalog as distractors, as unrelated images do in a real catalog."""
-    try:
-        with labels_csv.open(newline="", encoding="utf-8") as file:
-            reader = csv.DictReader(file)
-            columns = reader.fieldnames or []
-            rows = list(reader)
-    except (OSError, UnicodeDecodeError, csv.Error) as error:
-        raise EvalError(f"cannot read {labels_csv}: {error}", 2) from None
     needed = [path_col, label_col] + ([split_col] if catalog_split is not None or query_split is not None else [])
-    missing_columns = [column for column in needed if column not in columns]
-    if missing_columns:
-        raise EvalError(f"{labels_csv} has no column {', '.join(map(repr, missing_columns))} "
-                        f"(columns: {', '.join(columns)})", 2)
+    try:
+        rows = read_label_rows(labels_csv, needed)
+    except LabelsFileError as error:
+        raise EvalError(str(error), 2) from None
 
     images: list[LabelledImage] = []
     seen: set[str] = set()

@@ -55,6 +55,8 @@ class StackLayout:
     http_port: int
     embedder_port: int = field(default_factory=free_port)
     search_port: int = field(default_factory=free_port)
+    # Directories whose images the gateway may serve to the web page (GATEWAY_IMAGE_ROOTS).
+    image_roots: list[Path] = field(default_factory=list)
     redis_port: int | None = None
     # Set when the embedder runs its model on Triton: that server's gRPC address and model name.
     triton_url: str | None = None
@@ -88,6 +90,8 @@ class StackLayout:
         }
         if self.redis_url:
             gateway["GATEWAY_REDIS_URL"] = self.redis_url
+        if self.image_roots:
+            gateway["GATEWAY_IMAGE_ROOTS"] = json.dumps([str(root.resolve()) for root in self.image_roots])
         envs = {"embedder": embedder, "search": search, "gateway": gateway}
         for name, env in envs.items():
             prefix = name.upper() + "_"
