@@ -62,6 +62,9 @@ class OnnxRuntimeBackend(InferenceBackend):
         providers = resolve_providers(self.requested_providers, ort.get_available_providers())
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.inference_threads
+        # Idle intra-op threads would otherwise spin for the next run, taking the cores that image
+        # decoding needs (measured: ingest +10%, embedder CPU per search about 2.5x lower).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             session = ort.InferenceSession(str(self.model_path), sess_options=options, providers=providers)
         except Exception as error:  # noqa: BLE001 - onnxruntime's errors share no base class

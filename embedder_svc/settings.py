@@ -53,8 +53,10 @@ class EmbedderSettings(ServiceSettings):
     backend: Literal["onnxruntime", "triton"] = "onnxruntime"
     triton: TritonSettings = TritonSettings()
     max_batch_size: int = Field(32, ge=1)
-    # How long the first image of a batch may wait for others to join it.
-    max_batch_wait_ms: float = Field(2.0, ge=0)
+    # How long the first image of a batch may wait for others to join it. 0: run at once. Batches still
+    # fill under load (images queue while a batch runs, and one request's images arrive together), and
+    # a lone query does not wait (measured: 11.4 -> 7.3 ms per single image).
+    max_batch_wait_ms: float = Field(0.0, ge=0)
     max_image_bytes: int = Field(20 * 1024 * 1024, ge=1)
     # Decompression-bomb guard, checked against the header before any pixel is decoded.
     max_image_pixels: int = Field(40_000_000, ge=1)

@@ -13,18 +13,13 @@ from typing import Sequence
 
 import grpc
 from google.protobuf import json_format, struct_pb2
-from tqdm import tqdm
 
-from service_kit.status import code_from_int
-from vsearch import cli_model
+from vsearch import bench, cli_model, evaluation, ingest
+from vsearch.ingest import DEFAULT_GATEWAY
 from vsearch.local_stack import LocalStack, StackLayout, free_port, port_is_free
 from vsearch.v1 import embedder_pb2, gateway_pb2, gateway_pb2_grpc, search_pb2
 
-DEFAULT_GATEWAY = "127.0.0.1:50051"
 DEFAULT_DATA_DIR = Path(".vsearch")
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
-# Images per AddImages stream: a broken connection costs at most this much re-sending.
-INDEX_CHUNK = 64
 OPERATORS = {
     "==": search_pb2.EQ, "!=": search_pb2.NE, "<": search_pb2.LT, "<=": search_pb2.LE,
     ">": search_pb2.GT, ">=": search_pb2.GE, "in": search_pb2.IN, "not_in": search_pb2.NOT_IN,
@@ -47,11 +42,23 @@ def cmd_up(args: argparse.Namespace) -> int:
     except ModelPrepareError as error:
         print(f"vsearch up: cannot prepare model {args.model}: {error}", file=sys.stderr)
         return 1
+    triton, triton_model = None, None
+    if args.triton:
+        from embedder_svc.triton_repo import TritonRepoError
+        from vsearch.local_stack import prepare_local_triton
+
+        try:
+            triton, triton_model = prepare_local_triton(data_dir, model_dir)
+        except (RuntimeError, TritonRepoError) as error:
+            print(f"vsearch up: cannot set up Triton: {error}", file=sys.stderr)
+            return 1
     layout = StackLayout(
         data_dir=data_dir, model_dir=model_dir, gateway_port=args.grpc_port, http_port=args.http_port,
         redis_port=None if args.no_redis else free_port(),
+        triton_url=triton.grpc_url if triton else None, triton_model_name=triton_model,
+        image_roots=[Path(root) for root in args.image_root],
     )
-    stack = LocalStack(layout, data_dir / "logs")
+    stack = LocalStack(layout, data_dir / "logs", triton)
     stop_requested = False
 
     def request_stop(signum: int, _frame: object) -> None:
@@ -69,7 +76,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     cache = layout.redis_url or "in-process cache (no redis-server found)"
     print(
         f"vsearch up: gateway grpc 127.0.0.1:{layout.gateway_port} http http://127.0.0.1:{layout.http_port} "
-        f"| embedder 127.0.0.1:{layout.embedder_port} | search 127.0.0.1:{layout.search_port} | cache {cache} "
+        f"| embedder 127.0.0.1:{layout.embedder_port}"
+        f"{f' (model on Triton grpc {layout.triton_url})' if layout.triton_url else ''} | search 127.0.0.1:{layout.search_port} | cache {cache} "
         f"| data {data_dir} | Ctrl-C stops",
         flush=True,
     )
@@ -83,83 +91,6 @@ def cmd_up(args: argparse.Namespace) -> int:
     finally:
         stack.stop()
     print("vsearch up: stopped", flush=True)
-    return 0
-
-
-# ---- index ----------------------------------------------------------------------------------
-
-def iter_image_files(paths: Sequence[str]) -> tuple[list[Path], list[Path]]:
-    """(image files, skipped non-image files), recursively, in a stable order."""
-    images, skipped = [], []
-    for raw in paths:
-        path = Path(raw)
-        candidates = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-        for candidate in candidates:
-            (images if candidate.suffix.lower() in IMAGE_SUFFIXES else skipped).append(candidate)
-    return images, skipped
-
-
-def item_metadata(path: Path) -> struct_pb2.Struct:
-    metadata = struct_pb2.Struct()
-    metadata.update({"path": str(path.resolve()), "filename": path.name, "folder": path.parent.name})
-    return metadata
-
-
-async def index_files(files: list[Path], gateway: str, show_progress: bool, category_from_folder: bool) -> dict:
-    summary = {"indexed": 0, "skipped": 0, "failed": 0, "failures": []}
-    progress = tqdm(total=len(files), unit="img", disable=not show_progress, file=sys.stderr, dynamic_ncols=True)
-    async with grpc.aio.insecure_channel(gateway) as channel:
-        stub = gateway_pb2_grpc.VisualSearchStub(channel)
-        for start in range(0, len(files), INDEX_CHUNK):
-            chunk = files[start:start + INDEX_CHUNK]
-            requests: list[gateway_pb2.AddImageRequest] = []
-            sent_paths: list[Path] = []
-            for path in chunk:
-                try:
-                    data = path.read_bytes()
-                except OSError as error:
-                    summary["failed"] += 1
-                    summary["failures"].append({"path": str(path), "code": "UNAVAILABLE", "message": str(error)})
-                    continue
-                metadata = item_metadata(path)
-                if category_from_folder:
-                    metadata.update({"category": path.parent.name})
-                requests.append(gateway_pb2.AddImageRequest(
-                    image=data, metadata=metadata, image_uri=path.resolve().as_uri()))
-                sent_paths.append(path)
-            if requests:
-                reply = await stub.AddImages(iter(requests), timeout=300, wait_for_ready=True)
-                summary["indexed"] += reply.indexed
-                summary["failed"] += reply.failed
-                for failure in reply.failures:
-                    summary["failures"].append({
-                        "path": str(sent_paths[failure.index]), "id": failure.id,
-                        "code": code_from_int(failure.code).name, "message": failure.message,
-                    })
-            progress.update(len(chunk))
-    progress.close()
-    return summary
-
-
-def cmd_index(args: argparse.Namespace) -> int:
-    missing = [p for p in args.paths if not Path(p).exists()]
-    if missing:
-        print(f"vsearch index: no such file or directory: {', '.join(missing)}", file=sys.stderr)
-        return 2
-    files, skipped = iter_image_files(args.paths)
-    try:
-        summary = asyncio.run(index_files(files, args.gateway, not args.json and sys.stderr.isatty() or args.progress,
-                                          args.category_from_folder))
-    except grpc.aio.AioRpcError as error:
-        print(f"vsearch index: gateway {args.gateway}: {error.code().name}: {error.details()}", file=sys.stderr)
-        return 1
-    summary["skipped"] = len(skipped)
-    if args.json:
-        print(json.dumps(summary))
-    else:
-        print(f"indexed {summary['indexed']}, skipped {summary['skipped']}, failed {summary['failed']}")
-        for failure in summary["failures"]:
-            print(f"  failed {failure['path']}: {failure['code']}: {failure['message']}")
     return 0
 
 
@@ -243,17 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--http-port", type=int, default=8080)
     up.add_argument("--model", default="mobilenetv2-12-int8", help="model preset to prepare and serve")
     up.add_argument("--no-redis", action="store_true", help="use the in-process cache even if redis-server exists")
+    up.add_argument("--image-root", action="append", default=[], metavar="DIR",
+                    help="let the web page show indexed images stored under DIR (repeatable)")
     up.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for every service to be SERVING")
+    up.add_argument("--triton", action="store_true",
+                    help="run the model on a local CPU Triton Inference Server (installed into .venv-triton by "
+                         "scripts/setup-triton on first use); the embedder talks to it over gRPC")
     up.set_defaults(func=cmd_up)
-
-    index = sub.add_parser("index", help="add image files (recursively) through the gateway")
-    index.add_argument("paths", nargs="+")
-    index.add_argument("--gateway", default=DEFAULT_GATEWAY)
-    index.add_argument("--json", action="store_true", help="print one JSON summary object")
-    index.add_argument("--progress", action="store_true", help="show the progress bar even when not on a terminal")
-    index.add_argument("--category-from-folder", action="store_true",
-                       help="set each item's filterable `category` to its folder's name")
-    index.set_defaults(func=cmd_index)
 
     search = sub.add_parser("search", help="find the catalog images most similar to IMAGE")
     search.add_argument("image")
@@ -266,7 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--json", action="store_true")
     search.set_defaults(func=cmd_search)
 
+    ingest.register(sub)
     cli_model.register(sub)
+    evaluation.register(sub)
+    bench.register(sub)
     return parser
 
 

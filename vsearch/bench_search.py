@@ -1,0 +1,291 @@
+"""`vsearch bench search`: gateway Search latency and throughput, cache misses and cache hits apart,
+against the floor of what one query must cost: the model on one image plus one ANN search.
+
+A cache miss must miss both the embedding cache (keyed by the image's sha256) and the result cache:
+every miss request carries an image no other request of the run uses. Against a stack the bench did
+not start (whose Redis may remember an earlier run), the bytes also get a per-run trailer after the
+image's end marker, which decoders ignore. Every answer's from_cache flags are counted, so a miss
+that was not one shows in the figures."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import grpc
+import numpy as np
+
+from vsearch.bench_common import BenchError, ModelRig, latency_summary, rate, ratio, read_all, sample_images
+from vsearch.bench_ingest import PYTHON_SERVICES, add_all, scrape_all
+from vsearch.bench_procs import CpuMeter, PySpyProfiles, histogram_delta
+from vsearch.bench_stack import StackEndpoints, channel, drop_gateway_collection, new_collection_name
+from vsearch.v1 import embedder_pb2, embedder_pb2_grpc, gateway_pb2, gateway_pb2_grpc, search_pb2, search_pb2_grpc
+
+TARGET_MISS_OVER_FLOOR = 1.2
+TARGET_HIT_OVER_MISS = 0.1
+WARMUP_QUERIES = 4
+SEARCH_TIMEOUT_S = 60.0
+
+
+@dataclass
+class SearchConfig:
+    catalog: int
+    requests: int
+    concurrency: list[int]
+    hit_set: int
+    floor_samples: int
+    k: int
+    dataset: Path
+    seed: int
+    chunk: int
+    streams: int
+    # Where py-spy profiles of the searches go; None: no profiling.
+    profile_dir: Path | None = None
+
+    def requests_at(self, concurrency: int) -> int:
+        """Enough requests that every caller sends several: one wave of `concurrency` measures the
+        queue filling up, not the steady state."""
+        return max(self.requests, 4 * concurrency)
+
+
+def fresh_bytes(data: bytes, nonce: bytes) -> bytes:
+    """The same image under another sha256: data after a JPEG's end marker (or a PNG's IEND chunk)
+    is ignored by decoders."""
+    return data + b"vsearch-bench" + nonce
+
+
+async def search_load(stub: gateway_pb2_grpc.VisualSearchStub, requests: Sequence[gateway_pb2.VisualSearchRequest],
+                      concurrency: int) -> dict[str, Any]:
+    """`concurrency` callers, each sending its next request as soon as its last one is answered."""
+    latencies: list[float] = []
+    server_embed_ms: list[float] = []
+    server_search_ms: list[float] = []
+    server_total_ms: list[float] = []
+    errors: Counter[str] = Counter()
+    flags: Counter[str] = Counter()
+    pending = iter(requests)
+
+    async def caller() -> None:
+        for request in pending:
+            started = time.perf_counter()
+            try:
+                reply = await stub.Search(request, timeout=SEARCH_TIMEOUT_S)
+            except grpc.aio.AioRpcError as error:
+                errors[f"{error.code().name}: {error.details()}"[:160]] += 1
+                continue
+            latencies.append(time.perf_counter() - started)
+            flags["from_cache"] += reply.from_cache
+            flags["embedding_from_cache"] += reply.embedding_from_cache
+            if not reply.from_cache:
+                server_embed_ms.append(reply.timing.embed_ms)
+                server_search_ms.append(reply.timing.search_ms)
+                server_total_ms.append(reply.timing.total_ms)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(caller() for _ in range(concurrency)))
+    seconds = time.perf_counter() - started
+    return {
+        "concurrency": concurrency,
+        "requests": len(requests),
+        "ok": len(latencies),
+        "errors": dict(errors),
+        "seconds": round(seconds, 3),
+        "throughput_rps": rate(len(latencies), seconds),
+        "latency": latency_summary(latencies),
+        "from_cache": flags["from_cache"],
+        "embedding_from_cache": flags["embedding_from_cache"],
+        # The gateway's own split of an uncached search (Timing in the reply).
+        "server_embed_ms_p50": round(float(np.median(server_embed_ms)), 3) if server_embed_ms else None,
+        "server_search_ms_p50": round(float(np.median(server_search_ms)), 3) if server_search_ms else None,
+        "server_total_ms_p50": round(float(np.median(server_total_ms)), 3) if server_total_ms else None,
+    }
+
+
+async def embedder_latencies(address: str, datas: Sequence[bytes]) -> list[float]:
+    """EmbedImages with one image, straight to the embedder: decode, batching wait, model, one hop."""
+    latencies = []
+    async with channel(address) as grpc_channel:
+        stub = embedder_pb2_grpc.EmbedderStub(grpc_channel)
+        requests = [embedder_pb2.EmbedImagesRequest(images=[embedder_pb2.ImageInput(data=data)]) for data in datas]
+        try:
+            for request in requests[:WARMUP_QUERIES]:
+                await stub.EmbedImages(request, timeout=SEARCH_TIMEOUT_S)
+            for request in requests:
+                started = time.perf_counter()
+                await stub.EmbedImages(request, timeout=SEARCH_TIMEOUT_S)
+                latencies.append(time.perf_counter() - started)
+        except grpc.aio.AioRpcError as error:
+            raise BenchError(f"embedder EmbedImages: {error.code().name}: {error.details()}") from None
+    return latencies
+
+
+async def measure_floor(rig: ModelRig, stack: StackEndpoints, datas: Sequence[bytes], collection: str,
+                        k: int) -> dict[str, Any]:
+    """Model on one pre-decoded image, and search_svc Search with a precomputed vector, each alone.
+    Also, for the gap between the floor and a real search: decode+preprocess alone, and the embedder
+    service on one image (when its address is known)."""
+    search_address = stack.search
+    decode_latencies, tensors = [], []
+    for data in datas:
+        started = time.perf_counter()
+        tensors.append(rig.prepare(data))
+        decode_latencies.append(time.perf_counter() - started)
+    model_latencies, vectors = [], []
+    for tensor in tensors:
+        batch = tensor[np.newaxis]
+        started = time.perf_counter()
+        vectors.append((await rig.infer(batch))[0])
+        model_latencies.append(time.perf_counter() - started)
+    floor: dict[str, Any] = {
+        "samples": len(datas),
+        "model_batch1": latency_summary(model_latencies),
+        "decode_preprocess": latency_summary(decode_latencies),
+    }
+    if search_address is None:
+        floor["ann"] = {"skipped": "no search_svc address (give --search ADDR)"}
+        return floor
+    requests = [search_pb2.SearchRequest(queries=[search_pb2.Vector(values=vector.tolist())], k=k, collection=collection)
+                for vector in vectors]
+    ann_latencies = []
+    async with channel(search_address) as grpc_channel:
+        stub = search_pb2_grpc.VectorSearchStub(grpc_channel)
+        try:
+            for request in requests[:WARMUP_QUERIES]:
+                await stub.Search(request, timeout=SEARCH_TIMEOUT_S)
+            for request in requests:
+                started = time.perf_counter()
+                await stub.Search(request, timeout=SEARCH_TIMEOUT_S)
+                ann_latencies.append(time.perf_counter() - started)
+        except grpc.aio.AioRpcError as error:
+            raise BenchError(f"search_svc Search: {error.code().name}: {error.details()}") from None
+    floor["ann"] = latency_summary(ann_latencies)
+    if stack.embedder is not None:
+        floor["embedder_rpc_batch1"] = latency_summary(await embedder_latencies(stack.embedder, datas))
+    floor["floor_ms"] = round(floor["model_batch1"]["p50_ms"] + floor["ann"]["p50_ms"], 3)
+    # Not part of the floor as defined, but every uncached image query pays it too.
+    floor["floor_with_decode_ms"] = round(floor["floor_ms"] + floor["decode_preprocess"]["p50_ms"], 3)
+    return floor
+
+
+def level_stages(before: dict[str, dict], after: dict[str, dict]) -> dict[str, Any]:
+    stages: dict[str, Any] = {}
+    if after.get("embedder"):
+        batches = histogram_delta(before.get("embedder", {}), after["embedder"], "vsearch_embedder_batch_size")
+        stages["embedder_mean_batch_size"] = round(batches["mean"], 2)
+        stages["embedder_inference_runs"] = batches["count"]
+    if after.get("search"):
+        for method in ("Search", "Stats"):
+            calls = histogram_delta(before.get("search", {}), after["search"], "vsearch_grpc_latency_seconds",
+                                    method=method)
+            stages[f"search_svc_{method.lower()}_calls"] = calls["count"]
+            stages[f"search_svc_{method.lower()}_mean_ms"] = round(calls["mean"] * 1000, 3)
+    return stages
+
+
+async def measure_level(stub: gateway_pb2_grpc.VisualSearchStub, stack: StackEndpoints,
+                        requests: Sequence[gateway_pb2.VisualSearchRequest], concurrency: int,
+                        profile_dir: Path | None) -> dict[str, Any]:
+    """One load level, with the CPU each process used, the services' own stage figures and, when
+    asked, py-spy profiles of the services."""
+    profiles = None
+    if profile_dir is not None and stack.pids:
+        profiles = PySpyProfiles({name: pid for name, pid in stack.pids.items() if name in PYTHON_SERVICES}
+                                 | {"bench_client": os.getpid()}, profile_dir)
+    meter = CpuMeter({**stack.pids, "bench_client": os.getpid()})
+    metrics_before = scrape_all(stack)
+    meter.start()
+    if profiles is not None:
+        profiles.start()
+    try:
+        level = await search_load(stub, requests, concurrency)
+    finally:
+        profile_summary = profiles.stop() if profiles is not None else None
+    level["cpu_by_process"] = meter.stop(level["seconds"])
+    level["machine_load"] = meter.machine
+    level["stages"] = level_stages(metrics_before, scrape_all(stack))
+    if profiles is not None:
+        level["profile"] = {"processes": profile_summary, "problems": profiles.problems}
+    return level
+
+
+async def run_search(config: SearchConfig, stack: StackEndpoints, rig: ModelRig) -> dict[str, Any]:
+    miss_count = sum(config.requests_at(concurrency) for concurrency in config.concurrency) + WARMUP_QUERIES
+    catalog_paths, miss_paths, floor_paths, hit_paths = sample_images(
+        config.dataset, [config.catalog, miss_count, config.floor_samples, config.hit_set], config.seed + 1)
+    nonce = uuid.uuid4().hex.encode()
+    # A stack the bench started has empty caches; another one may remember earlier runs' images.
+    prepare_query = (lambda data: data) if stack.managed else (lambda data: fresh_bytes(data, nonce))
+    miss_datas = [prepare_query(data) for data in read_all(miss_paths)]
+    hit_datas = [prepare_query(data) for data in read_all(hit_paths)]
+    floor_datas = read_all(floor_paths)
+    collection = new_collection_name("search")
+    items = [(f"catalog-{index:06d}", data, path)
+             for index, (data, path) in enumerate(zip(read_all(catalog_paths), catalog_paths))]
+
+    def request(image: bytes) -> gateway_pb2.VisualSearchRequest:
+        return gateway_pb2.VisualSearchRequest(image=image, k=config.k, collection=collection)
+
+    levels: list[dict[str, Any]] = []
+    async with channel(stack.gateway) as grpc_channel:
+        stub = gateway_pb2_grpc.VisualSearchStub(grpc_channel)
+        try:
+            summaries, _seconds = await add_all(stub, items, collection, config.chunk, config.streams)
+            floor = await measure_floor(rig, stack, floor_datas, collection, config.k)
+            await search_load(stub, [request(data) for data in miss_datas[:WARMUP_QUERIES]], 1)
+            misses = iter(miss_datas[WARMUP_QUERIES:])
+            hit_requests = [request(data) for data in hit_datas]
+            for concurrency in config.concurrency:
+                count = config.requests_at(concurrency)
+                miss_requests = [request(next(misses)) for _ in range(count)]
+                level = await measure_level(stub, stack, miss_requests, concurrency,
+                                            config.profile_dir / f"miss-c{concurrency}" if config.profile_dir else None)
+                levels.append({"cache": "miss", **level})
+                if len(levels) == 1 and "floor_ms" in floor:
+                    # The floor again right after the first miss level, so the ratio compares
+                    # measurements taken around the same time on a machine whose load drifts.
+                    again = await measure_floor(rig, stack, floor_datas, collection, config.k)
+                    floor["floor_ms_runs"] = [floor["floor_ms"], again["floor_ms"]]
+                    floor["floor_ms"] = round((floor["floor_ms"] + again["floor_ms"]) / 2, 3)
+                    floor["after_first_level"] = again
+                # Fill both caches first; then every request repeats one of these images.
+                await search_load(stub, hit_requests, 1)
+                repeats = [hit_requests[index % len(hit_requests)] for index in range(count)]
+                level = await measure_level(stub, stack, repeats, concurrency,
+                                            config.profile_dir / f"hit-c{concurrency}" if config.profile_dir else None)
+                levels.append({"cache": "hit", **level})
+        finally:
+            cleanup = await drop_gateway_collection(stub, collection, [item_id for item_id, _data, _path in items])
+    return {
+        "catalog_images": len(items), "indexed": sum(summary.indexed for summary in summaries), "k": config.k,
+        "collection": collection, "cleanup": cleanup, "cache": stack.cache,
+        "floor": floor, "levels": levels, "targets": targets(floor, levels),
+    }
+
+
+def targets(floor: dict[str, Any], levels: list[dict[str, Any]]) -> dict[str, Any]:
+    by_key = {(level["cache"], level["concurrency"]): level for level in levels}
+    result: dict[str, Any] = {"miss_p50_over_floor": [], "hit_p50_over_miss_p50": []}
+    for (cache, concurrency), level in sorted(by_key.items(), key=lambda entry: entry[0][1]):
+        if cache != "miss":
+            continue
+        miss_p50 = level["latency"].get("p50_ms")
+        value = ratio(miss_p50, floor.get("floor_ms"))
+        result["miss_p50_over_floor"].append({
+            "concurrency": concurrency, "value": value, "target": TARGET_MISS_OVER_FLOOR,
+            # The floor is one query alone: the target is about concurrency 1.
+            "applies": concurrency == 1,
+            "meets": None if value is None else value <= TARGET_MISS_OVER_FLOOR,
+        })
+        hit = by_key.get(("hit", concurrency))
+        hit_ratio = ratio(hit["latency"].get("p50_ms"), miss_p50) if hit else None
+        result["hit_p50_over_miss_p50"].append({
+            "concurrency": concurrency, "value": hit_ratio, "target": TARGET_HIT_OVER_MISS,
+            "meets": None if hit_ratio is None else hit_ratio <= TARGET_HIT_OVER_MISS,
+        })
+    return result
