@@ -121,7 +121,7 @@ def _ann_options() -> argparse.ArgumentParser:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    bench = sub.add_parser("bench", help="measure ingest, search and ANN speed on this machine",
+    bench = sub.add_parser("bench", help="measure ingest, search, ANN and embedder speed on this machine",
                            description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sections = bench.add_subparsers(dest="section", metavar="SECTION", required=True)
     common, client = _common_options(), _client_options()
@@ -138,6 +138,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=cmd_bench)
     parser = sections.add_parser("all", parents=[common, client, ingest, search, ann], help="ingest, search and ann")
     parser.set_defaults(func=cmd_bench)
+
+    from vsearch import bench_embedder
+
+    parser = sections.add_parser(
+        "embedder", help="embedder images/s and batch-1 latency: in-process onnxruntime vs Triton, same model",
+        description=bench_embedder.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    bench_embedder.add_arguments(parser)
+    parser.set_defaults(func=bench_embedder.run)
 
 
 def _apply_sizes(args: argparse.Namespace) -> None:

@@ -253,6 +253,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-dir", type=Path, help="images to embed (default: the shared ukbench56)")
     parser.add_argument("--no-service", action="store_true", help="backends only, no embedder service")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--out", type=Path, default=Path(".bench/bench-embedder.json"),
+                        help="also write the report here (default .bench/bench-embedder.json)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -265,6 +267,8 @@ def run(args: argparse.Namespace) -> int:
     except Exception as error:  # noqa: BLE001 - one line for any failure of the run
         print(f"vsearch bench embedder: {type(error).__name__}: {error}", file=sys.stderr)
         return 1
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
     print(json.dumps(report) if args.json else format_report(report))
     return 0
 
