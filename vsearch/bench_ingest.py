@@ -29,8 +29,7 @@ from vsearch.bench_procs import CpuMeter, PySpyProfiles, histogram_delta, metric
 from vsearch.bench_stack import (
     StackEndpoints,
     channel,
-    drop_gateway_collection,
-    drop_search_collection,
+    drop_collection,
     new_collection_name,
 )
 from vsearch.v1 import gateway_pb2, gateway_pb2_grpc, search_pb2, search_pb2_grpc
@@ -182,7 +181,6 @@ def scrape_all(stack: StackEndpoints) -> dict[str, dict]:
 async def end_to_end(config: IngestConfig, stack: StackEndpoints, items: list[ImageItem],
                      warm_items: list[ImageItem]) -> dict[str, Any]:
     collection = new_collection_name("ingest")
-    all_ids = [item_id for item_id, _data, _path in [*warm_items, *items]]
     profiles = None
     if config.profile_dir is not None and stack.pids:
         profiles = PySpyProfiles({name: pid for name, pid in stack.pids.items() if name in PYTHON_SERVICES}
@@ -204,7 +202,7 @@ async def end_to_end(config: IngestConfig, stack: StackEndpoints, items: list[Im
             cpu = meter.stop(seconds)
             metrics_after = scrape_all(stack)
         finally:
-            cleanup = await drop_gateway_collection(stub, collection, all_ids)
+            cleanup = await drop_collection(stub, collection)
     failures = [failure for summary in summaries for failure in summary.failures]
     result: dict[str, Any] = {
         "images": len(items), "seconds": round(seconds, 3), "images_per_s": rate(len(items), seconds),
@@ -248,7 +246,7 @@ async def naive_loop(rig: ModelRig, search_address: str, items: list[ImageItem])
         except grpc.aio.AioRpcError as error:
             raise BenchError(f"search_svc Upsert: {error.code().name}: {error.details()}") from None
         finally:
-            cleanup = await drop_search_collection(stub, collection, ["naive-warmup", *ids])
+            cleanup = await drop_collection(stub, collection)
     return {"images": len(items), "seconds": round(seconds, 3), "images_per_s": rate(len(items), seconds),
             "collection": collection, "cleanup": cleanup}
 

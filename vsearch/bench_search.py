@@ -24,7 +24,7 @@ import numpy as np
 from vsearch.bench_common import BenchError, ModelRig, latency_summary, rate, ratio, read_all, sample_images
 from vsearch.bench_ingest import PYTHON_SERVICES, add_all, scrape_all
 from vsearch.bench_procs import CpuMeter, PySpyProfiles, histogram_delta
-from vsearch.bench_stack import StackEndpoints, channel, drop_gateway_collection, new_collection_name
+from vsearch.bench_stack import StackEndpoints, channel, drop_collection, new_collection_name
 from vsearch.v1 import embedder_pb2, embedder_pb2_grpc, gateway_pb2, gateway_pb2_grpc, search_pb2, search_pb2_grpc
 
 TARGET_MISS_OVER_FLOOR = 1.2
@@ -260,7 +260,7 @@ async def run_search(config: SearchConfig, stack: StackEndpoints, rig: ModelRig)
                                             config.profile_dir / f"hit-c{concurrency}" if config.profile_dir else None)
                 levels.append({"cache": "hit", **level})
         finally:
-            cleanup = await drop_gateway_collection(stub, collection, [item_id for item_id, _data, _path in items])
+            cleanup = await drop_collection(stub, collection)
     return {
         "catalog_images": len(items), "indexed": sum(summary.indexed for summary in summaries), "k": config.k,
         "collection": collection, "cleanup": cleanup, "cache": stack.cache,

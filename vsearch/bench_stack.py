@@ -16,7 +16,7 @@ import grpc
 from vsearch.bench_common import CLIENT_MAX_MESSAGE_BYTES, BenchError
 from vsearch.bench_procs import child_named
 from vsearch.local_stack import LocalStack, StackLayout, free_port
-from vsearch.v1 import gateway_pb2, gateway_pb2_grpc, search_pb2, search_pb2_grpc
+from vsearch.v1 import gateway_pb2_grpc, search_pb2, search_pb2_grpc
 
 STACK_START_TIMEOUT_S = 180.0
 
@@ -114,36 +114,13 @@ async def bench_stack(gateway: str | None, search: str | None, embedder: str | N
             shutil.rmtree(data_dir, ignore_errors=True)
 
 
-async def drop_gateway_collection(stub: gateway_pb2_grpc.VisualSearchStub, collection: str,
-                                  ids: list[str]) -> str:
-    """Removes what a bench wrote through the gateway; says how, never raises (it runs in `finally`).
-    A gateway without DropCollection (older than collections) wrote into its default collection, so
-    the bench's own ids are deleted instead."""
+async def drop_collection(
+    stub: gateway_pb2_grpc.VisualSearchStub | search_pb2_grpc.VectorSearchStub, collection: str
+) -> str:
+    """Removes the collection a bench wrote (through the gateway or search_svc, which both offer
+    DropCollection); says how, never raises (it runs in `finally`)."""
     try:
         reply = await stub.DropCollection(search_pb2.DropCollectionRequest(collection=collection), timeout=60)
-        return "dropped" if reply.dropped else "not found"
     except grpc.aio.AioRpcError as error:
-        if error.code() != grpc.StatusCode.UNIMPLEMENTED:
-            return f"drop failed: {error.code().name}: {error.details()}"
-    try:
-        for start in range(0, len(ids), 1000):
-            await stub.DeleteImages(gateway_pb2.DeleteImagesRequest(ids=ids[start:start + 1000], collection=collection),
-                                    timeout=60)
-    except grpc.aio.AioRpcError as error:
-        return f"delete failed: {error.code().name}: {error.details()}"
-    return "deleted by id (gateway has no DropCollection)"
-
-
-async def drop_search_collection(stub: search_pb2_grpc.VectorSearchStub, collection: str, ids: list[str]) -> str:
-    try:
-        reply = await stub.DropCollection(search_pb2.DropCollectionRequest(collection=collection), timeout=60)
-        return "dropped" if reply.dropped else "not found"
-    except grpc.aio.AioRpcError as error:
-        if error.code() != grpc.StatusCode.UNIMPLEMENTED:
-            return f"drop failed: {error.code().name}: {error.details()}"
-    try:
-        for start in range(0, len(ids), 1000):
-            await stub.Delete(search_pb2.DeleteRequest(ids=ids[start:start + 1000], collection=collection), timeout=60)
-    except grpc.aio.AioRpcError as error:
-        return f"delete failed: {error.code().name}: {error.details()}"
-    return "deleted by id (search_svc has no DropCollection)"
+        return f"drop failed: {error.code().name}: {error.details()}"
+    return "dropped" if reply.dropped else "not found"
