@@ -16,7 +16,7 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Awaitable, Callable, Sequence
 
 import grpc
 import numpy as np
@@ -109,19 +109,24 @@ async def search_load(stub: gateway_pb2_grpc.VisualSearchStub, requests: Sequenc
 
 async def embedder_latencies(address: str, datas: Sequence[bytes]) -> list[float]:
     """EmbedImages with one image, straight to the embedder: decode, batching wait, model, one hop."""
-    latencies = []
+    requests = [embedder_pb2.EmbedImagesRequest(images=[embedder_pb2.ImageInput(data=data)]) for data in datas]
     async with channel(address) as grpc_channel:
         stub = embedder_pb2_grpc.EmbedderStub(grpc_channel)
-        requests = [embedder_pb2.EmbedImagesRequest(images=[embedder_pb2.ImageInput(data=data)]) for data in datas]
-        try:
-            for request in requests[:WARMUP_QUERIES]:
-                await stub.EmbedImages(request, timeout=SEARCH_TIMEOUT_S)
-            for request in requests:
-                started = time.perf_counter()
-                await stub.EmbedImages(request, timeout=SEARCH_TIMEOUT_S)
-                latencies.append(time.perf_counter() - started)
-        except grpc.aio.AioRpcError as error:
-            raise BenchError(f"embedder EmbedImages: {error.code().name}: {error.details()}") from None
+        return await timed_calls(stub.EmbedImages, requests, "embedder EmbedImages")
+
+
+async def timed_calls(call: Callable[..., Awaitable[Any]], requests: Sequence[Any], what: str) -> list[float]:
+    """Seconds per call, one at a time, after WARMUP_QUERIES untimed calls."""
+    latencies = []
+    try:
+        for request in requests[:WARMUP_QUERIES]:
+            await call(request, timeout=SEARCH_TIMEOUT_S)
+        for request in requests:
+            started = time.perf_counter()
+            await call(request, timeout=SEARCH_TIMEOUT_S)
+            latencies.append(time.perf_counter() - started)
+    except grpc.aio.AioRpcError as error:
+        raise BenchError(f"{what}: {error.code().name}: {error.details()}") from None
     return latencies
 
 
@@ -152,18 +157,9 @@ async def measure_floor(rig: ModelRig, stack: StackEndpoints, datas: Sequence[by
         return floor
     requests = [search_pb2.SearchRequest(queries=[search_pb2.Vector(values=vector.tolist())], k=k, collection=collection)
                 for vector in vectors]
-    ann_latencies = []
     async with channel(search_address) as grpc_channel:
         stub = search_pb2_grpc.VectorSearchStub(grpc_channel)
-        try:
-            for request in requests[:WARMUP_QUERIES]:
-                await stub.Search(request, timeout=SEARCH_TIMEOUT_S)
-            for request in requests:
-                started = time.perf_counter()
-                await stub.Search(request, timeout=SEARCH_TIMEOUT_S)
-                ann_latencies.append(time.perf_counter() - started)
-        except grpc.aio.AioRpcError as error:
-            raise BenchError(f"search_svc Search: {error.code().name}: {error.details()}") from None
+        ann_latencies = await timed_calls(stub.Search, requests, "search_svc Search")
     floor["ann"] = latency_summary(ann_latencies)
     if stack.embedder is not None:
         floor["embedder_rpc_batch1"] = latency_summary(await embedder_latencies(stack.embedder, datas))
