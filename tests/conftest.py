@@ -11,14 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from vsearch.local_stack import free_port  # noqa: F401 - re-exported for the test modules
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DIR = Path(os.environ.get("VSEARCH_SHARED_DIR", REPO_ROOT.parent / "shared")).resolve()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
