@@ -1,4 +1,5 @@
-"""Compiles a structured `Filter` into a Milvus boolean expression.
+"""Validates a structured `Filter` into typed conditions, and renders them as a Milvus boolean
+expression or as an SQL WHERE clause with bound parameters (the FAISS backend's SQLite).
 
 Caller text never reaches the expression language except as an escaped, typed literal: field names
 come from the declared filter fields only, operators from a fixed table, and values are rendered from
@@ -12,7 +13,10 @@ double quote need escaping, and those two escapes are the only ones Milvus Lite 
 \\xNN and \\uNNNN match nothing there), so string values with control characters are refused rather
 than mangled; the item codec refuses to store such values, so none could ever match.
 
-Semantics:
+SQL needs no escaping: values are bound parameters, and field names are declared filter fields
+(letters, digits, underscores), quoted as identifiers.
+
+Semantics (the same on both backends; the service tests run on both):
 - conditions are ANDed; an empty filter matches everything;
 - an item without the field (or with null) matches no condition, NE and NOT_IN included;
 - LT/LE/GT/GE on a string field compare by code point (Milvus compares UTF-8 bytes, same order);
@@ -24,7 +28,8 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Sequence
 
 from google.protobuf import struct_pb2
 
@@ -37,6 +42,18 @@ MAX_LIST_VALUES = 1024
 MAX_EXACT_INT = 2**53
 
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+
+FilterValue = str | float | int | bool
+
+
+@dataclass(frozen=True)
+class FilterCondition:
+    """One validated condition: `field operator value`, or `field in/not in values`."""
+
+    field: str
+    operator: str  # ==, !=, <, <=, >, >=, in, not in
+    values: tuple[FilterValue, ...]  # one value, or the non-empty list of in / not in
+
 
 _COMPARISONS = {
     search_pb2.EQ: "==",
@@ -76,10 +93,54 @@ def ids_expression(stored_ids: Iterable[str]) -> str:
     return f"{ID} in [{', '.join(string_literal(item_id) for item_id in stored_ids)}]"
 
 
+def parse_filter(search_filter: search_pb2.Filter, fields: Mapping[str, FieldType]) -> list[FilterCondition]:
+    """The filter's conditions, validated and typed; INVALID_ARGUMENT naming the culprit for an
+    unknown field, an operator that does not apply, or a mistyped value."""
+    return [_parse_condition(condition, fields) for condition in search_filter.conditions]
+
+
 def compile_filter(search_filter: search_pb2.Filter, fields: Mapping[str, FieldType]) -> str:
-    """The Milvus expression for `search_filter` ("" when it has no conditions); INVALID_ARGUMENT
-    naming the culprit for an unknown field, an operator that does not apply, or a mistyped value."""
-    return " and ".join(_compile_condition(condition, fields) for condition in search_filter.conditions)
+    """The Milvus expression for `search_filter` ("" when it has no conditions)."""
+    return milvus_expression(parse_filter(search_filter, fields))
+
+
+def milvus_expression(conditions: Sequence[FilterCondition]) -> str:
+    return " and ".join(_milvus_condition(condition) for condition in conditions)
+
+
+def _milvus_condition(condition: FilterCondition) -> str:
+    presence = f"{presence_column(condition.field)} == true"
+    literals = [_milvus_literal(value) for value in condition.values]
+    if condition.operator in ("in", "not in"):
+        return f"({presence} and {condition.field} {condition.operator} [{', '.join(literals)}])"
+    return f"({presence} and {condition.field} {condition.operator} {literals[0]})"
+
+
+def _milvus_literal(value: FilterValue) -> str:
+    if isinstance(value, str):
+        return string_literal(value)
+    if isinstance(value, bool):  # before int: bool is an int
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+def sql_where(conditions: Sequence[FilterCondition]) -> tuple[str, list[FilterValue]]:
+    """An SQL boolean expression ("1" for no conditions) and its parameters, for the columns the
+    FAISS backend's SQLite table has (a typed column per field plus its presence column)."""
+    clauses: list[str] = []
+    parameters: list[FilterValue] = []
+    for condition in conditions:
+        column = f'"{condition.field}"'
+        presence = f'"{presence_column(condition.field)}" = 1'
+        if condition.operator in ("in", "not in"):
+            placeholders = ", ".join("?" * len(condition.values))
+            clauses.append(f"({presence} AND {column} {condition.operator.upper()} ({placeholders}))")
+        else:
+            clauses.append(f"({presence} AND {column} {condition.operator} ?)")
+        parameters.extend(condition.values)
+    return (" AND ".join(clauses) or "1"), parameters
 
 
 def _operator_name(op: int) -> str:
@@ -89,7 +150,7 @@ def _operator_name(op: int) -> str:
         return str(op)
 
 
-def _compile_condition(condition: search_pb2.Condition, fields: Mapping[str, FieldType]) -> str:
+def _parse_condition(condition: search_pb2.Condition, fields: Mapping[str, FieldType]) -> FilterCondition:
     field = condition.field
     field_type = fields.get(field)
     if field_type is None:
@@ -97,7 +158,6 @@ def _compile_condition(condition: search_pb2.Condition, fields: Mapping[str, Fie
             f"unknown filter field {field!r}; filterable fields: {', '.join(fields) or '(none)'}"
         )
     op = condition.op
-    presence = f"{presence_column(field)} == true"
     if op in _MEMBERSHIP:
         if condition.value.WhichOneof("kind") != "list_value":
             raise invalid_argument(
@@ -108,34 +168,33 @@ def _compile_condition(condition: search_pb2.Condition, fields: Mapping[str, Fie
             raise invalid_argument(f"{_operator_name(op)} on {field!r} needs a non-empty list")
         if len(values) > MAX_LIST_VALUES:
             raise invalid_argument(f"{_operator_name(op)} on {field!r} takes at most {MAX_LIST_VALUES} values")
-        literals = ", ".join(_literal(value, field, field_type) for value in values)
-        return f"({presence} and {field} {_MEMBERSHIP[op]} [{literals}])"
+        return FilterCondition(field, _MEMBERSHIP[op], tuple(_typed_value(value, field, field_type) for value in values))
     if op not in _COMPARISONS:
         raise invalid_argument(f"condition on {field!r} has no valid operator ({_operator_name(op)})")
     if op in _ORDERING and field_type == "bool":
         raise invalid_argument(f"{_operator_name(op)} does not apply to bool field {field!r}; use EQ, NE, IN or NOT_IN")
-    return f"({presence} and {field} {_COMPARISONS[op]} {_literal(condition.value, field, field_type)})"
+    return FilterCondition(field, _COMPARISONS[op], (_typed_value(condition.value, field, field_type),))
 
 
-def _literal(value: struct_pb2.Value, field: str, field_type: FieldType) -> str:
+def _typed_value(value: struct_pb2.Value, field: str, field_type: FieldType) -> FilterValue:
     kind = value.WhichOneof("kind")
     if field_type == "string":
         if kind != "string_value":
             raise invalid_argument(f"filter value for string field {field!r} must be a string, got {_KIND_NAMES[kind]}")
         if has_control_chars(value.string_value):
             raise invalid_argument(f"filter value for {field!r} contains a control character")
-        return string_literal(value.string_value)
+        return value.string_value
     if field_type == "bool":
         if kind != "bool_value":
             raise invalid_argument(f"filter value for bool field {field!r} must be a bool, got {_KIND_NAMES[kind]}")
-        return "true" if value.bool_value else "false"
+        return value.bool_value
     if kind != "number_value":
         raise invalid_argument(f"filter value for {field_type} field {field!r} must be a number, got {_KIND_NAMES[kind]}")
     number = value.number_value
     if not math.isfinite(number):
         raise invalid_argument(f"filter value for {field!r} must be finite, got {number}")
     if field_type == "float":
-        return repr(number)
+        return float(number)
     if not number.is_integer() or abs(number) > MAX_EXACT_INT:
         raise invalid_argument(f"filter value for int field {field!r} must be an integer within +-2**53, got {number!r}")
-    return str(int(number))
+    return int(number)

@@ -1,6 +1,7 @@
-"""The Milvus collection behind the search service, through pymilvus's `MilvusClient`.
+"""The Milvus backend of the search service (`vector_store.VectorStore`), through pymilvus's
+`MilvusClient`.
 
-Every method blocks; the servicer calls them from its bounded executor only. Every Milvus call gets
+Every Milvus call gets
 the configured deadline and no hidden retries (pymilvus would otherwise retry up to 75 times, about
 3.5 minutes, when the timeout is a float), and a failure comes back as a `ServiceError` with a
 precise status code. Reads use Strong consistency, so a Search right after an Upsert or Delete sees
@@ -33,9 +34,10 @@ from pymilvus.exceptions import (
 )
 
 from search_svc import columns
-from search_svc.filters import ids_expression
+from search_svc.filters import FilterCondition, ids_expression, milvus_expression
 from search_svc.item_codec import Row
-from search_svc.settings import COLLECTION_NAME, SearchSettings
+from search_svc.settings import SearchSettings
+from search_svc.vector_store import collection_name, refuse_dropping_default
 from service_kit.metrics import LATENCY_BUCKETS
 from service_kit.status import ServiceError
 
@@ -124,17 +126,13 @@ class MilvusMetrics:
             "vsearch_milvus_errors", "Failed Milvus calls, by operation and the status code answered.",
             ["operation", "code"], registry=registry,
         )
-        self.queue_seconds = Histogram(
-            "vsearch_milvus_queue_seconds", "Time requests waited for a free Milvus worker thread.",
-            buckets=LATENCY_BUCKETS, registry=registry,
-        )
 
 
 class MilvusStore:
     def __init__(self, settings: SearchSettings, metrics: MilvusMetrics) -> None:
         self._settings = settings
         self._metrics = metrics
-        self.default_collection = settings.milvus.collection
+        self.default_collection = settings.collection
         # Collections checked (or created), indexed and loaded by this process. Guarded by a lock:
         # the executor's threads may all want a new collection at once.
         self._prepared: set[str] = set()
@@ -195,16 +193,7 @@ class MilvusStore:
             self._metrics.call_seconds.labels("connect").observe(time.perf_counter() - start)
 
     def collection_name(self, requested: str) -> str:
-        """The collection a request names; empty means the default one."""
-        if not requested:
-            return self.default_collection
-        if not COLLECTION_NAME.match(requested):
-            raise ServiceError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"collection name {requested[:80]!r} is invalid: use a letter or '_', then letters, digits or '_' "
-                "(at most 255)",
-            )
-        return requested
+        return collection_name(requested, self.default_collection)
 
     def _ready_collection(self, name: str, create: bool) -> MilvusClient | None:
         """The client, once collection `name` exists, matches the settings, is indexed and loaded.
@@ -355,11 +344,11 @@ class MilvusStore:
         for batch in self._batches(rows):
             self._call(client, "upsert", client.upsert, collection, list(batch))
 
-    def search(self, collection: str, vectors: np.ndarray, k: int, expression: str) -> list[list[dict]]:
+    def search(self, collection: str, vectors: np.ndarray, k: int, conditions: Sequence[FilterCondition]) -> list[list[dict]]:
         client = self._existing_collection(collection)
         results = self._call(
             client, "search", client.search, collection,
-            data=vectors.tolist(), filter=expression, limit=k, anns_field=columns.VECTOR,
+            data=vectors.tolist(), filter=milvus_expression(conditions), limit=k, anns_field=columns.VECTOR,
             output_fields=[columns.IMAGE_URI, columns.METADATA],
             search_params={"metric_type": self._settings.metric, "params": dict(self._settings.search_params)},
             consistency_level="Strong",
@@ -399,10 +388,7 @@ class MilvusStore:
     def drop(self, collection: str) -> bool:
         """Drops a collection other than the default; False when it did not exist."""
         if collection == self.default_collection:
-            raise ServiceError(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"collection {collection!r} is the service's default collection and is never dropped through the API",
-            )
+            raise refuse_dropping_default(collection)
         client = self._open_client
         with self._prepare_lock:
             if not self._call(client, "has_collection", client.has_collection, collection):

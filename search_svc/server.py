@@ -13,11 +13,16 @@ import grpc
 import numpy as np
 
 from search_svc import columns
-from search_svc.filters import compile_filter
+from prometheus_client import Histogram
+
+from search_svc.faiss_store import FaissMetrics, FaissStore
+from search_svc.filters import parse_filter
 from search_svc.generation import IndexGeneration
 from search_svc.item_codec import ItemCodec, stored_ids
 from search_svc.milvus_store import MilvusMetrics, MilvusStore
 from search_svc.settings import SearchSettings
+from search_svc.vector_store import VectorStore
+from service_kit.metrics import LATENCY_BUCKETS
 from service_kit.server import ManagedServer
 from service_kit.status import invalid_argument
 from vsearch.v1 import search_pb2, search_pb2_grpc
@@ -30,35 +35,35 @@ ResultT = TypeVar("ResultT")
 
 
 class VectorSearchServicer(search_pb2_grpc.VectorSearchServicer):
-    """Each RPC hands its whole blocking part (validation, Milvus calls, building the answer) to the
+    """Each RPC hands its whole blocking part (validation, store calls, building the answer) to the
     bounded executor in one hop; the event loop only reads the generation and awaits."""
 
     def __init__(
         self,
         settings: SearchSettings,
-        store: MilvusStore,
+        store: VectorStore,
         codec: ItemCodec,
         generation: IndexGeneration,
         executor: ThreadPoolExecutor,
-        metrics: MilvusMetrics,
+        queue_seconds: Histogram,
     ) -> None:
         self._settings = settings
         self._store = store
         self._codec = codec
         self._generation = generation
         self._executor = executor
-        self._metrics = metrics
+        self._queue_seconds = queue_seconds
 
     async def _offload(self, function: Callable[..., ResultT], *args: object) -> ResultT:
         submitted = time.perf_counter()
 
         def run() -> ResultT:
-            self._metrics.queue_seconds.observe(time.perf_counter() - submitted)
+            self._queue_seconds.observe(time.perf_counter() - submitted)
             return function(*args)
 
         return await asyncio.get_running_loop().run_in_executor(self._executor, run)
 
-    # --- writes: the generation advances after any write that reached Milvus, even a failed one,
+    # --- writes: the generation advances after any write that reached the store, even a failed one,
     # since a failed multi-batch upsert may have been partly applied.
 
     async def Upsert(self, request: search_pb2.UpsertRequest, context: grpc.aio.ServicerContext) -> search_pb2.UpsertResponse:
@@ -110,8 +115,8 @@ class VectorSearchServicer(search_pb2_grpc.VectorSearchServicer):
         if min_score is not None and not math.isfinite(min_score):
             raise invalid_argument(f"min_score must be finite, got {min_score}")
         vectors = self._codec.query_matrix(request.queries)
-        expression = compile_filter(request.filter, self._settings.filter_fields)
-        results = self._store.search(collection, vectors, request.k, expression)
+        conditions = parse_filter(request.filter, self._settings.filter_fields)
+        results = self._store.search(collection, vectors, request.k, conditions)
         response = search_pb2.SearchResponse(generation=generation)
         for hits in results:
             # Best first, ties by id, so equal requests give equal answers.
@@ -138,7 +143,7 @@ class VectorSearchServicer(search_pb2_grpc.VectorSearchServicer):
         self._store.require_connected()
         collection = self._store.collection_name(request.collection)
         if request.skip_count and collection == self._store.default_collection:
-            count = 0  # the default collection always exists: no Milvus call at all
+            count = 0  # the default collection always exists: no store call at all
         else:
             count = await self._offload(self._count, collection, request.skip_count)
         return search_pb2.StatsResponse(
@@ -174,15 +179,24 @@ class VectorSearchServicer(search_pb2_grpc.VectorSearchServicer):
         return search_pb2.DropCollectionResponse(dropped=dropped, generation=generation)
 
 
+def create_store(settings: SearchSettings, server: ManagedServer) -> VectorStore:
+    if settings.backend == "faiss":
+        return FaissStore(settings, FaissMetrics(server.metrics.registry))
+    return MilvusStore(settings, MilvusMetrics(server.metrics.registry))
+
+
 async def create_server(settings: SearchSettings) -> tuple[ManagedServer, int]:
     """The search service, not started. `start()` binds the port at once; health stays NOT_SERVING
-    until Milvus is reached and the collection is ready (retried with backoff until it is)."""
+    until the store is reached or loaded and the collection is ready (retried with backoff)."""
     server = ManagedServer("search_svc", settings, [SERVICE_NAME])
-    metrics = MilvusMetrics(server.metrics.registry)
-    executor = ThreadPoolExecutor(max_workers=settings.milvus_workers, thread_name_prefix="search-milvus")
-    store = MilvusStore(settings, metrics)
+    queue_seconds = Histogram(
+        "vsearch_store_queue_seconds", "Time requests waited for a free store worker thread.",
+        buckets=LATENCY_BUCKETS, registry=server.metrics.registry,
+    )
+    executor = ThreadPoolExecutor(max_workers=settings.store_workers, thread_name_prefix="search-store")
+    store = create_store(settings, server)
     servicer = VectorSearchServicer(
-        settings, store, ItemCodec(settings.dimension, settings.filter_fields), IndexGeneration(), executor, metrics
+        settings, store, ItemCodec(settings.dimension, settings.filter_fields), IndexGeneration(), executor, queue_seconds
     )
     search_pb2_grpc.add_VectorSearchServicer_to_server(servicer, server.grpc_server)
 
@@ -190,7 +204,7 @@ async def create_server(settings: SearchSettings) -> tuple[ManagedServer, int]:
         await asyncio.get_running_loop().run_in_executor(executor, store.open)
 
     async def close_store() -> None:
-        # Off the loop: waits for calls still in the executor (each bounded by the Milvus timeout),
+        # Off the loop: waits for calls still in the executor (each bounded by the store's timeout),
         # including a startup attempt that stop() gave up on, then closes what they used.
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, functools.partial(executor.shutdown, wait=True, cancel_futures=True))

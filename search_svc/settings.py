@@ -1,13 +1,15 @@
-"""Settings of the search service, read from `SEARCH_*` environment variables (nested Milvus
-settings as `SEARCH_MILVUS__URI`, dicts as JSON, e.g. `SEARCH_FILTER_FIELDS='{"category": "string"}'`)."""
+"""Settings of the search service, read from `SEARCH_*` environment variables (nested settings as
+`SEARCH_MILVUS__URI` or `SEARCH_FAISS__DATA_DIR`, dicts as JSON, e.g.
+`SEARCH_FILTER_FIELDS='{"category": "string"}'`)."""
 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlparse
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from service_kit.settings import ServiceSettings
@@ -19,6 +21,8 @@ RESERVED_COLUMNS = frozenset({"id", "vector", "image_uri", "metadata", "content_
 _FIELD_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,62}$")
 COLLECTION_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
 _SERVER_SCHEMES = ("http", "https", "tcp", "grpc", "unix")
+FAISS_INDEX_TYPES = ("FLAT", "IVF_FLAT")
+DEFAULT_NPROBE = 16
 
 
 class MilvusSettings(BaseModel):
@@ -28,7 +32,6 @@ class MilvusSettings(BaseModel):
     # http://host:port (or https://, tcp://, unix:) talks to a Milvus standalone or cluster server.
     uri: str = ".vsearch/milvus.db"
     token: SecretStr | None = None
-    collection: str = "vsearch_images"
     # Deadline of every single Milvus call (and of connecting); nothing is retried inside it.
     timeout_s: float = Field(10.0, gt=0, le=3600)
 
@@ -51,22 +54,42 @@ class MilvusSettings(BaseModel):
             raise ValueError("must be a Milvus Lite file path ending in .db or an http(s)://host:port URI")
         return uri
 
-    @field_validator("collection")
-    @classmethod
-    def _check_collection(cls, name: str) -> str:
-        if not COLLECTION_NAME.match(name):
-            raise ValueError("must be letters, digits and underscores, not starting with a digit")
-        return name
+
+
+class FaissSettings(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    # One SQLite file per collection (the source of truth) and, after a clean shutdown, a snapshot of
+    # its FAISS index, so a restart need not rebuild it.
+    data_dir: Path = Path(".vsearch/faiss")
+    # IVF_FLAT searches exactly (a flat index) until a collection holds this many items, then trains
+    # its IVF lists on them in the background; it retrains when the collection has grown by
+    # `ivf_retrain_growth` since, so the list count follows the catalog size.
+    ivf_train_min_items: int = Field(10_000, ge=100)
+    ivf_retrain_growth: float = Field(4.0, gt=1.0)
+    # k-means of the IVF training on a GPU when faiss has one ("auto": when one is present). The
+    # index itself stays on the CPU: faiss GPU indexes cannot remove ids or filter by id, which
+    # updates, deletes and metadata filters need.
+    gpu: Literal["auto", "on", "off"] = "auto"
 
 
 class SearchSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="SEARCH_")
 
     port: int = 50053
+    # "faiss": in-process FAISS over SQLite files, the single-machine default (`vsearch bench ann`
+    # at 1M vectors: the only local engine reaching recall@10 >= 0.95 at a usable speed); one
+    # replica only, since each holds its own files. "milvus": Milvus Lite file or a Milvus server,
+    # for several replicas and a cluster.
+    backend: Literal["faiss", "milvus"] = "faiss"
     milvus: MilvusSettings = MilvusSettings()
+    faiss: FaissSettings = FaissSettings()
+    # The collection requests without a collection name use; created at startup, never dropped.
+    collection: str = "vsearch_images"
     # Length of the stored vectors; the service refuses to become ready on a collection of another.
     dimension: int = Field(1280, ge=1, le=32768)
-    # FLAT is exact; IVF_FLAT works on Milvus Lite too; HNSW, IVF_SQ8, DISKANN, ... need a server.
+    # FLAT is exact. IVF_FLAT: both backends (nlist defaults to 4 * sqrt(items) on FAISS, nprobe to
+    # 16). HNSW, IVF_SQ8, DISKANN, ...: a Milvus server only.
     index_type: str = "FLAT"
     index_params: dict[str, Any] = Field(default_factory=dict)  # e.g. {"nlist": 1024}
     search_params: dict[str, Any] = Field(default_factory=dict)  # e.g. {"nprobe": 32}
@@ -78,13 +101,20 @@ class SearchSettings(ServiceSettings):
     # of 1280 floats) or more than ~3000 rows.
     max_batch_rows: int = Field(3000, ge=1)
     max_batch_bytes: int = Field(4 * 1024 * 1024, ge=64 * 1024)
-    # Threads that may wait on Milvus (or validate large requests) at once.
-    milvus_workers: int = Field(4, ge=1, le=256)
+    # Threads that may wait on the store (or validate large requests) at once.
+    store_workers: int = Field(4, ge=1, le=256)
 
     # Fixed: vectors are L2-normalised, so inner product is cosine similarity.
     @property
     def metric(self) -> str:
         return "IP"
+
+    @field_validator("collection")
+    @classmethod
+    def _check_collection(cls, name: str) -> str:
+        if not COLLECTION_NAME.match(name):
+            raise ValueError("must be letters, digits and underscores, not starting with a digit")
+        return name
 
     @field_validator("index_type")
     @classmethod
@@ -103,3 +133,17 @@ class SearchSettings(ServiceSettings):
             if name in RESERVED_COLUMNS:
                 raise ValueError(f"field name {name!r} is reserved")
         return fields
+
+    @model_validator(mode="after")
+    def _check_backend(self) -> "SearchSettings":
+        if self.backend == "faiss":
+            if self.index_type not in FAISS_INDEX_TYPES:
+                raise ValueError(
+                    f"SEARCH_INDEX_TYPE {self.index_type} is not offered by the faiss backend: use "
+                    f"{' or '.join(FAISS_INDEX_TYPES)}, or SEARCH_BACKEND=milvus"
+                )
+            for params, key in ((self.index_params, "nlist"), (self.search_params, "nprobe")):
+                value = params.get(key)
+                if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                    raise ValueError(f"{key} must be a positive integer, got {value!r}")
+        return self

@@ -40,6 +40,8 @@ def describe_validation_error(settings_cls: type[BaseSettings], error: Validatio
         name = (prefix + delimiter.join(str(part) for part in item["loc"])).upper()
         if item["type"] == "missing":
             missing.append(name)
+        elif not item["loc"]:  # a check across settings names them in its message
+            invalid.append(item["msg"].removeprefix("Value error, "))
         else:
             invalid.append(f"{name} ({item['msg']})")
     parts = []

@@ -84,7 +84,7 @@ async def stack(tmp_path_factory, ukbench_images):
     redis.start()
     model_dir = ensure_model("mobilenetv2-12-int8", tmp / "models")
     embedder, _ = await create_embedder(EmbedderSettings(model_dir=model_dir, port=0))
-    search, _ = await create_search(SearchSettings(port=0, milvus={"uri": str(tmp / "milvus.db")}))
+    search, _ = await create_search(SearchSettings(port=0, milvus={"uri": str(tmp / "milvus.db")}, faiss={"data_dir": tmp / "faiss"}))
     await embedder.start()
     await search.start()
     gateway, _ = await create_gateway(GatewaySettings(

@@ -4,6 +4,7 @@ Milvus errors to status codes, the generation and the settings."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import grpc
 import pytest
@@ -221,8 +222,10 @@ def test_generation_never_repeats_even_when_the_clock_stalls_or_steps_back():
 
 
 def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("SEARCH_BACKEND", "milvus")
     monkeypatch.setenv("SEARCH_MILVUS__URI", "http://milvus:19530")
     monkeypatch.setenv("SEARCH_MILVUS__TIMEOUT_S", "2.5")
+    monkeypatch.setenv("SEARCH_COLLECTION", "catalog_v2")
     monkeypatch.setenv("SEARCH_MILVUS__TOKEN", "root:Milvus")
     monkeypatch.setenv("SEARCH_FILTER_FIELDS", '{"category": "string", "year": "int"}')
     monkeypatch.setenv("SEARCH_INDEX_TYPE", "hnsw")
@@ -231,7 +234,7 @@ def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch):
     settings = SearchSettings()
     assert settings.port == 50053 and settings.dimension == 1280 and settings.metric == "IP"
     assert settings.milvus.uri == "http://milvus:19530" and not settings.milvus.is_local
-    assert settings.milvus.timeout_s == 2.5 and settings.milvus.collection == "vsearch_images"
+    assert settings.milvus.timeout_s == 2.5 and settings.collection == "catalog_v2" and settings.backend == "milvus"
     assert settings.milvus.token is not None and settings.milvus.token.get_secret_value() == "root:Milvus"
     assert "root:Milvus" not in repr(settings)
     assert settings.filter_fields == {"category": "string", "year": "int"}
@@ -241,9 +244,10 @@ def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch):
 
 def test_settings_defaults():
     settings = SearchSettings()
+    assert settings.backend == "faiss" and settings.faiss.data_dir == Path(".vsearch/faiss")
     assert settings.milvus.uri == ".vsearch/milvus.db" and settings.milvus.is_local
     assert settings.filter_fields == {"category": "string", "price": "float"}
-    assert (settings.max_k, settings.max_batch_rows, settings.milvus_workers) == (1000, 3000, 4)
+    assert (settings.max_k, settings.max_batch_rows, settings.store_workers) == (1000, 3000, 4)
 
 
 @pytest.mark.parametrize(

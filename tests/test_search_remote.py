@@ -88,6 +88,7 @@ async def health_status(channel: grpc.aio.Channel) -> int:
 
 
 async def test_round_trip_through_a_milvus_server(milvus_server: MilvusLiteServer, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("SEARCH_BACKEND", "milvus")
     monkeypatch.setenv("SEARCH_MILVUS__URI", milvus_server.uri)
     monkeypatch.setenv("SEARCH_MILVUS__TIMEOUT_S", "2")
     monkeypatch.setenv("SEARCH_PORT", "0")
@@ -154,7 +155,9 @@ async def test_round_trip_through_a_milvus_server(milvus_server: MilvusLiteServe
 
 async def test_not_serving_until_milvus_is_reachable(tmp_path: Path):
     milvus = MilvusLiteServer(tmp_path / "late.db", free_port())
-    settings = SearchSettings(port=0, dimension=8, log_format="text", milvus=MilvusSettings(uri=milvus.uri, timeout_s=1))
+    settings = SearchSettings(
+        port=0, dimension=8, log_format="text", backend="milvus", milvus=MilvusSettings(uri=milvus.uri, timeout_s=1)
+    )
     server, port = await create_server(settings)
     await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
@@ -188,7 +191,8 @@ def service_env(**settings: str) -> dict[str, str]:
 
 @pytest.mark.parametrize(
     ("name", "value"),
-    [("SEARCH_DIMENSION", "zero"), ("SEARCH_FILTER_FIELDS", '{"vector": "string"}'), ("SEARCH_MILVUS__URI", "milvus.sqlite")],
+    [("SEARCH_DIMENSION", "zero"), ("SEARCH_FILTER_FIELDS", '{"vector": "string"}'), ("SEARCH_MILVUS__URI", "milvus.sqlite"),
+     ("SEARCH_BACKEND", "sqlite"), ("SEARCH_INDEX_TYPE", "HNSW")],
 )
 def test_invalid_setting_refuses_to_start_with_one_line(name: str, value: str):
     result = subprocess.run(
@@ -201,12 +205,14 @@ def test_invalid_setting_refuses_to_start_with_one_line(name: str, value: str):
     assert lines[0].startswith("search_svc: refusing to start") and name in lines[0]
 
 
-async def test_runs_as_a_process_and_stops_on_sigterm(tmp_path: Path):
+@pytest.mark.parametrize("backend", ["faiss", "milvus"])
+async def test_runs_as_a_process_and_stops_on_sigterm(tmp_path: Path, backend: str):
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "search_svc"], cwd=REPO_ROOT,
-        env=service_env(SEARCH_PORT=str(port), SEARCH_MILVUS__URI=str(tmp_path / "data" / "proc.db"),
-                        SEARCH_DIMENSION="8", SEARCH_DRAIN_SECONDS="0"),
+        env=service_env(SEARCH_PORT=str(port), SEARCH_BACKEND=backend, SEARCH_MILVUS__URI=str(tmp_path / "data" / "proc.db"),
+                        SEARCH_FAISS__DATA_DIR=str(tmp_path / "data" / "faiss"), SEARCH_DIMENSION="8",
+                        SEARCH_DRAIN_SECONDS="0"),
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
     try:
@@ -222,11 +228,14 @@ async def test_runs_as_a_process_and_stops_on_sigterm(tmp_path: Path):
                 await asyncio.sleep(0.1)
             stats = await search_pb2_grpc.VectorSearchStub(channel).Stats(search_pb2.StatsRequest())
             assert (stats.count, stats.dimension) == (0, 8)
-        assert (tmp_path / "data" / "proc.db").exists()  # the folder was created
+        # The folder was created, and the store's file in it.
+        assert (tmp_path / "data" / ("proc.db" if backend == "milvus" else "faiss/vsearch_images.sqlite3")).exists()
         process.send_signal(signal.SIGTERM)
         _, stderr = process.communicate(timeout=30)
         assert process.returncode == 0, stderr
         assert '"msg": "search_svc stopped"' in stderr
+        if backend == "faiss":  # a clean stop snapshots the index, so the next start need not rebuild it
+            assert list((tmp_path / "data" / "faiss").glob("vsearch_images.r*.flat.faiss"))
     finally:
         if process.poll() is None:
             process.kill()

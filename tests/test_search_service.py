@@ -1,9 +1,11 @@
-"""search_svc over gRPC against a real embedded Milvus Lite file, in process on port 0."""
+"""search_svc over gRPC, in process on port 0, on both backends: a real embedded Milvus Lite file and
+the in-process FAISS store on its SQLite files. Every test runs on each (the `backend` fixture)."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
 import math
 import random
 from pathlib import Path
@@ -16,7 +18,7 @@ import pytest_asyncio
 from google.protobuf import json_format, struct_pb2
 
 from search_svc.server import create_server
-from search_svc.settings import MilvusSettings, SearchSettings
+from search_svc.settings import FaissSettings, MilvusSettings, SearchSettings
 from service_kit.server import ManagedServer
 from vsearch.v1 import search_pb2, search_pb2_grpc
 
@@ -50,13 +52,32 @@ class Service:
         return (await self.stub.Stats(search_pb2.StatsRequest())).count
 
 
-@contextlib.asynccontextmanager
-async def running(db_file: Path, **overrides: object) -> AsyncIterator[Service]:
-    settings = SearchSettings(
-        port=0, dimension=overrides.pop("dimension", DIM), log_format="text",
-        milvus=MilvusSettings(uri=str(db_file), timeout_s=20), filter_fields=overrides.pop("filter_fields", FIELDS),
-        **overrides,
+BACKENDS = ["faiss", "milvus"]
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+def search_settings(location: Path, backend: str, **overrides: object) -> SearchSettings:
+    """Settings storing under `location` (a Milvus Lite file next to it, or the FAISS data dir)."""
+    return SearchSettings(
+        port=0, dimension=overrides.pop("dimension", DIM), log_format="text", backend=backend,
+        milvus=MilvusSettings(uri=str(location.with_suffix(".db")), timeout_s=20),
+        faiss=FaissSettings(data_dir=location, **overrides.pop("faiss", {})),
+        filter_fields=overrides.pop("filter_fields", FIELDS), **overrides,
     )
+
+
+def wipe(location: Path) -> None:
+    location.with_suffix(".db").unlink(missing_ok=True)
+    shutil.rmtree(location, ignore_errors=True)
+
+
+@contextlib.asynccontextmanager
+async def running(location: Path, backend: str, **overrides: object) -> AsyncIterator[Service]:
+    settings = search_settings(location, backend, **overrides)
     server, port = await create_server(settings)
     await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
@@ -69,9 +90,9 @@ async def running(db_file: Path, **overrides: object) -> AsyncIterator[Service]:
 
 
 @pytest_asyncio.fixture(scope="module")
-async def shared(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Service]:
+async def shared(tmp_path_factory: pytest.TempPathFactory, backend: str) -> AsyncIterator[Service]:
     """One service for the tests that only add uniquely named items and look at those."""
-    async with running(tmp_path_factory.mktemp("search") / "shared.db") as service:
+    async with running(tmp_path_factory.mktemp("search") / "shared", backend) as service:
         yield service
 
 
@@ -110,8 +131,8 @@ async def expect_invalid(call, *fragments: str) -> str:
 # --- round trip, ranking, indexes, batches ------------------------------------------------------
 
 
-async def test_round_trip(tmp_path: Path):
-    async with running(tmp_path / "milvus.db") as service:
+async def test_round_trip(tmp_path: Path, backend: str):
+    async with running(tmp_path / "store", backend) as service:
         stats = await service.stub.Stats(search_pb2.StatsRequest())
         assert (stats.count, stats.index_type, stats.metric, stats.dimension) == (0, "FLAT", "IP", DIM)
         assert stats.collection == "vsearch_images"
@@ -184,9 +205,9 @@ async def test_ranking_matches_brute_force_and_min_score(shared: Service):
         assert all(scores[item_id] >= threshold - 1e-5 for item_id in got)
 
 
-async def test_ivf_flat_index(tmp_path: Path):
+async def test_ivf_flat_index(tmp_path: Path, backend: str):
     async with running(
-        tmp_path / "ivf.db", index_type="IVF_FLAT", index_params={"nlist": 8}, search_params={"nprobe": 8}
+        tmp_path / "ivf", backend, faiss={"ivf_train_min_items": 100}, index_type="IVF_FLAT", index_params={"nlist": 8}, search_params={"nprobe": 8}
     ) as service:
         vectors = random_unit_vectors(400, seed=3)
         await service.upsert([item(f"v{n}", vector) for n, vector in enumerate(vectors)])
@@ -198,8 +219,8 @@ async def test_ivf_flat_index(tmp_path: Path):
         assert [hit.id for hit in hits] == [f"v{n}" for n in np.argsort(-(vectors @ query))[:10]]
 
 
-async def test_upsert_larger_than_one_batch(tmp_path: Path):
-    async with running(tmp_path / "bulk.db") as service:
+async def test_upsert_larger_than_one_batch(tmp_path: Path, backend: str):
+    async with running(tmp_path / "bulk", backend) as service:
         vectors = random_unit_vectors(7000, seed=5)
         response = await service.upsert(
             [item(f"bulk-{n}", vector, category=f"c{n % 7}", price=float(n)) for n, vector in enumerate(vectors)]
@@ -207,9 +228,10 @@ async def test_upsert_larger_than_one_batch(tmp_path: Path):
         assert response.upserted == 7000
         assert await service.count() == 7000
         batches = service.server.metrics.registry.get_sample_value(
-            "vsearch_milvus_call_seconds_count", {"operation": "upsert"}
+            f"vsearch_{backend}_call_seconds_count", {"operation": "upsert"}
         )
-        assert batches == 3  # 3000 + 3000 + 1000
+        # Milvus gets batches of 3000 + 3000 + 1000; SQLite takes one transaction.
+        assert batches == (3 if backend == "milvus" else 1)
         sample = [f"bulk-{n}" for n in (0, 2999, 3000, 5999, 6000, 6999)]
         got = await service.stub.Get(search_pb2.GetRequest(ids=sample))
         assert [found.id for found in got.items] == sample
@@ -247,10 +269,10 @@ async def test_ids_with_quotes_percent_and_control_characters(shared: Service):
     assert await shared.count() == before + len(odd_ids) - 4
 
 
-async def test_generation_increases_on_every_write_and_across_restarts(tmp_path: Path):
-    db_file = tmp_path / "generation.db"
+async def test_generation_increases_on_every_write_and_across_restarts(tmp_path: Path, backend: str):
+    location = tmp_path / "generation"
     vectors = random_unit_vectors(3, seed=8)
-    async with running(db_file) as service:
+    async with running(location, backend) as service:
         seen = [(await service.stub.Stats(search_pb2.StatsRequest())).generation]
         seen.append((await service.upsert([item("a", vectors[0])])).generation)
         seen.append((await service.upsert([item("b", vectors[1])])).generation)
@@ -262,22 +284,22 @@ async def test_generation_increases_on_every_write_and_across_restarts(tmp_path:
         # The cheap form the gateway polls: same generation, no count.
         cheap = await service.stub.Stats(search_pb2.StatsRequest(skip_count=True))
         assert (cheap.generation, cheap.count, cheap.dimension) == (seen[-1], 0, DIM)
-    async with running(db_file) as restarted:
+    async with running(location, backend) as restarted:
         stats = await restarted.stub.Stats(search_pb2.StatsRequest())
         assert stats.count == 1  # the data survived the restart
         assert stats.generation > seen[-1]
         assert (await restarted.upsert([item("c", vectors[0])])).generation > stats.generation
-    db_file.unlink()
-    async with running(db_file) as wiped:
+    wipe(location)
+    async with running(location, backend) as wiped:
         stats = await wiped.stub.Stats(search_pb2.StatsRequest())
         assert stats.count == 0 and stats.generation > seen[-1]
 
 
-async def test_refuses_a_collection_of_another_dimension(tmp_path: Path, caplog: pytest.LogCaptureFixture):
-    db_file = tmp_path / "dimension.db"
-    async with running(db_file):
+async def test_refuses_a_collection_of_another_dimension(tmp_path: Path, backend: str, caplog: pytest.LogCaptureFixture):
+    location = tmp_path / "dimension"
+    async with running(location, backend):
         pass
-    settings = SearchSettings(port=0, dimension=DIM * 2, milvus=MilvusSettings(uri=str(db_file), timeout_s=20))
+    settings = search_settings(location, backend, dimension=DIM * 2)
     server, _port = await create_server(settings)
     with caplog.at_level(logging.WARNING, logger="service_kit.server"):
         await server.start()
@@ -449,9 +471,9 @@ async def test_bad_input_is_refused_and_changes_nothing(shared: Service):
 
 # --- collections and content hashes -----------------------------------------------------------
 
-async def test_named_collections_are_separate_catalogs(tmp_path: Path):
+async def test_named_collections_are_separate_catalogs(tmp_path: Path, backend: str):
     vectors = random_unit_vectors(4, seed=21)
-    async with running(tmp_path / "collections.db") as service:
+    async with running(tmp_path / "collections", backend) as service:
         stub = service.stub
         await service.upsert([item("in-default", vectors[0], category="a")])
         # The first write to a named collection creates it; the default one is untouched.
@@ -482,7 +504,7 @@ async def test_named_collections_are_separate_catalogs(tmp_path: Path):
         await expect_invalid(stub.Upsert(search_pb2.UpsertRequest(
             collection='x"; drop', items=[item("z", vectors[3])])), "collection name")
         with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await stub.DropCollection(search_pb2.DropCollectionRequest(collection=service.server.settings.milvus.collection))
+            await stub.DropCollection(search_pb2.DropCollectionRequest(collection=service.server.settings.collection))
         assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
         dropped = await stub.DropCollection(search_pb2.DropCollectionRequest(collection="eval_1"))

@@ -106,7 +106,9 @@ def _ann_options() -> argparse.ArgumentParser:
     ann = argparse.ArgumentParser(add_help=False)
     ann.add_argument("--ann-sizes", type=_positive, nargs="+", default=DEFAULT_ANN_SIZES, help="vector counts")
     ann.add_argument("--index-types", nargs="*", default=["FLAT", "IVF_FLAT"], type=str.upper,
-                     help="Milvus Lite offers FLAT, IVF_FLAT, AUTOINDEX; none at all: faiss only")
+                     help="FLAT, IVF_FLAT (both backends), AUTOINDEX (Milvus Lite); none at all: raw faiss only")
+    ann.add_argument("--backends", nargs="+", default=["faiss", "milvus"], choices=["faiss", "milvus"],
+                     help="search_svc backends to measure")
     ann.add_argument("--nprobe", type=_positive, nargs="+", default=DEFAULT_NPROBES, help="IVF search settings to try")
     ann.add_argument("--nlist", type=_positive, help="IVF lists (default 4*sqrt(n), a power of two)")
     ann.add_argument("--clusters", type=_positive, default=1000, help="Gaussian clusters of the synthetic vectors")
@@ -115,8 +117,8 @@ def _ann_options() -> argparse.ArgumentParser:
     ann.add_argument("--queries", type=_positive, default=200, help="batch-1 queries timed")
     ann.add_argument("--batch-requests", type=_positive, default=5, help="batch-100 requests timed")
     ann.add_argument("--recall-queries", type=_positive, default=100, help="queries checked against exact search")
-    ann.add_argument("--no-faiss", action="store_true", help="skip the faiss-cpu comparison")
-    ann.add_argument("--work-dir", type=Path, help="where the Milvus Lite files go (default: .bench/ann-work)")
+    ann.add_argument("--no-faiss", action="store_true", help="skip raw faiss-cpu (HNSW, IVF) without a service")
+    ann.add_argument("--work-dir", type=Path, help="where the stores' files go (default: .bench/ann-work)")
     return ann
 
 
@@ -273,7 +275,7 @@ async def run_bench(args: argparse.Namespace, report: dict[str, Any], out_path: 
             clusters=args.clusters, spread=args.spread, dimension=ann_dimension(args), queries=args.queries,
             batch_requests=args.batch_requests, recall_queries=args.recall_queries, k=args.k if "k" in args else 10,
             seed=args.seed, work_dir=(args.work_dir or out_path.parent / "ann-work").resolve(),
-            faiss=not args.no_faiss, keep=args.keep,
+            faiss=not args.no_faiss, backends=args.backends, keep=args.keep,
         )
         report["ann"] = await run_ann(config)
         print(format_ann(report["ann"]), flush=True)
@@ -364,8 +366,9 @@ def format_ingest(result: dict[str, Any], dataset: Path) -> str:
     search = e2e.get("stages", {}).get("search")
     if search:
         calls = ", ".join(f"{operation} {figures['calls']} x {figures['mean_ms']} ms"
-                          for operation, figures in search["milvus_calls"].items())
-        text.append(f"search_svc: Upsert {search['upsert_rpc']['calls']} x {search['upsert_rpc']['mean_ms']} ms; milvus {calls}")
+                          for operation, figures in search["store_calls"].items())
+        text.append(f"search_svc: Upsert {search['upsert_rpc']['calls']} x {search['upsert_rpc']['mean_ms']} ms; "
+                    f"{search['store']} {calls}")
     if e2e.get("profile"):
         text.append("(profiling: bench_client's CPU includes py-spy's)")
     for name, summary in (e2e.get("profile") or {}).get("processes", {}).items():
@@ -441,6 +444,6 @@ def format_ann(result: dict[str, Any]) -> str:
         rows,
         title=f"\n== ann: {result['dimension']}-d, {result['clusters']} clusters, spread {result['spread']}; "
               f"recall on {result['recall_queries']} queries; faiss: {result['faiss']} ==\n"
-              "mem: RSS of the milvus process (milvus-lite), growth of this process's RSS while building (faiss); "
-              "QPS b1: one query per request, one at a time",
+              "mem: RSS of the milvus process (milvus-lite), growth of this process's RSS while building (search_svc "
+              "faiss and raw faiss run in this process); QPS b1: one query per request, one at a time",
     )

@@ -1,15 +1,17 @@
-"""`vsearch bench ann`: search_svc on synthetic clustered unit vectors, per index type Milvus Lite offers
-(FLAT, IVF_FLAT at several nprobe): build time, memory of the `milvus` process, QPS at batch 1 and
+"""`vsearch bench ann`: search_svc on synthetic clustered unit vectors, per backend (in-process FAISS,
+Milvus Lite) and index type (FLAT, IVF_FLAT at several nprobe): build time, memory, QPS at batch 1 and
 batch 100 through the service (gRPC Search), and recall@k against exact numpy search. Optionally
-faiss-cpu (HNSW, IVF) in this process, without a service around it, as a comparison.
+raw faiss-cpu (HNSW, IVF) in this process, without a service around it, as the ceiling.
 
-search_svc runs in this process (`create_server`) on a temporary Milvus Lite file per index type, so
-its settings are exactly the ones under test. Vectors are generated in fixed blocks from the seed,
+search_svc runs in this process (`create_server`) on temporary files per backend and index type, so
+its settings are exactly the ones under test. Memory: the RSS of the `milvus` process for Milvus
+Lite; for FAISS, which lives in this process, the growth of this process's RSS while building. Vectors are generated in fixed blocks from the seed,
 so even 1M x 1280 never has to sit in memory at once; the exact top-k of the recall queries is kept
 up to date block by block."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
 import shutil
@@ -39,6 +41,8 @@ TIE_TOLERANCE = 1e-5
 SERVER_READY_TIMEOUT_S = 1800.0
 MILVUS_CALL_TIMEOUT_S = 600.0
 INDEX_TYPES = ("FLAT", "IVF_FLAT")
+BACKENDS = ("faiss", "milvus")
+ENGINES = {"faiss": "search_svc faiss", "milvus": "milvus-lite"}
 
 
 @dataclass
@@ -57,6 +61,7 @@ class AnnConfig:
     seed: int
     work_dir: Path
     faiss: bool
+    backends: list[str] = field(default_factory=lambda: list(BACKENDS))
     faiss_hnsw_m: int = 32
     faiss_ef_search: list[int] = field(default_factory=lambda: [32, 64, 128])
     keep: bool = False
@@ -149,14 +154,19 @@ async def start_search_service(settings: SearchSettings) -> Any:
         await server.wait_ready(SERVER_READY_TIMEOUT_S)
     except TimeoutError:
         await server.stop(grace=1)
-        raise BenchError(f"search_svc on {settings.milvus.uri} not ready after {SERVER_READY_TIMEOUT_S:.0f}s") from None
+        raise BenchError(f"search_svc ({settings.backend}) not ready after {SERVER_READY_TIMEOUT_S:.0f}s") from None
     return server
 
 
-def search_settings(db_path: Path, config: AnnConfig, index_type: str, nlist: int, nprobe: int | None) -> SearchSettings:
+def search_settings(store_path: Path, backend: str, config: AnnConfig, index_type: str, nlist: int, nprobe: int | None,
+                    size: int) -> SearchSettings:
     return SearchSettings(
         port=0,
-        milvus={"uri": str(db_path), "collection": "bench_ann", "timeout_s": MILVUS_CALL_TIMEOUT_S},
+        backend=backend,
+        collection="bench_ann",
+        # IVF lists trained once, on everything, when the last vector is in (as after a bulk load).
+        **({"milvus": {"uri": str(store_path), "timeout_s": MILVUS_CALL_TIMEOUT_S}} if backend == "milvus" else
+           {"faiss": {"data_dir": store_path, "ivf_train_min_items": max(100, size)}}),
         dimension=config.dimension,
         index_type=index_type,
         index_params={"nlist": nlist} if index_type.startswith("IVF") else {},
@@ -206,22 +216,25 @@ async def measure_queries(stub: search_pb2_grpc.VectorSearchStub, queries: np.nd
     }
 
 
-async def milvus_runs(config: AnnConfig, vectors: ClusteredVectors, size: int, index_type: str,
-                      queries: np.ndarray, exact: ExactTopK) -> list[dict[str, Any]]:
-    """Builds one Milvus Lite file with this index type, then measures it at each search setting (a
-    search_svc setting, so each one gets its own server on the same file)."""
+async def service_runs(config: AnnConfig, backend: str, vectors: ClusteredVectors, size: int, index_type: str,
+                       queries: np.ndarray, exact: ExactTopK) -> list[dict[str, Any]]:
+    """Builds one store (a Milvus Lite file or a FAISS data dir) with this index type, then measures
+    it at each search setting (a search_svc setting, so each one gets its own server on the same
+    store: the reopen time shows too)."""
     nlist = config.nlist or default_nlist(size)
     search_variants: list[int | None] = list(config.nprobes) if index_type.startswith("IVF") else [None]
-    db_path = config.work_dir / f"ann-{size}-{index_type.lower()}.db"
+    name = f"ann-{size}-{index_type.lower()}"
+    store_path = config.work_dir / (f"{name}.db" if backend == "milvus" else f"{name}-faiss")
     runs = []
     build: dict[str, Any] = {}
+    rss_before = memory_self()
     try:
         for variant_index, nprobe in enumerate(search_variants):
-            settings = search_settings(db_path, config, index_type, nlist, nprobe)
+            settings = search_settings(store_path, backend, config, index_type, nlist, nprobe, size)
             started = time.perf_counter()
             server = await start_search_service(settings)
             open_seconds = time.perf_counter() - started
-            pid = milvus_lite_pid(db_path)
+            pid = milvus_lite_pid(store_path) if backend == "milvus" else None
             meter = CpuMeter({"bench_process": os.getpid(), **({"milvus": pid} if pid is not None else {})})
             meter.start()
             measured = time.perf_counter()
@@ -229,14 +242,18 @@ async def milvus_runs(config: AnnConfig, vectors: ClusteredVectors, size: int, i
                 async with channel(server.address) as grpc_channel:
                     stub = search_pb2_grpc.VectorSearchStub(grpc_channel)
                     if variant_index == 0:
-                        build = await build_index(stub, vectors, size, queries[:1])
+                        build = await build_index(stub, vectors, size, queries[:1], server if backend == "faiss" else None,
+                                                  index_type)
+                        if backend == "faiss":
+                            build["memory_growth_mib"] = round(memory_self() - rss_before, 1)
                     run: dict[str, Any] = {
-                        "size": size, "engine": "milvus-lite", "index": index_type,
+                        "size": size, "engine": ENGINES[backend], "backend": backend, "index": index_type,
                         "index_params": settings.index_params, "search_params": settings.search_params,
                         **build, "open_s" if variant_index == 0 else "reopen_s": round(open_seconds, 3),
                     }
                     run.update(await measure_queries(stub, queries, config, exact))
-                    run["milvus_memory"] = memory(pid) if pid is not None else {"error": "milvus process not found"}
+                    if backend == "milvus":
+                        run["milvus_memory"] = memory(pid) if pid is not None else {"error": "milvus process not found"}
                     run["cpu_by_process"] = meter.stop(time.perf_counter() - measured)
                     run["machine_load"] = meter.machine
                     runs.append(run)
@@ -244,8 +261,21 @@ async def milvus_runs(config: AnnConfig, vectors: ClusteredVectors, size: int, i
                 await server.stop(grace=1)
     finally:
         if not config.keep:
-            remove_milvus_files(config.work_dir, db_path.name)
+            if backend == "milvus":
+                remove_milvus_files(config.work_dir, store_path.name)
+            else:
+                shutil.rmtree(store_path, ignore_errors=True)
     return runs
+
+
+async def wait_for_ivf_training(server: Any, timeout_s: float = SERVER_READY_TIMEOUT_S) -> None:
+    """The FAISS backend trains IVF lists in the background once the last vector is in; searches
+    before that are exact (flat), so the figures wait for it."""
+    deadline = time.monotonic() + timeout_s
+    while not server.metrics.registry.get_sample_value("vsearch_faiss_index_build_seconds_count", {"index": "ivf"}):
+        if time.monotonic() > deadline:
+            raise BenchError(f"the FAISS IVF index was not trained within {timeout_s:.0f}s")
+        await asyncio.sleep(0.2)
 
 
 def remove_milvus_files(folder: Path, db_name: str) -> None:
@@ -258,9 +288,9 @@ def remove_milvus_files(folder: Path, db_name: str) -> None:
 
 
 async def build_index(stub: search_pb2_grpc.VectorSearchStub, vectors: ClusteredVectors, size: int,
-                      probe: np.ndarray) -> dict[str, Any]:
-    """Inserts every vector through Upsert, then times the first search (whatever index work Milvus
-    left for later shows there)."""
+                      probe: np.ndarray, faiss_server: Any | None = None, index_type: str = "FLAT") -> dict[str, Any]:
+    """Inserts every vector through Upsert, waits for the FAISS backend's IVF training, then times
+    the first search (whatever index work Milvus left for later shows there)."""
     encode_seconds = 0.0
     started = time.perf_counter()
     try:
@@ -271,6 +301,9 @@ async def build_index(stub: search_pb2_grpc.VectorSearchStub, vectors: Clustered
             for request in requests:
                 await stub.Upsert(request, timeout=MILVUS_CALL_TIMEOUT_S)
         insert_seconds = time.perf_counter() - started
+        if faiss_server is not None and index_type == "IVF_FLAT":
+            await wait_for_ivf_training(faiss_server)
+        train_seconds = time.perf_counter() - started - insert_seconds
         first_started = time.perf_counter()
         await stub.Search(search_pb2.SearchRequest(queries=[search_pb2.Vector(values=probe[0].tolist())], k=10),
                           timeout=MILVUS_CALL_TIMEOUT_S)
@@ -281,15 +314,17 @@ async def build_index(stub: search_pb2_grpc.VectorSearchStub, vectors: Clustered
         "insert_s": round(insert_seconds, 3),
         "insert_vectors_per_s": rate(size, insert_seconds),
         "client_encode_s": round(encode_seconds, 3),
+        "train_wait_s": round(train_seconds, 3),
         "first_search_s": round(first_search_seconds, 3),
-        "build_s": round(insert_seconds + first_search_seconds, 3),
+        "build_s": round(insert_seconds + train_seconds + first_search_seconds, 3),
     }
 
 
 def faiss_runs(config: AnnConfig, vectors: ClusteredVectors, size: int, queries: np.ndarray,
                exact: ExactTopK) -> list[dict[str, Any]]:
-    """faiss-cpu in this process, no service path: what an in-process backend could do."""
-    import faiss  # optional: only for this comparison
+    """faiss-cpu in this process, no service around it: the ceiling of an in-process index, and HNSW,
+    which search_svc's FAISS backend does not offer (no deletes)."""
+    import faiss
 
     nlist = config.nlist or default_nlist(size)
     runs = []
@@ -342,7 +377,7 @@ def _faiss_measure(index: Any, name: str, build_params: dict[str, Any], variants
         batch_seconds = time.perf_counter() - started
         recall_rows = len(exact.queries)
         runs.append({
-            "size": size, "engine": "faiss (in-process)", "index": name, "index_params": build_params,
+            "size": size, "engine": "raw faiss (no service)", "index": name, "index_params": build_params,
             "search_params": {key: value}, "build_s": round(build_seconds, 3), "memory_growth_mib": grown_mib,
             "qps_batch1": rate(len(latencies), single_seconds), "latency_batch1": latency_summary(latencies),
             "qps_batch100": rate(batch_rows, batch_seconds) if batch_rows >= BATCH_QUERIES else None,
@@ -378,10 +413,11 @@ async def run_ann(config: AnnConfig) -> dict[str, Any]:
         for start, block in vectors.blocks(size):
             exact.add(start, block)
         exact_seconds = time.perf_counter() - started
-        for index_type in config.index_types:
-            for run in await milvus_runs(config, vectors, size, index_type, queries, exact):
-                run["exact_numpy_s"] = round(exact_seconds, 3)
-                runs.append(run)
+        for backend in config.backends:
+            for index_type in config.index_types:
+                for run in await service_runs(config, backend, vectors, size, index_type, queries, exact):
+                    run["exact_numpy_s"] = round(exact_seconds, 3)
+                    runs.append(run)
         if use_faiss:
             runs.extend(faiss_runs(config, vectors, size, queries, exact))
     for run in runs:

@@ -149,16 +149,21 @@ def stage_figures(before: dict[str, dict], after: dict[str, dict], wall_s: float
         }
     if after.get("search"):
         search = before.get("search", {}), after["search"]
+        # The store's own calls: vsearch_faiss_call_seconds or vsearch_milvus_call_seconds.
+        store_metrics = {name[:-len("_count")] for name, _labels in search[1]
+                         if name in ("vsearch_faiss_call_seconds_count", "vsearch_milvus_call_seconds_count")}
+        store_metric = store_metrics.pop() if len(store_metrics) == 1 else "vsearch_faiss_call_seconds"
         operations = sorted({dict(labels).get("operation", "") for name, labels in search[1]
-                             if name == "vsearch_milvus_call_seconds_count"})
+                             if name == f"{store_metric}_count"})
         figures["search"] = {
             "upsert_rpc": _rpc(search, "Upsert"),
             "other_rpcs": {method: _rpc(search, method) for method in ("Get", "Stats", "Search")
                            if metric_delta(*search, "vsearch_grpc_latency_seconds_count", method=method)},
-            "milvus_calls": {
-                operation: _histogram_ms(histogram_delta(*search, "vsearch_milvus_call_seconds", operation=operation))
+            "store": store_metric.split("_")[1],
+            "store_calls": {
+                operation: _histogram_ms(histogram_delta(*search, store_metric, operation=operation))
                 for operation in operations
-                if metric_delta(*search, "vsearch_milvus_call_seconds_count", operation=operation)
+                if metric_delta(*search, f"{store_metric}_count", operation=operation)
             },
         }
     if after.get("gateway"):

@@ -1,6 +1,8 @@
 # syntax=docker/dockerfile:1.7
 # search_svc: gRPC vsearch.v1.VectorSearch on :50053, in front of a Milvus server (standalone or
-# cluster, SEARCH_MILVUS__URI=http://host:19530). Milvus Lite (.db files) is not in this image.
+# cluster: SEARCH_BACKEND=milvus, SEARCH_MILVUS__URI=http://host:19530), or with an in-process FAISS
+# index over files under SEARCH_FAISS__DATA_DIR (one replica, on a volume). Milvus Lite (.db files)
+# is not in this image.
 # From the repository root:
 #   docker build -f deploy/docker/search.Dockerfile -t vsearch/search:0.1.0 .
 
@@ -31,7 +33,7 @@ COPY --from=wheel /dist/ /tmp/dist/
 RUN python -m venv --without-pip /opt/venv \
  && pip --python /opt/venv/bin/python install --require-hashes --no-deps -r /tmp/requirements.lock \
  && pip --python /opt/venv/bin/python install --no-deps /tmp/dist/vsearch-*.whl \
- && /opt/venv/bin/python -c "import search_svc.server, pymilvus"
+ && /opt/venv/bin/python -c "import search_svc.server, pymilvus, faiss"
 
 # ---- runtime ---------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE}

@@ -1,0 +1,698 @@
+"""The in-process FAISS backend of the search service (`vector_store.VectorStore`).
+
+Each collection is one SQLite file, the source of truth: per item a label (an int64 that is never
+reused), the stored id, the vector, image URI, metadata JSON, content hash, and a typed column plus
+a presence column per filter field (the same layout as the Milvus collection). The FAISS index in
+memory is derived from it: a write commits to SQLite first, then updates the index, so a crash
+loses nothing that was acknowledged, and the index is rebuilt from SQLite at the next start unless
+a snapshot written at a clean shutdown matches the file's revision.
+
+Index types: FLAT (exact inner product) and IVF_FLAT. An IVF_FLAT collection searches exactly
+until it holds `ivf_train_min_items`, then trains its lists (nlist from `index_params`, else
+4 * sqrt(items)) in a background thread while the old index keeps serving; writes made meanwhile
+are replayed onto the new index before it is swapped in. It retrains when the collection has grown
+by `ivf_retrain_growth`.
+
+Filters are SQL over the typed columns (bound parameters); the matching labels restrict the FAISS
+search through an ID selector. On IVF a query that finds fewer hits than it could (a selective
+filter, or lists too short for k) is searched again over every list, which is exact over the
+items the filter allows.
+
+Concurrency: searches run in parallel under a collection's read lock; a write takes it alone."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence, TypeVar
+
+import faiss
+import grpc
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from search_svc import columns
+from search_svc.filters import FilterCondition, sql_where
+from search_svc.item_codec import Row
+from search_svc.settings import DEFAULT_NPROBE, FieldType, SearchSettings
+from search_svc.vector_store import collection_name, refuse_dropping_default
+from service_kit.metrics import LATENCY_BUCKETS
+from service_kit.status import ServiceError
+
+logger = logging.getLogger(__name__)
+
+# k-means samples per IVF list (faiss warns below 39) and iterations: enough for stable lists,
+# and training time stays bounded as the catalog grows.
+TRAINING_POINTS_PER_LIST = 64
+KMEANS_ITERATIONS = 10
+# Rows per SQLite fetch while (re)building an index, and labels per `IN (...)` of a statement.
+BUILD_CHUNK_ROWS = 10_000
+LABELS_PER_STATEMENT = 900
+SQLITE_BUSY_TIMEOUT_S = 10.0
+
+_SQL_TYPES: dict[FieldType, str] = {"string": "TEXT", "float": "REAL", "int": "INTEGER", "bool": "INTEGER"}
+
+T = TypeVar("T")
+
+
+class FaissMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.call_seconds = Histogram(
+            "vsearch_faiss_call_seconds", "Time spent in FAISS backend operations, by operation.",
+            ["operation"], buckets=LATENCY_BUCKETS, registry=registry,
+        )
+        self.errors = Counter(
+            "vsearch_faiss_errors", "Failed FAISS backend operations, by operation and the status code answered.",
+            ["operation", "code"], registry=registry,
+        )
+        self.builds = Histogram(
+            "vsearch_faiss_index_build_seconds", "Time to build a collection's index from its SQLite file.",
+            ["index"], buckets=(0.1, 1, 10, 60, 300, 1800), registry=registry,
+        )
+
+
+def sqlite_service_error(operation: str, error: sqlite3.Error) -> ServiceError:
+    name = getattr(error, "sqlite_errorname", "")
+    if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
+        code = grpc.StatusCode.UNAVAILABLE
+    elif name.startswith("SQLITE_FULL"):
+        code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    elif name.startswith(("SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_PERM", "SQLITE_CORRUPT", "SQLITE_NOTADB")):
+        code = grpc.StatusCode.FAILED_PRECONDITION
+    else:
+        code = grpc.StatusCode.UNKNOWN
+    return ServiceError(code, f"faiss store {operation}: {name or type(error).__name__} {error}".rstrip())
+
+
+class ReadWriteLock:
+    """Many readers or one writer; a waiting writer holds off new readers, so writes are not starved."""
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._readers = 0
+        self._writer = False
+        self._writers_waiting = 0
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        with self._condition:
+            while self._writer or self._writers_waiting:
+                self._condition.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._readers -= 1
+                if not self._readers:
+                    self._condition.notify_all()
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
+        with self._condition:
+            self._writers_waiting += 1
+            while self._writer or self._readers:
+                self._condition.wait()
+            self._writers_waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._writer = False
+                self._condition.notify_all()
+
+
+def _vectors(blobs: Sequence[bytes], dimension: int) -> np.ndarray:
+    return np.frombuffer(b"".join(blobs), dtype="<f4").reshape(len(blobs), dimension)
+
+
+def _chunks(values: Sequence[T], size: int = LABELS_PER_STATEMENT) -> Iterator[Sequence[T]]:
+    for start in range(0, len(values), size):
+        yield values[start:start + size]
+
+
+def _quoted(name: str) -> str:
+    # Column names are ours or declared filter fields (letters, digits, underscores).
+    return f'"{name}"'
+
+
+def auto_nlist(items: int) -> int:
+    """4 * sqrt(items) lists, at most one per 39 items (fewer leaves k-means without data)."""
+    return max(1, min(int(4 * math.sqrt(items)), items // 39))
+
+
+class FaissCollection:
+    """One collection: its SQLite file, its FAISS index and the locks around them."""
+
+    def __init__(self, store: FaissStore, name: str, path: Path) -> None:
+        self.store = store
+        self.name = name
+        self.path = path
+        self.lock = ReadWriteLock()
+        self.index: faiss.Index | None = None
+        self.revision = 0
+        self.next_label = 1
+        self.ivf_trained_items = 0  # items the IVF lists were trained on; 0 while searching flat
+        self.dropped = False
+        # Writes made while a background rebuild runs, replayed onto the new index before the swap.
+        self.pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None
+        self.rebuild: threading.Thread | None = None
+        self._connections: dict[int, sqlite3.Connection] = {}
+        self._connections_lock = threading.Lock()
+
+    # --- SQLite ------------------------------------------------------------------------------
+
+    def connect(self) -> sqlite3.Connection:
+        connection = sqlite3.connect(
+            self.path, timeout=SQLITE_BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
+        )
+        # WAL: readers never wait for the writer. synchronous=NORMAL is durable against a crash of
+        # this process (the WAL is written before a commit returns), not against power loss.
+        connection.execute("PRAGMA journal_mode=WAL")
+        connection.execute("PRAGMA synchronous=NORMAL")
+        return connection
+
+    def connection(self) -> sqlite3.Connection:
+        """This thread's connection (executor threads are few and long-lived)."""
+        thread = threading.get_ident()
+        connection = self._connections.get(thread)
+        if connection is None:
+            connection = self.connect()
+            with self._connections_lock:
+                self._connections[thread] = connection
+        return connection
+
+    def close_connections(self) -> None:
+        with self._connections_lock:
+            connections, self._connections = list(self._connections.values()), {}
+        for connection in connections:
+            connection.close()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        connection = self.connection()
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            yield connection
+        except BaseException:
+            connection.execute("ROLLBACK")
+            raise
+        connection.execute("COMMIT")
+
+    def set_meta(self, connection: sqlite3.Connection, **values: object) -> None:
+        connection.executemany(
+            "INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            [(key, json.dumps(value)) for key, value in values.items()],
+        )
+
+    def labels_of(self, connection: sqlite3.Connection, stored_ids: Sequence[str]) -> np.ndarray:
+        labels: list[int] = []
+        for chunk in _chunks(stored_ids):
+            labels.extend(row[0] for row in connection.execute(
+                f"SELECT label FROM items WHERE id IN ({', '.join('?' * len(chunk))})", chunk
+            ))
+        return np.asarray(labels, dtype=np.int64)
+
+    # --- the index -----------------------------------------------------------------------------
+
+    @property
+    def is_ivf(self) -> bool:
+        return isinstance(self.index, faiss.IndexIVF)
+
+    def apply(self, removed: np.ndarray, vectors: np.ndarray, labels: np.ndarray) -> None:
+        """Brings the index up to a committed write (under the write lock)."""
+        assert self.index is not None
+        if removed.size:
+            self.index.remove_ids(removed)
+        if labels.size:
+            self.index.add_with_ids(vectors, labels)
+        if self.pending is not None:
+            self.pending.append((removed, vectors, labels))
+
+    def search(self, vectors: np.ndarray, k: int, allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        assert self.index is not None
+        selector = faiss.IDSelectorBatch(allowed) if allowed is not None else None
+        candidates = self.index.ntotal if allowed is None else allowed.size
+        if not self.is_ivf:
+            params = faiss.SearchParameters(sel=selector) if selector is not None else None
+            return self.index.search(vectors, k, params=params)
+        ivf = self.index
+        nprobe = min(self.store.nprobe, ivf.nlist)
+        scores, labels = ivf.search(vectors, k, params=faiss.SearchParametersIVF(sel=selector, nprobe=nprobe))
+        short = np.flatnonzero((labels >= 0).sum(axis=1) < min(k, candidates))
+        if short.size and nprobe < ivf.nlist:
+            # Every list: exact over the allowed items, at the cost of a full scan for these queries.
+            exact = faiss.SearchParametersIVF(sel=selector, nprobe=ivf.nlist)
+            scores[short], labels[short] = ivf.search(np.ascontiguousarray(vectors[short]), k, params=exact)
+        return scores, labels
+
+
+class FaissStore:
+    def __init__(self, settings: SearchSettings, metrics: FaissMetrics) -> None:
+        self._settings = settings
+        self._metrics = metrics
+        self._data_dir = settings.faiss.data_dir.expanduser().resolve()
+        self.default_collection = settings.collection
+        self.index_type = settings.index_type
+        # Checked by the settings (SearchSettings._check_backend).
+        self._nlist: int | None = settings.index_params.get("nlist")
+        self.nprobe: int = settings.search_params.get("nprobe", DEFAULT_NPROBE)
+        self._collections: dict[str, FaissCollection] = {}
+        self._collections_lock = threading.Lock()
+        self._opened = False
+        self._closing = threading.Event()
+        self._use_gpu = settings.faiss.gpu == "on" or (settings.faiss.gpu == "auto" and faiss_gpus() > 0)
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    def open(self) -> None:
+        if self._opened:
+            return
+        self._closing.clear()
+        if self._settings.faiss.gpu == "on" and faiss_gpus() == 0:
+            raise ServiceError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "SEARCH_FAISS__GPU=on but this faiss build sees no GPU (install faiss-gpu, or use auto/off)",
+            )
+        try:
+            self._data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, f"cannot create {self._data_dir}: {error}") from error
+        with self._collections_lock:
+            if self.default_collection not in self._collections:
+                self._collections[self.default_collection] = self._load(self.default_collection)
+        self._opened = True
+
+    def close(self) -> None:
+        """Stops background rebuilds, snapshots every loaded index and closes the files."""
+        self._closing.set()
+        with self._collections_lock:
+            loaded, self._collections = list(self._collections.values()), {}
+        for collection in loaded:
+            rebuild = collection.rebuild
+            if rebuild is not None:
+                rebuild.join()
+            with collection.lock.writing():
+                if collection.index is not None and not collection.dropped:
+                    self._write_snapshot(collection)
+                collection.close_connections()
+        self._opened = False
+
+    def require_connected(self) -> None:
+        if not self._opened:
+            raise ServiceError(grpc.StatusCode.UNAVAILABLE, "the faiss store is not loaded yet")
+
+    def collection_name(self, requested: str) -> str:
+        return collection_name(requested, self.default_collection)
+
+    def require_collection(self, name: str) -> None:
+        self._existing(name)
+
+    # --- collections ---------------------------------------------------------------------------
+
+    def _path(self, name: str) -> Path:
+        return self._data_dir / f"{name}.sqlite3"
+
+    def _existing(self, name: str) -> FaissCollection:
+        collection = self._collection(name, create=False)
+        if collection is None:
+            raise ServiceError(grpc.StatusCode.NOT_FOUND, f"collection {name!r} does not exist")
+        return collection
+
+    def _collection(self, name: str, create: bool) -> FaissCollection | None:
+        self.require_connected()
+        collection = self._collections.get(name)
+        if collection is not None:
+            return collection
+        with self._collections_lock:
+            collection = self._collections.get(name)
+            if collection is None:
+                if not create and not self._path(name).exists():
+                    return None
+                collection = self._load(name)
+                self._collections[name] = collection
+        return collection
+
+    def _load(self, name: str) -> FaissCollection:
+        collection = FaissCollection(self, name, self._path(name))
+        start = time.perf_counter()
+        try:
+            connection = collection.connection()
+            self._create_or_check_schema(collection, connection)
+            meta = {key: json.loads(value) for key, value in connection.execute("SELECT key, value FROM meta")}
+            collection.revision = int(meta.get("revision", 0))
+            collection.next_label = int(meta.get("next_label", 1))
+            collection.ivf_trained_items = int(meta.get("ivf_trained_items", 0))
+            collection.index = self._read_snapshot(collection)
+            if collection.index is not None and collection.index.ntotal != self._count(connection):
+                logger.warning("ignoring the snapshot of collection %s: it does not match the file", name)
+                collection.index = None
+            if collection.index is None:
+                collection.index = self._build(collection, connection)
+        except sqlite3.Error as error:
+            collection.close_connections()
+            raise sqlite_service_error("open", error) from error
+        except BaseException:
+            collection.close_connections()
+            raise
+        logger.info(
+            "collection %s ready: %d items, %s index (%.1fs)",
+            name, collection.index.ntotal, "IVF" if collection.is_ivf else "flat", time.perf_counter() - start,
+        )
+        return collection
+
+    def _create_or_check_schema(self, collection: FaissCollection, connection: sqlite3.Connection) -> None:
+        fields = self._settings.filter_fields
+        field_columns = "".join(
+            f', "{field}" {_SQL_TYPES[field_type]} NOT NULL, "{columns.presence_column(field)}" INTEGER NOT NULL'
+            for field, field_type in fields.items()
+        )
+        with collection.transaction():
+            connection.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+            stored = dict(connection.execute("SELECT key, value FROM meta WHERE key IN ('dimension', 'filter_fields')"))
+            if not stored:
+                connection.execute(
+                    "CREATE TABLE items (label INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE, vector BLOB NOT NULL, "
+                    f"image_uri TEXT NOT NULL, metadata TEXT NOT NULL, content_sha256 TEXT NOT NULL{field_columns})"
+                )
+                for field in fields:
+                    connection.execute(f'CREATE INDEX "items_by_{field}" ON items ("{field}")')
+                collection.set_meta(connection, dimension=self._settings.dimension, filter_fields=fields)
+                logger.info("creating collection %s (dimension %d)", collection.name, self._settings.dimension)
+                return
+        problems = []
+        dimension = json.loads(stored.get("dimension", "0"))
+        if dimension != self._settings.dimension:
+            problems.append(f"its vectors have dimension {dimension}, SEARCH_DIMENSION is {self._settings.dimension}")
+        stored_fields = json.loads(stored.get("filter_fields", "{}"))
+        if stored_fields != dict(fields):
+            problems.append(f"its filter fields are {stored_fields}, SEARCH_FILTER_FIELDS declares {dict(fields)}")
+        if problems:
+            raise ServiceError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"collection {collection.name!r} does not match the settings: {'; '.join(problems)}. "
+                f"Use another SEARCH_COLLECTION, or move {collection.path} away to rebuild it.",
+            )
+
+    @staticmethod
+    def _count(connection: sqlite3.Connection) -> int:
+        return int(connection.execute("SELECT count(*) FROM items").fetchone()[0])
+
+    def _snapshot_path(self, collection: FaissCollection) -> Path:
+        return self._data_dir / f"{collection.name}.r{collection.revision}.{self.index_type.lower()}.faiss"
+
+    def _read_snapshot(self, collection: FaissCollection) -> faiss.Index | None:
+        path = self._snapshot_path(collection)
+        if not path.exists():
+            return None
+        try:
+            index = faiss.read_index(str(path))
+        except RuntimeError as error:  # a torn or foreign file: the SQLite file has everything
+            logger.warning("ignoring snapshot %s: %s", path, error)
+            return None
+        logger.info("collection %s: index loaded from snapshot %s", collection.name, path.name)
+        return index
+
+    def _write_snapshot(self, collection: FaissCollection) -> None:
+        path = self._snapshot_path(collection)
+        temporary = path.with_suffix(".tmp")
+        try:
+            faiss.write_index(collection.index, str(temporary))
+            os.replace(temporary, path)
+        except (RuntimeError, OSError) as error:  # only costs a rebuild at the next start
+            logger.warning("could not snapshot collection %s: %s", collection.name, error)
+            return
+        for stale in self._data_dir.glob(f"{collection.name}.r*.faiss"):
+            if stale != path:
+                stale.unlink(missing_ok=True)
+
+    # --- building indexes ------------------------------------------------------------------------
+
+    def _build(self, collection: FaissCollection, connection: sqlite3.Connection) -> faiss.Index:
+        """A new index over the items `connection` sees (in a read transaction when rebuilding)."""
+        items = self._count(connection)
+        start = time.perf_counter()
+        ivf = self.index_type == "IVF_FLAT" and items >= self._settings.faiss.ivf_train_min_items
+        index = self._trained_ivf(connection, items) if ivf else faiss.IndexIDMap2(faiss.IndexFlatIP(self._settings.dimension))
+        cursor = connection.execute("SELECT label, vector FROM items")
+        while rows := cursor.fetchmany(BUILD_CHUNK_ROWS):
+            if self._closing.is_set():
+                raise ServiceError(grpc.StatusCode.UNAVAILABLE, "the search service is shutting down")
+            labels, blobs = zip(*rows)
+            index.add_with_ids(_vectors(blobs, self._settings.dimension), np.asarray(labels, dtype=np.int64))
+        self._metrics.builds.labels("ivf" if ivf else "flat").observe(time.perf_counter() - start)
+        return index
+
+    def _trained_ivf(self, connection: sqlite3.Connection, items: int) -> faiss.IndexIVFFlat:
+        dimension = self._settings.dimension
+        nlist = int(self._nlist) if self._nlist else auto_nlist(items)
+        labels = np.fromiter((row[0] for row in connection.execute("SELECT label FROM items")), dtype=np.int64)
+        sample = np.random.default_rng(items).choice(labels, size=min(items, nlist * TRAINING_POINTS_PER_LIST), replace=False)
+        blobs: list[bytes] = []
+        for chunk in _chunks(np.sort(sample).tolist()):
+            blobs.extend(row[0] for row in connection.execute(
+                f"SELECT vector FROM items WHERE label IN ({', '.join('?' * len(chunk))})", chunk
+            ))
+        started = time.perf_counter()
+        kmeans = faiss.Kmeans(
+            dimension, nlist, niter=KMEANS_ITERATIONS, max_points_per_centroid=TRAINING_POINTS_PER_LIST,
+            seed=1234, gpu=self._use_gpu, verbose=False,
+        )
+        kmeans.train(_vectors(blobs, dimension))
+        quantizer = faiss.IndexFlatIP(dimension)
+        quantizer.add(kmeans.centroids)
+        index = faiss.IndexIVFFlat(quantizer, dimension, nlist, faiss.METRIC_INNER_PRODUCT)
+        logger.info(
+            "trained %d IVF lists on %d of %d items in %.1fs%s",
+            nlist, len(blobs), items, time.perf_counter() - started, " on the GPU" if self._use_gpu else "",
+        )
+        return index
+
+    def _maybe_rebuild(self, collection: FaissCollection) -> None:
+        """Starts a background IVF (re)training when the collection crossed its threshold (under
+        the write lock)."""
+        if self.index_type != "IVF_FLAT" or collection.rebuild is not None or self._closing.is_set():
+            return
+        items = collection.index.ntotal
+        trained = collection.ivf_trained_items if collection.is_ivf else 0
+        if (not trained and items >= self._settings.faiss.ivf_train_min_items) or (
+            trained and items >= trained * self._settings.faiss.ivf_retrain_growth
+        ):
+            collection.rebuild = threading.Thread(
+                target=self._rebuild, args=(collection,), name=f"faiss-rebuild-{collection.name}", daemon=True
+            )
+            collection.rebuild.start()
+
+    def _rebuild(self, collection: FaissCollection) -> None:
+        connection = collection.connect()
+        swapped = False
+        try:
+            with collection.lock.writing():
+                # The read transaction's snapshot starts at its first SELECT, taken while no write
+                # can run; every later write goes to `pending` as well.
+                connection.execute("BEGIN")
+                items = self._count(connection)
+                collection.pending = []
+            index = self._build(collection, connection)
+            connection.execute("COMMIT")
+            with collection.lock.writing():
+                if not collection.dropped:
+                    for removed, vectors, labels in collection.pending or []:
+                        if removed.size:
+                            index.remove_ids(removed)
+                        if labels.size:
+                            index.add_with_ids(vectors, labels)
+                    collection.index = index
+                    collection.ivf_trained_items = items if isinstance(index, faiss.IndexIVF) else 0
+                    with collection.transaction() as write:
+                        collection.set_meta(write, ivf_trained_items=collection.ivf_trained_items)
+                collection.pending = None
+                collection.rebuild = None
+                swapped = True
+        except (ServiceError, sqlite3.Error, RuntimeError, MemoryError) as error:
+            logger.error("rebuilding the index of collection %s failed: %s", collection.name, error)
+        finally:
+            connection.close()
+            if not swapped:
+                with collection.lock.writing():
+                    collection.pending = None
+                    collection.rebuild = None
+
+    # --- operations ------------------------------------------------------------------------------
+
+    def _timed(self, operation: str, function: Callable[[], T]) -> T:
+        start = time.perf_counter()
+        try:
+            return function()
+        except sqlite3.Error as error:
+            service_error = sqlite_service_error(operation, error)
+            self._metrics.errors.labels(operation, service_error.code.name).inc()
+            raise service_error from error
+        except ServiceError as error:
+            self._metrics.errors.labels(operation, error.code.name).inc()
+            raise
+        finally:
+            self._metrics.call_seconds.labels(operation).observe(time.perf_counter() - start)
+
+    @staticmethod
+    def _check_not_dropped(collection: FaissCollection) -> None:
+        if collection.dropped:
+            raise ServiceError(grpc.StatusCode.NOT_FOUND, f"collection {collection.name!r} does not exist")
+
+    def upsert(self, collection_name: str, rows: Sequence[Row]) -> None:
+        def run() -> None:
+            collection = self._collection(collection_name, create=True)
+            assert collection is not None
+            ids = [row[columns.ID] for row in rows]
+            vectors = np.stack([row[columns.VECTOR] for row in rows]).astype(np.float32, copy=False)
+            fields = list(self._settings.filter_fields)
+            names = ["label", columns.ID, columns.VECTOR, columns.IMAGE_URI, columns.METADATA, columns.CONTENT_SHA256]
+            names += [name for field in fields for name in (field, columns.presence_column(field))]
+            statement = f"INSERT INTO items ({', '.join(map(_quoted, names))}) VALUES ({', '.join('?' * len(names))})"
+            with collection.lock.writing():
+                self._check_not_dropped(collection)
+                labels = np.arange(collection.next_label, collection.next_label + len(rows), dtype=np.int64)
+                with collection.transaction() as connection:
+                    replaced = collection.labels_of(connection, ids)
+                    for chunk in _chunks(replaced.tolist()):
+                        connection.execute(f"DELETE FROM items WHERE label IN ({', '.join('?' * len(chunk))})", chunk)
+                    connection.executemany(statement, (
+                        [int(label), row[columns.ID], row[columns.VECTOR].astype("<f4").tobytes(), row[columns.IMAGE_URI],
+                         row[columns.METADATA], row[columns.CONTENT_SHA256]]
+                        + [value for field in fields for value in (row[field], row[columns.presence_column(field)])]
+                        for label, row in zip(labels, rows)
+                    ))
+                    collection.set_meta(connection, revision=collection.revision + 1, next_label=int(labels[-1]) + 1)
+                collection.revision += 1
+                collection.next_label = int(labels[-1]) + 1
+                collection.apply(replaced, vectors, labels)
+                self._maybe_rebuild(collection)
+
+        self._timed("upsert", run)
+
+    def search(self, collection_name: str, vectors: np.ndarray, k: int, conditions: Sequence[FilterCondition]) -> list[list[dict]]:
+        def run() -> list[list[dict]]:
+            collection = self._existing(collection_name)
+            with collection.lock.reading():
+                self._check_not_dropped(collection)
+                connection = collection.connection()
+                allowed = None
+                if conditions:
+                    where, parameters = sql_where(conditions)
+                    allowed = np.fromiter(
+                        (row[0] for row in connection.execute(f"SELECT label FROM items WHERE {where}", parameters)),
+                        dtype=np.int64,
+                    )
+                    if not allowed.size:
+                        return [[] for _ in vectors]
+                scores, labels = collection.search(np.ascontiguousarray(vectors, dtype=np.float32), k, allowed)
+                found = np.unique(labels[labels >= 0]).tolist()
+                rows: dict[int, tuple] = {}
+                for chunk in _chunks(found):
+                    for row in connection.execute(
+                        f"SELECT label, id, image_uri, metadata FROM items WHERE label IN ({', '.join('?' * len(chunk))})",
+                        chunk,
+                    ):
+                        rows[row[0]] = row
+            results = []
+            for query_scores, query_labels in zip(scores, labels):
+                hits = []
+                for score, label in zip(query_scores.tolist(), query_labels.tolist()):
+                    row = rows.get(label)
+                    if row is not None:
+                        hits.append({
+                            columns.ID: row[1], "distance": score,
+                            "entity": {columns.IMAGE_URI: row[2], columns.METADATA: row[3]},
+                        })
+                results.append(hits)
+            return results
+
+        return self._timed("search", run)
+
+    def get(self, collection_name: str, stored_ids: Sequence[str], include_vectors: bool) -> list[dict]:
+        def run() -> list[dict]:
+            collection = self._collection(collection_name, create=False)
+            if collection is None:
+                return []
+            names = [columns.ID, columns.IMAGE_URI, columns.METADATA, columns.CONTENT_SHA256]
+            if include_vectors:
+                names.append(columns.VECTOR)
+            found: list[dict] = []
+            with collection.lock.reading():
+                if collection.dropped:
+                    return []
+                connection = collection.connection()
+                for chunk in _chunks(stored_ids):
+                    for row in connection.execute(
+                        f"SELECT {', '.join(names)} FROM items WHERE id IN ({', '.join('?' * len(chunk))})", chunk
+                    ):
+                        item = dict(zip(names, row))
+                        if include_vectors:
+                            item[columns.VECTOR] = np.frombuffer(item[columns.VECTOR], dtype="<f4").tolist()
+                        found.append(item)
+            return found
+
+        return self._timed("get", run)
+
+    def existing_ids(self, collection_name: str, stored_ids: Sequence[str]) -> list[str]:
+        return [row[columns.ID] for row in self.get(collection_name, stored_ids, include_vectors=False)]
+
+    def delete(self, collection_name: str, stored_ids: Sequence[str]) -> None:
+        def run() -> None:
+            collection = self._existing(collection_name)
+            with collection.lock.writing():
+                self._check_not_dropped(collection)
+                with collection.transaction() as connection:
+                    removed = collection.labels_of(connection, stored_ids)
+                    if not removed.size:
+                        return
+                    for chunk in _chunks(removed.tolist()):
+                        connection.execute(f"DELETE FROM items WHERE label IN ({', '.join('?' * len(chunk))})", chunk)
+                    collection.set_meta(connection, revision=collection.revision + 1)
+                collection.revision += 1
+                empty = np.empty((0, self._settings.dimension), dtype=np.float32)
+                collection.apply(removed, empty, np.empty(0, dtype=np.int64))
+
+        self._timed("delete", run)
+
+    def drop(self, collection_name: str) -> bool:
+        if collection_name == self.default_collection:
+            raise refuse_dropping_default(collection_name)
+
+        def run() -> bool:
+            with self._collections_lock:
+                collection = self._collections.pop(collection_name, None)
+                if collection is not None:
+                    with collection.lock.writing():
+                        collection.dropped = True
+                        collection.close_connections()
+                path = self._path(collection_name)
+                existed = path.exists()
+                for leftover in [path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm"),
+                                 *self._data_dir.glob(f"{collection_name}.r*.faiss")]:
+                    leftover.unlink(missing_ok=True)
+            return existed
+
+        return self._timed("drop", run)
+
+    def count(self, collection_name: str) -> int:
+        def run() -> int:
+            collection = self._existing(collection_name)
+            with collection.lock.reading():
+                self._check_not_dropped(collection)
+                return int(collection.connection().execute("SELECT count(*) FROM items").fetchone()[0])
+
+        return self._timed("count", run)
+
+
+def faiss_gpus() -> int:
+    """GPUs this faiss build can use (0 for faiss-cpu)."""
+    return faiss.get_num_gpus() if hasattr(faiss, "StandardGpuResources") else 0

@@ -1,0 +1,188 @@
+"""The FAISS backend's own promises, on the store itself: IVF training in the background without
+losing the writes made meanwhile, snapshots that only count when they match the SQLite file, and
+exact filtered search on IVF. (The gRPC behaviour both backends share is in test_search_service.)"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Iterator
+
+import faiss
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry
+from pydantic import ValidationError
+
+from search_svc.faiss_store import FaissMetrics, FaissStore, auto_nlist
+from search_svc.filters import FilterCondition
+from search_svc.item_codec import ItemCodec
+from search_svc.settings import FaissSettings, SearchSettings
+from vsearch.v1 import search_pb2
+
+DIM = 8
+FIELDS = {"category": "string", "price": "float"}
+
+
+def settings(data_dir: Path, **overrides: object) -> SearchSettings:
+    return SearchSettings(
+        backend=overrides.pop("backend", "faiss"), dimension=DIM, filter_fields=FIELDS,
+        faiss=FaissSettings(data_dir=data_dir, **overrides.pop("faiss", {})), **overrides,
+    )
+
+
+def open_store(data_dir: Path, **overrides: object) -> tuple[FaissStore, CollectorRegistry]:
+    registry = CollectorRegistry()
+    store = FaissStore(settings(data_dir, **overrides), FaissMetrics(registry))
+    store.open()
+    return store, registry
+
+
+def builds(registry: CollectorRegistry, index: str) -> float:
+    return registry.get_sample_value("vsearch_faiss_index_build_seconds_count", {"index": index}) or 0.0
+
+
+def clustered(count: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(10, DIM))
+    vectors = centres[rng.integers(0, 10, count)] + 0.3 * rng.normal(size=(count, DIM))
+    return (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
+
+
+def rows(ids: list[str], vectors: np.ndarray) -> list[dict]:
+    codec = ItemCodec(DIM, FIELDS)
+    items = []
+    for n, (item_id, vector) in enumerate(zip(ids, vectors)):
+        message = search_pb2.Item(id=item_id)
+        message.vector.values.extend(vector.tolist())
+        message.metadata.update({"category": f"c{n % 3}", "price": float(n)})
+        items.append(message)
+    return codec.rows(items)
+
+
+def top_ids(store: FaissStore, query: np.ndarray, k: int, *conditions: FilterCondition) -> list[str]:
+    [hits] = store.search(store.default_collection, query[None, :], k, list(conditions))
+    return [hit["id"] for hit in hits]
+
+
+def exact_ids(ids: list[str], vectors: np.ndarray, query: np.ndarray, k: int) -> list[str]:
+    return [ids[n] for n in np.argsort(-(vectors @ query), kind="stable")[:k]]
+
+
+@pytest.fixture
+def closing() -> Iterator[list[FaissStore]]:
+    stores: list[FaissStore] = []
+    yield stores
+    for store in stores:
+        store.close()
+
+
+def test_ivf_trains_in_the_background_and_keeps_writes_made_meanwhile(tmp_path: Path, closing: list[FaissStore],
+                                                                       monkeypatch: pytest.MonkeyPatch):
+    store, registry = open_store(tmp_path, index_type="IVF_FLAT", faiss={"ivf_train_min_items": 200})
+    closing.append(store)
+    collection = store._collections[store.default_collection]
+    # Hold the background build after it has read its snapshot, to write while it is in flight.
+    built, release = threading.Event(), threading.Event()
+    original_build = store._build
+
+    def held_build(*args: object) -> faiss.Index:
+        index = original_build(*args)
+        if threading.current_thread() is collection.rebuild:
+            built.set()
+            assert release.wait(30)
+        return index
+
+    monkeypatch.setattr(store, "_build", held_build)
+    vectors = clustered(400, seed=1)
+    ids = [f"v{n}" for n in range(400)]
+    store.upsert(store.default_collection, rows(ids[:250], vectors[:250]))  # crosses 200: training starts
+    assert built.wait(60), "no background build started"
+    assert not collection.is_ivf  # still the flat index, serving exactly
+    store.upsert(store.default_collection, rows(ids[250:], vectors[250:]))  # new items
+    replaced = clustered(5, seed=2)
+    store.upsert(store.default_collection, rows(ids[:5], replaced))  # items of the snapshot, changed
+    store.delete(store.default_collection, ids[5:10])
+    release.set()
+    collection.rebuild.join(60)
+    assert collection.is_ivf and builds(registry, "ivf") == 1
+    assert collection.index.nlist == auto_nlist(250) and collection.ivf_trained_items == 250
+
+    current = vectors.copy()
+    current[:5] = replaced
+    keep = [n for n in range(400) if not 5 <= n < 10]
+    assert collection.index.ntotal == store.count(store.default_collection) == len(keep)
+    kept_ids, kept_vectors = [ids[n] for n in keep], current[keep]
+    for query in clustered(5, seed=3):
+        # nprobe covers every list here (nlist 8 < 16): exact.
+        assert top_ids(store, query, 10) == exact_ids(kept_ids, kept_vectors, query, 10)
+    assert store.get(store.default_collection, ["v0"], include_vectors=True)[0]["vector"] == pytest.approx(replaced[0])
+
+
+def test_filtered_ivf_search_is_exact_over_the_allowed_items(tmp_path: Path, closing: list[FaissStore]):
+    store, _ = open_store(
+        tmp_path, index_type="IVF_FLAT", index_params={"nlist": 20}, search_params={"nprobe": 1},
+        faiss={"ivf_train_min_items": 1000},
+    )
+    closing.append(store)
+    vectors = clustered(1000, seed=4)
+    ids = [f"i{n}" for n in range(1000)]
+    store.upsert(store.default_collection, rows(ids, vectors))
+    collection = store._collections[store.default_collection]
+    collection.rebuild.join(60)
+    assert collection.is_ivf and collection.index.nlist == 20
+    rare = FilterCondition("price", "<", (30.0,))  # items 0..29, spread over many lists
+    allowed = list(range(30))
+    for query in clustered(5, seed=5):
+        expected = exact_ids([ids[n] for n in allowed], vectors[allowed], query, 10)
+        assert top_ids(store, query, 10, rare) == expected
+        # Unfiltered, one probed list may hold fewer than k items; the answer still has k.
+        assert len(top_ids(store, query, 200)) == 200
+    assert top_ids(store, vectors[0], 10, FilterCondition("category", "==", ('c0" OR 1=1 --',))) == []
+
+
+def test_snapshot_is_used_only_when_it_matches_the_file(tmp_path: Path, closing: list[FaissStore]):
+    vectors = clustered(50, seed=6)
+    ids = [f"s{n}" for n in range(50)]
+    first, registry = open_store(tmp_path)
+    first.upsert(first.default_collection, rows(ids[:40], vectors[:40]))
+    first.close()  # a clean shutdown writes a snapshot
+    assert len(list(tmp_path.glob("vsearch_images.r*.flat.faiss"))) == 1
+
+    second, registry = open_store(tmp_path)
+    assert builds(registry, "flat") == 0  # loaded, not rebuilt
+    assert second.count(second.default_collection) == 40
+    second.upsert(second.default_collection, rows(ids[40:], vectors[40:]))
+    second.delete(second.default_collection, ids[:2])
+    # A crash: no close(), so the snapshot on disk is older than the SQLite file.
+    for collection in second._collections.values():
+        collection.close_connections()
+
+    third, registry = open_store(tmp_path)
+    closing.append(third)
+    assert builds(registry, "flat") == 1  # the stale snapshot was ignored
+    assert third.count(third.default_collection) == 48
+    assert top_ids(third, vectors[45], 1) == ["s45"]
+    assert top_ids(third, vectors[0], 1) != ["s0"]
+
+
+def test_writes_survive_a_crash_without_any_snapshot(tmp_path: Path, closing: list[FaissStore]):
+    vectors = clustered(20, seed=7)
+    ids = [f"c{n}" for n in range(20)]
+    crashed, _ = open_store(tmp_path)
+    crashed.upsert(crashed.default_collection, rows(ids, vectors))
+    crashed.upsert("other", rows(ids[:3], vectors[:3]))
+    for collection in crashed._collections.values():
+        collection.close_connections()
+    reopened, _ = open_store(tmp_path)
+    closing.append(reopened)
+    assert reopened.count(reopened.default_collection) == 20 and reopened.count("other") == 3
+    assert top_ids(reopened, vectors[7], 1) == ["c7"]
+
+
+def test_settings_refuse_what_faiss_does_not_offer(tmp_path: Path):
+    with pytest.raises(ValidationError, match="not offered by the faiss backend"):
+        settings(tmp_path, index_type="HNSW")
+    with pytest.raises(ValidationError, match="nprobe must be a positive integer"):
+        settings(tmp_path, index_type="IVF_FLAT", search_params={"nprobe": 0})
+    assert settings(tmp_path, index_type="HNSW", backend="milvus").index_type == "HNSW"
