@@ -438,6 +438,13 @@ def format_ann(result: dict[str, Any]) -> str:
             run["qps_batch1"], run["latency_batch1"].get("p50_ms"), run["qps_batch100"], run["recall_at_k"],
             _verdict(run["meets_recall_target"]), (run.get("machine_load") or {}).get("other_processes_cores"),
         ])
+    verdict = result.get("single_machine_default")
+    decision = (
+        f"\nsingle-machine default by this run: SEARCH_BACKEND={verdict['backend']} SEARCH_INDEX_TYPE={verdict['index']} "
+        f"{' '.join(f'{k}={v}' for k, v in {**verdict['index_params'], **verdict['search_params']}.items())} "
+        f"(fastest at {verdict['size']:,} vectors with recall@{result['k']} >= {result['target_recall']})"
+        if verdict else "\nsingle-machine default by this run: none (no search_svc setting met the recall target)"
+    )
     return format_table(
         ["vectors", "engine", "index", "params", "build s", "insert/s", "mem MiB", "peak MiB", "QPS b1",
          "b1 p50 ms", "QPS b100", f"recall@{result['k']}", f">= {result['target_recall']}", "others' cores"],
@@ -446,4 +453,4 @@ def format_ann(result: dict[str, Any]) -> str:
               f"recall on {result['recall_queries']} queries; faiss: {result['faiss']} ==\n"
               "mem: RSS of the milvus process (milvus-lite), growth of this process's RSS while building (search_svc "
               "faiss and raw faiss run in this process); QPS b1: one query per request, one at a time",
-    )
+    ) + decision
