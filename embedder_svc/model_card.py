@@ -100,6 +100,35 @@ class Quantization(_Frozen):
     guard_eval_set: str | None = None
 
 
+class PcaReduction(_Frozen):
+    """How `vsearch model pca` reduced this model's vectors (absent on unreduced models): the graph
+    ends in subtract `mean`, project onto the top `dimension` principal components (each divided by
+    the square root of its variance when `whiten`), L2-normalise."""
+
+    source_name: str
+    source_version: str
+    source_model_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    source_dimension: int = Field(gt=1)
+    dimension: int = Field(gt=0)
+    whiten: bool
+    fit_images: int = Field(gt=1)
+    # Where the fit images came from, in words (folder or manifest, sampling).
+    fit_set: str
+    # Share of the source vectors' variance (about their mean) kept, in all and per component.
+    explained_variance_ratio: float = Field(ge=0, le=1)
+    component_variance_ratios: list[float]
+    # sha256 over the float32 mean and projection the graph holds.
+    projection_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+    @model_validator(mode="after")
+    def _check(self) -> PcaReduction:
+        if self.dimension >= self.source_dimension:
+            raise ValueError(f"dimension {self.dimension} is not below the source's {self.source_dimension}")
+        if len(self.component_variance_ratios) != self.dimension:
+            raise ValueError(f"{len(self.component_variance_ratios)} component variance ratios for {self.dimension} components")
+        return self
+
+
 class ModelCard(_Frozen):
     schema_version: Literal[1] = 1
     name: str
@@ -112,6 +141,8 @@ class ModelCard(_Frozen):
     output: OutputSpec
     # Set on models written by `vsearch model quantize`.
     quantization: Quantization | None = None
+    # Set on models written by `vsearch model pca`.
+    pca: PcaReduction | None = None
 
     @model_validator(mode="after")
     def _check(self) -> ModelCard:
@@ -122,6 +153,8 @@ class ModelCard(_Frozen):
             )
         if self.output.pooling == "gem" and (self.output.gem_p is None or self.output.gem_p <= 0):
             raise ValueError("gem pooling needs a positive gem_p")
+        if self.pca is not None and self.pca.dimension != self.output.dimension:
+            raise ValueError(f"the PCA keeps {self.pca.dimension} dimensions but the output has {self.output.dimension}")
         return self
 
     def preprocessing_summary(self) -> str:
@@ -151,10 +184,16 @@ class ModelCard(_Frozen):
         }
         return hashlib.sha256(json.dumps(defining, sort_keys=True).encode()).hexdigest()[:12]
 
+    @staticmethod
+    def derive_pca_version(source_version: str, pca: PcaReduction) -> str:
+        """A PCA-reduced model's version: the source model's and the reduction (its projection included)."""
+        defining = {"source_version": source_version, "pca": pca.model_dump(mode="json", exclude={"fit_set"})}
+        return hashlib.sha256(json.dumps(defining, sort_keys=True).encode()).hexdigest()[:12]
+
     def to_json(self) -> str:
-        # Float models keep the card they always had (no "quantization": null).
-        exclude = {"quantization"} if self.quantization is None else None
-        return self.model_dump_json(indent=2, exclude=exclude) + "\n"
+        # Cards without these keep the form they always had (no "quantization": null, "pca": null).
+        exclude = {name for name in ("quantization", "pca") if getattr(self, name) is None}
+        return self.model_dump_json(indent=2, exclude=exclude or None) + "\n"
 
 
 def read_model_card(model_dir: Path) -> ModelCard:

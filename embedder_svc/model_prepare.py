@@ -252,7 +252,6 @@ def _input_size(model: onnx.ModelProto, input_name: str) -> tuple[int | None, in
 def append_head(model: onnx.ModelProto, feature_tensor: str, pooling: Pooling, gem_p: float) -> None:
     """In place: feature [N, C, h, w] -> pooled -> [N, C] -> L2-normalised, as the only output."""
     graph = model.graph
-    opset = _default_opset(model)
 
     def constant(name: str, value: float) -> str:
         graph.initializer.append(numpy_helper.from_array(np.array(value, dtype=np.float32), name))
@@ -273,19 +272,29 @@ def append_head(model: onnx.ModelProto, feature_tensor: str, pooling: Pooling, g
         nodes.append(helper.make_node("Pow", [pooled, constant("head/gem_inv_p", 1.0 / gem_p)], ["head/gem_root"], name="head/gem_root"))
         pooled = "head/gem_root"
     nodes.append(helper.make_node("Flatten", [pooled], ["head/flat"], name="head/flatten", axis=1))
-    if opset >= 18:  # ReduceL2 takes its axes as an input from opset 18
-        graph.initializer.append(numpy_helper.from_array(np.array([1], dtype=np.int64), "head/l2_axes"))
-        nodes.append(helper.make_node("ReduceL2", ["head/flat", "head/l2_axes"], ["head/norm"], name="head/l2", keepdims=1))
-    else:
-        nodes.append(helper.make_node("ReduceL2", ["head/flat"], ["head/norm"], name="head/l2", axes=[1], keepdims=1))
-    nodes += [
-        # An all-zero feature map stays zero instead of becoming NaN.
-        helper.make_node("Max", ["head/norm", constant("head/l2_eps", _EPSILON)], ["head/norm_safe"], name="head/l2_guard"),
-        helper.make_node("Div", ["head/flat", "head/norm_safe"], [OUTPUT_NAME], name="head/normalise"),
-    ]
+    nodes += l2_normalise_nodes(model, "head/flat", OUTPUT_NAME, "head/")
     graph.node.extend(nodes)
     del graph.output[:]
     graph.output.append(helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, [BATCH_DIM, None]))
+
+
+def l2_normalise_nodes(model: onnx.ModelProto, source: str, output: str, prefix: str) -> list[onnx.NodeProto]:
+    """Nodes for `output` = `source` [N, D] / max(||row||, eps); their constants are added to the
+    graph's initializers, their names start with `prefix`."""
+    graph = model.graph
+    nodes = []
+    if _default_opset(model) >= 18:  # ReduceL2 takes its axes as an input from opset 18
+        graph.initializer.append(numpy_helper.from_array(np.array([1], dtype=np.int64), f"{prefix}l2_axes"))
+        nodes.append(helper.make_node("ReduceL2", [source, f"{prefix}l2_axes"], [f"{prefix}norm"], name=f"{prefix}l2", keepdims=1))
+    else:
+        nodes.append(helper.make_node("ReduceL2", [source], [f"{prefix}norm"], name=f"{prefix}l2", axes=[1], keepdims=1))
+    graph.initializer.append(numpy_helper.from_array(np.array(_EPSILON, dtype=np.float32), f"{prefix}l2_eps"))
+    nodes += [
+        # An all-zero vector stays zero instead of becoming NaN.
+        helper.make_node("Max", [f"{prefix}norm", f"{prefix}l2_eps"], [f"{prefix}norm_safe"], name=f"{prefix}l2_guard"),
+        helper.make_node("Div", [source, f"{prefix}norm_safe"], [output], name=f"{prefix}normalise"),
+    ]
+    return nodes
 
 
 def _upgrade_opset(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -380,7 +389,7 @@ def prepare_model(
     model.graph.output[0].type.tensor_type.shape.dim[1].dim_value = dimension
 
     card = _make_card(spec, resolved, feature_tensor, pooling, gem_p, dimension)
-    _write_prepared(out_dir, model, card)
+    write_prepared(out_dir, model, card)
     logger.info("prepared %s (%d-d, %s pooling) in %s", card.name, dimension, pooling, out_dir)
     return card
 
@@ -407,7 +416,7 @@ def _make_card(
     )
 
 
-def _write_prepared(out_dir: Path, model: onnx.ModelProto, card: ModelCard) -> None:
+def write_prepared(out_dir: Path, model: onnx.ModelProto, card: ModelCard) -> None:
     """The card goes last: a directory with a card always has the matching model."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / CARD_FILE_NAME).unlink(missing_ok=True)

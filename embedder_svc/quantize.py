@@ -44,7 +44,7 @@ from embedder_svc.image_decoding import ImageDecoder, ImageRejected
 from embedder_svc.model_card import MODEL_FILE_NAME, ModelCard, Quantization, read_model_card
 from embedder_svc.model_prepare import (
     ModelPrepareError,
-    _write_prepared,
+    write_prepared,
     file_sha256,
     float16_to_float32,
     make_batch_dynamic,
@@ -523,6 +523,6 @@ def quantize_embedding_model(
             "quantization": quantization,
         })
         int8_card = ModelCard.model_validate(int8_card.model_dump())
-        _write_prepared(out_dir, int8_model, int8_card)
+        write_prepared(out_dir, int8_model, int8_card)
         report.out_dir, report.card = out_dir, int8_card
         return report

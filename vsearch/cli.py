@@ -29,6 +29,7 @@ OPERATORS = {
 # ---- up -------------------------------------------------------------------------------------
 
 def cmd_up(args: argparse.Namespace) -> int:
+    from embedder_svc.model_card import ModelCardError, read_model_card
     from embedder_svc.model_prepare import ModelPrepareError, ensure_model
 
     data_dir = Path(args.data_dir).resolve()
@@ -38,9 +39,11 @@ def cmd_up(args: argparse.Namespace) -> int:
             print(f"vsearch up: port {port} ({flag}) is already in use", file=sys.stderr)
             return 1
     try:
-        model_dir = ensure_model(args.model, data_dir / "models")
-    except ModelPrepareError as error:
-        print(f"vsearch up: cannot prepare model {args.model}: {error}", file=sys.stderr)
+        model_dir = Path(args.model_dir).resolve() if args.model_dir else ensure_model(args.model, data_dir / "models")
+        # search_svc's vectors must have the model's dimension.
+        dimension = read_model_card(model_dir).output.dimension
+    except (ModelPrepareError, ModelCardError) as error:
+        print(f"vsearch up: cannot use model {args.model_dir or args.model}: {error}", file=sys.stderr)
         return 1
     triton, triton_model = None, None
     if args.triton:
@@ -54,9 +57,11 @@ def cmd_up(args: argparse.Namespace) -> int:
             return 1
     layout = StackLayout(
         data_dir=data_dir, model_dir=model_dir, gateway_port=args.grpc_port, http_port=args.http_port,
+        search_dimension=dimension,
         redis_port=None if args.no_redis else free_port(),
         triton_url=triton.grpc_url if triton else None, triton_model_name=triton_model,
         image_roots=[Path(root) for root in args.image_root],
+        search_backend=args.search_backend,
     )
     stack = LocalStack(layout, data_dir / "logs", triton)
     stop_requested = False
@@ -173,6 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--grpc-port", type=int, default=50051)
     up.add_argument("--http-port", type=int, default=8080)
     up.add_argument("--model", default="mobilenetv2-12-int8", help="model preset to prepare and serve")
+    up.add_argument("--model-dir", help="serve this prepared model directory instead (e.g. from `vsearch model pca` "
+                                        "or `quantize`); use a --data-dir whose index has the model's dimension")
+    up.add_argument("--search-backend", choices=["faiss", "milvus"],
+                    help="search_svc's store: in-process FAISS (the default) or Milvus Lite, under --data-dir")
     up.add_argument("--no-redis", action="store_true", help="use the in-process cache even if redis-server exists")
     up.add_argument("--image-root", action="append", default=[], metavar="DIR",
                     help="let the web page show indexed images stored under DIR (repeatable)")

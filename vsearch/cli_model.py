@@ -1,5 +1,5 @@
 """`vsearch model ...`: preparing embedding models for the embedder service, quantizing them to int8
-(with an accuracy guard), and writing Triton model repositories for them."""
+(with an accuracy guard), reducing their vectors with PCA, and writing Triton model repositories for them."""
 
 from __future__ import annotations
 
@@ -37,8 +37,9 @@ def _batch_sizes(text: str) -> tuple[int, ...]:
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Adds the `model` command to the main CLI's subparsers; handlers are `args.func(args) -> int`."""
     model = subparsers.add_parser(
-        "model", help="prepare, quantize and export embedding models",
-        description="Prepare embedding models, quantize them to int8, write Triton model repositories for them.",
+        "model", help="prepare, quantize, reduce and export embedding models",
+        description=("Prepare embedding models, quantize them to int8, reduce their vectors with PCA, write Triton "
+                     "model repositories for them."),
     )
     commands = model.add_subparsers(dest="model_command", metavar="COMMAND", required=True)
 
@@ -111,6 +112,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     quantize.add_argument("--seed", type=int, default=0, help="seed of the calibration and evaluation picks")
     quantize.add_argument("--json", action="store_true", help="print the report as one JSON object")
     quantize.set_defaults(func=run_quantize)
+
+    pca = commands.add_parser(
+        "pca",
+        help="reduce a prepared model's vectors to fewer dimensions with PCA fitted on catalog images",
+        description=(
+            "Embed catalog images with a prepared model (in-process, as the embedder does), fit PCA on the "
+            "vectors (mean and top --dim components of their covariance, float64) and write into --out a model "
+            "whose graph ends in: subtract the mean, project onto the components, L2-normalise. Its card has "
+            "the new dimension, records the PCA (explained variance, fit images) and has a new version: "
+            "re-index the catalog, with SEARCH_DIMENSION set to --dim (`vsearch up --model-dir` does that)."
+        ),
+    )
+    pca.add_argument("--model-dir", type=Path, required=True, help="the prepared model (model.onnx + model_card.json)")
+    fit_images = pca.add_mutually_exclusive_group(required=True)
+    fit_images.add_argument("--images", type=Path, metavar="ROOT", help="folder of catalog images, searched recursively")
+    fit_images.add_argument("--manifest", type=Path, help="catalog manifest (as for `vsearch index --manifest`)")
+    pca.add_argument("--max-images", type=_positive_int, help="fit on at most this many images, a seeded pick (default: all)")
+    pca.add_argument("--seed", type=int, default=0, help="seed of the --max-images pick")
+    pca.add_argument("--dim", type=int, required=True, help="dimension of the reduced vectors")
+    pca.add_argument("--whiten", action="store_true",
+                     help="divide each component by the square root of its variance before normalising")
+    pca.add_argument("--name", help="model name on the new card (default: <source name>-pca<dim>[w])")
+    pca.add_argument("--batch-size", type=_positive_int, default=32, help="images per model run (default 32)")
+    pca.add_argument("--out", type=Path, required=True, help="directory for the reduced model")
+    pca.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    pca.set_defaults(func=run_pca)
 
     triton = commands.add_parser(
         "triton-repo",
@@ -229,6 +256,56 @@ def run_quantize(args: argparse.Namespace) -> int:
     show(report)
     if not args.json and report.card is not None:
         print(f"wrote {report.card.name} version {report.card.version} to {report.out_dir}")
+    return 0
+
+
+def _manifest_images(manifest: Path) -> list[Path]:
+    """The image paths of the manifest's usable rows, in order, each once."""
+    from vsearch.manifest import ManifestError, check_manifest, read_manifest
+
+    try:
+        check_manifest(manifest)
+        paths = [row.image_path for row in read_manifest(manifest) if row.error is None and row.image_path]
+    except ManifestError as error:
+        raise ValueError(str(error)) from None
+    return list(dict.fromkeys(paths))
+
+
+def run_pca(args: argparse.Namespace) -> int:
+    from embedder_svc.pca_reduction import PcaError, list_images, reduce_model, sample_images
+
+    def progress(message: str) -> None:
+        print(f"vsearch model pca: {message}", file=sys.stderr, flush=True)
+
+    try:
+        if args.manifest is not None:
+            found, source = _manifest_images(args.manifest), f"manifest {args.manifest}"
+        else:
+            found, source = list_images(args.images), f"{args.images}"
+        images = sample_images(found, args.max_images, args.seed)
+        fit_set = f"{source}: {len(images)} of {len(found)} images" + (
+            f" (seed {args.seed})" if len(images) < len(found) else "")
+        report = reduce_model(args.model_dir, args.out, images=images, dimension=args.dim, whiten=args.whiten,
+                              name=args.name, fit_set=fit_set, batch_size=args.batch_size, progress=progress)
+    except (PcaError, ValueError) as error:
+        print(f"vsearch model pca: error: {error}", file=sys.stderr)
+        return 1
+    card, pca = report.card, report.card.pca
+    assert pca is not None
+    if args.json:
+        print(json.dumps({
+            "out_dir": str(report.out_dir), "name": card.name, "version": card.version,
+            "source_version": pca.source_version, "source_dimension": pca.source_dimension,
+            "dimension": pca.dimension, "whiten": pca.whiten, "fit_images": pca.fit_images,
+            "skipped_images": report.skipped_images, "fit_set": pca.fit_set,
+            "explained_variance_ratio": pca.explained_variance_ratio, "seconds": report.seconds,
+        }))
+        return 0
+    print(f"wrote {card.name} version {card.version} to {report.out_dir}")
+    print(f"  {pca.source_dimension}-d -> {pca.dimension}-d{' (whitened)' if pca.whiten else ''}, "
+          f"{pca.explained_variance_ratio:.1%} of the variance kept; fitted on {pca.fit_set}"
+          + (f", {report.skipped_images} undecodable left out" if report.skipped_images else ""))
+    print(f"  serve it with SEARCH_DIMENSION={pca.dimension}: vsearch up --model-dir {report.out_dir}")
     return 0
 
 

@@ -61,6 +61,10 @@ class StackLayout:
     # Set when the embedder runs its model on Triton: that server's gRPC address and model name.
     triton_url: str | None = None
     triton_model_name: str | None = None
+    # SEARCH_DIMENSION: the model card's; None leaves search_svc's default (or the environment's).
+    search_dimension: int | None = None
+    # SEARCH_BACKEND ("faiss" or "milvus"); None leaves search_svc's default (faiss).
+    search_backend: str | None = None
 
     @property
     def redis_url(self) -> str | None:
@@ -81,7 +85,12 @@ class StackLayout:
         search = {
             "SEARCH_PORT": str(self.search_port),
             "SEARCH_MILVUS__URI": str(self.data_dir / "milvus.db"),
+            "SEARCH_FAISS__DATA_DIR": str(self.data_dir / "faiss"),
         }
+        if self.search_backend is not None:
+            search["SEARCH_BACKEND"] = self.search_backend
+        if self.search_dimension is not None:
+            search["SEARCH_DIMENSION"] = str(self.search_dimension)
         gateway = {
             "GATEWAY_PORT": str(self.gateway_port),
             "GATEWAY_HTTP_PORT": str(self.http_port),
