@@ -88,9 +88,10 @@ class SearchSettings(ServiceSettings):
     collection: str = "vsearch_images"
     # Length of the stored vectors; the service refuses to become ready on a collection of another.
     dimension: int = Field(1280, ge=1, le=32768)
-    # FLAT is exact. IVF_FLAT: both backends (nlist defaults to 4 * sqrt(items) on FAISS, nprobe to
-    # 16). HNSW, IVF_SQ8, DISKANN, ...: a Milvus server only.
-    index_type: str = "FLAT"
+    # FLAT is exact. IVF_FLAT: both backends (on FAISS exact until ivf_train_min_items, then nlist
+    # 4 * sqrt(items) unless index_params say, nprobe 16). HNSW, IVF_SQ8, DISKANN, ...: a Milvus
+    # server only. Default: IVF_FLAT on FAISS (what `vsearch bench ann` chose at 1M), FLAT on Milvus.
+    index_type: str = ""
     index_params: dict[str, Any] = Field(default_factory=dict)  # e.g. {"nlist": 1024}
     search_params: dict[str, Any] = Field(default_factory=dict)  # e.g. {"nprobe": 32}
     # Metadata keys stored in typed columns that Search filters may use.
@@ -133,6 +134,13 @@ class SearchSettings(ServiceSettings):
             if name in RESERVED_COLUMNS:
                 raise ValueError(f"field name {name!r} is reserved")
         return fields
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_index_type(cls, data: Any) -> Any:
+        if isinstance(data, dict) and not data.get("index_type"):
+            data = {**data, "index_type": "IVF_FLAT" if data.get("backend", "faiss") == "faiss" else "FLAT"}
+        return data
 
     @model_validator(mode="after")
     def _check_backend(self) -> "SearchSettings":

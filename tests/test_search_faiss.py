@@ -144,12 +144,12 @@ def test_filtered_ivf_search_is_exact_over_the_allowed_items(tmp_path: Path, clo
 def test_snapshot_is_used_only_when_it_matches_the_file(tmp_path: Path, closing: list[FaissStore]):
     vectors = clustered(50, seed=6)
     ids = [f"s{n}" for n in range(50)]
-    first, registry = open_store(tmp_path)
+    first, registry = open_store(tmp_path, index_type="FLAT")
     first.upsert(first.default_collection, rows(ids[:40], vectors[:40]))
     first.close()  # a clean shutdown writes a snapshot
     assert len(list(tmp_path.glob("vsearch_images.r*.flat.faiss"))) == 1
 
-    second, registry = open_store(tmp_path)
+    second, registry = open_store(tmp_path, index_type="FLAT")
     assert builds(registry, "flat") == 0  # loaded, not rebuilt
     assert second.count(second.default_collection) == 40
     second.upsert(second.default_collection, rows(ids[40:], vectors[40:]))
@@ -158,7 +158,7 @@ def test_snapshot_is_used_only_when_it_matches_the_file(tmp_path: Path, closing:
     for collection in second._collections.values():
         collection.close_connections()
 
-    third, registry = open_store(tmp_path)
+    third, registry = open_store(tmp_path, index_type="FLAT")
     closing.append(third)
     assert builds(registry, "flat") == 1  # the stale snapshot was ignored
     assert third.count(third.default_collection) == 48

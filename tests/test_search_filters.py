@@ -245,6 +245,7 @@ def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch):
 def test_settings_defaults():
     settings = SearchSettings()
     assert settings.backend == "faiss" and settings.faiss.data_dir == Path(".vsearch/faiss")
+    assert settings.index_type == "IVF_FLAT" and SearchSettings(backend="milvus").index_type == "FLAT"
     assert settings.milvus.uri == ".vsearch/milvus.db" and settings.milvus.is_local
     assert settings.filter_fields == {"category": "string", "price": "float"}
     assert (settings.max_k, settings.max_batch_rows, settings.store_workers) == (1000, 3000, 4)
