@@ -1,5 +1,5 @@
 """search_svc against a Milvus server (Milvus Lite in server mode on a loopback port), readiness
-while Milvus is down, and `python -m search_svc` as a process."""
+while Milvus is down, and `python -m search_svc` as a process (both backends; FAISS through kill -9)."""
 
 from __future__ import annotations
 
@@ -217,15 +217,7 @@ async def test_runs_as_a_process_and_stops_on_sigterm(tmp_path: Path, backend: s
     )
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    if await health_status(channel) == health_pb2.HealthCheckResponse.SERVING:
-                        break
-                except grpc.aio.AioRpcError:
-                    pass
-                assert time.monotonic() < deadline and process.poll() is None, "search_svc did not become SERVING"
-                await asyncio.sleep(0.1)
+            await wait_serving(channel, process)
             stats = await search_pb2_grpc.VectorSearchStub(channel).Stats(search_pb2.StatsRequest())
             assert (stats.count, stats.dimension) == (0, 8)
         # The folder was created, and the store's file in it.
@@ -240,3 +232,69 @@ async def test_runs_as_a_process_and_stops_on_sigterm(tmp_path: Path, backend: s
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+async def wait_serving(channel: grpc.aio.Channel, process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if await health_status(channel) == health_pb2.HealthCheckResponse.SERVING:
+                return
+        except grpc.aio.AioRpcError:
+            pass
+        assert time.monotonic() < deadline and process.poll() is None, "search_svc did not become SERVING"
+        await asyncio.sleep(0.1)
+
+
+async def test_faiss_backend_keeps_acknowledged_writes_through_sigkill(tmp_path: Path):
+    """Every acknowledged Upsert and Delete is there after `kill -9` and a restart (the index is
+    rebuilt from SQLite: no snapshot was written)."""
+    data_dir = tmp_path / "faiss"
+    vectors = np.random.default_rng(11).normal(size=(300, 8)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+
+    def start() -> tuple[subprocess.Popen, int]:
+        port = free_port()
+        process = subprocess.Popen(
+            [sys.executable, "-m", "search_svc"], cwd=REPO_ROOT,
+            env=service_env(SEARCH_PORT=str(port), SEARCH_FAISS__DATA_DIR=str(data_dir), SEARCH_DIMENSION="8",
+                            SEARCH_FAISS__IVF_TRAIN_MIN_ITEMS="100"),
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        return process, port
+
+    process, port = start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            await wait_serving(channel, process)
+            stub = search_pb2_grpc.VectorSearchStub(channel)
+            for start_row in range(0, 300, 50):
+                await stub.Upsert(search_pb2.UpsertRequest(items=[
+                    search_pb2.Item(id=f"k{n}", vector=search_pb2.Vector(values=vectors[n].tolist()))
+                    for n in range(start_row, start_row + 50)
+                ]), timeout=30)
+            deleted = await stub.Delete(search_pb2.DeleteRequest(ids=[f"k{n}" for n in range(10)]), timeout=30)
+            assert deleted.deleted == 10
+        process.kill()
+        process.wait(timeout=30)
+        assert not list(data_dir.glob("*.faiss"))  # no snapshot: the restart must rebuild from SQLite
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+    process, port = start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            await wait_serving(channel, process)
+            stub = search_pb2_grpc.VectorSearchStub(channel)
+            assert (await stub.Stats(search_pb2.StatsRequest())).count == 290
+            for n in (10, 150, 299):
+                reply = await stub.Search(search_pb2.SearchRequest(
+                    queries=[search_pb2.Vector(values=vectors[n].tolist())], k=1), timeout=30)
+                assert reply.results[0].hits[0].id == f"k{n}"
+            got = await stub.Get(search_pb2.GetRequest(ids=["k0", "k9", "k10"]), timeout=30)
+            assert [item.id for item in got.items] == ["k10"]
+    finally:
+        process.kill()
+        process.wait()
