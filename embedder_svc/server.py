@@ -192,6 +192,7 @@ async def create_server(settings: EmbedderSettings) -> tuple[ManagedServer, int]
         backend_factory=backend_factory,
         decoder=ImageDecoder(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels),
         decode_executor=decode_executor,
+        decode_workers=settings.decode_workers,
         max_batch_size=settings.max_batch_size,
         max_batch_wait_s=settings.max_batch_wait_ms / 1000.0,
         metrics=metrics,

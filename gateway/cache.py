@@ -12,7 +12,7 @@ import json
 import logging
 import time
 from collections import OrderedDict
-from typing import Callable, Protocol
+from typing import Callable, Protocol, Sequence
 
 import numpy as np
 import redis.asyncio as redis_asyncio
@@ -78,7 +78,11 @@ class CacheStore(Protocol):
 
     async def get(self, key: str) -> bytes | None: ...
 
+    async def get_many(self, keys: Sequence[str]) -> list[bytes | None]: ...
+
     async def set(self, key: str, value: bytes, ttl_s: float) -> None: ...
+
+    async def set_many(self, entries: Sequence[tuple[str, bytes, float]]) -> None: ...
 
     async def close(self) -> None: ...
 
@@ -108,38 +112,114 @@ class LruTtlStore:
         self._entries.move_to_end(key)
         return value
 
+    async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        return [await self.get(key) for key in keys]
+
     async def set(self, key: str, value: bytes, ttl_s: float) -> None:
         self._entries[key] = (self.clock() + ttl_s, value)
         self._entries.move_to_end(key)
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
 
+    async def set_many(self, entries: Sequence[tuple[str, bytes, float]]) -> None:
+        for key, value, ttl_s in entries:
+            await self.set(key, value, ttl_s)
+
     async def close(self) -> None:
         self._entries.clear()
 
 
+class LoopLagTolerantTimeout:
+    """Like `asyncio.timeout`, except that time the event loop spent on other work does not count.
+    When the deadline's timer runs late, the loop was busy (a loaded gateway, a starved process) and
+    the call may not even have been sent yet: it gets that lag back, up to `max_seconds` in all. A
+    fast Redis is then not failed, and put in cool-down for every search, for the gateway's own lag."""
+
+    # A timer this late means the loop was busy rather than merely scheduling it.
+    LAG_S = 0.002
+
+    def __init__(self, seconds: float, max_seconds: float) -> None:
+        self.seconds = seconds
+        self.max_seconds = max(seconds, max_seconds)
+        self.expired = False
+        self._task: asyncio.Task | None = None
+        self._handle: asyncio.TimerHandle | None = None
+        self._cancelling = 0
+        self._deadline = 0.0
+        self._last_chance = 0.0
+
+    async def __aenter__(self) -> LoopLagTolerantTimeout:
+        self._task = asyncio.current_task()
+        if self._task is None:
+            raise RuntimeError("LoopLagTolerantTimeout must be used inside a task")
+        self._cancelling = self._task.cancelling()
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        self._deadline, self._last_chance = now + self.seconds, now + self.max_seconds
+        self._handle = loop.call_at(self._deadline, self._on_deadline)
+        return self
+
+    def _on_deadline(self) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        lag = now - self._deadline
+        if lag > self.LAG_S and now < self._last_chance:
+            self._deadline = min(now + lag, self._last_chance)
+            self._handle = loop.call_at(self._deadline, self._on_deadline)
+            return
+        self.expired = True
+        assert self._task is not None
+        self._task.cancel()
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, _tb: object
+    ) -> None:
+        assert self._handle is not None and self._task is not None
+        self._handle.cancel()
+        if self.expired and self._task.uncancel() <= self._cancelling and exc_type is asyncio.CancelledError:
+            raise TimeoutError(f"no answer within {self.seconds}s") from exc
+
+
 class RedisStore:
-    """Redis, shared by replicas. Every call is bounded by `timeout_s` (socket and overall) and never
-    retried: a cache answer that comes late is worth nothing."""
+    """Redis, shared by replicas. Every call is bounded by `timeout_s` of the event loop's time (see
+    `LoopLagTolerantTimeout`; 10x that, at least a second, when the loop lags) and never retried: a
+    cache answer that comes late is worth nothing."""
 
     kind = "redis"
 
     def __init__(self, url: str, timeout_s: float) -> None:
         self.timeout_s = timeout_s
+        self.max_timeout_s = max(1.0, 10 * timeout_s)
         self.client = redis_asyncio.Redis.from_url(
             url,
-            socket_timeout=timeout_s,
+            # Only a backstop: `_bounded` limits each call. redis-py's own read timeout is a plain one,
+            # which would count the event loop's lag.
+            socket_timeout=self.max_timeout_s,
             socket_connect_timeout=timeout_s,
             retry=Retry(NoBackoff(), 0),
         )
 
+    def _bounded(self) -> LoopLagTolerantTimeout:
+        return LoopLagTolerantTimeout(self.timeout_s, self.max_timeout_s)
+
     async def get(self, key: str) -> bytes | None:
-        async with asyncio.timeout(self.timeout_s):
+        async with self._bounded():
             return await self.client.get(key)
 
+    async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        async with self._bounded():
+            return await self.client.mget(keys)
+
     async def set(self, key: str, value: bytes, ttl_s: float) -> None:
-        async with asyncio.timeout(self.timeout_s):
+        async with self._bounded():
             await self.client.set(key, value, px=max(1, int(ttl_s * 1000)))
+
+    async def set_many(self, entries: Sequence[tuple[str, bytes, float]]) -> None:
+        async with self._bounded():
+            async with self.client.pipeline(transaction=False) as pipe:
+                for key, value, ttl_s in entries:
+                    pipe.set(key, value, px=max(1, int(ttl_s * 1000)))
+                await pipe.execute()
 
     async def close(self) -> None:
         await self.client.aclose()
@@ -200,11 +280,18 @@ class QueryCache:
             "Cache store calls that failed or timed out (each served as a miss / skipped write).",
             registry=registry,
         )
+        self.writes_skipped = Counter(
+            "vsearch_gateway_cache_writes_skipped",
+            "Background cache writes not made because too many were still in flight (a slow cache store).",
+            registry=registry,
+        )
         for kind in ("embedding", "result"):
             self.hits.labels(kind)
             self.misses.labels(kind)
         self._skip_until = float("-inf")
         self._error_log = RateLimitedLog(clock=clock)
+        # Strong references: the event loop keeps only weak ones to tasks.
+        self._writes_in_flight: set[asyncio.Task[None]] = set()
 
     def _available(self) -> bool:
         return self.clock() >= self._skip_until
@@ -227,6 +314,19 @@ class QueryCache:
             self._failed("get", error)
             return None
 
+    async def get_raw(self, keys: Sequence[str]) -> list[bytes | None]:
+        """Several entries in one store round trip; turn them into values with `embedding_from` and
+        `result_from`, which count the hits and misses."""
+        if not keys:
+            return []
+        if not self._available():
+            return [None] * len(keys)
+        try:
+            return list(await self.store.get_many(keys))
+        except Exception as error:  # noqa: BLE001 - any store failure is a miss
+            self._failed("get", error)
+            return [None] * len(keys)
+
     async def _set(self, key: str, value: bytes, ttl_s: float) -> None:
         if not self._available():
             return
@@ -235,11 +335,49 @@ class QueryCache:
         except Exception as error:  # noqa: BLE001 - a lost write only costs a later miss
             self._failed("set", error)
 
+    async def _set_many(self, entries: list[tuple[str, bytes, float]]) -> None:
+        if not self._available():
+            return
+        try:
+            await self.store.set_many(entries)
+        except Exception as error:  # noqa: BLE001 - a lost write only costs a later miss
+            self._failed("set", error)
+
+    def save_in_background(
+        self,
+        result: tuple[str, gateway_pb2.VisualSearchResponse] | None = None,
+        embedding: tuple[str, np.ndarray] | None = None,
+    ) -> None:
+        """Stores entries in one round trip without making the caller wait: a search's reply need not
+        wait for the cache. Values are serialised now, so the caller may change them afterwards. At
+        most `max_writes_in_flight` such writes run at once; beyond that they are skipped (and counted)
+        rather than pile up behind a slow store."""
+        entries = []
+        if result is not None:
+            entries.append((result[0], result[1].SerializeToString(), self.settings.result_ttl_s))
+        if embedding is not None:
+            entries.append((embedding[0], _embedding_bytes(embedding[1]), self.settings.embedding_ttl_s))
+        if not entries or not self._available():
+            return
+        if len(self._writes_in_flight) >= self.settings.max_writes_in_flight:
+            self.writes_skipped.inc()
+            return
+        task = asyncio.create_task(self._set_many(entries), name="cache-write")
+        self._writes_in_flight.add(task)
+        task.add_done_callback(self._writes_in_flight.discard)
+
+    async def writes_done(self) -> None:
+        """Waits for the background writes started so far (each is bounded by the store's timeout)."""
+        while self._writes_in_flight:
+            await asyncio.gather(*self._writes_in_flight, return_exceptions=True)
+
     def _count(self, kind: str, hit: bool) -> None:
         (self.hits if hit else self.misses).labels(kind).inc()
 
     async def get_embedding(self, key: str) -> np.ndarray | None:
-        raw = await self._get(key)
+        return self.embedding_from(await self._get(key))
+
+    def embedding_from(self, raw: bytes | None) -> np.ndarray | None:
         if raw is not None and len(raw) % 4 == 0 and raw:
             self._count("embedding", True)
             return np.frombuffer(raw, dtype=np.float32)
@@ -247,10 +385,12 @@ class QueryCache:
         return None
 
     async def set_embedding(self, key: str, embedding: np.ndarray) -> None:
-        await self._set(key, np.asarray(embedding, dtype=np.float32).tobytes(), self.settings.embedding_ttl_s)
+        await self._set(key, _embedding_bytes(embedding), self.settings.embedding_ttl_s)
 
     async def get_result(self, key: str) -> gateway_pb2.VisualSearchResponse | None:
-        raw = await self._get(key)
+        return self.result_from(await self._get(key), key)
+
+    def result_from(self, raw: bytes | None, key: str) -> gateway_pb2.VisualSearchResponse | None:
         if raw is not None:
             response = gateway_pb2.VisualSearchResponse()
             try:
@@ -267,7 +407,12 @@ class QueryCache:
         await self._set(key, response.SerializeToString(), self.settings.result_ttl_s)
 
     async def close(self) -> None:
+        await self.writes_done()
         try:
             await self.store.close()
         except Exception as error:  # noqa: BLE001 - closing a dead connection may fail; nothing to do
             logger.debug("closing cache store: %s", error)
+
+
+def _embedding_bytes(embedding: np.ndarray) -> bytes:
+    return np.asarray(embedding, dtype=np.float32).tobytes()

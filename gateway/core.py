@@ -75,6 +75,16 @@ def elapsed_ms(since: float) -> float:
     return (time.perf_counter() - since) * 1000.0
 
 
+def abandon(task: asyncio.Future) -> None:
+    """Cancels a helper task nobody will await any more, and retrieves its outcome if it already has
+    one, so that its failure is not reported as never retrieved."""
+    if task.done():
+        if not task.cancelled():
+            task.exception()
+    else:
+        task.cancel()
+
+
 class VisualSearchCore:
     def __init__(
         self,
@@ -182,39 +192,58 @@ class VisualSearchCore:
         if min_score is not None and not math.isfinite(min_score):
             raise invalid_argument("min_score must be a finite number")
 
-        # The generation and a cached embedding are independent: ask for both at once.
-        embed_started = time.perf_counter()
-        if query == "image":
-            generation, cached_embedding = await asyncio.gather(
-                self.generations.current(), self.cache.get_embedding(query_key)
-            )
-        else:
-            generation, cached_embedding = await self.generations.current(), None
-        cached = await self.cache.get_result(
-            result_cache_key(query_key, k, request.filter, min_score, generation, request.collection)
-        )
-        if cached is not None:
-            cached.from_cache = True
-            cached.embedding_from_cache = True
-            cached.timing.total_ms = elapsed_ms(started)
-            return cached
-
-        new_embedding: tuple[str, np.ndarray] | None = None
-        if query == "image":
-            if cached_embedding is not None and cached_embedding.size == model.dimension:
-                vector, embedding_from_cache = cached_embedding, True
+        # Everything a cache hit needs, at once: the current generation (Stats) and, in one cache
+        # round trip, the embedding and the result under the last generation seen, which is almost
+        # always still current (checked against the Stats answer before it is used).
+        lookups_started = time.perf_counter()
+        generation_lookup = asyncio.ensure_future(self.generations.current())
+        guessed_generation = self.generations.known
+        embed: asyncio.Task[tuple[np.ndarray, str]] | None = None
+        try:
+            keys = [query_key] if query == "image" else []
+            if guessed_generation is not None:
+                keys.append(result_cache_key(
+                    query_key, k, request.filter, min_score, guessed_generation, request.collection
+                ))
+            raw = await self.cache.get_raw(keys)
+            cached_embedding = self.cache.embedding_from(raw[0]) if query == "image" else None
+            if cached_embedding is not None and cached_embedding.size != model.dimension:
+                cached_embedding = None
+            if query == "image" and cached_embedding is None:
+                # Without the embedding the result cannot be cached either (they are written together):
+                # start the embedder now rather than after the generation comes back.
+                embed = asyncio.create_task(self._embed_query(request.image, crop, deadline))
+            generation = await generation_lookup
+            result_key = result_cache_key(query_key, k, request.filter, min_score, generation, request.collection)
+            if generation == guessed_generation:
+                cached = self.cache.result_from(raw[-1], result_key)
             else:
-                vector, version = await self._embed_query(request.image, crop, deadline)
+                cached = await self.cache.get_result(result_key)
+            if cached is not None:
+                cached.from_cache = True
+                cached.embedding_from_cache = True
+                cached.timing.total_ms = elapsed_ms(started)
+                return cached
+
+            new_embedding: tuple[str, np.ndarray] | None = None
+            if embed is not None:
+                vector, version = await embed
                 embedding_from_cache = False
                 if version and version != model.version:  # the embedder was redeployed with another model
                     model = ModelInfo(model.name, version, vector.size, model.max_batch_size)
                     self.model = model
                     query_key = embedding_cache_key(image_sha256, crop, version)
                 new_embedding = (query_key, vector)
-        else:
-            vector = await self._stored_vector(request.collection, request.item_id, deadline)
-            embedding_from_cache = True
-        embed_ms = elapsed_ms(embed_started)
+            elif cached_embedding is not None:
+                vector, embedding_from_cache = cached_embedding, True
+            else:
+                vector = await self._stored_vector(request.collection, request.item_id, deadline)
+                embedding_from_cache = True
+        finally:
+            abandon(generation_lookup)
+            if embed is not None:
+                abandon(embed)
+        embed_ms = elapsed_ms(lookups_started)
 
         search_started = time.perf_counter()
         search_request = search_pb2.SearchRequest(
@@ -231,13 +260,15 @@ class VisualSearchCore:
         response = gateway_pb2.VisualSearchResponse(index_generation=found.generation, model_version=model.version)
         for hit in found.results[0].hits if found.results else ():
             response.hits.add(id=hit.id, score=hit.score, image_uri=hit.image_uri, metadata=hit.metadata)
-        # Cached under the generation the search actually ran on, which may be newer than `generation`.
-        writes = [self.cache.set_result(
-            result_cache_key(query_key, k, request.filter, min_score, found.generation, request.collection), response
-        )]
-        if new_embedding is not None:
-            writes.append(self.cache.set_embedding(*new_embedding))
-        await asyncio.gather(*writes)
+        # Written after we reply (serialised now, before the per-request fields below are set), under
+        # the generation the search actually ran on, which may be newer than `generation`.
+        self.cache.save_in_background(
+            result=(
+                result_cache_key(query_key, k, request.filter, min_score, found.generation, request.collection),
+                response,
+            ),
+            embedding=new_embedding,
+        )
 
         response.embedding_from_cache = embedding_from_cache
         response.timing.embed_ms = embed_ms

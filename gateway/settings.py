@@ -23,6 +23,9 @@ class CacheSettings(BaseModel):
     redis_timeout_s: float = Field(0.05, gt=0)
     # After a Redis failure, skip Redis for this long rather than pay the timeout on every call.
     redis_cooldown_s: float = Field(1.0, ge=0)
+    # Searches reply before their cache writes finish; a store slower than the searches would pile
+    # writes up, so beyond this many in flight new ones are skipped (a later miss, never an error).
+    max_writes_in_flight: int = Field(256, ge=1)
 
 
 class GatewaySettings(ServiceSettings):

@@ -15,6 +15,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
+from embedder_svc.model_card import read_model_card
+from embedder_svc.preprocessing import Preprocessor
 from embedder_svc.server import SERVICE_NAME
 from test_embedder_support import (  # noqa: F401 - fixtures
     TEST_MAX_IMAGE_BYTES,
@@ -24,10 +26,12 @@ from test_embedder_support import (  # noqa: F401 - fixtures
     embed_results,
     embed_vectors,
     embedder_models_dir,
+    embedder_settings,
     encode,
     image_input,
     mobilenet_dir,
     mobilenet_embedder,
+    running_embedder,
     vector_of,
 )
 
@@ -199,3 +203,51 @@ async def test_decompression_bombs_are_refused_from_the_header(mobilenet_embedde
     assert "over the limit of 40000000 pixels (decompression bomb guard)" in message
     assert f"{width * height} pixels" in message
     assert elapsed < 0.5
+
+
+async def test_per_item_errors_keep_their_places_whatever_the_share_of_each_decode_worker(
+    mobilenet_dir: Path, mobilenet_embedder: RunningEmbedder, jpeg: bytes, pixels: Image.Image
+) -> None:
+    """Each decode worker prepares a share of a request's images; seven over three workers gives
+    uneven shares, and every result must still sit at its own image's index."""
+    png = encode(pixels, "PNG")
+    rotated = encode(pixels.rotate(90, expand=True), "PNG")
+    items = [jpeg, b"", png, jpeg[: len(jpeg) // 2], rotated, b"not an image", jpeg]
+    async with running_embedder(embedder_settings(mobilenet_dir, decode_workers=3)) as embedder:
+        results = await embed_results(embedder.stub, items)
+    assert [result.WhichOneof("result") for result in results] == [
+        "embedding", "error", "embedding", "error", "embedding", "error", "embedding",
+    ]
+    for item, result in zip(items, results):
+        if result.WhichOneof("result") == "embedding":
+            alone = await embed_one(mobilenet_embedder.stub, item)
+            assert cosine(vector_of(result), alone) > 0.9999
+    assert "empty image data" in results[1].error.message and "image 1:" in results[1].error.message
+    assert "truncated" in results[3].error.message and "image 3:" in results[3].error.message
+    assert "not an image" in results[5].error.message and "image 5:" in results[5].error.message
+
+
+@pytest.mark.parametrize(("channel_order", "dtype"), [("RGB", "float32"), ("BGR", "float32"), ("RGB", "float16")])
+def test_preprocessing_computes_the_cards_formula(
+    mobilenet_dir: Path, pixels: Image.Image, channel_order: str, dtype: str
+) -> None:
+    """(pixel * scale - mean) / std per channel, in the card's channel order and dtype, CHW: the
+    straightforward computation, to the last bit."""
+    card = read_model_card(mobilenet_dir)
+    card = card.model_copy(update={
+        "preprocessing": card.preprocessing.model_copy(update={"channel_order": channel_order}),
+        "input": card.input.model_copy(update={"dtype": dtype}),
+    })
+    preprocessor = Preprocessor(card)
+    spec = card.preprocessing
+    resized = pixels.resize((spec.crop, spec.crop), preprocessor.resample, box=preprocessor.crop_box(*pixels.size))
+    values = np.asarray(resized, dtype=np.float32)
+    if channel_order == "BGR":
+        values = values[:, :, ::-1]
+    std = np.asarray(spec.std, dtype=np.float32)
+    expected = values * (spec.pixel_scale / std).astype(np.float32) + (-np.asarray(spec.mean, dtype=np.float32) / std)
+    expected = np.ascontiguousarray(expected.transpose(2, 0, 1)).astype(dtype)
+    tensor = preprocessor(pixels)
+    assert tensor.dtype == np.dtype(dtype) and tensor.shape == (3, spec.crop, spec.crop)
+    assert tensor.flags.c_contiguous
+    np.testing.assert_array_equal(tensor, expected)

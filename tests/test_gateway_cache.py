@@ -4,6 +4,8 @@ separate what must be separate, and a dead or silent Redis costs a bounded miss,
 from __future__ import annotations
 
 import asyncio
+import socket
+import threading
 import time
 
 import numpy as np
@@ -12,6 +14,7 @@ from prometheus_client import CollectorRegistry
 
 from conftest import RedisProcess, redis_binary
 from gateway.cache import (
+    LoopLagTolerantTimeout,
     LruTtlStore,
     QueryCache,
     RedisStore,
@@ -89,6 +92,94 @@ async def test_stores_expire_entries_after_their_ttl(store):
     await store.advance(0.25)
     assert await store.store.get("short") is None
     assert await store.store.get("long") == b"2"
+
+
+async def test_stores_read_and_write_several_entries_in_one_call(store):
+    await store.store.set_many([("a", b"1", 60), ("b", b"2", 0.2)])
+    assert await store.store.get_many(["a", "absent", "b"]) == [b"1", None, b"2"]
+    await store.advance(0.3)
+    assert await store.store.get_many(["a", "b"]) == [b"1", None]
+
+
+class DelayingProxy:
+    """TCP proxy in its own threads (so it runs while the test's event loop is blocked) that holds
+    every reply for `delay_s`: a network round trip of that length."""
+
+    def __init__(self, target_port: int, delay_s: float) -> None:
+        self.target_port, self.delay_s = target_port, delay_s
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.sockets: list[socket.socket] = [self.listener]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            self.sockets += [client, upstream]
+            threading.Thread(target=self._pump, args=(client, upstream, 0.0), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, self.delay_s), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket, delay_s: float) -> None:
+        try:
+            while data := source.recv(65536):
+                time.sleep(delay_s)
+                sink.sendall(data)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+
+
+async def test_a_redis_reply_that_arrives_in_time_to_a_busy_event_loop_is_taken(shared_redis):
+    """Redis answers within the timeout, but the loop is blocked (other requests' work) until after
+    the deadline: the answer is taken, where a plain timeout threw it away and counted a cache error
+    (which also puts Redis in cool-down for every search)."""
+    proxy = DelayingProxy(shared_redis.port, delay_s=0.02)
+    redis_store = RedisStore(f"redis://127.0.0.1:{proxy.port}/0", timeout_s=0.05)
+    try:
+        await redis_store.client.set("k", b"v")  # connected, outside the bound
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.005, time.sleep, 0.2)  # the GET is out; its answer comes at 20 ms
+        assert await redis_store.get("k") == b"v"
+        loop.call_later(0.005, time.sleep, 0.2)
+        assert await redis_store.get_many(["k", "absent"]) == [b"v", None]
+    finally:
+        await redis_store.close()
+        proxy.close()
+
+
+async def test_loop_lag_tolerant_timeout_still_bounds_calls():
+    started = time.perf_counter()
+    with pytest.raises(TimeoutError):
+        async with LoopLagTolerantTimeout(0.05, max_seconds=1.0):
+            await asyncio.sleep(10)
+    assert time.perf_counter() - started < 0.5
+    # A loop that stays busy gets its lag back only up to max_seconds.
+    started = time.perf_counter()
+    with pytest.raises(TimeoutError):
+        async with LoopLagTolerantTimeout(0.05, max_seconds=0.3):
+            while True:
+                time.sleep(0.06)
+                await asyncio.sleep(0)
+    assert 0.25 < time.perf_counter() - started < 0.6
+
+    # A cancellation from outside stays a cancellation.
+    async def cancelled_inside() -> None:
+        async with LoopLagTolerantTimeout(5, max_seconds=5):
+            await asyncio.sleep(10)
+
+    task = asyncio.create_task(cancelled_inside())
+    await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
 
 
 async def test_lru_evicts_the_least_recently_used_entry():
