@@ -56,6 +56,8 @@ KMEANS_ITERATIONS = 10
 BUILD_CHUNK_ROWS = 10_000
 LABELS_PER_STATEMENT = 900
 SQLITE_BUSY_TIMEOUT_S = 10.0
+# How long shutdown waits for a background rebuild to notice it (k-means cannot be interrupted).
+REBUILD_STOP_WAIT_S = 10.0
 
 _SQL_TYPES: dict[FieldType, str] = {"string": "TEXT", "float": "REAL", "int": "INTEGER", "bool": "INTEGER"}
 
@@ -292,14 +294,16 @@ class FaissStore:
         self._opened = True
 
     def close(self) -> None:
-        """Stops background rebuilds, snapshots every loaded index and closes the files."""
+        """Stops background rebuilds, snapshots every loaded index and closes the files. The index
+        in use already holds every committed write, so a rebuild still training is given a short
+        while and then abandoned (the next start trains again)."""
         self._closing.set()
         with self._collections_lock:
             loaded, self._collections = list(self._collections.values()), {}
         for collection in loaded:
             rebuild = collection.rebuild
             if rebuild is not None:
-                rebuild.join()
+                rebuild.join(REBUILD_STOP_WAIT_S)
             with collection.lock.writing():
                 if collection.index is not None and not collection.dropped:
                     self._write_snapshot(collection)
@@ -453,7 +457,12 @@ class FaissStore:
 
     def _trained_ivf(self, connection: sqlite3.Connection, items: int) -> faiss.IndexIVFFlat:
         dimension = self._settings.dimension
-        nlist = int(self._nlist) if self._nlist else auto_nlist(items)
+        nlist = auto_nlist(items)
+        if self._nlist:
+            # k-means needs data for every list; a later retrain gets the configured count.
+            nlist = min(self._nlist, max(nlist, items // 39, 1))
+            if nlist < self._nlist:
+                logger.warning("training %d IVF lists, not %d: %d items are too few", nlist, self._nlist, items)
         labels = np.fromiter((row[0] for row in connection.execute("SELECT label FROM items")), dtype=np.int64)
         sample = np.random.default_rng(items).choice(labels, size=min(items, nlist * TRAINING_POINTS_PER_LIST), replace=False)
         blobs: list[bytes] = []
@@ -504,7 +513,7 @@ class FaissStore:
             index = self._build(collection, connection)
             connection.execute("COMMIT")
             with collection.lock.writing():
-                if not collection.dropped:
+                if not collection.dropped and not self._closing.is_set():
                     for removed, vectors, labels in collection.pending or []:
                         if removed.size:
                             index.remove_ids(removed)
