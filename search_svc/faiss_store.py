@@ -30,6 +30,7 @@ import os
 import sqlite3
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
@@ -163,6 +164,9 @@ class FaissCollection:
         self.revision = 0
         self.next_label = 1
         self.ivf_trained_items = 0  # items the IVF lists were trained on; 0 while searching flat
+        # Random, set when the file is created: a snapshot names it, so a snapshot left beside a
+        # deleted and recreated file never matches the new one.
+        self.file_id = ""
         self.dropped = False
         # Writes made while a background rebuild runs, replayed onto the new index before the swap.
         self.pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None
@@ -355,6 +359,7 @@ class FaissStore:
             collection.revision = int(meta.get("revision", 0))
             collection.next_label = int(meta.get("next_label", 1))
             collection.ivf_trained_items = int(meta.get("ivf_trained_items", 0))
+            collection.file_id = str(meta["file_id"])
             collection.index = self._read_snapshot(collection)
             if collection.index is not None and collection.index.ntotal != self._count(connection):
                 logger.warning("ignoring the snapshot of collection %s: it does not match the file", name)
@@ -389,7 +394,9 @@ class FaissStore:
                 )
                 for field in fields:
                     connection.execute(f'CREATE INDEX "items_by_{field}" ON items ("{field}")')
-                collection.set_meta(connection, dimension=self._settings.dimension, filter_fields=fields)
+                collection.set_meta(
+                    connection, dimension=self._settings.dimension, filter_fields=fields, file_id=uuid.uuid4().hex
+                )
                 logger.info("creating collection %s (dimension %d)", collection.name, self._settings.dimension)
                 return
         problems = []
@@ -411,7 +418,9 @@ class FaissStore:
         return int(connection.execute("SELECT count(*) FROM items").fetchone()[0])
 
     def _snapshot_path(self, collection: FaissCollection) -> Path:
-        return self._data_dir / f"{collection.name}.r{collection.revision}.{self.index_type.lower()}.faiss"
+        return self._data_dir / (
+            f"{collection.name}.{collection.file_id}.r{collection.revision}.{self.index_type.lower()}.faiss"
+        )
 
     def _read_snapshot(self, collection: FaissCollection) -> faiss.Index | None:
         path = self._snapshot_path(collection)
@@ -434,7 +443,7 @@ class FaissStore:
         except (RuntimeError, OSError) as error:  # only costs a rebuild at the next start
             logger.warning("could not snapshot collection %s: %s", collection.name, error)
             return
-        for stale in self._data_dir.glob(f"{collection.name}.r*.faiss"):
+        for stale in self._data_dir.glob(f"{collection.name}.*.faiss"):
             if stale != path:
                 stale.unlink(missing_ok=True)
 
@@ -686,7 +695,7 @@ class FaissStore:
                 path = self._path(collection_name)
                 existed = path.exists()
                 for leftover in [path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm"),
-                                 *self._data_dir.glob(f"{collection_name}.r*.faiss")]:
+                                 *self._data_dir.glob(f"{collection_name}.*.faiss")]:
                     leftover.unlink(missing_ok=True)
             return existed
 

@@ -147,7 +147,7 @@ def test_snapshot_is_used_only_when_it_matches_the_file(tmp_path: Path, closing:
     first, registry = open_store(tmp_path, index_type="FLAT")
     first.upsert(first.default_collection, rows(ids[:40], vectors[:40]))
     first.close()  # a clean shutdown writes a snapshot
-    assert len(list(tmp_path.glob("vsearch_images.r*.flat.faiss"))) == 1
+    assert len(list(tmp_path.glob("vsearch_images.*.r*.flat.faiss"))) == 1
 
     second, registry = open_store(tmp_path, index_type="FLAT")
     assert builds(registry, "flat") == 0  # loaded, not rebuilt
@@ -164,6 +164,23 @@ def test_snapshot_is_used_only_when_it_matches_the_file(tmp_path: Path, closing:
     assert third.count(third.default_collection) == 48
     assert top_ids(third, vectors[45], 1) == ["s45"]
     assert top_ids(third, vectors[0], 1) != ["s0"]
+
+
+def test_a_snapshot_never_matches_a_recreated_file(tmp_path: Path, closing: list[FaissStore]):
+    old, new = clustered(5, seed=8), clustered(5, seed=9)
+    first, _ = open_store(tmp_path, index_type="FLAT")
+    first.upsert(first.default_collection, rows([f"old{n}" for n in range(5)], old))
+    first.close()  # snapshot at revision 1
+    for path in tmp_path.glob("vsearch_images.sqlite3*"):
+        path.unlink()  # the file is deleted by hand; the snapshot stays
+    second, _ = open_store(tmp_path, index_type="FLAT")
+    second.upsert(second.default_collection, rows([f"new{n}" for n in range(5)], new))  # revision 1 again
+    for collection in second._collections.values():
+        collection.close_connections()  # a crash: no snapshot of its own
+    third, registry = open_store(tmp_path, index_type="FLAT")
+    closing.append(third)
+    assert builds(registry, "flat") == 1
+    assert top_ids(third, new[2], 1) == ["new2"]
 
 
 def test_writes_survive_a_crash_without_any_snapshot(tmp_path: Path, closing: list[FaissStore]):

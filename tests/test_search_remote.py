@@ -227,7 +227,7 @@ async def test_runs_as_a_process_and_stops_on_sigterm(tmp_path: Path, backend: s
         assert process.returncode == 0, stderr
         assert '"msg": "search_svc stopped"' in stderr
         if backend == "faiss":  # a clean stop snapshots the index, so the next start need not rebuild it
-            assert list((tmp_path / "data" / "faiss").glob("vsearch_images.r*.ivf_flat.faiss"))
+            assert list((tmp_path / "data" / "faiss").glob("vsearch_images.*.r*.ivf_flat.faiss"))
     finally:
         if process.poll() is None:
             process.kill()
