@@ -49,10 +49,11 @@ def clustered(count: int, seed: int) -> np.ndarray:
     return (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
 
 
-def rows(ids: list[str], vectors: np.ndarray) -> list[dict]:
+def rows(ids: list[str], vectors: np.ndarray, first: int = 0) -> list[dict]:
+    """Rows for the items; item `first + n` has category c{(first + n) % 3} and price first + n."""
     codec = ItemCodec(DIM, FIELDS)
     items = []
-    for n, (item_id, vector) in enumerate(zip(ids, vectors)):
+    for n, (item_id, vector) in enumerate(zip(ids, vectors), start=first):
         message = search_pb2.Item(id=item_id)
         message.vector.values.extend(vector.tolist())
         message.metadata.update({"category": f"c{n % 3}", "price": float(n)})
@@ -139,6 +140,28 @@ def test_filtered_ivf_search_is_exact_over_the_allowed_items(tmp_path: Path, clo
         # Unfiltered, one probed list may hold fewer than k items; the answer still has k.
         assert len(top_ids(store, query, 200)) == 200
     assert top_ids(store, vectors[0], 10, FilterCondition("category", "==", ('c0" OR 1=1 --',))) == []
+
+
+def test_filter_results_are_cached_until_the_next_write(tmp_path: Path, closing: list[FaissStore]):
+    store, registry = open_store(tmp_path, index_type="FLAT")
+    closing.append(store)
+    vectors = clustered(30, seed=10)
+    ids = [f"f{n}" for n in range(30)]
+    store.upsert(store.default_collection, rows(ids[:20], vectors[:20]))  # categories c0, c1, c2 by n % 3
+    c1 = FilterCondition("category", "==", ("c1",))
+
+    def cache(result: str) -> float:
+        return registry.get_sample_value("vsearch_faiss_filter_cache_total", {"result": result}) or 0.0
+
+    first = top_ids(store, vectors[1], 30, c1)
+    assert set(first) == {ids[n] for n in range(20) if n % 3 == 1} and cache("miss") == 1
+    assert top_ids(store, vectors[4], 30, c1) == top_ids(store, vectors[4], 30, c1)
+    assert cache("hit") == 2 and cache("miss") == 1
+    store.upsert(store.default_collection, rows(ids[20:], vectors[20:], first=20))  # adds c1 items: a new revision
+    after = top_ids(store, vectors[1], 30, c1)
+    assert set(after) == {ids[n] for n in range(30) if n % 3 == 1} and cache("miss") == 2
+    store.delete(store.default_collection, [ids[1]])
+    assert ids[1] not in top_ids(store, vectors[1], 30, c1) and cache("miss") == 3
 
 
 def test_snapshot_is_used_only_when_it_matches_the_file(tmp_path: Path, closing: list[FaissStore]):
