@@ -289,7 +289,7 @@ class MilvusStore:
             raise ServiceError(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"collection {name!r} does not match the settings: {'; '.join(problems)}. "
-                "Use another SEARCH_MILVUS__COLLECTION, or drop this collection to rebuild it.",
+                "Use another SEARCH_COLLECTION, or drop this collection to rebuild it.",
             )
 
     def _check_index(self, name: str, description: dict) -> None:
