@@ -150,6 +150,10 @@ def _chunks(values: Sequence[T], size: int = LABELS_PER_STATEMENT) -> Iterator[S
         yield values[start:start + size]
 
 
+def _placeholders(count: int) -> str:
+    return ", ".join("?" * count)
+
+
 def _quoted(name: str) -> str:
     # Column names are ours or declared filter fields (letters, digits, underscores).
     return f'"{name}"'
@@ -158,6 +162,14 @@ def _quoted(name: str) -> str:
 def auto_nlist(items: int) -> int:
     """4 * sqrt(items) lists, at most one per 39 items (fewer leaves k-means without data)."""
     return max(1, min(int(4 * math.sqrt(items)), items // 39))
+
+
+def apply_write(index: faiss.Index, removed: np.ndarray, vectors: np.ndarray, labels: np.ndarray) -> None:
+    """Removes the replaced or deleted labels, then adds the new vectors."""
+    if removed.size:
+        index.remove_ids(removed)
+    if labels.size:
+        index.add_with_ids(vectors, labels)
 
 
 @dataclass(frozen=True)
@@ -242,9 +254,14 @@ class FaissCollection:
         labels: list[int] = []
         for chunk in _chunks(stored_ids):
             labels.extend(row[0] for row in connection.execute(
-                f"SELECT label FROM items WHERE id IN ({', '.join('?' * len(chunk))})", chunk
+                f"SELECT label FROM items WHERE id IN ({_placeholders(len(chunk))})", chunk
             ))
         return np.asarray(labels, dtype=np.int64)
+
+    @staticmethod
+    def delete_labels(connection: sqlite3.Connection, labels: np.ndarray) -> None:
+        for chunk in _chunks(labels.tolist()):
+            connection.execute(f"DELETE FROM items WHERE label IN ({_placeholders(len(chunk))})", chunk)
 
     # --- the index -----------------------------------------------------------------------------
 
@@ -255,10 +272,7 @@ class FaissCollection:
     def apply(self, removed: np.ndarray, vectors: np.ndarray, labels: np.ndarray) -> None:
         """Brings the index up to a committed write (under the write lock)."""
         assert self.index is not None
-        if removed.size:
-            self.index.remove_ids(removed)
-        if labels.size:
-            self.index.add_with_ids(vectors, labels)
+        apply_write(self.index, removed, vectors, labels)
         if self.pending is not None:
             self.pending.append((removed, vectors, labels))
 
@@ -521,7 +535,7 @@ class FaissStore:
         blobs: list[bytes] = []
         for chunk in _chunks(np.sort(sample).tolist()):
             blobs.extend(row[0] for row in connection.execute(
-                f"SELECT vector FROM items WHERE label IN ({', '.join('?' * len(chunk))})", chunk
+                f"SELECT vector FROM items WHERE label IN ({_placeholders(len(chunk))})", chunk
             ))
         started = time.perf_counter()
         kmeans = faiss.Kmeans(
@@ -567,11 +581,8 @@ class FaissStore:
             connection.execute("COMMIT")
             with collection.lock.writing():
                 if not collection.dropped and not self._closing.is_set():
-                    for removed, vectors, labels in collection.pending or []:
-                        if removed.size:
-                            index.remove_ids(removed)
-                        if labels.size:
-                            index.add_with_ids(vectors, labels)
+                    for write in collection.pending or []:
+                        apply_write(index, *write)
                     collection.index = index
                     collection.ivf_trained_items = items if isinstance(index, faiss.IndexIVF) else 0
                     with collection.transaction() as write:
@@ -618,14 +629,13 @@ class FaissStore:
             fields = list(self._settings.filter_fields)
             names = ["label", columns.ID, columns.VECTOR, columns.IMAGE_URI, columns.METADATA, columns.CONTENT_SHA256]
             names += [name for field in fields for name in (field, columns.presence_column(field))]
-            statement = f"INSERT INTO items ({', '.join(map(_quoted, names))}) VALUES ({', '.join('?' * len(names))})"
+            statement = f"INSERT INTO items ({', '.join(map(_quoted, names))}) VALUES ({_placeholders(len(names))})"
             with collection.lock.writing():
                 self._check_not_dropped(collection)
                 labels = np.arange(collection.next_label, collection.next_label + len(rows), dtype=np.int64)
                 with collection.transaction() as connection:
                     replaced = collection.labels_of(connection, ids)
-                    for chunk in _chunks(replaced.tolist()):
-                        connection.execute(f"DELETE FROM items WHERE label IN ({', '.join('?' * len(chunk))})", chunk)
+                    collection.delete_labels(connection, replaced)
                     connection.executemany(statement, (
                         [int(label), row[columns.ID], row[columns.VECTOR].astype("<f4").tobytes(), row[columns.IMAGE_URI],
                          row[columns.METADATA], row[columns.CONTENT_SHA256]]
@@ -654,7 +664,7 @@ class FaissStore:
                 rows: dict[int, tuple] = {}
                 for chunk in _chunks(found):
                     for row in connection.execute(
-                        f"SELECT label, id, image_uri, metadata FROM items WHERE label IN ({', '.join('?' * len(chunk))})",
+                        f"SELECT label, id, image_uri, metadata FROM items WHERE label IN ({_placeholders(len(chunk))})",
                         chunk,
                     ):
                         rows[row[0]] = row
@@ -688,7 +698,7 @@ class FaissStore:
                 connection = collection.connection()
                 for chunk in _chunks(stored_ids):
                     for row in connection.execute(
-                        f"SELECT {', '.join(names)} FROM items WHERE id IN ({', '.join('?' * len(chunk))})", chunk
+                        f"SELECT {', '.join(names)} FROM items WHERE id IN ({_placeholders(len(chunk))})", chunk
                     ):
                         item = dict(zip(names, row))
                         if include_vectors:
@@ -710,8 +720,7 @@ class FaissStore:
                     removed = collection.labels_of(connection, stored_ids)
                     if not removed.size:
                         return
-                    for chunk in _chunks(removed.tolist()):
-                        connection.execute(f"DELETE FROM items WHERE label IN ({', '.join('?' * len(chunk))})", chunk)
+                    collection.delete_labels(connection, removed)
                     collection.set_meta(connection, revision=collection.revision + 1)
                 collection.revision += 1
                 empty = np.empty((0, self._settings.dimension), dtype=np.float32)
@@ -744,7 +753,7 @@ class FaissStore:
             collection = self._existing(collection_name)
             with collection.lock.reading():
                 self._check_not_dropped(collection)
-                return int(collection.connection().execute("SELECT count(*) FROM items").fetchone()[0])
+                return self._count(collection.connection())
 
         return self._timed("count", run)
 
