@@ -306,13 +306,7 @@ class QueryCache:
         )
 
     async def _get(self, key: str) -> bytes | None:
-        if not self._available():
-            return None
-        try:
-            return await self.store.get(key)
-        except Exception as error:  # noqa: BLE001 - any store failure is a miss
-            self._failed("get", error)
-            return None
+        return (await self.get_raw([key]))[0]
 
     async def get_raw(self, keys: Sequence[str]) -> list[bytes | None]:
         """Several entries in one store round trip; turn them into values with `embedding_from` and
@@ -328,12 +322,7 @@ class QueryCache:
             return [None] * len(keys)
 
     async def _set(self, key: str, value: bytes, ttl_s: float) -> None:
-        if not self._available():
-            return
-        try:
-            await self.store.set(key, value, ttl_s)
-        except Exception as error:  # noqa: BLE001 - a lost write only costs a later miss
-            self._failed("set", error)
+        await self._set_many([(key, value, ttl_s)])
 
     async def _set_many(self, entries: list[tuple[str, bytes, float]]) -> None:
         if not self._available():
