@@ -45,7 +45,7 @@ from search_svc import columns
 from search_svc.filters import FilterCondition, sql_where
 from search_svc.item_codec import Row
 from search_svc.settings import DEFAULT_NPROBE, FieldType, SearchSettings
-from search_svc.vector_store import collection_name, refuse_dropping_default
+from search_svc.vector_store import refuse_dropping_default
 from service_kit.metrics import LATENCY_BUCKETS
 from service_kit.status import ServiceError
 
@@ -375,9 +375,6 @@ class FaissStore:
     def require_connected(self) -> None:
         if not self._opened:
             raise ServiceError(grpc.StatusCode.UNAVAILABLE, "the faiss store is not loaded yet")
-
-    def collection_name(self, requested: str) -> str:
-        return collection_name(requested, self.default_collection)
 
     def require_collection(self, name: str) -> None:
         self._existing(name)

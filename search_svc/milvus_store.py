@@ -37,7 +37,7 @@ from search_svc import columns
 from search_svc.filters import FilterCondition, ids_expression, milvus_expression
 from search_svc.item_codec import Row
 from search_svc.settings import SearchSettings
-from search_svc.vector_store import collection_name, refuse_dropping_default
+from search_svc.vector_store import refuse_dropping_default
 from service_kit.metrics import LATENCY_BUCKETS
 from service_kit.status import ServiceError
 
@@ -191,9 +191,6 @@ class MilvusStore:
             ) from error
         finally:
             self._metrics.call_seconds.labels("connect").observe(time.perf_counter() - start)
-
-    def collection_name(self, requested: str) -> str:
-        return collection_name(requested, self.default_collection)
 
     def _ready_collection(self, name: str, create: bool) -> MilvusClient | None:
         """The client, once collection `name` exists, matches the settings, is indexed and loaded.

@@ -21,7 +21,7 @@ from search_svc.generation import IndexGeneration
 from search_svc.item_codec import ItemCodec, stored_ids
 from search_svc.milvus_store import MilvusMetrics, MilvusStore
 from search_svc.settings import SearchSettings
-from search_svc.vector_store import VectorStore
+from search_svc.vector_store import VectorStore, collection_name
 from service_kit.metrics import LATENCY_BUCKETS
 from service_kit.server import ManagedServer
 from service_kit.status import invalid_argument
@@ -54,6 +54,9 @@ class VectorSearchServicer(search_pb2_grpc.VectorSearchServicer):
         self._executor = executor
         self._queue_seconds = queue_seconds
 
+    def _collection(self, requested: str) -> str:
+        return collection_name(requested, self._store.default_collection)
+
     async def _offload(self, function: Callable[..., ResultT], *args: object) -> ResultT:
         submitted = time.perf_counter()
 
@@ -70,7 +73,7 @@ class VectorSearchServicer(search_pb2_grpc.VectorSearchServicer):
         return await self._offload(self._upsert, request)
 
     def _upsert(self, request: search_pb2.UpsertRequest) -> search_pb2.UpsertResponse:
-        collection = self._store.collection_name(request.collection)
+        collection = self._collection(request.collection)
         rows = self._codec.rows(request.items)  # everything validated before anything is written
         if not rows:
             return search_pb2.UpsertResponse(upserted=0, generation=self._generation.current)
@@ -84,7 +87,7 @@ class VectorSearchServicer(search_pb2_grpc.VectorSearchServicer):
         return await self._offload(self._delete, request)
 
     def _delete(self, request: search_pb2.DeleteRequest) -> search_pb2.DeleteResponse:
-        collection = self._store.collection_name(request.collection)
+        collection = self._collection(request.collection)
         ids = stored_ids(request.ids)
         # Milvus does not say how many of the ids existed, so look first; a concurrent write to the
         # same ids between the two calls can make the count off by those.
@@ -104,7 +107,7 @@ class VectorSearchServicer(search_pb2_grpc.VectorSearchServicer):
         return await self._offload(self._search, request, self._generation.current)
 
     def _search(self, request: search_pb2.SearchRequest, generation: int) -> search_pb2.SearchResponse:
-        collection = self._store.collection_name(request.collection)
+        collection = self._collection(request.collection)
         if not request.queries:
             raise invalid_argument("a search needs at least one query vector")
         if len(request.queries) > MAX_QUERIES:
@@ -130,7 +133,7 @@ class VectorSearchServicer(search_pb2_grpc.VectorSearchServicer):
         return await self._offload(self._get, request)
 
     def _get(self, request: search_pb2.GetRequest) -> search_pb2.GetResponse:
-        collection = self._store.collection_name(request.collection)
+        collection = self._collection(request.collection)
         ids = stored_ids(request.ids)
         rows = {row[columns.ID]: row for row in self._store.get(collection, ids, request.include_vectors)} if ids else {}
         return search_pb2.GetResponse(
@@ -141,7 +144,7 @@ class VectorSearchServicer(search_pb2_grpc.VectorSearchServicer):
         # Read before counting, so the answer is never labelled newer than the data it saw.
         generation = self._generation.current
         self._store.require_connected()
-        collection = self._store.collection_name(request.collection)
+        collection = self._collection(request.collection)
         if request.skip_count and collection == self._store.default_collection:
             count = 0  # the default collection always exists: no store call at all
         else:
@@ -171,7 +174,7 @@ class VectorSearchServicer(search_pb2_grpc.VectorSearchServicer):
     def _drop_collection(self, request: search_pb2.DropCollectionRequest) -> search_pb2.DropCollectionResponse:
         if not request.collection:
             raise invalid_argument("name the collection to drop")
-        collection = self._store.collection_name(request.collection)
+        collection = self._collection(request.collection)
         try:
             dropped = self._store.drop(collection)
         finally:
