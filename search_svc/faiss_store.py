@@ -681,32 +681,34 @@ class FaissStore:
         return self._timed("search", run)
 
     def get(self, collection_name: str, stored_ids: Sequence[str], include_vectors: bool) -> list[dict]:
-        def run() -> list[dict]:
-            collection = self._collection(collection_name, create=False)
-            if collection is None:
-                return []
-            names = [columns.ID, columns.IMAGE_URI, columns.METADATA, columns.CONTENT_SHA256]
-            if include_vectors:
-                names.append(columns.VECTOR)
-            found: list[dict] = []
-            with collection.lock.reading():
-                if collection.dropped:
-                    return []
-                connection = collection.connection()
-                for chunk in _chunks(stored_ids):
-                    for row in connection.execute(
-                        f"SELECT {', '.join(names)} FROM items WHERE id IN ({_placeholders(len(chunk))})", chunk
-                    ):
-                        item = dict(zip(names, row))
-                        if include_vectors:
-                            item[columns.VECTOR] = np.frombuffer(item[columns.VECTOR], dtype="<f4").tolist()
-                        found.append(item)
-            return found
-
-        return self._timed("get", run)
+        names = [columns.ID, columns.IMAGE_URI, columns.METADATA, columns.CONTENT_SHA256]
+        if include_vectors:
+            names.append(columns.VECTOR)
+        rows = self._timed("get", lambda: self._rows(collection_name, stored_ids, names))
+        if include_vectors:
+            for row in rows:
+                row[columns.VECTOR] = np.frombuffer(row[columns.VECTOR], dtype="<f4").tolist()
+        return rows
 
     def existing_ids(self, collection_name: str, stored_ids: Sequence[str]) -> list[str]:
-        return [row[columns.ID] for row in self.get(collection_name, stored_ids, include_vectors=False)]
+        rows = self._timed("existing_ids", lambda: self._rows(collection_name, stored_ids, [columns.ID]))
+        return [row[columns.ID] for row in rows]
+
+    def _rows(self, collection_name: str, stored_ids: Sequence[str], names: list[str]) -> list[dict]:
+        """Those columns of the items with these ids that exist (none when the collection does not)."""
+        collection = self._collection(collection_name, create=False)
+        if collection is None:
+            return []
+        found: list[dict] = []
+        with collection.lock.reading():
+            if collection.dropped:
+                return []
+            connection = collection.connection()
+            for chunk in _chunks(stored_ids):
+                found.extend(dict(zip(names, row)) for row in connection.execute(
+                    f"SELECT {', '.join(names)} FROM items WHERE id IN ({_placeholders(len(chunk))})", chunk
+                ))
+        return found
 
     def delete(self, collection_name: str, stored_ids: Sequence[str]) -> None:
         def run() -> None:
