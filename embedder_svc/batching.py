@@ -15,7 +15,7 @@ from typing import Awaitable, Callable
 
 import numpy as np
 
-from embedder_svc.embedder_metrics import EmbedderMetrics
+from embedder_svc.metrics import EmbedderMetrics
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from embedder_svc.backends import BackendError, InferenceBackend
 from embedder_svc.batching import MicroBatcher
-from embedder_svc.embedder_metrics import EmbedderMetrics
+from embedder_svc.metrics import EmbedderMetrics
 from embedder_svc.image_decoding import CropBox, ImageDecoder
 from embedder_svc.model_card import ModelCard, read_model_card
 from embedder_svc.preprocessing import Preprocessor

@@ -13,6 +13,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 CARD_FILE_NAME = "model_card.json"
 MODEL_FILE_NAME = "model.onnx"
+# Parameters of a Triton model config (written by `vsearch model triton-repo`) naming the card it was
+# made from, so the embedder can refuse a Triton model that does not match its own card.
+CARD_NAME_PARAMETER = "vsearch_card_name"
+CARD_VERSION_PARAMETER = "vsearch_card_version"
 
 
 class ModelCardError(Exception):

@@ -17,9 +17,8 @@ from tritonclient.grpc import InferInput, InferRequestedOutput
 from tritonclient.utils import InferenceServerException
 
 from embedder_svc.backends import BackendError, BackendMisconfigured, BackendUnavailable, InferenceBackend
-from embedder_svc.model_card import ModelCard
+from embedder_svc.model_card import CARD_VERSION_PARAMETER, ModelCard
 from embedder_svc.settings import TritonSettings
-from embedder_svc.triton_repo import CARD_VERSION_PARAMETER
 
 logger = logging.getLogger(__name__)
 

@@ -1,8 +1,11 @@
 """The gateway's query cache: query embeddings and whole search results, in Redis or in-process.
 
-Both stores have the same semantics (get / set with a TTL). `QueryCache` sits on top and makes the
-cache strictly optional: any store failure or slow answer is logged (rate-limited), counted, and
-treated as a miss, so a search never fails or hangs because of the cache."""
+Both stores have the same semantics (several gets / several sets with a TTL, in one round trip).
+`QueryCache` sits on top and makes the cache strictly optional: any store failure or slow answer is
+logged (rate-limited), counted, and treated as a miss, so a search never fails or hangs because of
+the cache. A search reads it with `lookup` (one round trip for the embedding and the result under
+the generation it guesses) and `result_for` (the result under the generation it then knows), and
+writes it with `save_in_background`."""
 
 from __future__ import annotations
 
@@ -12,15 +15,17 @@ import json
 import logging
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
 
 import numpy as np
 import redis.asyncio as redis_asyncio
 from google.protobuf import json_format
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from gateway.metrics import CacheMetrics
 from gateway.settings import CacheSettings
 from vsearch.v1 import embedder_pb2, gateway_pb2, search_pb2
 
@@ -76,11 +81,7 @@ def result_cache_key(
 class CacheStore(Protocol):
     kind: str
 
-    async def get(self, key: str) -> bytes | None: ...
-
     async def get_many(self, keys: Sequence[str]) -> list[bytes | None]: ...
-
-    async def set(self, key: str, value: bytes, ttl_s: float) -> None: ...
 
     async def set_many(self, entries: Sequence[tuple[str, bytes, float]]) -> None: ...
 
@@ -101,7 +102,14 @@ class LruTtlStore:
     def __len__(self) -> int:
         return len(self._entries)
 
-    async def get(self, key: str) -> bytes | None:
+    async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        return [self._get(key) for key in keys]
+
+    async def set_many(self, entries: Sequence[tuple[str, bytes, float]]) -> None:
+        for key, value, ttl_s in entries:
+            self._set(key, value, ttl_s)
+
+    def _get(self, key: str) -> bytes | None:
         entry = self._entries.get(key)
         if entry is None:
             return None
@@ -112,18 +120,11 @@ class LruTtlStore:
         self._entries.move_to_end(key)
         return value
 
-    async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
-        return [await self.get(key) for key in keys]
-
-    async def set(self, key: str, value: bytes, ttl_s: float) -> None:
+    def _set(self, key: str, value: bytes, ttl_s: float) -> None:
         self._entries[key] = (self.clock() + ttl_s, value)
         self._entries.move_to_end(key)
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
-
-    async def set_many(self, entries: Sequence[tuple[str, bytes, float]]) -> None:
-        for key, value, ttl_s in entries:
-            await self.set(key, value, ttl_s)
 
     async def close(self) -> None:
         self._entries.clear()
@@ -202,17 +203,9 @@ class RedisStore:
     def _bounded(self) -> LoopLagTolerantTimeout:
         return LoopLagTolerantTimeout(self.timeout_s, self.max_timeout_s)
 
-    async def get(self, key: str) -> bytes | None:
-        async with self._bounded():
-            return await self.client.get(key)
-
     async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
         async with self._bounded():
             return await self.client.mget(keys)
-
-    async def set(self, key: str, value: bytes, ttl_s: float) -> None:
-        async with self._bounded():
-            await self.client.set(key, value, px=max(1, int(ttl_s * 1000)))
 
     async def set_many(self, entries: Sequence[tuple[str, bytes, float]]) -> None:
         async with self._bounded():
@@ -253,6 +246,17 @@ class RateLimitedLog:
         self._suppressed = 0
 
 
+@dataclass(frozen=True)
+class CacheLookup:
+    """What a search's one cache round trip found. `embedding` is final (counted as a hit or a miss
+    already). The result was read under a key the search guessed (the last index generation it knew)
+    and answers only for that key: `QueryCache.result_for` takes it, once the generation is known."""
+
+    embedding: np.ndarray | None = None
+    guessed_result_key: str | None = None
+    guessed_result: gateway_pb2.VisualSearchResponse | None = None
+
+
 class QueryCache:
     """Typed, failure-proof access to a `CacheStore`: embeddings as raw float32 bytes, results as
     serialized `VisualSearchResponse`s."""
@@ -267,50 +271,50 @@ class QueryCache:
         self.store = store
         self.settings = settings
         self.clock = clock
-        self.hits = Counter(
-            "vsearch_gateway_cache_hits", "Gateway cache hits, by cache (embedding|result).",
-            ["cache"], registry=registry,
-        )
-        self.misses = Counter(
-            "vsearch_gateway_cache_misses", "Gateway cache misses, by cache (embedding|result).",
-            ["cache"], registry=registry,
-        )
-        self.errors = Counter(
-            "vsearch_gateway_cache_errors",
-            "Cache store calls that failed or timed out (each served as a miss / skipped write).",
-            registry=registry,
-        )
-        self.writes_skipped = Counter(
-            "vsearch_gateway_cache_writes_skipped",
-            "Background cache writes not made because too many were still in flight (a slow cache store).",
-            registry=registry,
-        )
-        for kind in ("embedding", "result"):
-            self.hits.labels(kind)
-            self.misses.labels(kind)
+        self.metrics = CacheMetrics(registry)
         self._skip_until = float("-inf")
         self._error_log = RateLimitedLog(clock=clock)
         # Strong references: the event loop keeps only weak ones to tasks.
         self._writes_in_flight: set[asyncio.Task[None]] = set()
 
-    def _available(self) -> bool:
-        return self.clock() >= self._skip_until
+    # ------------------------------------------------------------------------------------- reads
 
-    def _failed(self, operation: str, error: BaseException) -> None:
-        self.errors.inc()
-        self._skip_until = self.clock() + self.settings.redis_cooldown_s
-        self._error_log.warning(
-            "cache %s %s failed (%s); serving uncached, retrying the cache in %.1fs",
-            self.store.kind, operation, type(error).__name__ if isinstance(error, TimeoutError) else error,
-            self.settings.redis_cooldown_s,
-        )
+    async def lookup(self, embedding_key: str | None, guessed_result_key: str | None) -> CacheLookup:
+        """The embedding under `embedding_key` and the result under `guessed_result_key`, in one store
+        round trip; a key that is None is not read."""
+        keys = [key for key in (embedding_key, guessed_result_key) if key is not None]
+        values = iter(await self._read(keys))
+        embedding = None
+        if embedding_key is not None:
+            embedding = _decode_embedding(next(values))
+            self.metrics.count_lookup("embedding", embedding is not None)
+        guessed_result = None
+        if guessed_result_key is not None:
+            guessed_result = self._decode_result(next(values), guessed_result_key)
+        return CacheLookup(embedding, guessed_result_key, guessed_result)
 
-    async def _get(self, key: str) -> bytes | None:
-        return (await self.get_raw([key]))[0]
+    async def result_for(self, key: str, lookup: CacheLookup) -> gateway_pb2.VisualSearchResponse | None:
+        """The result cached under `key`: the one `lookup` read if it guessed this key (the usual
+        case), else read now (the index changed since the guess, or there was no guess)."""
+        if key == lookup.guessed_result_key:
+            result = lookup.guessed_result
+        else:
+            result = self._decode_result((await self._read([key]))[0], key)
+        self.metrics.count_lookup("result", result is not None)
+        return result
 
-    async def get_raw(self, keys: Sequence[str]) -> list[bytes | None]:
-        """Several entries in one store round trip; turn them into values with `embedding_from` and
-        `result_from`, which count the hits and misses."""
+    def _decode_result(self, raw: bytes | None, key: str) -> gateway_pb2.VisualSearchResponse | None:
+        if raw is None:
+            return None
+        response = gateway_pb2.VisualSearchResponse()
+        try:
+            response.ParseFromString(raw)
+        except Exception as error:  # noqa: BLE001 - a corrupt entry is a miss
+            self._error_log.warning("cache entry %s unreadable (%s); ignoring it", key, error)
+            return None
+        return response
+
+    async def _read(self, keys: Sequence[str]) -> list[bytes | None]:
         if not keys:
             return []
         if not self._available():
@@ -321,16 +325,7 @@ class QueryCache:
             self._failed("get", error)
             return [None] * len(keys)
 
-    async def _set(self, key: str, value: bytes, ttl_s: float) -> None:
-        await self._set_many([(key, value, ttl_s)])
-
-    async def _set_many(self, entries: list[tuple[str, bytes, float]]) -> None:
-        if not self._available():
-            return
-        try:
-            await self.store.set_many(entries)
-        except Exception as error:  # noqa: BLE001 - a lost write only costs a later miss
-            self._failed("set", error)
+    # ------------------------------------------------------------------------------------ writes
 
     def save_in_background(
         self,
@@ -349,9 +344,9 @@ class QueryCache:
         if not entries or not self._available():
             return
         if len(self._writes_in_flight) >= self.settings.max_writes_in_flight:
-            self.writes_skipped.inc()
+            self.metrics.writes_skipped.inc()
             return
-        task = asyncio.create_task(self._set_many(entries), name="cache-write")
+        task = asyncio.create_task(self._write(entries), name="cache-write")
         self._writes_in_flight.add(task)
         task.add_done_callback(self._writes_in_flight.discard)
 
@@ -360,40 +355,27 @@ class QueryCache:
         while self._writes_in_flight:
             await asyncio.gather(*self._writes_in_flight, return_exceptions=True)
 
-    def _count(self, kind: str, hit: bool) -> None:
-        (self.hits if hit else self.misses).labels(kind).inc()
+    async def _write(self, entries: list[tuple[str, bytes, float]]) -> None:
+        if not self._available():
+            return
+        try:
+            await self.store.set_many(entries)
+        except Exception as error:  # noqa: BLE001 - a lost write only costs a later miss
+            self._failed("set", error)
 
-    async def get_embedding(self, key: str) -> np.ndarray | None:
-        return self.embedding_from(await self._get(key))
+    # ---------------------------------------------------------------------------------- failures
 
-    def embedding_from(self, raw: bytes | None) -> np.ndarray | None:
-        if raw is not None and len(raw) % 4 == 0 and raw:
-            self._count("embedding", True)
-            return np.frombuffer(raw, dtype=np.float32)
-        self._count("embedding", False)
-        return None
+    def _available(self) -> bool:
+        return self.clock() >= self._skip_until
 
-    async def set_embedding(self, key: str, embedding: np.ndarray) -> None:
-        await self._set(key, _embedding_bytes(embedding), self.settings.embedding_ttl_s)
-
-    async def get_result(self, key: str) -> gateway_pb2.VisualSearchResponse | None:
-        return self.result_from(await self._get(key), key)
-
-    def result_from(self, raw: bytes | None, key: str) -> gateway_pb2.VisualSearchResponse | None:
-        if raw is not None:
-            response = gateway_pb2.VisualSearchResponse()
-            try:
-                response.ParseFromString(raw)
-            except Exception as error:  # noqa: BLE001 - a corrupt entry is a miss
-                self._error_log.warning("cache entry %s unreadable (%s); ignoring it", key, error)
-            else:
-                self._count("result", True)
-                return response
-        self._count("result", False)
-        return None
-
-    async def set_result(self, key: str, response: gateway_pb2.VisualSearchResponse) -> None:
-        await self._set(key, response.SerializeToString(), self.settings.result_ttl_s)
+    def _failed(self, operation: str, error: BaseException) -> None:
+        self.metrics.errors.inc()
+        self._skip_until = self.clock() + self.settings.redis_cooldown_s
+        self._error_log.warning(
+            "cache %s %s failed (%s); serving uncached, retrying the cache in %.1fs",
+            self.store.kind, operation, type(error).__name__ if isinstance(error, TimeoutError) else error,
+            self.settings.redis_cooldown_s,
+        )
 
     async def close(self) -> None:
         await self.writes_done()
@@ -401,6 +383,12 @@ class QueryCache:
             await self.store.close()
         except Exception as error:  # noqa: BLE001 - closing a dead connection may fail; nothing to do
             logger.debug("closing cache store: %s", error)
+
+
+def _decode_embedding(raw: bytes | None) -> np.ndarray | None:
+    if raw is not None and len(raw) % 4 == 0 and raw:
+        return np.frombuffer(raw, dtype=np.float32)
+    return None
 
 
 def _embedding_bytes(embedding: np.ndarray) -> bytes:

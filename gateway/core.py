@@ -1,47 +1,34 @@
 """What the gateway does, once: search, ingest, delete, stats. The gRPC servicer and the HTTP API are
-thin adapters over `VisualSearchCore`, which speaks protobuf messages and raises `ServiceError`."""
+thin adapters over `VisualSearchCore`, which speaks protobuf messages and raises `ServiceError`; the
+calls it makes downstream are `Downstream`'s methods."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
-import math
-import re
 import time
 from dataclasses import dataclass
-from typing import AsyncIterable, Awaitable, Callable, TypeVar
+from typing import AsyncIterable, AsyncIterator
 
 import grpc
 import numpy as np
 
-from gateway.cache import QueryCache, embedding_cache_key, item_query_key, result_cache_key
+from gateway.cache import CacheLookup, QueryCache
+from gateway.downstream import Downstream, Refused, item_error
 from gateway.index_generation import IndexGenerationTracker
+from gateway.search_query import SearchQuery
 from gateway.settings import GatewaySettings
-from service_kit.status import ServiceError, code_from_int, downstream_error, invalid_argument
+from service_kit.status import ServiceError
 from vsearch.v1 import embedder_pb2, embedder_pb2_grpc, gateway_pb2, search_pb2, search_pb2_grpc
 
 logger = logging.getLogger(__name__)
 
-EMBEDDER = "embedder"
-SEARCH = "search"
 MAX_ID_CHARS = 256
 INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 # Room for the request's framing and metadata when packing images into one EmbedImages message.
 MESSAGE_HEADROOM_BYTES = 1024 * 1024
-
-ResponseT = TypeVar("ResponseT")
-
-# The embedder names an item by its position in *its* request ("image 3: ..."), which means nothing to
-# our caller (their position is reported separately, in ItemFailure.index).
-EMBEDDER_ITEM_PREFIX = re.compile(r"^image \d+: ")
-
-
-def item_error(error: embedder_pb2.ItemError) -> ServiceError:
-    code = code_from_int(error.code)
-    if code == grpc.StatusCode.OK:  # an error without a code is the embedder's bug, not the caller's
-        code = grpc.StatusCode.INTERNAL
-    return ServiceError(code, EMBEDDER_ITEM_PREFIX.sub("", error.message) or "the embedder refused the image")
 
 
 @dataclass(frozen=True)
@@ -53,6 +40,27 @@ class ModelInfo:
 
 
 @dataclass
+class SearchLookups:
+    """What a search starts before it knows whether its result is cached: the current index generation
+    (a Stats call), one cache round trip, and, when the query image's embedding was not cached, the
+    embedder call."""
+
+    generation: asyncio.Future[int]
+    cache: CacheLookup
+    # A cached embedding of the current model's dimension, if there was one.
+    cached_embedding: np.ndarray | None
+    embedding: asyncio.Task[tuple[np.ndarray, str]] | None
+
+
+@dataclass(frozen=True)
+class QueryVector:
+    values: np.ndarray
+    # The stored vector of an item_id query counts as cached: neither is computed for this search.
+    from_cache: bool
+    model_version: str
+
+
+@dataclass
 class PendingItem:
     """An AddImages item that passed the cheap checks, waiting for its batch."""
 
@@ -60,15 +68,6 @@ class PendingItem:
     id: str
     content_sha256: str
     request: gateway_pb2.AddImageRequest
-
-
-def remaining_s(deadline: float | None) -> float | None:
-    return None if deadline is None else deadline - time.monotonic()
-
-
-def deadline_after(seconds: float | None) -> float | None:
-    """An absolute deadline (time.monotonic) from a caller's remaining time, if it has one."""
-    return None if seconds is None else time.monotonic() + seconds
 
 
 def elapsed_ms(since: float) -> float:
@@ -85,6 +84,22 @@ def abandon(task: asyncio.Future) -> None:
         task.cancel()
 
 
+def search_response(found: search_pb2.SearchResponse, model_version: str) -> gateway_pb2.VisualSearchResponse:
+    response = gateway_pb2.VisualSearchResponse(index_generation=found.generation, model_version=model_version)
+    for hit in found.results[0].hits if found.results else ():
+        response.hits.add(id=hit.id, score=hit.score, image_uri=hit.image_uri, metadata=hit.metadata)
+    return response
+
+
+def _served_from_cache(
+    cached: gateway_pb2.VisualSearchResponse, started: float
+) -> gateway_pb2.VisualSearchResponse:
+    cached.from_cache = True
+    cached.embedding_from_cache = True
+    cached.timing.total_ms = elapsed_ms(started)
+    return cached
+
+
 class VisualSearchCore:
     def __init__(
         self,
@@ -94,31 +109,14 @@ class VisualSearchCore:
         cache: QueryCache,
     ) -> None:
         self.settings = settings
-        self.embedder = embedder
-        self.index = index
+        self.downstream = Downstream(settings, embedder, index)
         self.cache = cache
-        self.generations = IndexGenerationTracker(self._fetch_generation, settings.generation_refresh_ms / 1000.0)
+        self.generations = IndexGenerationTracker(
+            self.downstream.index_generation, settings.generation_refresh_ms / 1000.0
+        )
         self.model: ModelInfo | None = None
 
-    # ------------------------------------------------------------------------------------ plumbing
-
-    @staticmethod
-    def _timeout(default_s: float, deadline: float | None) -> float:
-        left = remaining_s(deadline)
-        if left is None:
-            return default_s
-        if left <= 0:
-            raise ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before the call downstream")
-        return min(default_s, left)
-
-    @staticmethod
-    async def _call(
-        service: str, rpc: Callable[..., Awaitable[ResponseT]], request: object, timeout: float
-    ) -> ResponseT:
-        try:
-            return await rpc(request, timeout=timeout)
-        except grpc.aio.AioRpcError as error:
-            raise downstream_error(service, error) from None
+    # ---------------------------------------------------------------------------------------- model
 
     def _require_model(self) -> ModelInfo:
         if self.model is None:
@@ -134,18 +132,9 @@ class VisualSearchCore:
         self.model = model
         return model
 
-    async def _fetch_generation(self) -> int:
-        stats = await self._call(
-            SEARCH, self.index.Stats, search_pb2.StatsRequest(skip_count=True), self.settings.search_timeout_s
-        )
-        return stats.generation
-
     async def connect(self) -> None:
         """Startup hook: both downstreams must answer, and agree on the vector dimension."""
-        info, stats = await asyncio.gather(
-            self._call(EMBEDDER, self.embedder.Info, embedder_pb2.InfoRequest(), self.settings.search_timeout_s),
-            self._call(SEARCH, self.index.Stats, search_pb2.StatsRequest(), self.settings.search_timeout_s),
-        )
+        info, stats = await asyncio.gather(self.downstream.model_info(), self.downstream.index_stats())
         if info.dimension and stats.dimension and info.dimension != stats.dimension:
             raise RuntimeError(
                 f"embedder model {info.model_version} gives {info.dimension}-d vectors but the index holds "
@@ -157,158 +146,97 @@ class VisualSearchCore:
             model.version, model.dimension, stats.count, stats.generation,
         )
 
-    # -------------------------------------------------------------------------------------- search
+    # --------------------------------------------------------------------------------------- search
 
     async def search(
         self, request: gateway_pb2.VisualSearchRequest, deadline: float | None = None
     ) -> gateway_pb2.VisualSearchResponse:
+        """Validate; look up the caches (while the generation is asked for, and the embedder called on
+        an embedding miss); unless the result was cached, take the query vector, search, and store the
+        result (and a new embedding) after replying."""
         started = time.perf_counter()
         model = self._require_model()
-        query = request.WhichOneof("query")
-        crop = request.crop if request.HasField("crop") else None
-        if query is None:
-            raise invalid_argument("give an image or an item_id to search with")
-        if query == "image":
-            if not request.image:
-                raise invalid_argument("image is empty")
-            if len(request.image) > self.settings.max_image_bytes:
-                raise invalid_argument(
-                    f"image is {len(request.image)} bytes; the limit is {self.settings.max_image_bytes}"
-                )
-            if crop is not None and (crop.width == 0 or crop.height == 0):
-                raise invalid_argument("crop width and height must be positive")
-            image_sha256 = hashlib.sha256(request.image).hexdigest()
-            query_key = embedding_cache_key(image_sha256, crop, model.version)
-        else:
-            if not request.item_id:
-                raise invalid_argument("item_id is empty")
-            if crop is not None:
-                raise invalid_argument("crop applies only to image queries")
-            query_key = item_query_key(request.collection, request.item_id)
-        k = request.k if request.HasField("k") else self.settings.default_k
-        if not 1 <= k <= self.settings.max_k:
-            raise invalid_argument(f"k must be 1..{self.settings.max_k}, not {k}")
-        min_score = request.min_score if request.HasField("min_score") else None
-        if min_score is not None and not math.isfinite(min_score):
-            raise invalid_argument("min_score must be a finite number")
+        query = SearchQuery.parse(request, self.settings, model.version)
 
-        # Everything a cache hit needs, at once: the current generation (Stats) and, in one cache
-        # round trip, the embedding and the result under the last generation seen, which is almost
-        # always still current (checked against the Stats answer before it is used).
         lookups_started = time.perf_counter()
-        generation_lookup = asyncio.ensure_future(self.generations.current())
-        guessed_generation = self.generations.known
-        embed: asyncio.Task[tuple[np.ndarray, str]] | None = None
-        try:
-            keys = [query_key] if query == "image" else []
-            if guessed_generation is not None:
-                keys.append(result_cache_key(
-                    query_key, k, request.filter, min_score, guessed_generation, request.collection
-                ))
-            raw = await self.cache.get_raw(keys)
-            cached_embedding = self.cache.embedding_from(raw[0]) if query == "image" else None
-            if cached_embedding is not None and cached_embedding.size != model.dimension:
-                cached_embedding = None
-            if query == "image" and cached_embedding is None:
-                # Without the embedding the result cannot be cached either (they are written together):
-                # start the embedder now rather than after the generation comes back.
-                embed = asyncio.create_task(self._embed_query(request.image, crop, deadline))
-            generation = await generation_lookup
-            result_key = result_cache_key(query_key, k, request.filter, min_score, generation, request.collection)
-            if generation == guessed_generation:
-                cached = self.cache.result_from(raw[-1], result_key)
-            else:
-                cached = await self.cache.get_result(result_key)
+        async with self._start_lookups(query, model, deadline) as lookups:
+            cached = await self._cached_result(query, lookups)
             if cached is not None:
-                cached.from_cache = True
-                cached.embedding_from_cache = True
-                cached.timing.total_ms = elapsed_ms(started)
-                return cached
-
-            new_embedding: tuple[str, np.ndarray] | None = None
-            if embed is not None:
-                vector, version = await embed
-                embedding_from_cache = False
-                if version and version != model.version:  # the embedder was redeployed with another model
-                    model = ModelInfo(model.name, version, vector.size, model.max_batch_size)
-                    self.model = model
-                    query_key = embedding_cache_key(image_sha256, crop, version)
-                new_embedding = (query_key, vector)
-            elif cached_embedding is not None:
-                vector, embedding_from_cache = cached_embedding, True
-            else:
-                vector = await self._stored_vector(request.collection, request.item_id, deadline)
-                embedding_from_cache = True
-        finally:
-            abandon(generation_lookup)
-            if embed is not None:
-                abandon(embed)
+                return _served_from_cache(cached, started)
+            vector = await self._query_vector(query, lookups, deadline)
         embed_ms = elapsed_ms(lookups_started)
+        if vector.model_version != query.model_version:  # the embedder was redeployed with another model
+            self.model = ModelInfo(model.name, vector.model_version, vector.values.size, model.max_batch_size)
+            query = query.by_model(vector.model_version)
 
         search_started = time.perf_counter()
-        search_request = search_pb2.SearchRequest(
-            queries=[search_pb2.Vector(values=vector.tolist())], k=k, filter=request.filter,
-            collection=request.collection,
-        )
-        if min_score is not None:
-            search_request.min_score = min_score
-        found = await self._call(
-            SEARCH, self.index.Search, search_request, self._timeout(self.settings.search_timeout_s, deadline)
-        )
+        found = await self.downstream.search(query.index_request(vector.values), deadline)
         search_ms = elapsed_ms(search_started)
 
-        response = gateway_pb2.VisualSearchResponse(index_generation=found.generation, model_version=model.version)
-        for hit in found.results[0].hits if found.results else ():
-            response.hits.add(id=hit.id, score=hit.score, image_uri=hit.image_uri, metadata=hit.metadata)
-        # Written after we reply (serialised now, before the per-request fields below are set), under
-        # the generation the search actually ran on, which may be newer than `generation`.
-        self.cache.save_in_background(
-            result=(
-                result_cache_key(query_key, k, request.filter, min_score, found.generation, request.collection),
-                response,
-            ),
-            embedding=new_embedding,
-        )
-
-        response.embedding_from_cache = embedding_from_cache
+        response = search_response(found, query.model_version)
+        self._store(query, vector, response)
+        response.embedding_from_cache = vector.from_cache
         response.timing.embed_ms = embed_ms
         response.timing.search_ms = search_ms
         response.timing.total_ms = elapsed_ms(started)
         return response
 
-    async def _embed_query(
-        self, image: bytes, crop: embedder_pb2.CropBox | None, deadline: float | None
-    ) -> tuple[np.ndarray, str]:
-        image_input = embedder_pb2.ImageInput(data=image)
-        if crop is not None:
-            image_input.crop.CopyFrom(crop)
-        response = await self._call(
-            EMBEDDER, self.embedder.EmbedImages, embedder_pb2.EmbedImagesRequest(images=[image_input]),
-            self._timeout(self.settings.embed_timeout_s, deadline),
-        )
-        if len(response.results) != 1:
-            raise ServiceError(
-                grpc.StatusCode.INTERNAL, f"embedder answered {len(response.results)} results for 1 image"
+    @contextlib.asynccontextmanager
+    async def _start_lookups(
+        self, query: SearchQuery, model: ModelInfo, deadline: float | None
+    ) -> AsyncIterator[SearchLookups]:
+        """Everything a cache hit needs, at once: the current generation (Stats) and, in one cache round
+        trip, the embedding and the result under the last generation seen, which is almost always still
+        current (checked against the Stats answer before it is used). What the search did not wait for
+        is cancelled when it leaves the block."""
+        generation = asyncio.ensure_future(self.generations.current())
+        guessed_generation = self.generations.known
+        embedding: asyncio.Task[tuple[np.ndarray, str]] | None = None
+        try:
+            found = await self.cache.lookup(
+                query.embedding_key, None if guessed_generation is None else query.result_key(guessed_generation)
             )
-        result = response.results[0]
-        if result.WhichOneof("result") != "embedding":
-            raise item_error(result.error)
-        return np.asarray(result.embedding.values, dtype=np.float32), response.model_version
+            cached_embedding = found.embedding
+            if cached_embedding is not None and cached_embedding.size != model.dimension:
+                cached_embedding = None
+            if query.by_image and cached_embedding is None:
+                # Without the embedding the result cannot be cached either (they are written together):
+                # start the embedder now rather than after the generation comes back.
+                embedding = asyncio.create_task(
+                    self.downstream.embed_query(query.request.image, query.crop, deadline)
+                )
+            yield SearchLookups(generation, found, cached_embedding, embedding)
+        finally:
+            abandon(generation)
+            if embedding is not None:
+                abandon(embedding)
 
-    async def _stored_vector(self, collection: str, item_id: str, deadline: float | None) -> np.ndarray:
-        response = await self._call(
-            SEARCH, self.index.Get,
-            search_pb2.GetRequest(ids=[item_id], include_vectors=True, collection=collection),
-            self._timeout(self.settings.search_timeout_s, deadline),
+    async def _cached_result(
+        self, query: SearchQuery, lookups: SearchLookups
+    ) -> gateway_pb2.VisualSearchResponse | None:
+        """The result cached for the index as it is now, if any."""
+        generation = await lookups.generation
+        return await self.cache.result_for(query.result_key(generation), lookups.cache)
+
+    async def _query_vector(self, query: SearchQuery, lookups: SearchLookups, deadline: float | None) -> QueryVector:
+        if lookups.embedding is not None:
+            values, version = await lookups.embedding
+            return QueryVector(values, from_cache=False, model_version=version or query.model_version)
+        if lookups.cached_embedding is not None:
+            return QueryVector(lookups.cached_embedding, from_cache=True, model_version=query.model_version)
+        values = await self.downstream.stored_vector(query.request.collection, query.request.item_id, deadline)
+        return QueryVector(values, from_cache=True, model_version=query.model_version)
+
+    def _store(self, query: SearchQuery, vector: QueryVector, response: gateway_pb2.VisualSearchResponse) -> None:
+        """Caches the result, and the query embedding if the embedder just made it. Written after we
+        reply (serialised now, before the per-request fields are set), under the generation the search
+        actually ran on, which may be newer than the one it looked up."""
+        new_embedding = None
+        if not vector.from_cache and query.embedding_key is not None:
+            new_embedding = (query.embedding_key, vector.values)
+        self.cache.save_in_background(
+            result=(query.result_key(response.index_generation), response), embedding=new_embedding
         )
-        for item in response.items:
-            if item.id == item_id:
-                if not item.vector.values:
-                    raise ServiceError(
-                        grpc.StatusCode.INTERNAL, f"search: item {item_id!r} came back without its vector"
-                    )
-                return np.asarray(item.vector.values, dtype=np.float32)
-        raise ServiceError(grpc.StatusCode.NOT_FOUND, f"no item with id {item_id!r}")
 
     # ---------------------------------------------------------------------------------------- ingest
 
@@ -393,48 +321,32 @@ class VisualSearchCore:
     async def _embed_items(
         self, batch: list[PendingItem], deadline: float | None
     ) -> list[embedder_pb2.EmbedResult]:
-        request = embedder_pb2.EmbedImagesRequest(
-            images=[embedder_pb2.ImageInput(data=item.request.image) for item in batch]
-        )
         try:
-            response = await self.embedder.EmbedImages(
-                request, timeout=self._timeout(self.settings.embed_timeout_s, deadline)
-            )
-        except grpc.aio.AioRpcError as error:
-            if error.code() == grpc.StatusCode.INVALID_ARGUMENT and len(batch) > 1:
-                # The batch as a whole was refused: embed one by one so only the culprit fails.
-                results: list[embedder_pb2.EmbedResult] = []
-                for item in batch:
-                    results.extend(await self._embed_items([item], deadline))
-                return results
-            if error.code() == grpc.StatusCode.INVALID_ARGUMENT:
+            return await self.downstream.embed_images([pending.request.image for pending in batch], deadline)
+        except Refused as refused:
+            if len(batch) == 1:
                 failed = embedder_pb2.EmbedResult()
                 failed.error.code = INVALID_ARGUMENT
-                failed.error.message = f"{EMBEDDER}: {error.details()}"
+                failed.error.message = refused.item_message
                 return [failed]
-            raise downstream_error(EMBEDDER, error) from None
-        if len(response.results) != len(batch):
-            raise ServiceError(
-                grpc.StatusCode.INTERNAL,
-                f"embedder answered {len(response.results)} results for {len(batch)} images",
-            )
-        return list(response.results)
+            # The batch as a whole was refused: embed one by one so only the culprit fails.
+            results: list[embedder_pb2.EmbedResult] = []
+            for pending in batch:
+                results.extend(await self._embed_items([pending], deadline))
+            return results
 
     async def _upsert(
         self, items: list[tuple[PendingItem, search_pb2.Item]], collection: str,
         summary: gateway_pb2.AddImagesSummary, deadline: float | None,
     ) -> int | None:
         """Upserts the items; returns the generation of the last successful write, if any."""
-        request = search_pb2.UpsertRequest(items=[item for _, item in items], collection=collection)
         try:
-            response = await self.index.Upsert(request, timeout=self._timeout(self.settings.write_timeout_s, deadline))
-        except grpc.aio.AioRpcError as error:
-            if error.code() != grpc.StatusCode.INVALID_ARGUMENT:
-                raise downstream_error(SEARCH, error) from None
+            response = await self.downstream.upsert([item for _, item in items], collection, deadline)
+        except Refused as refused:
             if len(items) == 1:
                 pending, _ = items[0]
                 summary.failures.add(
-                    id=pending.id, code=INVALID_ARGUMENT, message=f"{SEARCH}: {error.details()}", index=pending.index
+                    id=pending.id, code=INVALID_ARGUMENT, message=refused.item_message, index=pending.index
                 )
                 return None
             # One bad item (e.g. metadata of the wrong type) spoils the batch: isolate it.
@@ -448,11 +360,8 @@ class VisualSearchCore:
 
     async def _unchanged_ids(self, batch: list[PendingItem], collection: str, deadline: float | None) -> set[str]:
         """Ids in the batch already stored with the same content, metadata and image URI."""
-        response = await self._call(
-            SEARCH, self.index.Get, search_pb2.GetRequest(ids=[pending.id for pending in batch], collection=collection),
-            self._timeout(self.settings.search_timeout_s, deadline),
-        )
-        stored = {item.id: item for item in response.items}
+        stored_items = await self.downstream.stored_items([pending.id for pending in batch], collection, deadline)
+        stored = {item.id: item for item in stored_items}
         unchanged = set()
         for pending in batch:
             item = stored.get(pending.id)
@@ -500,10 +409,7 @@ class VisualSearchCore:
         self._require_model()
         if not request.ids:
             return gateway_pb2.DeleteImagesResponse(deleted=0, index_generation=await self.generations.current())
-        response = await self._call(
-            SEARCH, self.index.Delete, search_pb2.DeleteRequest(ids=request.ids, collection=request.collection),
-            self._timeout(self.settings.write_timeout_s, deadline),
-        )
+        response = await self.downstream.delete(request.ids, request.collection, deadline)
         self.generations.observe_write(response.generation)
         return gateway_pb2.DeleteImagesResponse(deleted=response.deleted, index_generation=response.generation)
 
@@ -511,10 +417,8 @@ class VisualSearchCore:
         self, request: gateway_pb2.VisualStatsRequest, deadline: float | None = None
     ) -> gateway_pb2.VisualStatsResponse:
         self._require_model()
-        timeout = self._timeout(self.settings.search_timeout_s, deadline)
         stats, info = await asyncio.gather(
-            self._call(SEARCH, self.index.Stats, search_pb2.StatsRequest(collection=request.collection), timeout),
-            self._call(EMBEDDER, self.embedder.Info, embedder_pb2.InfoRequest(), timeout),
+            self.downstream.index_stats(request.collection, deadline), self.downstream.model_info(deadline)
         )
         self._remember_model(info)
         return gateway_pb2.VisualStatsResponse(
@@ -532,8 +436,6 @@ class VisualSearchCore:
         self, request: search_pb2.DropCollectionRequest, deadline: float | None = None
     ) -> search_pb2.DropCollectionResponse:
         self._require_model()
-        response = await self._call(
-            SEARCH, self.index.DropCollection, request, self._timeout(self.settings.write_timeout_s, deadline)
-        )
+        response = await self.downstream.drop_collection(request, deadline)
         self.generations.observe_write(response.generation)
         return response

@@ -7,16 +7,16 @@ from __future__ import annotations
 import hmac
 import logging
 import time
-from urllib.parse import parse_qsl
 from importlib import resources
 from typing import Any, AsyncIterator, Callable
+from urllib.parse import parse_qsl
 
 import grpc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel, ValidationError
 from pydantic.json_schema import models_json_schema
 from starlette.datastructures import FormData, UploadFile
@@ -52,8 +52,8 @@ from gateway.http_models import (
     summary_json,
 )
 from gateway.local_files import LocalImageFiles
+from gateway.metrics import HttpMetrics
 from gateway.settings import GatewaySettings
-from service_kit.metrics import LATENCY_BUCKETS
 from service_kit.status import ServiceError, invalid_argument
 from vsearch.v1 import gateway_pb2
 
@@ -149,14 +149,7 @@ class HttpMetricsMiddleware:
 
     def __init__(self, app: ASGIApp, registry: CollectorRegistry) -> None:
         self.app = app
-        self.requests = Counter(
-            "vsearch_http_requests", "HTTP requests handled, by route and status.",
-            ["method", "route", "status"], registry=registry,
-        )
-        self.latency = Histogram(
-            "vsearch_http_latency_seconds", "HTTP request latency, by route.",
-            ["method", "route"], buckets=LATENCY_BUCKETS, registry=registry,
-        )
+        self.metrics = HttpMetrics(registry)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -175,8 +168,7 @@ class HttpMetricsMiddleware:
             await self.app(scope, receive, recording_send)
         finally:
             route = getattr(scope.get("route"), "path", "unmatched")
-            self.requests.labels(scope["method"], route, str(status)).inc()
-            self.latency.labels(scope["method"], route).observe(time.perf_counter() - started)
+            self.metrics.observe(scope["method"], route, status, time.perf_counter() - started)
 
 
 def json_error(code: grpc.StatusCode, message: str, status: int) -> JSONResponse:

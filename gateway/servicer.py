@@ -7,7 +7,8 @@ from typing import AsyncIterator
 
 import grpc
 
-from gateway.core import VisualSearchCore, deadline_after
+from gateway.core import VisualSearchCore
+from gateway.downstream import deadline_after
 from vsearch.v1 import gateway_pb2, gateway_pb2_grpc, search_pb2
 
 

@@ -1,15 +1,12 @@
-"""Names and sizes of the collection's columns, shared by the item codec, the filter compiler and the
-store.
+"""Names and sizes of a collection's columns, the same on both backends (a Milvus collection, the FAISS
+backend's SQLite table): shared by the item codec, the filter renderers and the stores.
 
-Each filter field gets a typed column (`category` VARCHAR, `price` DOUBLE, ...) and a BOOL presence
+Each filter field gets a typed column (`category` string, `price` float, ...) and a bool presence
 column (`_has_category`): Milvus Lite 2.5 supports neither nullable columns nor default values, so an
 item without the field stores a zero value plus `_has_<field> == false`, and every filter condition
-requires presence. That keeps "a missing value matches no condition" identical on Milvus Lite and on
-a Milvus server."""
+requires presence. That keeps "a missing value matches no condition" identical on every backend."""
 
 from __future__ import annotations
-
-from pymilvus import DataType
 
 from search_svc.settings import FieldType
 
@@ -20,21 +17,14 @@ METADATA = "metadata"
 CONTENT_SHA256 = "content_sha256"
 
 MAX_ID_CHARS = 256
-# Milvus VARCHAR lengths are in bytes. Stored ids are escaped (see item_codec.encode_id): at most
-# 4 bytes per character either way.
+# Limits in bytes, as Milvus VARCHAR lengths count them. Stored ids are escaped (see
+# item_codec.encode_id): at most 4 bytes per character either way.
 ID_MAX_BYTES = 4 * MAX_ID_CHARS
 IMAGE_URI_MAX_BYTES = 2048
 CONTENT_SHA256_MAX_BYTES = 64
 STRING_FIELD_MAX_BYTES = 1024
 # A Milvus server refuses JSON values above 64 KiB; Milvus Lite would take them, so check ourselves.
 METADATA_MAX_BYTES = 65536
-
-FIELD_DATA_TYPES: dict[FieldType, DataType] = {
-    "string": DataType.VARCHAR,
-    "float": DataType.DOUBLE,
-    "int": DataType.INT64,
-    "bool": DataType.BOOL,
-}
 
 # What a row stores in a filter field's column when the item does not have that field.
 ABSENT_VALUES: dict[FieldType, object] = {"string": "", "float": 0.0, "int": 0, "bool": False}

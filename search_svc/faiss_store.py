@@ -13,8 +13,8 @@ until it holds `ivf_train_min_items`, then trains its lists (nlist from `index_p
 are replayed onto the new index before it is swapped in. It retrains when the collection has grown
 by `ivf_retrain_growth`.
 
-Filters are SQL over the typed columns (bound parameters); the matching labels restrict the FAISS
-search through an ID selector. On IVF a query that finds fewer hits than it could (a selective
+Filters are SQL over the typed columns (`sql_where`: bound parameters); the matching labels
+restrict the FAISS search through an ID selector. On IVF a query that finds fewer hits than it could (a selective
 filter, or lists too short for k) is searched again over every list, which is exact over the
 items the filter allows.
 
@@ -34,19 +34,18 @@ import uuid
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence, TypeVar
+from typing import Callable, Iterator, Sequence, TypeVar
 
 import faiss
 import grpc
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from search_svc import columns
-from search_svc.filters import FilterCondition, sql_where
+from search_svc.filters import FilterCondition, FilterValue
 from search_svc.item_codec import Row
+from search_svc.metrics import StoreMetrics
 from search_svc.settings import DEFAULT_NPROBE, FieldType, SearchSettings
-from search_svc.vector_store import refuse_dropping_default
-from service_kit.metrics import LATENCY_BUCKETS
+from search_svc.vector_store import StoreHit, refuse_dropping_default
 from service_kit.status import ServiceError
 
 logger = logging.getLogger(__name__)
@@ -67,26 +66,6 @@ REBUILD_STOP_WAIT_S = 10.0
 _SQL_TYPES: dict[FieldType, str] = {"string": "TEXT", "float": "REAL", "int": "INTEGER", "bool": "INTEGER"}
 
 T = TypeVar("T")
-
-
-class FaissMetrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.call_seconds = Histogram(
-            "vsearch_faiss_call_seconds", "Time spent in FAISS backend operations, by operation.",
-            ["operation"], buckets=LATENCY_BUCKETS, registry=registry,
-        )
-        self.errors = Counter(
-            "vsearch_faiss_errors", "Failed FAISS backend operations, by operation and the status code answered.",
-            ["operation", "code"], registry=registry,
-        )
-        self.filter_cache = Counter(
-            "vsearch_faiss_filter_cache", "Filtered searches whose allowed items came from the cache, or not.",
-            ["result"], registry=registry,
-        )
-        self.builds = Histogram(
-            "vsearch_faiss_index_build_seconds", "Time to build a collection's index from its SQLite file.",
-            ["index"], buckets=(0.1, 1, 10, 60, 300, 1800), registry=registry,
-        )
 
 
 def sqlite_service_error(operation: str, error: sqlite3.Error) -> ServiceError:
@@ -157,6 +136,25 @@ def _placeholders(count: int) -> str:
 def _quoted(name: str) -> str:
     # Column names are ours or declared filter fields (letters, digits, underscores).
     return f'"{name}"'
+
+
+def sql_where(conditions: Sequence[FilterCondition]) -> tuple[str, list[FilterValue]]:
+    """An SQL boolean expression over the items table ("1" for no conditions) and its parameters.
+    Nothing needs escaping: values are bound parameters, and field names are declared filter fields,
+    quoted as identifiers."""
+    clauses: list[str] = []
+    parameters: list[FilterValue] = []
+    for condition in conditions:
+        column = _quoted(condition.field)
+        presence = f"{_quoted(columns.presence_column(condition.field))} = 1"
+        if condition.operator in ("in", "not in"):
+            clauses.append(
+                f"({presence} AND {column} {condition.operator.upper()} ({_placeholders(len(condition.values))}))"
+            )
+        else:
+            clauses.append(f"({presence} AND {column} {condition.operator} ?)")
+        parameters.extend(condition.values)
+    return (" AND ".join(clauses) or "1"), parameters
 
 
 def auto_nlist(items: int) -> int:
@@ -286,9 +284,9 @@ class FaissCollection:
             cached = self._allowed_cache.get(key)
             if cached is not None and cached.revision == self.revision:
                 self._allowed_cache.move_to_end(key)
-                self.store.metrics.filter_cache.labels("hit").inc()
+                self.store.metrics.count_filter_cache(hit=True)
                 return cached
-        self.store.metrics.filter_cache.labels("miss").inc()
+        self.store.metrics.count_filter_cache(hit=False)
         labels = np.fromiter(
             (row[0] for row in connection.execute(f"SELECT label FROM items WHERE {where}", parameters)), dtype=np.int64
         )
@@ -320,7 +318,7 @@ class FaissCollection:
 
 
 class FaissStore:
-    def __init__(self, settings: SearchSettings, metrics: FaissMetrics) -> None:
+    def __init__(self, settings: SearchSettings, metrics: StoreMetrics) -> None:
         self._settings = settings
         self.metrics = metrics
         self._data_dir = settings.faiss.data_dir.expanduser().resolve()
@@ -516,7 +514,7 @@ class FaissStore:
                 raise ServiceError(grpc.StatusCode.UNAVAILABLE, "the search service is shutting down")
             labels, blobs = zip(*rows)
             index.add_with_ids(_vectors(blobs, self._settings.dimension), np.asarray(labels, dtype=np.int64))
-        self.metrics.builds.labels("ivf" if ivf else "flat").observe(time.perf_counter() - start)
+        self.metrics.observe_index_build("ivf" if ivf else "flat", time.perf_counter() - start)
         return index
 
     def _trained_ivf(self, connection: sqlite3.Connection, items: int) -> faiss.IndexIVFFlat:
@@ -604,13 +602,13 @@ class FaissStore:
             return function()
         except sqlite3.Error as error:
             service_error = sqlite_service_error(operation, error)
-            self.metrics.errors.labels(operation, service_error.code.name).inc()
+            self.metrics.count_error(operation, service_error.code.name)
             raise service_error from error
         except ServiceError as error:
-            self.metrics.errors.labels(operation, error.code.name).inc()
+            self.metrics.count_error(operation, error.code.name)
             raise
         finally:
-            self.metrics.call_seconds.labels(operation).observe(time.perf_counter() - start)
+            self.metrics.observe_call(operation, time.perf_counter() - start)
 
     @staticmethod
     def _check_not_dropped(collection: FaissCollection) -> None:
@@ -647,8 +645,10 @@ class FaissStore:
 
         self._timed("upsert", run)
 
-    def search(self, collection_name: str, vectors: np.ndarray, k: int, conditions: Sequence[FilterCondition]) -> list[list[dict]]:
-        def run() -> list[list[dict]]:
+    def search(
+        self, collection_name: str, vectors: np.ndarray, k: int, conditions: Sequence[FilterCondition]
+    ) -> list[list[StoreHit]]:
+        def run() -> list[list[StoreHit]]:
             collection = self._existing(collection_name)
             with collection.lock.reading():
                 self._check_not_dropped(collection)
@@ -671,10 +671,7 @@ class FaissStore:
                 for score, label in zip(query_scores.tolist(), query_labels.tolist()):
                     row = rows.get(label)
                     if row is not None:
-                        hits.append({
-                            columns.ID: row[1], "distance": score,
-                            "entity": {columns.IMAGE_URI: row[2], columns.METADATA: row[3]},
-                        })
+                        hits.append(StoreHit(row[1], score, row[2], row[3]))
                 results.append(hits)
             return results
 

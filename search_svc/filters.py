@@ -1,20 +1,5 @@
-"""Validates a structured `Filter` into typed conditions, and renders them as a Milvus boolean
-expression or as an SQL WHERE clause with bound parameters (the FAISS backend's SQLite).
-
-Caller text never reaches the expression language except as an escaped, typed literal: field names
-come from the declared filter fields only, operators from a fixed table, and values are rendered from
-their protobuf type (a string as a double-quoted literal, a number as a Python float/int repr, a bool
-as true/false).
-
-Why escaping and not Milvus's filter templates (`filter="category == {c}"`, `filter_params=`): Milvus
-Lite 2.5.1 cannot parse templates (the call fails with an unexpected server error), and one code path
-for Lite and servers is what the tests can prove. Within a double-quoted literal only backslash and
-double quote need escaping, and those two escapes are the only ones Milvus Lite decodes (\\n, \\t,
-\\xNN and \\uNNNN match nothing there), so string values with control characters are refused rather
-than mangled; the item codec refuses to store such values, so none could ever match.
-
-SQL needs no escaping: values are bound parameters, and field names are declared filter fields
-(letters, digits, underscores), quoted as identifiers.
+"""Validates a structured `Filter` into typed conditions, which each backend renders in its own
+language (`milvus_expressions` for Milvus, `faiss_store.sql_where` for the FAISS backend's SQLite).
 
 Semantics (the same on both backends; the service tests run on both):
 - conditions are ANDed; an empty filter matches everything;
@@ -22,18 +7,19 @@ Semantics (the same on both backends; the service tests run on both):
 - LT/LE/GT/GE on a string field compare by code point (Milvus compares UTF-8 bytes, same order);
   on a bool field they are refused;
 - IN / NOT_IN take a non-empty list (Milvus refuses an empty one) of values of the field's type;
-- a number for an int field must be integral and within +-2**53 (exact in a protobuf Value)."""
+- a number for an int field must be integral and within +-2**53 (exact in a protobuf Value);
+- a string value with a control character is refused: Milvus Lite cannot match it in a literal
+  (see `milvus_expressions`), and the item codec refuses to store one, so it could never match."""
 
 from __future__ import annotations
 
 import math
 import re
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
+from typing import Mapping
 
 from google.protobuf import struct_pb2
 
-from search_svc.columns import ID, presence_column
 from search_svc.settings import FieldType
 from service_kit.status import invalid_argument
 from vsearch.v1 import search_pb2
@@ -81,66 +67,10 @@ def has_control_chars(text: str) -> bool:
     return _CONTROL_CHARS.search(text) is not None
 
 
-def string_literal(text: str) -> str:
-    """A double-quoted Milvus string literal that matches exactly `text` (which has no control
-    characters; see the module docstring)."""
-    if has_control_chars(text):
-        raise ValueError("control characters cannot be written as a Milvus Lite string literal")
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def ids_expression(stored_ids: Iterable[str]) -> str:
-    return f"{ID} in [{', '.join(string_literal(item_id) for item_id in stored_ids)}]"
-
-
 def parse_filter(search_filter: search_pb2.Filter, fields: Mapping[str, FieldType]) -> list[FilterCondition]:
     """The filter's conditions, validated and typed; INVALID_ARGUMENT naming the culprit for an
     unknown field, an operator that does not apply, or a mistyped value."""
     return [_parse_condition(condition, fields) for condition in search_filter.conditions]
-
-
-def compile_filter(search_filter: search_pb2.Filter, fields: Mapping[str, FieldType]) -> str:
-    """The Milvus expression for `search_filter` ("" when it has no conditions)."""
-    return milvus_expression(parse_filter(search_filter, fields))
-
-
-def milvus_expression(conditions: Sequence[FilterCondition]) -> str:
-    return " and ".join(_milvus_condition(condition) for condition in conditions)
-
-
-def _milvus_condition(condition: FilterCondition) -> str:
-    presence = f"{presence_column(condition.field)} == true"
-    literals = [_milvus_literal(value) for value in condition.values]
-    if condition.operator in ("in", "not in"):
-        return f"({presence} and {condition.field} {condition.operator} [{', '.join(literals)}])"
-    return f"({presence} and {condition.field} {condition.operator} {literals[0]})"
-
-
-def _milvus_literal(value: FilterValue) -> str:
-    if isinstance(value, str):
-        return string_literal(value)
-    if isinstance(value, bool):  # before int: bool is an int
-        return "true" if value else "false"
-    if isinstance(value, float):
-        return repr(value)
-    return str(value)
-
-
-def sql_where(conditions: Sequence[FilterCondition]) -> tuple[str, list[FilterValue]]:
-    """An SQL boolean expression ("1" for no conditions) and its parameters, for the columns the
-    FAISS backend's SQLite table has (a typed column per field plus its presence column)."""
-    clauses: list[str] = []
-    parameters: list[FilterValue] = []
-    for condition in conditions:
-        column = f'"{condition.field}"'
-        presence = f'"{presence_column(condition.field)}" = 1'
-        if condition.operator in ("in", "not in"):
-            placeholders = ", ".join("?" * len(condition.values))
-            clauses.append(f"({presence} AND {column} {condition.operator.upper()} ({placeholders}))")
-        else:
-            clauses.append(f"({presence} AND {column} {condition.operator} ?)")
-        parameters.extend(condition.values)
-    return (" AND ".join(clauses) or "1"), parameters
 
 
 def _operator_name(op: int) -> str:

@@ -1,6 +1,6 @@
-"""Validation and conversion between the protobuf messages and Milvus rows.
+"""Validation and conversion between the protobuf messages and the rows and hits of a store.
 
-Everything a caller sends is checked here, before anything reaches Milvus, so that bad input is an
+Everything a caller sends is checked here, before anything reaches a store, so that bad input is an
 INVALID_ARGUMENT naming the item and field, and a rejected request writes nothing."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from typing import Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 import numpy as np
 from google.protobuf import json_format, struct_pb2
@@ -19,12 +19,15 @@ from search_svc.settings import FieldType
 from service_kit.status import invalid_argument
 from vsearch.v1 import search_pb2
 
+if TYPE_CHECKING:
+    from search_svc.vector_store import StoreHit
+
 Row = dict[str, Any]
 
 # Milvus Lite 2.5.1 builds SQL from primary keys without escaping: an upsert of an id with a single
-# quote fails, and ids with control characters cannot be written in a filter literal (see filters.py).
-# So ids are stored with '%', "'" and control characters percent-encoded; every other id is stored
-# as is. Callers only ever see the original ids.
+# quote fails, and ids with control characters cannot be written in a filter literal (see
+# milvus_expressions.py). So ids are stored with '%', "'" and control characters percent-encoded;
+# every other id is stored as is. Callers only ever see the original ids.
 _ID_CHARS_TO_ENCODE = re.compile(r"[%'\x00-\x1f\x7f]")
 _ENCODED_ID_CHAR = re.compile(r"%([0-9A-F]{2})")
 
@@ -65,7 +68,7 @@ class ItemCodec:
         self.dimension = dimension
         self.filter_fields = dict(filter_fields)
 
-    # --- requests -> Milvus ------------------------------------------------------------------
+    # --- requests -> rows --------------------------------------------------------------------
 
     def vector(self, values: Sequence[float], what: str) -> np.ndarray:
         vector = np.asarray(values, dtype=np.float32)
@@ -158,12 +161,12 @@ class ItemCodec:
             raise invalid_argument(f"{where} must be an integer within +-2**53")
         return int(number)
 
-    # --- Milvus -> responses -----------------------------------------------------------------
+    # --- rows and hits -> responses ----------------------------------------------------------
 
     @staticmethod
     def _metadata_struct(metadata: Any) -> struct_pb2.Struct:
         struct = struct_pb2.Struct()
-        if isinstance(metadata, str):  # some Milvus versions hand JSON back undecoded
+        if isinstance(metadata, str):  # FAISS's SQLite (and some Milvus versions) hand back JSON text
             metadata = json.loads(metadata)
         if metadata:
             struct.update(metadata)
@@ -180,11 +183,7 @@ class ItemCodec:
             item.vector.values.extend(row[columns.VECTOR])
         return item
 
-    def hit(self, result: Mapping[str, Any]) -> search_pb2.Hit:
-        entity = result.get("entity", {})
+    def hit(self, hit: StoreHit) -> search_pb2.Hit:
         return search_pb2.Hit(
-            id=decode_id(result[columns.ID]),
-            score=result["distance"],
-            image_uri=entity.get(columns.IMAGE_URI, ""),
-            metadata=self._metadata_struct(entity.get(columns.METADATA)),
+            id=decode_id(hit.id), score=hit.score, image_uri=hit.image_uri, metadata=self._metadata_struct(hit.metadata)
         )

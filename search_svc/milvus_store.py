@@ -19,7 +19,6 @@ from typing import Any, Callable, Iterator, Sequence
 
 import grpc
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Histogram
 from pymilvus import DataType, MilvusClient
 from pymilvus.exceptions import (
     ConnectError,
@@ -34,17 +33,25 @@ from pymilvus.exceptions import (
 )
 
 from search_svc import columns
-from search_svc.filters import FilterCondition, ids_expression, milvus_expression
+from search_svc.filters import FilterCondition
 from search_svc.item_codec import Row
-from search_svc.settings import SearchSettings
-from search_svc.vector_store import refuse_dropping_default
-from service_kit.metrics import LATENCY_BUCKETS
+from search_svc.metrics import StoreMetrics
+from search_svc.milvus_expressions import filter_expression, ids_expression
+from search_svc.settings import FieldType, SearchSettings
+from search_svc.vector_store import StoreHit, refuse_dropping_default
 from service_kit.status import ServiceError
 
 logger = logging.getLogger(__name__)
 
 # Ids per `id in [...]` expression of a Get or Delete, to keep expressions and answers small.
 IDS_PER_EXPRESSION = 1000
+
+FIELD_DATA_TYPES: dict[FieldType, DataType] = {
+    "string": DataType.VARCHAR,
+    "float": DataType.DOUBLE,
+    "int": DataType.INT64,
+    "bool": DataType.BOOL,
+}
 
 _RETRY_PREAMBLE = re.compile(r"^\[\w+\] Retry (run out of \d+ retry times|timeout: [\d.]+s), message=")
 _CLIENT_SIDE_INVALID = (ParamError, DataTypeNotMatchException, DataNotMatchException, PrimaryKeyException)
@@ -116,20 +123,8 @@ def _unwrapped(message: str) -> str:
     return _RETRY_PREAMBLE.sub("", message)
 
 
-class MilvusMetrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.call_seconds = Histogram(
-            "vsearch_milvus_call_seconds", "Time spent in single Milvus calls, by operation.",
-            ["operation"], buckets=LATENCY_BUCKETS, registry=registry,
-        )
-        self.errors = Counter(
-            "vsearch_milvus_errors", "Failed Milvus calls, by operation and the status code answered.",
-            ["operation", "code"], registry=registry,
-        )
-
-
 class MilvusStore:
-    def __init__(self, settings: SearchSettings, metrics: MilvusMetrics) -> None:
+    def __init__(self, settings: SearchSettings, metrics: StoreMetrics) -> None:
         self._settings = settings
         self._metrics = metrics
         self.default_collection = settings.collection
@@ -190,7 +185,7 @@ class MilvusStore:
                 grpc.StatusCode.UNAVAILABLE, f"cannot connect to Milvus at {self._settings.milvus.display_uri}: {_unwrapped(str(error))}"
             ) from error
         finally:
-            self._metrics.call_seconds.labels("connect").observe(time.perf_counter() - start)
+            self._metrics.observe_call("connect", time.perf_counter() - start)
 
     def _ready_collection(self, name: str, create: bool) -> MilvusClient | None:
         """The client, once collection `name` exists, matches the settings, is indexed and loaded.
@@ -247,7 +242,7 @@ class MilvusStore:
             columns.CONTENT_SHA256: DataType.VARCHAR,
         }
         for field, field_type in self._settings.filter_fields.items():
-            expected[field] = columns.FIELD_DATA_TYPES[field_type]
+            expected[field] = FIELD_DATA_TYPES[field_type]
             expected[columns.presence_column(field)] = DataType.BOOL
         return expected
 
@@ -262,7 +257,7 @@ class MilvusStore:
             if field_type == "string":
                 schema.add_field(field, DataType.VARCHAR, max_length=columns.STRING_FIELD_MAX_BYTES)
             else:
-                schema.add_field(field, columns.FIELD_DATA_TYPES[field_type])
+                schema.add_field(field, FIELD_DATA_TYPES[field_type])
             schema.add_field(columns.presence_column(field), DataType.BOOL)
         return schema
 
@@ -274,11 +269,11 @@ class MilvusStore:
             dimension = int(vector.get("params", {}).get("dim", 0))
             if dimension != self._settings.dimension:
                 problems.append(f"its vectors have dimension {dimension}, SEARCH_DIMENSION is {self._settings.dimension}")
-        for name, data_type in self._expected_columns().items():
-            if name not in actual:
-                problems.append(f"it has no column {name!r}")
-            elif DataType(actual[name]["type"]) != data_type:
-                problems.append(f"column {name!r} is {DataType(actual[name]['type']).name}, expected {data_type.name}")
+        for column, data_type in self._expected_columns().items():
+            if column not in actual:
+                problems.append(f"it has no column {column!r}")
+            elif DataType(actual[column]["type"]) != data_type:
+                problems.append(f"column {column!r} is {DataType(actual[column]['type']).name}, expected {data_type.name}")
         extra = sorted(set(actual) - set(self._expected_columns()))
         if extra:
             problems.append(f"it has columns {', '.join(extra)} that SEARCH_FILTER_FIELDS does not declare")
@@ -309,10 +304,10 @@ class MilvusStore:
             return method(*args, timeout=self._timeout_s, retry_times=0, **kwargs)
         except (MilvusException, grpc.RpcError) as error:
             service_error = milvus_service_error(operation, error, self._timeout_s)
-            self._metrics.errors.labels(operation, service_error.code.name).inc()
+            self._metrics.count_error(operation, service_error.code.name)
             raise service_error from error
         finally:
-            self._metrics.call_seconds.labels(operation).observe(time.perf_counter() - start)
+            self._metrics.observe_call(operation, time.perf_counter() - start)
 
     def require_connected(self) -> None:
         """Raises UNAVAILABLE until the startup hook has connected."""
@@ -341,16 +336,26 @@ class MilvusStore:
         for batch in self._batches(rows):
             self._call(client, "upsert", client.upsert, collection, list(batch))
 
-    def search(self, collection: str, vectors: np.ndarray, k: int, conditions: Sequence[FilterCondition]) -> list[list[dict]]:
+    def search(
+        self, collection: str, vectors: np.ndarray, k: int, conditions: Sequence[FilterCondition]
+    ) -> list[list[StoreHit]]:
         client = self._existing_collection(collection)
         results = self._call(
             client, "search", client.search, collection,
-            data=vectors.tolist(), filter=milvus_expression(conditions), limit=k, anns_field=columns.VECTOR,
+            data=vectors.tolist(), filter=filter_expression(conditions), limit=k, anns_field=columns.VECTOR,
             output_fields=[columns.IMAGE_URI, columns.METADATA],
             search_params={"metric_type": self._settings.metric, "params": dict(self._settings.search_params)},
             consistency_level="Strong",
         )
-        return [list(hits) for hits in results]
+        # pymilvus hits are dicts: {"id": ..., "distance": ..., "entity": {output fields}}.
+        return [
+            [
+                StoreHit(hit[columns.ID], hit["distance"], hit["entity"].get(columns.IMAGE_URI, ""),
+                         hit["entity"].get(columns.METADATA))
+                for hit in hits
+            ]
+            for hits in results
+        ]
 
     def get(self, collection: str, stored_ids: Sequence[str], include_vectors: bool) -> list[dict]:
         output_fields = [columns.ID, columns.IMAGE_URI, columns.METADATA, columns.CONTENT_SHA256]

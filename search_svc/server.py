@@ -1,205 +1,48 @@
-"""The `vsearch.v1.VectorSearch` servicer and the factory that wires it into a ManagedServer."""
+"""Wires the search service: the configured store, the servicer and its executor, in a ManagedServer."""
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import math
-import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, TypeVar
 
-import grpc
-import numpy as np
+from prometheus_client import CollectorRegistry
 
-from search_svc import columns
-from prometheus_client import Histogram
-
-from search_svc.faiss_store import FaissMetrics, FaissStore
-from search_svc.filters import parse_filter
 from search_svc.generation import IndexGeneration
-from search_svc.item_codec import ItemCodec, stored_ids
-from search_svc.milvus_store import MilvusMetrics, MilvusStore
+from search_svc.item_codec import ItemCodec
+from search_svc.metrics import StoreMetrics, store_queue_seconds
+from search_svc.servicer import SERVICE_NAME, VectorSearchServicer
 from search_svc.settings import SearchSettings
-from search_svc.vector_store import VectorStore, collection_name
-from service_kit.metrics import LATENCY_BUCKETS
+from search_svc.vector_store import VectorStore
 from service_kit.server import ManagedServer
-from service_kit.status import invalid_argument
-from vsearch.v1 import search_pb2, search_pb2_grpc
+from vsearch.v1 import search_pb2_grpc
 
-SERVICE_NAME = search_pb2.DESCRIPTOR.services_by_name["VectorSearch"].full_name
-# Query vectors per Search (Milvus itself takes up to 16384).
-MAX_QUERIES = 1024
-
-ResultT = TypeVar("ResultT")
+__all__ = ["SERVICE_NAME", "create_server", "create_store"]
 
 
-class VectorSearchServicer(search_pb2_grpc.VectorSearchServicer):
-    """Each RPC hands its whole blocking part (validation, store calls, building the answer) to the
-    bounded executor in one hop; the event loop only reads the generation and awaits."""
-
-    def __init__(
-        self,
-        settings: SearchSettings,
-        store: VectorStore,
-        codec: ItemCodec,
-        generation: IndexGeneration,
-        executor: ThreadPoolExecutor,
-        queue_seconds: Histogram,
-    ) -> None:
-        self._settings = settings
-        self._store = store
-        self._codec = codec
-        self._generation = generation
-        self._executor = executor
-        self._queue_seconds = queue_seconds
-
-    def _collection(self, requested: str) -> str:
-        return collection_name(requested, self._store.default_collection)
-
-    async def _offload(self, function: Callable[..., ResultT], *args: object) -> ResultT:
-        submitted = time.perf_counter()
-
-        def run() -> ResultT:
-            self._queue_seconds.observe(time.perf_counter() - submitted)
-            return function(*args)
-
-        return await asyncio.get_running_loop().run_in_executor(self._executor, run)
-
-    # --- writes: the generation advances after any write that reached the store, even a failed one,
-    # since a failed multi-batch upsert may have been partly applied.
-
-    async def Upsert(self, request: search_pb2.UpsertRequest, context: grpc.aio.ServicerContext) -> search_pb2.UpsertResponse:
-        return await self._offload(self._upsert, request)
-
-    def _upsert(self, request: search_pb2.UpsertRequest) -> search_pb2.UpsertResponse:
-        collection = self._collection(request.collection)
-        rows = self._codec.rows(request.items)  # everything validated before anything is written
-        if not rows:
-            return search_pb2.UpsertResponse(upserted=0, generation=self._generation.current)
-        try:
-            self._store.upsert(collection, rows)
-        finally:
-            generation = self._generation.advance()
-        return search_pb2.UpsertResponse(upserted=len(rows), generation=generation)
-
-    async def Delete(self, request: search_pb2.DeleteRequest, context: grpc.aio.ServicerContext) -> search_pb2.DeleteResponse:
-        return await self._offload(self._delete, request)
-
-    def _delete(self, request: search_pb2.DeleteRequest) -> search_pb2.DeleteResponse:
-        collection = self._collection(request.collection)
-        ids = stored_ids(request.ids)
-        # Milvus does not say how many of the ids existed, so look first; a concurrent write to the
-        # same ids between the two calls can make the count off by those.
-        existing = self._store.existing_ids(collection, ids) if ids else []
-        if not existing:  # nothing changes, so cached results stay valid
-            return search_pb2.DeleteResponse(deleted=0, generation=self._generation.current)
-        try:
-            self._store.delete(collection, existing)
-        finally:
-            generation = self._generation.advance()
-        return search_pb2.DeleteResponse(deleted=len(existing), generation=generation)
-
-    # --- reads: the generation is read before the read itself, so an answer is never labelled
-    # newer than the data it saw (at worst it is older, and a cache drops it sooner).
-
-    async def Search(self, request: search_pb2.SearchRequest, context: grpc.aio.ServicerContext) -> search_pb2.SearchResponse:
-        return await self._offload(self._search, request, self._generation.current)
-
-    def _search(self, request: search_pb2.SearchRequest, generation: int) -> search_pb2.SearchResponse:
-        collection = self._collection(request.collection)
-        if not request.queries:
-            raise invalid_argument("a search needs at least one query vector")
-        if len(request.queries) > MAX_QUERIES:
-            raise invalid_argument(f"a search takes at most {MAX_QUERIES} query vectors, got {len(request.queries)}")
-        if not 1 <= request.k <= self._settings.max_k:
-            raise invalid_argument(f"k must be between 1 and {self._settings.max_k}, got {request.k}")
-        min_score = request.min_score if request.HasField("min_score") else None
-        if min_score is not None and not math.isfinite(min_score):
-            raise invalid_argument(f"min_score must be finite, got {min_score}")
-        vectors = self._codec.query_matrix(request.queries)
-        conditions = parse_filter(request.filter, self._settings.filter_fields)
-        results = self._store.search(collection, vectors, request.k, conditions)
-        response = search_pb2.SearchResponse(generation=generation)
-        for hits in results:
-            # Best first, ties by id, so equal requests give equal answers.
-            hits.sort(key=lambda hit: (-hit["distance"], hit[columns.ID]))
-            if min_score is not None:  # compared as float32, the precision of Hit.score
-                hits = [hit for hit in hits if np.float32(hit["distance"]) >= np.float32(min_score)]
-            response.results.add().hits.extend(self._codec.hit(hit) for hit in hits)
-        return response
-
-    async def Get(self, request: search_pb2.GetRequest, context: grpc.aio.ServicerContext) -> search_pb2.GetResponse:
-        return await self._offload(self._get, request)
-
-    def _get(self, request: search_pb2.GetRequest) -> search_pb2.GetResponse:
-        collection = self._collection(request.collection)
-        ids = stored_ids(request.ids)
-        rows = {row[columns.ID]: row for row in self._store.get(collection, ids, request.include_vectors)} if ids else {}
-        return search_pb2.GetResponse(
-            items=[self._codec.item(rows[item_id], request.include_vectors) for item_id in ids if item_id in rows]
-        )
-
-    async def Stats(self, request: search_pb2.StatsRequest, context: grpc.aio.ServicerContext) -> search_pb2.StatsResponse:
-        # Read before counting, so the answer is never labelled newer than the data it saw.
-        generation = self._generation.current
-        self._store.require_connected()
-        collection = self._collection(request.collection)
-        if request.skip_count and collection == self._store.default_collection:
-            count = 0  # the default collection always exists: no store call at all
-        else:
-            count = await self._offload(self._count, collection, request.skip_count)
-        return search_pb2.StatsResponse(
-            count=count,
-            index_type=self._store.index_type,
-            metric=self._settings.metric,
-            generation=generation,
-            dimension=self._settings.dimension,
-            collection=collection,
-            filterable_fields=list(self._settings.filter_fields),
-        )
-
-    def _count(self, collection: str, skip_count: bool) -> int:
-        """The collection's item count (0 when skipped); NOT_FOUND when it does not exist."""
-        if skip_count:
-            self._store.require_collection(collection)
-            return 0
-        return self._store.count(collection)
-
-    async def DropCollection(
-        self, request: search_pb2.DropCollectionRequest, context: grpc.aio.ServicerContext
-    ) -> search_pb2.DropCollectionResponse:
-        return await self._offload(self._drop_collection, request)
-
-    def _drop_collection(self, request: search_pb2.DropCollectionRequest) -> search_pb2.DropCollectionResponse:
-        if not request.collection:
-            raise invalid_argument("name the collection to drop")
-        collection = self._collection(request.collection)
-        try:
-            dropped = self._store.drop(collection)
-        finally:
-            generation = self._generation.advance()
-        return search_pb2.DropCollectionResponse(dropped=dropped, generation=generation)
-
-
-def create_store(settings: SearchSettings, server: ManagedServer) -> VectorStore:
+def create_store(settings: SearchSettings, registry: CollectorRegistry) -> VectorStore:
+    """The backend `settings.backend` names. Its module is imported here, so a process loads only its
+    own backend's libraries (pymilvus and Milvus Lite, or faiss)."""
+    metrics = StoreMetrics(settings.backend, registry)
     if settings.backend == "faiss":
-        return FaissStore(settings, FaissMetrics(server.metrics.registry))
-    return MilvusStore(settings, MilvusMetrics(server.metrics.registry))
+        from search_svc.faiss_store import FaissStore
+
+        return FaissStore(settings, metrics)
+    from search_svc.milvus_store import MilvusStore
+
+    return MilvusStore(settings, metrics)
 
 
 async def create_server(settings: SearchSettings) -> tuple[ManagedServer, int]:
     """The search service, not started. `start()` binds the port at once; health stays NOT_SERVING
     until the store is reached or loaded and the collection is ready (retried with backoff)."""
     server = ManagedServer("search_svc", settings, [SERVICE_NAME])
-    queue_seconds = Histogram(
-        "vsearch_store_queue_seconds", "Time requests waited for a free store worker thread.",
-        buckets=LATENCY_BUCKETS, registry=server.metrics.registry,
-    )
+    registry = server.metrics.registry
     executor = ThreadPoolExecutor(max_workers=settings.store_workers, thread_name_prefix="search-store")
-    store = create_store(settings, server)
+    store = create_store(settings, registry)
     servicer = VectorSearchServicer(
-        settings, store, ItemCodec(settings.dimension, settings.filter_fields), IndexGeneration(), executor, queue_seconds
+        settings, store, ItemCodec(settings.dimension, settings.filter_fields), IndexGeneration(), executor,
+        store_queue_seconds(registry),
     )
     search_pb2_grpc.add_VectorSearchServicer_to_server(servicer, server.grpc_server)
 

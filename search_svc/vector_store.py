@@ -2,11 +2,11 @@
 
 Every method blocks; the servicer calls them from its bounded executor only, and a failure comes
 back as a `ServiceError` with a precise status code. Rows are the item codec's (`item_codec.Row`,
-ids in stored form). A search answers, per query, hits as dicts shaped like pymilvus's:
-`{"id": stored id, "distance": inner product, "entity": {"image_uri": ..., "metadata": JSON}}`."""
+ids in stored form). A search answers, per query, its hits as `StoreHit`s."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol, Sequence
 
 import grpc
@@ -16,6 +16,16 @@ from search_svc.filters import FilterCondition
 from search_svc.item_codec import Row
 from search_svc.settings import COLLECTION_NAME
 from service_kit.status import ServiceError
+
+
+@dataclass(slots=True)
+class StoreHit:
+    """One hit of a search, as a store found it."""
+
+    id: str  # stored form (item_codec.encode_id)
+    score: float  # inner product with the query
+    image_uri: str
+    metadata: str | dict | None  # JSON text (FAISS), or decoded by pymilvus
 
 
 class VectorStore(Protocol):
@@ -36,7 +46,9 @@ class VectorStore(Protocol):
     def upsert(self, collection: str, rows: Sequence[Row]) -> None:
         """Creates the collection when missing; replaces items with the same ids."""
 
-    def search(self, collection: str, vectors: np.ndarray, k: int, conditions: Sequence[FilterCondition]) -> list[list[dict]]: ...
+    def search(
+        self, collection: str, vectors: np.ndarray, k: int, conditions: Sequence[FilterCondition]
+    ) -> list[list[StoreHit]]: ...
 
     def get(self, collection: str, stored_ids: Sequence[str], include_vectors: bool) -> list[dict]:
         """Rows for those ids that exist (none when the collection does not)."""

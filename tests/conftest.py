@@ -1,20 +1,48 @@
-"""Fixtures shared by the whole suite: where the shared assets are, free ports, a real redis-server."""
+"""Every fixture and helper the suite shares, in one place: where the shared assets are, a real
+redis-server, the models prepared once per session, a real in-process embedder, the whole stack in
+process (embedder, search_svc, gateway, Redis), `vsearch up` as real processes, the CLI as a
+subprocess, and the metric reader. Fixtures are found by pytest; test modules import the plain
+helpers (`from conftest import ...`)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import re
 import shutil
 import socket
 import subprocess
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import AsyncIterator, Iterator, Sequence
 
+import grpc
+import httpx
+import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import Image
+from prometheus_client import CollectorRegistry
 
-from vsearch.local_stack import free_port  # noqa: F401 - re-exported for the test modules
+from embedder_svc.server import create_server as create_embedder
+from embedder_svc.settings import EmbedderSettings
+from gateway.server import create_server as create_gateway
+from gateway.settings import GatewaySettings
+from search_svc.server import create_server as create_search
+from search_svc.settings import SearchSettings
+from service_kit.server import ManagedServer
+from vsearch.v1 import embedder_pb2, embedder_pb2_grpc, gateway_pb2, gateway_pb2_grpc
+from vsearch_cli.local_stack.ports import free_port
+from vsearch_cli.model_tools.prepare import ensure_model
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DIR = Path(os.environ.get("VSEARCH_SHARED_DIR", REPO_ROOT.parent / "shared")).resolve()
+
+
+# ---- shared assets ------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="session")
@@ -27,6 +55,47 @@ def shared_dir() -> Path:
 @pytest.fixture(scope="session")
 def ukbench_images(shared_dir: Path) -> list[Path]:
     return sorted((shared_dir / "datasets/ukbench56/images").glob("*.jpg"))
+
+
+@pytest.fixture(scope="session")
+def ukbench_bytes(ukbench_images: list[Path]) -> list[bytes]:
+    assert len(ukbench_images) == 56
+    return [path.read_bytes() for path in ukbench_images]
+
+
+# ---- time ---------------------------------------------------------------------------------------
+
+
+class ManualClock:
+    """A clock for code that takes one (`clock=`): it says `now`, which only the test moves."""
+
+    def __init__(self, now: float = 0.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+# ---- settings -----------------------------------------------------------------------------------
+
+
+def service_env(prefix: str, **settings: str) -> dict[str, str]:
+    """This process's environment without any `prefix` setting, plus `settings`: what a service
+    started as a subprocess reads."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith(prefix)}
+    env.update(settings)
+    return env
+
+
+# ---- metrics ------------------------------------------------------------------------------------
+
+
+def metric_value(registry: CollectorRegistry, name: str, labels: dict[str, str] | None = None, **label_args: str) -> float:
+    """A sample of an in-process server's registry; 0 when it was never recorded."""
+    return registry.get_sample_value(name, {**(labels or {}), **label_args}) or 0.0
+
+
+# ---- redis-server -------------------------------------------------------------------------------
 
 
 class RedisProcess:
@@ -101,3 +170,246 @@ def redis_server():
     server.start()
     yield server
     server.kill()
+
+
+# ---- models, prepared once per session ----------------------------------------------------------
+
+MOBILENET = "mobilenetv2-12-int8"
+SQUEEZENET = "squeezenet1.0-fp16"
+
+
+@pytest.fixture(scope="session")
+def embedder_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.getbasetemp() / "embedder-models"
+
+
+@pytest.fixture(scope="session")
+def mobilenet_dir(embedder_models_dir: Path, shared_dir: Path) -> Path:
+    return ensure_model(MOBILENET, embedder_models_dir, shared_dir=shared_dir)
+
+
+@pytest.fixture(scope="session")
+def squeezenet_dir(embedder_models_dir: Path, shared_dir: Path) -> Path:
+    return ensure_model(SQUEEZENET, embedder_models_dir, shared_dir=shared_dir)
+
+
+# ---- a real in-process embedder on port 0 -------------------------------------------------------
+
+# Small enough that the "over max bytes" case needs no huge payload; larger than any test image.
+TEST_MAX_IMAGE_BYTES = 3 * 1024 * 1024
+
+
+def embedder_settings(model_dir: Path, **overrides: object) -> EmbedderSettings:
+    values: dict[str, object] = {
+        "model_dir": model_dir, "host": "127.0.0.1", "port": 0, "log_format": "text",
+        "max_image_bytes": TEST_MAX_IMAGE_BYTES, "grace_seconds": 1.0, "drain_seconds": 0.0,
+    }
+    values.update(overrides)
+    return EmbedderSettings(**values)
+
+
+@dataclass
+class RunningEmbedder:
+    server: ManagedServer
+    channel: grpc.aio.Channel
+    stub: embedder_pb2_grpc.EmbedderStub
+
+    def sample(self, name: str, labels: dict[str, str] | None = None) -> float:
+        return metric_value(self.server.metrics.registry, name, labels)
+
+
+@contextlib.asynccontextmanager
+async def running_embedder(settings: EmbedderSettings, wait_ready: bool = True) -> AsyncIterator[RunningEmbedder]:
+    server, port = await create_embedder(settings)
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        if wait_ready:
+            await server.wait_ready(timeout=30)
+        yield RunningEmbedder(server, channel, embedder_pb2_grpc.EmbedderStub(channel))
+    finally:
+        await channel.close()
+        await server.stop(grace=0.5)
+
+
+@pytest.fixture(scope="module")
+async def mobilenet_embedder(mobilenet_dir: Path) -> AsyncIterator[RunningEmbedder]:
+    async with running_embedder(embedder_settings(mobilenet_dir)) as embedder:
+        yield embedder
+
+
+def image_input(data: bytes, crop: tuple[int, int, int, int] | None = None) -> embedder_pb2.ImageInput:
+    if crop is None:
+        return embedder_pb2.ImageInput(data=data)
+    x, y, width, height = crop
+    return embedder_pb2.ImageInput(data=data, crop=embedder_pb2.CropBox(x=x, y=y, width=width, height=height))
+
+
+async def embed_results(stub: embedder_pb2_grpc.EmbedderStub, images: Sequence[embedder_pb2.ImageInput | bytes]) -> list[embedder_pb2.EmbedResult]:
+    inputs = [image if isinstance(image, embedder_pb2.ImageInput) else image_input(image) for image in images]
+    response = await stub.EmbedImages(embedder_pb2.EmbedImagesRequest(images=inputs), timeout=60)
+    assert len(response.results) == len(inputs)
+    return list(response.results)
+
+
+def vector_of(result: embedder_pb2.EmbedResult) -> np.ndarray:
+    assert result.WhichOneof("result") == "embedding", f"expected an embedding, got error {result.error}"
+    return np.asarray(result.embedding.values, dtype=np.float32)
+
+
+async def embed_vectors(stub: embedder_pb2_grpc.EmbedderStub, images: Sequence[embedder_pb2.ImageInput | bytes]) -> np.ndarray:
+    return np.stack([vector_of(result) for result in await embed_results(stub, images)])
+
+
+async def embed_one(stub: embedder_pb2_grpc.EmbedderStub, image: embedder_pb2.ImageInput | bytes) -> np.ndarray:
+    return (await embed_vectors(stub, [image]))[0]
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def ns_score(vectors: np.ndarray, group_size: int = 4) -> float:
+    """UKBench N-S: mean count of same-object images among each query's top 4 (query included)."""
+    similarity = vectors @ vectors.T
+    top = np.argsort(-similarity, axis=1)[:, :group_size]
+    groups = np.arange(len(vectors)) // group_size
+    return float(np.mean([(groups[top[i]] == groups[i]).sum() for i in range(len(vectors))]))
+
+
+def encode(image: Image.Image, format: str, **options: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format, **options)
+    return buffer.getvalue()
+
+
+# ---- the whole stack in process: embedder (ONNX) -> search_svc (FAISS) behind the gateway, Redis ----
+
+
+@dataclass
+class InProcessStack:
+    """The three real services on port 0 in this process, and a real redis-server as the cache."""
+
+    embedder_server: ManagedServer
+    search_server: ManagedServer
+    gateway_server: ManagedServer
+    redis: RedisProcess
+    channel: grpc.aio.Channel
+    stub: gateway_pb2_grpc.VisualSearchStub
+    http: httpx.AsyncClient
+
+    @property
+    def registry(self) -> CollectorRegistry:
+        """The gateway's metrics."""
+        return self.gateway_server.metrics.registry
+
+    async def all_serving(self) -> bool:
+        for server in (self.embedder_server, self.search_server, self.gateway_server):
+            async with grpc.aio.insecure_channel(server.address) as channel:
+                reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+                if reply.status != health_pb2.HealthCheckResponse.SERVING:
+                    return False
+        return True
+
+    async def count(self, collection: str = "") -> int:
+        return (await self.stub.Stats(gateway_pb2.VisualStatsRequest(collection=collection), timeout=10)).count
+
+    async def search(self, image: bytes, k: int = 4, **fields: object) -> gateway_pb2.VisualSearchResponse:
+        """A gRPC search; `fields` are VisualSearchRequest fields."""
+        return await self.stub.Search(gateway_pb2.VisualSearchRequest(image=image, k=k, **fields), timeout=30)
+
+    async def search_file(self, data: bytes, **fields: str) -> httpx.Response:
+        """An HTTP multipart search with `data` as the uploaded image; `fields` are form fields."""
+        return await self.http.post("/v1/search", files={"image": ("query.jpg", data, "image/jpeg")}, data=fields)
+
+
+@contextlib.asynccontextmanager
+async def in_process_stack(data_dir: Path, model_dir: Path, **gateway_settings: object) -> AsyncIterator[InProcessStack]:
+    """Starts redis-server, the embedder and search_svc (its files under `data_dir`), then the
+    gateway with `gateway_settings` on top of the addresses; waits until all are SERVING."""
+    redis = RedisProcess(redis_binary())
+    redis.start()
+    embedder, _ = await create_embedder(EmbedderSettings(model_dir=model_dir, port=0))
+    search, _ = await create_search(SearchSettings(
+        port=0, milvus={"uri": str(data_dir / "milvus.db")}, faiss={"data_dir": data_dir / "faiss"},
+    ))
+    servers = [embedder, search]
+    try:
+        await embedder.start()
+        await search.start()
+        gateway, _ = await create_gateway(GatewaySettings(
+            port=0, http_port=0, embedder_address=embedder.address, search_address=search.address,
+            redis_url=redis.url, **gateway_settings,
+        ))
+        servers.append(gateway)
+        await gateway.start()
+        for server in servers:
+            await server.wait_ready(60)
+        channel = grpc.aio.insecure_channel(gateway.address)
+        http = httpx.AsyncClient(base_url=f"http://127.0.0.1:{gateway.http_port}", timeout=30)
+        try:
+            yield InProcessStack(
+                embedder, search, gateway, redis, channel, gateway_pb2_grpc.VisualSearchStub(channel), http
+            )
+        finally:
+            await http.aclose()
+            await channel.close()
+    finally:
+        for server in reversed(servers):
+            await server.stop(grace=1)
+        redis.kill()
+
+
+# ---- the command line, as a user runs it --------------------------------------------------------
+
+VSEARCH = [sys.executable, "-m", "vsearch_cli"]
+
+
+def run_cli(*args: str, timeout: float = 120, cwd: Path = REPO_ROOT) -> subprocess.CompletedProcess:
+    """`vsearch ARGS` in a subprocess; its exit code, stdout and stderr."""
+    return subprocess.run([*VSEARCH, *args], capture_output=True, text=True, timeout=timeout, cwd=cwd)
+
+
+@dataclass
+class VsearchUp:
+    """A running `vsearch up` (real child processes) and what its banner line says."""
+
+    process: subprocess.Popen
+    banner: str
+    data_dir: Path
+    grpc_port: int
+    http_port: int
+
+    @property
+    def gateway(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    @property
+    def search(self) -> str:
+        """search_svc's address, from the banner (Get is not on the gateway)."""
+        found = re.search(r"\| search (\S+) ", self.banner)
+        assert found is not None, self.banner
+        return found.group(1)
+
+
+@contextlib.contextmanager
+def vsearch_up(data_dir: Path, *args: str) -> Iterator[VsearchUp]:
+    """`vsearch up --data-dir DATA_DIR ARGS` on free ports, until every service is SERVING; stopped
+    with SIGTERM afterwards unless a test already stopped it."""
+    grpc_port, http_port = free_port(), free_port()
+    process = subprocess.Popen(
+        [*VSEARCH, "up", "--data-dir", str(data_dir), "--grpc-port", str(grpc_port), "--http-port", str(http_port),
+         *args],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO_ROOT,
+    )
+    # `up` prints exactly one line once every service reports SERVING.
+    banner = process.stdout.readline()
+    if not banner.startswith("vsearch up: gateway"):
+        process.terminate()
+        pytest.fail(f"vsearch up failed: {banner}{process.stdout.read()}")
+    try:
+        yield VsearchUp(process, banner, data_dir, grpc_port, http_port)
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            process.wait(30)

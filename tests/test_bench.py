@@ -1,6 +1,7 @@
 """`vsearch bench`: every section at tiny sizes through its command line, against a stack the bench
-starts itself (real services, Redis, Milvus Lite, ONNX model). Checks the JSON's shape and that its
-figures are sane; never how fast anything was."""
+starts itself (real services, Redis, search_svc on its default FAISS store, ONNX model; the ANN section
+also measures Milvus Lite). Checks the JSON's shape and that its figures are sane; never how fast
+anything was."""
 
 from __future__ import annotations
 
@@ -11,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from embedder_svc.model_prepare import ensure_model
-from vsearch import bench
-from vsearch.bench_ann import ClusteredVectors, ExactTopK
-from vsearch.bench_procs import summarise_collapsed
+from vsearch_cli.model_tools.prepare import ensure_model
+from vsearch_cli.bench import command as bench
+from vsearch_cli.bench.ann import ClusteredVectors, ExactTopK
+from vsearch_cli.bench.procs import summarise_collapsed
 
 INGEST_IMAGES = 20
 NAIVE_IMAGES = 8

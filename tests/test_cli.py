@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
 import pytest
 
-from conftest import REPO_ROOT, free_port
-
-VSEARCH = [sys.executable, "-m", "vsearch.cli"]
+from conftest import run_cli, vsearch_up
 
 
 def child_pids(parent: int) -> list[int]:
@@ -29,40 +25,21 @@ def child_pids(parent: int) -> list[int]:
     return pids
 
 
-def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([*VSEARCH, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT)
-
-
 @pytest.fixture(scope="module")
 def running_stack(tmp_path_factory, ukbench_images):
-    data_dir = tmp_path_factory.mktemp("up")
-    grpc_port, http_port = free_port(), free_port()
-    process = subprocess.Popen(
-        [*VSEARCH, "up", "--data-dir", str(data_dir), "--grpc-port", str(grpc_port), "--http-port", str(http_port),
-         "--image-root", str(ukbench_images[0].parent)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO_ROOT,
-    )
-    # `up` prints exactly one line once every service reports SERVING.
-    banner = process.stdout.readline()
-    if not banner.startswith("vsearch up: gateway"):
-        process.terminate()
-        pytest.fail(f"vsearch up failed: {banner}{process.stdout.read()}")
-    yield {"gateway": f"127.0.0.1:{grpc_port}", "http_port": http_port, "banner": banner,
-           "process": process, "data_dir": data_dir}
-    if process.poll() is None:
-        process.terminate()
-        process.wait(30)
+    with vsearch_up(tmp_path_factory.mktemp("up"), "--image-root", str(ukbench_images[0].parent)) as stack:
+        yield stack
 
 
 def test_up_prints_addresses_and_uses_redis(running_stack):
-    banner = running_stack["banner"]
-    assert running_stack["gateway"] in banner
-    assert f"http://127.0.0.1:{running_stack['http_port']}" in banner
+    banner = running_stack.banner
+    assert running_stack.gateway in banner
+    assert f"http://127.0.0.1:{running_stack.http_port}" in banner
     assert "redis://127.0.0.1:" in banner
 
 
 def test_up_lets_the_gateway_serve_images_from_its_image_roots(running_stack, ukbench_images, tmp_path):
-    base = f"http://127.0.0.1:{running_stack['http_port']}/v1/files"
+    base = f"http://127.0.0.1:{running_stack.http_port}/v1/files"
     inside = httpx.get(base, params={"uri": ukbench_images[0].resolve().as_uri()}, timeout=10)
     assert inside.status_code == 200 and inside.content == ukbench_images[0].read_bytes()
     copy = tmp_path / "copy.jpg"
@@ -77,7 +54,7 @@ def test_index_reports_and_skips_bad_files(running_stack, ukbench_images, tmp_pa
         (folder / path.name).write_bytes(path.read_bytes())
     (folder / "broken.jpg").write_bytes(ukbench_images[8].read_bytes()[:2000])
     (folder / "notes.txt").write_text("not an image")
-    result = run_cli("index", str(tmp_path / "catalog"), "--gateway", running_stack["gateway"], "--json",
+    result = run_cli("index", str(tmp_path / "catalog"), "--gateway", running_stack.gateway, "--json",
                      "--errors", str(tmp_path / "errors.jsonl"))
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
@@ -90,7 +67,7 @@ def test_index_reports_and_skips_bad_files(running_stack, ukbench_images, tmp_pa
 
 
 def test_search_finds_the_same_object(running_stack, ukbench_images):
-    result = run_cli("search", str(ukbench_images[1]), "-k", "4", "--gateway", running_stack["gateway"], "--json")
+    result = run_cli("search", str(ukbench_images[1]), "-k", "4", "--gateway", running_stack.gateway, "--json")
     assert result.returncode == 0, result.stderr
     reply = json.loads(result.stdout)
     paths = [hit["metadata"]["filename"] for hit in reply["hits"]]
@@ -100,13 +77,13 @@ def test_search_finds_the_same_object(running_stack, ukbench_images):
 
 def test_search_with_a_bad_filter_fails_clearly(running_stack, ukbench_images):
     result = run_cli("search", str(ukbench_images[1]), "--where", "colour", "==", "red",
-                     "--gateway", running_stack["gateway"])
+                     "--gateway", running_stack.gateway)
     assert result.returncode == 1
     assert "INVALID_ARGUMENT" in result.stderr and "colour" in result.stderr
 
 
 def test_sigterm_stops_every_process(running_stack):
-    process = running_stack["process"]
+    process = running_stack.process
     children = child_pids(process.pid)
     assert len(children) == 4  # redis, embedder, search, gateway
     process.send_signal(signal.SIGTERM)

@@ -18,19 +18,16 @@ from PIL import Image
 from embedder_svc.model_card import read_model_card
 from embedder_svc.preprocessing import Preprocessor
 from embedder_svc.server import SERVICE_NAME
-from test_embedder_support import (  # noqa: F401 - fixtures
+from conftest import (
     TEST_MAX_IMAGE_BYTES,
     RunningEmbedder,
     cosine,
     embed_one,
     embed_results,
     embed_vectors,
-    embedder_models_dir,
     embedder_settings,
     encode,
     image_input,
-    mobilenet_dir,
-    mobilenet_embedder,
     running_embedder,
     vector_of,
 )

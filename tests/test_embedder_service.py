@@ -4,10 +4,7 @@ micro-batching, health before and after the model loads, settings."""
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import grpc
@@ -17,30 +14,17 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from embedder_svc.model_card import CARD_FILE_NAME, MODEL_FILE_NAME, Preprocessing, read_model_card, write_model_card
 from embedder_svc.server import SERVICE_NAME
-from test_embedder_support import (  # noqa: F401 - fixtures
+from conftest import (
     MOBILENET,
     RunningEmbedder,
     embed_one,
     embed_vectors,
-    embedder_models_dir,
     embedder_settings,
     image_input,
-    mobilenet_dir,
-    mobilenet_embedder,
     ns_score,
     running_embedder,
-    squeezenet_dir,
 )
 from vsearch.v1 import embedder_pb2
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def ukbench_bytes(ukbench_images: list[Path]) -> list[bytes]:
-    assert len(ukbench_images) == 56
-    return [path.read_bytes() for path in ukbench_images]
-
 
 async def _health(embedder: RunningEmbedder, service: str = SERVICE_NAME) -> int:
     stub = health_pb2_grpc.HealthStub(embedder.channel)
@@ -154,13 +138,3 @@ async def test_health_is_not_serving_until_the_model_is_loaded(mobilenet_dir: Pa
         assert await _health(embedder) == health_pb2.HealthCheckResponse.SERVING
         info = await embedder.stub.Info(embedder_pb2.InfoRequest(), timeout=5)
         assert info.dimension == 1280
-
-
-def test_missing_model_dir_setting_refuses_to_start_in_one_line() -> None:
-    env = {key: value for key, value in os.environ.items() if not key.startswith("EMBEDDER_")}
-    result = subprocess.run(
-        [sys.executable, "-m", "embedder_svc"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60
-    )
-    assert result.returncode != 0
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "EMBEDDER_MODEL_DIR" in lines[0], result.stderr

@@ -1,31 +1,20 @@
-"""One request through all three real services: gateway -> embedder (ONNX) -> search (Milvus Lite),
-cached in a real redis-server."""
+"""One request through all three real services: gateway -> embedder (ONNX) -> search_svc (its default
+FAISS store), cached in a real redis-server."""
 
 from __future__ import annotations
 
 import asyncio
 import io
 import shutil
-from pathlib import Path
 
 import grpc
-import httpx
 import numpy as np
 import pytest
 from google.protobuf import struct_pb2
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
-from prometheus_client import CollectorRegistry
 
-from conftest import RedisProcess, redis_binary
-from embedder_svc.model_prepare import ensure_model
-from embedder_svc.server import create_server as create_embedder
-from embedder_svc.settings import EmbedderSettings
-from gateway.server import create_server as create_gateway
-from gateway.settings import GatewaySettings
-from search_svc.server import create_server as create_search
-from search_svc.settings import SearchSettings
-from vsearch.v1 import embedder_pb2, gateway_pb2, gateway_pb2_grpc, search_pb2
+from conftest import in_process_stack, metric_value
+from vsearch.v1 import embedder_pb2, gateway_pb2, search_pb2
 
 # Headless in a sandbox with no network: no GPU, no sandboxing as root, no background connections.
 CHROMIUM_FLAGS = [
@@ -34,37 +23,6 @@ CHROMIUM_FLAGS = [
 ]
 OBJECTS = 14
 VIEWS = 4
-
-
-def metric_value(registry: CollectorRegistry, name: str, **labels: str) -> float:
-    value = registry.get_sample_value(name, labels)
-    return 0.0 if value is None else value
-
-
-class Stack:
-    def __init__(self, embedder, search, gateway, redis: RedisProcess) -> None:
-        self.embedder, self.search_server, self.gateway, self.redis = embedder, search, gateway, redis
-        self.channel = grpc.aio.insecure_channel(gateway.address)
-        self.stub = gateway_pb2_grpc.VisualSearchStub(self.channel)
-        self.http = httpx.AsyncClient(base_url=f"http://127.0.0.1:{gateway.http_port}", timeout=30)
-
-    @property
-    def registry(self) -> CollectorRegistry:
-        return self.gateway.metrics.registry
-
-    async def search(self, image: bytes, k: int = 4, **fields) -> gateway_pb2.VisualSearchResponse:
-        return await self.stub.Search(gateway_pb2.VisualSearchRequest(image=image, k=k, **fields), timeout=30)
-
-    async def all_serving(self) -> bool:
-        for server in (self.embedder, self.search_server, self.gateway):
-            async with grpc.aio.insecure_channel(server.address) as channel:
-                reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
-                if reply.status != health_pb2.HealthCheckResponse.SERVING:
-                    return False
-        return True
-
-    async def count(self) -> int:
-        return (await self.stub.Stats(gateway_pb2.VisualStatsRequest(), timeout=10)).count
 
 
 async def add_images(stub, items: list[tuple[str, bytes, dict]]) -> gateway_pb2.AddImagesSummary:
@@ -78,35 +36,17 @@ async def add_images(stub, items: list[tuple[str, bytes, dict]]) -> gateway_pb2.
 
 
 @pytest.fixture(scope="module")
-async def stack(tmp_path_factory, ukbench_images):
-    tmp = tmp_path_factory.mktemp("e2e")
-    redis = RedisProcess(redis_binary())
-    redis.start()
-    model_dir = ensure_model("mobilenetv2-12-int8", tmp / "models")
-    embedder, _ = await create_embedder(EmbedderSettings(model_dir=model_dir, port=0))
-    search, _ = await create_search(SearchSettings(port=0, milvus={"uri": str(tmp / "milvus.db")}, faiss={"data_dir": tmp / "faiss"}))
-    await embedder.start()
-    await search.start()
-    gateway, _ = await create_gateway(GatewaySettings(
-        port=0, http_port=0, embedder_address=embedder.address, search_address=search.address, redis_url=redis.url,
-        image_roots=[ukbench_images[0].parent],
-    ))
-    await gateway.start()
-    for server in (embedder, search, gateway):
-        await server.wait_ready(60)
-    stack = Stack(embedder, search, gateway, redis)
-    items = [
-        (f"ukb-{i:02d}", path.read_bytes(), {"category": f"object-{i // VIEWS}", "price": float(i), "path": path.name})
-        for i, path in enumerate(ukbench_images)
-    ]
-    summary = await add_images(stack.stub, items)
-    assert (summary.received, summary.indexed, summary.failed) == (56, 56, 0), summary
-    yield stack
-    await stack.http.aclose()
-    await stack.channel.close()
-    for server in (gateway, search, embedder):
-        await server.stop(grace=1)
-    redis.kill()
+async def stack(tmp_path_factory, mobilenet_dir, ukbench_images):
+    async with in_process_stack(
+        tmp_path_factory.mktemp("e2e"), mobilenet_dir, image_roots=[ukbench_images[0].parent]
+    ) as stack:
+        items = [
+            (f"ukb-{i:02d}", path.read_bytes(), {"category": f"object-{i // VIEWS}", "price": float(i), "path": path.name})
+            for i, path in enumerate(ukbench_images)
+        ]
+        summary = await add_images(stack.stub, items)
+        assert (summary.received, summary.indexed, summary.failed) == (56, 56, 0), summary
+        yield stack
 
 
 async def test_ukbench_ns_score_through_the_whole_system(stack, ukbench_images):
@@ -322,7 +262,7 @@ async def test_web_page_searches_by_upload_and_shows_errors(stack, ukbench_image
         browser = await playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS)
         try:
             page = await browser.new_page()
-            await page.goto(f"http://127.0.0.1:{stack.gateway.http_port}/")
+            await page.goto(f"http://127.0.0.1:{stack.gateway_server.http_port}/")
             await expect(page.locator("#model")).to_contain_text("56 images")
             await page.set_input_files("#file", str(ukbench_images[4]))
             await page.click("#go")

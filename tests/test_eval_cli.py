@@ -6,23 +6,17 @@ import asyncio
 import csv
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import grpc
 import pytest
 
-from conftest import REPO_ROOT, free_port
-from vsearch.evaluation import EvalError, load_eval_set
+from conftest import run_cli, vsearch_up
+from vsearch_cli.local_stack.ports import free_port
+from vsearch_cli.evaluation.eval_command import EvalError, load_eval_set
 from vsearch.v1 import gateway_pb2, gateway_pb2_grpc, search_pb2
 
-VSEARCH = [sys.executable, "-m", "vsearch.cli"]
 REQUIRED_KEYS = {"map_at_k", "precision_at_1", "recall_at_10", "mrr_at_k", "ns_score", "queries", "wall_time_s"}
-
-
-def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([*VSEARCH, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT)
 
 
 @pytest.fixture(scope="module")
@@ -32,21 +26,8 @@ def ukbench_dir(shared_dir: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def running_stack(tmp_path_factory):
-    data_dir = tmp_path_factory.mktemp("up")
-    grpc_port, http_port = free_port(), free_port()
-    process = subprocess.Popen(
-        [*VSEARCH, "up", "--data-dir", str(data_dir), "--grpc-port", str(grpc_port), "--http-port", str(http_port)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO_ROOT,
-    )
-    # `up` prints exactly one line once every service reports SERVING.
-    banner = process.stdout.readline()
-    if not banner.startswith("vsearch up: gateway"):
-        process.terminate()
-        pytest.fail(f"vsearch up failed: {banner}{process.stdout.read()}")
-    yield {"gateway": f"127.0.0.1:{grpc_port}"}
-    if process.poll() is None:
-        process.terminate()
-        process.wait(30)
+    with vsearch_up(tmp_path_factory.mktemp("up")) as stack:
+        yield stack
 
 
 async def _collection_count(gateway: str, collection: str = "") -> int | grpc.StatusCode:
@@ -127,7 +108,7 @@ def test_no_gateway_is_a_quick_clear_failure(ukbench_dir):
 # ---- through the running system ----------------------------------------------------------------
 
 def test_ukbench_all_vs_all_leaves_no_trace(running_stack, ukbench_dir, ukbench_images, tmp_path):
-    gateway = running_stack["gateway"]
+    gateway = running_stack.gateway
     # Something in the default catalog, to check the evaluation neither reads nor changes it.
     catalog = tmp_path / "default"
     catalog.mkdir()
@@ -161,7 +142,7 @@ def test_train_test_split_with_kept_collection(running_stack, ukbench_dir, tmp_p
     labels = write_csv(tmp_path / "split.csv", ["path", "group", "split"], [
         [row["path"], row["group"], "query" if index % 4 == 3 else "catalog"] for index, row in enumerate(rows)
     ])
-    gateway = running_stack["gateway"]
+    gateway = running_stack.gateway
     result = run_cli("eval", "--images", str(ukbench_dir), "--labels", str(labels), "--label-col", "group",
                      "--catalog-split", "catalog", "--query-split", "query", "--exclude-label", "13",
                      "--k", "5", "--concurrency", "3", "--keep-collection", "--gateway", gateway)

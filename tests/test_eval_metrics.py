@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from vsearch.retrieval_metrics import (
+from vsearch_cli.evaluation.retrieval_metrics import (
     QueryScores,
     average_precision,
     hit_at,

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from conftest import RedisProcess, redis_binary
+from conftest import ManualClock, RedisProcess, redis_binary
 from gateway.cache import (
     LoopLagTolerantTimeout,
     LruTtlStore,
@@ -27,19 +27,11 @@ from gateway.settings import CacheSettings
 from vsearch.v1 import embedder_pb2, gateway_pb2, search_pb2
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 class StoreUnderTest:
     """One store plus a way to let time pass for it: a fake clock for the LRU, real time for Redis
     (whose TTLs are its own)."""
 
-    def __init__(self, store, clock: FakeClock | None) -> None:
+    def __init__(self, store, clock: ManualClock | None) -> None:
         self.store = store
         self.clock = clock
 
@@ -62,7 +54,7 @@ def shared_redis():
 @pytest.fixture(params=["lru", "redis"])
 async def store(request):
     if request.param == "lru":
-        clock = FakeClock()
+        clock = ManualClock(1000.0)
         under_test = StoreUnderTest(LruTtlStore(max_entries=100, clock=clock), clock)
     else:
         redis_store = RedisStore(request.getfixturevalue("shared_redis").url, timeout_s=1.0)
@@ -76,22 +68,43 @@ def counter(registry: CollectorRegistry, name: str, **labels: str) -> float:
     return registry.get_sample_value(name, labels) or 0.0
 
 
+# A search's reads and writes, through the calls the gateway makes: `lookup` reads the embedding and a
+# result in one round trip, `result_for` takes the result (or reads it, under a key not guessed), and
+# `save_in_background` writes.
+
+async def cached_embedding(cache: QueryCache, key: str) -> np.ndarray | None:
+    return (await cache.lookup(key, None)).embedding
+
+
+async def cached_result(cache: QueryCache, key: str) -> gateway_pb2.VisualSearchResponse | None:
+    return await cache.result_for(key, await cache.lookup(None, key))
+
+
+async def save(
+    cache: QueryCache,
+    embedding: tuple[str, np.ndarray] | None = None,
+    result: tuple[str, gateway_pb2.VisualSearchResponse] | None = None,
+) -> None:
+    cache.save_in_background(result=result, embedding=embedding)
+    await cache.writes_done()
+
+
 async def test_stores_get_what_was_set_and_none_for_unknown_keys(store):
-    assert await store.store.get("absent") is None
-    await store.store.set("a", b"\x00\x01binary", ttl_s=60)
-    assert await store.store.get("a") == b"\x00\x01binary"
-    await store.store.set("a", b"replaced", ttl_s=60)
-    assert await store.store.get("a") == b"replaced"
+    assert await store.store.get_many(["absent"]) == [None]
+    await store.store.set_many([("a", b"\x00\x01binary", 60)])
+    assert await store.store.get_many(["a"]) == [b"\x00\x01binary"]
+    await store.store.set_many([("a", b"replaced", 60)])
+    assert await store.store.get_many(["a"]) == [b"replaced"]
 
 
 async def test_stores_expire_entries_after_their_ttl(store):
-    await store.store.set("short", b"1", ttl_s=0.2)
-    await store.store.set("long", b"2", ttl_s=60)
+    await store.store.set_many([("short", b"1", 0.2)])
+    await store.store.set_many([("long", b"2", 60)])
     await store.advance(0.05)
-    assert await store.store.get("short") == b"1"
+    assert await store.store.get_many(["short"]) == [b"1"]
     await store.advance(0.25)
-    assert await store.store.get("short") is None
-    assert await store.store.get("long") == b"2"
+    assert await store.store.get_many(["short"]) == [None]
+    assert await store.store.get_many(["long"]) == [b"2"]
 
 
 async def test_stores_read_and_write_several_entries_in_one_call(store):
@@ -147,7 +160,7 @@ async def test_a_redis_reply_that_arrives_in_time_to_a_busy_event_loop_is_taken(
         await redis_store.client.set("k", b"v")  # connected, outside the bound
         loop = asyncio.get_running_loop()
         loop.call_later(0.005, time.sleep, 0.2)  # the GET is out; its answer comes at 20 ms
-        assert await redis_store.get("k") == b"v"
+        assert await redis_store.get_many(["k"]) == [b"v"]
         loop.call_later(0.005, time.sleep, 0.2)
         assert await redis_store.get_many(["k", "absent"]) == [b"v", None]
     finally:
@@ -183,14 +196,14 @@ async def test_loop_lag_tolerant_timeout_still_bounds_calls():
 
 
 async def test_lru_evicts_the_least_recently_used_entry():
-    store = LruTtlStore(max_entries=3, clock=FakeClock())
+    store = LruTtlStore(max_entries=3, clock=ManualClock(1000.0))
     for key in ("a", "b", "c"):
-        await store.set(key, key.encode(), ttl_s=60)
-    assert await store.get("a") == b"a"  # "a" is now the most recently used; "b" the least
-    await store.set("d", b"d", ttl_s=60)
+        await store.set_many([(key, key.encode(), 60)])
+    assert await store.get_many(["a"]) == [b"a"]  # "a" is now the most recently used; "b" the least
+    await store.set_many([("d", b"d", 60)])
     assert len(store) == 3
-    assert await store.get("b") is None
-    assert [await store.get(key) for key in ("a", "c", "d")] == [b"a", b"c", b"d"]
+    assert await store.get_many(["b"]) == [None]
+    assert await store.get_many(["a", "c", "d"]) == [b"a", b"c", b"d"]
 
 
 async def test_query_cache_round_trips_embeddings_and_results_and_counts(store):
@@ -198,17 +211,17 @@ async def test_query_cache_round_trips_embeddings_and_results_and_counts(store):
     cache = QueryCache(store.store, CacheSettings(), registry)
     embedding = np.random.default_rng(0).standard_normal(1280).astype(np.float32)
 
-    assert await cache.get_embedding("e") is None
-    await cache.set_embedding("e", embedding)
-    cached = await cache.get_embedding("e")
+    assert await cached_embedding(cache, "e") is None
+    await save(cache, embedding=("e", embedding))
+    cached = await cached_embedding(cache, "e")
     assert cached is not None and cached.dtype == np.float32
     np.testing.assert_array_equal(cached, embedding)  # raw float32 bytes: bit-exact
 
     response = gateway_pb2.VisualSearchResponse(index_generation=7, model_version="m@1")
     response.hits.add(id="x", score=0.5, image_uri="file:///x.jpg").metadata.update({"category": "shoes"})
-    assert await cache.get_result("r") is None
-    await cache.set_result("r", response)
-    assert await cache.get_result("r") == response
+    assert await cached_result(cache, "r") is None
+    await save(cache, result=("r", response))
+    assert await cached_result(cache, "r") == response
 
     assert counter(registry, "vsearch_gateway_cache_hits_total", cache="embedding") == 1
     assert counter(registry, "vsearch_gateway_cache_misses_total", cache="embedding") == 1
@@ -217,33 +230,61 @@ async def test_query_cache_round_trips_embeddings_and_results_and_counts(store):
     assert counter(registry, "vsearch_gateway_cache_errors_total") == 0
 
 
+class CountingStore(LruTtlStore):
+    def __init__(self) -> None:
+        super().__init__(max_entries=100)
+        self.reads = 0
+
+    async def get_many(self, keys):
+        self.reads += 1
+        return await super().get_many(keys)
+
+
+async def test_a_lookup_reads_the_embedding_and_the_guessed_result_in_one_round_trip():
+    registry = CollectorRegistry()
+    store = CountingStore()
+    cache = QueryCache(store, CacheSettings(), registry)
+    response = gateway_pb2.VisualSearchResponse(index_generation=7)
+    await save(cache, embedding=("e", np.ones(4, dtype=np.float32)), result=("r7", response))
+
+    lookup = await cache.lookup("e", "r7")
+    assert store.reads == 1 and lookup.embedding is not None
+    # The guess was right: the result read with the embedding is taken, no second read.
+    assert await cache.result_for("r7", lookup) == response and store.reads == 1
+    # The index moved on since the guess: the result under the current key is read now.
+    assert await cache.result_for("r8", lookup) is None and store.reads == 2
+    assert counter(registry, "vsearch_gateway_cache_hits_total", cache="embedding") == 1
+    assert counter(registry, "vsearch_gateway_cache_hits_total", cache="result") == 1
+    assert counter(registry, "vsearch_gateway_cache_misses_total", cache="result") == 1
+
+
 async def test_query_cache_applies_each_kind_its_own_ttl():
-    clock = FakeClock()
+    clock = ManualClock(1000.0)
     cache = QueryCache(
         LruTtlStore(100, clock=clock), CacheSettings(embedding_ttl_s=100, result_ttl_s=10), CollectorRegistry(), clock
     )
-    await cache.set_embedding("e", np.ones(4, dtype=np.float32))
-    await cache.set_result("r", gateway_pb2.VisualSearchResponse(index_generation=1))
+    await save(cache, embedding=("e", np.ones(4, dtype=np.float32)))
+    await save(cache, result=("r", gateway_pb2.VisualSearchResponse(index_generation=1)))
     clock.now += 11
-    assert await cache.get_result("r") is None
-    assert await cache.get_embedding("e") is not None
+    assert await cached_result(cache, "r") is None
+    assert await cached_embedding(cache, "e") is not None
     clock.now += 90
-    assert await cache.get_embedding("e") is None
+    assert await cached_embedding(cache, "e") is None
 
 
 async def test_a_killed_redis_gives_quick_misses_and_counted_errors(redis_server):
     registry = CollectorRegistry()
     settings = CacheSettings(redis_timeout_s=0.05, redis_cooldown_s=0.3)
     cache = QueryCache(RedisStore(redis_server.url, settings.redis_timeout_s), settings, registry)
-    await cache.set_embedding("e", np.ones(8, dtype=np.float32))
-    assert await cache.get_embedding("e") is not None
+    await save(cache, embedding=("e", np.ones(8, dtype=np.float32)))
+    assert await cached_embedding(cache, "e") is not None
 
     redis_server.kill()
     started = time.perf_counter()
-    assert await cache.get_embedding("e") is None
-    assert await cache.get_result("r") is None
-    await cache.set_result("r", gateway_pb2.VisualSearchResponse())
-    await cache.set_embedding("e", np.ones(8, dtype=np.float32))
+    assert await cached_embedding(cache, "e") is None
+    assert await cached_result(cache, "r") is None
+    await save(cache, result=("r", gateway_pb2.VisualSearchResponse()))
+    await save(cache, embedding=("e", np.ones(8, dtype=np.float32)))
     assert time.perf_counter() - started < 0.5
     assert counter(registry, "vsearch_gateway_cache_errors_total") >= 1
 
@@ -251,15 +292,15 @@ async def test_a_killed_redis_gives_quick_misses_and_counted_errors(redis_server
     errors = counter(registry, "vsearch_gateway_cache_errors_total")
     started = time.perf_counter()
     for _ in range(20):
-        assert await cache.get_result("r") is None
+        assert await cached_result(cache, "r") is None
     assert time.perf_counter() - started < 0.05
     assert counter(registry, "vsearch_gateway_cache_errors_total") == errors
 
     # Once it is back, the cache is used again.
     redis_server.start()
     await asyncio.sleep(settings.redis_cooldown_s + 0.05)
-    await cache.set_embedding("e2", np.ones(8, dtype=np.float32))
-    assert await cache.get_embedding("e2") is not None
+    await save(cache, embedding=("e2", np.ones(8, dtype=np.float32)))
+    assert await cached_embedding(cache, "e2") is not None
     await cache.close()
 
 
@@ -278,8 +319,8 @@ async def test_a_redis_that_never_answers_costs_at_most_the_timeout():
     try:
         for _ in range(3):
             started = time.perf_counter()
-            assert await cache.get_result("r") is None
-            await cache.set_embedding("e", np.ones(4, dtype=np.float32))
+            assert await cached_result(cache, "r") is None
+            await save(cache, embedding=("e", np.ones(4, dtype=np.float32)))
             assert time.perf_counter() - started < 2 * settings.redis_timeout_s + 0.15
         assert counter(registry, "vsearch_gateway_cache_errors_total") == 6
     finally:

@@ -1,5 +1,5 @@
 """The gateway's HTTP/JSON API and web page over the real stack, in-process: embedder (ONNX) -> search_svc
-(Milvus Lite) behind the gateway, with a real redis-server as the cache."""
+(its default FAISS store) behind the gateway, with a real redis-server as the cache."""
 
 from __future__ import annotations
 
@@ -7,23 +7,16 @@ import asyncio
 import base64
 import io
 import json
-from pathlib import Path
 
 import grpc
 import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
-from prometheus_client import CollectorRegistry
 
-from conftest import RedisProcess, redis_binary
-from embedder_svc.model_prepare import ensure_model
-from embedder_svc.server import create_server as create_embedder
-from embedder_svc.settings import EmbedderSettings
+from conftest import encode, in_process_stack, metric_value
 from gateway.server import create_server as create_gateway
 from gateway.settings import GatewaySettings
-from search_svc.server import create_server as create_search
-from search_svc.settings import SearchSettings
 
 VIEWS = 4
 INDEXED = 12  # ukbench objects 0..2, four views each
@@ -33,67 +26,23 @@ def image_id(position: int) -> str:
     return f"g-{position:02d}"
 
 
-def metric(registry: CollectorRegistry, name: str, **labels: str) -> float:
-    return registry.get_sample_value(name, labels) or 0.0
-
-
-def jpeg_bytes(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=90)
-    return buffer.getvalue()
-
-
-class Stack:
-    def __init__(self, embedder, search, gateway, redis: RedisProcess, images: list[Path]) -> None:
-        self.embedder, self.search, self.gateway, self.redis, self.images = embedder, search, gateway, redis, images
-        self.http = httpx.AsyncClient(base_url=f"http://127.0.0.1:{gateway.http_port}", timeout=30)
-
-    @property
-    def registry(self) -> CollectorRegistry:
-        return self.gateway.metrics.registry
-
-    def image(self, position: int) -> bytes:
-        return self.images[position].read_bytes()
-
-    async def search_file(self, data: bytes, **fields: str) -> httpx.Response:
-        return await self.http.post("/v1/search", files={"image": ("query.jpg", data, "image/jpeg")}, data=fields)
-
-
 @pytest.fixture(scope="module")
-async def stack(tmp_path_factory, ukbench_images):
-    tmp = tmp_path_factory.mktemp("gateway-stack")
-    redis = RedisProcess(redis_binary())
-    redis.start()
-    model_dir = ensure_model("mobilenetv2-12-int8", tmp / "models")
-    embedder, _ = await create_embedder(EmbedderSettings(model_dir=model_dir))
-    search, _ = await create_search(SearchSettings(milvus={"uri": str(tmp / "milvus.db")}, faiss={"data_dir": tmp / "faiss"}))
-    await embedder.start()
-    await search.start()
-    gateway, _ = await create_gateway(GatewaySettings(
-        embedder_address=embedder.address, search_address=search.address, http_port=0, redis_url=redis.url,
-        # Generous for a loaded 2-core test machine; the timeout's effect is tested in test_gateway_cache.
-        cache={"redis_timeout_s": 0.5},
-    ))
-    await gateway.start()
-    for server in (embedder, search, gateway):
-        await server.wait_ready(60)
-    stack = Stack(embedder, search, gateway, redis, ukbench_images)
-
-    # Indexed through the HTTP multipart endpoint itself.
-    files = [("images", (f"{n}.jpg", stack.image(n), "image/jpeg")) for n in range(INDEXED)]
-    response = await stack.http.post("/v1/images", files=files, data={
-        "ids": json.dumps([image_id(n) for n in range(INDEXED)]),
-        "metadata": json.dumps([{"category": f"object-{n // VIEWS}", "price": float(n)} for n in range(INDEXED)]),
-        "image_uris": json.dumps([f"https://images.example/{n}.jpg" for n in range(INDEXED)]),
-    })
-    assert response.status_code == 200, response.text
-    summary = response.json()
-    assert (summary["received"], summary["indexed"], summary["failed"]) == (INDEXED, INDEXED, 0), summary
-    yield stack
-    await stack.http.aclose()
-    for server in (gateway, search, embedder):
-        await server.stop(grace=1)
-    redis.kill()
+async def stack(tmp_path_factory, mobilenet_dir, ukbench_bytes):
+    # Generous for a loaded 2-core test machine; the timeout's effect is tested in test_gateway_cache.
+    async with in_process_stack(
+        tmp_path_factory.mktemp("gateway-stack"), mobilenet_dir, cache={"redis_timeout_s": 0.5}
+    ) as stack:
+        # Indexed through the HTTP multipart endpoint itself.
+        files = [("images", (f"{n}.jpg", ukbench_bytes[n], "image/jpeg")) for n in range(INDEXED)]
+        response = await stack.http.post("/v1/images", files=files, data={
+            "ids": json.dumps([image_id(n) for n in range(INDEXED)]),
+            "metadata": json.dumps([{"category": f"object-{n // VIEWS}", "price": float(n)} for n in range(INDEXED)]),
+            "image_uris": json.dumps([f"https://images.example/{n}.jpg" for n in range(INDEXED)]),
+        })
+        assert response.status_code == 200, response.text
+        summary = response.json()
+        assert (summary["received"], summary["indexed"], summary["failed"]) == (INDEXED, INDEXED, 0), summary
+        yield stack
 
 
 def assert_error(response: httpx.Response, status: int, code: str, word: str) -> None:
@@ -120,8 +69,8 @@ async def test_health_page_docs_and_openapi(stack):
     assert all("422" not in op["responses"] for ops in spec["paths"].values() for op in ops.values())
 
 
-async def test_multipart_search_finds_the_other_views_of_the_object(stack):
-    response = await stack.search_file(stack.image(5), k="4")
+async def test_multipart_search_finds_the_other_views_of_the_object(stack, ukbench_bytes):
+    response = await stack.search_file(ukbench_bytes[5], k="4")
     assert response.status_code == 200, response.text
     body = response.json()
     assert [hit["id"] for hit in body["hits"]][0] == image_id(5)
@@ -135,10 +84,10 @@ async def test_multipart_search_finds_the_other_views_of_the_object(stack):
     assert set(body["timing"]) == {"embed_ms", "search_ms", "total_ms"} and body["timing"]["total_ms"] > 0
 
 
-async def test_base64_json_search_with_crop_filter_and_min_score(stack):
-    image = Image.open(io.BytesIO(stack.image(9)))
+async def test_base64_json_search_with_crop_filter_and_min_score(stack, ukbench_bytes):
+    image = Image.open(io.BytesIO(ukbench_bytes[9]))
     response = await stack.http.post("/v1/search", json={
-        "image_base64": base64.b64encode(stack.image(9)).decode(),
+        "image_base64": base64.b64encode(ukbench_bytes[9]).decode(),
         "k": 10,
         "crop": {"x": 0, "y": 0, "width": image.width * 3 // 4, "height": image.height * 3 // 4},
         "filter": [{"field": "category", "op": "in", "value": ["object-2", "object-0"]},
@@ -151,7 +100,7 @@ async def test_base64_json_search_with_crop_filter_and_min_score(stack):
     assert all(hit["metadata"]["category"] == "object-2" and hit["score"] >= 0.2 for hit in hits)
 
     shorthand = await stack.http.post("/v1/search", json={
-        "image_base64": base64.b64encode(stack.image(9)).decode(), "filter": {"category": "object-0"},
+        "image_base64": base64.b64encode(ukbench_bytes[9]).decode(), "filter": {"category": "object-0"},
     })
     assert shorthand.status_code == 200, shorthand.text
     assert {hit["id"] for hit in shorthand.json()["hits"]} == {image_id(n) for n in range(4)}
@@ -169,19 +118,19 @@ async def test_item_id_search_uses_the_stored_vector(stack):
     assert_error(unknown, 404, "NOT_FOUND", "no-such-item")
 
 
-async def test_repeat_is_cached_until_an_add_or_delete_through_http(stack):
-    query = stack.image(10)
-    hits_before = metric(stack.registry, "vsearch_gateway_cache_hits_total", cache="result")
+async def test_repeat_is_cached_until_an_add_or_delete_through_http(stack, ukbench_bytes):
+    query = ukbench_bytes[10]
+    hits_before = metric_value(stack.registry, "vsearch_gateway_cache_hits_total", cache="result")
     first = (await stack.search_file(query, k="6")).json()
     second = (await stack.search_file(query, k="6")).json()
     assert not first["from_cache"] and not first["embedding_from_cache"]
     assert second["from_cache"] and second["embedding_from_cache"]
     assert second["hits"] == first["hits"] and second["index_generation"] == first["index_generation"]
-    assert metric(stack.registry, "vsearch_gateway_cache_hits_total", cache="result") == hits_before + 1
+    assert metric_value(stack.registry, "vsearch_gateway_cache_hits_total", cache="result") == hits_before + 1
     # A different k is a different result.
     assert not (await stack.search_file(query, k="5")).json()["from_cache"]
 
-    mirrored = jpeg_bytes(Image.open(io.BytesIO(query)).transpose(Image.Transpose.FLIP_LEFT_RIGHT))
+    mirrored = encode(Image.open(io.BytesIO(query)).transpose(Image.Transpose.FLIP_LEFT_RIGHT), "JPEG", quality=90)
     added = await stack.http.post("/v1/images", json={"images": [
         {"image_base64": base64.b64encode(mirrored).decode(), "id": "mirrored-10",
          "metadata": {"category": "object-2"}},
@@ -207,10 +156,10 @@ async def test_repeat_is_cached_until_an_add_or_delete_through_http(stack):
     assert [hit["id"] for hit in fourth["hits"]] == [hit["id"] for hit in first["hits"]]
 
 
-async def test_ids_with_slashes_and_spaces_round_trip(stack):
+async def test_ids_with_slashes_and_spaces_round_trip(stack, ukbench_bytes):
     item_id = "catalog/shoes/red 1.jpg"
     added = await stack.http.post("/v1/images", json={"images": [
-        {"image_base64": base64.b64encode(stack.image(20)).decode(), "id": item_id, "metadata": {"category": "x"}},
+        {"image_base64": base64.b64encode(ukbench_bytes[20]).decode(), "id": item_id, "metadata": {"category": "x"}},
     ]})
     assert added.status_code == 200 and added.json()["indexed"] == 1, added.text
     found = await stack.http.post("/v1/search", json={"item_id": item_id, "k": 1})
@@ -219,8 +168,8 @@ async def test_ids_with_slashes_and_spaces_round_trip(stack):
     assert deleted.status_code == 200 and deleted.json()["deleted"] == 1, deleted.text
 
 
-async def test_bad_input_is_400_with_a_json_error(stack):
-    jpeg = stack.image(0)
+async def test_bad_input_is_400_with_a_json_error(stack, ukbench_bytes):
+    jpeg = ukbench_bytes[0]
     as_form = {
         "empty image": ({"image": ("e.jpg", b"", "image/jpeg")}, {}, "empty"),
         "text file": ({"image": ("t.txt", b"hello, not an image\n" * 50, "text/plain")}, {}, "image"),
@@ -284,9 +233,9 @@ async def test_stats_and_metrics(stack):
         assert name in metrics.text, name
 
 
-async def test_body_limit_and_drain_of_a_second_gateway(stack):
+async def test_body_limit_and_drain_of_a_second_gateway(stack, ukbench_bytes):
     gateway, _ = await create_gateway(GatewaySettings(
-        embedder_address=stack.embedder.address, search_address=stack.search.address, port=0, http_port=0,
+        embedder_address=stack.embedder_server.address, search_address=stack.search_server.address, port=0, http_port=0,
         http_max_body_bytes=4096,
     ))
     await gateway.start()
@@ -294,7 +243,7 @@ async def test_body_limit_and_drain_of_a_second_gateway(stack):
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{gateway.http_port}", timeout=10) as http:
         small = await http.post("/v1/search", json={"item_id": image_id(0), "k": 2})
         assert small.status_code == 200 and not small.json()["from_cache"]  # its own, in-process cache
-        big = base64.b64encode(stack.image(0)).decode()
+        big = base64.b64encode(ukbench_bytes[0]).decode()
         assert_error(await http.post("/v1/search", json={"image_base64": big}), 413, "INVALID_ARGUMENT", "4096")
 
         async def chunked():  # no Content-Length: counted while it is read
@@ -317,7 +266,7 @@ async def test_body_limit_and_drain_of_a_second_gateway(stack):
 
 async def test_an_api_key_guards_the_http_api_but_not_probes(stack):
     gateway, _ = await create_gateway(GatewaySettings(
-        embedder_address=stack.embedder.address, search_address=stack.search.address, port=0, http_port=0,
+        embedder_address=stack.embedder_server.address, search_address=stack.search_server.address, port=0, http_port=0,
         api_key="s3cret-key",
     ))
     await gateway.start()

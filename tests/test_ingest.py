@@ -7,10 +7,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,11 +17,8 @@ import pytest
 from google.protobuf import json_format, struct_pb2
 from PIL import Image
 
-from conftest import REPO_ROOT, free_port
+from conftest import VSEARCH, run_cli, vsearch_up
 from vsearch.v1 import gateway_pb2, gateway_pb2_grpc, search_pb2, search_pb2_grpc
-
-VSEARCH = [sys.executable, "-m", "vsearch.cli"]
-
 
 def sha256_hex(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
@@ -39,8 +34,7 @@ class Stack:
         self.index = search_pb2_grpc.VectorSearchStub(self.search_channel)
 
     def cli(self, *args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run([*VSEARCH, *args, "--gateway", self.gateway], capture_output=True, text=True,
-                              timeout=timeout, cwd=cwd)
+        return run_cli(*args, "--gateway", self.gateway, timeout=timeout, cwd=cwd)
 
     def index_json(self, *args: str, cwd: Path) -> dict:
         result = self.cli("index", *args, "--json", cwd=cwd)
@@ -72,25 +66,11 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    data_dir = tmp_path_factory.mktemp("ingest-up")
-    grpc_port, http_port = free_port(), free_port()
-    process = subprocess.Popen(
-        [*VSEARCH, "up", "--data-dir", str(data_dir), "--grpc-port", str(grpc_port), "--http-port", str(http_port),
-         "--no-redis"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO_ROOT,
-    )
-    # `up` prints exactly one line once every service reports SERVING.
-    banner = process.stdout.readline()
-    search = re.search(r"\| search (\S+) ", banner)
-    if not banner.startswith("vsearch up: gateway") or search is None:
-        process.terminate()
-        pytest.fail(f"vsearch up failed: {banner}{process.stdout.read()}")
-    stack = Stack(f"127.0.0.1:{grpc_port}", search.group(1))
-    yield stack
-    stack.channel.close()
-    stack.search_channel.close()
-    process.terminate()
-    process.wait(30)
+    with vsearch_up(tmp_path_factory.mktemp("ingest-up"), "--no-redis") as up:
+        stack = Stack(up.gateway, up.search)
+        yield stack
+        stack.channel.close()
+        stack.search_channel.close()
 
 
 def copy_images(sources: list[Path], folder: Path) -> list[Path]:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from vsearch import cli
-from vsearch.manifest import ManifestError, check_manifest, count_rows, detect_format, read_manifest
+from vsearch_cli import main as cli
+from vsearch_cli.catalog.manifest import ManifestError, check_manifest, count_rows, detect_format, read_manifest
 
 
 def write(path: Path, text: str, encoding: str = "utf-8") -> Path:

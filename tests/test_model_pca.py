@@ -13,17 +13,11 @@ import onnx
 import pytest
 
 from embedder_svc.model_card import MODEL_FILE_NAME, read_model_card
-from embedder_svc.pca_reduction import PcaError, reduce_model
-from embedder_svc.quantize import cpu_session, preprocessed_batches
-from test_embedder_support import (  # noqa: F401 - fixtures
-    embed_vectors,
-    embedder_models_dir,
-    embedder_settings,
-    mobilenet_dir,
-    running_embedder,
-)
-from vsearch import cli
-from vsearch.local_stack import StackLayout
+from vsearch_cli.model_tools.pca import PcaError, reduce_model
+from vsearch_cli.model_tools.quantize import cpu_session, preprocessed_batches
+from conftest import embed_vectors, embedder_settings, running_embedder
+from vsearch_cli import main as cli
+from vsearch_cli.local_stack.layout import StackLayout
 from vsearch.v1 import embedder_pb2
 
 FIT_IMAGES = 24

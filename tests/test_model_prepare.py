@@ -14,7 +14,7 @@ import pytest
 
 from embedder_svc.image_decoding import ImageDecoder
 from embedder_svc.model_card import CARD_FILE_NAME, MODEL_FILE_NAME, read_model_card
-from embedder_svc.model_prepare import (
+from vsearch_cli.model_tools.prepare import (
     ChecksumMismatchError,
     ModelPrepareError,
     download_verified,
@@ -23,10 +23,10 @@ from embedder_svc.model_prepare import (
     prepare_model,
     resolve_source,
 )
-from embedder_svc.model_presets import PRESETS
+from vsearch_cli.model_tools.presets import PRESETS
 from embedder_svc.preprocessing import Preprocessor
-from test_embedder_support import MOBILENET, SQUEEZENET, embedder_models_dir, mobilenet_dir, squeezenet_dir  # noqa: F401
-from vsearch import cli_model
+from conftest import MOBILENET, SQUEEZENET
+from vsearch_cli.model_tools import command as cli_model
 
 
 def _session(model_dir: Path) -> ort.InferenceSession:

@@ -12,7 +12,7 @@ import onnx
 import pytest
 
 from embedder_svc.model_card import MODEL_FILE_NAME, read_model_card
-from embedder_svc.quantize import (
+from vsearch_cli.model_tools.quantize import (
     GUARD_METRIC,
     AccuracyGuardError,
     QuantizeReport,
@@ -22,16 +22,8 @@ from embedder_svc.quantize import (
     load_labelled_images,
     quantize_embedding_model,
 )
-from test_embedder_support import (  # noqa: F401 - fixtures
-    SQUEEZENET,
-    embed_vectors,
-    embedder_models_dir,
-    embedder_settings,
-    ns_score,
-    running_embedder,
-    squeezenet_dir,
-)
-from vsearch import cli
+from conftest import SQUEEZENET, embed_vectors, embedder_settings, ns_score, running_embedder
+from vsearch_cli import main as cli
 from vsearch.v1 import embedder_pb2
 
 CALIBRATION_IMAGES = 16

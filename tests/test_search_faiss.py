@@ -12,11 +12,11 @@ import faiss
 import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
-from pydantic import ValidationError
 
-from search_svc.faiss_store import FaissMetrics, FaissStore, auto_nlist
+from search_svc.faiss_store import FaissStore, auto_nlist
 from search_svc.filters import FilterCondition
 from search_svc.item_codec import ItemCodec
+from search_svc.metrics import StoreMetrics
 from search_svc.settings import FaissSettings, SearchSettings
 from vsearch.v1 import search_pb2
 
@@ -33,13 +33,14 @@ def settings(data_dir: Path, **overrides: object) -> SearchSettings:
 
 def open_store(data_dir: Path, **overrides: object) -> tuple[FaissStore, CollectorRegistry]:
     registry = CollectorRegistry()
-    store = FaissStore(settings(data_dir, **overrides), FaissMetrics(registry))
+    store = FaissStore(settings(data_dir, **overrides), StoreMetrics("faiss", registry))
     store.open()
     return store, registry
 
 
 def builds(registry: CollectorRegistry, index: str) -> float:
-    return registry.get_sample_value("vsearch_faiss_index_build_seconds_count", {"index": index}) or 0.0
+    labels = {"backend": "faiss", "index": index}
+    return registry.get_sample_value("vsearch_store_index_build_seconds_count", labels) or 0.0
 
 
 def clustered(count: int, seed: int) -> np.ndarray:
@@ -63,7 +64,7 @@ def rows(ids: list[str], vectors: np.ndarray, first: int = 0) -> list[dict]:
 
 def top_ids(store: FaissStore, query: np.ndarray, k: int, *conditions: FilterCondition) -> list[str]:
     [hits] = store.search(store.default_collection, query[None, :], k, list(conditions))
-    return [hit["id"] for hit in hits]
+    return [hit.id for hit in hits]
 
 
 def exact_ids(ids: list[str], vectors: np.ndarray, query: np.ndarray, k: int) -> list[str]:
@@ -151,7 +152,8 @@ def test_filter_results_are_cached_until_the_next_write(tmp_path: Path, closing:
     c1 = FilterCondition("category", "==", ("c1",))
 
     def cache(result: str) -> float:
-        return registry.get_sample_value("vsearch_faiss_filter_cache_total", {"result": result}) or 0.0
+        labels = {"backend": "faiss", "result": result}
+        return registry.get_sample_value("vsearch_store_filter_cache_total", labels) or 0.0
 
     first = top_ids(store, vectors[1], 30, c1)
     assert set(first) == {ids[n] for n in range(20) if n % 3 == 1} and cache("miss") == 1
@@ -218,11 +220,3 @@ def test_writes_survive_a_crash_without_any_snapshot(tmp_path: Path, closing: li
     closing.append(reopened)
     assert reopened.count(reopened.default_collection) == 20 and reopened.count("other") == 3
     assert top_ids(reopened, vectors[7], 1) == ["c7"]
-
-
-def test_settings_refuse_what_faiss_does_not_offer(tmp_path: Path):
-    with pytest.raises(ValidationError, match="not offered by the faiss backend"):
-        settings(tmp_path, index_type="HNSW")
-    with pytest.raises(ValidationError, match="nprobe must be a positive integer"):
-        settings(tmp_path, index_type="IVF_FLAT", search_params={"nprobe": 0})
-    assert settings(tmp_path, index_type="HNSW", backend="milvus").index_type == "HNSW"

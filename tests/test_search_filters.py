@@ -1,21 +1,20 @@
-"""search_svc without a Milvus: the filter compiler, id encoding, item validation, the mapping of
-Milvus errors to status codes, the generation and the settings."""
+"""search_svc without a Milvus: filter validation and its Milvus rendering, id encoding, item
+validation, the mapping of Milvus errors to status codes and the generation."""
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import grpc
 import pytest
 from google.protobuf import struct_pb2
 from pymilvus.exceptions import ConnectError, MilvusException, ParamError
 
-from search_svc.filters import compile_filter, ids_expression, string_literal
+from search_svc.filters import parse_filter
 from search_svc.generation import IndexGeneration
 from search_svc.item_codec import ItemCodec, decode_id, encode_id
+from search_svc.milvus_expressions import filter_expression, ids_expression, string_literal
 from search_svc.milvus_store import milvus_service_error
-from search_svc.settings import MilvusSettings, SearchSettings
 from service_kit.status import ServiceError
 from vsearch.v1 import search_pb2
 
@@ -33,7 +32,7 @@ def condition(field: str, op: int, python_value: object) -> search_pb2.Condition
 
 
 def compile_conditions(*conditions: search_pb2.Condition) -> str:
-    return compile_filter(search_pb2.Filter(conditions=list(conditions)), FIELDS)
+    return filter_expression(parse_filter(search_pb2.Filter(conditions=list(conditions)), FIELDS))
 
 
 def refused(*conditions: search_pb2.Condition) -> str:
@@ -221,36 +220,6 @@ def test_generation_never_repeats_even_when_the_clock_stalls_or_steps_back():
     assert generation.advance() == 5_000
 
 
-def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setenv("SEARCH_BACKEND", "milvus")
-    monkeypatch.setenv("SEARCH_MILVUS__URI", "http://milvus:19530")
-    monkeypatch.setenv("SEARCH_MILVUS__TIMEOUT_S", "2.5")
-    monkeypatch.setenv("SEARCH_COLLECTION", "catalog_v2")
-    monkeypatch.setenv("SEARCH_MILVUS__TOKEN", "root:Milvus")
-    monkeypatch.setenv("SEARCH_FILTER_FIELDS", '{"category": "string", "year": "int"}')
-    monkeypatch.setenv("SEARCH_INDEX_TYPE", "hnsw")
-    monkeypatch.setenv("SEARCH_INDEX_PARAMS", '{"M": 16, "efConstruction": 200}')
-    monkeypatch.setenv("SEARCH_SEARCH_PARAMS", '{"ef": 64}')
-    settings = SearchSettings()
-    assert settings.port == 50053 and settings.dimension == 1280 and settings.metric == "IP"
-    assert settings.milvus.uri == "http://milvus:19530" and not settings.milvus.is_local
-    assert settings.milvus.timeout_s == 2.5 and settings.collection == "catalog_v2" and settings.backend == "milvus"
-    assert settings.milvus.token is not None and settings.milvus.token.get_secret_value() == "root:Milvus"
-    assert "root:Milvus" not in repr(settings)
-    assert settings.filter_fields == {"category": "string", "year": "int"}
-    assert settings.index_type == "HNSW" and settings.index_params == {"M": 16, "efConstruction": 200}
-    assert settings.search_params == {"ef": 64}
-
-
-def test_settings_defaults():
-    settings = SearchSettings()
-    assert settings.backend == "faiss" and settings.faiss.data_dir == Path(".vsearch/faiss")
-    assert settings.index_type == "IVF_FLAT" and SearchSettings(backend="milvus").index_type == "FLAT"
-    assert settings.milvus.uri == ".vsearch/milvus.db" and settings.milvus.is_local
-    assert settings.filter_fields == {"category": "string", "price": "float"}
-    assert (settings.max_k, settings.max_batch_rows, settings.store_workers) == (1000, 3000, 4)
-
-
 @pytest.mark.parametrize(
     ("error", "code"),
     [
@@ -270,8 +239,3 @@ def test_milvus_errors_map_to_precise_codes(error: MilvusException, code: grpc.S
 def test_milvus_error_message_drops_the_retry_preamble():
     wrapped = MilvusException(1100, "[query] Retry run out of 0 retry times, message=Invalid expr: x")
     assert milvus_service_error("query", wrapped, 10.0).message == "milvus query: Invalid expr: x"
-
-
-def test_display_uri_hides_the_password():
-    assert MilvusSettings(uri="https://root:secret@milvus:19530").display_uri == "https://root:***@milvus:19530"
-    assert MilvusSettings(uri="http://milvus:19530").display_uri == "http://milvus:19530"

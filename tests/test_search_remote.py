@@ -20,17 +20,11 @@ from google.protobuf import json_format, struct_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from milvus_lite.server import Server
 
+from conftest import REPO_ROOT, service_env
 from search_svc.server import SERVICE_NAME, create_server
 from search_svc.settings import MilvusSettings, SearchSettings
 from vsearch.v1 import search_pb2, search_pb2_grpc
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from vsearch_cli.local_stack.ports import free_port
 
 
 class MilvusLiteServer:
@@ -183,34 +177,12 @@ async def test_not_serving_until_milvus_is_reachable(tmp_path: Path):
         milvus.stop()
 
 
-def service_env(**settings: str) -> dict[str, str]:
-    env = {key: value for key, value in os.environ.items() if not key.startswith("SEARCH_")}
-    env.update(settings)
-    return env
-
-
-@pytest.mark.parametrize(
-    ("name", "value"),
-    [("SEARCH_DIMENSION", "zero"), ("SEARCH_FILTER_FIELDS", '{"vector": "string"}'), ("SEARCH_MILVUS__URI", "milvus.sqlite"),
-     ("SEARCH_BACKEND", "sqlite"), ("SEARCH_INDEX_TYPE", "HNSW")],
-)
-def test_invalid_setting_refuses_to_start_with_one_line(name: str, value: str):
-    result = subprocess.run(
-        [sys.executable, "-m", "search_svc"], cwd=REPO_ROOT, env=service_env(**{name: value}),
-        capture_output=True, text=True, timeout=60,
-    )
-    assert result.returncode != 0
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("search_svc: refusing to start") and name in lines[0]
-
-
 @pytest.mark.parametrize("backend", ["faiss", "milvus"])
 async def test_runs_as_a_process_and_stops_on_sigterm(tmp_path: Path, backend: str):
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "search_svc"], cwd=REPO_ROOT,
-        env=service_env(SEARCH_PORT=str(port), SEARCH_BACKEND=backend, SEARCH_MILVUS__URI=str(tmp_path / "data" / "proc.db"),
+        env=service_env("SEARCH_", SEARCH_PORT=str(port), SEARCH_BACKEND=backend, SEARCH_MILVUS__URI=str(tmp_path / "data" / "proc.db"),
                         SEARCH_FAISS__DATA_DIR=str(tmp_path / "data" / "faiss"), SEARCH_DIMENSION="8",
                         SEARCH_DRAIN_SECONDS="0"),
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -257,7 +229,7 @@ async def test_faiss_backend_keeps_acknowledged_writes_through_sigkill(tmp_path:
         port = free_port()
         process = subprocess.Popen(
             [sys.executable, "-m", "search_svc"], cwd=REPO_ROOT,
-            env=service_env(SEARCH_PORT=str(port), SEARCH_FAISS__DATA_DIR=str(data_dir), SEARCH_DIMENSION="8",
+            env=service_env("SEARCH_", SEARCH_PORT=str(port), SEARCH_FAISS__DATA_DIR=str(data_dir), SEARCH_DIMENSION="8",
                             SEARCH_FAISS__IVF_TRAIN_MIN_ITEMS="100"),
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )

@@ -230,7 +230,7 @@ async def test_upsert_larger_than_one_batch(tmp_path: Path, backend: str):
         assert response.upserted == 7000
         assert await service.count() == 7000
         batches = service.server.metrics.registry.get_sample_value(
-            f"vsearch_{backend}_call_seconds_count", {"operation": "upsert"}
+            "vsearch_store_call_seconds_count", {"backend": backend, "operation": "upsert"}
         )
         # Milvus gets batches of 3000 + 3000 + 1000; SQLite takes one transaction.
         assert batches == (3 if backend == "milvus" else 1)

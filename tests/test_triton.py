@@ -22,35 +22,33 @@ from google.protobuf import text_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.grpc import model_config_pb2
 
-from embedder_svc.model_card import CARD_FILE_NAME, MODEL_FILE_NAME, Quantization, read_model_card, write_model_card
-from embedder_svc.server import SERVICE_NAME
-from embedder_svc.settings import EmbedderSettings, TritonSettings
-from embedder_svc.triton_repo import (
+from embedder_svc.model_card import (
+    CARD_FILE_NAME,
     CARD_VERSION_PARAMETER,
+    MODEL_FILE_NAME,
+    Quantization,
+    read_model_card,
+    write_model_card,
+)
+from embedder_svc.server import SERVICE_NAME
+from embedder_svc.settings import TritonSettings
+from vsearch_cli.model_tools.triton_repo import (
     PYTHON_MODEL_FILE_NAME,
     TritonRepoOptions,
     write_triton_repo,
 )
-from test_embedder_support import (  # noqa: F401 - fixtures
+from conftest import (
     MOBILENET,
     SQUEEZENET,
     RunningEmbedder,
     embed_results,
     embed_vectors,
-    embedder_models_dir,
     embedder_settings,
-    mobilenet_dir,
     running_embedder,
-    squeezenet_dir,
 )
-from vsearch.bench_embedder import bench_embedder, format_report
-from vsearch.local_stack import (
-    StackLayout,
-    TritonNotInstallable,
-    TritonServerProcess,
-    ensure_triton,
-    prepare_local_triton,
-)
+from vsearch_cli.bench.embedder import bench_embedder, format_report
+from vsearch_cli.local_stack.layout import StackLayout
+from vsearch_cli.local_stack.triton import TritonNotInstallable, TritonServerProcess, ensure_triton, prepare_local_triton
 from vsearch.v1 import embedder_pb2
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -59,11 +57,6 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 def parse_config(path: Path) -> model_config_pb2.ModelConfig:
     return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
-
-
-@pytest.fixture(scope="module")
-def ukbench_bytes(ukbench_images: list[Path]) -> list[bytes]:
-    return [path.read_bytes() for path in ukbench_images]
 
 
 @pytest.fixture(scope="module")
@@ -178,23 +171,6 @@ def test_cpu_repository_is_a_batching_python_model(mobilenet_dir: Path, tmp_path
     assert (tmp_path / "repo" / "embedder" / CARD_FILE_NAME).is_file()
 
 
-def test_triton_settings_come_from_nested_environment_variables(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    for name, value in {
-        "EMBEDDER_MODEL_DIR": str(tmp_path), "EMBEDDER_BACKEND": "triton", "EMBEDDER_TRITON__URL": "triton:8001",
-        "EMBEDDER_TRITON__MODEL_NAME": "embedder", "EMBEDDER_TRITON__MODEL_VERSION": "3",
-        "EMBEDDER_TRITON__REQUEST_TIMEOUT_S": "5", "EMBEDDER_TRITON__CHECK_TIMEOUT_S": "0.5",
-        "EMBEDDER_TRITON__HEALTH_INTERVAL_S": "2",
-    }.items():
-        monkeypatch.setenv(name, value)
-    settings = EmbedderSettings()
-    assert settings.backend == "triton"
-    assert settings.triton == TritonSettings(url="triton:8001", model_name="embedder", model_version="3",
-                                             request_timeout_s=5, check_timeout_s=0.5, health_interval_s=2)
-    monkeypatch.setenv("EMBEDDER_TRITON__MODEL_VERSION", "latest")
-    with pytest.raises(ValueError, match="model_version"):
-        EmbedderSettings()
-
-
 # ---- a real Triton ------------------------------------------------------------------------------
 
 
@@ -243,17 +219,18 @@ async def test_concurrent_requests_reach_triton_as_batches(
     assert any(size > 1 and count > 0 for size, count in batched.items()), batched
 
 
+async def info_is_failed_precondition(embedder: RunningEmbedder) -> bool:
+    try:
+        await embedder.stub.Info(embedder_pb2.InfoRequest(), timeout=5)
+    except grpc.aio.AioRpcError as error:
+        return error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    return False
+
+
 async def test_missing_model_is_failed_precondition_naming_it(triton: TritonServerProcess, squeezenet_dir: Path) -> None:
     settings = embedder_settings(squeezenet_dir, backend="triton", triton=triton_settings(triton, model_name="no-such-model"))
     async with running_embedder(settings, wait_ready=False) as embedder:
-        async def refused_precisely() -> bool:
-            try:
-                await embedder.stub.Info(embedder_pb2.InfoRequest(), timeout=5)
-            except grpc.aio.AioRpcError as error:
-                return error.code() == grpc.StatusCode.FAILED_PRECONDITION
-            return False
-
-        await wait_for(refused_precisely, 10, "Info answering FAILED_PRECONDITION")
+        await wait_for(lambda: info_is_failed_precondition(embedder), 10, "Info answering FAILED_PRECONDITION")
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await embedder.stub.EmbedImages(embedder_pb2.EmbedImagesRequest(images=[embedder_pb2.ImageInput(data=b"x")]), timeout=5)
         assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
@@ -265,14 +242,7 @@ async def test_a_model_that_is_not_the_cards_is_refused(triton: TritonServerProc
     # The mobilenet card pointed at squeezenet on Triton: preprocessing and vectors would not match.
     settings = embedder_settings(mobilenet_dir, backend="triton", triton=triton_settings(triton, model_name=SQUEEZENET))
     async with running_embedder(settings, wait_ready=False) as embedder:
-        async def refused() -> bool:
-            try:
-                await embedder.stub.Info(embedder_pb2.InfoRequest(), timeout=5)
-            except grpc.aio.AioRpcError as error:
-                return error.code() == grpc.StatusCode.FAILED_PRECONDITION
-            return False
-
-        await wait_for(refused, 10, "Info answering FAILED_PRECONDITION")
+        await wait_for(lambda: info_is_failed_precondition(embedder), 10, "Info answering FAILED_PRECONDITION")
         with pytest.raises(grpc.aio.AioRpcError) as mismatch:
             await embedder.stub.Info(embedder_pb2.InfoRequest(), timeout=5)
         assert "does not match the model card" in mismatch.value.details()

@@ -1,2 +1,2 @@
-"""vsearch: visual search over gRPC microservices. This package holds the command line and the
-generated contracts (`vsearch.v1`)."""
+"""vsearch's client-facing package: the generated gRPC contracts (`vsearch.v1`, from protos/). The
+command line and its tooling live in `vsearch_cli`."""

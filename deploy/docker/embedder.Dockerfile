@@ -9,7 +9,7 @@
 
 # Pinned by tag and by the digest of its multi-arch index; all stages share it.
 ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm@sha256:65a93d69fa75478d554f4ad27c85c1e69fa184956261b4301ebaf6dbb0a3543d
-# A preset of `vsearch model prepare` (embedder_svc/model_presets.py).
+# A preset of `vsearch model prepare` (vsearch_cli/model_tools/presets.py).
 ARG MODEL_PRESET=mobilenetv2-12-int8
 
 # Empty unless replaced with --build-context model-sources=DIR; then prepare finds the source there.
@@ -24,6 +24,7 @@ RUN python -m venv /opt/build \
  && /opt/build/bin/pip install --require-hashes --no-deps -r /tmp/build.lock
 COPY pyproject.toml README.md ./
 COPY vsearch/ vsearch/
+COPY vsearch_cli/ vsearch_cli/
 COPY service_kit/ service_kit/
 COPY embedder_svc/ embedder_svc/
 COPY search_svc/ search_svc/

@@ -14,6 +14,7 @@ RUN python -m venv /opt/build \
  && /opt/build/bin/pip install --require-hashes --no-deps -r /tmp/build.lock
 COPY pyproject.toml README.md ./
 COPY vsearch/ vsearch/
+COPY vsearch_cli/ vsearch_cli/
 COPY service_kit/ service_kit/
 COPY embedder_svc/ embedder_svc/
 COPY search_svc/ search_svc/

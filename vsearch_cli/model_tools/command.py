@@ -8,11 +8,11 @@ import json
 import sys
 from pathlib import Path
 
-from embedder_svc.model_presets import DEFAULT_PRESET, PRESETS
+from vsearch_cli.model_tools.presets import DEFAULT_PRESET, PRESETS
 
 
 def _shared_dir() -> Path:
-    from embedder_svc.model_prepare import default_shared_dir
+    from vsearch_cli.checkout import default_shared_dir
 
     return default_shared_dir()
 
@@ -171,7 +171,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_prepare(args: argparse.Namespace) -> int:
     # Imported here: onnx and onnxruntime are slow to import and only this command needs them.
-    from embedder_svc.model_prepare import ModelPrepareError, prepare_model
+    from vsearch_cli.model_tools.prepare import ModelPrepareError, prepare_model
 
     try:
         card = prepare_model(
@@ -195,7 +195,7 @@ def run_prepare(args: argparse.Namespace) -> int:
 
 
 def run_quantize(args: argparse.Namespace) -> int:
-    from embedder_svc.quantize import (
+    from vsearch_cli.model_tools.quantize import (
         GUARD_METRIC,
         AccuracyGuardError,
         QuantizeError,
@@ -261,7 +261,7 @@ def run_quantize(args: argparse.Namespace) -> int:
 
 def _manifest_images(manifest: Path) -> list[Path]:
     """The image paths of the manifest's usable rows, in order, each once."""
-    from vsearch.manifest import ManifestError, check_manifest, read_manifest
+    from vsearch_cli.catalog.manifest import ManifestError, check_manifest, read_manifest
 
     try:
         check_manifest(manifest)
@@ -272,7 +272,7 @@ def _manifest_images(manifest: Path) -> list[Path]:
 
 
 def run_pca(args: argparse.Namespace) -> int:
-    from embedder_svc.pca_reduction import PcaError, list_images, reduce_model, sample_images
+    from vsearch_cli.model_tools.pca import PcaError, list_images, reduce_model, sample_images
 
     def progress(message: str) -> None:
         print(f"vsearch model pca: {message}", file=sys.stderr, flush=True)
@@ -311,7 +311,7 @@ def run_pca(args: argparse.Namespace) -> int:
 
 def run_triton_repo(args: argparse.Namespace) -> int:
     from embedder_svc.model_card import ModelCardError
-    from embedder_svc.triton_repo import TritonRepoError, TritonRepoOptions, tensorrt_precision_for, write_triton_repo
+    from vsearch_cli.model_tools.triton_repo import TritonRepoError, TritonRepoOptions, tensorrt_precision_for, write_triton_repo
 
     options = TritonRepoOptions(
         flavour=args.flavour, model_name=args.name, model_version=args.model_version,

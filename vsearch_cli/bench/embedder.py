@@ -14,7 +14,7 @@ with `local_triton=True`, started here from .venv-triton with a cpu-flavour repo
 file run by onnxruntime inside Triton's python backend). On one CPU machine Triton and this process
 share the cores, so the comparison shows the cost of the hop, not a GPU's gain.
 
-    python -m vsearch.bench_embedder --model-dir .vsearch/models/squeezenet --local-triton
+    python -m vsearch_cli.bench.embedder --model-dir .vsearch/models/squeezenet --local-triton
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 
 
 def default_image_dir() -> Path:
-    from embedder_svc.model_prepare import default_shared_dir
+    from vsearch_cli.checkout import default_shared_dir
 
     return default_shared_dir() / "datasets" / "ukbench56" / "images"
 
@@ -195,8 +195,8 @@ def bench_embedder(
         return asyncio.run(_bench(model_dir, triton_url, batch_sizes, n, triton_model=triton_model,
                                   image_dir=image_dir, concurrency=concurrency, service=service))
 
-    from embedder_svc.triton_repo import TritonRepoOptions, write_triton_repo
-    from vsearch.local_stack import TritonServerProcess, ensure_triton
+    from vsearch_cli.model_tools.triton_repo import TritonRepoOptions, write_triton_repo
+    from vsearch_cli.local_stack.triton import TritonServerProcess, ensure_triton
 
     install = ensure_triton()
     with tempfile.TemporaryDirectory(prefix="vsearch-bench-triton-") as scratch:
@@ -274,7 +274,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vsearch.bench_embedder", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m vsearch_cli.bench.embedder", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     return run(parser.parse_args(argv))

@@ -34,7 +34,8 @@ from embedder_svc.model_card import (
     read_model_card,
     write_model_card,
 )
-from embedder_svc.model_presets import DEFAULT_PRESET, PRESETS, ModelPreset, Pooling
+from vsearch_cli.checkout import default_shared_dir
+from vsearch_cli.model_tools.presets import DEFAULT_PRESET, PRESETS, ModelPreset, Pooling
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +47,6 @@ _UPGRADE_OPSET = 13
 _EPSILON = 1e-12
 _VERIFY_BATCH = 3
 _VERIFY_TOLERANCE = 1e-5
-_REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 class ModelPrepareError(Exception):
@@ -55,10 +55,6 @@ class ModelPrepareError(Exception):
 
 class ChecksumMismatchError(ModelPrepareError):
     pass
-
-
-def default_shared_dir() -> Path:
-    return Path(os.environ.get("VSEARCH_SHARED_DIR") or _REPO_ROOT.parent / "shared")
 
 
 def default_cache_dir() -> Path:

@@ -24,9 +24,9 @@ import grpc
 import numpy as np
 from google.protobuf import struct_pb2
 
-from vsearch.bench_common import BenchError, ModelRig, latency_summary, rate, ratio, read_all, sample_images
-from vsearch.bench_procs import CpuMeter, PySpyProfiles, histogram_delta, metric_delta, scrape
-from vsearch.bench_stack import (
+from vsearch_cli.bench.common import BenchError, ModelRig, latency_summary, rate, ratio, read_all, sample_images
+from vsearch_cli.bench.procs import CpuMeter, PySpyProfiles, histogram_delta, metric_delta, scrape
+from vsearch_cli.bench.stack import (
     StackEndpoints,
     channel,
     drop_collection,
@@ -149,17 +149,15 @@ def stage_figures(before: dict[str, dict], after: dict[str, dict], wall_s: float
         }
     if after.get("search"):
         search = before.get("search", {}), after["search"]
-        # The store's own calls: vsearch_faiss_call_seconds or vsearch_milvus_call_seconds.
-        store_metrics = {name[:-len("_count")] for name, _labels in search[1]
-                         if name in ("vsearch_faiss_call_seconds_count", "vsearch_milvus_call_seconds_count")}
-        store_metric = store_metrics.pop() if len(store_metrics) == 1 else "vsearch_faiss_call_seconds"
-        operations = sorted({dict(labels).get("operation", "") for name, labels in search[1]
-                             if name == f"{store_metric}_count"})
+        # The store's own calls, labelled with its backend (faiss or milvus).
+        store_metric = "vsearch_store_call_seconds"
+        store_labels = [dict(labels) for name, labels in search[1] if name == f"{store_metric}_count"]
+        operations = sorted({labels.get("operation", "") for labels in store_labels})
         figures["search"] = {
             "upsert_rpc": _rpc(search, "Upsert"),
             "other_rpcs": {method: _rpc(search, method) for method in ("Get", "Stats", "Search")
                            if metric_delta(*search, "vsearch_grpc_latency_seconds_count", method=method)},
-            "store": store_metric.split("_")[1],
+            "store": next((labels.get("backend", "") for labels in store_labels), "faiss"),
             "store_calls": {
                 operation: _histogram_ms(histogram_delta(*search, store_metric, operation=operation))
                 for operation in operations

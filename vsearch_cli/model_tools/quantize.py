@@ -42,7 +42,7 @@ import onnxruntime as ort
 
 from embedder_svc.image_decoding import ImageDecoder, ImageRejected
 from embedder_svc.model_card import MODEL_FILE_NAME, ModelCard, Quantization, read_model_card
-from embedder_svc.model_prepare import (
+from vsearch_cli.model_tools.prepare import (
     ModelPrepareError,
     write_prepared,
     file_sha256,
@@ -51,7 +51,7 @@ from embedder_svc.model_prepare import (
     verify_embedding_model,
 )
 from embedder_svc.preprocessing import Preprocessor
-from vsearch.retrieval_metrics import score_query, summarise
+from vsearch_cli.evaluation.retrieval_metrics import score_query, summarise
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def load_labelled_images(
     """Rows of a labels CSV (paths relative to `images_root`, default: the CSV's folder), optionally
     one split, at most `per_class` images per label and `limit` in all (a seeded random pick, so the
     same options give the same set)."""
-    from vsearch.labelled_csv import LabelsFileError, read_label_rows
+    from vsearch_cli.evaluation.labelled_csv import LabelsFileError, read_label_rows
 
     images_root = images_root or labels_csv.parent
     try:
@@ -249,7 +249,7 @@ def cpu_session(model_path: Path, threads: int = 0) -> ort.InferenceSession:
 def retrieval_metrics(vectors: np.ndarray, labels: Sequence[str], k: int = GUARD_K,
                       excluded_labels: frozenset[str] = frozenset()) -> dict[str, float]:
     """All-vs-all: every labelled image (label not excluded) queries the whole set; its own hit is
-    removed and the ranking scored to depth k by `vsearch.retrieval_metrics` (as `vsearch eval`
+    removed and the ranking scored to depth k by `vsearch_cli.evaluation.retrieval_metrics` (as `vsearch eval`
     does). Queries whose label has no other image are skipped. Keys: map_at_{k}, precision_at_1,
     recall_at_10, mrr_at_{k}, ns_score, queries."""
     count = len(vectors)

@@ -25,9 +25,9 @@ from google.protobuf import struct_pb2
 from tqdm import tqdm
 
 from service_kit.status import code_from_int
-from vsearch.ingest import DEFAULT_GATEWAY
-from vsearch.labelled_csv import LabelsFileError, read_label_rows
-from vsearch.retrieval_metrics import NS_DEPTH, QueryScores, score_query, summarise
+from vsearch_cli.catalog.ingest import DEFAULT_GATEWAY
+from vsearch_cli.evaluation.labelled_csv import LabelsFileError, read_label_rows
+from vsearch_cli.evaluation.retrieval_metrics import NS_DEPTH, QueryScores, score_query, summarise
 from vsearch.v1 import gateway_pb2, gateway_pb2_grpc, search_pb2
 
 # Images per AddImages stream, and streams in flight: two streams let the gateway embed one batch

@@ -13,9 +13,11 @@ from typing import AsyncIterator
 
 import grpc
 
-from vsearch.bench_common import CLIENT_MAX_MESSAGE_BYTES, BenchError
-from vsearch.bench_procs import child_named
-from vsearch.local_stack import LocalStack, StackLayout, free_port
+from vsearch_cli.bench.common import CLIENT_MAX_MESSAGE_BYTES, BenchError
+from vsearch_cli.bench.procs import child_named
+from vsearch_cli.local_stack.launcher import LocalStack
+from vsearch_cli.local_stack.layout import StackLayout
+from vsearch_cli.local_stack.ports import free_port
 from vsearch.v1 import gateway_pb2_grpc, search_pb2, search_pb2_grpc
 
 STACK_START_TIMEOUT_S = 180.0

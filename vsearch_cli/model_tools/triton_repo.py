@@ -27,14 +27,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Sequence
 
-from embedder_svc.model_card import CARD_FILE_NAME, MODEL_FILE_NAME, ModelCard, read_model_card
+from embedder_svc.model_card import (
+    CARD_FILE_NAME,
+    CARD_NAME_PARAMETER,
+    CARD_VERSION_PARAMETER,
+    MODEL_FILE_NAME,
+    ModelCard,
+    read_model_card,
+)
 
 Flavour = Literal["gpu", "cpu"]
 FLAVOURS: tuple[Flavour, ...] = ("gpu", "cpu")
 CONFIG_FILE_NAME = "config.pbtxt"
 PYTHON_MODEL_FILE_NAME = "model.py"
-CARD_VERSION_PARAMETER = "vsearch_card_version"
-CARD_NAME_PARAMETER = "vsearch_card_name"
 DEFAULT_MAX_BATCH_SIZE = 64
 DEFAULT_QUEUE_DELAY_US = 2000
 # Triton model names become directory names and URL path segments.

@@ -35,7 +35,7 @@ from google.protobuf import struct_pb2
 from tqdm import tqdm
 
 from service_kit.status import code_from_int
-from vsearch.manifest import ManifestError, check_manifest, count_rows, read_manifest
+from vsearch_cli.catalog.manifest import ManifestError, check_manifest, count_rows, read_manifest
 from vsearch.v1 import gateway_pb2, gateway_pb2_grpc
 
 DEFAULT_GATEWAY = "127.0.0.1:50051"

@@ -38,7 +38,7 @@ DEFAULT_STREAMS = 2
 
 
 def default_dataset() -> Path:
-    from embedder_svc.model_prepare import default_shared_dir
+    from vsearch_cli.checkout import default_shared_dir
 
     return default_shared_dir() / "datasets" / "caltech101" / "101_ObjectCategories"
 
@@ -141,7 +141,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     parser = sections.add_parser("all", parents=[common, client, ingest, search, ann], help="ingest, search and ann")
     parser.set_defaults(func=cmd_bench)
 
-    from vsearch import bench_embedder
+    from vsearch_cli.bench import embedder as bench_embedder
 
     parser = sections.add_parser(
         "embedder", help="embedder images/s and batch-1 latency: in-process onnxruntime vs Triton, same model",
@@ -174,8 +174,8 @@ def _settings_for_report(args: argparse.Namespace) -> dict[str, Any]:
 def resolve_model_dir(args: argparse.Namespace) -> Path:
     if args.model_dir is not None:
         return args.model_dir.resolve()
-    from embedder_svc.model_prepare import ModelPrepareError, ensure_model
-    from vsearch.bench_common import BenchError
+    from vsearch_cli.model_tools.prepare import ModelPrepareError, ensure_model
+    from vsearch_cli.bench.common import BenchError
 
     try:
         return ensure_model(args.model, args.data_dir.resolve() / "models").resolve()
@@ -193,7 +193,7 @@ def default_batch_size(max_batch_size: int) -> int:
 async def _check_external_model(gateway: str, model_version: str) -> str | None:
     import grpc
 
-    from vsearch.bench_stack import channel
+    from vsearch_cli.bench.stack import channel
     from vsearch.v1 import gateway_pb2, gateway_pb2_grpc
 
     async with channel(gateway) as grpc_channel:
@@ -201,7 +201,7 @@ async def _check_external_model(gateway: str, model_version: str) -> str | None:
             stats = await gateway_pb2_grpc.VisualSearchStub(grpc_channel).Stats(
                 gateway_pb2.VisualStatsRequest(), timeout=30, wait_for_ready=True)
         except grpc.aio.AioRpcError as error:
-            from vsearch.bench_common import BenchError
+            from vsearch_cli.bench.common import BenchError
 
             raise BenchError(f"gateway {gateway}: {error.code().name}: {error.details()}") from None
     if stats.model_version != model_version:
@@ -212,10 +212,10 @@ async def _check_external_model(gateway: str, model_version: str) -> str | None:
 
 async def run_stack_sections(args: argparse.Namespace, sections: list[str], report: dict[str, Any],
                              out_path: Path) -> None:
-    from vsearch.bench_common import ModelRig
-    from vsearch.bench_ingest import IngestConfig, run_ingest
-    from vsearch.bench_search import SearchConfig, run_search
-    from vsearch.bench_stack import bench_stack
+    from vsearch_cli.bench.common import ModelRig
+    from vsearch_cli.bench.ingest import IngestConfig, run_ingest
+    from vsearch_cli.bench.search import SearchConfig, run_search
+    from vsearch_cli.bench.stack import bench_stack
 
     dataset = (args.images or default_dataset()).resolve()
     profile_dir = out_path.parent / f"{out_path.stem}-profiles" if args.profile else None
@@ -268,7 +268,7 @@ async def run_bench(args: argparse.Namespace, report: dict[str, Any], out_path: 
     if "ingest" in sections or "search" in sections:
         await run_stack_sections(args, sections, report, out_path)
     if "ann" in sections:
-        from vsearch.bench_ann import AnnConfig, run_ann
+        from vsearch_cli.bench.ann import AnnConfig, run_ann
 
         config = AnnConfig(
             sizes=args.ann_sizes, index_types=args.index_types, nprobes=args.nprobe, nlist=args.nlist,
@@ -282,7 +282,7 @@ async def run_bench(args: argparse.Namespace, report: dict[str, Any], out_path: 
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from vsearch.bench_common import BenchError, load_average, machine_info
+    from vsearch_cli.bench.common import BenchError, load_average, machine_info
 
     _apply_sizes(args)
     out_path = args.out or DEFAULT_OUT_DIR / f"bench-{args.section}.json"
@@ -328,7 +328,7 @@ def _noise(figures: dict[str, Any]) -> str:
 
 
 def format_ingest(result: dict[str, Any], dataset: Path) -> str:
-    from vsearch.bench_common import format_table
+    from vsearch_cli.bench.common import format_table
 
     e2e, model, decode, naive = result["end_to_end"], result["model_alone"], result["decode_alone"], result["naive"]
     rows = [
@@ -378,7 +378,7 @@ def format_ingest(result: dict[str, Any], dataset: Path) -> str:
 
 
 def format_search(result: dict[str, Any]) -> str:
-    from vsearch.bench_common import format_table
+    from vsearch_cli.bench.common import format_table
 
     floor = result["floor"]
     text = [f"\n== search: catalog {result['catalog_images']}, k {result['k']}, cache {result['cache']} =="]
@@ -425,7 +425,7 @@ def format_search(result: dict[str, Any]) -> str:
 
 
 def format_ann(result: dict[str, Any]) -> str:
-    from vsearch.bench_common import format_table
+    from vsearch_cli.bench.common import format_table
 
     rows = []
     for run in result["runs"]:

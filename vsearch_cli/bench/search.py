@@ -21,10 +21,10 @@ from typing import Any, Awaitable, Callable, Sequence
 import grpc
 import numpy as np
 
-from vsearch.bench_common import BenchError, ModelRig, latency_summary, rate, ratio, read_all, sample_images
-from vsearch.bench_ingest import PYTHON_SERVICES, add_all, scrape_all
-from vsearch.bench_procs import CpuMeter, PySpyProfiles, histogram_delta
-from vsearch.bench_stack import StackEndpoints, channel, drop_collection, new_collection_name
+from vsearch_cli.bench.common import BenchError, ModelRig, latency_summary, rate, ratio, read_all, sample_images
+from vsearch_cli.bench.ingest import PYTHON_SERVICES, add_all, scrape_all
+from vsearch_cli.bench.procs import CpuMeter, PySpyProfiles, histogram_delta
+from vsearch_cli.bench.stack import StackEndpoints, channel, drop_collection, new_collection_name
 from vsearch.v1 import embedder_pb2, embedder_pb2_grpc, gateway_pb2, gateway_pb2_grpc, search_pb2, search_pb2_grpc
 
 TARGET_MISS_OVER_FLOOR = 1.2

@@ -25,9 +25,9 @@ import numpy as np
 
 from search_svc.server import create_server
 from search_svc.settings import SearchSettings
-from vsearch.bench_common import BenchError, latency_summary, rate
-from vsearch.bench_procs import CpuMeter, memory, milvus_lite_pid
-from vsearch.bench_stack import channel
+from vsearch_cli.bench.common import BenchError, latency_summary, rate
+from vsearch_cli.bench.procs import CpuMeter, memory, milvus_lite_pid
+from vsearch_cli.bench.stack import channel
 from vsearch.v1 import search_pb2, search_pb2_grpc
 
 BLOCK_ROWS = 10_000
@@ -272,7 +272,9 @@ async def wait_for_ivf_training(server: Any, timeout_s: float = SERVER_READY_TIM
     """The FAISS backend trains IVF lists in the background once the last vector is in; searches
     before that are exact (flat), so the figures wait for it."""
     deadline = time.monotonic() + timeout_s
-    while not server.metrics.registry.get_sample_value("vsearch_faiss_index_build_seconds_count", {"index": "ivf"}):
+    while not server.metrics.registry.get_sample_value(
+        "vsearch_store_index_build_seconds_count", {"backend": "faiss", "index": "ivf"}
+    ):
         if time.monotonic() > deadline:
             raise BenchError(f"the FAISS IVF index was not trained within {timeout_s:.0f}s")
         await asyncio.sleep(0.2)

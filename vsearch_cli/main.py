@@ -14,9 +14,14 @@ from typing import Sequence
 import grpc
 from google.protobuf import json_format, struct_pb2
 
-from vsearch import bench, cli_model, evaluation, ingest
-from vsearch.ingest import DEFAULT_GATEWAY
-from vsearch.local_stack import LocalStack, StackLayout, free_port, port_is_free
+from vsearch_cli.bench import command as bench
+from vsearch_cli.model_tools import command as cli_model
+from vsearch_cli.evaluation import eval_command as evaluation
+from vsearch_cli.catalog import ingest
+from vsearch_cli.catalog.ingest import DEFAULT_GATEWAY
+from vsearch_cli.local_stack.launcher import LocalStack
+from vsearch_cli.local_stack.layout import StackLayout
+from vsearch_cli.local_stack.ports import free_port, port_is_free
 from vsearch.v1 import embedder_pb2, gateway_pb2, gateway_pb2_grpc, search_pb2
 
 DEFAULT_DATA_DIR = Path(".vsearch")
@@ -30,7 +35,7 @@ OPERATORS = {
 
 def cmd_up(args: argparse.Namespace) -> int:
     from embedder_svc.model_card import ModelCardError, read_model_card
-    from embedder_svc.model_prepare import ModelPrepareError, ensure_model
+    from vsearch_cli.model_tools.prepare import ModelPrepareError, ensure_model
 
     data_dir = Path(args.data_dir).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -47,8 +52,8 @@ def cmd_up(args: argparse.Namespace) -> int:
         return 1
     triton, triton_model = None, None
     if args.triton:
-        from embedder_svc.triton_repo import TritonRepoError
-        from vsearch.local_stack import prepare_local_triton
+        from vsearch_cli.model_tools.triton_repo import TritonRepoError
+        from vsearch_cli.local_stack.triton import prepare_local_triton
 
         try:
             triton, triton_model = prepare_local_triton(data_dir, model_dir)

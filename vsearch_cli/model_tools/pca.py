@@ -27,7 +27,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from embedder_svc.model_card import MODEL_FILE_NAME, ModelCard, ModelCardError, PcaReduction, read_model_card
-from embedder_svc.model_prepare import (
+from vsearch_cli.model_tools.prepare import (
     BATCH_DIM,
     ModelPrepareError,
     write_prepared,
@@ -36,7 +36,7 @@ from embedder_svc.model_prepare import (
     verify_embedding_model,
 )
 from embedder_svc.onnx_backend import OnnxRuntimeBackend
-from embedder_svc.quantize import IMAGE_SUFFIXES, preprocessed_batches
+from vsearch_cli.model_tools.quantize import IMAGE_SUFFIXES, preprocessed_batches
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,89 @@
+"""A Search request, validated once, with the cache keys it reads and writes and the request it
+sends to search_svc."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from gateway.cache import embedding_cache_key, item_query_key, result_cache_key
+from gateway.settings import GatewaySettings
+from service_kit.status import invalid_argument
+from vsearch.v1 import embedder_pb2, gateway_pb2, search_pb2
+
+
+@dataclass(frozen=True)
+class SearchQuery:
+    request: gateway_pb2.VisualSearchRequest
+    k: int
+    min_score: float | None
+    crop: embedder_pb2.CropBox | None
+    # Of the query image; "" for an item_id query.
+    image_sha256: str
+    # The model the query embedding is (to be) made by: part of the embedding's cache key.
+    model_version: str
+
+    @classmethod
+    def parse(
+        cls, request: gateway_pb2.VisualSearchRequest, settings: GatewaySettings, model_version: str
+    ) -> SearchQuery:
+        """Raises INVALID_ARGUMENT for a request that cannot be searched with."""
+        query = request.WhichOneof("query")
+        crop = request.crop if request.HasField("crop") else None
+        image_sha256 = ""
+        if query is None:
+            raise invalid_argument("give an image or an item_id to search with")
+        if query == "image":
+            if not request.image:
+                raise invalid_argument("image is empty")
+            if len(request.image) > settings.max_image_bytes:
+                raise invalid_argument(f"image is {len(request.image)} bytes; the limit is {settings.max_image_bytes}")
+            if crop is not None and (crop.width == 0 or crop.height == 0):
+                raise invalid_argument("crop width and height must be positive")
+            image_sha256 = hashlib.sha256(request.image).hexdigest()
+        else:
+            if not request.item_id:
+                raise invalid_argument("item_id is empty")
+            if crop is not None:
+                raise invalid_argument("crop applies only to image queries")
+        k = request.k if request.HasField("k") else settings.default_k
+        if not 1 <= k <= settings.max_k:
+            raise invalid_argument(f"k must be 1..{settings.max_k}, not {k}")
+        min_score = request.min_score if request.HasField("min_score") else None
+        if min_score is not None and not math.isfinite(min_score):
+            raise invalid_argument("min_score must be a finite number")
+        return cls(request, k, min_score, crop, image_sha256, model_version)
+
+    @property
+    def by_image(self) -> bool:
+        return bool(self.image_sha256)
+
+    @property
+    def embedding_key(self) -> str | None:
+        """Where the query image's embedding is cached; None for an item_id query (its vector is in
+        the index)."""
+        return embedding_cache_key(self.image_sha256, self.crop, self.model_version) if self.by_image else None
+
+    def result_key(self, generation: int) -> str:
+        """Where this query's result on the index at `generation` is cached."""
+        query_key = self.embedding_key or item_query_key(self.request.collection, self.request.item_id)
+        return result_cache_key(
+            query_key, self.k, self.request.filter, self.min_score, generation, self.request.collection
+        )
+
+    def by_model(self, model_version: str) -> SearchQuery:
+        """The same query, its embedding made by another model (the embedder was redeployed)."""
+        return dataclasses.replace(self, model_version=model_version)
+
+    def index_request(self, vector: np.ndarray) -> search_pb2.SearchRequest:
+        request = search_pb2.SearchRequest(
+            queries=[search_pb2.Vector(values=vector.tolist())], k=self.k, filter=self.request.filter,
+            collection=self.request.collection,
+        )
+        if self.min_score is not None:
+            request.min_score = self.min_score
+        return request

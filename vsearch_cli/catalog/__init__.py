@@ -1,0 +1,1 @@
+"""Loading a catalog: `vsearch index` (folders or manifests) and `vsearch delete`."""

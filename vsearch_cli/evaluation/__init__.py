@@ -1,0 +1,1 @@
+"""`vsearch eval`: retrieval metrics of the running system on a labelled image set."""

@@ -1,0 +1,3 @@
+"""`vsearch up`: the whole stack on loopback as separate processes, with embedded defaults
+(`launcher.LocalStack`, laid out by `layout.StackLayout`); with `--triton`, the model runs on a local
+CPU Triton Inference Server (`triton.TritonServerProcess`) that the embedder talks to."""
