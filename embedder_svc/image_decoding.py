@@ -4,6 +4,7 @@ wrong). Blocking: run it in the decode executor, never on the event loop."""
 from __future__ import annotations
 
 import io
+import re
 import struct
 import warnings
 from dataclasses import dataclass
@@ -17,6 +18,9 @@ _SUPPORTED_TEXT = "JPEG, PNG, WebP, GIF, BMP or TIFF"
 _BACKGROUND = (255, 255, 255)
 # Errors Pillow's plugins raise on malformed data, besides OSError.
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError)
+# The image's size in Pillow's DecompressionBombError message, which also quotes Pillow's own limit
+# (twice ours), so it is not passed on as it is.
+_PILLOW_BOMB_SIZE = re.compile(r"Image size \((\d+) pixels\)")
 
 
 class ImageRejected(Exception):
@@ -61,7 +65,7 @@ class ImageDecoder:
         try:
             image.load()  # decode every pixel now, so truncation shows here and not later
         except Image.DecompressionBombError as error:
-            raise ImageRejected(self._too_many_pixels(str(error))) from None
+            raise ImageRejected(self._too_many_pixels(_bomb_size(error))) from None
         except _DECODE_ERRORS as error:
             raise ImageRejected(f"truncated or corrupt {image.format} data: {error}") from None
         image = _apply_exif_orientation(image)
@@ -77,11 +81,16 @@ class ImageDecoder:
             return Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)
         except Image.DecompressionBombError as error:
             # Pillow's backstop fired first (over twice the limit); its message carries the size.
-            raise ImageRejected(self._too_many_pixels(str(error))) from None
+            raise ImageRejected(self._too_many_pixels(_bomb_size(error))) from None
         except UnidentifiedImageError:
             raise ImageRejected(_unsupported_message(data)) from None
         except _DECODE_ERRORS as error:
             raise ImageRejected(f"corrupt image header: {error}") from None
+
+
+def _bomb_size(error: Image.DecompressionBombError) -> str:
+    found = _PILLOW_BOMB_SIZE.search(str(error))
+    return f"image is {found.group(1)} pixels" if found else "image has more pixels than that"
 
 
 def _unsupported_message(data: bytes) -> str:

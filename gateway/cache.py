@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
 import time
 from collections import OrderedDict
@@ -20,7 +19,6 @@ from typing import Callable, Protocol, Sequence
 
 import numpy as np
 import redis.asyncio as redis_asyncio
-from google.protobuf import json_format
 from prometheus_client import CollectorRegistry
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -52,13 +50,11 @@ def item_query_key(collection: str, item_id: str) -> str:
 
 
 def canonical_filter(search_filter: search_pb2.Filter) -> str:
-    """A stable text form of a filter: equal filters (conditions in any order) give equal text."""
+    """A stable text form of a filter: equal filters (conditions in any order) give equal text. Any
+    filter has one, NaN, infinities and a thousand conditions included: the key is computed before
+    search_svc validates the filter, and a filter it refuses must come back as its refusal."""
     conditions = sorted(
-        json.dumps(
-            [condition.field, condition.op, json_format.MessageToDict(condition.value)],
-            sort_keys=True, separators=(",", ":"),
-        )
-        for condition in search_filter.conditions
+        condition.SerializeToString(deterministic=True).hex() for condition in search_filter.conditions
     )
     return "[" + ",".join(conditions) + "]"
 

@@ -9,6 +9,7 @@ import contextlib
 import hashlib
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import AsyncIterable, AsyncIterator
 
@@ -18,14 +19,15 @@ import numpy as np
 from gateway.cache import CacheLookup, QueryCache
 from gateway.downstream import Downstream, Refused, item_error
 from gateway.index_generation import IndexGenerationTracker
-from gateway.search_query import SearchQuery
+from gateway.search_query import SearchQuery, id_problem
 from gateway.settings import GatewaySettings
-from service_kit.status import ServiceError
+from service_kit.request_parsing import UnparsableMessage
+from service_kit.status import ServiceError, invalid_argument
+from service_kit.struct_nesting import MAX_STRUCT_DEPTH, struct_depth
 from vsearch.v1 import embedder_pb2, embedder_pb2_grpc, gateway_pb2, search_pb2, search_pb2_grpc
 
 logger = logging.getLogger(__name__)
 
-MAX_ID_CHARS = 256
 INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 # Room for the request's framing and metadata when packing images into one EmbedImages message.
 MESSAGE_HEADROOM_BYTES = 1024 * 1024
@@ -68,6 +70,8 @@ class PendingItem:
     id: str
     content_sha256: str
     request: gateway_pb2.AddImageRequest
+    # Set once search_svc has stored it.
+    written: bool = False
 
 
 def elapsed_ms(since: float) -> float:
@@ -245,16 +249,36 @@ class VisualSearchCore:
             return "image is empty"
         if len(request.image) > self.settings.max_image_bytes:
             return f"image is {len(request.image)} bytes; the limit is {self.settings.max_image_bytes}"
-        if len(request.id) > MAX_ID_CHARS:
-            return f"id is {len(request.id)} characters; the limit is {MAX_ID_CHARS}"
+        if (problem := id_problem(request.id)) is not None:
+            return problem
+        if struct_depth(request.metadata) > MAX_STRUCT_DEPTH:
+            return f"metadata nests deeper than {MAX_STRUCT_DEPTH} levels"
         return None
 
+    @staticmethod
+    def _unparsable_item(message: UnparsableMessage) -> tuple[gateway_pb2.AddImageRequest, str]:
+        """What could be read of a stream message that could not be parsed (its id, when only its
+        metadata was at fault), and what to report for it."""
+        problem = message.problem
+        if problem is not None and problem.top_field == "metadata" and problem.too_deep:
+            reason = f"metadata nests deeper than {MAX_STRUCT_DEPTH} levels"
+        else:
+            reason = message.describe()
+        salvaged = message.salvaged
+        if not isinstance(salvaged, gateway_pb2.AddImageRequest):
+            salvaged = gateway_pb2.AddImageRequest()
+        return salvaged, reason
+
     async def add_images(
-        self, requests: AsyncIterable[gateway_pb2.AddImageRequest], deadline: float | None = None
+        self, requests: AsyncIterable[gateway_pb2.AddImageRequest | UnparsableMessage],
+        deadline: float | None = None,
     ) -> gateway_pb2.AddImagesSummary:
         """Bad items are reported and skipped; only a downstream outage (or deadline) ends the call.
         Upserts are by id, so a client may safely resend a stream that failed part-way: items already
         stored with the same content, metadata and URI are counted as unchanged and not embedded again.
+        An id that comes again later in the stream is written again, after the earlier item, so the
+        later one wins; the earlier one, overwritten, counts as unchanged, so that `indexed` counts
+        distinct ids and received = indexed + unchanged + failed.
 
         Batches are pipelined: while one batch is being upserted the next is embedded, at most
         `add_pipeline_depth` batches in flight."""
@@ -266,31 +290,44 @@ class VisualSearchCore:
         batch: list[PendingItem] = []
         batch_bytes = 0
         collection: str | None = None
-        in_flight: list[tuple[asyncio.Task[int | None], set[str]]] = []
+        in_flight: list[tuple[asyncio.Task[int | None], list[PendingItem]]] = []
+        writes_by_id: Counter[str] = Counter()
 
         async def wait_oldest() -> None:
-            task, _ids = in_flight.pop(0)
+            task, done = in_flight.pop(0)
             if (generation := await task) is not None:
                 generations.append(generation)
+            writes_by_id.update(pending.id for pending in done if pending.written)
 
         async def flush() -> None:
             nonlocal batch, batch_bytes
             if batch:
                 task = asyncio.create_task(self._index_batch(batch, collection or "", summary, deadline))
-                in_flight.append((task, {pending.id for pending in batch}))
+                in_flight.append((task, batch))
                 while len(in_flight) > self.settings.add_pipeline_depth:
                     await wait_oldest()
             batch, batch_bytes = [], 0
 
         try:
-            async for request in requests:
+            async for message in requests:
                 position = summary.received
                 summary.received += 1
+                problem = None
+                if isinstance(message, UnparsableMessage):  # see service_kit.request_parsing
+                    if message.salvaged is None and collection is None:
+                        # The first message names the stream's collection; later ones may leave it out.
+                        raise invalid_argument(
+                            f"the stream's first message is not a valid {message.type_name} ({message.reason}), "
+                            "so the stream's collection is unknown"
+                        )
+                    request, problem = self._unparsable_item(message)
+                else:
+                    request = message
                 content_sha256 = hashlib.sha256(request.image).hexdigest() if request.image else ""
                 item_id = request.id or content_sha256
                 if collection is None:
                     collection = request.collection
-                problem = self._check_item(request)
+                problem = problem or self._check_item(request)
                 if problem is None and request.collection and request.collection != collection:
                     problem = f"collection {request.collection!r} differs from the stream's {collection!r}"
                 if problem is not None:
@@ -299,7 +336,7 @@ class VisualSearchCore:
                 repeated = any(pending.id == item_id for pending in batch)
                 if len(batch) >= batch_size or batch_bytes + len(request.image) > byte_budget or repeated:
                     await flush()
-                if repeated or any(item_id in ids for _task, ids in in_flight):
+                if repeated or any(pending.id == item_id for _task, queued in in_flight for pending in queued):
                     # A repeated id must be written after the earlier one, so the later item wins:
                     # let every batch in flight finish first (rare: only for repeated ids).
                     while in_flight:
@@ -310,9 +347,12 @@ class VisualSearchCore:
             while in_flight:
                 await wait_oldest()
         finally:
-            for task, _ids in in_flight:  # the stream broke or a downstream failed: stop the rest
+            for task, _batch in in_flight:  # the stream broke or a downstream failed: stop the rest
                 task.cancel()
 
+        overwritten = sum(writes - 1 for writes in writes_by_id.values())
+        summary.indexed -= overwritten
+        summary.unchanged += overwritten
         summary.failures.sort(key=lambda failure: failure.index)
         summary.failed = len(summary.failures)
         summary.index_generation = max(generations) if generations else await self.generations.current()
@@ -356,6 +396,8 @@ class VisualSearchCore:
             return generation
         self.generations.observe_write(response.generation)
         summary.indexed += len(items)
+        for pending, _item in items:
+            pending.written = True
         return response.generation
 
     async def _unchanged_ids(self, batch: list[PendingItem], collection: str, deadline: float | None) -> set[str]:

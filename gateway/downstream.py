@@ -147,7 +147,8 @@ class Downstream:
                         grpc.StatusCode.INTERNAL, f"search: item {item_id!r} came back without its vector"
                     )
                 return np.asarray(item.vector.values, dtype=np.float32)
-        raise ServiceError(grpc.StatusCode.NOT_FOUND, f"no item with id {item_id!r}")
+        where = f" in collection {collection!r}" if collection else ""  # Get finds nothing in a missing one
+        raise ServiceError(grpc.StatusCode.NOT_FOUND, f"no item with id {item_id!r}{where}")
 
     async def upsert(
         self, items: list[search_pb2.Item], collection: str, deadline: float | None

@@ -21,9 +21,11 @@ from pydantic import BaseModel, ValidationError
 from pydantic.json_schema import models_json_schema
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.core import VisualSearchCore
+from gateway.http_limits import CLOSE, RequestBodyTimeout, RequestBodyTooLarge, RequestGuard
 from gateway.http_models import (
     AddImagesBody,
     AddImagesResponseBody,
@@ -48,11 +50,13 @@ from gateway.http_models import (
     search_body_to_proto,
     search_response_json,
     service_error_json,
+    shown,
     stats_json,
     summary_json,
 )
 from gateway.local_files import LocalImageFiles
 from gateway.metrics import HttpMetrics
+from gateway.readiness import Readiness
 from gateway.settings import GatewaySettings
 from service_kit.status import ServiceError, invalid_argument
 from vsearch.v1 import gateway_pb2
@@ -60,14 +64,21 @@ from vsearch.v1 import gateway_pb2
 logger = logging.getLogger(__name__)
 
 SEARCH_FORM_FIELDS = {"image", "item_id", "k", "min_score", "crop", "filter", "collection"}
-ADD_FORM_FIELDS = {"images", "image", "ids", "metadata", "image_uris"}
+ADD_FILE_FIELDS = frozenset({"images", "image"})
+ADD_FORM_FIELDS = {*ADD_FILE_FIELDS, "ids", "metadata", "image_uris"}
 FORM_CONTENT_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
+# nginx's status for a request whose client went away before the answer; CANCELLED in gRPC's terms.
+CLIENT_CLOSED_REQUEST = 499
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": description}
     for status, description in [
-        (400, "Bad request (INVALID_ARGUMENT)"), (404, "Not found"), (413, "Request body too large"),
-        (503, "A downstream service is unavailable"), (504, "A downstream call ran out of time"),
+        (400, "Bad request (INVALID_ARGUMENT)"), (404, "Not found (NOT_FOUND)"),
+        (408, "The request was not all received in time (DEADLINE_EXCEEDED)"),
+        (413, "Request body too large (RESOURCE_EXHAUSTED)"),
+        (431, "Request line and headers too large (RESOURCE_EXHAUSTED)"),
+        (503, "A downstream service is unavailable, or too many connections (UNAVAILABLE)"),
+        (504, "A downstream call ran out of time (DEADLINE_EXCEEDED)"),
     ]
 }
 
@@ -104,44 +115,6 @@ def request_body_doc(json_model: type[BaseModel], form_schema: dict[str, Any]) -
         "application/json": {"schema": {"$ref": f"#/components/schemas/{json_model.__name__}"}},
         "multipart/form-data": {"schema": form_schema},
     }}}
-
-
-class RequestBodyTooLarge(Exception):
-    def __init__(self, limit: int) -> None:
-        super().__init__(f"request body exceeds {limit} bytes")
-        self.limit = limit
-
-
-class BodyLimitMiddleware:
-    """Refuses bodies over `max_bytes`: by Content-Length up front, or while reading a chunked one."""
-
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
-            status, message = (413, f"request body exceeds {self.max_bytes} bytes") if declared.isdigit() else (
-                400, "Content-Length is not a number")
-            response = JSONResponse(error_body(code_for_http_status(status), message), status_code=status)
-            await response(scope, receive, send)
-            return
-        received = 0
-
-        async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise RequestBodyTooLarge(self.max_bytes)
-            return message
-
-        await self.app(scope, limited_receive, send)
 
 
 class HttpMetricsMiddleware:
@@ -183,10 +156,15 @@ def is_json(media_type: str) -> bool:
     return media_type == "application/json" or media_type.endswith("+json")
 
 
-def reject_unknown_fields(form: FormData, known: set[str]) -> None:
+def check_form_fields(form: FormData, known: set[str], repeatable: frozenset[str] = frozenset()) -> None:
+    """Unknown fields, and a field sent more than once that takes one value, are refused (rather than
+    one of its values silently used)."""
     unknown = sorted(set(form.keys()) - known)
     if unknown:
         raise invalid_argument(f"unknown form field(s) {', '.join(unknown)}; expected {', '.join(sorted(known))}")
+    for name in sorted(set(form.keys()) - repeatable):
+        if (count := len(form.getlist(name))) > 1:
+            raise invalid_argument(f"form field {name!r} was sent {count} times; send it once")
 
 
 def form_text(form: FormData, name: str) -> str | None:
@@ -199,7 +177,7 @@ def form_text(form: FormData, name: str) -> str | None:
 
 
 async def search_request_from_form(form: FormData) -> gateway_pb2.VisualSearchRequest:
-    reject_unknown_fields(form, SEARCH_FORM_FIELDS)
+    check_form_fields(form, SEARCH_FORM_FIELDS)
     request = gateway_pb2.VisualSearchRequest()
     image = form.get("image")
     item_id = form_text(form, "item_id")
@@ -233,7 +211,7 @@ def optional_json_list(form: FormData, name: str, count: int) -> list[Any] | Non
 
 
 def add_requests_from_form(form: FormData) -> AsyncIterator[gateway_pb2.AddImageRequest]:
-    reject_unknown_fields(form, ADD_FORM_FIELDS)
+    check_form_fields(form, ADD_FORM_FIELDS, repeatable=ADD_FILE_FIELDS)
     files = [*form.getlist("images"), *form.getlist("image")]
     if not files:
         raise invalid_argument("send the images as file field(s) named 'images'")
@@ -312,7 +290,7 @@ def create_app(
     core: VisualSearchCore,
     settings: GatewaySettings,
     registry: CollectorRegistry,
-    is_ready: Callable[[], bool],
+    readiness: Callable[[], Readiness],
 ) -> FastAPI:
     app = FastAPI(
         title="vsearch gateway",
@@ -320,7 +298,10 @@ def create_app(
         description="Visual search: send an image, get visually similar catalog images back.",
         responses=ERROR_RESPONSES,
     )
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.http_max_body_bytes)
+    app.add_middleware(
+        RequestGuard, max_head_bytes=settings.http.max_header_bytes, max_bytes=settings.http_max_body_bytes,
+        timeout_s=settings.http.body_timeout_s,
+    )
     if settings.api_key is not None:
         app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key.get_secret_value())
     app.add_middleware(HttpMetricsMiddleware, registry=registry)
@@ -346,7 +327,22 @@ def create_app(
 
     @app.exception_handler(RequestBodyTooLarge)
     async def on_body_too_large(_request: Request, error: RequestBodyTooLarge) -> JSONResponse:
-        return json_error(grpc.StatusCode.INVALID_ARGUMENT, str(error), 413)
+        return json_error(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error), 413)
+
+    @app.exception_handler(RequestBodyTimeout)
+    async def on_body_timeout(request: Request, error: RequestBodyTimeout) -> JSONResponse:
+        # The connection closes: a client this slow is not waited for any longer.
+        logger.info("HTTP 408 in %s %s: %s", request.method, request.url.path, error)
+        return JSONResponse(
+            error_body(grpc.StatusCode.DEADLINE_EXCEEDED, str(error)), status_code=408, headers=CLOSE
+        )
+
+    @app.exception_handler(ClientDisconnect)
+    async def on_client_disconnect(request: Request, _error: ClientDisconnect) -> Response:
+        # The client went away before its request was read: nothing to answer, nothing wrong here.
+        # 499 ("client closed request") is what /metrics counts; nobody receives it.
+        logger.debug("client disconnected during %s %s", request.method, request.url.path)
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
 
     @app.exception_handler(Exception)
     async def on_unexpected(request: Request, _error: Exception) -> JSONResponse:
@@ -356,7 +352,10 @@ def create_app(
     def require_body_type(request: Request) -> str:
         media_type = content_type(request)
         if not (is_json(media_type) or media_type in FORM_CONTENT_TYPES):
-            raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, "send application/json or multipart/form-data")
+            raise invalid_argument(
+                f"unsupported content type {shown(media_type) if media_type else '(none)'}: "
+                "send application/json or multipart/form-data"
+            )
         return media_type
 
     async def parse_json_body(request: Request, model: type[BaseModel]) -> Any:
@@ -431,12 +430,12 @@ def create_app(
 
     @app.get(
         "/healthz", response_model=HealthBody, tags=["operations"],
-        summary="200 once both downstream services answered, 503 before that and while draining",
+        summary="200 once both downstream services answered; 503 before that, while one has been unavailable "
+        "for longer than GATEWAY_DOWNSTREAM_GRACE_S (named in `unavailable`), and while draining",
     )
     async def healthz() -> JSONResponse:
-        if is_ready():
-            return JSONResponse({"status": "SERVING"})
-        return JSONResponse({"status": "NOT_SERVING"}, status_code=503)
+        state = readiness()
+        return JSONResponse(state.json(), status_code=200 if state.serving else 503)
 
     @app.get("/metrics", tags=["operations"], summary="Prometheus metrics", response_class=Response)
     async def metrics() -> Response:

@@ -7,6 +7,7 @@ import base64
 import binascii
 import json
 import math
+import re
 from typing import Annotated, Any
 
 import grpc
@@ -39,17 +40,22 @@ HTTP_STATUS_BY_CODE: dict[grpc.StatusCode, int] = {
     grpc.StatusCode.DATA_LOSS: 500,
 }
 
-# For errors raised by the HTTP layer itself (unknown route, wrong method, ...).
+# For errors raised by the HTTP layer itself (unknown route, wrong method, a request over a limit, ...).
+# Where HTTP has a more precise status than the code's own, the code is the one gRPC would give the same
+# request: 408 DEADLINE_EXCEEDED (the request did not arrive in time), 413 and 431 RESOURCE_EXHAUSTED
+# (what gRPC answers a message over its size limit), 499 CANCELLED (the client went away).
 CODE_BY_HTTP_STATUS: dict[int, grpc.StatusCode] = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
     401: grpc.StatusCode.UNAUTHENTICATED,
     403: grpc.StatusCode.PERMISSION_DENIED,
     404: grpc.StatusCode.NOT_FOUND,
     405: grpc.StatusCode.UNIMPLEMENTED,
+    408: grpc.StatusCode.DEADLINE_EXCEEDED,
     409: grpc.StatusCode.ABORTED,
-    413: grpc.StatusCode.INVALID_ARGUMENT,
+    413: grpc.StatusCode.RESOURCE_EXHAUSTED,
     415: grpc.StatusCode.INVALID_ARGUMENT,
     429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    431: grpc.StatusCode.RESOURCE_EXHAUSTED,
     499: grpc.StatusCode.CANCELLED,
     501: grpc.StatusCode.UNIMPLEMENTED,
     503: grpc.StatusCode.UNAVAILABLE,
@@ -98,7 +104,8 @@ def describe_validation_error(error: ValidationError, prefix: str = "") -> str:
 class CropBody(BaseModel):
     """A rectangle in pixels of the image as displayed (after EXIF orientation)."""
 
-    model_config = ConfigDict(extra="forbid")
+    # strict: JSON integers only, never `true` (1), `1.0` or "1".
+    model_config = ConfigDict(extra="forbid", strict=True)
     x: int = Field(0, ge=0, lt=2**32)
     y: int = Field(0, ge=0, lt=2**32)
     width: int = Field(ge=0, lt=2**32)
@@ -145,10 +152,13 @@ class SearchBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     image_base64: str | None = None
     item_id: str | None = None
-    k: int | None = Field(None, description="Hits wanted (1..max_k); the gateway's default_k when left out.")
+    # strict: a JSON integer (number) only; `true` is not 1, nor "5" five.
+    k: int | None = Field(
+        None, strict=True, description="Hits wanted (1..max_k); the gateway's default_k when left out."
+    )
     crop: CropBody | None = None
     filter: FilterBody | None = None
-    min_score: float | None = None
+    min_score: float | None = Field(None, strict=True, allow_inf_nan=False)
     collection: str = Field("", description="Which catalog; empty for the default one.")
 
 
@@ -230,7 +240,11 @@ class StatsResponseBody(BaseModel):
 
 
 class HealthBody(BaseModel):
-    status: str
+    status: str = Field(description="SERVING or NOT_SERVING")
+    reason: str | None = Field(None, description="Why not SERVING: starting, draining or downstream unavailable")
+    unavailable: list[str] | None = Field(
+        None, description="The downstream services (embedder, search) unavailable for longer than the grace period"
+    )
 
 
 # --------------------------------------------------------------------------------- JSON -> protobuf
@@ -291,17 +305,21 @@ def parse_filter_json(text: str) -> search_pb2.Filter:
     return filter_to_proto(body)
 
 
+# Numbers in form fields: plain decimal text, not all Python's int() and float() take ("1_000", "١٢").
+INTEGER_TEXT = re.compile(r"[+-]?[0-9]+")
+NUMBER_TEXT = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
+
+
 def parse_crop_text(text: str) -> embedder_pb2.CropBox | None:
     """ "x,y,width,height" in pixels; empty means no crop."""
     if not text.strip():
         return None
     parts = [part.strip() for part in text.split(",")]
-    try:
-        x, y, width, height = (int(part) for part in parts)
-    except ValueError:
-        raise invalid_argument(f"crop must be four non-negative integers x,y,width,height, not {text!r}") from None
+    if len(parts) != 4 or not all(INTEGER_TEXT.fullmatch(part) and len(part) <= 20 for part in parts):
+        raise invalid_argument(f"crop must be four non-negative integers x,y,width,height, not {shown(text)}")
+    x, y, width, height = (int(part) for part in parts)
     if min(x, y, width, height) < 0 or max(x, y, width, height) >= 2**32:
-        raise invalid_argument(f"crop must be four non-negative integers x,y,width,height, not {text!r}")
+        raise invalid_argument(f"crop must be four non-negative integers x,y,width,height, not {shown(text)}")
     return embedder_pb2.CropBox(x=x, y=y, width=width, height=height)
 
 
@@ -368,19 +386,26 @@ def parse_json_text(text: str, where: str) -> Any:
         raise invalid_argument(f"{where}: malformed JSON: {error}") from None
 
 
+def shown(text: str, limit: int = 40) -> str:
+    """A caller's text quoted in an error message, cut short."""
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + "..."
+
+
 def parse_int(text: str, where: str) -> int:
-    try:
-        return int(text.strip())
-    except ValueError:
-        raise invalid_argument(f"{where} must be an integer, not {text!r}") from None
+    """Decimal digits with an optional sign (not Python's "1_000" nor "١٢")."""
+    text = text.strip()
+    if not INTEGER_TEXT.fullmatch(text):
+        raise invalid_argument(f"{where} must be an integer, not {shown(text)}")
+    if len(text) > 20:  # and int() refuses beyond 4300 digits
+        raise invalid_argument(f"{where} is out of range: {shown(text)}")
+    return int(text)
 
 
 def parse_float(text: str, where: str) -> float:
-    try:
-        value = float(text.strip())
-    except ValueError:
-        raise invalid_argument(f"{where} must be a number, not {text!r}") from None
-    if not math.isfinite(value):
+    if not NUMBER_TEXT.fullmatch(text.strip()):
+        raise invalid_argument(f"{where} must be a finite number, not {shown(text)}")
+    value = float(text.strip())
+    if not math.isfinite(value):  # 1e999
         raise invalid_argument(f"{where} must be a finite number")
     return value
 

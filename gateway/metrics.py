@@ -1,13 +1,15 @@
 """The gateway's own Prometheus metrics, registered in its server's registry (beside service_kit's
-gRPC ones): the query cache's and the HTTP API's."""
+gRPC ones): the query cache's, the HTTP API's and its connections', and the downstreams' readiness."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from service_kit.metrics import LATENCY_BUCKETS
 
 CACHE_KINDS = ("embedding", "result")
+# Why the gateway itself closed an HTTP connection (see gateway/http_limits.py).
+CONNECTION_CLOSE_REASONS = ("header_timeout", "body_timeout", "malformed_request", "too_many_connections")
 
 
 class CacheMetrics:
@@ -53,3 +55,37 @@ class HttpMetrics:
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
         self.requests.labels(method, route, str(status)).inc()
         self.latency.labels(method, route).observe(seconds)
+
+
+class HttpConnectionMetrics:
+    """What happens below the requests: open connections, and those the gateway closed because a client
+    broke a limit (these never reach a route, so `vsearch_http_requests` cannot count them)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.open = Gauge("vsearch_http_open_connections", "HTTP connections open now.", registry=registry)
+        self.closed = Counter(
+            "vsearch_http_connections_closed",
+            "HTTP connections the gateway closed for a client's fault, by reason "
+            "(header_timeout|body_timeout|malformed_request|too_many_connections).",
+            ["reason"], registry=registry,
+        )
+        for reason in CONNECTION_CLOSE_REASONS:
+            self.closed.labels(reason)
+
+    def count_close(self, reason: str) -> None:
+        self.closed.labels(reason).inc()
+
+
+class DownstreamMetrics:
+    def __init__(self, registry: CollectorRegistry, names: tuple[str, ...]) -> None:
+        self.available = Gauge(
+            "vsearch_gateway_downstream_available",
+            "1 while a downstream service (embedder|search) has answered its health check SERVING within "
+            "the grace period, else 0 (also before the gateway's startup saw it); NOT_SERVING while any is 0.",
+            ["downstream"], registry=registry,
+        )
+        for name in names:
+            self.available.labels(name)
+
+    def set_available(self, name: str, available: bool) -> None:
+        self.available.labels(name).set(1 if available else 0)

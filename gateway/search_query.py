@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,6 +15,30 @@ from gateway.cache import embedding_cache_key, item_query_key, result_cache_key
 from gateway.settings import GatewaySettings
 from service_kit.status import invalid_argument
 from vsearch.v1 import embedder_pb2, gateway_pb2, search_pb2
+
+# search_svc's rules for ids, checked here too so that a bad id is refused before anything is embedded.
+MAX_ID_CHARS = 256
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def id_problem(item_id: str, what: str = "id") -> str | None:
+    """What is wrong with an item id, or None. The id is quoted by repr(), control characters escaped."""
+    if len(item_id) > MAX_ID_CHARS:
+        return f"{what} is {len(item_id)} characters; the limit is {MAX_ID_CHARS}"
+    if _CONTROL_CHARS.search(item_id):
+        return f"{what} {item_id!r} contains a control character"
+    return None
+
+
+def check_filter_numbers(search_filter: search_pb2.Filter) -> None:
+    """INVALID_ARGUMENT for a NaN or an infinity among the filter's values: no filter can match one,
+    and checking here spares the query's embedding (search_svc checks everything else)."""
+    for condition in search_filter.conditions:
+        value = condition.value
+        values = value.list_value.values if value.WhichOneof("kind") == "list_value" else (value,)
+        for one in values:
+            if one.WhichOneof("kind") == "number_value" and not math.isfinite(one.number_value):
+                raise invalid_argument(f"filter value for {condition.field!r} must be finite, got {one.number_value}")
 
 
 @dataclass(frozen=True)
@@ -48,6 +73,8 @@ class SearchQuery:
         else:
             if not request.item_id:
                 raise invalid_argument("item_id is empty")
+            if (problem := id_problem(request.item_id, "item_id")) is not None:
+                raise invalid_argument(problem)
             if crop is not None:
                 raise invalid_argument("crop applies only to image queries")
         k = request.k if request.HasField("k") else settings.default_k
@@ -56,6 +83,7 @@ class SearchQuery:
         min_score = request.min_score if request.HasField("min_score") else None
         if min_score is not None and not math.isfinite(min_score):
             raise invalid_argument("min_score must be a finite number")
+        check_filter_numbers(request.filter)
         return cls(request, k, min_score, crop, image_sha256, model_version)
 
     @property

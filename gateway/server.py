@@ -1,5 +1,6 @@
 """Builds the gateway: gRPC (vsearch.v1.VisualSearch) and HTTP/JSON on one asyncio loop, both over one
-`VisualSearchCore`, with channels to the embedder and search_svc and the query cache."""
+`VisualSearchCore`, with channels to the embedder and search_svc, the query cache, and the monitor of
+the downstreams' health that readiness follows."""
 
 from __future__ import annotations
 
@@ -10,10 +11,15 @@ import socket
 from typing import Iterator
 
 import uvicorn
+from grpc_health.v1 import health_pb2
 
 from gateway.cache import QueryCache, create_store
 from gateway.core import VisualSearchCore
+from gateway.downstream import EMBEDDER, SEARCH
 from gateway.http_api import create_app
+from gateway.http_limits import http_protocol_class
+from gateway.metrics import DownstreamMetrics, HttpConnectionMetrics
+from gateway.readiness import DownstreamMonitor, Readiness
 from gateway.servicer import VisualSearchServicer
 from gateway.settings import GatewaySettings
 from service_kit.channels import create_channel
@@ -24,6 +30,9 @@ logger = logging.getLogger(__name__)
 
 SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["VisualSearch"].full_name
 HTTP_START_TIMEOUT_S = 10.0
+# A health service name that is SERVING while the process runs, whatever its downstreams do: what a
+# liveness probe should ask for (the default "" follows readiness, which an embedder outage turns off).
+LIVENESS_SERVICE = "liveness"
 
 
 class EmbeddedUvicorn(uvicorn.Server):
@@ -55,6 +64,8 @@ class GatewayServer(ManagedServer):
     def __init__(self, settings: GatewaySettings) -> None:
         super().__init__("gateway", settings, [SERVICE_NAME])
         self.draining = False
+        self.downstreams: DownstreamMonitor | None = None
+        self._monitor_task: asyncio.Task[None] | None = None
         self._http_socket = bind_http_socket(settings.http_host, settings.http_port)
         self.http_port: int = self._http_socket.getsockname()[1]
         self._http_server: uvicorn.Server | None = None
@@ -64,19 +75,57 @@ class GatewayServer(ManagedServer):
     def http_address(self) -> str:
         return f"{self.settings.http_host}:{self.http_port}"
 
+    def readiness(self) -> Readiness:
+        if self.draining:
+            return Readiness(False, "draining")
+        if not self.ready:
+            return Readiness(False, "starting: waiting for the embedder and the search service to answer")
+        unavailable = self.downstreams.unavailable if self.downstreams is not None else ()
+        if unavailable:
+            return Readiness(False, "downstream unavailable: " + ", ".join(unavailable), unavailable)
+        return Readiness(True)
+
+    async def downstreams_changed(self, unavailable: tuple[str, ...]) -> None:
+        """The monitor's report (it runs once startup has set SERVING); the health servicer ignores it
+        once draining."""
+        if not self.draining:
+            await self._set_status(
+                health_pb2.HealthCheckResponse.NOT_SERVING if unavailable else health_pb2.HealthCheckResponse.SERVING
+            )
+
+    async def _monitor_once_ready(self) -> None:
+        await self.wait_ready()
+        if self.downstreams is not None:
+            await self.downstreams.start()
+
+    async def stop_monitor(self) -> None:
+        if self._monitor_task is not None:
+            self._monitor_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._monitor_task
+        if self.downstreams is not None:
+            await self.downstreams.stop()
+
     def serve_http(self, app: object) -> None:
+        limits = self.settings.http
         config = uvicorn.Config(
             app,
             lifespan="off",
             log_config=None,  # keep the process's structured logging
             access_log=False,  # requests are counted in /metrics instead
             ws="none",
+            # h11, with the header deadline, the connection cap and JSON errors (gateway/http_limits.py).
+            http=http_protocol_class(limits, HttpConnectionMetrics(self.metrics.registry)),
+            timeout_keep_alive=limits.keepalive_timeout_s,  # type: ignore[arg-type] - a float works
+            h11_max_incomplete_event_size=limits.max_header_bytes,
             timeout_graceful_shutdown=max(1, round(self.settings.grace_seconds)),
         )
         self._http_server = EmbeddedUvicorn(config)
 
     async def start(self) -> None:
         await super().start()
+        await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+        self._monitor_task = asyncio.create_task(self._monitor_once_ready())
         if self._http_server is None:
             return
         self._http_task = asyncio.create_task(self._http_server.serve(sockets=[self._http_socket]))
@@ -128,13 +177,24 @@ async def create_server(settings: GatewaySettings) -> tuple[GatewayServer, int]:
         cache,
     )
     gateway_pb2_grpc.add_VisualSearchServicer_to_server(VisualSearchServicer(core), server.grpc_server)
-    server.serve_http(create_app(core, settings, server.metrics.registry, lambda: server.ready and not server.draining))
+    server.serve_http(create_app(core, settings, server.metrics.registry, server.readiness))
+    # Readiness after startup (SERVING once `core.connect` succeeded): the downstreams' own health,
+    # checked beside the request path.
+    server.downstreams = DownstreamMonitor(
+        {EMBEDDER: embedder_channel, SEARCH: search_channel},
+        grace_s=settings.downstream_grace_s,
+        interval_s=settings.downstream_check_interval_s,
+        timeout_s=settings.downstream_check_timeout_s,
+        metrics=DownstreamMetrics(server.metrics.registry, (EMBEDDER, SEARCH)),
+        on_change=server.downstreams_changed,
+    )
     server.on_startup(core.connect)
 
     async def close_clients() -> None:
         await asyncio.gather(embedder_channel.close(), search_channel.close(), cache.close())
 
-    # Shutdown hooks run in reverse: HTTP stops (finishing its requests) before the clients close.
+    # Shutdown hooks run in reverse: the monitor stops, then HTTP (finishing its requests), then the clients.
     server.on_shutdown(close_clients)
     server.on_shutdown(server.stop_http)
+    server.on_shutdown(server.stop_monitor)
     return server, server.port

@@ -28,6 +28,27 @@ class CacheSettings(BaseModel):
     max_writes_in_flight: int = Field(256, ge=1)
 
 
+class HttpLimits(BaseModel):
+    """What one HTTP client may hold of the gateway, and for how long (``GATEWAY_HTTP__HEADER_TIMEOUT_S``).
+    uvicorn offers only the keep-alive timeout and the head size; the rest is `gateway/http_limits.py`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # Until a request's line and headers are all in: from the connection's opening for its first
+    # request, from the first byte of each later one. Then 408 (or a quiet close for a connection that
+    # never sent a byte).
+    header_timeout_s: float = Field(10.0, gt=0)
+    # From the end of the headers until the whole body is in, however it trickles; later: 408.
+    # At the largest body (http_max_body_bytes, 64 MiB) the default asks for ~0.55 MB/s.
+    body_timeout_s: float = Field(120.0, gt=0)
+    # How long a connection may sit idle between two requests.
+    keepalive_timeout_s: float = Field(5.0, gt=0)
+    # Open connections; a request on one beyond this is answered 503 UNAVAILABLE and its connection closed.
+    max_connections: int = Field(1000, ge=1)
+    # Request line plus headers; a longer head is answered 431 RESOURCE_EXHAUSTED.
+    max_header_bytes: int = Field(16 * 1024, ge=1024)
+
+
 class GatewaySettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="GATEWAY_")
 
@@ -40,6 +61,7 @@ class GatewaySettings(ServiceSettings):
     http_port: int = 8080
     # Requests with a larger body are refused with 413 before they are read.
     http_max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    http: HttpLimits = HttpLimits()
     # Directories whose images `GET /v1/files?uri=file://...` may serve (the web page's thumbnails).
     # Empty: serve none. JSON list in the environment: GATEWAY_IMAGE_ROOTS='["/data/catalog"]'.
     image_roots: list[Path] = []
@@ -56,6 +78,14 @@ class GatewaySettings(ServiceSettings):
     # write made through another replica or straight to search_svc may be missed for up to N ms (writes
     # through this gateway are always seen at once).
     generation_refresh_ms: int = Field(0, ge=0)
+
+    # Readiness: the gateway reports NOT_SERVING (gRPC health, /healthz 503) while the embedder or
+    # search_svc has not answered its own health check for longer than `downstream_grace_s`; searches
+    # are still served (cached answers need neither). Each is checked every `downstream_check_interval_s`
+    # with a deadline of `downstream_check_timeout_s`.
+    downstream_grace_s: float = Field(5.0, ge=0)
+    downstream_check_interval_s: float = Field(1.0, gt=0)
+    downstream_check_timeout_s: float = Field(1.0, gt=0)
 
     # Deadlines of outbound calls (capped by the caller's own deadline).
     embed_timeout_s: float = Field(10.0, gt=0)

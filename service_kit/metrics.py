@@ -1,15 +1,18 @@
-"""Prometheus metrics for gRPC servers. Each server gets its own registry, so several services can run
-in one process (as the tests do) without clashing names."""
+"""Prometheus metrics for gRPC servers, and the interceptor every server runs (metrics, status codes,
+lenient request parsing). Each server gets its own registry, so several services can run in one
+process (as the tests do) without clashing names."""
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
-from typing import Any, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 
+from service_kit.request_parsing import UnparsableMessage, lenient_deserializer
 from service_kit.status import ServiceError
 
 logger = logging.getLogger(__name__)
@@ -50,7 +53,13 @@ def _status_name(context: grpc.aio.ServicerContext, failed: bool) -> str:
 
 class ServiceInterceptor(grpc.aio.ServerInterceptor):
     """Counts and times every call, turns `ServiceError` into its status, and turns any other
-    exception into INTERNAL with the traceback logged (a bug, never the caller's fault)."""
+    exception into INTERNAL with the traceback logged (a bug, never the caller's fault).
+
+    Requests are parsed leniently (`request_parsing`): a request that cannot be parsed is answered
+    with INVALID_ARGUMENT saying what is wrong where, on every RPC of every service (health and
+    reflection included), except that a client-streaming handler receives an `UnparsableMessage` in
+    place of each message that could not be parsed, and decides (gateway AddImages reports it as that
+    item's failure and goes on)."""
 
     def __init__(self, metrics: RpcMetrics) -> None:
         self.metrics = metrics
@@ -61,8 +70,12 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(details)
-        if handler is None or handler.unary_stream or handler.stream_stream:
-            return handler  # streaming responses (health Watch, reflection) pass untouched
+        if handler is None:
+            return handler
+        deserializer = lenient_deserializer(handler.request_deserializer)
+        if handler.unary_stream or handler.stream_stream:
+            # Streaming responses (health Watch, reflection) are neither counted nor timed.
+            return _refusing_unparsable_requests(handler, deserializer)
         method = details.method.rsplit("/", 1)[-1]
         kind = "unary_unary" if handler.unary_unary else "stream_unary"
         behavior = handler.unary_unary or handler.stream_unary
@@ -71,6 +84,8 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             start = time.perf_counter()
             failed = False
             try:
+                if isinstance(request, UnparsableMessage):
+                    raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, request.describe())
                 return await behavior(request, context)
             except ServiceError as error:
                 failed = True
@@ -88,6 +103,43 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         factory = getattr(grpc, f"{kind}_rpc_method_handler")
         return factory(
             wrapped,
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=deserializer,
             response_serializer=handler.response_serializer,
         )
+
+
+async def _abort_if_unparsable(request: Any, context: grpc.aio.ServicerContext) -> None:
+    if isinstance(request, UnparsableMessage):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.describe())
+
+
+def _refusing_unparsable_requests(handler: grpc.RpcMethodHandler, deserializer: Any) -> grpc.RpcMethodHandler:
+    """The streaming-response handler, answering INVALID_ARGUMENT for a request that cannot be parsed
+    instead of passing it on. The wrapper has the handler's shape (an async generator, or a coroutine
+    that writes its responses), which is how grpc.aio tells how to run it; a plain generator (a sync
+    handler, which these servers never have) is left as it is."""
+    behavior = handler.unary_stream or handler.stream_stream
+    streaming_requests = handler.stream_stream is not None
+
+    async def checked(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async for request in requests:
+            await _abort_if_unparsable(request, context)
+            yield request
+
+    async def prepared(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if streaming_requests:
+            return checked(request, context)
+        await _abort_if_unparsable(request, context)
+        return request
+
+    if inspect.isasyncgenfunction(behavior):
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            async for response in behavior(await prepared(request, context), context):
+                yield response
+    elif inspect.iscoroutinefunction(behavior):
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:  # type: ignore[misc]
+            return await behavior(await prepared(request, context), context)
+    else:
+        return handler
+    factory = grpc.stream_stream_rpc_method_handler if streaming_requests else grpc.unary_stream_rpc_method_handler
+    return factory(wrapped, request_deserializer=deserializer, response_serializer=handler.response_serializer)

@@ -6,18 +6,22 @@ helpers (`from conftest import ...`)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import inspect
 import io
 import os
 import re
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator, Iterator, Sequence
+from typing import Any, AsyncIterator, Callable, Iterator, Sequence
 
 import grpc
 import httpx
@@ -61,6 +65,60 @@ def ukbench_images(shared_dir: Path) -> list[Path]:
 def ukbench_bytes(ukbench_images: list[Path]) -> list[bytes]:
     assert len(ukbench_images) == 56
     return [path.read_bytes() for path in ukbench_images]
+
+
+# ---- waiting for a condition, and processes ----------------------------------------------------
+
+
+def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.02) -> Any:
+    """Polls `condition()` until it returns something truthy, which is returned; fails the test after
+    `timeout` seconds naming `what`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if result := condition():
+            return result
+        if time.monotonic() > deadline:
+            pytest.fail(f"not within {timeout:g}s: {what}")
+        time.sleep(interval)
+
+
+async def wait_until(condition: Callable[[], Any], timeout: float = 10.0, what: str = "the condition",
+                     interval: float = 0.02) -> float:
+    """`wait_for` on the event loop: `condition()` may return a value or an awaitable of one. Returns
+    the seconds it took."""
+    started = time.monotonic()
+    while True:
+        result = condition()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return time.monotonic() - started
+        if time.monotonic() - started > timeout:
+            pytest.fail(f"not within {timeout:g}s: {what}")
+        await asyncio.sleep(interval)
+
+
+def children_of(parent: int) -> dict[int, list[str]]:
+    """The live (not zombie) children of `parent`: pid -> command line."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            # The command name (field 2) may hold spaces; the fields after its closing parenthesis don't.
+            state, ppid = stat.read_text().rsplit(")", 1)[1].split()[:2]
+            cmdline = (stat.parent / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except (OSError, IndexError):
+            continue
+        if int(ppid) == parent and state != "Z":
+            found[int(stat.parent.name)] = cmdline
+    return found
+
+
+def process_gone(pid: int) -> bool:
+    """Dead: no such process, or a zombie nobody reaped yet."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
 
 
 # ---- time ---------------------------------------------------------------------------------------
@@ -283,6 +341,45 @@ def encode(image: Image.Image, format: str, **options: object) -> bytes:
     return buffer.getvalue()
 
 
+# ---- images and messages built by hand --------------------------------------------------------
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def single_colour_png(width: int, height: int) -> bytes:
+    """A valid 1-bit PNG of any size, streamed through zlib so it never exists in memory."""
+    compressor = zlib.compressobj(9)
+    row = b"\x00" * (1 + (width + 7) // 8)  # filter byte + packed bits
+    body = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", body) + _png_chunk(b"IEND", b"")
+
+
+def varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def length_delimited(number: int, payload: bytes) -> bytes:
+    return varint(number << 3 | 2) + varint(len(payload)) + payload
+
+
+def nested_struct_bytes(depth: int) -> bytes:
+    """A google.protobuf.Struct `depth` objects deep: {"a": {"a": ... {"a": 1.0}}}, 3 messages a level."""
+    value = varint(2 << 3 | 1) + struct.pack("<d", 1.0)  # Value.number_value
+    for _ in range(depth):
+        entry = length_delimited(1, b"a") + length_delimited(2, value)  # Struct.fields map entry
+        struct_bytes = length_delimited(1, entry)
+        value = length_delimited(5, struct_bytes)  # Value.struct_value
+    return struct_bytes
+
+
 # ---- the whole stack in process: embedder (ONNX) -> search_svc (FAISS) behind the gateway, Redis ----
 
 
@@ -363,6 +460,8 @@ async def in_process_stack(data_dir: Path, model_dir: Path, **gateway_settings: 
 # ---- the command line, as a user runs it --------------------------------------------------------
 
 VSEARCH = [sys.executable, "-m", "vsearch_cli"]
+# The children `vsearch up` starts with `python -m MODULE`.
+SERVICE_MODULES = {"embedder": "embedder_svc", "search": "search_svc", "gateway": "gateway"}
 
 
 def run_cli(*args: str, timeout: float = 120, cwd: Path = REPO_ROOT) -> subprocess.CompletedProcess:
@@ -387,7 +486,23 @@ class VsearchUp:
     @property
     def search(self) -> str:
         """search_svc's address, from the banner (Get is not on the gateway)."""
-        found = re.search(r"\| search (\S+) ", self.banner)
+        return self._address("search")
+
+    @property
+    def embedder(self) -> str:
+        return self._address("embedder")
+
+    def child_pid(self, name: str) -> int | None:
+        """The pid of the child `name` (redis, embedder, search, gateway), if it is alive."""
+        for pid, cmdline in children_of(self.process.pid).items():
+            if name == "redis" and "redis-server" in cmdline[0]:
+                return pid
+            if name in SERVICE_MODULES and cmdline[1:3] == ["-m", SERVICE_MODULES[name]]:
+                return pid
+        return None
+
+    def _address(self, child: str) -> str:
+        found = re.search(rf"\| {child} (\S+) ", self.banner)
         assert found is not None, self.banner
         return found.group(1)
 

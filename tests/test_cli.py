@@ -3,26 +3,15 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 from pathlib import Path
 
 import httpx
 import pytest
+import redis
 
-from conftest import run_cli, vsearch_up
-
-
-def child_pids(parent: int) -> list[int]:
-    pids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            # The command name (field 2) may hold spaces; the fields after its closing parenthesis don't.
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[1]) == parent:
-            pids.append(int(stat.parent.name))
-    return pids
+from conftest import children_of, run_cli, vsearch_up
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +25,21 @@ def test_up_prints_addresses_and_uses_redis(running_stack):
     assert running_stack.gateway in banner
     assert f"http://127.0.0.1:{running_stack.http_port}" in banner
     assert "redis://127.0.0.1:" in banner
+
+
+def test_up_caps_its_redis_memory_with_lru_eviction(running_stack):
+    # Without a cap the cache grows with every unique query for the embedding TTL (a day).
+    port = re.search(r"redis://127\.0\.0\.1:(\d+)/0", running_stack.banner).group(1)
+    client = redis.Redis(port=int(port), socket_timeout=5)
+    assert client.config_get("maxmemory") == {"maxmemory": str(256 * 1024 * 1024)}
+    assert client.config_get("maxmemory-policy") == {"maxmemory-policy": "allkeys-lru"}
+    assert "(maxmemory 256mb, allkeys-lru)" in running_stack.banner
+
+
+def test_up_refuses_a_redis_memory_size_redis_would_not_read():
+    result = run_cli("up", "--redis-maxmemory", "lots", timeout=30)
+    assert result.returncode == 2
+    assert "--redis-maxmemory" in result.stderr and "256mb" in result.stderr
 
 
 def test_up_lets_the_gateway_serve_images_from_its_image_roots(running_stack, ukbench_images, tmp_path):
@@ -84,7 +88,7 @@ def test_search_with_a_bad_filter_fails_clearly(running_stack, ukbench_images):
 
 def test_sigterm_stops_every_process(running_stack):
     process = running_stack.process
-    children = child_pids(process.pid)
+    children = list(children_of(process.pid))
     assert len(children) == 4  # redis, embedder, search, gateway
     process.send_signal(signal.SIGTERM)
     output, _ = process.communicate(timeout=60)

@@ -4,7 +4,10 @@ FAISS store), cached in a real redis-server."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
+import json
+import math
 import shutil
 
 import grpc
@@ -14,6 +17,7 @@ from google.protobuf import struct_pb2
 from PIL import Image
 
 from conftest import in_process_stack, metric_value
+from service_kit.struct_nesting import MAX_STRUCT_DEPTH
 from vsearch.v1 import embedder_pb2, gateway_pb2, search_pb2
 
 # Headless in a sandbox with no network: no GPU, no sandboxing as root, no background connections.
@@ -133,8 +137,20 @@ def png_bytes(width: int, height: int) -> bytes:
     return buffer.getvalue()
 
 
+def filter_of(*conditions: search_pb2.Condition) -> search_pb2.Filter:
+    return search_pb2.Filter(conditions=list(conditions))
+
+
+def price_in(*values: float) -> search_pb2.Condition:
+    listed = search_pb2.Condition(field="price", op=search_pb2.IN)
+    for value in values:
+        listed.value.list_value.values.add().number_value = value
+    return listed
+
+
 def bad_requests(jpeg: bytes) -> dict[str, tuple[dict, str]]:
     """name -> (VisualSearchRequest fields, a word the error message must contain)."""
+    too_many = [condition("price", search_pb2.LT, 100.0 + n) for n in range(1000)]
     return {
         "empty bytes": ({"image": b""}, "empty"),
         "truncated jpeg": ({"image": jpeg[: len(jpeg) // 3]}, "truncated"),
@@ -146,6 +162,18 @@ def bad_requests(jpeg: bytes) -> dict[str, tuple[dict, str]]:
         "k = 100000": ({"image": jpeg, "k": 100000}, "k"),
         "unknown filter field": ({"image": jpeg, "filter": search_pb2.Filter(conditions=[
             condition("colour", search_pb2.EQ, "red")])}, "colour"),
+        # NaN and infinities broke the result cache's key: INTERNAL.
+        "price < NaN": ({"image": jpeg, "filter": filter_of(condition("price", search_pb2.LT, math.nan))},
+                        "'price' must be finite"),
+        "price < +inf": ({"image": jpeg, "filter": filter_of(condition("price", search_pb2.LT, math.inf))},
+                         "'price' must be finite"),
+        "price in [1, NaN]": ({"image": jpeg, "filter": filter_of(price_in(1.0, math.nan))}, "'price' must be finite"),
+        "by item, price < NaN": ({"item_id": "ukb-00", "filter": filter_of(condition("price", search_pb2.LT, math.nan))},
+                                 "'price' must be finite"),
+        # 1000 conditions made SQLite fail ("Expression tree is too large"): INTERNAL.
+        "1000 conditions": ({"image": jpeg, "filter": filter_of(*too_many)}, "at most 32 conditions, got 1000"),
+        "by item, 1000 conditions": ({"item_id": "ukb-00", "filter": filter_of(*too_many)}, "at most 32 conditions"),
+        "item_id with a newline": ({"item_id": "ukb-00\n"}, "item_id 'ukb-00\\n' contains a control character"),
     }
 
 
@@ -157,7 +185,7 @@ async def test_bad_inputs_are_invalid_argument_and_harm_nothing(stack, ukbench_i
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stack.stub.Search(gateway_pb2.VisualSearchRequest(**fields), timeout=30)
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (name, caught.value.details())
-        assert word in caught.value.details().lower(), (name, caught.value.details())
+        assert word.lower() in caught.value.details().lower(), (name, caught.value.details())
     assert await stack.all_serving()
     assert await stack.count() == count_before
     assert len((await stack.search(jpeg, k=4)).hits) == 4
@@ -176,6 +204,13 @@ async def test_bad_inputs_over_http_are_400_with_a_json_body(stack, ukbench_imag
         "k = 100000": ({"image": ("q.jpg", jpeg, "image/jpeg")}, {"k": "100000"}, "k"),
         "unknown filter field": ({"image": ("q.jpg", jpeg, "image/jpeg")},
                                  {"filter": '[{"field": "colour", "op": "==", "value": "red"}]'}, "colour"),
+        # Was HTTP 500 "SQLITE_ERROR Expression tree is too large".
+        "1000 conditions": ({"image": ("q.jpg", jpeg, "image/jpeg")},
+                            {"filter": json.dumps([{"field": "price", "op": "<", "value": 100 + n} for n in range(1000)])},
+                            "at most 32 conditions, got 1000"),
+        "1001 values in a list": ({"image": ("q.jpg", jpeg, "image/jpeg")},
+                                  {"filter": json.dumps([{"field": "price", "op": "in", "value": list(range(1001))}])},
+                                  "at most 1000 values, got 1001"),
     }
     for name, (files, data, word) in cases.items():
         response = await stack.http.post("/v1/search", files=files, data=data)
@@ -185,6 +220,51 @@ async def test_bad_inputs_over_http_are_400_with_a_json_body(stack, ukbench_imag
         assert word in body["error"]["message"].lower(), (name, body)
     assert await stack.all_serving()
     assert await stack.count() == count_before
+
+
+async def test_bad_items_fail_alone_over_grpc_and_http(stack, ukbench_images):
+    """Ids with control characters (they used to be indexed) and metadata nested deeper than the
+    limit fail as items, with a message naming them; the items around them are indexed."""
+    images = [path.read_bytes() for path in ukbench_images[:4]]
+    too_deep = {"tree": nested(MAX_STRUCT_DEPTH)}
+    count_before = await stack.count()
+    summary = await add_images(stack.stub, [
+        ("bad-items-0", images[0], {}), ("tab\there", images[1], {}), ("bad-items-2", images[2], too_deep),
+        ("bad-items-3", images[3], {"tree": nested(MAX_STRUCT_DEPTH - 1)}),
+    ])
+    http_summary = None
+    try:
+        assert (summary.received, summary.indexed, summary.failed) == (4, 2, 2), summary
+        control, deep = summary.failures
+        assert (control.index, control.id) == (1, "tab\there")
+        assert control.message == "id 'tab\\there' contains a control character"
+        assert (deep.index, deep.id) == (2, "bad-items-2")
+        assert deep.message == f"metadata nests deeper than {MAX_STRUCT_DEPTH} levels"
+        assert await stack.count() == count_before + 2
+
+        response = await stack.http.post("/v1/images", json={"images": [
+            {"id": "line\nbreak", "image_base64": base64.b64encode(images[1]).decode()},
+            {"id": "bad-items-http", "image_base64": base64.b64encode(images[1]).decode(), "metadata": too_deep},
+        ]})
+        assert response.status_code == 200, response.text
+        http_summary = response.json()
+        assert (http_summary["received"], http_summary["indexed"], http_summary["failed"]) == (2, 0, 2)
+        assert [failure["message"] for failure in http_summary["failures"]] == [
+            "id 'line\\nbreak' contains a control character", f"metadata nests deeper than {MAX_STRUCT_DEPTH} levels",
+        ]
+        response = await stack.http.post("/v1/search", json={"item_id": "line\nbreak"})
+        assert response.status_code == 400 and "control character" in response.json()["error"]["message"]
+        assert await stack.count() == count_before + 2
+    finally:
+        await stack.stub.DeleteImages(gateway_pb2.DeleteImagesRequest(ids=["bad-items-0", "bad-items-3"]), timeout=30)
+
+
+def nested(depth: int) -> object:
+    """A value `depth` levels of objects and lists deep."""
+    value: object = "leaf"
+    for level in range(depth):
+        value = {"next": value} if level % 2 else [value]
+    return value
 
 
 async def test_re_adding_unchanged_items_writes_nothing_and_changed_ones_are_updated(stack, ukbench_images):
@@ -213,9 +293,12 @@ async def test_a_repeated_id_in_one_stream_keeps_the_last_item(stack, ukbench_im
     images = [path.read_bytes() for path in ukbench_images[:40]]
     items = [(f"stream-{i}", data, {"n": i}) for i, data in enumerate(images[:39])]
     items.append(("stream-3", images[39], {"n": "last"}))
+    count_before = await stack.count()
     summary = await add_images(stack.stub, items)
     try:
-        assert (summary.indexed, summary.failed) == (40, 0)
+        # 39 distinct ids were stored; the first stream-3, overwritten by the last, changed nothing.
+        assert (summary.received, summary.indexed, summary.unchanged, summary.failed) == (40, 39, 1, 0)
+        assert await stack.count() == count_before + summary.indexed
         # ukb-39 holds the same image, so both score 1.0.
         reply = await stack.search(images[39], k=2)
         hit = next(hit for hit in reply.hits if hit.id == "stream-3")
@@ -245,6 +328,11 @@ async def test_collections_are_separate_catalogs_through_the_gateway(stack, ukbe
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await stack.search(ukbench_images[0].read_bytes(), k=4, collection="gateway_test")
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stack.stub.Search(
+            gateway_pb2.VisualSearchRequest(item_id="c-0", k=1, collection="gateway_test"), timeout=10)
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert caught.value.details() == "no item with id 'c-0' in collection 'gateway_test'"
     response = await stack.http.get("/v1/stats", params={"collection": "gateway_test"})
     assert response.status_code == 404 and response.json()["error"]["code"] == "NOT_FOUND"
     assert await stack.count() == 56

@@ -4,6 +4,7 @@ separate what must be separate, and a dead or silent Redis costs a bounded miss,
 from __future__ import annotations
 
 import asyncio
+import math
 import socket
 import threading
 import time
@@ -373,3 +374,20 @@ def test_result_keys_separate_every_input_and_ignore_condition_order():
         result_cache_key("q", 10, both, None, 5, collection="eval_1"),
     ]
     assert key not in variants and len(set(variants)) == len(variants)
+
+
+def test_any_filter_has_a_result_key_nan_infinities_and_a_thousand_conditions_included():
+    """The key is computed before search_svc validates the filter, so that search_svc's refusal (not a
+    failure of the key) is what the caller gets: NaN once made the gateway answer INTERNAL."""
+    listed = search_pb2.Condition(field="price", op=search_pb2.IN)
+    listed.value.list_value.values.add().number_value = math.nan
+    filters = [
+        search_pb2.Filter(conditions=[condition("price", search_pb2.LT, math.nan)]),
+        search_pb2.Filter(conditions=[condition("price", search_pb2.LT, math.inf)]),
+        search_pb2.Filter(conditions=[condition("price", search_pb2.LT, -math.inf)]),
+        search_pb2.Filter(conditions=[listed]),
+        search_pb2.Filter(conditions=[condition("price", search_pb2.LT, float(n)) for n in range(1000)]),
+    ]
+    keys = [result_cache_key("q", 10, search_filter, None, 5) for search_filter in filters]
+    assert len(set(keys)) == len(filters)
+    assert keys == [result_cache_key("q", 10, search_filter, None, 5) for search_filter in filters]

@@ -4,20 +4,25 @@ mapping, without any server."""
 from __future__ import annotations
 
 import base64
+import json
 
 import grpc
 import pytest
 from google.protobuf import json_format
+from pydantic import ValidationError
 
 from gateway.http_models import (
     SearchBody,
     code_for_http_status,
     decode_base64,
+    describe_validation_error,
     error_body,
     filter_to_proto,
     http_status,
     parse_crop_text,
     parse_filter_json,
+    parse_float,
+    parse_int,
     search_body_to_proto,
     search_response_json,
     summary_json,
@@ -169,3 +174,52 @@ def test_responses_as_json():
 
 def test_filter_body_none_is_empty():
     assert as_tuples(filter_to_proto(None)) == []
+
+
+def test_http_layer_statuses_carry_the_code_grpc_would_give():
+    # 413 and 431: gRPC answers a message over its size limit RESOURCE_EXHAUSTED; 408: the request did
+    # not arrive in time; 499: the client went away.
+    assert code_for_http_status(413) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert code_for_http_status(431) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert code_for_http_status(408) == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert code_for_http_status(499) == grpc.StatusCode.CANCELLED
+    assert code_for_http_status(503) == grpc.StatusCode.UNAVAILABLE
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"item_id": "a", "k": True}, "k"), ({"item_id": "a", "k": False}, "k"), ({"item_id": "a", "k": "5"}, "k"),
+    ({"item_id": "a", "k": 5.0}, "k"), ({"item_id": "a", "min_score": True}, "min_score"),
+    ({"item_id": "a", "min_score": "0.5"}, "min_score"), ({"item_id": "a", "min_score": float("nan")}, "min_score"),
+    ({"item_id": "a", "min_score": float("inf")}, "min_score"),
+    ({"image_base64": "aGk=", "crop": {"width": True, "height": 1}}, "crop.width"),
+    ({"image_base64": "aGk=", "crop": {"x": 1.5, "width": 1, "height": 1}}, "crop.x"),
+    ({"image_base64": "aGk=", "crop": {"y": "2", "width": 1, "height": 1}}, "crop.y"),
+])
+def test_json_numbers_are_strict(body, field):
+    with pytest.raises(ValidationError) as caught:
+        SearchBody.model_validate_json(json.dumps(body))
+    assert describe_validation_error(caught.value).startswith(f"{field}:"), describe_validation_error(caught.value)
+
+
+def test_json_numbers_that_are_numbers_pass():
+    body = SearchBody.model_validate_json('{"item_id": "a", "k": 7, "min_score": 1, "crop": {"width": 3, "height": 4}}')
+    assert (body.k, body.min_score, body.crop.width) == (7, 1.0, 3)
+
+
+@pytest.mark.parametrize("text", ["1_000", "٣", "1.0", "0x10", " ", "9" * 5000])
+def test_form_integers_are_plain_decimal_digits(text):
+    with pytest.raises(ServiceError) as caught:
+        parse_int(text, "k")
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT and caught.value.message.startswith("k ")
+    assert len(caught.value.message) < 120  # the caller's text is quoted, cut short
+
+
+@pytest.mark.parametrize("text", ["1_0", "nan", "inf", "-Infinity", "1e999", "0x1p3", ""])
+def test_form_numbers_are_plain_and_finite(text):
+    with pytest.raises(ServiceError, match="min_score must be a finite number"):
+        parse_float(text, "min_score")
+
+
+def test_form_numbers_in_the_usual_notations():
+    assert parse_int(" +12 ", "k") == 12 and parse_int("-3", "k") == -3
+    assert [parse_float(text, "m") for text in ("0.5", ".5", "5.", "-1e-3", "2E2")] == [0.5, 0.5, 5.0, -0.001, 200.0]

@@ -33,3 +33,44 @@ def test_downstream_addresses_are_required(monkeypatch):
     with pytest.raises(ValidationError) as caught:
         GatewaySettings()
     assert {error["loc"][0] for error in caught.value.errors()} == {"embedder_address", "search_address"}
+
+
+def test_http_limits_and_readiness_settings(monkeypatch):
+    monkeypatch.setenv("GATEWAY_EMBEDDER_ADDRESS", "embedder:50052")
+    monkeypatch.setenv("GATEWAY_SEARCH_ADDRESS", "search:50053")
+    defaults = GatewaySettings()
+    assert (defaults.http.header_timeout_s, defaults.http.body_timeout_s, defaults.http.keepalive_timeout_s) == (
+        10.0, 120.0, 5.0)
+    assert (defaults.http.max_connections, defaults.http.max_header_bytes) == (1000, 16384)
+    assert (defaults.downstream_grace_s, defaults.downstream_check_interval_s,
+            defaults.downstream_check_timeout_s) == (5.0, 1.0, 1.0)
+
+    monkeypatch.setenv("GATEWAY_HTTP__HEADER_TIMEOUT_S", "2.5")
+    monkeypatch.setenv("GATEWAY_HTTP__BODY_TIMEOUT_S", "30")
+    monkeypatch.setenv("GATEWAY_HTTP__KEEPALIVE_TIMEOUT_S", "1")
+    monkeypatch.setenv("GATEWAY_HTTP__MAX_CONNECTIONS", "50")
+    monkeypatch.setenv("GATEWAY_HTTP__MAX_HEADER_BYTES", "8192")
+    monkeypatch.setenv("GATEWAY_DOWNSTREAM_GRACE_S", "3")
+    monkeypatch.setenv("GATEWAY_DOWNSTREAM_CHECK_INTERVAL_S", "0.5")
+    monkeypatch.setenv("GATEWAY_DOWNSTREAM_CHECK_TIMEOUT_S", "0.25")
+    monkeypatch.setenv("GATEWAY_HTTP_PORT", "9000")  # a flat setting beside the nested ones
+    settings = GatewaySettings()
+    assert (settings.http.header_timeout_s, settings.http.body_timeout_s, settings.http.keepalive_timeout_s) == (
+        2.5, 30.0, 1.0)
+    assert (settings.http.max_connections, settings.http.max_header_bytes, settings.http_port) == (50, 8192, 9000)
+    assert (settings.downstream_grace_s, settings.downstream_check_interval_s,
+            settings.downstream_check_timeout_s) == (3.0, 0.5, 0.25)
+
+
+@pytest.mark.parametrize("name, value", [
+    ("GATEWAY_HTTP__HEADER_TIMEOUT_S", "0"), ("GATEWAY_HTTP__BODY_TIMEOUT_S", "-1"),
+    ("GATEWAY_HTTP__MAX_CONNECTIONS", "0"), ("GATEWAY_HTTP__MAX_HEADER_BYTES", "100"),
+    ("GATEWAY_HTTP__NO_SUCH_LIMIT", "1"), ("GATEWAY_DOWNSTREAM_GRACE_S", "-1"),
+    ("GATEWAY_DOWNSTREAM_CHECK_INTERVAL_S", "0"),
+])
+def test_bad_limits_are_refused(monkeypatch, name, value):
+    monkeypatch.setenv("GATEWAY_EMBEDDER_ADDRESS", "embedder:50052")
+    monkeypatch.setenv("GATEWAY_SEARCH_ADDRESS", "search:50053")
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError):
+        GatewaySettings()

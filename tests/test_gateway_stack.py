@@ -186,6 +186,11 @@ async def test_bad_input_is_400_with_a_json_error(stack, ukbench_bytes):
         "malformed filter JSON": ({"image": ("q.jpg", jpeg, "image/jpeg")}, {"filter": "[{"}, "json"),
         "unknown form field": ({"image": ("q.jpg", jpeg, "image/jpeg")}, {"colour": "red"}, "colour"),
         "no image": ({}, {"k": "3"}, "image"),
+        "k with underscores": ({"image": ("q.jpg", jpeg, "image/jpeg")}, {"k": "1_0"}, "k"),
+        "min_score not finite": ({"image": ("q.jpg", jpeg, "image/jpeg")}, {"min_score": "nan"}, "min_score"),
+        "two images": ([("image", ("a.jpg", jpeg, "image/jpeg")), ("image", ("b.jpg", ukbench_bytes[1], "image/jpeg"))],
+                       {}, "'image' was sent 2 times"),
+        "k twice": ({"image": ("q.jpg", jpeg, "image/jpeg")}, {"k": ["3", "4"]}, "'k' was sent 2 times"),
     }
     for name, (files, data, word) in as_form.items():
         response = await stack.http.post("/v1/search", files=files or None, data=data)
@@ -204,6 +209,18 @@ async def test_bad_input_is_400_with_a_json_error(stack, ukbench_bytes):
         "neither": (b"{}", "image"),
         "not an object": (b"[1, 2]", "request body"),
         "filter of the wrong shape": (json.dumps({"item_id": "g-00", "filter": "category"}).encode(), "filter"),
+        # Booleans, strings and fractions are not integers (pydantic's lax mode reads `true` as 1).
+        "k true": (json.dumps({"item_id": "g-00", "k": True}).encode(), "k: input should be a valid integer"),
+        "k as text": (json.dumps({"item_id": "g-00", "k": "3"}).encode(), "k: input should be a valid integer"),
+        "k fractional": (json.dumps({"item_id": "g-00", "k": 2.5}).encode(), "k: input should be a valid integer"),
+        "min_score true": (json.dumps({"item_id": "g-00", "min_score": True}).encode(), "min_score"),
+        "min_score NaN": (b'{"item_id": "g-00", "min_score": NaN}', "min_score"),
+        "crop width true": (
+            json.dumps({"image_base64": "aGk=", "crop": {"width": True, "height": 5}}).encode(), "crop.width"
+        ),
+        "crop x as text": (
+            json.dumps({"image_base64": "aGk=", "crop": {"x": "1", "width": 5, "height": 5}}).encode(), "crop.x"
+        ),
     }
     for name, (content, word) in as_json.items():
         response = await stack.http.post("/v1/search", content=content, headers={"content-type": "application/json"})
@@ -216,6 +233,9 @@ async def test_bad_input_is_400_with_a_json_error(stack, ukbench_bytes):
     assert_error(no_image, 400, "INVALID_ARGUMENT", "image_base64")
     bad_base64 = await stack.http.post("/v1/images", json={"images": [{"image_base64": "%%"}]})
     assert_error(bad_base64, 400, "INVALID_ARGUMENT", "images[0].image_base64")
+    ids_twice = await stack.http.post("/v1/images", files=[("images", ("a.jpg", jpeg, "image/jpeg"))],
+                                      data={"ids": ['["x"]', '["y"]']})
+    assert_error(ids_twice, 400, "INVALID_ARGUMENT", "'ids' was sent 2 times")
     assert_error(await stack.http.get("/v1/nothing-here"), 404, "NOT_FOUND", "not found")
     # Nothing above reached the index.
     assert (await stack.http.get("/v1/stats")).json()["count"] == INDEXED
@@ -244,14 +264,14 @@ async def test_body_limit_and_drain_of_a_second_gateway(stack, ukbench_bytes):
         small = await http.post("/v1/search", json={"item_id": image_id(0), "k": 2})
         assert small.status_code == 200 and not small.json()["from_cache"]  # its own, in-process cache
         big = base64.b64encode(ukbench_bytes[0]).decode()
-        assert_error(await http.post("/v1/search", json={"image_base64": big}), 413, "INVALID_ARGUMENT", "4096")
+        assert_error(await http.post("/v1/search", json={"image_base64": big}), 413, "RESOURCE_EXHAUSTED", "4096")
 
         async def chunked():  # no Content-Length: counted while it is read
             for _ in range(10):
                 yield b" " * 1000
 
         assert_error(await http.post("/v1/search", content=chunked(), headers={"content-type": "application/json"}),
-                     413, "INVALID_ARGUMENT", "4096")
+                     413, "RESOURCE_EXHAUSTED", "4096")
 
         stopping = asyncio.create_task(gateway.stop(grace=1, drain=0.5))
         await asyncio.sleep(0.2)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import signal
 import subprocess
 import time
@@ -17,8 +18,9 @@ import pytest
 from google.protobuf import json_format, struct_pb2
 from PIL import Image
 
-from conftest import VSEARCH, run_cli, vsearch_up
+from conftest import VSEARCH, children_of, process_gone, run_cli, vsearch_up, wait_for
 from vsearch.v1 import gateway_pb2, gateway_pb2_grpc, search_pb2, search_pb2_grpc
+from vsearch_cli.catalog.ingest import DEFAULT_RETRY_FOR_S
 
 def sha256_hex(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
@@ -32,6 +34,10 @@ class Stack:
         self.stub = gateway_pb2_grpc.VisualSearchStub(self.channel)
         # Get is not on the gateway: ask the search service directly what is stored.
         self.index = search_pb2_grpc.VectorSearchStub(self.search_channel)
+
+    def close(self) -> None:
+        self.channel.close()
+        self.search_channel.close()
 
     def cli(self, *args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
         return run_cli(*args, "--gateway", self.gateway, timeout=timeout, cwd=cwd)
@@ -94,16 +100,6 @@ def flipped_copies(sources: list[Path], folder: Path) -> list[Path]:
         copy.write_bytes(buffer.getvalue())
         copies.append(copy)
     return copies
-
-
-def wait_for(condition, timeout: float, what: str, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(interval)
-    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -270,3 +266,92 @@ def test_delete_by_id_and_by_manifest(stack, ukbench_images, tmp_path):
     assert stack.count(collection) == 2
     assert {item.id for item in stack.stored([sha256_hex(path) for path in images], collection)} == {
         sha256_hex(images[4]), sha256_hex(images[5])}
+
+
+def test_a_run_whose_gateway_dies_stops_within_its_retry_budget_lists_what_it_did_not_index_and_resumes(
+        shared_dir, tmp_path):
+    """kill -9 of the gateway mid-run: the run gives up after its retry budget (not a 300 s deadline),
+    exits non-zero, counts and lists every file it did not index, and the same command, run again on
+    a stack brought back on the same data, indexes each of them exactly once."""
+    collection = "ingest_gateway_dies"
+    folder = tmp_path / "catalog"
+    folder.mkdir()
+    originals = sorted((shared_dir / "datasets/caltech101/101_ObjectCategories").rglob("*.jpg"))[::30][:300]
+    images = []
+    for n, source in enumerate(originals):
+        images.append(folder / f"{n:04d}-{source.parent.name}-{source.name}")
+        images[-1].write_bytes(source.read_bytes())
+    ids = [sha256_hex(path) for path in images]
+    assert len(set(ids)) == len(images) == 300
+    id_of = {str(path): item_id for path, item_id in zip(images, ids)}
+    errors = tmp_path / "errors.jsonl"
+    # Small chunks, one at a time: most of the catalog is still to be sent when the gateway dies.
+    command = [*VSEARCH, "index", str(folder), "--collection", collection, "--json", "--errors", str(errors),
+               "--chunk-size", "16", "--concurrency", "1"]
+    data_dir = tmp_path / "stack"
+
+    with vsearch_up(data_dir, "--no-redis") as up:
+        stack = Stack(up.gateway, up.search)
+        children = list(children_of(up.process.pid))
+        [gateway_pid] = [pid for pid in children if "\0-m\0gateway" in Path(f"/proc/{pid}/cmdline").read_text()]
+        run = subprocess.Popen([*command, "--gateway", up.gateway], cwd=tmp_path, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            wait_for(lambda: run.poll() is not None or stack.count(collection) >= 32, 60, "two chunks indexed")
+            assert run.poll() is None, "the run finished before the gateway could be killed"
+            # `up` stopped first, so that nothing restarts the gateway; it dies after it (SIGKILL), and
+            # its other children get SIGTERM as it does.
+            up.process.send_signal(signal.SIGSTOP)
+            os.kill(gateway_pid, signal.SIGKILL)
+            killed_at = time.monotonic()
+            up.process.kill()
+            up.process.wait(10)
+            out, err = run.communicate(timeout=DEFAULT_RETRY_FOR_S + 120)
+            took = time.monotonic() - killed_at
+        finally:
+            if run.poll() is None:
+                run.kill()
+                run.communicate()
+            stack.close()
+        wait_for(lambda: all(process_gone(pid) for pid in children), 30, "the stack's processes to exit")
+
+    assert run.returncode == 1, err
+    assert took < DEFAULT_RETRY_FOR_S + 20, f"took {took:.0f}s to give up"
+    summary = json.loads(out)
+    assert summary["found"] == len(images)
+    assert (summary["failed"], summary["duplicates"], summary["unchanged"]) == (0, 0, 0)
+    assert summary["not_indexed"] > 0 and summary["indexed"] >= 32
+    assert summary["indexed"] + summary["unchanged"] + summary["failed"] + summary["duplicates"] \
+        + summary["not_indexed"] == summary["found"]
+    assert summary["errors_file"] == str(errors)
+    listed = read_jsonl(errors)
+    assert len(listed) == len({line["path"] for line in listed}) == summary["not_indexed"]
+    for line in listed:
+        assert (line["code"], line["not_indexed"]) == ("UNAVAILABLE", True)
+        assert line["message"].startswith("gateway unavailable: ")
+        assert line["id"] in ("", id_of[line["path"]])
+    assert f"{summary['not_indexed']} of {len(images)} items were not indexed" in err
+    assert "Run the same command again to resume" in err
+
+    with vsearch_up(data_dir, "--no-redis") as up:
+        stack = Stack(up.gateway, up.search)
+        try:
+            stored = {item.id for item in stack.stored(ids, collection)}
+            listed_ids = {id_of[line["path"]] for line in listed}
+            # Every file the summary counts as indexed is stored, and every file not stored is listed;
+            # a listed file may be stored only from the one chunk in flight when the gateway died.
+            assert set(ids) - listed_ids <= stored
+            assert len(stored & listed_ids) <= 16
+            assert len(stored) == summary["indexed"] + len(stored & listed_ids)
+
+            rerun = subprocess.run([*command, "--gateway", up.gateway], cwd=tmp_path, capture_output=True,
+                                   text=True, timeout=120)
+            assert rerun.returncode == 0, rerun.stderr
+            again = json.loads(rerun.stdout)
+            assert (again["found"], again["failed"], again["duplicates"], again["not_indexed"]) == (300, 0, 0, 0)
+            assert (again["indexed"], again["unchanged"]) == (len(images) - len(stored), len(stored))
+            assert stack.count(collection) == len(images)
+            assert sorted(item.id for item in stack.stored(ids, collection)) == sorted(ids)  # each exactly once
+            assert not errors.exists()
+        finally:
+            stack.close()

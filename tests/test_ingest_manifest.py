@@ -111,6 +111,8 @@ def test_unusable_manifests_are_usage_errors(tmp_path):
     (["index", "/nonexistent/images"], "no such file or directory"),
     (["index", ".", "--collection", "9lives"], "collection name '9lives' is invalid"),
     (["index", ".", "--concurrency", "0"], "--concurrency must be at least 1"),
+    (["index", ".", "--retry-for", "-1"], "--retries and --retry-for must be at least 0 and --timeout positive"),
+    (["index", ".", "--timeout", "0"], "--retries and --retry-for must be at least 0 and --timeout positive"),
     (["delete"], "give item ids, or --manifest FILE"),
 ])
 def test_usage_errors_are_one_line_and_exit_2(argv, message, capsys):

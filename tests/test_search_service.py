@@ -17,9 +17,11 @@ import pytest
 import pytest_asyncio
 from google.protobuf import json_format, struct_pb2
 
+from search_svc.filters import MAX_CONDITIONS, MAX_LIST_VALUES
 from search_svc.server import create_server
 from search_svc.settings import FaissSettings, MilvusSettings, SearchSettings
 from service_kit.server import ManagedServer
+from service_kit.struct_nesting import MAX_STRUCT_DEPTH
 from vsearch.v1 import search_pb2, search_pb2_grpc
 
 DIM = 16
@@ -111,6 +113,15 @@ def item(item_id: str, vector: np.ndarray | list[float], **metadata: object) -> 
     message.vector.values.extend(np.asarray(vector, dtype=np.float32).tolist())
     message.metadata.update(metadata)
     return message
+
+
+def nested_metadata(depth: int) -> object:
+    """A value `depth` levels deep (objects and lists in turn) under a metadata key, which makes the
+    metadata itself one level deeper."""
+    value: object = "leaf"
+    for level in range(depth):
+        value = {"next": value} if level % 2 else [value]
+    return value
 
 
 def condition(field: str, op: int, python_value: object) -> search_pb2.Condition:
@@ -256,8 +267,8 @@ async def test_reupsert_replaces_the_item(shared: Service):
     assert await shared.ids(condition("price", search_pb2.GE, 0), condition("category", search_pb2.EQ, "new")) == set()
 
 
-async def test_ids_with_quotes_percent_and_control_characters(shared: Service):
-    odd_ids = ["it's", "100%", "%27", 'dq"\\', "line\nbreak", "tab\tnul\x00", "x') OR ('1'='1", "é✓😀"]
+async def test_ids_with_quotes_percent_and_unicode(shared: Service):
+    odd_ids = ["it's", "100%", "%27", 'dq"\\', "%0A", "x') OR ('1'='1", "é✓😀", "trailing space "]
     vectors = random_unit_vectors(len(odd_ids), seed=7)
     before = await shared.count()
     await shared.upsert([item(item_id, vector, category="odd-ids") for item_id, vector in zip(odd_ids, vectors)])
@@ -269,6 +280,18 @@ async def test_ids_with_quotes_percent_and_control_characters(shared: Service):
     assert deleted.deleted == 4
     assert await shared.ids(condition("category", search_pb2.EQ, "odd-ids")) == set(odd_ids[4:])
     assert await shared.count() == before + len(odd_ids) - 4
+
+
+async def test_ids_with_control_characters_are_refused_everywhere_naming_the_id(shared: Service):
+    vector = random_unit_vectors(1, seed=12)[0]
+    before = await shared.count()
+    for bad_id, shown in [("line\nbreak", r"'line\nbreak'"), ("nul\x00", r"'nul\x00'"), ("del\x7f", r"'del\x7f'")]:
+        # The whole upsert is refused, the good item beside the bad one included.
+        await expect_invalid(shared.upsert([item("ctl-fine", vector), item(bad_id, vector)]), shown, "control character")
+        await expect_invalid(shared.stub.Get(search_pb2.GetRequest(ids=["ctl-fine", bad_id])), shown, "control character")
+        await expect_invalid(shared.stub.Delete(search_pb2.DeleteRequest(ids=[bad_id])), shown, "control character")
+    assert await shared.count() == before
+    assert not (await shared.stub.Get(search_pb2.GetRequest(ids=["ctl-fine"]))).items
 
 
 async def test_generation_increases_on_every_write_and_across_restarts(tmp_path: Path, backend: str):
@@ -421,9 +444,36 @@ async def test_invalid_filters(shared: Service, catalog: dict[str, dict]):
     await expect_invalid(shared.search(query, 5, condition("price", search_pb2.LT, "cheap")), "'price'", "number")
     await expect_invalid(shared.search(query, 5, condition("category", search_pb2.EQ, 7)), "'category'", "string")
     await expect_invalid(shared.search(query, 5, condition("price", search_pb2.LT, math.nan)), "'price'", "finite")
+    await expect_invalid(shared.search(query, 5, condition("price", search_pb2.LT, math.inf)), "'price'", "finite")
+    await expect_invalid(shared.search(query, 5, condition("price", search_pb2.IN, [1.0, -math.inf])), "'price'", "finite")
     await expect_invalid(shared.search(query, 5, condition("category", search_pb2.IN, "shoes")), "list")
     await expect_invalid(shared.search(query, 5, condition("category", search_pb2.IN, [])), "non-empty")
     await expect_invalid(shared.search(query, 5, condition("stock", search_pb2.EQ, 1.5)), "'stock'", "integer")
+
+
+async def test_filters_up_to_the_caps_work_and_beyond_them_are_refused(shared: Service, catalog: dict[str, dict]):
+    """MAX_CONDITIONS conditions with MAX_LIST_VALUES values each is the worst filter the caps let
+    through (NOT_IN is the operator the Milvus plan takes fewest of); both backends must run it. One
+    more condition, or one more value, is INVALID_ARGUMENT naming the limit (on FAISS, 999 conditions
+    used to fail as "Expression tree is too large"; on Milvus, 49)."""
+    query = unit(np.ones(DIM))
+    nowhere = [f"no-such-category-{n}" for n in range(MAX_LIST_VALUES)]
+    widest = [condition("category", search_pb2.NOT_IN, nowhere) for _ in range(MAX_CONDITIONS)]
+    assert await shared.ids(*widest) & set(catalog) == matching(catalog, lambda f: has(f, "category"))
+    prices = [float(n) for n in range(MAX_LIST_VALUES)]
+    assert await shared.ids(*[condition("price", search_pb2.IN, prices) for _ in range(MAX_CONDITIONS)]) & set(
+        catalog
+    ) == matching(catalog, lambda f: has(f, "price") and f["price"] in prices)
+
+    for count in (MAX_CONDITIONS + 1, 1000):
+        await expect_invalid(
+            shared.search(query, 5, *[condition("price", search_pb2.LT, 100.0 + n) for n in range(count)]),
+            f"at most {MAX_CONDITIONS} conditions, got {count}",
+        )
+    await expect_invalid(
+        shared.search(query, 5, condition("price", search_pb2.IN, [*prices, -1.0])),
+        "'price'", f"at most {MAX_LIST_VALUES} values, got {MAX_LIST_VALUES + 1}",
+    )
 
 
 # --- bad input ----------------------------------------------------------------------------------
@@ -443,6 +493,10 @@ async def test_bad_input_is_refused_and_changes_nothing(shared: Service):
         (search_pb2.SearchRequest(queries=[search_pb2.Vector(values=good.tolist()), search_pb2.Vector(values=[math.nan] * DIM)], k=5),
          "query vector 1 contains NaN"),
         (search_pb2.SearchRequest(queries=[search_pb2.Vector(values=good.tolist())], k=5, min_score=math.nan), "min_score"),
+        (search_pb2.SearchRequest(queries=[search_pb2.Vector(values=good.tolist()), search_pb2.Vector(values=(good * 2).tolist())], k=5),
+         "query vector 1 has norm 2"),
+        (search_pb2.SearchRequest(queries=[search_pb2.Vector(values=[0.0] * DIM)], k=5),
+         "query vector 0 has norm 0; vectors must be L2-normalised (norm 1 +- 0.001)"),
     ]
     for request, fragment in bad_searches:
         await expect_invalid(shared.stub.Search(request), fragment)
@@ -455,6 +509,12 @@ async def test_bad_input_is_refused_and_changes_nothing(shared: Service):
         ([item("dup", good), item("dup", good)], "'dup' appears more than once"),
         ([item("short", good[:-1])], "vector of item 'short' has 15 dimensions; expected 16"),
         ([item("inf", nan_vector)], "vector of item 'inf' contains NaN or infinity"),
+        # Not unit length: such a vector's inner products are no cosines (1e30 would top every search).
+        ([item("zero", np.zeros(DIM))], "vector of item 'zero' has norm 0; vectors must be L2-normalised"),
+        ([item("huge", good * 1e30)], "vector of item 'huge' has norm 1e+30"),
+        ([item("half", good * 0.5)], "vector of item 'half' has norm 0.5"),
+        ([item("nearly", good * 1.002)], "vector of item 'nearly' has norm 1.00"),
+        ([item("deep", good, tree=nested_metadata(MAX_STRUCT_DEPTH))], "metadata of item 'deep' nests deeper than 20 levels"),
         ([item("keeper", good, category=3)], "'category' of item 'keeper' must be a string"),
         ([item("keeper", good, price=True)], "'price' of item 'keeper' must be a number"),
         # A bad item late in the request: nothing of it is written, the good items before included.
@@ -469,6 +529,11 @@ async def test_bad_input_is_refused_and_changes_nothing(shared: Service):
     assert (await shared.stub.Stats(search_pb2.StatsRequest())).generation == generation
     [kept] = (await shared.stub.Get(search_pb2.GetRequest(ids=["keeper", "fine-1"]))).items
     assert json_format.MessageToDict(kept.metadata) == {"category": "kept", "price": 5}
+
+    # Within the tolerance (|norm - 1| <= 1e-3) and at the depth limit: accepted.
+    await shared.upsert([item("nearly-unit", good * 1.0005, tree=nested_metadata(MAX_STRUCT_DEPTH - 1))])
+    [accepted] = (await shared.stub.Get(search_pb2.GetRequest(ids=["nearly-unit"]))).items
+    assert json_format.MessageToDict(accepted.metadata)["tree"] == nested_metadata(MAX_STRUCT_DEPTH - 1)
 
 
 # --- collections and content hashes -----------------------------------------------------------

@@ -45,6 +45,7 @@ from conftest import (
     embed_vectors,
     embedder_settings,
     running_embedder,
+    wait_until,
 )
 from vsearch_cli.bench.embedder import bench_embedder, format_report
 from vsearch_cli.local_stack.layout import StackLayout
@@ -93,16 +94,6 @@ async def health(embedder: RunningEmbedder) -> int:
     reply = await health_pb2_grpc.HealthStub(embedder.channel).Check(
         health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=5)
     return reply.status
-
-
-async def wait_for(condition, timeout: float, what: str) -> float:  # noqa: ANN001 - an async predicate
-    """Polls `condition()` until true; returns the seconds it took."""
-    started = time.monotonic()
-    while not await condition():
-        if time.monotonic() - started > timeout:
-            pytest.fail(f"{what}: not within {timeout}s")
-        await asyncio.sleep(0.05)
-    return time.monotonic() - started
 
 
 async def model_stats(server: TritonServerProcess, model: str) -> object:
@@ -210,7 +201,7 @@ async def test_concurrent_requests_reach_triton_as_batches(
         after = await model_stats(triton, SQUEEZENET)
         return after.inference_count - before.inference_count >= expected
 
-    await wait_for(all_counted, 5, "Triton statistics counting every image")
+    await wait_until(all_counted, 5, "Triton statistics counting every image")
     inferences = after.inference_count - before.inference_count
     executions = after.execution_count - before.execution_count
     assert inferences == expected
@@ -230,7 +221,7 @@ async def info_is_failed_precondition(embedder: RunningEmbedder) -> bool:
 async def test_missing_model_is_failed_precondition_naming_it(triton: TritonServerProcess, squeezenet_dir: Path) -> None:
     settings = embedder_settings(squeezenet_dir, backend="triton", triton=triton_settings(triton, model_name="no-such-model"))
     async with running_embedder(settings, wait_ready=False) as embedder:
-        await wait_for(lambda: info_is_failed_precondition(embedder), 10, "Info answering FAILED_PRECONDITION")
+        await wait_until(lambda: info_is_failed_precondition(embedder), 10, "Info answering FAILED_PRECONDITION")
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await embedder.stub.EmbedImages(embedder_pb2.EmbedImagesRequest(images=[embedder_pb2.ImageInput(data=b"x")]), timeout=5)
         assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
@@ -242,7 +233,7 @@ async def test_a_model_that_is_not_the_cards_is_refused(triton: TritonServerProc
     # The mobilenet card pointed at squeezenet on Triton: preprocessing and vectors would not match.
     settings = embedder_settings(mobilenet_dir, backend="triton", triton=triton_settings(triton, model_name=SQUEEZENET))
     async with running_embedder(settings, wait_ready=False) as embedder:
-        await wait_for(lambda: info_is_failed_precondition(embedder), 10, "Info answering FAILED_PRECONDITION")
+        await wait_until(lambda: info_is_failed_precondition(embedder), 10, "Info answering FAILED_PRECONDITION")
         with pytest.raises(grpc.aio.AioRpcError) as mismatch:
             await embedder.stub.Info(embedder_pb2.InfoRequest(), timeout=5)
         assert "does not match the model card" in mismatch.value.details()
@@ -296,7 +287,7 @@ async def test_triton_killed_is_unavailable_at_once_and_the_embedder_recovers(
         async def not_serving() -> bool:
             return await health(embedder) == NOT_SERVING
 
-        await wait_for(not_serving, 5, "health NOT_SERVING after Triton died")
+        await wait_until(not_serving, 5, "health NOT_SERVING after Triton died")
 
         triton.start()
         await asyncio.to_thread(triton.wait_ready, 60, [SQUEEZENET])
@@ -304,6 +295,6 @@ async def test_triton_killed_is_unavailable_at_once_and_the_embedder_recovers(
         async def serving() -> bool:
             return await health(embedder) == SERVING
 
-        await wait_for(serving, 15, "health SERVING after Triton came back")
+        await wait_until(serving, 15, "health SERVING after Triton came back")
         after = await embed_vectors(embedder.stub, ukbench_bytes[:2])
     assert float(np.abs(after - before).max()) <= 1e-5

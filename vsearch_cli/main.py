@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import signal
 import sys
-import time
 from pathlib import Path
 from typing import Sequence
 
@@ -22,6 +22,7 @@ from vsearch_cli.catalog.ingest import DEFAULT_GATEWAY
 from vsearch_cli.local_stack.launcher import LocalStack
 from vsearch_cli.local_stack.layout import StackLayout
 from vsearch_cli.local_stack.ports import free_port, port_is_free
+from vsearch_cli.local_stack.supervisor import RestartPolicy, Supervisor
 from vsearch.v1 import embedder_pb2, gateway_pb2, gateway_pb2_grpc, search_pb2
 
 DEFAULT_DATA_DIR = Path(".vsearch")
@@ -33,12 +34,21 @@ OPERATORS = {
 
 # ---- up -------------------------------------------------------------------------------------
 
+def redis_memory(text: str) -> str:
+    """A size as redis-server's --maxmemory reads it: a number, optionally with a unit (256mb, 1gb)."""
+    if not re.fullmatch(r"\d+(b|k|kb|m|mb|g|gb)?", text, re.IGNORECASE):
+        raise argparse.ArgumentTypeError(f"a size like 256mb or 1gb, got {text!r}")
+    return text.lower()
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from embedder_svc.model_card import ModelCardError, read_model_card
     from vsearch_cli.model_tools.prepare import ModelPrepareError, ensure_model
 
     data_dir = Path(args.data_dir).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
+    # Port 0 picks a free port now: a child restarted by the supervisor must come back on the same one.
+    args.grpc_port, args.http_port = (port or free_port() for port in (args.grpc_port, args.http_port))
     for port, flag in ((args.grpc_port, "--grpc-port"), (args.http_port, "--http-port")):
         if not port_is_free(port):
             print(f"vsearch up: port {port} ({flag}) is already in use", file=sys.stderr)
@@ -63,7 +73,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     layout = StackLayout(
         data_dir=data_dir, model_dir=model_dir, gateway_port=args.grpc_port, http_port=args.http_port,
         search_dimension=dimension,
-        redis_port=None if args.no_redis else free_port(),
+        redis_port=None if args.no_redis else free_port(), redis_maxmemory=args.redis_maxmemory,
         triton_url=triton.grpc_url if triton else None, triton_model_name=triton_model,
         image_roots=[Path(root) for root in args.image_root],
         search_backend=args.search_backend,
@@ -78,12 +88,15 @@ def cmd_up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     try:
-        asyncio.run(stack.start(timeout=args.timeout))
+        asyncio.run(stack.start(timeout=args.timeout, stop_requested=lambda: stop_requested))
     except (RuntimeError, TimeoutError) as error:
-        print(f"vsearch up: {error}; logs in {data_dir / 'logs'}", file=sys.stderr)
+        print(f"vsearch up: could not start: {error}\nvsearch up: logs in {data_dir / 'logs'}", file=sys.stderr)
         stack.stop()
         return 1
-    cache = layout.redis_url or "in-process cache (no redis-server found)"
+    if layout.redis_url:
+        cache = f"{layout.redis_url} (maxmemory {layout.redis_maxmemory}, allkeys-lru)"
+    else:
+        cache = "in-process cache (" + ("--no-redis" if args.no_redis else "no redis-server found") + ")"
     print(
         f"vsearch up: gateway grpc 127.0.0.1:{layout.gateway_port} http http://127.0.0.1:{layout.http_port} "
         f"| embedder 127.0.0.1:{layout.embedder_port}"
@@ -91,17 +104,16 @@ def cmd_up(args: argparse.Namespace) -> int:
         f"| data {data_dir} | Ctrl-C stops",
         flush=True,
     )
+    supervisor = Supervisor(stack, RestartPolicy(ready_timeout_s=args.timeout))
+    failure = None
     try:
-        while not stop_requested:
-            for name, process in stack.processes.items():
-                if process.poll() is not None:
-                    print(f"vsearch up: {name} exited with code {process.returncode}; stopping", file=sys.stderr)
-                    stop_requested = True
-            time.sleep(0.2)
+        failure = supervisor.run(lambda: stop_requested)
+        if failure is not None:
+            print(f"vsearch up: giving up: {failure}\nvsearch up: stopping everything", file=sys.stderr, flush=True)
     finally:
         stack.stop()
     print("vsearch up: stopped", flush=True)
-    return 0
+    return 0 if failure is None else 1
 
 
 # ---- search ---------------------------------------------------------------------------------
@@ -180,17 +192,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = sub.add_parser("up", help="start the whole stack locally; Ctrl-C stops it")
     up.add_argument("--data-dir", default=str(DEFAULT_DATA_DIR), help="models, Milvus file and logs (default .vsearch)")
-    up.add_argument("--grpc-port", type=int, default=50051)
-    up.add_argument("--http-port", type=int, default=8080)
+    up.add_argument("--grpc-port", type=int, default=50051, help="the gateway's gRPC port (0: a free one)")
+    up.add_argument("--http-port", type=int, default=8080, help="the gateway's HTTP port (0: a free one)")
     up.add_argument("--model", default="mobilenetv2-12-int8", help="model preset to prepare and serve")
     up.add_argument("--model-dir", help="serve this prepared model directory instead (e.g. from `vsearch model pca` "
                                         "or `quantize`); use a --data-dir whose index has the model's dimension")
     up.add_argument("--search-backend", choices=["faiss", "milvus"],
                     help="search_svc's store: in-process FAISS (the default) or Milvus Lite, under --data-dir")
     up.add_argument("--no-redis", action="store_true", help="use the in-process cache even if redis-server exists")
+    up.add_argument("--redis-maxmemory", type=redis_memory, default="256mb", metavar="SIZE",
+                    help="memory cap of the Redis cache it starts (redis-server --maxmemory, least recently used "
+                         "keys evicted beyond it): e.g. 256mb (the default), 1gb; 0 for no cap")
     up.add_argument("--image-root", action="append", default=[], metavar="DIR",
                     help="let the web page show indexed images stored under DIR (repeatable)")
-    up.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for every service to be SERVING")
+    up.add_argument("--timeout", type=float, default=180.0,
+                    help="seconds to wait for every service to be SERVING, at start and after a restart")
     up.add_argument("--triton", action="store_true",
                     help="run the model on a local CPU Triton Inference Server (installed into .venv-triton by "
                          "scripts/setup-triton on first use); the embedder talks to it over gRPC")

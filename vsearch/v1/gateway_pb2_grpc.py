@@ -27,7 +27,8 @@ if _version_not_supported:
 
 
 class VisualSearchStub:
-    """The front door: search the catalog by image, and manage what it holds.
+    """The front door: search the catalog by image, and manage what it holds. Bad input, a request that
+    cannot be parsed as its message type included, is INVALID_ARGUMENT naming what is wrong.
     """
 
     def __init__(self, channel):
@@ -64,7 +65,8 @@ class VisualSearchStub:
 
 
 class VisualSearchServicer:
-    """The front door: search the catalog by image, and manage what it holds.
+    """The front door: search the catalog by image, and manage what it holds. Bad input, a request that
+    cannot be parsed as its message type included, is INVALID_ARGUMENT naming what is wrong.
     """
 
     def Search(self, request, context):
@@ -74,8 +76,9 @@ class VisualSearchServicer:
         raise NotImplementedError('Method not implemented!')
 
     def AddImages(self, request_iterator, context):
-        """Client-streaming ingestion: one message per image. Bad items are reported in the summary and
-        skipped; they never abort the stream.
+        """Client-streaming ingestion: one message per image. Bad items, messages that cannot be parsed
+        included, are reported in the summary and skipped; they never abort the stream (except a first
+        message that cannot be parsed at all: it names the stream's collection).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -137,7 +140,8 @@ def add_VisualSearchServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class VisualSearch:
-    """The front door: search the catalog by image, and manage what it holds.
+    """The front door: search the catalog by image, and manage what it holds. Bad input, a request that
+    cannot be parsed as its message type included, is INVALID_ARGUMENT naming what is wrong.
     """
 
     @staticmethod

@@ -27,6 +27,8 @@ if _version_not_supported:
 
 class VectorSearchStub:
     """Nearest-neighbour search over the catalog's vectors, with structured metadata filters.
+    Bad input, a request that cannot be parsed as its message type included, is INVALID_ARGUMENT naming
+    the item, field or limit; a refused write writes nothing.
     """
 
     def __init__(self, channel):
@@ -69,6 +71,8 @@ class VectorSearchStub:
 
 class VectorSearchServicer:
     """Nearest-neighbour search over the catalog's vectors, with structured metadata filters.
+    Bad input, a request that cannot be parsed as its message type included, is INVALID_ARGUMENT naming
+    the item, field or limit; a refused write writes nothing.
     """
 
     def Upsert(self, request, context):
@@ -154,6 +158,8 @@ def add_VectorSearchServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class VectorSearch:
     """Nearest-neighbour search over the catalog's vectors, with structured metadata filters.
+    Bad input, a request that cannot be parsed as its message type included, is INVALID_ARGUMENT naming
+    the item, field or limit; a refused write writes nothing.
     """
 
     @staticmethod

@@ -8,7 +8,14 @@ again sends everything again and only what is missing or different gets embedded
 Pipeline: one producer thread lists the sources, reads and hashes files on a small thread pool (in
 order, a bounded window ahead), drops in-run duplicates and packs chunks; `--concurrency` sender
 tasks each stream one chunk at a time to AddImages. A bounded number of chunks exist at once, so
-memory stays flat however large the catalog."""
+memory stays flat however large the catalog.
+
+Every AddImages call has a deadline (`--timeout`). A chunk the gateway answers UNAVAILABLE (a broken
+stream, a gateway restarting) is retried with backoff for at most `--retry-for` seconds, waiting for
+the channel to connect in between; any other whole-call failure, or an outage that outlasts that
+budget, stops the run: the chunks in flight finish, nothing new is sent, and every file that was not
+indexed is counted (`not_indexed`) and listed in the errors file, so that the summary adds up to the
+files found and the same command, run again, picks up where this one stopped."""
 
 from __future__ import annotations
 
@@ -53,6 +60,14 @@ DEFAULT_READ_THREADS = 4
 DEFAULT_RETRIES = 5
 RETRY_BASE_S = 0.5
 RETRY_MAX_S = 8.0
+# The deadline of one AddImages call (one chunk). The gateway's own downstream deadlines (embed 10 s,
+# write 30 s per batch) keep a healthy chunk far below it; it bounds a gateway that hangs.
+DEFAULT_TIMEOUT_S = 120.0
+# How long a chunk keeps retrying while the gateway is UNAVAILABLE (long enough for a restart).
+DEFAULT_RETRY_FOR_S = 30.0
+# The channel reconnects at most this far apart while the gateway is away, so a retry notices its
+# return promptly (gRPC's default backoff grows to 120 s).
+RECONNECT_BACKOFF_MAX_MS = 2000
 CONNECT_TIMEOUT_S = 20.0
 DELETE_BATCH = 1000
 # Failures listed on the terminal; the errors file always has all of them.
@@ -72,6 +87,18 @@ class UsageError(Exception):
 
 class GatewayError(Exception):
     """A whole call failed (not one item): the run stops with exit status 1."""
+
+    def __init__(self, message: str, code: str = "UNAVAILABLE", details: str = "") -> None:
+        super().__init__(message)
+        self.code = code
+        self.details = details or message
+
+    @property
+    def reason(self) -> str:
+        """Why an item was not indexed, for its line in the errors file."""
+        if self.code == "UNAVAILABLE":
+            return f"gateway unavailable: {self.details}"
+        return f"gateway call failed: {self.code}: {self.details}"
 
 
 # ---- sources --------------------------------------------------------------------------------
@@ -170,26 +197,33 @@ def load_image(source: Source) -> LoadedImage:
 
 
 def ordered_loads(sources: Iterable[Source], pool: ThreadPoolExecutor, window: int,
-                  stop: threading.Event) -> Iterator[LoadedImage]:
+                  stop: threading.Event | Halt, unfinished: list[LoadedImage] | None = None) -> Iterator[LoadedImage]:
     """Loads sources on the pool, up to `window` ahead, yielding results in source order so that
-    "first seen" (for duplicates) does not depend on thread timing."""
-    pending: deque[Future[LoadedImage]] = deque()
+    "first seen" (for duplicates) does not depend on thread timing. When `stop` is set, the sources
+    taken but not yielded go to `unfinished` (loaded or not, in order); the rest stay in `sources`."""
+    pending: deque[tuple[Source, Future[LoadedImage]]] = deque()
     for source in sources:
         if stop.is_set():
+            pending.append((source, Future()))
             break
         if source.error is not None:
             failed: Future[LoadedImage] = Future()
             failed.set_result(LoadedImage(source, failure=failure_record(
                 source, source.item_id or "", "INVALID_ARGUMENT", source.error)))
-            pending.append(failed)
+            pending.append((source, failed))
         else:
-            pending.append(pool.submit(load_image, source))
+            pending.append((source, pool.submit(load_image, source)))
         while len(pending) > window:
-            yield pending.popleft().result()
+            yield pending.popleft()[1].result()
     while pending and not stop.is_set():
-        yield pending.popleft().result()
-    for future in pending:
-        future.cancel()
+        yield pending.popleft()[1].result()
+    for source, future in pending:
+        if future.cancel() or not future.done():
+            loaded = LoadedImage(source)
+        else:
+            loaded = future.result()
+        if unfinished is not None:
+            unfinished.append(loaded)
 
 
 # ---- the run's report -----------------------------------------------------------------------
@@ -205,9 +239,11 @@ class IndexReport:
         self._errors_fd: int | None = None
         self._errors_unwritable = False
         self.progress = progress
+        self.found = 0  # image files plus manifest rows: what the other counts add up to
         self.indexed = 0
         self.unchanged = 0
         self.skipped = 0
+        self.not_indexed = 0
         self.failures: list[dict[str, Any]] = []
         self.duplicate_items: list[dict[str, Any]] = []
         self.started = time.monotonic()
@@ -220,6 +256,17 @@ class IndexReport:
     def fail(self, record: dict[str, Any]) -> None:
         with self._lock:
             self.failures.append(record)
+            self._write_error(record)
+            self.progress.update(1)
+
+    def unsent(self, source: Source, item_id: str, error: GatewayError, sent: bool) -> None:
+        """An item the run stopped before indexing: its chunk failed as a whole (`sent`), or it was
+        never sent. Listed in the errors file; running the same command again indexes it."""
+        what = "sent, but the gateway did not confirm it" if sent else "not sent"
+        record = failure_record(source, item_id, error.code, f"{error.reason} ({what})")
+        record["not_indexed"] = True
+        with self._lock:
+            self.not_indexed += 1
             self._write_error(record)
             self.progress.update(1)
 
@@ -267,7 +314,9 @@ class IndexReport:
 
     def summary(self) -> dict[str, Any]:
         elapsed = time.monotonic() - self.started
+        listed = self.failures or self.not_indexed
         return {
+            "found": self.found,
             "indexed": self.indexed,
             "unchanged": self.unchanged,
             "skipped": self.skipped,
@@ -275,7 +324,8 @@ class IndexReport:
             "failures": self.failures,
             "duplicates": len(self.duplicate_items),
             "duplicate_items": self.duplicate_items,
-            "errors_file": str(self.errors_path) if self.failures and not self._errors_unwritable else None,
+            "not_indexed": self.not_indexed,
+            "errors_file": str(self.errors_path) if listed and not self._errors_unwritable else None,
             "elapsed_s": round(elapsed, 3),
         }
 
@@ -290,111 +340,209 @@ class IndexOptions:
     read_threads: int = DEFAULT_READ_THREADS
     chunk_size: int = INDEX_CHUNK
     retries: int = DEFAULT_RETRIES
-    timeout_s: float = 300.0
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    retry_for_s: float = DEFAULT_RETRY_FOR_S
     category_from_folder: bool = False
 
 
+class Halt:
+    """Stops the run: set on the event loop when a whole call fails (the first error is kept) or the
+    run ends; read by the producer thread, which then reports what it has not delivered."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.error: GatewayError | None = None
+
+    def fail(self, error: GatewayError) -> None:
+        if self.error is None:
+            self.error = error
+        self.event.set()
+
+    def is_set(self) -> bool:
+        return self.event.is_set()
+
+
 def produce_chunks(sources: Iterable[Source], options: IndexOptions, report: IndexReport,
-                   deliver: Callable[[Chunk | None], bool], stop: threading.Event) -> None:
+                   deliver: Callable[[Chunk], bool], halt: Halt) -> None:
     """Runs on its own thread: loads, de-duplicates and packs the sources into chunks for `deliver`
-    (which blocks while enough chunks wait), then delivers None to say the sources are exhausted."""
+    (which blocks while enough chunks wait, and says False once the run is halted). When a gateway
+    failure halts the run, reports every item it has not delivered as not indexed."""
+    sources = iter(sources)
+    unfinished: list[LoadedImage] = []
+    with ThreadPoolExecutor(options.read_threads, thread_name_prefix="vsearch-read") as pool:
+        loads = ordered_loads(sources, pool, options.read_threads * 4, halt, unfinished)
+        chunk = pack_chunks(loads, options, report, deliver, halt)
+        # Once halted, the loads still yield what was read ahead, then leave the rest in `unfinished`.
+        loaded_late = list(loads)
+    if halt.error is None:
+        return  # finished, or interrupted: nothing to account for
+    for item in chunk.items:
+        report.unsent(item.source, item.item_id, halt.error, sent=False)
+    left = (LoadedImage(source) for source in sources)  # never read: no file I/O for these
+    for loaded in itertools.chain(loaded_late, unfinished, left):
+        source = loaded.source
+        if loaded.failure is not None:
+            report.fail(loaded.failure)
+        elif source.error is not None:
+            report.fail(failure_record(source, source.item_id or "", "INVALID_ARGUMENT", source.error))
+        else:
+            report.unsent(source, source.item_id or loaded.sha256, halt.error, sent=False)
+
+
+def pack_chunks(loads: Iterable[LoadedImage], options: IndexOptions, report: IndexReport,
+                deliver: Callable[[Chunk], bool], halt: Halt) -> Chunk:
+    """Packs loaded images into chunks for `deliver`; returns the chunk it could not deliver (empty
+    when every item was delivered or reported)."""
     first_path_by_id: dict[str, str] = {}
     chunk = Chunk()
-    with ThreadPoolExecutor(options.read_threads, thread_name_prefix="vsearch-read") as pool:
-        for loaded in ordered_loads(sources, pool, options.read_threads * 4, stop):
-            source = loaded.source
-            if loaded.failure is not None:
-                report.fail(loaded.failure)
-                continue
-            item_id = source.item_id or loaded.sha256
-            if item_id in first_path_by_id:
-                duplicate = {"path": source.label, "id": item_id, "duplicate_of": first_path_by_id[item_id]}
-                if source.line is not None:
-                    duplicate["line"] = source.line
-                report.duplicate(duplicate)
-                continue
-            first_path_by_id[item_id] = source.label
-            metadata = dict(source.metadata)
-            if options.category_from_folder:
-                metadata.setdefault("category", source.path.parent.name)
-            struct = struct_pb2.Struct()
-            struct.update(metadata)
-            chunk.items.append(ChunkItem(source, item_id))
-            chunk.requests.append(gateway_pb2.AddImageRequest(
-                id=item_id, image=loaded.data, metadata=struct, image_uri=loaded.image_uri,
-                collection=options.collection,
-            ))
-            chunk.nbytes += len(loaded.data)
-            if len(chunk.items) >= options.chunk_size or chunk.nbytes >= CHUNK_MAX_BYTES:
-                if not deliver(chunk):
-                    return
-                chunk = Chunk()
-    if stop.is_set():
-        return
-    if chunk.items and not deliver(chunk):
-        return
-    deliver(None)
+    for loaded in loads:
+        source = loaded.source
+        if loaded.failure is not None:
+            report.fail(loaded.failure)
+            continue
+        item_id = source.item_id or loaded.sha256
+        if item_id in first_path_by_id:
+            duplicate = {"path": source.label, "id": item_id, "duplicate_of": first_path_by_id[item_id]}
+            if source.line is not None:
+                duplicate["line"] = source.line
+            report.duplicate(duplicate)
+            continue
+        first_path_by_id[item_id] = source.label
+        metadata = dict(source.metadata)
+        if options.category_from_folder:
+            metadata.setdefault("category", source.path.parent.name)
+        struct = struct_pb2.Struct()
+        struct.update(metadata)
+        chunk.items.append(ChunkItem(source, item_id))
+        chunk.requests.append(gateway_pb2.AddImageRequest(
+            id=item_id, image=loaded.data, metadata=struct, image_uri=loaded.image_uri,
+            collection=options.collection,
+        ))
+        chunk.nbytes += len(loaded.data)
+        if len(chunk.items) >= options.chunk_size or chunk.nbytes >= CHUNK_MAX_BYTES:
+            if not deliver(chunk):
+                return chunk
+            chunk = Chunk()
+        if halt.is_set():
+            return chunk
+    if chunk.items and not halt.is_set() and deliver(chunk):
+        return Chunk()
+    return chunk
 
 
 # ---- senders (asyncio) ----------------------------------------------------------------------
 
-async def add_chunk(stub: gateway_pb2_grpc.VisualSearchStub, chunk: Chunk,
+async def channel_back(channel: grpc.aio.Channel, timeout: float) -> bool:
+    """Whether the channel is (or within `timeout` becomes) connected."""
+    if timeout <= 0:
+        return channel.get_state(try_to_connect=True) == grpc.ChannelConnectivity.READY
+    try:
+        await asyncio.wait_for(channel.channel_ready(), timeout)
+        return True
+    except asyncio.TimeoutError:
+        return False
+
+
+async def add_chunk(stub: gateway_pb2_grpc.VisualSearchStub, channel: grpc.aio.Channel, chunk: Chunk,
                     options: IndexOptions) -> gateway_pb2.AddImagesSummary:
-    """One AddImages stream for the chunk, retried on UNAVAILABLE: the gateway upserts by id, so
-    resending items that a broken stream already wrote is harmless (they come back unchanged)."""
-    for attempt in range(options.retries + 1):
+    """One AddImages stream for the chunk, with the `--timeout` deadline, retried on UNAVAILABLE: the
+    gateway upserts by id, so resending items that a broken stream already wrote is harmless (they
+    come back unchanged). Retries back off and wait for the channel to reconnect, for at most
+    `--retries` retries and `--retry-for` seconds from the first failure; then GatewayError.
+
+    Calls do not use wait_for_ready: with it, a call made while the gateway is away waits for the
+    whole deadline (that was a 300 s hang when a gateway died mid-run)."""
+    started = time.monotonic()
+    first_failure: float | None = None
+    attempt = 0
+    while True:
+        attempt += 1
         try:
-            return await stub.AddImages(iter(chunk.requests), timeout=options.timeout_s, wait_for_ready=True)
+            return await stub.AddImages(iter(chunk.requests), timeout=options.timeout_s)
         except grpc.aio.AioRpcError as error:
-            if error.code() != grpc.StatusCode.UNAVAILABLE or attempt == options.retries:
-                tries = f" after {attempt + 1} attempts" if attempt else ""
-                raise GatewayError(f"gateway {options.gateway}: {error.code().name}: {error.details()}{tries}") from None
+            code, details = error.code(), error.details() or ""
+        now = time.monotonic()
+        if first_failure is None:
+            first_failure = now
+        give_up_at = first_failure + options.retry_for_s
+        if code == grpc.StatusCode.UNAVAILABLE and attempt <= options.retries and now < give_up_at:
             # Full jitter: concurrent senders that failed together do not come back together.
-            await asyncio.sleep(random.uniform(0, min(RETRY_MAX_S, RETRY_BASE_S * 2 ** attempt)))
-    raise AssertionError("unreachable")
+            backoff = random.uniform(0, min(RETRY_MAX_S, RETRY_BASE_S * 2 ** (attempt - 1)))
+            await asyncio.sleep(min(backoff, give_up_at - now))
+            if await channel_back(channel, give_up_at - time.monotonic()):
+                continue
+            details = f"{details}; not reachable for {options.retry_for_s:g} s"
+        tries = f" (after {attempt} attempts in {time.monotonic() - started:.1f} s)" if attempt > 1 else ""
+        raise GatewayError(f"gateway {options.gateway}: {code.name}: {details}{tries}", code.name, details)
 
 
 async def index_sources(sources: Iterable[Source], options: IndexOptions, report: IndexReport) -> None:
+    """Runs the producer and the senders; raises the GatewayError that halted the run, if one did,
+    after every item has been reported (indexed, unchanged, failed, duplicate or not indexed)."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[Chunk | None] = asyncio.Queue()
     # Chunks read ahead of the senders, plus those being sent: bounds memory to a few chunks.
     slots = threading.BoundedSemaphore(options.concurrency * 2)
-    stop = threading.Event()
+    halt = Halt()
 
-    def deliver(chunk: Chunk | None) -> bool:
-        if chunk is not None:
-            while not slots.acquire(timeout=0.2):
-                if stop.is_set():
-                    return False
-        if stop.is_set():
+    def deliver(chunk: Chunk) -> bool:
+        while not slots.acquire(timeout=0.2):
+            if halt.is_set():
+                return False
+        if halt.is_set():
+            slots.release()
             return False
         loop.call_soon_threadsafe(queue.put_nowait, chunk)
         return True
 
-    async def send_loop(stub: gateway_pb2_grpc.VisualSearchStub) -> None:
+    def unsent(chunk: Chunk, error: GatewayError, sent: bool) -> None:
+        for item in chunk.items:
+            report.unsent(item.source, item.item_id, error, sent)
+
+    async def produce() -> None:
+        try:
+            await asyncio.to_thread(produce_chunks, sources, options, report, deliver, halt)
+        finally:
+            queue.put_nowait(None)  # after every chunk the thread put (call_soon_threadsafe is FIFO)
+
+    async def send_loop(stub: gateway_pb2_grpc.VisualSearchStub, channel: grpc.aio.Channel) -> None:
         while True:
             chunk = await queue.get()
             if chunk is None:
                 queue.put_nowait(None)  # for the other senders
                 return
             try:
-                reply = await add_chunk(stub, chunk, options)
+                if halt.error is not None:  # queued before the run halted: never sent
+                    unsent(chunk, halt.error, sent=False)
+                    continue
+                try:
+                    reply = await add_chunk(stub, channel, chunk, options)
+                except GatewayError as error:
+                    halt.fail(error)  # the chunks in flight finish; nothing new is sent
+                    unsent(chunk, error, sent=True)
+                    continue
             finally:
                 slots.release()
             report.chunk_done(chunk, reply)
 
-    async with grpc.aio.insecure_channel(options.gateway) as channel:
-        await wait_connected(channel, options.gateway)
+    channel_options = [("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MAX_MS)]
+    async with grpc.aio.insecure_channel(options.gateway, options=channel_options) as channel:
+        try:
+            await wait_connected(channel, options.gateway)
+        except GatewayError as error:
+            halt.fail(error)  # nothing is sent, and every item is reported as not indexed
         stub = gateway_pb2_grpc.VisualSearchStub(channel)
-        producer = asyncio.ensure_future(asyncio.to_thread(produce_chunks, sources, options, report, deliver, stop))
-        senders = [asyncio.create_task(send_loop(stub)) for _ in range(options.concurrency)]
+        producer = asyncio.ensure_future(produce())
+        senders = [asyncio.create_task(send_loop(stub, channel)) for _ in range(options.concurrency)]
         try:
             await asyncio.gather(producer, *senders)
         finally:
-            stop.set()
+            halt.event.set()
             for sender in senders:
                 sender.cancel()
-            await asyncio.wait([producer, *senders])  # the producer notices `stop` within 0.2 s
+            await asyncio.wait([producer, *senders])  # the producer notices `halt` within 0.2 s
+    if halt.error is not None:
+        raise halt.error
 
 
 # ---- commands -------------------------------------------------------------------------------
@@ -412,9 +560,10 @@ def default_errors_path(manifest: Path | None) -> Path:
 
 
 def print_index_summary(summary: dict[str, Any]) -> None:
+    not_indexed = f", not indexed {summary['not_indexed']}" if summary["not_indexed"] else ""
     line = (f"indexed {summary['indexed']}, unchanged {summary['unchanged']}, duplicates {summary['duplicates']}, "
-            f"skipped {summary['skipped']}, failed {summary['failed']} in {summary['elapsed_s']:.1f} s")
-    if summary["indexed"] == 0 and summary["unchanged"] and not summary["failed"]:
+            f"skipped {summary['skipped']}, failed {summary['failed']}{not_indexed} in {summary['elapsed_s']:.1f} s")
+    if summary["indexed"] == 0 and summary["unchanged"] and not summary["failed"] and not summary["not_indexed"]:
         line += ": everything was already indexed"
     print(line)
     for duplicate in summary["duplicate_items"][:SHOWN_FAILURES]:
@@ -443,8 +592,8 @@ def cmd_index(args: argparse.Namespace) -> int:
                             ("--chunk-size", args.chunk_size)):
             if value < 1:
                 raise UsageError(f"{name} must be at least 1")
-        if args.retries < 0 or not args.timeout > 0:
-            raise UsageError("--retries must be at least 0 and --timeout positive")
+        if args.retries < 0 or not args.timeout > 0 or not args.retry_for >= 0:
+            raise UsageError("--retries and --retry-for must be at least 0 and --timeout positive")
     except (UsageError, ManifestError) as error:
         print(f"vsearch index: {error}", file=sys.stderr)
         return 2
@@ -457,13 +606,14 @@ def cmd_index(args: argparse.Namespace) -> int:
         total += count_rows(manifest)
     options = IndexOptions(
         gateway=args.gateway, collection=collection, concurrency=args.concurrency, read_threads=args.read_threads,
-        chunk_size=args.chunk_size, retries=args.retries, timeout_s=args.timeout,
+        chunk_size=args.chunk_size, retries=args.retries, timeout_s=args.timeout, retry_for_s=args.retry_for,
         category_from_folder=args.category_from_folder,
     )
     show_progress = args.progress or (not args.json and sys.stderr.isatty())
     progress = tqdm(total=total, unit="img", disable=not show_progress, file=sys.stderr, dynamic_ncols=True)
     report = IndexReport(Path(args.errors) if args.errors else default_errors_path(manifest), progress)
     report.skipped = len(skipped)
+    report.found = total
     status, problem = 0, None
     try:
         asyncio.run(index_sources(sources, options, report))
@@ -476,6 +626,10 @@ def cmd_index(args: argparse.Namespace) -> int:
     finally:
         report.close()
     summary = report.summary()
+    if problem and summary["not_indexed"]:
+        listed = f" (listed in {summary['errors_file']})" if summary["errors_file"] else ""
+        problem += (f"\n{summary['not_indexed']} of {total} items were not indexed{listed}. Run the same command "
+                    "again to resume: items already indexed are skipped as unchanged.")
     if args.json:
         print(json.dumps(summary))
     else:
@@ -506,12 +660,13 @@ def manifest_ids(manifest: Path, read_threads: int) -> tuple[list[str], list[dic
 
 
 async def wait_connected(channel: grpc.aio.Channel, gateway: str) -> None:
-    """Calls use wait_for_ready (riding out a gateway restart); this turns "nothing listens there"
-    into a prompt error rather than a long wait."""
+    """Turns "nothing listens there" into a prompt error rather than a long wait (DeleteImages uses
+    wait_for_ready; AddImages retries with a bounded budget instead, see add_chunk)."""
     try:
         await asyncio.wait_for(channel.channel_ready(), CONNECT_TIMEOUT_S)
     except asyncio.TimeoutError:
-        raise GatewayError(f"gateway {gateway}: not reachable after {CONNECT_TIMEOUT_S:.0f}s") from None
+        details = f"not reachable after {CONNECT_TIMEOUT_S:.0f}s"
+        raise GatewayError(f"gateway {gateway}: {details}", "UNAVAILABLE", details) from None
 
 
 async def delete_ids(gateway: str, ids: list[str], collection: str) -> int:
@@ -588,7 +743,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help=f"images per AddImages stream (default {INDEX_CHUNK})")
     index.add_argument("--retries", type=int, default=DEFAULT_RETRIES,
                        help=f"retries of a chunk the gateway answers UNAVAILABLE (default {DEFAULT_RETRIES})")
-    index.add_argument("--timeout", type=float, default=300.0, help="seconds allowed per chunk")
+    index.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
+                       help=f"deadline of each AddImages call, one chunk (default {DEFAULT_TIMEOUT_S:g})")
+    index.add_argument("--retry-for", type=float, default=DEFAULT_RETRY_FOR_S, metavar="SECONDS",
+                       help="how long a chunk keeps retrying while the gateway is unavailable before the run "
+                            f"stops and lists what was not indexed (default {DEFAULT_RETRY_FOR_S:g})")
     index.set_defaults(func=cmd_index)
 
     delete = sub.add_parser("delete", help="remove items by id (or the items a manifest would index)")

@@ -1,39 +1,52 @@
-"""What every child process of the local stack needs: to die with its parent, and to be waited for
-until its gRPC health says SERVING."""
+"""What every child process of the local stack needs: to die with its parent, a quick look at whether
+it is ready (Redis answers PING; a gRPC service's health says SERVING), and words for how it ended."""
 
 from __future__ import annotations
 
-import asyncio
 import ctypes
 import signal
-import subprocess
-import time
+import socket
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+PR_SET_PDEATHSIG = 1
+# Looked up here, once: between fork and exec the child should do as little as it can (no dlopen).
+_prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
+
 
 def die_with_parent() -> None:
     """Runs in the child before exec: if `vsearch up` itself is killed (even by SIGKILL), the kernel
-    sends the child SIGTERM, so no service outlives the launcher."""
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    sends the child SIGTERM, so no service outlives the launcher. The kernel sends it when the *thread*
+    that spawned the child ends, so children must be spawned from the main thread."""
+    _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-async def wait_serving(address: str, timeout: float, process: subprocess.Popen | None = None) -> None:
-    """Waits until the gRPC health service at `address` says SERVING."""
-    deadline = time.monotonic() + timeout
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while True:
-            if process is not None and process.poll() is not None:
-                raise RuntimeError(f"process for {address} exited with code {process.returncode}")
-            try:
-                reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.aio.AioRpcError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{address} not SERVING after {timeout:.0f}s")
-            await asyncio.sleep(0.1)
+def redis_answers(port: int, timeout: float = 0.5) -> bool:
+    """Whether a Redis on this loopback port answers PING."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def grpc_serving(address: str, timeout: float = 0.5) -> bool:
+    """Whether the gRPC health service at `address` says SERVING now (no waiting for a connection)."""
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+        except grpc.RpcError:
+            return False
+    return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def how_it_ended(returncode: int) -> str:
+    """A process's end in words: "exited with code 1", "was killed by SIGKILL"."""
+    if returncode >= 0:
+        return f"exited with code {returncode}"
+    try:
+        return f"was killed by {signal.Signals(-returncode).name}"
+    except ValueError:
+        return f"was killed by signal {-returncode}"

@@ -1,5 +1,5 @@
-"""Starts and stops the local stack's processes: redis-server, tritonserver (optional), the embedder,
-search_svc and the gateway."""
+"""Starts, restarts and stops the local stack's processes: redis-server, tritonserver (optional), the
+embedder, search_svc and the gateway. What to do when one dies is `supervisor.Supervisor`'s business."""
 
 from __future__ import annotations
 
@@ -7,79 +7,140 @@ import asyncio
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
-from vsearch_cli.local_stack.child_processes import die_with_parent, wait_serving
+from vsearch_cli.local_stack.child_processes import die_with_parent, grpc_serving, how_it_ended, redis_answers
 from vsearch_cli.local_stack.layout import StackLayout
 from vsearch_cli.local_stack.triton import TritonServerProcess
+
+# The three services: child name -> the module `python -m` runs.
+SERVICE_MODULES = {"embedder": "embedder_svc", "search": "search_svc", "gateway": "gateway"}
+REDIS_START_TIMEOUT_S = 10.0
+LOG_TAIL_LINES = 20
+
+
+class ChildFailed(RuntimeError):
+    """A child exited before it was ready. The message names it, says how it ended and quotes its log."""
+
+
+class StartInterrupted(RuntimeError):
+    """A stop was asked for (Ctrl-C, SIGTERM) before every child was ready."""
 
 
 class LocalStack:
     """Starts redis-server (when installed), embedder, search and gateway as child processes, and
-    tritonserver first when `triton` is given (the layout's embedder environment then points at it)."""
+    tritonserver first when `triton` is given (the layout's embedder environment then points at it).
+    `spawn(name)` starts a child again the same way, on the same port, after it died."""
 
     def __init__(self, layout: StackLayout, log_dir: Path, triton: TritonServerProcess | None = None) -> None:
         self.layout = layout
         self.log_dir = log_dir
         self.triton = triton
+        # In start order; `stop` goes the other way.
         self.processes: dict[str, subprocess.Popen] = {}
+        # When each child's current process was started (time.monotonic).
+        self.started_at: dict[str, float] = {}
+        self._redis_binary: str | None = None
+        self._environments: dict[str, dict[str, str]] = {}
 
-    def _spawn(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen:
-        log = open(self.log_dir / f"{name}.log", "ab")
-        process = subprocess.Popen(
-            args, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True,  # Ctrl-C reaches only us; we stop the children in order
-            preexec_fn=die_with_parent,
-        )
-        log.close()
+    # ---- one child ------------------------------------------------------------------------------
+
+    def log_path(self, name: str) -> Path:
+        return self.triton.log_path if name == "triton" and self.triton else self.log_dir / f"{name}.log"
+
+    def log_tail(self, name: str, lines: int = LOG_TAIL_LINES) -> str:
+        try:
+            text = self.log_path(name).read_text(errors="replace")
+        except OSError:
+            return "    (no log)"
+        return "\n".join(f"    {line}" for line in text.splitlines()[-lines:]) or "    (empty log)"
+
+    def spawn(self, name: str) -> subprocess.Popen:
+        """Starts child `name`, the first time or again after it died: the same command, environment
+        and port each time, its output appended to its log. Call it from the main thread: a child's
+        parent-death signal follows the thread that started it (see `die_with_parent`)."""
+        if name == "triton":
+            assert self.triton is not None
+            self.triton.kill()  # a dead server's python backend stubs and shared memory, if any
+            process = self.triton.start()
+        else:
+            if name == "redis":
+                assert self._redis_binary is not None
+                args, env = [self._redis_binary, *self.layout.redis_arguments()], {}
+            else:
+                args, env = [sys.executable, "-m", SERVICE_MODULES[name]], self._environments[name]
+            with open(self.log_path(name), "ab") as log:
+                process = subprocess.Popen(
+                    args, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                    start_new_session=True,  # Ctrl-C reaches only us; we stop the children in order
+                    preexec_fn=die_with_parent,
+                )
         self.processes[name] = process
+        self.started_at[name] = time.monotonic()
         return process
 
-    def start_redis(self) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None or self.layout.redis_port is None:
-            self.layout.redis_port = None
-            return
-        self._spawn("redis", [binary, "--port", str(self.layout.redis_port), "--bind", "127.0.0.1",
-                              "--save", "", "--appendonly", "no"], {})
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.layout.redis_port), timeout=0.2).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-        raise TimeoutError("redis-server did not open its port")
+    def is_ready(self, name: str) -> bool:
+        """One quick look: Redis answers PING, Triton has the model ready, a service's health says SERVING."""
+        if name == "redis":
+            assert self.layout.redis_port is not None
+            return redis_answers(self.layout.redis_port)
+        if name == "triton":
+            assert self.triton is not None
+            return self.triton.is_ready([self.layout.triton_model_name] if self.layout.triton_model_name else [])
+        port = {"embedder": self.layout.embedder_port, "search": self.layout.search_port,
+                "gateway": self.layout.gateway_port}[name]
+        return grpc_serving(f"127.0.0.1:{port}")
 
-    async def start_triton(self, timeout: float) -> None:
-        if self.triton is None:
-            return
-        # Spawned from this (the main) thread: the child's parent-death signal follows the thread
-        # that started it, and a worker thread ends long before `vsearch up` does.
-        self.processes["triton"] = self.triton.start()
-        models = [self.layout.triton_model_name] if self.layout.triton_model_name else []
-        await asyncio.to_thread(self.triton.wait_ready, timeout, models)
+    def failure_report(self, name: str) -> str:
+        """The end of a child's log, to quote when it failed."""
+        return f"the last lines of {self.log_path(name)}:\n{self.log_tail(name)}"
 
-    async def start(self, timeout: float = 120.0) -> None:
+    def wait_ready(self, names: list[str], timeout: float, stop_requested: Callable[[], bool] = lambda: False) -> None:
+        """Polls until every child in `names` is ready; `ChildFailed` as soon as one exits,
+        TimeoutError naming those still not ready after `timeout`, `StartInterrupted` once
+        `stop_requested()`."""
+        deadline = time.monotonic() + timeout
+        waiting = list(names)
+        while waiting:
+            if stop_requested():
+                raise StartInterrupted(f"stopped while waiting for {', '.join(waiting)} to be ready")
+            for name in list(waiting):
+                process = self.processes[name]
+                if process.poll() is not None:
+                    raise ChildFailed(f"{name} {how_it_ended(process.returncode)} before it was ready; "
+                                      f"{self.failure_report(name)}")
+                if self.is_ready(name):
+                    waiting.remove(name)
+            if waiting and time.monotonic() > deadline:
+                raise TimeoutError(f"{', '.join(waiting)} not ready after {timeout:.0f}s; "
+                                   f"{self.failure_report(waiting[0])}")
+            if waiting:
+                time.sleep(0.1)
+
+    # ---- the whole stack ------------------------------------------------------------------------
+
+    async def start(self, timeout: float = 120.0, stop_requested: Callable[[], bool] = lambda: False) -> None:
+        """Redis and Triton first (each ready before the next starts), then the three services at
+        once; returns when all are ready, raises as `wait_ready` does. Children are spawned on this
+        (the calling) thread and only waited for in another."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        self.start_redis()
-        await self.start_triton(timeout)
-        envs = self.layout.environments()
-        services = {
-            "embedder": ("embedder_svc", self.layout.embedder_port),
-            "search": ("search_svc", self.layout.search_port),
-            "gateway": ("gateway", self.layout.gateway_port),
-        }
-        for name, (module, _port) in services.items():
-            self._spawn(name, [sys.executable, "-m", module], envs[name])
-        await asyncio.gather(*(
-            wait_serving(f"127.0.0.1:{port}", timeout, self.processes[name])
-            for name, (_module, port) in services.items()
-        ))
+        self._redis_binary = shutil.which("redis-server")
+        if self._redis_binary is None:
+            self.layout.redis_port = None
+        self._environments = self.layout.environments()
+        if self.layout.redis_port is not None:
+            self.spawn("redis")
+            await asyncio.to_thread(self.wait_ready, ["redis"], REDIS_START_TIMEOUT_S, stop_requested)
+        if self.triton is not None:
+            self.spawn("triton")
+            await asyncio.to_thread(self.wait_ready, ["triton"], timeout, stop_requested)
+        for name in SERVICE_MODULES:
+            self.spawn(name)
+        await asyncio.to_thread(self.wait_ready, list(SERVICE_MODULES), timeout, stop_requested)
 
     def stop(self, timeout: float = 15.0) -> None:
         """SIGTERM in reverse start order (gateway first), then SIGKILL whatever is left."""

@@ -20,6 +20,9 @@ class StackLayout:
     # Directories whose images the gateway may serve to the web page (GATEWAY_IMAGE_ROOTS).
     image_roots: list[Path] = field(default_factory=list)
     redis_port: int | None = None
+    # The Redis cache's memory cap (redis-server --maxmemory: "256mb", "1gb", "0" for none); the least
+    # recently used keys are evicted beyond it, so the cache never grows without bound.
+    redis_maxmemory: str = "256mb"
     # Set when the embedder runs its model on Triton: that server's gRPC address and model name.
     triton_url: str | None = None
     triton_model_name: str | None = None
@@ -31,6 +34,13 @@ class StackLayout:
     @property
     def redis_url(self) -> str | None:
         return f"redis://127.0.0.1:{self.redis_port}/0" if self.redis_port else None
+
+    def redis_arguments(self) -> list[str]:
+        """redis-server's arguments: loopback only, nothing saved, memory capped with LRU eviction."""
+        return [
+            "--port", str(self.redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            "--maxmemory", self.redis_maxmemory, "--maxmemory-policy", "allkeys-lru",
+        ]
 
     def environments(self) -> dict[str, dict[str, str]]:
         """Each service's settings, as the environment it reads them from."""
