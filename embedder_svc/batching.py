@@ -2,20 +2,29 @@
 
 A batch runs once `max_batch_size` images are queued, or `max_wait_s` after the oldest queued image
 arrived, whichever comes first. One batch runs at a time; images arriving meanwhile queue for the
-next, so under load batches fill up by themselves while a lone request waits at most `max_wait_s`."""
+next, so under load batches fill up by themselves while a lone request waits at most `max_wait_s`.
+
+Traces: a batch serves several requests, each in its own trace. Each traced request in a batch gets
+two spans of its own, children of its EmbedImages span: `batch wait` (from its images' arrival to the
+batch's start) and `inference` (the batch's run), both tagged with the batch's id and size. So every
+trace shows its whole embedder time without following links, and a batch's requests are found by its
+id (`vsearch.batch.id`); one span per batch, linked to the requests, would leave a gap in each trace."""
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import logging
 import time
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
 import numpy as np
+from opentelemetry.context import Context
 
 from embedder_svc.metrics import EmbedderMetrics
+from service_kit.tracing import current_trace, record_span
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +40,9 @@ class _Pending:
     tensor: np.ndarray
     future: asyncio.Future[np.ndarray]
     arrived: float = field(default_factory=time.monotonic)
+    # The submitting request's trace context and arrival (time.time_ns), when it is traced.
+    trace: Context | None = None
+    arrived_ns: int = 0
 
 
 class MicroBatcher:
@@ -43,6 +55,7 @@ class MicroBatcher:
         self._arrived = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
         self._closed = False
+        self._batch_ids = itertools.count(1)
 
     def start(self) -> None:
         self._worker = asyncio.create_task(self._run(), name="embedder-batcher")
@@ -53,7 +66,8 @@ class MicroBatcher:
         if self._closed:
             raise BatcherClosed("embedder is shutting down")
         future: asyncio.Future[np.ndarray] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Pending(tensor, future))
+        trace = current_trace()
+        self._queue.append(_Pending(tensor, future, trace=trace, arrived_ns=0 if trace is None else time.time_ns()))
         self._arrived.set()
         return await future
 
@@ -83,15 +97,20 @@ class MicroBatcher:
 
     async def _run_batch(self, batch: list[_Pending]) -> None:
         self._metrics.batch_size.observe(len(batch))
+        traced = [item for item in batch if item.trace is not None]
         started = time.perf_counter()
+        started_ns = time.time_ns() if traced else 0
+        failure: BaseException | None = None
         try:
             outputs = await self._infer(np.stack([item.tensor for item in batch]))
         except asyncio.CancelledError:  # closing while this batch ran
+            failure = BatcherClosed("embedder is shutting down")
             for item in batch:
                 if not item.future.done():
                     item.future.set_exception(BatcherClosed("embedder is shutting down"))
             raise
         except Exception as error:  # noqa: BLE001 - the failure belongs to each waiting caller
+            failure = error
             logger.error("inference failed for a batch of %d: %s", len(batch), error)
             for item in batch:
                 if not item.future.done():
@@ -99,9 +118,29 @@ class MicroBatcher:
             return
         finally:
             self._metrics.inference_seconds.observe(time.perf_counter() - started)
+            if traced:
+                self._trace_batch(traced, len(batch), started_ns, failure)
         for item, row in zip(batch, outputs):
             if not item.future.done():
                 item.future.set_result(row)
+
+    def _trace_batch(self, traced: list[_Pending], size: int, started_ns: int, failure: BaseException | None) -> None:
+        """Each traced request's `batch wait` and `inference` spans (see the module's docstring). A
+        request's images were submitted together and share its context object."""
+        batch_id = next(self._batch_ids)
+        ended_ns = time.time_ns()
+        by_request: dict[int, list[_Pending]] = {}
+        for item in traced:
+            by_request.setdefault(id(item.trace), []).append(item)
+        for items in by_request.values():
+            attributes = {
+                "vsearch.batch.id": batch_id, "vsearch.batch.size": size,
+                "vsearch.batch.images_of_request": len(items),
+            }
+            context = items[0].trace
+            record_span("batch wait", min(item.arrived_ns for item in items), started_ns, context=context,
+                        attributes=attributes)
+            record_span("inference", started_ns, ended_ns, context=context, attributes=attributes, error=failure)
 
     async def close(self) -> None:
         self._closed = True

@@ -18,6 +18,7 @@ from embedder_svc.metrics import EmbedderMetrics
 from embedder_svc.image_decoding import CropBox, ImageDecoder
 from embedder_svc.model_card import ModelCard, read_model_card
 from embedder_svc.preprocessing import Preprocessor
+from service_kit.tracing import span
 
 logger = logging.getLogger(__name__)
 
@@ -130,12 +131,13 @@ class EmbeddingEngine:
         # One executor call per decode worker, each preparing a contiguous share of the images: an
         # executor hop per image woke the event loop once per image (10% of the embedder's profile).
         share = -(-len(images) // self._decode_workers)
-        prepared = await asyncio.gather(*(
-            loop.run_in_executor(
-                self._decode_executor, self._prepare_all, model.preprocessor, images[start:start + share]
-            )
-            for start in range(0, len(images), share)
-        ))
+        with span("preprocess", {"vsearch.images": len(images)}):
+            prepared = await asyncio.gather(*(
+                loop.run_in_executor(
+                    self._decode_executor, self._prepare_all, model.preprocessor, images[start:start + share]
+                )
+                for start in range(0, len(images), share)
+            ))
         tensors = [outcome for part in prepared for outcome in part]
         queued = [tensor if isinstance(tensor, BaseException) else model.batcher.submit(tensor) for tensor in tensors]
         vectors = await asyncio.gather(

@@ -1,17 +1,20 @@
-"""The gateway's query cache: query embeddings and whole search results, in Redis or in-process.
+"""The gateway's query cache: query embeddings and whole search results, in Redis or in-process, and,
+in Redis, each collection's index generation, which every gateway shares.
 
 Both stores have the same semantics (several gets / several sets with a TTL, in one round trip).
 `QueryCache` sits on top and makes the cache strictly optional: any store failure or slow answer is
 logged (rate-limited), counted, and treated as a miss, so a search never fails or hangs because of
-the cache. A search reads it with `lookup` (one round trip for the embedding and the result under
-the generation it guesses) and `result_for` (the result under the generation it then knows), and
-writes it with `save_in_background`."""
+the cache. A search reads it with `lookup` (one round trip for the embedding, the result and, in
+Redis, the collection's generation), takes the result with `result_at` only if it was computed at the
+current generation, and writes it with `save_in_background`. Results are stored under a key without
+the generation, with the generation they were computed at inside the value (`encode_result`)."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
 import logging
+import struct
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -19,6 +22,7 @@ from typing import Callable, Protocol, Sequence
 
 import numpy as np
 import redis.asyncio as redis_asyncio
+import redis.exceptions
 from prometheus_client import CollectorRegistry
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -32,7 +36,10 @@ logger = logging.getLogger(__name__)
 Clock = Callable[[], float]
 
 # Bump when the key layout or the value encoding changes, so old entries in a shared Redis are ignored.
-KEY_PREFIX = "vsearch:gw1"
+# gw2: result keys without the generation, the generation inside the value; shared generation counters.
+KEY_PREFIX = "vsearch:gw2"
+# The head of a result entry: the generation it was computed at.
+_RESULT_HEAD = struct.Struct(">Q")
 
 
 # ---------------------------------------------------------------------------------------------- keys
@@ -45,7 +52,7 @@ def embedding_cache_key(image_sha256: str, crop: embedder_pb2.CropBox | None, mo
 
 def item_query_key(collection: str, item_id: str) -> str:
     """Stands in for the embedding key of an `item_id` query: its vector lives in the index, so the
-    index generation in the result key already covers any change to it."""
+    index generation its result entry is checked against already covers any change to it."""
     return f"{KEY_PREFIX}:item:{len(collection)}:{collection}:{item_id}"
 
 
@@ -60,22 +67,40 @@ def canonical_filter(search_filter: search_pb2.Filter) -> str:
 
 
 def result_cache_key(
-    query_key: str, k: int, search_filter: search_pb2.Filter, min_score: float | None, generation: int,
-    collection: str = "",
+    query_key: str, k: int, search_filter: search_pb2.Filter, min_score: float | None, collection: str = ""
 ) -> str:
-    """A search result is only valid for the index generation it was computed on; keying by the
-    generation means a write makes every older entry unreachable (they expire by TTL)."""
+    """Where the latest result of this query is stored. The key holds no generation: the entry carries
+    the generation it was computed at (`encode_result`), and is used only while that is the current
+    one, so one round trip reads the result and the current generation together."""
     min_score_part = "-" if min_score is None else repr(float(min_score))
     digest = hashlib.sha256(
         "\x00".join([query_key, collection, str(k), canonical_filter(search_filter), min_score_part]).encode()
     ).hexdigest()
-    return f"{KEY_PREFIX}:res:{generation}:{digest}"
+    return f"{KEY_PREFIX}:res:{digest}"
+
+
+def generation_key(collection: str) -> str:
+    """The shared index generation of a collection (by its resolved name): an integer counter."""
+    return f"{KEY_PREFIX}:gen:{collection}"
+
+
+def encode_result(generation: int, response: gateway_pb2.VisualSearchResponse) -> bytes:
+    return _RESULT_HEAD.pack(generation) + response.SerializeToString()
+
+
+def result_generation(raw: bytes | None) -> int | None:
+    """The generation a stored result was computed at; None for no (or no readable) entry."""
+    if raw is None or len(raw) < _RESULT_HEAD.size:
+        return None
+    return _RESULT_HEAD.unpack_from(raw)[0]
 
 
 # -------------------------------------------------------------------------------------------- stores
 
 class CacheStore(Protocol):
     kind: str
+    # Whether it keeps the shared generation counters (`generation`): only a store every gateway shares.
+    shares_generations: bool
 
     async def get_many(self, keys: Sequence[str]) -> list[bytes | None]: ...
 
@@ -89,6 +114,7 @@ class LruTtlStore:
     expires `ttl_s` after it was set, by `clock` (injectable for tests)."""
 
     kind = "lru"
+    shares_generations = False
 
     def __init__(self, max_entries: int, clock: Clock = time.monotonic) -> None:
         self.max_entries = max_entries
@@ -177,12 +203,37 @@ class LoopLagTolerantTimeout:
             raise TimeoutError(f"no answer within {self.seconds}s") from exc
 
 
+# A collection's generation counter: created, when missing, from Redis's own clock (microseconds since
+# the epoch, one clock for every gateway), so a counter that was evicted or lost with a restart starts
+# above any value it had before (it gains one per write, far slower than the clock); then read, or
+# bumped. A bump after a drop lets the counter expire once the collection's results have (ARGV[2] ms);
+# any other bump keeps it. KEYS[1]: the counter; ARGV[1]: "read" or "bump"; ARGV[2]: expiry, "0" none.
+GENERATION_SCRIPT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  local now = redis.call('TIME')
+  redis.call('SET', KEYS[1], now[1] .. string.format('%06d', tonumber(now[2])))
+end
+if ARGV[1] == 'bump' then
+  local value = redis.call('INCR', KEYS[1])
+  if ARGV[2] ~= '0' then
+    redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  else
+    redis.call('PERSIST', KEYS[1])
+  end
+  return value
+end
+return redis.call('GET', KEYS[1])
+"""
+
+
 class RedisStore:
     """Redis, shared by replicas. Every call is bounded by `timeout_s` of the event loop's time (see
     `LoopLagTolerantTimeout`; 10x that, at least a second, when the loop lags) and never retried: a
-    cache answer that comes late is worth nothing."""
+    cache answer that comes late is worth nothing. It also keeps the generation counters every
+    gateway shares (`generation`)."""
 
     kind = "redis"
+    shares_generations = True
 
     def __init__(self, url: str, timeout_s: float) -> None:
         self.timeout_s = timeout_s
@@ -195,9 +246,12 @@ class RedisStore:
             socket_connect_timeout=timeout_s,
             retry=Retry(NoBackoff(), 0),
         )
+        # EVALSHA, and EVAL when Redis does not know the script (first use, after a restart).
+        self._generation_script = self.client.register_script(GENERATION_SCRIPT)
 
-    def _bounded(self) -> LoopLagTolerantTimeout:
-        return LoopLagTolerantTimeout(self.timeout_s, self.max_timeout_s)
+    def _bounded(self, timeout_s: float | None = None) -> LoopLagTolerantTimeout:
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        return LoopLagTolerantTimeout(timeout_s, max(timeout_s, self.max_timeout_s))
 
     async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
         async with self._bounded():
@@ -209,6 +263,13 @@ class RedisStore:
                 for key, value, ttl_s in entries:
                     pipe.set(key, value, px=max(1, int(ttl_s * 1000)))
                 await pipe.execute()
+
+    async def generation(self, key: str, bump: bool, expire_ms: int = 0, timeout_s: float | None = None) -> int:
+        """The counter under `key` (created from Redis's clock if missing), after adding one if `bump`;
+        a bump with `expire_ms` lets it expire that long after (0: never). Bounded by `timeout_s`."""
+        async with self._bounded(timeout_s):
+            value = await self._generation_script(keys=[key], args=["bump" if bump else "read", str(int(expire_ms))])
+        return int(value)
 
     async def close(self) -> None:
         await self.client.aclose()
@@ -245,17 +306,24 @@ class RateLimitedLog:
 @dataclass(frozen=True)
 class CacheLookup:
     """What a search's one cache round trip found. `embedding` is final (counted as a hit or a miss
-    already). The result was read under a key the search guessed (the last index generation it knew)
-    and answers only for that key: `QueryCache.result_for` takes it, once the generation is known."""
+    already). The stored result comes with the generation it was computed at, and is for
+    `QueryCache.result_at` to take or leave once the current generation is known."""
 
     embedding: np.ndarray | None = None
-    guessed_result_key: str | None = None
-    guessed_result: gateway_pb2.VisualSearchResponse | None = None
+    # The stored result, still serialised, and the generation it was computed at.
+    result_entry: bytes | None = None
+    result_generation: int | None = None
+    # The collection's shared generation counter, when it was asked for and exists.
+    generation: int | None = None
+    # Whether the store was asked and answered: only then does a missing counter mean that it is missing
+    # (rather than that the cache is down or in cool-down).
+    answered: bool = False
 
 
 class QueryCache:
     """Typed, failure-proof access to a `CacheStore`: embeddings as raw float32 bytes, results as
-    serialized `VisualSearchResponse`s."""
+    serialized `VisualSearchResponse`s behind the generation they were computed at, and (when the
+    store is shared) the generation counters."""
 
     def __init__(
         self,
@@ -267,74 +335,111 @@ class QueryCache:
         self.store = store
         self.settings = settings
         self.clock = clock
+        self.registry = registry
         self.metrics = CacheMetrics(registry)
         self._skip_until = float("-inf")
+        # Since when every store call has timed out, with no answer in between (None: the last answered).
+        self._timing_out_since: float | None = None
         self._error_log = RateLimitedLog(clock=clock)
         # Strong references: the event loop keeps only weak ones to tasks.
         self._writes_in_flight: set[asyncio.Task[None]] = set()
 
+    @property
+    def shares_generations(self) -> bool:
+        """Whether the store keeps generation counters every gateway shares (Redis)."""
+        return self.store.shares_generations
+
     # ------------------------------------------------------------------------------------- reads
 
-    async def lookup(self, embedding_key: str | None, guessed_result_key: str | None) -> CacheLookup:
-        """The embedding under `embedding_key` and the result under `guessed_result_key`, in one store
-        round trip; a key that is None is not read."""
-        keys = [key for key in (embedding_key, guessed_result_key) if key is not None]
-        values = iter(await self._read(keys))
+    async def lookup(
+        self, embedding_key: str | None, result_key: str | None, generation_key: str | None = None
+    ) -> CacheLookup:
+        """The embedding under `embedding_key`, the result under `result_key` and the generation counter
+        under `generation_key`, in one store round trip; a key that is None is not read."""
+        keys = [key for key in (embedding_key, result_key, generation_key) if key is not None]
+        read, answered = await self._read(keys)
+        values = iter(read)
         embedding = None
         if embedding_key is not None:
             embedding = _decode_embedding(next(values))
             self.metrics.count_lookup("embedding", embedding is not None)
-        guessed_result = None
-        if guessed_result_key is not None:
-            guessed_result = self._decode_result(next(values), guessed_result_key)
-        return CacheLookup(embedding, guessed_result_key, guessed_result)
+        entry = next(values) if result_key is not None else None
+        generation = _decode_counter(next(values)) if generation_key is not None else None
+        return CacheLookup(embedding, entry, result_generation(entry), generation, answered)
 
-    async def result_for(self, key: str, lookup: CacheLookup) -> gateway_pb2.VisualSearchResponse | None:
-        """The result cached under `key`: the one `lookup` read if it guessed this key (the usual
-        case), else read now (the index changed since the guess, or there was no guess)."""
-        if key == lookup.guessed_result_key:
-            result = lookup.guessed_result
-        else:
-            result = self._decode_result((await self._read([key]))[0], key)
-        self.metrics.count_lookup("result", result is not None)
-        return result
-
-    def _decode_result(self, raw: bytes | None, key: str) -> gateway_pb2.VisualSearchResponse | None:
-        if raw is None:
-            return None
-        response = gateway_pb2.VisualSearchResponse()
-        try:
-            response.ParseFromString(raw)
-        except Exception as error:  # noqa: BLE001 - a corrupt entry is a miss
-            self._error_log.warning("cache entry %s unreadable (%s); ignoring it", key, error)
-            return None
+    def result_at(self, lookup: CacheLookup, generation: int | None) -> gateway_pb2.VisualSearchResponse | None:
+        """The result `lookup` found if it was computed at `generation` (the index as it is now; None:
+        unknown, so nothing cached can be trusted); counted as a result hit or miss."""
+        response = None
+        if generation is not None and lookup.result_entry is not None and lookup.result_generation == generation:
+            response = gateway_pb2.VisualSearchResponse()
+            try:
+                response.ParseFromString(memoryview(lookup.result_entry)[_RESULT_HEAD.size:])
+            except Exception as error:  # noqa: BLE001 - a corrupt entry is a miss
+                self._error_log.warning("cache result entry unreadable (%s); ignoring it", error)
+                response = None
+        self.metrics.count_lookup("result", response is not None)
         return response
 
-    async def _read(self, keys: Sequence[str]) -> list[bytes | None]:
+    async def _read(self, keys: Sequence[str]) -> tuple[list[bytes | None], bool]:
+        """The values under `keys`, and whether the store answered (all None when it did not)."""
         if not keys:
-            return []
+            return [], False
         if not self._available():
-            return [None] * len(keys)
+            return [None] * len(keys), False
         try:
-            return list(await self.store.get_many(keys))
+            values = list(await self.store.get_many(keys))
         except Exception as error:  # noqa: BLE001 - any store failure is a miss
             self._failed("get", error)
-            return [None] * len(keys)
+            return [None] * len(keys), False
+        self._answered()
+        return values, True
+
+    # --------------------------------------------------------------------------- generation counters
+
+    async def read_generation(self, key: str) -> int | None:
+        """The shared counter under `key`, created first if it is missing; None when the store cannot
+        say now (down, slow, in cool-down)."""
+        if not self._available():
+            return None
+        try:
+            value = await self.store.generation(key, bump=False)  # type: ignore[attr-defined]
+        except Exception as error:  # noqa: BLE001 - unknown generation: nothing cached is trusted
+            self._failed("generation read", error)
+            return None
+        self._answered()
+        return value
+
+    async def bump_generation(self, key: str, expire_ms: int = 0) -> int:
+        """Adds one to the shared counter under `key` and returns it; raises when that may not have
+        happened. Tried even while the cache is in cool-down, with its own, longer bound
+        (`generation_bump_timeout_s`): searches can do without the cache, writes must move this on."""
+        try:
+            value = await self.store.generation(  # type: ignore[attr-defined]
+                key, bump=True, expire_ms=expire_ms, timeout_s=self.settings.generation_bump_timeout_s
+            )
+        except Exception as error:
+            self._failed("generation bump", error)
+            raise
+        self._answered()
+        return value
 
     # ------------------------------------------------------------------------------------ writes
 
     def save_in_background(
         self,
-        result: tuple[str, gateway_pb2.VisualSearchResponse] | None = None,
+        result: tuple[str, int, gateway_pb2.VisualSearchResponse] | None = None,
         embedding: tuple[str, np.ndarray] | None = None,
     ) -> None:
         """Stores entries in one round trip without making the caller wait: a search's reply need not
-        wait for the cache. Values are serialised now, so the caller may change them afterwards. At
-        most `max_writes_in_flight` such writes run at once; beyond that they are skipped (and counted)
-        rather than pile up behind a slow store."""
+        wait for the cache. `result` is (key, the generation it was computed at, the response). Values
+        are serialised now, so the caller may change them afterwards. At most `max_writes_in_flight`
+        such writes run at once; beyond that they are skipped (and counted) rather than pile up behind
+        a slow store."""
         entries = []
         if result is not None:
-            entries.append((result[0], result[1].SerializeToString(), self.settings.result_ttl_s))
+            key, generation, response = result
+            entries.append((key, encode_result(generation, response), self.settings.result_ttl_s))
         if embedding is not None:
             entries.append((embedding[0], _embedding_bytes(embedding[1]), self.settings.embedding_ttl_s))
         if not entries or not self._available():
@@ -358,19 +463,41 @@ class QueryCache:
             await self.store.set_many(entries)
         except Exception as error:  # noqa: BLE001 - a lost write only costs a later miss
             self._failed("set", error)
+            return
+        self._answered()
 
     # ---------------------------------------------------------------------------------- failures
 
     def _available(self) -> bool:
         return self.clock() >= self._skip_until
 
+    def _answered(self) -> None:
+        """A store call answered: it is up (a bump, tried even in cool-down, ends the cool-down too)."""
+        self._timing_out_since = None
+        self._skip_until = float("-inf")
+
     def _failed(self, operation: str, error: BaseException) -> None:
+        """Counts and logs a failed store call, and puts the store in cool-down (`redis_cooldown_s`,
+        calls not even tried) when it is down: at once for an error (refused, reset), but for timeouts
+        only once calls have kept timing out for `redis_timeouts_for_s` with no answer in between. A
+        burst of late answers from a loaded machine (concurrent calls all waiting on one busy Redis or
+        one starved process) then costs only those calls, not every search for the cool-down."""
         self.metrics.errors.inc()
-        self._skip_until = self.clock() + self.settings.redis_cooldown_s
+        now = self.clock()
+        if isinstance(error, (TimeoutError, redis.exceptions.TimeoutError)):
+            if self._timing_out_since is None:
+                self._timing_out_since = now
+            cool_down = now - self._timing_out_since >= self.settings.redis_timeouts_for_s
+        else:
+            cool_down = True
+        if cool_down:
+            self._skip_until = now + self.settings.redis_cooldown_s
+            self._timing_out_since = None
         self._error_log.warning(
-            "cache %s %s failed (%s); serving uncached, retrying the cache in %.1fs",
+            "cache %s %s failed (%s); %s",
             self.store.kind, operation, type(error).__name__ if isinstance(error, TimeoutError) else error,
-            self.settings.redis_cooldown_s,
+            f"serving uncached, retrying the cache in {self.settings.redis_cooldown_s:.1f}s" if cool_down
+            else "served as a miss",
         )
 
     async def close(self) -> None:
@@ -379,6 +506,13 @@ class QueryCache:
             await self.store.close()
         except Exception as error:  # noqa: BLE001 - closing a dead connection may fail; nothing to do
             logger.debug("closing cache store: %s", error)
+
+
+def _decode_counter(raw: bytes | None) -> int | None:
+    try:
+        return int(raw) if raw is not None else None
+    except ValueError:  # not a counter: treated as missing, and the search goes uncached
+        return None
 
 
 def _decode_embedding(raw: bytes | None) -> np.ndarray | None:

@@ -18,12 +18,13 @@ import numpy as np
 
 from gateway.cache import CacheLookup, QueryCache
 from gateway.downstream import Downstream, Refused, item_error
-from gateway.index_generation import IndexGenerationTracker
+from gateway.index_generation import IndexGenerationTracker, SharedGenerations
 from gateway.search_query import SearchQuery, id_problem
 from gateway.settings import GatewaySettings
 from service_kit.request_parsing import UnparsableMessage
 from service_kit.status import ServiceError, invalid_argument
 from service_kit.struct_nesting import MAX_STRUCT_DEPTH, struct_depth
+from service_kit.tracing import span
 from vsearch.v1 import embedder_pb2, embedder_pb2_grpc, gateway_pb2, search_pb2, search_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -43,15 +44,26 @@ class ModelInfo:
 
 @dataclass
 class SearchLookups:
-    """What a search starts before it knows whether its result is cached: the current index generation
-    (a Stats call), one cache round trip, and, when the query image's embedding was not cached, the
-    embedder call."""
+    """What a search starts before it knows whether its result is cached: one cache round trip (with
+    Redis, it reads the collection's shared generation too), the generation when that round trip could
+    not give it (search_svc's, by a Stats call, without Redis; the shared counter's creation, when it was
+    missing), and, when the query image's embedding was not cached, the embedder call."""
 
-    generation: asyncio.Future[int]
     cache: CacheLookup
+    # The index generation, once known: cached results are taken only if computed at it, and a new one
+    # is stored under it. None: unknown (the cache is down), so nothing cached is trusted.
+    generation: int | None
+    # Until then, what gives it.
+    generation_pending: asyncio.Future[int | None] | None
     # A cached embedding of the current model's dimension, if there was one.
     cached_embedding: np.ndarray | None
     embedding: asyncio.Task[tuple[np.ndarray, str]] | None
+
+    async def current_generation(self) -> int | None:
+        if self.generation_pending is not None:
+            self.generation = await self.generation_pending
+            self.generation_pending = None
+        return self.generation
 
 
 @dataclass(frozen=True)
@@ -88,8 +100,10 @@ def abandon(task: asyncio.Future) -> None:
         task.cancel()
 
 
-def search_response(found: search_pb2.SearchResponse, model_version: str) -> gateway_pb2.VisualSearchResponse:
-    response = gateway_pb2.VisualSearchResponse(index_generation=found.generation, model_version=model_version)
+def search_response(
+    found: search_pb2.SearchResponse, model_version: str, generation: int
+) -> gateway_pb2.VisualSearchResponse:
+    response = gateway_pb2.VisualSearchResponse(index_generation=generation, model_version=model_version)
     for hit in found.results[0].hits if found.results else ():
         response.hits.add(id=hit.id, score=hit.score, image_uri=hit.image_uri, metadata=hit.metadata)
     return response
@@ -115,6 +129,11 @@ class VisualSearchCore:
         self.settings = settings
         self.downstream = Downstream(settings, embedder, index)
         self.cache = cache
+        # The index generation that cached results are checked against: shared by every gateway through
+        # Redis, or, with the in-process cache, search_svc's own (see gateway/index_generation.py).
+        self.shared: SharedGenerations | None = (
+            SharedGenerations(cache, cache.registry) if cache.shares_generations else None
+        )
         self.generations = IndexGenerationTracker(
             self.downstream.index_generation, settings.generation_refresh_ms / 1000.0
         )
@@ -145,18 +164,28 @@ class VisualSearchCore:
                 f"{stats.dimension}-d vectors"
             )
         model = self._remember_model(info)
+        if self.shared is not None:
+            # Requests that name no collection mean search_svc's default one: one generation for both.
+            self.shared.default_collection = stats.collection
         logger.info(
-            "downstreams ready: model %s (%d-d), index of %d items at generation %d",
+            "downstreams ready: model %s (%d-d), index of %d items at generation %d%s",
             model.version, model.dimension, stats.count, stats.generation,
+            "; cached results follow the generation shared in Redis" if self.shared is not None else "",
         )
+
+    async def close(self) -> None:
+        """Shutdown hook: pending generation bumps get a last try, then the cache closes."""
+        if self.shared is not None:
+            await self.shared.close()
+        await self.cache.close()
 
     # --------------------------------------------------------------------------------------- search
 
     async def search(
         self, request: gateway_pb2.VisualSearchRequest, deadline: float | None = None
     ) -> gateway_pb2.VisualSearchResponse:
-        """Validate; look up the caches (while the generation is asked for, and the embedder called on
-        an embedding miss); unless the result was cached, take the query vector, search, and store the
+        """Validate; look up the caches (the embedder is called at once on an embedding miss); unless
+        the result was cached at the current generation, take the query vector, search, and store the
         result (and a new embedding) after replying."""
         started = time.perf_counter()
         model = self._require_model()
@@ -164,7 +193,7 @@ class VisualSearchCore:
 
         lookups_started = time.perf_counter()
         async with self._start_lookups(query, model, deadline) as lookups:
-            cached = await self._cached_result(query, lookups)
+            cached = await self._cached_result(lookups)
             if cached is not None:
                 return _served_from_cache(cached, started)
             vector = await self._query_vector(query, lookups, deadline)
@@ -177,8 +206,17 @@ class VisualSearchCore:
         found = await self.downstream.search(query.index_request(vector.values), deadline)
         search_ms = elapsed_ms(search_started)
 
-        response = search_response(found, query.model_version)
-        self._store(query, vector, response)
+        if self.shared is None:
+            # search_svc's generation, as the search it answered saw it.
+            generation: int | None = found.generation
+        else:
+            # The shared generation as read before the search ran: if a write is acknowledged since,
+            # the counter has moved past it, so this result is never served after that write. (None:
+            # Redis could not say; the result is not cached, and the reply reports search_svc's.)
+            generation = lookups.generation
+        reported = found.generation if generation is None else generation
+        response = search_response(found, query.model_version, reported)
+        self._store(query, vector, response, generation)
         response.embedding_from_cache = vector.from_cache
         response.timing.embed_ms = embed_ms
         response.timing.search_ms = search_ms
@@ -189,38 +227,49 @@ class VisualSearchCore:
     async def _start_lookups(
         self, query: SearchQuery, model: ModelInfo, deadline: float | None
     ) -> AsyncIterator[SearchLookups]:
-        """Everything a cache hit needs, at once: the current generation (Stats) and, in one cache round
-        trip, the embedding and the result under the last generation seen, which is almost always still
-        current (checked against the Stats answer before it is used). What the search did not wait for
-        is cancelled when it leaves the block."""
-        generation = asyncio.ensure_future(self.generations.current())
-        guessed_generation = self.generations.known
+        """Everything a cache hit needs, at once. With Redis: one round trip (MGET) for the embedding,
+        the result and the collection's shared generation. Without: the same round trip for the first
+        two, beside a Stats call for search_svc's generation. What the search did not wait for is
+        cancelled when it leaves the block."""
+        shared = self.shared
+        collection = query.request.collection
+        pending: asyncio.Future[int | None] | None = None
         embedding: asyncio.Task[tuple[np.ndarray, str]] | None = None
+        generation_key = None
+        trusted = True
+        if shared is not None:
+            # Read before the round trip: a bump that lands after the read must not make it trusted.
+            trusted = shared.trusted(collection)
+            generation_key = shared.key(collection)
+        else:
+            pending = asyncio.ensure_future(self.generations.current())
         try:
-            found = await self.cache.lookup(
-                query.embedding_key, None if guessed_generation is None else query.result_key(guessed_generation)
-            )
+            with span("cache lookup"):
+                found = await self.cache.lookup(query.embedding_key, query.result_key, generation_key)
             cached_embedding = found.embedding
             if cached_embedding is not None and cached_embedding.size != model.dimension:
                 cached_embedding = None
             if query.by_image and cached_embedding is None:
                 # Without the embedding the result cannot be cached either (they are written together):
-                # start the embedder now rather than after the generation comes back.
+                # start the embedder now rather than after the generation is known.
                 embedding = asyncio.create_task(
                     self.downstream.embed_query(query.request.image, query.crop, deadline)
                 )
-            yield SearchLookups(generation, found, cached_embedding, embedding)
+            generation = found.generation if trusted else None
+            if shared is not None and trusted and generation is None and found.answered:
+                # No counter yet (a new collection, or it was evicted or lost with a Redis restart):
+                # create it and read it before this search runs, beside the embedder call.
+                pending = asyncio.ensure_future(shared.read(collection))
+            yield SearchLookups(found, generation, pending, cached_embedding, embedding)
         finally:
-            abandon(generation)
+            if pending is not None:
+                abandon(pending)
             if embedding is not None:
                 abandon(embedding)
 
-    async def _cached_result(
-        self, query: SearchQuery, lookups: SearchLookups
-    ) -> gateway_pb2.VisualSearchResponse | None:
+    async def _cached_result(self, lookups: SearchLookups) -> gateway_pb2.VisualSearchResponse | None:
         """The result cached for the index as it is now, if any."""
-        generation = await lookups.generation
-        return await self.cache.result_for(query.result_key(generation), lookups.cache)
+        return self.cache.result_at(lookups.cache, await lookups.current_generation())
 
     async def _query_vector(self, query: SearchQuery, lookups: SearchLookups, deadline: float | None) -> QueryVector:
         if lookups.embedding is not None:
@@ -231,16 +280,51 @@ class VisualSearchCore:
         values = await self.downstream.stored_vector(query.request.collection, query.request.item_id, deadline)
         return QueryVector(values, from_cache=True, model_version=query.model_version)
 
-    def _store(self, query: SearchQuery, vector: QueryVector, response: gateway_pb2.VisualSearchResponse) -> None:
-        """Caches the result, and the query embedding if the embedder just made it. Written after we
-        reply (serialised now, before the per-request fields are set), under the generation the search
-        actually ran on, which may be newer than the one it looked up."""
+    def _store(
+        self, query: SearchQuery, vector: QueryVector, response: gateway_pb2.VisualSearchResponse,
+        generation: int | None,
+    ) -> None:
+        """Caches the result (computed at `generation`; None: unknown, so not cached) and the query
+        embedding if the embedder just made it. Written after we reply (serialised now, before the
+        per-request fields are set)."""
         new_embedding = None
         if not vector.from_cache and query.embedding_key is not None:
             new_embedding = (query.embedding_key, vector.values)
-        self.cache.save_in_background(
-            result=(query.result_key(response.index_generation), response), embedding=new_embedding
-        )
+        result = None if generation is None else (query.result_key, generation, response)
+        self.cache.save_in_background(result=result, embedding=new_embedding)
+
+    # ------------------------------------------------------------------------- index generation
+
+    async def _current_generation(self, collection: str, search_generation: int | None = None) -> int:
+        """The collection's generation now, as a reply reports it: the shared one (with Redis), else
+        search_svc's (`search_generation` when the caller has it, else asked)."""
+        if self.shared is not None and (shared := await self.shared.read(collection)) is not None:
+            return shared
+        return search_generation if search_generation is not None else await self.generations.current()
+
+    async def _written(self, collection: str, search_generation: int, dropped: bool = False) -> int:
+        """After search_svc acknowledged a write to `collection`, before our caller hears of it: with
+        Redis, the shared generation is bumped (no gateway serves a result cached before the write from
+        now on); without, search_svc's answer is remembered. Returns the generation to report."""
+        if self.shared is None:
+            self.generations.observe_write(search_generation)
+            return search_generation
+        bumped = await self.shared.bump(collection, dropped)
+        return search_generation if bumped is None else bumped
+
+    @contextlib.asynccontextmanager
+    async def _writing(self, collection: str, dropped: bool = False) -> AsyncIterator[None]:
+        """Around a write call to search_svc: if it fails other than by a refusal (which writes nothing)
+        or is abandoned, it may have been made, in part; with Redis, the shared generation is bumped
+        anyway, in the background."""
+        try:
+            yield
+        except Refused:
+            raise
+        except BaseException:
+            if self.shared is not None:
+                self.shared.bump_soon(collection, dropped)
+            raise
 
     # ---------------------------------------------------------------------------------------- ingest
 
@@ -355,7 +439,9 @@ class VisualSearchCore:
         summary.unchanged += overwritten
         summary.failures.sort(key=lambda failure: failure.index)
         summary.failed = len(summary.failures)
-        summary.index_generation = max(generations) if generations else await self.generations.current()
+        summary.index_generation = (
+            max(generations) if generations else await self._current_generation(collection or "")
+        )
         return summary
 
     async def _embed_items(
@@ -381,7 +467,8 @@ class VisualSearchCore:
     ) -> int | None:
         """Upserts the items; returns the generation of the last successful write, if any."""
         try:
-            response = await self.downstream.upsert([item for _, item in items], collection, deadline)
+            async with self._writing(collection):
+                response = await self.downstream.upsert([item for _, item in items], collection, deadline)
         except Refused as refused:
             if len(items) == 1:
                 pending, _ = items[0]
@@ -394,11 +481,11 @@ class VisualSearchCore:
             for one in items:
                 generation = await self._upsert([one], collection, summary, deadline) or generation
             return generation
-        self.generations.observe_write(response.generation)
+        generation = await self._written(collection, response.generation)
         summary.indexed += len(items)
         for pending, _item in items:
             pending.written = True
-        return response.generation
+        return generation
 
     async def _unchanged_ids(self, batch: list[PendingItem], collection: str, deadline: float | None) -> set[str]:
         """Ids in the batch already stored with the same content, metadata and image URI."""
@@ -450,10 +537,16 @@ class VisualSearchCore:
     ) -> gateway_pb2.DeleteImagesResponse:
         self._require_model()
         if not request.ids:
-            return gateway_pb2.DeleteImagesResponse(deleted=0, index_generation=await self.generations.current())
-        response = await self.downstream.delete(request.ids, request.collection, deadline)
-        self.generations.observe_write(response.generation)
-        return gateway_pb2.DeleteImagesResponse(deleted=response.deleted, index_generation=response.generation)
+            return gateway_pb2.DeleteImagesResponse(
+                deleted=0, index_generation=await self._current_generation(request.collection)
+            )
+        async with self._writing(request.collection):
+            response = await self.downstream.delete(request.ids, request.collection, deadline)
+        if response.deleted:
+            generation = await self._written(request.collection, response.generation)
+        else:  # none of the ids was there: nothing was written
+            generation = await self._current_generation(request.collection, response.generation)
+        return gateway_pb2.DeleteImagesResponse(deleted=response.deleted, index_generation=generation)
 
     async def stats(
         self, request: gateway_pb2.VisualStatsRequest, deadline: float | None = None
@@ -467,7 +560,7 @@ class VisualSearchCore:
             count=stats.count,
             index_type=stats.index_type,
             metric=stats.metric,
-            index_generation=stats.generation,
+            index_generation=await self._current_generation(request.collection, stats.generation),
             dimension=info.dimension or stats.dimension,
             model_name=info.model_name,
             model_version=info.model_version,
@@ -478,6 +571,7 @@ class VisualSearchCore:
         self, request: search_pb2.DropCollectionRequest, deadline: float | None = None
     ) -> search_pb2.DropCollectionResponse:
         self._require_model()
-        response = await self.downstream.drop_collection(request, deadline)
-        self.generations.observe_write(response.generation)
+        async with self._writing(request.collection, dropped=True):
+            response = await self.downstream.drop_collection(request, deadline)
+        response.generation = await self._written(request.collection, response.generation, dropped=True)
         return response

@@ -4,11 +4,10 @@ HTTP status of its gRPC code."""
 
 from __future__ import annotations
 
-import hmac
 import logging
 import time
 from importlib import resources
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterable, AsyncIterator, Callable
 from urllib.parse import parse_qsl
 
 import grpc
@@ -21,9 +20,11 @@ from pydantic import BaseModel, ValidationError
 from pydantic.json_schema import models_json_schema
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from gateway.api_keys import UNCHECKED, Authenticator, Caller, bearer_token
 from gateway.core import VisualSearchCore
 from gateway.http_limits import CLOSE, RequestBodyTimeout, RequestBodyTooLarge, RequestGuard
 from gateway.http_models import (
@@ -56,6 +57,7 @@ from gateway.http_models import (
 )
 from gateway.local_files import LocalImageFiles
 from gateway.metrics import HttpMetrics
+from gateway.rate_limit import RateLimited, RateLimiter
 from gateway.readiness import Readiness
 from gateway.settings import GatewaySettings
 from service_kit.status import ServiceError, invalid_argument
@@ -73,9 +75,13 @@ CLIENT_CLOSED_REQUEST = 499
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": description}
     for status, description in [
-        (400, "Bad request (INVALID_ARGUMENT)"), (404, "Not found (NOT_FOUND)"),
+        (400, "Bad request (INVALID_ARGUMENT)"),
+        (401, "No API key, or a wrong one (UNAUTHENTICATED)"),
+        (403, "The API key lacks the scope this call needs (PERMISSION_DENIED)"),
+        (404, "Not found (NOT_FOUND)"),
         (408, "The request was not all received in time (DEADLINE_EXCEEDED)"),
         (413, "Request body too large (RESOURCE_EXHAUSTED)"),
+        (429, "Over the API key's rate limit; Retry-After says when to retry (RESOURCE_EXHAUSTED)"),
         (431, "Request line and headers too large (RESOURCE_EXHAUSTED)"),
         (503, "A downstream service is unavailable, or too many connections (UNAVAILABLE)"),
         (504, "A downstream call ran out of time (DEADLINE_EXCEEDED)"),
@@ -251,38 +257,62 @@ def add_requests_from_form(form: FormData) -> AsyncIterator[gateway_pb2.AddImage
     return requests()
 
 
+def http_operation(path: str) -> str | None:
+    """The operation a /v1/ path stands for, whose scope its key needs (see gateway/api_keys.py); None
+    for a path that is none (it then only needs a valid key, and gets its 404 or 405)."""
+    if path == "/v1/search":
+        return "Search"
+    if path == "/v1/stats":
+        return "Stats"
+    if path == "/v1/files":
+        return "GetFile"
+    if path == "/v1/images":
+        return "AddImages"
+    if path.startswith("/v1/images/"):
+        return "DeleteImages"
+    return None
+
+
+def caller_of(request: Request) -> Caller:
+    """Who sent the request, as `ApiKeyMiddleware` found out."""
+    return getattr(request.state, "caller", UNCHECKED)
+
+
 class ApiKeyMiddleware:
-    """External clients must send the API key (`X-API-Key: KEY` or `Authorization: Bearer KEY`) with
-    every /v1/ call. The page, the docs, /healthz and /metrics stay open (probes and scrapers carry
-    no key; the NetworkPolicy limits who reaches /metrics)."""
+    """With API keys configured, every /v1/ call must carry a key (`X-API-Key: KEY` or
+    `Authorization: Bearer KEY`) whose scopes cover it: 401 UNAUTHENTICATED without a valid key, 403
+    PERMISSION_DENIED outside its scopes. The caller it finds is left in the request's state for the
+    rate limits. The page, the docs, /healthz and /metrics stay open (probes and scrapers carry no key;
+    the NetworkPolicy limits who reaches /metrics)."""
 
-    def __init__(self, app: ASGIApp, api_key: str) -> None:
+    def __init__(self, app: ASGIApp, authenticator: Authenticator) -> None:
         self.app = app
-        self.api_key = api_key.encode()
+        self.authenticator = authenticator
 
-    def _presented(self, scope: Scope) -> bytes | None:
+    @staticmethod
+    def _presented(scope: Scope) -> str | None:
         if scope["path"] == "/v1/files":
             # <img> tags cannot send headers: thumbnails carry the key as a query parameter.
             for name, value in parse_qsl(scope.get("query_string", b"").decode("latin-1")):
                 if name == "api_key":
-                    return value.encode()
+                    return value
         headers = dict(scope.get("headers") or [])
         if b"x-api-key" in headers:
-            return headers[b"x-api-key"].strip()
-        scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
-        return token.strip() if scheme.lower() == b"bearer" else None
+            return headers[b"x-api-key"].decode("latin-1").strip()
+        return bearer_token(headers.get(b"authorization", b"").decode("latin-1"))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
-            presented = self._presented(scope)
-            if presented is None or not hmac.compare_digest(presented, self.api_key):
-                response = json_error(
-                    grpc.StatusCode.UNAUTHENTICATED,
-                    "missing API key" if presented is None else "wrong API key", 401,
-                )
-                response.headers["WWW-Authenticate"] = "Bearer"
+        if scope["type"] == "http" and scope["path"].startswith("/v1/") and self.authenticator.required:
+            try:
+                caller = self.authenticator.admit(self._presented(scope), http_operation(scope["path"]))
+            except ServiceError as error:
+                status, body = service_error_json(error)
+                response = JSONResponse(body, status_code=status)
+                if status == 401:
+                    response.headers["WWW-Authenticate"] = "Bearer"
                 await response(scope, receive, send)
                 return
+            scope.setdefault("state", {})["caller"] = caller
         await self.app(scope, receive, send)
 
 
@@ -291,7 +321,10 @@ def create_app(
     settings: GatewaySettings,
     registry: CollectorRegistry,
     readiness: Callable[[], Readiness],
+    authenticator: Authenticator | None = None,
+    limiter: RateLimiter | None = None,
 ) -> FastAPI:
+    """Without an authenticator nothing is checked; without a limiter nothing is limited."""
     app = FastAPI(
         title="vsearch gateway",
         version="1",
@@ -302,8 +335,15 @@ def create_app(
         RequestGuard, max_head_bytes=settings.http.max_header_bytes, max_bytes=settings.http_max_body_bytes,
         timeout_s=settings.http.body_timeout_s,
     )
-    if settings.api_key is not None:
-        app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key.get_secret_value())
+    if authenticator is not None and authenticator.required:
+        app.add_middleware(ApiKeyMiddleware, authenticator=authenticator)
+    if settings.cors.allow_origins:
+        # Outside the key check: preflights carry no key, and a 401 or 429 must be readable by the page.
+        app.add_middleware(
+            CORSMiddleware, allow_origins=settings.cors.allow_origins, allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Authorization", "X-API-Key", "Content-Type"], expose_headers=["Retry-After"],
+            max_age=settings.cors.max_age_s,
+        )
     app.add_middleware(HttpMetricsMiddleware, registry=registry)
     index_html = resources.files("gateway").joinpath("static/index.html").read_text(encoding="utf-8")
 
@@ -313,6 +353,12 @@ def create_app(
     async def on_service_error(_request: Request, error: ServiceError) -> JSONResponse:
         status, body = service_error_json(error)
         return JSONResponse(body, status_code=status)
+
+    @app.exception_handler(RateLimited)
+    async def on_rate_limited(_request: Request, error: RateLimited) -> JSONResponse:
+        return JSONResponse(
+            error_body(error.code, error.message), status_code=429, headers={"Retry-After": error.retry_after_header}
+        )
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(_request: Request, error: RequestValidationError) -> JSONResponse:
@@ -372,6 +418,8 @@ def create_app(
         openapi_extra=request_body_doc(SearchBody, SEARCH_FORM_SCHEMA),
     )
     async def search(request: Request) -> JSONResponse:
+        if limiter is not None:  # before the body is read: a refused search costs nothing more
+            await limiter.limit_search(caller_of(request))
         if is_json(require_body_type(request)):
             search_request = search_body_to_proto(await parse_json_body(request, SearchBody))
         else:
@@ -385,6 +433,12 @@ def create_app(
         openapi_extra=request_body_doc(AddImagesBody, ADD_FORM_SCHEMA),
     )
     async def add_images(request: Request) -> JSONResponse:
+        caller = caller_of(request)
+
+        def charged(requests: AsyncIterable[gateway_pb2.AddImageRequest]) -> AsyncIterable[gateway_pb2.AddImageRequest]:
+            # Each item's image bytes go to the caller's write bucket as the core reads it.
+            return requests if limiter is None else limiter.charging_writes(caller, requests)
+
         if is_json(require_body_type(request)):
             body: AddImagesBody = await parse_json_body(request, AddImagesBody)
             decoded = [image_body_to_proto(image, n) for n, image in enumerate(body.images)]
@@ -393,11 +447,11 @@ def create_app(
                 for item in decoded:
                     yield item
 
-            summary = await core.add_images(from_json())
+            summary = await core.add_images(charged(from_json()))
         else:
             # The files are read one by one as the core consumes them, so the form stays open until then.
             async with request.form(max_part_size=settings.http_max_body_bytes) as form:
-                summary = await core.add_images(add_requests_from_form(form))
+                summary = await core.add_images(charged(add_requests_from_form(form)))
         return JSONResponse(summary_json(summary))
 
     @app.delete(

@@ -1,5 +1,6 @@
 """The gateway's own Prometheus metrics, registered in its server's registry (beside service_kit's
-gRPC ones): the query cache's, the HTTP API's and its connections', and the downstreams' readiness."""
+gRPC ones): the query cache's, the shared index generation's, the HTTP API's and its connections', the
+downstreams' readiness, and the refusals of API keys and rate limits."""
 
 from __future__ import annotations
 
@@ -39,6 +40,23 @@ class CacheMetrics:
 
     def count_lookup(self, kind: str, hit: bool) -> None:
         (self.hits if hit else self.misses).labels(kind).inc()
+
+
+class GenerationMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.bumps = Counter(
+            "vsearch_gateway_generation_bumps",
+            "Shared index generation bumps after writes, by outcome (ok|failed: retried in the background).",
+            ["outcome"], registry=registry,
+        )
+        self.pending = Gauge(
+            "vsearch_gateway_generation_bumps_pending",
+            "Collections written through this gateway whose generation bump has not landed yet: their "
+            "cached results are not served here, and other gateways may serve ones older than the write.",
+            registry=registry,
+        )
+        for outcome in ("ok", "failed"):
+            self.bumps.labels(outcome)
 
 
 class HttpMetrics:
@@ -89,3 +107,29 @@ class DownstreamMetrics:
 
     def set_available(self, name: str, available: bool) -> None:
         self.available.labels(name).set(1 if available else 0)
+
+
+class AuthMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.refused = Counter(
+            "vsearch_gateway_auth_refused",
+            "Requests refused for their API key, by reason (unauthenticated: none or a wrong one; "
+            "permission_denied: outside its scopes).",
+            ["reason"], registry=registry,
+        )
+        for reason in ("unauthenticated", "permission_denied"):
+            self.refused.labels(reason)
+
+
+class RateLimitMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.limited = Counter(
+            "vsearch_gateway_rate_limited",
+            "Requests refused for a rate limit, by API key name and limit (search|write).",
+            ["key", "kind"], registry=registry,
+        )
+        self.redis_errors = Counter(
+            "vsearch_gateway_rate_limit_redis_errors",
+            "Rate-limit decisions Redis failed to make in time (each made in this process instead).",
+            registry=registry,
+        )

@@ -4,6 +4,7 @@ sends to search_svc."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import math
 import re
@@ -90,18 +91,17 @@ class SearchQuery:
     def by_image(self) -> bool:
         return bool(self.image_sha256)
 
-    @property
+    @functools.cached_property
     def embedding_key(self) -> str | None:
         """Where the query image's embedding is cached; None for an item_id query (its vector is in
         the index)."""
         return embedding_cache_key(self.image_sha256, self.crop, self.model_version) if self.by_image else None
 
-    def result_key(self, generation: int) -> str:
-        """Where this query's result on the index at `generation` is cached."""
+    @functools.cached_property
+    def result_key(self) -> str:
+        """Where this query's latest result is cached (with the generation it was computed at)."""
         query_key = self.embedding_key or item_query_key(self.request.collection, self.request.item_id)
-        return result_cache_key(
-            query_key, self.k, self.request.filter, self.min_score, generation, self.request.collection
-        )
+        return result_cache_key(query_key, self.k, self.request.filter, self.min_score, self.request.collection)
 
     def by_model(self, model_version: str) -> SearchQuery:
         """The same query, its embedding made by another model (the embedder was redeployed)."""

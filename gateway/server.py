@@ -13,12 +13,15 @@ from typing import Iterator
 import uvicorn
 from grpc_health.v1 import health_pb2
 
+from gateway.api_keys import create_authenticator
 from gateway.cache import QueryCache, create_store
 from gateway.core import VisualSearchCore
 from gateway.downstream import EMBEDDER, SEARCH
 from gateway.http_api import create_app
 from gateway.http_limits import http_protocol_class
+from gateway.internal_listener import InternalGrpcListener
 from gateway.metrics import DownstreamMetrics, HttpConnectionMetrics
+from gateway.rate_limit import create_rate_limiter
 from gateway.readiness import DownstreamMonitor, Readiness
 from gateway.servicer import VisualSearchServicer
 from gateway.settings import GatewaySettings
@@ -70,6 +73,8 @@ class GatewayServer(ManagedServer):
         self.http_port: int = self._http_socket.getsockname()[1]
         self._http_server: uvicorn.Server | None = None
         self._http_task: asyncio.Task[None] | None = None
+        # GATEWAY_INTERNAL_PORT: the same API without API keys, for callers inside the cluster.
+        self.internal = None if settings.internal_port is None else InternalGrpcListener(self, settings.internal_port)
 
     @property
     def http_address(self) -> str:
@@ -124,6 +129,8 @@ class GatewayServer(ManagedServer):
 
     async def start(self) -> None:
         await super().start()
+        if self.internal is not None:
+            await self.internal.start()
         await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         self._monitor_task = asyncio.create_task(self._monitor_once_ready())
         if self._http_server is None:
@@ -144,6 +151,8 @@ class GatewayServer(ManagedServer):
 
     async def stop(self, grace: float | None = None, drain: float = 0.0) -> None:
         self.draining = True  # /healthz answers 503 from now on, like the gRPC health service
+        if self.internal is not None:
+            self.internal.begin_stop(self.settings.grace_seconds if grace is None else grace, drain)
         await super().stop(grace, drain)
 
     async def stop_http(self) -> None:
@@ -167,8 +176,12 @@ async def create_server(settings: GatewaySettings) -> tuple[GatewayServer, int]:
     already, so port 0 works for either). `start()` serves both; health turns SERVING once the embedder
     and search_svc have both answered."""
     server = GatewayServer(settings)
-    embedder_channel = create_channel(settings.embedder_address, max_message_bytes=settings.max_message_bytes)
-    search_channel = create_channel(settings.search_address, max_message_bytes=settings.max_message_bytes)
+    embedder_channel = create_channel(
+        settings.embedder_address, max_message_bytes=settings.max_message_bytes, tracing=server.tracing
+    )
+    search_channel = create_channel(
+        settings.search_address, max_message_bytes=settings.max_message_bytes, tracing=server.tracing
+    )
     cache = QueryCache(create_store(settings.redis_url, settings.cache), settings.cache, server.metrics.registry)
     core = VisualSearchCore(
         settings,
@@ -176,8 +189,18 @@ async def create_server(settings: GatewaySettings) -> tuple[GatewayServer, int]:
         search_pb2_grpc.VectorSearchStub(search_channel),
         cache,
     )
-    gateway_pb2_grpc.add_VisualSearchServicer_to_server(VisualSearchServicer(core), server.grpc_server)
-    server.serve_http(create_app(core, settings, server.metrics.registry, server.readiness))
+    # API keys and rate limits on the gRPC port and HTTP; none on the internal listener.
+    authenticator = create_authenticator(settings, server.metrics.registry)
+    limiter = create_rate_limiter(settings, server.metrics.registry)
+    gateway_pb2_grpc.add_VisualSearchServicer_to_server(
+        VisualSearchServicer(core, authenticator, limiter), server.grpc_server
+    )
+    if server.internal is not None:
+        gateway_pb2_grpc.add_VisualSearchServicer_to_server(VisualSearchServicer(core), server.internal.grpc_server)
+    # Tracing wraps the whole app (outermost), and only when on.
+    server.serve_http(server.tracing.asgi(
+        create_app(core, settings, server.metrics.registry, server.readiness, authenticator, limiter)
+    ))
     # Readiness after startup (SERVING once `core.connect` succeeded): the downstreams' own health,
     # checked beside the request path.
     server.downstreams = DownstreamMonitor(
@@ -191,10 +214,14 @@ async def create_server(settings: GatewaySettings) -> tuple[GatewayServer, int]:
     server.on_startup(core.connect)
 
     async def close_clients() -> None:
-        await asyncio.gather(embedder_channel.close(), search_channel.close(), cache.close())
+        # core.close: pending index generation bumps get a last try, then the cache closes.
+        await asyncio.gather(embedder_channel.close(), search_channel.close(), core.close(), limiter.close())
 
-    # Shutdown hooks run in reverse: the monitor stops, then HTTP (finishing its requests), then the clients.
+    # Shutdown hooks run in reverse: the monitor stops, then HTTP (finishing its requests), then the
+    # internal listener's calls, then the clients.
     server.on_shutdown(close_clients)
+    if server.internal is not None:
+        server.on_shutdown(server.internal.stopped)
     server.on_shutdown(server.stop_http)
     server.on_shutdown(server.stop_monitor)
     return server, server.port

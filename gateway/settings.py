@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from gateway.api_keys import read_key_file
 from service_kit.settings import ServiceSettings
 
 
@@ -15,7 +16,8 @@ class CacheSettings(BaseModel):
 
     # Query embeddings depend only on the image bytes, the crop and the model version: keep them long.
     embedding_ttl_s: float = Field(86400.0, gt=0)
-    # Result entries are keyed by index generation, so they never go stale; the TTL only bounds memory.
+    # A result entry is served only while the index is at the generation it was computed at, so it
+    # never goes stale; the TTL only bounds memory.
     result_ttl_s: float = Field(600.0, gt=0)
     # Only for the in-process store (no `redis_url`).
     lru_max_entries: int = Field(10_000, ge=1)
@@ -23,6 +25,12 @@ class CacheSettings(BaseModel):
     redis_timeout_s: float = Field(0.05, gt=0)
     # After a Redis failure, skip Redis for this long rather than pay the timeout on every call.
     redis_cooldown_s: float = Field(1.0, ge=0)
+    # Timeouts alone start that cool-down only once calls have kept timing out, with no answer in
+    # between, for this long: a burst of late answers on a loaded machine costs only those calls.
+    redis_timeouts_for_s: float = Field(0.5, ge=0)
+    # Bound on the shared generation bump (Redis) that acknowledges a write; past it, the write is
+    # acknowledged anyway and the bump retried in the background (see gateway/index_generation.py).
+    generation_bump_timeout_s: float = Field(1.0, gt=0)
     # Searches reply before their cache writes finish; a store slower than the searches would pile
     # writes up, so beyond this many in flight new ones are skipped (a later miss, never an error).
     max_writes_in_flight: int = Field(256, ge=1)
@@ -49,10 +57,78 @@ class HttpLimits(BaseModel):
     max_header_bytes: int = Field(16 * 1024, ge=1024)
 
 
+class AuthSettings(BaseModel):
+    """API keys with scopes (``GATEWAY_AUTH__KEYS_FILE``); see gateway/api_keys.py."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # The keys file `vsearch keys create` writes (JSON lines of name, key id, hash, scopes, created).
+    # Unset, and no GATEWAY_API_KEY: no key is checked. A file that does not read refuses the start.
+    keys_file: Path | None = None
+    # How often the file is checked for changes (one stat; reread only when it changed).
+    reload_interval_s: float = Field(2.0, gt=0)
+
+    @field_validator("keys_file")
+    @classmethod
+    def _keys_file_reads(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            read_key_file(value)
+        return value
+
+
+class RateLimitSettings(BaseModel):
+    """Token buckets per API key, shared through Redis when GATEWAY_REDIS_URL is set (see
+    gateway/rate_limit.py). None: that limit is off. Requests without a key are never limited."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # Searches per second per key, and how many may come at once (default: one second's worth).
+    search_per_s: float | None = Field(None, gt=0)
+    burst: int | None = Field(None, ge=1)
+    # Image bytes per second per key through AddImages (HTTP POST /v1/images too), and the burst
+    # (default: a second's worth, at least GATEWAY_MAX_IMAGE_BYTES).
+    write_bytes_per_s: float | None = Field(None, gt=0)
+    write_burst_bytes: int | None = Field(None, ge=1)
+    # Like the cache's: a slower Redis answer is decided in process, and Redis is skipped for a while.
+    redis_timeout_s: float = Field(0.05, gt=0)
+    redis_cooldown_s: float = Field(1.0, ge=0)
+
+    @model_validator(mode="after")
+    def _bursts_have_rates(self) -> RateLimitSettings:
+        if self.burst is not None and self.search_per_s is None:
+            raise ValueError("GATEWAY_RATE_LIMIT__BURST needs GATEWAY_RATE_LIMIT__SEARCH_PER_S")
+        if self.write_burst_bytes is not None and self.write_bytes_per_s is None:
+            raise ValueError("GATEWAY_RATE_LIMIT__WRITE_BURST_BYTES needs GATEWAY_RATE_LIMIT__WRITE_BYTES_PER_S")
+        return self
+
+
+class CorsSettings(BaseModel):
+    """Cross-origin access to the HTTP API for a web page served elsewhere. Off unless origins are given."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # JSON list: GATEWAY_CORS__ALLOW_ORIGINS='["https://shop.example"]' ("*" for any origin).
+    allow_origins: list[str] = []
+    # How long a browser may reuse a preflight's answer.
+    max_age_s: int = Field(600, ge=0)
+
+    @field_validator("allow_origins")
+    @classmethod
+    def _origins(cls, values: list[str]) -> list[str]:
+        for origin in values:
+            scheme, _, rest = origin.partition("://")
+            if origin != "*" and (scheme not in ("http", "https") or not rest or "/" in rest):
+                raise ValueError(f"an origin is scheme://host[:port] (no path) or *; got {origin!r}")
+        return values
+
+
 class GatewaySettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="GATEWAY_")
 
     port: int = 50051
+    # A second gRPC port serving the same API without key checks or rate limits, for callers inside
+    # the cluster (the NetworkPolicy keeps the ingress off it); None: not opened.
+    internal_port: int | None = None
     embedder_address: str
     search_address: str
 
@@ -65,18 +141,22 @@ class GatewaySettings(ServiceSettings):
     # Directories whose images `GET /v1/files?uri=file://...` may serve (the web page's thumbnails).
     # Empty: serve none. JSON list in the environment: GATEWAY_IMAGE_ROOTS='["/data/catalog"]'.
     image_roots: list[Path] = []
-    # When set, HTTP /v1/ calls must carry it (X-API-Key or Authorization: Bearer). gRPC is for
-    # internal services and is not checked here.
+    # One key with every scope, beside the keys file (X-API-Key or Authorization: Bearer, on HTTP
+    # and on the gRPC port).
     api_key: SecretStr | None = None
+    auth: AuthSettings = AuthSettings()
+    rate_limit: RateLimitSettings = RateLimitSettings()
+    cors: CorsSettings = CorsSettings()
 
     # None: an in-process LRU cache (per replica); set it to share the cache between replicas.
     redis_url: str | None = None
     cache: CacheSettings = CacheSettings()
 
-    # How old the index generation used for result-cache lookups may be. 0 asks search_svc on every
-    # search (one cheap Stats call), so a write by anyone is seen at once. N > 0 saves that call but a
-    # write made through another replica or straight to search_svc may be missed for up to N ms (writes
-    # through this gateway are always seen at once).
+    # Only without Redis (the in-process cache; with Redis the generation is shared through it): how
+    # old the index generation used for result-cache lookups may be. 0 asks search_svc on every search
+    # (one cheap Stats call), so a write by anyone is seen at once. N > 0 saves that call but a write
+    # made straight to search_svc may be missed for up to N ms (writes through this gateway are always
+    # seen at once).
     generation_refresh_ms: int = Field(0, ge=0)
 
     # Readiness: the gateway reports NOT_SERVING (gRPC health, /healthz 503) while the embedder or
@@ -99,3 +179,9 @@ class GatewaySettings(ServiceSettings):
     add_batch_size: int = Field(32, ge=1)
     # AddImages batches in flight at once: the next batch is embedded while the last is upserted.
     add_pipeline_depth: int = Field(2, ge=1, le=16)
+
+    @model_validator(mode="after")
+    def _internal_port_is_its_own(self) -> GatewaySettings:
+        if self.internal_port and self.internal_port in (self.port, self.http_port):
+            raise ValueError("GATEWAY_INTERNAL_PORT must differ from GATEWAY_PORT and GATEWAY_HTTP_PORT")
+        return self

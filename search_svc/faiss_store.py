@@ -47,6 +47,7 @@ from search_svc.metrics import StoreMetrics
 from search_svc.settings import DEFAULT_NPROBE, FieldType, SearchSettings
 from search_svc.vector_store import StoreHit, refuse_dropping_default
 from service_kit.status import ServiceError
+from service_kit.tracing import span
 
 logger = logging.getLogger(__name__)
 
@@ -653,7 +654,10 @@ class FaissStore:
             with collection.lock.reading():
                 self._check_not_dropped(collection)
                 connection = collection.connection()
-                allowed = collection.allowed(connection, conditions) if conditions else None
+                allowed = None
+                if conditions:  # the SQL side of a filtered search, the part that can be slow
+                    with span("filter"):
+                        allowed = collection.allowed(connection, conditions)
                 if allowed is not None and not allowed.labels.size:
                     return [[] for _ in vectors]
                 scores, labels = collection.search(np.ascontiguousarray(vectors, dtype=np.float32), k, allowed)

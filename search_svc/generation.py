@@ -7,9 +7,11 @@ max(previous + 1, now), so it runs ahead of the clock only while writes come fas
 microsecond. (A restart after such a burst, or a clock stepped back by more than the service was
 down, could repeat a value; neither is realistic for a catalog index.)
 
-Limitation: each replica holds its own generation. Several search_svc replicas in front of one
-Milvus each see only their own writes; a cache shared by them must not rely on one replica's
-generation to notice writes made through another."""
+Each replica holds its own generation: several search_svc replicas in front of one Milvus each see
+only their own writes. So a cache shared by replicas does not rely on it: the gateways keep one
+generation per collection in the Redis they share, and bump it after every write (see
+gateway/index_generation.py). This one still labels search_svc's answers, and is what a gateway without
+Redis (one gateway in front of one search_svc) checks its in-process cache against."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """The `vsearch.v1.VectorSearch` servicer: validates each request, calls the store from a bounded
-executor and builds the answer with its index generation."""
+executor and builds the answer with its index generation. When the request is traced, the executor
+runs in its context: spans for the wait for a worker (`queue wait`) and the store search."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from search_svc.item_codec import ItemCodec, stored_ids
 from search_svc.settings import SearchSettings
 from search_svc.vector_store import VectorStore, collection_name
 from service_kit.status import invalid_argument
+from service_kit.tracing import carried, record_span, span
 from vsearch.v1 import search_pb2, search_pb2_grpc
 
 SERVICE_NAME = search_pb2.DESCRIPTOR.services_by_name["VectorSearch"].full_name
@@ -54,12 +56,14 @@ class VectorSearchServicer(search_pb2_grpc.VectorSearchServicer):
 
     async def _offload(self, function: Callable[..., ResultT], *args: object) -> ResultT:
         submitted = time.perf_counter()
+        submitted_ns = time.time_ns()
 
         def run() -> ResultT:
             self._queue_seconds.observe(time.perf_counter() - submitted)
+            record_span("queue wait", submitted_ns)
             return function(*args)
 
-        return await asyncio.get_running_loop().run_in_executor(self._executor, run)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, carried(run))
 
     # --- writes: the generation advances after any write that reached the store, even a failed one,
     # since a failed multi-batch upsert may have been partly applied.
@@ -114,7 +118,11 @@ class VectorSearchServicer(search_pb2_grpc.VectorSearchServicer):
             raise invalid_argument(f"min_score must be finite, got {min_score}")
         vectors = self._codec.query_matrix(request.queries)
         conditions = parse_filter(request.filter, self._settings.filter_fields)
-        results = self._store.search(collection, vectors, request.k, conditions)
+        with span("store search", {
+            "vsearch.store.backend": self._settings.backend, "vsearch.search.queries": len(vectors),
+            "vsearch.search.k": request.k, "vsearch.search.conditions": len(conditions),
+        }):
+            results = self._store.search(collection, vectors, request.k, conditions)
         response = search_pb2.SearchResponse(generation=generation)
         for hits in results:
             # Best first, ties by id, so equal requests give equal answers.

@@ -1,5 +1,5 @@
-"""A grpc.aio server with the library health servicer, reflection, metrics, a readiness step that
-runs after the port is bound, and a drain on SIGTERM."""
+"""A grpc.aio server with the library health servicer, reflection, metrics, traces (when configured),
+a readiness step that runs after the port is bound, and a drain on SIGTERM."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from grpc_reflection.v1alpha import reflection
 from service_kit.metrics import RpcMetrics, ServiceInterceptor
 from service_kit.settings import ServiceSettings, SettingsT, load_settings
 from service_kit.structured_logging import configure_logging
+from service_kit.tracing import ServiceTracing
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +42,8 @@ class ManagedServer:
         self.settings = settings
         self.metrics = metrics or RpcMetrics(name)
         self.service_names = list(service_names)
+        # This service's tracer (settings.tracing); its outbound channels and HTTP app use it too.
+        self.tracing = ServiceTracing(name, settings.tracing)
         options = [
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -49,7 +52,9 @@ class ManagedServer:
             ("grpc.max_connection_age_ms", 300_000),
             ("grpc.max_connection_age_grace_ms", 30_000),
         ]
-        self.grpc_server = grpc.aio.server(interceptors=[ServiceInterceptor(self.metrics)], options=options)
+        # Tracing first (outermost): its span covers the other interceptor, and that one's log lines.
+        interceptors = [*self.tracing.server_interceptors(), ServiceInterceptor(self.metrics)]
+        self.grpc_server = grpc.aio.server(interceptors=interceptors, options=options)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         reflection.enable_server_reflection(
@@ -131,6 +136,8 @@ class ManagedServer:
                 await hook()
             except Exception:  # noqa: BLE001 - keep closing the rest
                 logger.exception("%s shutdown hook failed", self.name)
+        if self.tracing.enabled:
+            await asyncio.to_thread(self.tracing.shutdown)  # exports the spans still queued
         logger.info("%s stopped", self.name)
 
     async def wait_for_termination(self) -> None:

@@ -5,8 +5,22 @@ from __future__ import annotations
 import sys
 from typing import Literal, TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class TracingSettings(BaseModel):
+    """Where this service's spans go (``GATEWAY_TRACING__EXPORTER=otlp``); see service_kit/tracing.py.
+    "none" (the default) installs nothing: no span is made and requests carry no trace context."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    exporter: Literal["none", "otlp", "console"] = "none"
+    # An OpenTelemetry collector's OTLP/gRPC endpoint: http:// is plaintext, https:// TLS.
+    otlp_endpoint: str = "http://127.0.0.1:4317"
+    # The share of traces this service starts that are recorded; a trace continued from a caller
+    # keeps the caller's decision. Unrecorded requests still get trace ids (logs, propagation).
+    sample_ratio: float = Field(1.0, ge=0.0, le=1.0)
 
 
 class ServiceSettings(BaseSettings):
@@ -26,6 +40,7 @@ class ServiceSettings(BaseSettings):
     # Prometheus exposition on this HTTP port; None turns it off (the gateway serves /metrics itself).
     metrics_port: int | None = None
     max_message_bytes: int = 64 * 1024 * 1024
+    tracing: TracingSettings = TracingSettings()
 
 
 SettingsT = TypeVar("SettingsT", bound=ServiceSettings)

@@ -1,4 +1,5 @@
-"""JSON (or plain text) logs on stderr, one object per line."""
+"""JSON (or plain text) logs on stderr, one object per line. A line logged while a traced request runs
+carries its `trace_id` and `span_id` (service_kit/tracing.py), the ids to find its trace by."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import json
 import logging
 import sys
 import time
+
+from opentelemetry import trace
 
 
 class JsonFormatter(logging.Formatter):
@@ -21,6 +24,10 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        span_context = trace.get_current_span().get_span_context()
+        if span_context.is_valid:
+            entry["trace_id"] = format(span_context.trace_id, "032x")
+            entry["span_id"] = format(span_context.span_id, "016x")
         extra = getattr(record, "fields", None)
         if extra:
             entry.update(extra)

@@ -201,11 +201,8 @@ class RedisProcess:
         except ProcessLookupError:
             return
         deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                break
+        # Dead once a zombie (daemonized, it waits for init to reap it; its port is free already).
+        while time.monotonic() < deadline and not process_gone(pid):
             time.sleep(0.02)
         self.pidfile.unlink(missing_ok=True)
 
@@ -420,15 +417,22 @@ class InProcessStack:
         return await self.http.post("/v1/search", files={"image": ("query.jpg", data, "image/jpeg")}, data=fields)
 
 
+# The search backends the gateway-level tests run on (a module's `stack` fixture takes them as params).
+SEARCH_BACKENDS = ["faiss", "milvus"]
+
+
 @contextlib.asynccontextmanager
-async def in_process_stack(data_dir: Path, model_dir: Path, **gateway_settings: object) -> AsyncIterator[InProcessStack]:
-    """Starts redis-server, the embedder and search_svc (its files under `data_dir`), then the
-    gateway with `gateway_settings` on top of the addresses; waits until all are SERVING."""
+async def in_process_stack(
+    data_dir: Path, model_dir: Path, backend: str = "faiss", **gateway_settings: object
+) -> AsyncIterator[InProcessStack]:
+    """Starts redis-server, the embedder and search_svc on `backend` (FAISS, or a Milvus Lite file:
+    its files under `data_dir`), then the gateway with `gateway_settings` on top of the addresses; waits
+    until all are SERVING."""
     redis = RedisProcess(redis_binary())
     redis.start()
     embedder, _ = await create_embedder(EmbedderSettings(model_dir=model_dir, port=0))
     search, _ = await create_search(SearchSettings(
-        port=0, milvus={"uri": str(data_dir / "milvus.db")}, faiss={"data_dir": data_dir / "faiss"},
+        port=0, backend=backend, milvus={"uri": str(data_dir / "milvus.db")}, faiss={"data_dir": data_dir / "faiss"},
     ))
     servers = [embedder, search]
     try:
@@ -471,7 +475,8 @@ def run_cli(*args: str, timeout: float = 120, cwd: Path = REPO_ROOT) -> subproce
 
 @dataclass
 class VsearchUp:
-    """A running `vsearch up` (real child processes) and what its banner line says."""
+    """A running `vsearch up` (real child processes) and what its banner line says. With `--replicas N`
+    the banner lists every gateway and search replica, in order (gateway i uses search replica i)."""
 
     process: subprocess.Popen
     banner: str
@@ -484,6 +489,18 @@ class VsearchUp:
         return f"127.0.0.1:{self.grpc_port}"
 
     @property
+    def gateways(self) -> list[tuple[str, str]]:
+        """Every gateway's gRPC address and HTTP base URL, from the banner."""
+        found = re.findall(r"(?:^vsearch up: |\| )gateway grpc (\S+) http (\S+) ", self.banner)
+        assert found, self.banner
+        return found
+
+    @property
+    def searches(self) -> list[str]:
+        """Every search_svc replica's address, from the banner."""
+        return re.findall(r"\| search (\S+) ", self.banner)
+
+    @property
     def search(self) -> str:
         """search_svc's address, from the banner (Get is not on the gateway)."""
         return self._address("search")
@@ -494,17 +511,34 @@ class VsearchUp:
 
     def child_pid(self, name: str) -> int | None:
         """The pid of the child `name` (redis, embedder, search, gateway), if it is alive."""
+        service, _, replica = name.partition("-")
         for pid, cmdline in children_of(self.process.pid).items():
             if name == "redis" and "redis-server" in cmdline[0]:
                 return pid
-            if name in SERVICE_MODULES and cmdline[1:3] == ["-m", SERVICE_MODULES[name]]:
+            if name == "milvus" and cmdline[0].endswith("/milvus"):
                 return pid
+            if service in SERVICE_MODULES and cmdline[1:3] == ["-m", SERVICE_MODULES[service]]:
+                if not replica or _listens_on(pid, service, self._replica_port(service, int(replica))):
+                    return pid
         return None
+
+    def _replica_port(self, service: str, replica: int) -> int:
+        address = self.gateways[replica][0] if service == "gateway" else self.searches[replica]
+        return int(address.rpartition(":")[2])
 
     def _address(self, child: str) -> str:
         found = re.search(rf"\| {child} (\S+) ", self.banner)
         assert found is not None, self.banner
         return found.group(1)
+
+
+def _listens_on(pid: int, service: str, port: int) -> bool:
+    """Whether the service process `pid` was given `port` (its SEARCH_PORT / GATEWAY_PORT)."""
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return f"{service.upper()}_PORT={port}".encode() in environ
 
 
 @contextlib.contextmanager

@@ -42,6 +42,22 @@ def test_up_refuses_a_redis_memory_size_redis_would_not_read():
     assert "--redis-maxmemory" in result.stderr and "256mb" in result.stderr
 
 
+def test_up_with_one_replica_keeps_its_one_gateway_banner(running_stack):
+    """The banner `vsearch up` always printed, unchanged without --replicas (scripts read it)."""
+    assert re.fullmatch(
+        r"vsearch up: gateway grpc 127\.0\.0\.1:\d+ http http://127\.0\.0\.1:\d+ \| embedder 127\.0\.0\.1:\d+ "
+        r"\| search 127\.0\.0\.1:\d+ \| cache redis://\S+ \(maxmemory 256mb, allkeys-lru\) \| data \S+ \| Ctrl-C stops\n",
+        running_stack.banner,
+    ), running_stack.banner
+    assert running_stack.gateways == [(running_stack.gateway, f"http://127.0.0.1:{running_stack.http_port}")]
+    assert running_stack.searches == [running_stack.search]
+
+
+def test_up_refuses_fewer_than_one_replica():
+    result = run_cli("up", "--replicas", "0", timeout=30)
+    assert result.returncode == 2 and "--replicas" in result.stderr
+
+
 def test_up_lets_the_gateway_serve_images_from_its_image_roots(running_stack, ukbench_images, tmp_path):
     base = f"http://127.0.0.1:{running_stack.http_port}/v1/files"
     inside = httpx.get(base, params={"uri": ukbench_images[0].resolve().as_uri()}, timeout=10)

@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -24,6 +25,7 @@ from pydantic import BaseModel
 from pydantic_settings import BaseSettings
 
 from embedder_svc.settings import EmbedderSettings
+from gateway.api_keys import read_key_file
 from gateway.settings import GatewaySettings
 from search_svc.settings import SearchSettings
 
@@ -31,6 +33,11 @@ ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "k8s"
 TOOLS = Path(os.environ.get("VSEARCH_DEPLOY_TOOLS") or ROOT / ".venv-deploy")
 OVERLAYS = ("dev", "prod")
+# Files the prod overlay reads that only the operator has; dev's stand in for them here.
+OPERATOR_FILES = ("secrets.env", "api-keys.jsonl")
+# Where k8s_env puts the files a setting names inside a Secret or ConfigMap volume, so that the
+# settings read what the pod would.
+MOUNTED_COPIES = Path(tempfile.mkdtemp(prefix="vsearch-deploy-mounts-"))
 
 # Variables the manifests set ahead of the setting that will read them. Each entry says why; delete
 # it once the setting exists (test_pending_settings_are_still_pending fails as a reminder).
@@ -97,13 +104,14 @@ def load_yaml():
 
 @pytest.fixture(scope="module")
 def manifests(load_yaml, tmp_path_factory) -> dict[str, list[dict]]:
-    """The resources of each overlay; prod gets dev's secrets.env in place of the operator's."""
+    """The resources of each overlay; prod gets dev's secrets.env and api-keys.jsonl in place of the
+    operator's."""
     command = _kustomize()
     copy = tmp_path_factory.mktemp("k8s") / "k8s"
     shutil.copytree(K8S, copy)
-    prod_secrets = copy / "overlays" / "prod" / "secrets.env"
-    if not prod_secrets.exists():
-        shutil.copy(K8S / "overlays" / "dev" / "secrets.env", prod_secrets)
+    for name in OPERATOR_FILES:
+        if not (copy / "overlays" / "prod" / name).exists():
+            shutil.copy(K8S / "overlays" / "dev" / name, copy / "overlays" / "prod" / name)
     built = {}
     for overlay in OVERLAYS:
         result = subprocess.run([*command, str(copy / "overlays" / overlay)], capture_output=True, text=True)
@@ -146,8 +154,30 @@ def container(deployment: dict) -> dict:
     return containers[0]
 
 
+def mounted_file(resources: list[dict], deployment: dict, path: str) -> str | None:
+    """What the container finds at `path` when a Secret or ConfigMap volume provides it (None when no
+    such volume is mounted above it); fails when the volume lacks that file."""
+    volumes = {volume["name"]: volume for volume in deployment["spec"]["template"]["spec"].get("volumes", [])}
+    for mount in container(deployment).get("volumeMounts", []):
+        directory = mount["mountPath"].rstrip("/") + "/"
+        volume = volumes[mount["name"]]
+        if not path.startswith(directory) or not ({"secret", "configMap"} & set(volume)):
+            continue
+        assert "subPath" not in mount, f"{path}: a subPath mount is never updated when its source changes"
+        name = path[len(directory):]
+        if "secret" in volume:
+            data = only(resources, "Secret", volume["secret"]["secretName"]).get("data", {})
+            assert name in data, f"{path}: Secret {volume['secret']['secretName']!r} has no {name!r}"
+            return base64.b64decode(data[name]).decode()
+        data = only(resources, "ConfigMap", volume["configMap"]["name"]).get("data", {})
+        assert name in data, f"{path}: ConfigMap {volume['configMap']['name']!r} has no {name!r}"
+        return data[name]
+    return None
+
+
 def k8s_env(resources: list[dict], deployment: dict) -> dict[str, str]:
-    """The container's environment: envFrom ConfigMaps and Secrets, then env."""
+    """The container's environment: envFrom ConfigMaps and Secrets, then env. A setting naming a file
+    a Secret or ConfigMap volume provides is pointed at a copy of that file here."""
     env: dict[str, str] = {}
     spec = container(deployment)
     for source in spec.get("envFrom", []):
@@ -159,6 +189,12 @@ def k8s_env(resources: list[dict], deployment: dict) -> dict[str, str]:
             env.update(secret.get("stringData", {}))
     for item in spec.get("env", []):
         env[item["name"]] = item.get("value", "")
+    for name, value in env.items():
+        if value.startswith("/") and (content := mounted_file(resources, deployment, value)) is not None:
+            copy = MOUNTED_COPIES / deployment["metadata"]["name"] / value.lstrip("/")
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            copy.write_text(content)
+            env[name] = str(copy)
     return env
 
 
@@ -493,6 +529,66 @@ def test_network_policies_allow_exactly_the_request_path(manifests, overlay):
     dns = {"k8s-app": "kube-dns"}
     for name, pod in labels.items():
         assert connection_allowed(resources, pod, dns, 53, server_namespace="kube-system"), f"{name}: no DNS"
+
+
+def ingress_allowed_from(resources: list[dict], server: dict, namespace: str, port: int, peer: dict | None = None) -> bool:
+    """Whether the namespace's policies let pods (labels `peer`) of another namespace open `port` on
+    `server` pods."""
+    policies = [r for r in resources if r["kind"] == "NetworkPolicy"
+                and "Ingress" in r["spec"].get("policyTypes", []) and _selects(r["spec"]["podSelector"], server)]
+    return not policies or any(_allows(p["spec"].get("ingress", []), "from", peer or {}, namespace, port) for p in policies)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_k8s_gateway_ports_keys_and_who_reaches_them(manifests, overlay):
+    """The ingress controller reaches only the ports that check API keys; the internal listener (no
+    keys) has its own Service and is reached only from labelled pods of the namespace; the keys file
+    comes from the Secret the overlay generates, updated in place."""
+    resources = manifests[overlay]
+    deployment = only(resources, "Deployment", "gateway")
+    gateway = settings_from(SERVICES["gateway"], k8s_env(resources, deployment))
+    internal = gateway.internal_port
+    assert internal is not None and internal not in (gateway.port, gateway.http_port)
+    assert container_port(deployment, "grpc-internal") == internal
+    public = only(resources, "Service", "gateway")
+    assert {p["port"] for p in public["spec"]["ports"]} == {gateway.port, gateway.http_port}, "gateway Service"
+    service, port = k8s_target(resources, "gateway-internal", internal)
+    assert container_port(deployment, port["targetPort"]) == internal
+    assert pods_behind(resources, service) == [deployment]
+
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    for checked in (gateway.port, gateway.http_port):
+        assert ingress_allowed_from(resources, labels, "ingress-nginx", checked), f"{overlay}: ingress -> {checked}"
+    for namespace in ("ingress-nginx", "monitoring"):
+        assert not ingress_allowed_from(resources, labels, namespace, internal), f"{overlay}: {namespace} -> {internal}"
+    job = {"app.kubernetes.io/name": "catalog-load", "vsearch-gateway-client": "internal"}
+    assert connection_allowed(resources, job, labels, internal), f"{overlay}: internal client -> gateway:{internal}"
+    others = {d["metadata"]["name"]: d["spec"]["template"]["metadata"]["labels"] for d in resources if d["kind"] == "Deployment"}
+    for name in ("embedder", "search", "redis"):
+        assert not connection_allowed(resources, others[name], labels, internal), f"{overlay}: {name} -> gateway:{internal}"
+    assert not connection_allowed(resources, {"app.kubernetes.io/name": "catalog-load"}, labels, internal)
+
+    assert gateway.auth.keys_file is not None
+    keys_path = parse_env_file(K8S / "base" / "config" / "gateway.env")["GATEWAY_AUTH__KEYS_FILE"]
+    content = mounted_file(resources, deployment, keys_path)
+    assert content is not None, f"{overlay}: {keys_path} is not mounted from a Secret"
+    assert read_key_file(gateway.auth.keys_file), f"{overlay}: no API key in {keys_path}"
+    secret = only(resources, "Secret", "gateway-api-keys")  # no hash suffix: updated in place
+    assert secret["metadata"]["name"] == "gateway-api-keys"
+    assert gateway.rate_limit.search_per_s and gateway.rate_limit.write_bytes_per_s
+
+
+def test_compose_gateway_publishes_only_the_checked_ports(compose):
+    service = compose["services"]["gateway"]
+    gateway = settings_from(SERVICES["gateway"], compose_env(compose, "gateway"))
+    published = {int(str(port).rsplit(":", 1)[-1]) for port in service["ports"]}
+    assert published == {gateway.port, gateway.http_port}
+    assert gateway.internal_port is not None and str(gateway.internal_port) in [str(p) for p in service.get("expose", [])]
+    # The keys directory (keys off until GATEWAY_AUTH__KEYS_FILE is set): mounted read-only, as a directory.
+    mounts = {volume.split(":")[1]: volume for volume in service.get("volumes", [])}
+    keys_dir = mounts["/etc/vsearch/api-keys"]
+    assert keys_dir.endswith(":ro") and (ROOT / keys_dir.split(":")[0]).is_dir()
+    assert gateway.auth.keys_file is None or str(gateway.auth.keys_file).startswith("/etc/vsearch/api-keys/")
 
 
 # ---- autoscaling, disruption budgets -----------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""One request through all three real services: gateway -> embedder (ONNX) -> search_svc (its default
-FAISS store), cached in a real redis-server."""
+"""One request through all three real services: gateway -> embedder (ONNX) -> search_svc, cached in a
+real redis-server; every test runs on both search backends (the default FAISS store, and a Milvus Lite
+file)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import pytest
 from google.protobuf import struct_pb2
 from PIL import Image
 
-from conftest import in_process_stack, metric_value
+from conftest import SEARCH_BACKENDS, in_process_stack, metric_value
 from service_kit.struct_nesting import MAX_STRUCT_DEPTH
 from vsearch.v1 import embedder_pb2, gateway_pb2, search_pb2
 
@@ -39,10 +40,11 @@ async def add_images(stub, items: list[tuple[str, bytes, dict]]) -> gateway_pb2.
     return await stub.AddImages(requests(), timeout=120)
 
 
-@pytest.fixture(scope="module")
-async def stack(tmp_path_factory, mobilenet_dir, ukbench_images):
+@pytest.fixture(scope="module", params=SEARCH_BACKENDS)
+async def stack(request, tmp_path_factory, mobilenet_dir, ukbench_images):
     async with in_process_stack(
-        tmp_path_factory.mktemp("e2e"), mobilenet_dir, image_roots=[ukbench_images[0].parent]
+        tmp_path_factory.mktemp(f"e2e-{request.param}"), mobilenet_dir, backend=request.param,
+        image_roots=[ukbench_images[0].parent],
     ) as stack:
         items = [
             (f"ukb-{i:02d}", path.read_bytes(), {"category": f"object-{i // VIEWS}", "price": float(i), "path": path.name})

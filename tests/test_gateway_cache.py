@@ -1,5 +1,6 @@
 """The gateway's query cache: both stores (a real redis-server and the in-process LRU) behave alike, keys
-separate what must be separate, and a dead or silent Redis costs a bounded miss, never an error."""
+separate what must be separate, a result is taken only at the generation it was computed at, Redis keeps
+the shared generation counters, and a dead or silent Redis costs a bounded miss, never an error."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from conftest import ManualClock, RedisProcess, redis_binary
+from conftest import ManualClock, RedisProcess, redis_binary, wait_until
 from gateway.cache import (
     LoopLagTolerantTimeout,
     LruTtlStore,
@@ -21,6 +22,7 @@ from gateway.cache import (
     RedisStore,
     canonical_filter,
     embedding_cache_key,
+    generation_key,
     item_query_key,
     result_cache_key,
 )
@@ -69,22 +71,22 @@ def counter(registry: CollectorRegistry, name: str, **labels: str) -> float:
     return registry.get_sample_value(name, labels) or 0.0
 
 
-# A search's reads and writes, through the calls the gateway makes: `lookup` reads the embedding and a
-# result in one round trip, `result_for` takes the result (or reads it, under a key not guessed), and
-# `save_in_background` writes.
+# A search's reads and writes, through the calls the gateway makes: `lookup` reads the embedding, a
+# result and a generation counter in one round trip, `result_at` takes the result only if it was computed
+# at the generation given, and `save_in_background` writes.
 
 async def cached_embedding(cache: QueryCache, key: str) -> np.ndarray | None:
     return (await cache.lookup(key, None)).embedding
 
 
-async def cached_result(cache: QueryCache, key: str) -> gateway_pb2.VisualSearchResponse | None:
-    return await cache.result_for(key, await cache.lookup(None, key))
+async def cached_result(cache: QueryCache, key: str, generation: int = 1) -> gateway_pb2.VisualSearchResponse | None:
+    return cache.result_at(await cache.lookup(None, key), generation)
 
 
 async def save(
     cache: QueryCache,
     embedding: tuple[str, np.ndarray] | None = None,
-    result: tuple[str, gateway_pb2.VisualSearchResponse] | None = None,
+    result: tuple[str, int, gateway_pb2.VisualSearchResponse] | None = None,
 ) -> None:
     cache.save_in_background(result=result, embedding=embedding)
     await cache.writes_done()
@@ -117,7 +119,7 @@ async def test_stores_read_and_write_several_entries_in_one_call(store):
 
 class DelayingProxy:
     """TCP proxy in its own threads (so it runs while the test's event loop is blocked) that holds
-    every reply for `delay_s`: a network round trip of that length."""
+    every reply for `delay_s` (which the test may change): a network round trip of that length."""
 
     def __init__(self, target_port: int, delay_s: float) -> None:
         self.target_port, self.delay_s = target_port, delay_s
@@ -134,14 +136,14 @@ class DelayingProxy:
                 return
             upstream = socket.create_connection(("127.0.0.1", self.target_port))
             self.sockets += [client, upstream]
-            threading.Thread(target=self._pump, args=(client, upstream, 0.0), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client, self.delay_s), daemon=True).start()
+            threading.Thread(target=self._pump, args=(client, upstream, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, True), daemon=True).start()
 
-    @staticmethod
-    def _pump(source: socket.socket, sink: socket.socket, delay_s: float) -> None:
+    def _pump(self, source: socket.socket, sink: socket.socket, replies: bool) -> None:
         try:
             while data := source.recv(65536):
-                time.sleep(delay_s)
+                if replies:
+                    time.sleep(self.delay_s)
                 sink.sendall(data)
         except OSError:
             pass
@@ -166,6 +168,50 @@ async def test_a_redis_reply_that_arrives_in_time_to_a_busy_event_loop_is_taken(
         assert await redis_store.get_many(["k", "absent"]) == [b"v", None]
     finally:
         await redis_store.close()
+        proxy.close()
+
+
+async def test_a_burst_of_timeouts_costs_those_calls_only_but_lasting_ones_start_the_cool_down(shared_redis):
+    """Concurrent calls that all answer late (one busy Redis, a starved machine) used to put the cache in
+    cool-down for every search for a second; now only timeouts that last `redis_timeouts_for_s`, with no
+    answer in between, do. An error (refused, reset) still starts it at once (see the killed-Redis test)."""
+    proxy = DelayingProxy(shared_redis.port, delay_s=0.0)
+    registry = CollectorRegistry()
+    settings = CacheSettings(redis_timeout_s=0.2, redis_cooldown_s=30, redis_timeouts_for_s=0.5)
+    store = RedisStore(f"redis://127.0.0.1:{proxy.port}/0", settings.redis_timeout_s)
+    cache = QueryCache(store, settings, registry)
+    vector = np.ones(4, dtype=np.float32)
+
+    async def found() -> bool:
+        cached = await cached_embedding(cache, "e")
+        return cached is not None
+
+    try:
+        await store.client.set("e", vector.tobytes())
+        async def all_found() -> bool:
+            return all(await asyncio.gather(*(found() for _ in range(8))))
+
+        # 8 connections open and warm (their first calls may be slow on a loaded machine).
+        await wait_until(all_found, timeout=10, what="8 concurrent lookups answered")
+        # Later than any bound, loop lag given back included (2 s at most): these calls must time out.
+        proxy.delay_s = 3.0
+        errors = counter(registry, "vsearch_gateway_cache_errors_total")
+        assert not any(await asyncio.gather(*(found() for _ in range(8))))
+        assert counter(registry, "vsearch_gateway_cache_errors_total") == errors + 8
+        proxy.delay_s = 0.0
+        assert await found()  # tried, and answered: no cool-down
+
+        proxy.delay_s = 3.0
+        started = time.perf_counter()
+        while time.perf_counter() - started < settings.redis_timeouts_for_s + 0.2:
+            assert not await found()
+        errors = counter(registry, "vsearch_gateway_cache_errors_total")
+        proxy.delay_s = 0.0
+        # In cool-down now: not even tried, so nothing more fails, and nothing is found.
+        assert not await found()
+        assert counter(registry, "vsearch_gateway_cache_errors_total") == errors
+    finally:
+        await cache.close()
         proxy.close()
 
 
@@ -221,8 +267,8 @@ async def test_query_cache_round_trips_embeddings_and_results_and_counts(store):
     response = gateway_pb2.VisualSearchResponse(index_generation=7, model_version="m@1")
     response.hits.add(id="x", score=0.5, image_uri="file:///x.jpg").metadata.update({"category": "shoes"})
     assert await cached_result(cache, "r") is None
-    await save(cache, result=("r", response))
-    assert await cached_result(cache, "r") == response
+    await save(cache, result=("r", 7, response))
+    assert await cached_result(cache, "r", generation=7) == response
 
     assert counter(registry, "vsearch_gateway_cache_hits_total", cache="embedding") == 1
     assert counter(registry, "vsearch_gateway_cache_misses_total", cache="embedding") == 1
@@ -241,22 +287,81 @@ class CountingStore(LruTtlStore):
         return await super().get_many(keys)
 
 
-async def test_a_lookup_reads_the_embedding_and_the_guessed_result_in_one_round_trip():
+async def test_a_result_is_taken_only_at_the_generation_it_was_computed_at():
     registry = CollectorRegistry()
     store = CountingStore()
     cache = QueryCache(store, CacheSettings(), registry)
     response = gateway_pb2.VisualSearchResponse(index_generation=7)
-    await save(cache, embedding=("e", np.ones(4, dtype=np.float32)), result=("r7", response))
+    response.hits.add(id="x", score=0.5)
+    await save(cache, embedding=("e", np.ones(4, dtype=np.float32)), result=("r", 7, response))
 
-    lookup = await cache.lookup("e", "r7")
-    assert store.reads == 1 and lookup.embedding is not None
-    # The guess was right: the result read with the embedding is taken, no second read.
-    assert await cache.result_for("r7", lookup) == response and store.reads == 1
-    # The index moved on since the guess: the result under the current key is read now.
-    assert await cache.result_for("r8", lookup) is None and store.reads == 2
+    lookup = await cache.lookup("e", "r")
+    assert store.reads == 1 and lookup.embedding is not None and lookup.result_generation == 7
+    assert cache.result_at(lookup, 7) == response
+    assert cache.result_at(lookup, 8) is None  # the index moved on since it was computed
+    assert cache.result_at(lookup, None) is None  # the generation is unknown: nothing cached is trusted
+    assert store.reads == 1
     assert counter(registry, "vsearch_gateway_cache_hits_total", cache="embedding") == 1
     assert counter(registry, "vsearch_gateway_cache_hits_total", cache="result") == 1
-    assert counter(registry, "vsearch_gateway_cache_misses_total", cache="result") == 1
+    assert counter(registry, "vsearch_gateway_cache_misses_total", cache="result") == 2
+    # A newer result replaces the older one under the same key.
+    await save(cache, result=("r", 8, gateway_pb2.VisualSearchResponse(index_generation=8)))
+    assert (await cached_result(cache, "r", generation=8)).index_generation == 8
+    assert await cached_result(cache, "r", generation=7) is None
+
+
+def redis_calls(client_info: dict, command: str) -> int:
+    return int(client_info.get(f"cmdstat_{command}", {}).get("calls", 0))
+
+
+async def test_redis_gives_the_embedding_the_result_and_the_generation_in_one_round_trip(shared_redis):
+    redis_store = RedisStore(shared_redis.url, timeout_s=1.0)
+    await redis_store.client.flushdb()
+    cache = QueryCache(redis_store, CacheSettings(), CollectorRegistry())
+    try:
+        created = await redis_store.generation(generation_key("c"), bump=False)
+        await save(cache, embedding=("e", np.ones(4, dtype=np.float32)),
+                   result=("r", created, gateway_pb2.VisualSearchResponse(index_generation=created)))
+        await redis_store.client.config_resetstat()
+        lookup = await cache.lookup("e", "r", generation_key("c"))
+        stats = await redis_store.client.info("commandstats")
+        # One MGET, nothing else.
+        assert redis_calls(stats, "mget") == 1
+        assert sum(redis_calls(stats, name) for name in ("get", "evalsha", "eval")) == 0
+        assert lookup.answered and lookup.generation == created and lookup.result_generation == created
+        assert cache.result_at(lookup, lookup.generation).index_generation == created
+        absent = await cache.lookup(None, "r", generation_key("other"))
+        assert absent.answered and absent.generation is None  # missing, truly: the store answered
+    finally:
+        await cache.close()
+
+
+async def test_redis_generation_counters_start_from_its_clock_and_never_repeat(shared_redis):
+    """Created from Redis's clock when missing, so that a counter lost (evicted, or with a restart of a
+    Redis without persistence) comes back above every value it had; a bump adds one; a read changes
+    nothing; a bump after a drop lets the counter expire, any later bump keeps it."""
+    redis_store = RedisStore(shared_redis.url, timeout_s=1.0)
+    await redis_store.client.flushdb()
+    key = generation_key("c")
+    try:
+        seconds, micros = await redis_store.client.time()
+        first = await redis_store.generation(key, bump=False)
+        assert first >= seconds * 1_000_000 + micros
+        assert await redis_store.generation(key, bump=False) == first
+        bumped = [await redis_store.generation(key, bump=True) for _ in range(3)]
+        assert bumped == [first + 1, first + 2, first + 3]
+        assert await redis_store.client.ttl(key) == -1  # kept
+
+        await redis_store.client.delete(key)  # what an eviction does
+        again = await redis_store.generation(key, bump=True)
+        assert again > first + 3
+
+        dropped = await redis_store.generation(key, bump=True, expire_ms=60_000)
+        assert dropped == again + 1 and 0 < await redis_store.client.pttl(key) <= 60_000
+        assert await redis_store.generation(key, bump=True) == dropped + 1
+        assert await redis_store.client.ttl(key) == -1
+    finally:
+        await redis_store.close()
 
 
 async def test_query_cache_applies_each_kind_its_own_ttl():
@@ -265,7 +370,7 @@ async def test_query_cache_applies_each_kind_its_own_ttl():
         LruTtlStore(100, clock=clock), CacheSettings(embedding_ttl_s=100, result_ttl_s=10), CollectorRegistry(), clock
     )
     await save(cache, embedding=("e", np.ones(4, dtype=np.float32)))
-    await save(cache, result=("r", gateway_pb2.VisualSearchResponse(index_generation=1)))
+    await save(cache, result=("r", 1, gateway_pb2.VisualSearchResponse(index_generation=1)))
     clock.now += 11
     assert await cached_result(cache, "r") is None
     assert await cached_embedding(cache, "e") is not None
@@ -284,7 +389,7 @@ async def test_a_killed_redis_gives_quick_misses_and_counted_errors(redis_server
     started = time.perf_counter()
     assert await cached_embedding(cache, "e") is None
     assert await cached_result(cache, "r") is None
-    await save(cache, result=("r", gateway_pb2.VisualSearchResponse()))
+    await save(cache, result=("r", 1, gateway_pb2.VisualSearchResponse()))
     await save(cache, embedding=("e", np.ones(8, dtype=np.float32)))
     assert time.perf_counter() - started < 0.5
     assert counter(registry, "vsearch_gateway_cache_errors_total") >= 1
@@ -359,21 +464,22 @@ def test_embedding_keys_depend_on_image_crop_and_model_version():
 def test_result_keys_separate_every_input_and_ignore_condition_order():
     a, b = condition("category", search_pb2.EQ, "shoes"), condition("price", search_pb2.LT, 50.0)
     both = search_pb2.Filter(conditions=[a, b])
-    key = result_cache_key("q", 10, both, None, 5)
-    assert key == result_cache_key("q", 10, search_pb2.Filter(conditions=[b, a]), None, 5)
+    key = result_cache_key("q", 10, both, None)
+    assert key == result_cache_key("q", 10, search_pb2.Filter(conditions=[b, a]), None)
     assert canonical_filter(both) == canonical_filter(search_pb2.Filter(conditions=[b, a]))
     variants = [
-        result_cache_key("q2", 10, both, None, 5),
-        result_cache_key("q", 11, both, None, 5),
-        result_cache_key("q", 10, search_pb2.Filter(conditions=[a]), None, 5),
-        result_cache_key("q", 10, search_pb2.Filter(conditions=[a, condition("price", search_pb2.LE, 50.0)]), None, 5),
-        result_cache_key("q", 10, search_pb2.Filter(conditions=[a, condition("price", search_pb2.LT, 51.0)]), None, 5),
-        result_cache_key("q", 10, both, 0.5, 5),
-        result_cache_key("q", 10, both, 0.0, 5),
-        result_cache_key("q", 10, both, None, 6),
-        result_cache_key("q", 10, both, None, 5, collection="eval_1"),
+        result_cache_key("q2", 10, both, None),
+        result_cache_key("q", 11, both, None),
+        result_cache_key("q", 10, search_pb2.Filter(conditions=[a]), None),
+        result_cache_key("q", 10, search_pb2.Filter(conditions=[a, condition("price", search_pb2.LE, 50.0)]), None),
+        result_cache_key("q", 10, search_pb2.Filter(conditions=[a, condition("price", search_pb2.LT, 51.0)]), None),
+        result_cache_key("q", 10, both, 0.5),
+        result_cache_key("q", 10, both, 0.0),
+        result_cache_key("q", 10, both, None, collection="eval_1"),
     ]
     assert key not in variants and len(set(variants)) == len(variants)
+    # Generation counters are per collection, and apart from every other key.
+    assert len({generation_key(""), generation_key("a"), generation_key("b"), key}) == 4
 
 
 def test_any_filter_has_a_result_key_nan_infinities_and_a_thousand_conditions_included():
@@ -388,6 +494,6 @@ def test_any_filter_has_a_result_key_nan_infinities_and_a_thousand_conditions_in
         search_pb2.Filter(conditions=[listed]),
         search_pb2.Filter(conditions=[condition("price", search_pb2.LT, float(n)) for n in range(1000)]),
     ]
-    keys = [result_cache_key("q", 10, search_filter, None, 5) for search_filter in filters]
+    keys = [result_cache_key("q", 10, search_filter, None) for search_filter in filters]
     assert len(set(keys)) == len(filters)
-    assert keys == [result_cache_key("q", 10, search_filter, None, 5) for search_filter in filters]
+    assert keys == [result_cache_key("q", 10, search_filter, None) for search_filter in filters]

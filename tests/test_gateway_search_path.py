@@ -1,18 +1,23 @@
 """The order of work in the gateway's Search: what a cache hit waits for, when the embedder is called,
-and that cache writes happen after the reply without ever failing it. The downstreams are stand-ins
-that can hold a call until the test lets it go, so the order is observable; the cache is the real
-`QueryCache` over the in-process store (its Redis behaviour is tested in test_gateway_cache)."""
+and that cache writes happen after the reply without ever failing it; and, with Redis, the index
+generation every gateway shares. The downstreams are stand-ins that can hold a call until the test lets
+it go, so the order is observable (each gateway may have its own search_svc replica, with its own
+generation, over one index); the cache is the real `QueryCache`, over the in-process store or a real
+redis-server (the stores themselves are tested in test_gateway_cache)."""
 
 from __future__ import annotations
 
 import asyncio
 
+import grpc
 import pytest
 from prometheus_client import CollectorRegistry
 
-from gateway.cache import LruTtlStore, QueryCache
+from conftest import RedisProcess, metric_value, wait_until
+from gateway.cache import LruTtlStore, QueryCache, RedisStore
 from gateway.core import VisualSearchCore
 from gateway.settings import GatewaySettings
+from service_kit.status import ServiceError
 from vsearch.v1 import embedder_pb2, gateway_pb2, search_pb2
 
 VECTOR = [0.5, 0.5, 0.5, 0.5]
@@ -43,25 +48,46 @@ class Embedder:
         return embedder_pb2.EmbedImagesResponse(results=[result], model_version="m@1")
 
 
-class Index:
-    """Stands in for the VectorSearch stub, at `generation`. `stats_hold` makes Stats wait."""
+class Catalog:
+    """What the index holds, shared by every replica in front of it (as one Milvus is): the id of the
+    best hit."""
 
     def __init__(self) -> None:
+        self.best = "a"
+
+
+class Index:
+    """Stands in for one search_svc replica's VectorSearch stub, at its own `generation`, over
+    `catalog`. `stats_hold` makes Stats wait; `write_error` makes writes fail after they were made."""
+
+    def __init__(self, catalog: Catalog | None = None) -> None:
+        self.catalog = catalog or Catalog()
         self.generation = 5
         self.stats_calls = 0
         self.search_calls = 0
         self.stats_hold: asyncio.Event | None = None
+        self.write_error: grpc.aio.AioRpcError | None = None
 
     async def Stats(self, request, timeout):  # noqa: N802
         self.stats_calls += 1
         if self.stats_hold is not None:
             await self.stats_hold.wait()
-        return search_pb2.StatsResponse(generation=self.generation, dimension=4)
+        return search_pb2.StatsResponse(generation=self.generation, dimension=4, collection="vsearch_images")
 
     async def Search(self, request, timeout):  # noqa: N802
         self.search_calls += 1
-        hits = search_pb2.HitList(hits=[search_pb2.Hit(id="a", score=0.9)])
+        hits = search_pb2.HitList(hits=[search_pb2.Hit(id=self.catalog.best, score=0.9)])
         return search_pb2.SearchResponse(results=[hits], generation=self.generation)
+
+    async def Delete(self, request, timeout):  # noqa: N802
+        """Deletes the best hit, if asked to: the next best is "b"."""
+        deleted = int(self.catalog.best in request.ids)
+        if deleted:
+            self.catalog.best = "b"
+            self.generation += 1
+        if self.write_error is not None:
+            raise self.write_error
+        return search_pb2.DeleteResponse(deleted=deleted, generation=self.generation)
 
 
 class HeldStore(LruTtlStore):
@@ -81,8 +107,11 @@ class HeldStore(LruTtlStore):
 
 
 class Rig:
-    def __init__(self, **cache_settings: object) -> None:
-        self.embedder, self.index, self.store = Embedder(), Index(), HeldStore()
+    """One gateway's core over stand-in downstreams, with the in-process cache or `store`."""
+
+    def __init__(self, store=None, index: Index | None = None, **cache_settings: object) -> None:
+        self.embedder, self.index = Embedder(), index or Index()
+        self.store = store if store is not None else HeldStore()
         self.registry = CollectorRegistry()
         settings = GatewaySettings(embedder_address="embedder:1", search_address="search:1", cache=cache_settings)
         self.cache = QueryCache(self.store, settings.cache, self.registry)
@@ -93,6 +122,9 @@ class Rig:
 
     async def search(self, image: bytes = b"image-1") -> gateway_pb2.VisualSearchResponse:
         return await asyncio.wait_for(self.core.search(gateway_pb2.VisualSearchRequest(image=image, k=3)), 5)
+
+    async def delete(self, *ids: str) -> gateway_pb2.DeleteImagesResponse:
+        return await asyncio.wait_for(self.core.delete_images(gateway_pb2.DeleteImagesRequest(ids=ids)), 5)
 
 
 @pytest.fixture
@@ -182,3 +214,140 @@ async def test_a_result_hit_cancels_the_embedding_started_for_it(rig: Rig) -> No
     await asyncio.sleep(0)
     assert reply.from_cache
     assert (rig.embedder.calls, rig.embedder.cancelled) == (2, 1)
+
+
+# ---- with Redis: the index generation every gateway shares ------------------------------------------
+
+
+@pytest.fixture
+async def gateways(redis_server: RedisProcess):
+    """Two gateways on one real Redis, each in front of its own search_svc replica (each with its own
+    generation, as replicas have) over one catalog."""
+    catalog = Catalog()
+    rigs = [
+        Rig(RedisStore(redis_server.url, 0.5), Index(catalog), redis_timeout_s=0.5, generation_bump_timeout_s=0.3)
+        for _ in range(2)
+    ]
+    for rig in rigs:
+        await rig.core.connect()
+    yield rigs
+    for rig in rigs:
+        await rig.core.close()
+
+
+async def cached_search(rig: Rig) -> gateway_pb2.VisualSearchResponse:
+    """A search, then the same again once its cache write is done: served from the cache."""
+    first = await rig.search()
+    await rig.cache.writes_done()
+    again = await rig.search()
+    assert again.from_cache and list(again.hits) == list(first.hits)
+    return again
+
+
+def redis_calls(info: dict, command: str) -> int:
+    return int(info.get(f"cmdstat_{command}", {}).get("calls", 0))
+
+
+async def test_with_redis_a_hit_is_one_round_trip_and_no_stats_call(gateways, redis_server: RedisProcess) -> None:
+    rig = gateways[0]
+    await cached_search(rig)
+    stats_before = rig.index.stats_calls
+    await rig.store.client.config_resetstat()
+    hit = await rig.search()
+    info = await rig.store.client.info("commandstats")
+    assert hit.from_cache and rig.index.stats_calls == stats_before
+    assert redis_calls(info, "mget") == 1
+    assert sum(redis_calls(info, name) for name in ("get", "set", "evalsha", "eval")) == 0
+
+
+async def test_a_delete_through_one_gateway_is_seen_at_once_by_the_others_cached_search(gateways) -> None:
+    one, other = gateways
+    cached = await cached_search(other)
+    assert cached.hits[0].id == "a"
+    deleted = await one.delete("a")
+    assert deleted.deleted == 1
+    # The other gateway's search_svc replica saw no write: its own generation has not moved.
+    assert other.index.generation == 5
+    after = await other.search()
+    assert not after.from_cache and after.embedding_from_cache and after.hits[0].id == "b"
+    assert after.index_generation == deleted.index_generation > cached.index_generation
+    await other.cache.writes_done()
+    assert (await other.search()).from_cache
+
+
+async def test_a_counter_evicted_is_created_again_by_a_search_and_nothing_older_is_served(gateways) -> None:
+    rig = gateways[0]
+    cached = await cached_search(rig)
+    await rig.store.client.delete(rig.core.shared.key(""))
+    again = await rig.search()  # the entry was computed at a generation the new counter is above
+    assert not again.from_cache and again.index_generation > cached.index_generation
+    await rig.cache.writes_done()
+    assert (await rig.search()).from_cache
+
+
+async def test_with_redis_down_writes_succeed_searches_go_uncached_and_nothing_stale_comes_back(
+    gateways, redis_server: RedisProcess
+) -> None:
+    one, other = gateways
+    await cached_search(other)
+    redis_server.kill()
+    assert (await one.delete("a")).deleted == 1  # acknowledged without its bump
+    assert not one.core.shared.trusted("")
+    for rig in gateways:
+        reply = await rig.search()
+        assert not reply.from_cache and reply.hits[0].id == "b"
+    assert metric_value(one.registry, "vsearch_gateway_generation_bumps_total", outcome="failed") >= 1
+    redis_server.start()  # empty: the counter is created again, above the old one
+    await asyncio.wait_for(_trusted(one), 10)
+    for rig in gateways:  # cached again once the gateway's cool-down is over; never the stale "a"
+
+        async def served_from_cache(rig: Rig = rig) -> bool:
+            reply = await rig.search()
+            assert reply.hits[0].id == "b"
+            await rig.cache.writes_done()
+            return reply.from_cache
+
+        await wait_until(served_from_cache, timeout=10, what="searches cached again")
+
+
+async def _trusted(rig: Rig) -> None:
+    """Until the gateway's pending bump has landed (its background retry)."""
+    while not rig.core.shared.trusted(""):
+        await asyncio.sleep(0.02)
+
+
+async def test_a_bump_that_fails_on_a_live_redis_is_retried_and_its_gateway_serves_nothing_stale_meanwhile(
+    gateways,
+) -> None:
+    """Redis keeps its keys but takes no writes in time (CLIENT PAUSE WRITE): the delete is acknowledged
+    all the same; the gateway that made it serves that collection uncached until its retried bump lands;
+    from then on no gateway serves the result cached before the delete."""
+    one, other = gateways
+    for rig in gateways:
+        await cached_search(rig)
+    await one.store.client.execute_command("CLIENT", "PAUSE", "3000", "WRITE")
+    try:
+        deleted = await one.delete("a")
+        assert deleted.deleted == 1
+        assert not one.core.shared.trusted("")
+        reply = await one.search()
+        assert not reply.from_cache and reply.hits[0].id == "b"
+    finally:
+        await one.store.client.execute_command("CLIENT", "UNPAUSE")
+    await asyncio.wait_for(_trusted(one), 10)
+    reply = await other.search()
+    assert not reply.from_cache and reply.hits[0].id == "b"
+
+
+async def test_a_write_that_fails_after_it_was_made_still_moves_the_shared_generation(gateways) -> None:
+    one, other = gateways
+    await cached_search(other)
+    one.index.write_error = grpc.aio.AioRpcError(
+        grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "connection reset after the write"
+    )
+    with pytest.raises(ServiceError) as caught:
+        await one.delete("a")
+    assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+    await asyncio.wait_for(_trusted(one), 10)
+    reply = await other.search()
+    assert not reply.from_cache and reply.hits[0].id == "b"

@@ -1,5 +1,6 @@
 """The gateway's HTTP/JSON API and web page over the real stack, in-process: embedder (ONNX) -> search_svc
-(its default FAISS store) behind the gateway, with a real redis-server as the cache."""
+behind the gateway, with a real redis-server as the cache; every test runs on both search backends (the
+default FAISS store, and a Milvus Lite file)."""
 
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
-from conftest import encode, in_process_stack, metric_value
+from conftest import SEARCH_BACKENDS, encode, in_process_stack, metric_value
 from gateway.server import create_server as create_gateway
 from gateway.settings import GatewaySettings
+from vsearch.v1 import gateway_pb2, gateway_pb2_grpc
 
 VIEWS = 4
 INDEXED = 12  # ukbench objects 0..2, four views each
@@ -26,11 +28,12 @@ def image_id(position: int) -> str:
     return f"g-{position:02d}"
 
 
-@pytest.fixture(scope="module")
-async def stack(tmp_path_factory, mobilenet_dir, ukbench_bytes):
+@pytest.fixture(scope="module", params=SEARCH_BACKENDS)
+async def stack(request, tmp_path_factory, mobilenet_dir, ukbench_bytes):
     # Generous for a loaded 2-core test machine; the timeout's effect is tested in test_gateway_cache.
     async with in_process_stack(
-        tmp_path_factory.mktemp("gateway-stack"), mobilenet_dir, cache={"redis_timeout_s": 0.5}
+        tmp_path_factory.mktemp(f"gateway-stack-{request.param}"), mobilenet_dir, backend=request.param,
+        cache={"redis_timeout_s": 0.5},
     ) as stack:
         # Indexed through the HTTP multipart endpoint itself.
         files = [("images", (f"{n}.jpg", ukbench_bytes[n], "image/jpeg")) for n in range(INDEXED)]
@@ -284,7 +287,9 @@ async def test_body_limit_and_drain_of_a_second_gateway(stack, ukbench_bytes):
             await http.get("/healthz")
 
 
-async def test_an_api_key_guards_the_http_api_but_not_probes(stack):
+async def test_an_api_key_guards_the_http_api_and_grpc_but_not_probes(stack):
+    """GATEWAY_API_KEY alone: one key with every scope, on both protocols (scoped keys from a keys file:
+    tests/test_gateway_auth.py)."""
     gateway, _ = await create_gateway(GatewaySettings(
         embedder_address=stack.embedder_server.address, search_address=stack.search_server.address, port=0, http_port=0,
         api_key="s3cret-key",
@@ -302,5 +307,14 @@ async def test_an_api_key_guards_the_http_api_but_not_probes(stack):
             assert bearer.status_code == 200 and len(bearer.json()["hits"]) == 2
             for open_path in ("/healthz", "/metrics", "/", "/openapi.json"):
                 assert (await http.get(open_path)).status_code == 200, open_path
+        async with grpc.aio.insecure_channel(gateway.address) as channel:
+            stub = gateway_pb2_grpc.VisualSearchStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.Stats(gateway_pb2.VisualStatsRequest(), timeout=10)
+            assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED and "missing" in caught.value.details()
+            for metadata in ((("authorization", "Bearer s3cret-key"),), (("x-api-key", "s3cret-key"),)):
+                assert (await stub.Stats(gateway_pb2.VisualStatsRequest(), timeout=10, metadata=metadata)).count
+            reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
     finally:
         await gateway.stop(grace=1)

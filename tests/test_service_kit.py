@@ -1,17 +1,30 @@
 """The shared plumbing: channels spread calls over every address, settings refuse with one line, the
-wire-format reader finds what makes a message unparsable, and Struct nesting is measured. (Unparsable
-requests through real servers: test_grpc_bad_payloads.)"""
+wire-format reader finds what makes a message unparsable, Struct nesting is measured, spans reach an
+OTLP collector and log lines carry trace ids. (Unparsable requests through real servers:
+test_grpc_bad_payloads; traces through the whole stack: test_tracing.)"""
 
 from __future__ import annotations
 
+import io
+import json
+import logging
+import random
+
+import grpc
 import pytest
 from google.protobuf import struct_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from pydantic_settings import SettingsConfigDict
 
 from service_kit.channels import create_channel
 from service_kit.server import ManagedServer
-from service_kit.settings import ServiceSettings, load_settings
+from service_kit.settings import ServiceSettings, TracingSettings, load_settings
+from service_kit.structured_logging import JsonFormatter
+from service_kit.tracing import exporting_also_to
 from service_kit.struct_nesting import struct_depth
 from service_kit.wire_format import find_problem, split_field
 from vsearch.v1 import gateway_pb2, search_pb2
@@ -107,3 +120,124 @@ def test_split_field_separates_one_field_from_the_rest():
     rest, values = split_field(message.SerializeToString(), 3)
     assert gateway_pb2.AddImageRequest.FromString(rest) == gateway_pb2.AddImageRequest(id="x", image=b"y", collection="c")
     assert [struct_pb2.Struct.FromString(value) for value in values] == [metadata]
+
+
+# ---- traces and the ids in log lines --------------------------------------------------------------
+
+ECHO_SERVICE = "vsearch.test.Echo"
+echo_logger = logging.getLogger("vsearch.test.echo")
+
+
+def echo_handler() -> grpc.GenericRpcHandler:
+    """A raw-bytes unary RPC that logs one line: something a traced server does."""
+
+    async def echo(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        echo_logger.warning("echoing %d bytes", len(request))
+        return request
+
+    return grpc.method_handlers_generic_handler(ECHO_SERVICE, {"Echo": grpc.unary_unary_rpc_method_handler(echo)})
+
+
+async def start_echo_server(settings: ServiceSettings) -> ManagedServer:
+    server = ManagedServer("echo", settings, [ECHO_SERVICE])
+    server.grpc_server.add_generic_rpc_handlers((echo_handler(),))
+    await server.start()
+    await server.wait_ready(5)
+    return server
+
+
+async def call_echo(server: ManagedServer, metadata: tuple[tuple[str, str], ...] = ()) -> None:
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        assert await channel.unary_unary(f"/{ECHO_SERVICE}/Echo")(b"hi", timeout=5, metadata=metadata) == b"hi"
+        await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+
+
+class OtlpCollector(trace_service_pb2_grpc.TraceServiceServicer):
+    """A real OTLP/gRPC receiver, as an OpenTelemetry collector runs one: keeps what it is sent."""
+
+    def __init__(self) -> None:
+        self.requests: list[trace_service_pb2.ExportTraceServiceRequest] = []
+
+    async def Export(self, request, context):  # noqa: N802 - the proto's name
+        self.requests.append(request)
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+
+async def test_a_service_exports_its_spans_to_the_otlp_collector_its_settings_name():
+    collector = OtlpCollector()
+    receiver = grpc.aio.server()
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(collector, receiver)
+    receiver_port = receiver.add_insecure_port("127.0.0.1:0")
+    await receiver.start()
+    try:
+        tracing = TracingSettings(exporter="otlp", otlp_endpoint=f"http://127.0.0.1:{receiver_port}")
+        server = await start_echo_server(ServiceSettings(tracing=tracing))
+        trace_id, caller_span = random.getrandbits(128), random.getrandbits(64)
+        try:
+            await call_echo(server, (("traceparent", f"00-{trace_id:032x}-{caller_span:016x}-01"),))
+        finally:
+            await server.stop(grace=0)  # exports the spans still queued
+    finally:
+        await receiver.stop(0)
+    exported = [
+        (resource_spans.resource, span)
+        for request in collector.requests for resource_spans in request.resource_spans
+        for scope_spans in resource_spans.scope_spans for span in scope_spans.spans
+    ]
+    # The echo call, and not the health check beside it.
+    assert [span.name for _resource, span in exported] == [f"{ECHO_SERVICE}/Echo"]
+    resource, span = exported[0]
+    assert {attribute.key: attribute.value.string_value for attribute in resource.attributes}["service.name"] == "echo"
+    assert span.trace_id == trace_id.to_bytes(16, "big") and span.parent_span_id == caller_span.to_bytes(8, "big")
+
+
+async def test_an_unsampled_request_records_no_span_and_its_log_lines_still_carry_its_trace_id():
+    exporter = InMemorySpanExporter()
+    lines = io.StringIO()
+    handler = logging.StreamHandler(lines)
+    handler.setFormatter(JsonFormatter("echo"))
+    echo_logger.addHandler(handler)
+    try:
+        with exporting_also_to(SimpleSpanProcessor(exporter)):
+            server = await start_echo_server(ServiceSettings(tracing=TracingSettings(sample_ratio=0.0)))
+        try:
+            await call_echo(server)
+        finally:
+            await server.stop(grace=0)
+    finally:
+        echo_logger.removeHandler(handler)
+    assert exporter.get_finished_spans() == ()
+    [entry] = [json.loads(line) for line in lines.getvalue().splitlines()]
+    assert entry["msg"] == "echoing 2 bytes" and len(entry["trace_id"]) == 32 and len(entry["span_id"]) == 16
+    assert int(entry["trace_id"], 16) != 0
+
+
+def test_a_json_log_line_carries_the_ids_of_the_span_it_was_logged_in():
+    tracer = TracerProvider().get_tracer("test")
+    formatter = JsonFormatter("svc")
+
+    def line() -> dict:
+        return json.loads(formatter.format(logging.LogRecord("x", logging.INFO, __file__, 1, "hello", None, None)))
+
+    assert "trace_id" not in line() and "span_id" not in line()
+    with tracer.start_as_current_span("step") as step:
+        entry = line()
+    assert entry["trace_id"] == f"{step.get_span_context().trace_id:032x}"
+    assert entry["span_id"] == f"{step.get_span_context().span_id:016x}"
+
+
+def test_tracing_is_off_by_default_and_set_from_the_environment(monkeypatch, capsys):
+    assert ServiceSettings().tracing.exporter == "none"
+    monkeypatch.setenv("THING_MODEL_DIR", "/models/m")
+    monkeypatch.setenv("THING_TRACING__EXPORTER", "otlp")
+    monkeypatch.setenv("THING_TRACING__OTLP_ENDPOINT", "http://otel-collector:4317")
+    monkeypatch.setenv("THING_TRACING__SAMPLE_RATIO", "0.25")
+    assert load_settings(NeedsThings, "thing").tracing == TracingSettings(
+        exporter="otlp", otlp_endpoint="http://otel-collector:4317", sample_ratio=0.25
+    )
+    monkeypatch.setenv("THING_TRACING__EXPORTER", "jaeger")
+    monkeypatch.setenv("THING_TRACING__SAMPLE_RATIO", "2")
+    with pytest.raises(SystemExit):
+        load_settings(NeedsThings, "thing")
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert "THING_TRACING__EXPORTER" in line and "THING_TRACING__SAMPLE_RATIO" in line

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import re
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -17,11 +18,12 @@ from google.protobuf import json_format, struct_pb2
 from vsearch_cli.bench import command as bench
 from vsearch_cli.model_tools import command as cli_model
 from vsearch_cli.evaluation import eval_command as evaluation
+from vsearch_cli.keys import command as api_keys
 from vsearch_cli.catalog import ingest
-from vsearch_cli.catalog.ingest import DEFAULT_GATEWAY
+from vsearch_cli.gateway_connection import add_gateway_arguments, gateway_channel
 from vsearch_cli.local_stack.launcher import LocalStack
 from vsearch_cli.local_stack.layout import StackLayout
-from vsearch_cli.local_stack.ports import free_port, port_is_free
+from vsearch_cli.local_stack.ports import free_port, free_port_run, port_is_free
 from vsearch_cli.local_stack.supervisor import RestartPolicy, Supervisor
 from vsearch.v1 import embedder_pb2, gateway_pb2, gateway_pb2_grpc, search_pb2
 
@@ -41,18 +43,60 @@ def redis_memory(text: str) -> str:
     return text.lower()
 
 
+def replicas_problem(args: argparse.Namespace) -> str | None:
+    """Why `--replicas N` (N > 1) cannot run as asked, if it cannot."""
+    if args.search_backend == "faiss":
+        return ("--replicas needs the Milvus backend (replicas share one Milvus server); FAISS keeps its index "
+                "inside each search_svc process")
+    if args.no_redis or shutil.which("redis-server") is None:
+        return ("--replicas needs redis-server (apt-get install redis-server): the gateways share the cache and "
+                "its index generation through it; with in-process caches a write through one gateway would "
+                "not reach the others' cached results")
+    return None
+
+
+def up_banner(layout: StackLayout, cache: str) -> str:
+    """The line `vsearch up` prints once everything is ready. It starts "vsearch up: gateway grpc ADDR
+    http URL" (gateway 0); with replicas, every gateway and every search replica has its own "| gateway
+    grpc ADDR http URL" and "| search ADDR" part, in order (gateway i uses search replica i)."""
+    parts = []
+    for index in range(layout.replicas):
+        grpc_port, http_port = layout.gateway_ports(index)
+        parts.append(f"gateway grpc 127.0.0.1:{grpc_port} http http://127.0.0.1:{http_port}")
+    triton = f" (model on Triton grpc {layout.triton_url})" if layout.triton_url else ""
+    parts.append(f"embedder 127.0.0.1:{layout.embedder_port}{triton}")
+    parts += [f"search 127.0.0.1:{port}" for port in layout.search_ports]
+    if layout.milvus_uri:
+        parts.append(f"milvus {layout.milvus_uri} ({layout.data_dir / 'milvus.db'})")
+    parts += [f"cache {cache}", f"data {layout.data_dir}", "Ctrl-C stops"]
+    return "vsearch up: " + " | ".join(parts)
+
+
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from embedder_svc.model_card import ModelCardError, read_model_card
     from vsearch_cli.model_tools.prepare import ModelPrepareError, ensure_model
 
+    if args.replicas > 1 and (problem := replicas_problem(args)) is not None:
+        print(f"vsearch up: {problem}", file=sys.stderr)
+        return 1
     data_dir = Path(args.data_dir).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
-    # Port 0 picks a free port now: a child restarted by the supervisor must come back on the same one.
-    args.grpc_port, args.http_port = (port or free_port() for port in (args.grpc_port, args.http_port))
-    for port, flag in ((args.grpc_port, "--grpc-port"), (args.http_port, "--http-port")):
-        if not port_is_free(port):
-            print(f"vsearch up: port {port} ({flag}) is already in use", file=sys.stderr)
-            return 1
+    # Port 0 picks free ports now (consecutive ones for replicas): a child restarted by the supervisor
+    # must come back on the same one.
+    args.grpc_port, args.http_port = (port or free_port_run(args.replicas) for port in (args.grpc_port, args.http_port))
+    for base, flag in ((args.grpc_port, "--grpc-port"), (args.http_port, "--http-port")):
+        for port in range(base, base + args.replicas):
+            if not port_is_free(port):
+                print(f"vsearch up: port {port} ({flag}{f' + {port - base}' if port > base else ''}) is already in use",
+                      file=sys.stderr)
+                return 1
     try:
         model_dir = Path(args.model_dir).resolve() if args.model_dir else ensure_model(args.model, data_dir / "models")
         # search_svc's vectors must have the model's dimension.
@@ -76,7 +120,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         redis_port=None if args.no_redis else free_port(), redis_maxmemory=args.redis_maxmemory,
         triton_url=triton.grpc_url if triton else None, triton_model_name=triton_model,
         image_roots=[Path(root) for root in args.image_root],
-        search_backend=args.search_backend,
+        search_backend=args.search_backend, replicas=args.replicas,
     )
     stack = LocalStack(layout, data_dir / "logs", triton)
     stop_requested = False
@@ -97,13 +141,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         cache = f"{layout.redis_url} (maxmemory {layout.redis_maxmemory}, allkeys-lru)"
     else:
         cache = "in-process cache (" + ("--no-redis" if args.no_redis else "no redis-server found") + ")"
-    print(
-        f"vsearch up: gateway grpc 127.0.0.1:{layout.gateway_port} http http://127.0.0.1:{layout.http_port} "
-        f"| embedder 127.0.0.1:{layout.embedder_port}"
-        f"{f' (model on Triton grpc {layout.triton_url})' if layout.triton_url else ''} | search 127.0.0.1:{layout.search_port} | cache {cache} "
-        f"| data {data_dir} | Ctrl-C stops",
-        flush=True,
-    )
+    print(up_banner(layout, cache), flush=True)
     supervisor = Supervisor(stack, RestartPolicy(ready_timeout_s=args.timeout))
     failure = None
     try:
@@ -154,7 +192,7 @@ async def search_image(args: argparse.Namespace, image: bytes) -> gateway_pb2.Vi
         request.crop.CopyFrom(args.crop)
     if args.min_score is not None:
         request.min_score = args.min_score
-    async with grpc.aio.insecure_channel(args.gateway) as channel:
+    async with gateway_channel(args.gateway, args.api_key) as channel:
         return await gateway_pb2_grpc.VisualSearchStub(channel).Search(request, timeout=30, wait_for_ready=True)
 
 
@@ -197,6 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--model", default="mobilenetv2-12-int8", help="model preset to prepare and serve")
     up.add_argument("--model-dir", help="serve this prepared model directory instead (e.g. from `vsearch model pca` "
                                         "or `quantize`); use a --data-dir whose index has the model's dimension")
+    up.add_argument("--replicas", type=_at_least_one, default=1, metavar="N",
+                    help="N gateways (gRPC on --grpc-port + i, HTTP on --http-port + i) and N search_svc replicas "
+                         "over one Milvus server (Milvus Lite in server mode, under --data-dir) and one Redis; "
+                         "gateway i talks to search replica i")
     up.add_argument("--search-backend", choices=["faiss", "milvus"],
                     help="search_svc's store: in-process FAISS (the default) or Milvus Lite, under --data-dir")
     up.add_argument("--no-redis", action="store_true", help="use the in-process cache even if redis-server exists")
@@ -219,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--where", nargs=3, action="append", metavar=("FIELD", "OP", "VALUE"),
                         help=f"filter; OP one of {' '.join(OPERATORS)}; repeat for AND")
     search.add_argument("--min-score", type=float)
-    search.add_argument("--gateway", default=DEFAULT_GATEWAY)
+    add_gateway_arguments(search)
     search.add_argument("--json", action="store_true")
     search.set_defaults(func=cmd_search)
 
@@ -227,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_model.register(sub)
     evaluation.register(sub)
     bench.register(sub)
+    api_keys.register(sub)
     return parser
 
 

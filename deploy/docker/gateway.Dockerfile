@@ -1,5 +1,7 @@
 # syntax=docker/dockerfile:1.7
-# The gateway: gRPC vsearch.v1.VisualSearch on :50051 and HTTP/JSON on :8080. From the repository root:
+# The gateway: gRPC vsearch.v1.VisualSearch on :50051 and HTTP/JSON on :8080 (both check API keys once
+# keys are configured), and with GATEWAY_INTERNAL_PORT=50061 the internal gRPC listener (no keys). From
+# the repository root:
 #   docker build -f deploy/docker/gateway.Dockerfile -t vsearch/gateway:0.1.0 .
 
 # Pinned by tag and by the digest of its multi-arch index; all stages share it.
@@ -48,7 +50,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     GATEWAY_HTTP_HOST=0.0.0.0 \
     GATEWAY_HTTP_PORT=8080
 USER 10001:10001
-EXPOSE 50051 8080
+EXPOSE 50051 8080 50061
 # SERVING once the embedder and search_svc have answered; NOT_SERVING again while draining.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
   CMD ["python", "/opt/vsearch/healthcheck.py", "GATEWAY_PORT", "50051"]

@@ -97,7 +97,8 @@ class VisualSearchServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DropCollection(self, request, context):
-        """Removes a whole collection other than the default one.
+        """Removes a whole collection other than the default one. The answer's `generation` is the
+        collection's index generation after the drop, as `index_generation` below.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -43,9 +43,9 @@ from tqdm import tqdm
 
 from service_kit.status import code_from_int
 from vsearch_cli.catalog.manifest import ManifestError, check_manifest, count_rows, read_manifest
+from vsearch_cli.gateway_connection import add_gateway_arguments, gateway_channel
 from vsearch.v1 import gateway_pb2, gateway_pb2_grpc
 
-DEFAULT_GATEWAY = "127.0.0.1:50051"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 # Images per AddImages stream: two of the gateway's embedder batches of 32, and a broken stream costs
 # at most this much re-sending.
@@ -335,6 +335,7 @@ class IndexReport:
 @dataclass(frozen=True)
 class IndexOptions:
     gateway: str
+    api_key: str | None
     collection: str = ""
     concurrency: int = DEFAULT_CONCURRENCY
     read_threads: int = DEFAULT_READ_THREADS
@@ -526,7 +527,7 @@ async def index_sources(sources: Iterable[Source], options: IndexOptions, report
             report.chunk_done(chunk, reply)
 
     channel_options = [("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MAX_MS)]
-    async with grpc.aio.insecure_channel(options.gateway, options=channel_options) as channel:
+    async with gateway_channel(options.gateway, options.api_key, channel_options) as channel:
         try:
             await wait_connected(channel, options.gateway)
         except GatewayError as error:
@@ -605,7 +606,7 @@ def cmd_index(args: argparse.Namespace) -> int:
         sources = itertools.chain(manifest_sources(manifest), sources)
         total += count_rows(manifest)
     options = IndexOptions(
-        gateway=args.gateway, collection=collection, concurrency=args.concurrency, read_threads=args.read_threads,
+        gateway=args.gateway, api_key=args.api_key, collection=collection, concurrency=args.concurrency, read_threads=args.read_threads,
         chunk_size=args.chunk_size, retries=args.retries, timeout_s=args.timeout, retry_for_s=args.retry_for,
         category_from_folder=args.category_from_folder,
     )
@@ -669,9 +670,9 @@ async def wait_connected(channel: grpc.aio.Channel, gateway: str) -> None:
         raise GatewayError(f"gateway {gateway}: {details}", "UNAVAILABLE", details) from None
 
 
-async def delete_ids(gateway: str, ids: list[str], collection: str) -> int:
+async def delete_ids(gateway: str, ids: list[str], collection: str, api_key: str | None = None) -> int:
     deleted = 0
-    async with grpc.aio.insecure_channel(gateway) as channel:
+    async with gateway_channel(gateway, api_key) as channel:
         await wait_connected(channel, gateway)
         stub = gateway_pb2_grpc.VisualSearchStub(channel)
         for start in range(0, len(ids), DELETE_BATCH):
@@ -703,7 +704,7 @@ def cmd_delete(args: argparse.Namespace) -> int:
         ids.extend(found)
     unique_ids = list(dict.fromkeys(ids))
     try:
-        deleted = asyncio.run(delete_ids(args.gateway, unique_ids, collection)) if unique_ids else 0
+        deleted = asyncio.run(delete_ids(args.gateway, unique_ids, collection, args.api_key)) if unique_ids else 0
     except grpc.aio.AioRpcError as error:
         print(f"vsearch delete: gateway {args.gateway}: {error.code().name}: {error.details()}", file=sys.stderr)
         return 1
@@ -728,7 +729,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="JSONL or CSV: per row `path` (relative to the manifest) or `uri` (file://), "
                             "optional `id`, and metadata (category, price, title, ...)")
     index.add_argument("--collection", default="", help="catalog to write to (default: the default one)")
-    index.add_argument("--gateway", default=DEFAULT_GATEWAY)
+    add_gateway_arguments(index)
     index.add_argument("--json", action="store_true", help="print one JSON summary object")
     index.add_argument("--progress", action="store_true", help="show the progress bar even when not on a terminal")
     index.add_argument("--category-from-folder", action="store_true",
@@ -754,6 +755,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     delete.add_argument("ids", nargs="*")
     delete.add_argument("--manifest", metavar="FILE", help="delete the ids that indexing this manifest would write")
     delete.add_argument("--collection", default="")
-    delete.add_argument("--gateway", default=DEFAULT_GATEWAY)
+    add_gateway_arguments(delete)
     delete.add_argument("--json", action="store_true")
     delete.set_defaults(func=cmd_delete)

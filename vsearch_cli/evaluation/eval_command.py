@@ -25,9 +25,9 @@ from google.protobuf import struct_pb2
 from tqdm import tqdm
 
 from service_kit.status import code_from_int
-from vsearch_cli.catalog.ingest import DEFAULT_GATEWAY
 from vsearch_cli.evaluation.labelled_csv import LabelsFileError, read_label_rows
 from vsearch_cli.evaluation.retrieval_metrics import NS_DEPTH, QueryScores, score_query, summarise
+from vsearch_cli.gateway_connection import add_gateway_arguments, gateway_channel
 from vsearch.v1 import gateway_pb2, gateway_pb2_grpc, search_pb2
 
 # Images per AddImages stream, and streams in flight: two streams let the gateway embed one batch
@@ -264,6 +264,7 @@ def score_outcomes(
 
 async def evaluate(
     eval_set: EvalSet, gateway: str, k: int, concurrency: int = 8, keep_collection: bool = False,
+    api_key: str | None = None,
     show_progress: bool = False, collection: str | None = None,
 ) -> dict:
     """Indexes the catalog into `collection` (a fresh `eval_<hex>` by default), searches with every
@@ -274,7 +275,7 @@ async def evaluate(
     collection = collection or new_collection_name()
     # One more hit than scored, for the query's own hit to drop out; at least N-S's depth.
     hits_wanted = max(k + 1, NS_DEPTH)
-    async with grpc.aio.insecure_channel(gateway) as channel:
+    async with gateway_channel(gateway, api_key) as channel:
         stub = gateway_pb2_grpc.VisualSearchStub(channel)
         await require_collection_support(stub, collection)
         dropped = False
@@ -369,7 +370,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             args.catalog_split, args.query_split, args.exclude_label or (),
         )
         report = asyncio.run(evaluate(
-            eval_set, args.gateway, args.k, args.concurrency, args.keep_collection,
+            eval_set, args.gateway, args.k, args.concurrency, args.keep_collection, api_key=args.api_key,
             show_progress=args.progress or sys.stderr.isatty(), collection=collection,
         ))
     except EvalError as error:
@@ -407,7 +408,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     evaluation.add_argument("--k", type=int, default=100,
                             help="ranking depth scored (default 100; k+1 hits are asked for, so at most "
                                  "the gateway's max_k - 1)")
-    evaluation.add_argument("--gateway", default=DEFAULT_GATEWAY)
+    add_gateway_arguments(evaluation)
     evaluation.add_argument("--concurrency", type=int, default=8, help="searches in flight (default 8)")
     evaluation.add_argument("--keep-collection", action="store_true",
                             help="leave the evaluation's collection in place (its name is in the report)")

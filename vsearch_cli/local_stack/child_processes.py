@@ -1,5 +1,6 @@
 """What every child process of the local stack needs: to die with its parent, a quick look at whether
-it is ready (Redis answers PING; a gRPC service's health says SERVING), and words for how it ended."""
+it is ready (Redis answers PING; Milvus accepts connections; a gRPC service's health says SERVING), and
+words for how it ended."""
 
 from __future__ import annotations
 
@@ -28,6 +29,15 @@ def redis_answers(port: int, timeout: float = 0.5) -> bool:
         with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
             sock.sendall(b"PING\r\n")
             return sock.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def port_accepts(port: int, timeout: float = 0.5) -> bool:
+    """Whether something accepts TCP connections on this loopback port (the Milvus server)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout):
+            return True
     except OSError:
         return False
 

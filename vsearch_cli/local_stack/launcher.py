@@ -1,5 +1,6 @@
-"""Starts, restarts and stops the local stack's processes: redis-server, tritonserver (optional), the
-embedder, search_svc and the gateway. What to do when one dies is `supervisor.Supervisor`'s business."""
+"""Starts, restarts and stops the local stack's processes: redis-server, the Milvus server (with
+replicas), tritonserver (optional), the embedder, search_svc and the gateway (each replicated with
+replicas, see `layout`). What to do when one dies is `supervisor.Supervisor`'s business."""
 
 from __future__ import annotations
 
@@ -13,13 +14,20 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from vsearch_cli.local_stack.child_processes import die_with_parent, grpc_serving, how_it_ended, redis_answers
-from vsearch_cli.local_stack.layout import StackLayout
+from vsearch_cli.local_stack.child_processes import (
+    die_with_parent,
+    grpc_serving,
+    how_it_ended,
+    port_accepts,
+    redis_answers,
+)
+from vsearch_cli.local_stack.layout import StackLayout, milvus_lite_bin_dir
 from vsearch_cli.local_stack.triton import TritonServerProcess
 
-# The three services: child name -> the module `python -m` runs.
+# The three services: service -> the module `python -m` runs (replicas are "search-0", "gateway-1", ...).
 SERVICE_MODULES = {"embedder": "embedder_svc", "search": "search_svc", "gateway": "gateway"}
 REDIS_START_TIMEOUT_S = 10.0
+MILVUS_START_TIMEOUT_S = 60.0
 LOG_TAIL_LINES = 20
 
 
@@ -31,10 +39,16 @@ class StartInterrupted(RuntimeError):
     """A stop was asked for (Ctrl-C, SIGTERM) before every child was ready."""
 
 
+def service_of(name: str) -> str:
+    """The service a child runs: "search" for "search" and "search-1"."""
+    return name.partition("-")[0]
+
+
 class LocalStack:
-    """Starts redis-server (when installed), embedder, search and gateway as child processes, and
-    tritonserver first when `triton` is given (the layout's embedder environment then points at it).
-    `spawn(name)` starts a child again the same way, on the same port, after it died."""
+    """Starts redis-server (when installed), the Milvus server (when the layout has one), embedder,
+    search and gateway (their replicas) as child processes, and tritonserver first when `triton` is given
+    (the layout's embedder environment then points at it). `spawn(name)` starts a child again the same
+    way, on the same port, after it died."""
 
     def __init__(self, layout: StackLayout, log_dir: Path, triton: TritonServerProcess | None = None) -> None:
         self.layout = layout
@@ -45,7 +59,13 @@ class LocalStack:
         # When each child's current process was started (time.monotonic).
         self.started_at: dict[str, float] = {}
         self._redis_binary: str | None = None
+        self._milvus_bin_dir: Path | None = None
         self._environments: dict[str, dict[str, str]] = {}
+
+    @property
+    def service_names(self) -> list[str]:
+        """The service children, in start order."""
+        return ["embedder", *self.layout.search_names, *self.layout.gateway_names]
 
     # ---- one child ------------------------------------------------------------------------------
 
@@ -68,14 +88,20 @@ class LocalStack:
             self.triton.kill()  # a dead server's python backend stubs and shared memory, if any
             process = self.triton.start()
         else:
+            cwd = None
             if name == "redis":
                 assert self._redis_binary is not None
                 args, env = [self._redis_binary, *self.layout.redis_arguments()], {}
+            elif name == "milvus":
+                assert self._milvus_bin_dir is not None
+                args, env = self.layout.milvus_command(self._milvus_bin_dir)
+                cwd = self.layout.data_dir  # where milvus-lite keeps its working files, beside the db
             else:
-                args, env = [sys.executable, "-m", SERVICE_MODULES[name]], self._environments[name]
+                args, env = [sys.executable, "-m", SERVICE_MODULES[service_of(name)]], self._environments[name]
             with open(self.log_path(name), "ab") as log:
                 process = subprocess.Popen(
                     args, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                    cwd=cwd,
                     start_new_session=True,  # Ctrl-C reaches only us; we stop the children in order
                     preexec_fn=die_with_parent,
                 )
@@ -84,16 +110,18 @@ class LocalStack:
         return process
 
     def is_ready(self, name: str) -> bool:
-        """One quick look: Redis answers PING, Triton has the model ready, a service's health says SERVING."""
+        """One quick look: Redis answers PING, Milvus accepts connections, Triton has the model ready, a
+        service's health says SERVING."""
         if name == "redis":
             assert self.layout.redis_port is not None
             return redis_answers(self.layout.redis_port)
+        if name == "milvus":
+            assert self.layout.milvus_port is not None
+            return port_accepts(self.layout.milvus_port)
         if name == "triton":
             assert self.triton is not None
             return self.triton.is_ready([self.layout.triton_model_name] if self.layout.triton_model_name else [])
-        port = {"embedder": self.layout.embedder_port, "search": self.layout.search_port,
-                "gateway": self.layout.gateway_port}[name]
-        return grpc_serving(f"127.0.0.1:{port}")
+        return grpc_serving(f"127.0.0.1:{self.layout.port_of(name)}")
 
     def failure_report(self, name: str) -> str:
         """The end of a child's log, to quote when it failed."""
@@ -124,23 +152,30 @@ class LocalStack:
     # ---- the whole stack ------------------------------------------------------------------------
 
     async def start(self, timeout: float = 120.0, stop_requested: Callable[[], bool] = lambda: False) -> None:
-        """Redis and Triton first (each ready before the next starts), then the three services at
-        once; returns when all are ready, raises as `wait_ready` does. Children are spawned on this
-        (the calling) thread and only waited for in another."""
+        """Redis, Milvus and Triton first (each ready before the next starts), then the services (every
+        replica) at once; returns when all are ready, raises as `wait_ready` does. Children are spawned
+        on this (the calling) thread and only waited for in another."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self._redis_binary = shutil.which("redis-server")
         if self._redis_binary is None:
             self.layout.redis_port = None
+        if self.layout.milvus_port is not None:
+            self._milvus_bin_dir = milvus_lite_bin_dir()
+            if self._milvus_bin_dir is None:
+                raise RuntimeError("the Milvus server needs milvus-lite (pip install milvus-lite)")
         self._environments = self.layout.environments()
         if self.layout.redis_port is not None:
             self.spawn("redis")
             await asyncio.to_thread(self.wait_ready, ["redis"], REDIS_START_TIMEOUT_S, stop_requested)
+        if self.layout.milvus_port is not None:
+            self.spawn("milvus")
+            await asyncio.to_thread(self.wait_ready, ["milvus"], MILVUS_START_TIMEOUT_S, stop_requested)
         if self.triton is not None:
             self.spawn("triton")
             await asyncio.to_thread(self.wait_ready, ["triton"], timeout, stop_requested)
-        for name in SERVICE_MODULES:
+        for name in self.service_names:
             self.spawn(name)
-        await asyncio.to_thread(self.wait_ready, list(SERVICE_MODULES), timeout, stop_requested)
+        await asyncio.to_thread(self.wait_ready, self.service_names, timeout, stop_requested)
 
     def stop(self, timeout: float = 15.0) -> None:
         """SIGTERM in reverse start order (gateway first), then SIGKILL whatever is left."""

@@ -18,3 +18,13 @@ def port_is_free(port: int) -> bool:
         except OSError:
             return False
         return True
+
+
+def free_port_run(count: int, attempts: int = 50) -> int:
+    """The first of `count` consecutive free loopback ports (what `vsearch up --replicas N` gives its
+    gateways)."""
+    for _ in range(attempts):
+        base = free_port()
+        if base + count <= 65536 and all(port_is_free(port) for port in range(base, base + count)):
+            return base
+    raise RuntimeError(f"found no {count} consecutive free ports")

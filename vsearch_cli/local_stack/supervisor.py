@@ -1,6 +1,7 @@
 """Keeps `vsearch up`'s stack running: a child that dies is started again after a backoff, on the same
-port with the same settings, and every death is reported on stderr. A child that keeps dying, or does
-not become ready again after a restart, ends the whole stack, with the reason.
+port with the same settings, and every death is reported on stderr. Every child is watched: Redis, the
+Milvus server and each replica (`--replicas`) included. A child that keeps dying, or does not become
+ready again after a restart, ends the whole stack, with the reason.
 
 Only process exits are supervised: a child that is alive but answers NOT_SERVING (the gateway while a
 downstream is away, the embedder while Triton is) is left alone; its health is for its callers."""
