@@ -12,6 +12,7 @@ from embedder_svc.engine import EmbeddingEngine, ModelNotLoaded
 from embedder_svc.image_decoding import CropBox, ImageRejected
 from embedder_svc.metrics import EmbedderMetrics
 from embedder_svc.model_card import ModelCard
+from service_kit.float_vectors import float_message
 from service_kit.status import ServiceError, invalid_argument
 from vsearch.v1 import embedder_pb2, embedder_pb2_grpc
 
@@ -79,7 +80,7 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServicer):
         if isinstance(outcome, BaseException):
             raise outcome
         self._metrics.images_embedded.inc()
-        return embedder_pb2.EmbedResult(embedding=embedder_pb2.Embedding(values=outcome.tolist()))
+        return embedder_pb2.EmbedResult(embedding=float_message(embedder_pb2.Embedding, outcome))
 
     def _item_error(self, code: grpc.StatusCode, message: str) -> embedder_pb2.EmbedResult:
         self._metrics.images_failed.labels(code.name).inc()

@@ -17,7 +17,7 @@ import grpc
 import numpy as np
 
 from gateway.cache import CacheLookup, QueryCache
-from gateway.downstream import Downstream, Refused, item_error
+from gateway.downstream import MESSAGE_HEADROOM_BYTES, Downstream, QueryHits, Refused, item_error
 from gateway.index_generation import IndexGenerationTracker, SharedGenerations
 from gateway.search_query import SearchQuery, id_problem
 from gateway.settings import GatewaySettings
@@ -30,8 +30,6 @@ from vsearch.v1 import embedder_pb2, embedder_pb2_grpc, gateway_pb2, search_pb2,
 logger = logging.getLogger(__name__)
 
 INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.value[0]
-# Room for the request's framing and metadata when packing images into one EmbedImages message.
-MESSAGE_HEADROOM_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -100,11 +98,9 @@ def abandon(task: asyncio.Future) -> None:
         task.cancel()
 
 
-def search_response(
-    found: search_pb2.SearchResponse, model_version: str, generation: int
-) -> gateway_pb2.VisualSearchResponse:
+def search_response(found: QueryHits, model_version: str, generation: int) -> gateway_pb2.VisualSearchResponse:
     response = gateway_pb2.VisualSearchResponse(index_generation=generation, model_version=model_version)
-    for hit in found.results[0].hits if found.results else ():
+    for hit in found.hits:
         response.hits.add(id=hit.id, score=hit.score, image_uri=hit.image_uri, metadata=hit.metadata)
     return response
 
@@ -153,6 +149,10 @@ class VisualSearchCore:
         if self.model is not None and self.model.version != model.version:
             logger.warning("embedder model changed from %s to %s", self.model.version, model.version)
         self.model = model
+        # Searches' shared EmbedImages calls carry at most one of the embedder's batches.
+        self.downstream.query_embeddings.max_items = min(
+            self.settings.add_batch_size, model.max_batch_size or self.settings.add_batch_size
+        )
         return model
 
     async def connect(self) -> None:
@@ -203,7 +203,7 @@ class VisualSearchCore:
             query = query.by_model(vector.model_version)
 
         search_started = time.perf_counter()
-        found = await self.downstream.search(query.index_request(vector.values), deadline)
+        found = await self.downstream.search_query(query.index_request(vector.values), deadline)
         search_ms = elapsed_ms(search_started)
 
         if self.shared is None:

@@ -7,17 +7,26 @@ from __future__ import annotations
 
 import re
 import time
-from typing import Awaitable, Callable, Iterable, TypeVar
+from dataclasses import dataclass
+from typing import Awaitable, Callable, Hashable, Iterable, Sequence, TypeVar
 
 import grpc
 import numpy as np
+from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 
+from gateway.call_batching import CallBatcher
 from gateway.settings import GatewaySettings
 from service_kit.status import ServiceError, code_from_int, downstream_error
 from vsearch.v1 import embedder_pb2, embedder_pb2_grpc, search_pb2, search_pb2_grpc
 
 EMBEDDER = "embedder"
 SEARCH = "search"
+# Room for a request's framing and metadata when packing images into one EmbedImages message.
+MESSAGE_HEADROOM_BYTES = 1024 * 1024
+# Query vectors in one shared Search call, at most, and hits asked for in it (the sum of their k): a
+# search with a large k goes alone rather than make one answer too large.
+MAX_QUERIES_PER_SEARCH_CALL = 64
+MAX_HITS_PER_SEARCH_CALL = 2000
 
 ResponseT = TypeVar("ResponseT")
 
@@ -54,6 +63,14 @@ class Refused(ServiceError):
         self.item_message = f"{service}: {error.details()}"
 
 
+@dataclass(frozen=True)
+class QueryHits:
+    """One query's answer from search_svc: its hits, best first, and the generation they were found at."""
+
+    hits: RepeatedCompositeFieldContainer[search_pb2.SearchHit]
+    generation: int
+
+
 class Downstream:
     def __init__(
         self,
@@ -64,6 +81,15 @@ class Downstream:
         self.settings = settings
         self.embedder = embedder
         self.index = index
+        # Searches' calls, shared by the searches running at once (see gateway/call_batching.py).
+        self.query_embeddings: CallBatcher[embedder_pb2.ImageInput, tuple[np.ndarray, str]] = CallBatcher(
+            self._embed_queries, EMBEDDER, settings.query_calls_in_flight, max_items=settings.add_batch_size,
+            max_weight=max(settings.max_message_bytes - MESSAGE_HEADROOM_BYTES, settings.max_image_bytes),
+        )
+        self.query_searches: CallBatcher[search_pb2.SearchRequest, QueryHits] = CallBatcher(
+            self._search_queries, SEARCH, settings.query_calls_in_flight, max_items=MAX_QUERIES_PER_SEARCH_CALL,
+            max_weight=MAX_HITS_PER_SEARCH_CALL,
+        )
 
     # ---------------------------------------------------------------------------------- embedder
 
@@ -75,22 +101,36 @@ class Downstream:
     async def embed_query(
         self, image: bytes, crop: embedder_pb2.CropBox | None, deadline: float | None
     ) -> tuple[np.ndarray, str]:
-        """One query image's embedding and the version of the model that made it."""
+        """One query image's embedding and the version of the model that made it (in one EmbedImages
+        call with the other searches' images of the moment)."""
         image_input = embedder_pb2.ImageInput(data=image)
         if crop is not None:
             image_input.crop.CopyFrom(crop)
-        response = await _call(
-            EMBEDDER, self.embedder.EmbedImages, embedder_pb2.EmbedImagesRequest(images=[image_input]),
-            _timeout(self.settings.embed_timeout_s, deadline),
-        )
-        if len(response.results) != 1:
-            raise ServiceError(
-                grpc.StatusCode.INTERNAL, f"embedder answered {len(response.results)} results for 1 image"
+        _timeout(self.settings.embed_timeout_s, deadline)  # no time left: fail before queueing
+        return await self.query_embeddings.submit(None, image_input, deadline, weight=len(image))
+
+    async def _embed_queries(
+        self, _key: Hashable, images: list[embedder_pb2.ImageInput], timeout_s: float | None
+    ) -> list[tuple[np.ndarray, str] | ServiceError]:
+        try:
+            response = await _call(
+                EMBEDDER, self.embedder.EmbedImages, embedder_pb2.EmbedImagesRequest(images=images),
+                _within(self.settings.embed_timeout_s, timeout_s),
             )
-        result = response.results[0]
-        if result.WhichOneof("result") != "embedding":
-            raise item_error(result.error)
-        return np.asarray(result.embedding.values, dtype=np.float32), response.model_version
+        except Refused:
+            if len(images) == 1:
+                raise
+            return await _one_by_one(self._embed_queries, _key, images, timeout_s)
+        if len(response.results) != len(images):
+            raise ServiceError(
+                grpc.StatusCode.INTERNAL,
+                f"embedder answered {len(response.results)} results for {len(images)} images",
+            )
+        return [
+            (np.asarray(result.embedding.values, dtype=np.float32), response.model_version)
+            if result.WhichOneof("result") == "embedding" else item_error(result.error)
+            for result in response.results
+        ]
 
     async def embed_images(self, images: list[bytes], deadline: float | None) -> list[embedder_pb2.EmbedResult]:
         """One result per image, in order: an embedding or that image's error. Raises `Refused` when
@@ -120,8 +160,40 @@ class Downstream:
         )
         return stats.generation
 
-    async def search(self, request: search_pb2.SearchRequest, deadline: float | None) -> search_pb2.SearchResponse:
-        return await _call(SEARCH, self.index.Search, request, _timeout(self.settings.search_timeout_s, deadline))
+    async def search_query(self, request: search_pb2.SearchRequest, deadline: float | None) -> QueryHits:
+        """The answer to a search of one query vector (in one Search call with the other searches of
+        the moment that ask the same collection, k, filter and min_score)."""
+        _timeout(self.settings.search_timeout_s, deadline)  # no time left: fail before queueing
+        shared = search_pb2.SearchRequest()
+        shared.CopyFrom(request)
+        shared.ClearField("queries")
+        return await self.query_searches.submit(
+            shared.SerializeToString(deterministic=True), request, deadline, weight=request.k
+        )
+
+    async def _search_queries(
+        self, _key: Hashable, requests: list[search_pb2.SearchRequest], timeout_s: float | None
+    ) -> list[QueryHits | ServiceError]:
+        request = requests[0]
+        if len(requests) > 1:
+            request = search_pb2.SearchRequest()
+            request.CopyFrom(requests[0])
+            for other in requests[1:]:
+                request.queries.extend(other.queries)
+        try:
+            response = await _call(
+                SEARCH, self.index.Search, request, _within(self.settings.search_timeout_s, timeout_s)
+            )
+        except Refused:
+            if len(requests) == 1:
+                raise
+            return await _one_by_one(self._search_queries, _key, requests, timeout_s)
+        if len(response.results) != len(request.queries):
+            raise ServiceError(
+                grpc.StatusCode.INTERNAL,
+                f"search answered {len(response.results)} results for {len(request.queries)} queries",
+            )
+        return [QueryHits(result.hits, response.generation) for result in response.results]
 
     async def stored_items(
         self, ids: Iterable[str], collection: str, deadline: float | None
@@ -171,6 +243,29 @@ class Downstream:
         return await _call(
             SEARCH, self.index.DropCollection, request, _timeout(self.settings.write_timeout_s, deadline)
         )
+
+
+def _within(default_s: float, timeout_s: float | None) -> float:
+    if timeout_s is None:
+        return default_s
+    if timeout_s <= 0:
+        raise ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before the call downstream")
+    return min(default_s, timeout_s)
+
+
+async def _one_by_one(
+    send: Callable[[Hashable, list, float | None], Awaitable[Sequence]], key: Hashable, items: list,
+    timeout_s: float | None,
+) -> list:
+    """A shared call was refused as a whole: each item alone, so that only the culprit fails (rare:
+    what one search sends is checked before it is queued)."""
+    outcomes: list = []
+    for item in items:
+        try:
+            outcomes.extend(await send(key, [item], timeout_s))
+        except ServiceError as error:
+            outcomes.append(error)
+    return outcomes
 
 
 def _timeout(default_s: float, deadline: float | None) -> float:

@@ -14,6 +14,7 @@ import numpy as np
 
 from gateway.cache import embedding_cache_key, item_query_key, result_cache_key
 from gateway.settings import GatewaySettings
+from service_kit.float_vectors import float_message
 from service_kit.status import invalid_argument
 from vsearch.v1 import embedder_pb2, gateway_pb2, search_pb2
 
@@ -109,7 +110,7 @@ class SearchQuery:
 
     def index_request(self, vector: np.ndarray) -> search_pb2.SearchRequest:
         request = search_pb2.SearchRequest(
-            queries=[search_pb2.Vector(values=vector.tolist())], k=self.k, filter=self.request.filter,
+            queries=[float_message(search_pb2.Vector, vector)], k=self.k, filter=self.request.filter,
             collection=self.request.collection,
         )
         if self.min_score is not None:

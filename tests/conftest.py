@@ -542,10 +542,12 @@ def _listens_on(pid: int, service: str, port: int) -> bool:
 
 
 @contextlib.contextmanager
-def vsearch_up(data_dir: Path, *args: str) -> Iterator[VsearchUp]:
-    """`vsearch up --data-dir DATA_DIR ARGS` on free ports, until every service is SERVING; stopped
-    with SIGTERM afterwards unless a test already stopped it."""
-    grpc_port, http_port = free_port(), free_port()
+def vsearch_up(data_dir: Path, *args: str, ports: tuple[int, int] | None = None) -> Iterator[VsearchUp]:
+    """`vsearch up --data-dir DATA_DIR ARGS` until every service is SERVING; stopped with SIGTERM
+    afterwards unless a test already stopped it. `ports`: the first gateway's gRPC and HTTP ports;
+    by default `vsearch up` picks free ones itself (port 0: with `--replicas` it needs consecutive
+    ones), read back from its banner."""
+    grpc_port, http_port = ports or (0, 0)
     process = subprocess.Popen(
         [*VSEARCH, "up", "--data-dir", str(data_dir), "--grpc-port", str(grpc_port), "--http-port", str(http_port),
          *args],
@@ -556,6 +558,10 @@ def vsearch_up(data_dir: Path, *args: str) -> Iterator[VsearchUp]:
     if not banner.startswith("vsearch up: gateway"):
         process.terminate()
         pytest.fail(f"vsearch up failed: {banner}{process.stdout.read()}")
+    if ports is None:
+        found = re.match(r"vsearch up: gateway grpc 127\.0\.0\.1:(\d+) http http://127\.0\.0\.1:(\d+) ", banner)
+        assert found is not None, banner
+        grpc_port, http_port = int(found.group(1)), int(found.group(2))
     try:
         yield VsearchUp(process, banner, data_dir, grpc_port, http_port)
     finally:

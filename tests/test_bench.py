@@ -92,9 +92,26 @@ def test_search_figures(report):
             assert level["from_cache"] == 0 and level["embedding_from_cache"] == 0
         else:
             assert level["from_cache"] == level["ok"]
+        if cache == "miss":  # CPU per process, also per request; the bound measured around the level
+            assert set(level["cpu_by_process"]) >= {"gateway", "embedder", "search", "bench_client"}
+            assert all(usage["cpu_ms_per_request"] >= 0 for usage in level["cpu_by_process"].values())
+            assert len(level["bound_images_per_s_runs"]) == 2 and level["bound_images_per_s"] > 0
+    bound = search["bound"]
+    assert bound["images_per_s"] > 0 and len(bound["images_per_s_runs"]) == 2 * len(CONCURRENCY)
+    assert bound["images_per_s"] < min(bound["decode_alone"]["images_per_s"], bound["model_alone"]["images_per_s"])
     targets = search["targets"]
     assert [entry["concurrency"] for entry in targets["hit_p50_over_miss_p50"]] == list(CONCURRENCY)
     assert all(entry["value"] > 0 for entry in targets["miss_p50_over_floor"])
+    # Throughput against the decode+model bound, per miss level; the target is about concurrency 32.
+    throughput = targets["miss_rps_over_bound"]
+    assert [entry["concurrency"] for entry in throughput] == list(CONCURRENCY)
+    for entry in throughput:
+        level = levels[("miss", entry["concurrency"])]
+        assert entry["value"] == round(level["throughput_rps"] / level["bound_images_per_s"], 3)
+        assert entry["applies"] is (entry["concurrency"] == 32) and isinstance(entry["meets"], bool)
+        assert set(entry["cpu_cores"]) >= {"gateway", "embedder", "search"}
+    latency = {entry["concurrency"]: entry for entry in targets["miss_p50_over_floor"]}
+    assert latency[1]["applies"] and latency[1]["target"] == 1.5
 
 
 def test_ann_figures(report):

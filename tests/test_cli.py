@@ -12,11 +12,14 @@ import pytest
 import redis
 
 from conftest import children_of, run_cli, vsearch_up
+from vsearch_cli.local_stack.ports import free_port
 
 
 @pytest.fixture(scope="module")
 def running_stack(tmp_path_factory, ukbench_images):
-    with vsearch_up(tmp_path_factory.mktemp("up"), "--image-root", str(ukbench_images[0].parent)) as stack:
+    # Ports of our choosing, so that the banner is checked against them.
+    with vsearch_up(tmp_path_factory.mktemp("up"), "--image-root", str(ukbench_images[0].parent),
+                    ports=(free_port(), free_port())) as stack:
         yield stack
 
 

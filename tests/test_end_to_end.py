@@ -116,6 +116,28 @@ async def test_filters_are_honoured(stack, ukbench_images):
         assert hit.metadata["category"] == "object-3" and hit.metadata["price"] < 14
 
 
+async def test_concurrent_searches_share_downstream_calls_and_each_gets_its_own_answer(stack, ukbench_images):
+    """Searches arriving while one is being embedded go to the embedder in one call, and those with the
+    same collection, k and filter to search_svc in one call: each still gets exactly its own hits."""
+    queries = []
+    for i, path in enumerate(ukbench_images[:12]):
+        width, height = Image.open(path).size
+        search_filter = search_pb2.Filter(conditions=[condition("price", search_pb2.LT, 40.0)]) if i % 3 else None
+        queries.append((path.read_bytes(), search_filter, embedder_pb2.CropBox(x=0, y=0, width=width, height=height)))
+    # One at a time, uncropped: the whole image, as the full-size crop below (other cache keys).
+    alone = [await stack.search(data, k=5, filter=search_filter) for data, search_filter, _crop in queries]
+    embedder_registry = stack.embedder_server.metrics.registry
+    embed_calls = {"service": "embedder", "method": "EmbedImages", "code": "OK"}
+    calls_before = metric_value(embedder_registry, "vsearch_grpc_requests_total", embed_calls)
+    together = await asyncio.gather(*(
+        stack.search(data, k=5, filter=search_filter, crop=crop) for data, search_filter, crop in queries))
+    calls = metric_value(embedder_registry, "vsearch_grpc_requests_total", embed_calls) - calls_before
+    assert not any(reply.from_cache or reply.embedding_from_cache for reply in together)
+    assert [[(hit.id, hit.score) for hit in reply.hits] for reply in together] == [
+        [(hit.id, hit.score) for hit in reply.hits] for reply in alone]
+    assert 1 < calls < len(queries)
+
+
 async def test_filter_values_with_quotes_match_literally(stack, ukbench_images):
     tricky = 'shoes" or category != "'
     summary = await add_images(stack.stub, [("tricky-item", ukbench_images[1].read_bytes(), {"category": tricky})])
