@@ -62,22 +62,62 @@ class EmbedImagesResponse(_message.Message):
     model_version: str
     def __init__(self, results: _Optional[_Iterable[_Union[EmbedResult, _Mapping]]] = ..., model_version: _Optional[str] = ...) -> None: ...
 
+class EmbedTextsRequest(_message.Message):
+    __slots__ = ("texts",)
+    TEXTS_FIELD_NUMBER: _ClassVar[int]
+    texts: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, texts: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class EmbedTextResult(_message.Message):
+    __slots__ = ("embedding", "error", "understood_as")
+    EMBEDDING_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    UNDERSTOOD_AS_FIELD_NUMBER: _ClassVar[int]
+    embedding: Embedding
+    error: ItemError
+    understood_as: str
+    def __init__(self, embedding: _Optional[_Union[Embedding, _Mapping]] = ..., error: _Optional[_Union[ItemError, _Mapping]] = ..., understood_as: _Optional[str] = ...) -> None: ...
+
+class EmbedTextsResponse(_message.Message):
+    __slots__ = ("results", "model_version")
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[EmbedTextResult]
+    model_version: str
+    def __init__(self, results: _Optional[_Iterable[_Union[EmbedTextResult, _Mapping]]] = ..., model_version: _Optional[str] = ...) -> None: ...
+
+class Calibration(_message.Message):
+    __slots__ = ("score_knots", "probability_knots", "rank_scale", "description")
+    SCORE_KNOTS_FIELD_NUMBER: _ClassVar[int]
+    PROBABILITY_KNOTS_FIELD_NUMBER: _ClassVar[int]
+    RANK_SCALE_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    score_knots: _containers.RepeatedScalarFieldContainer[float]
+    probability_knots: _containers.RepeatedScalarFieldContainer[float]
+    rank_scale: float
+    description: str
+    def __init__(self, score_knots: _Optional[_Iterable[float]] = ..., probability_knots: _Optional[_Iterable[float]] = ..., rank_scale: _Optional[float] = ..., description: _Optional[str] = ...) -> None: ...
+
 class InfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model_name", "model_version", "dimension", "preprocessing", "backend", "max_batch_size")
+    __slots__ = ("model_name", "model_version", "dimension", "preprocessing", "backend", "max_batch_size", "text_search", "calibration")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     DIMENSION_FIELD_NUMBER: _ClassVar[int]
     PREPROCESSING_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    TEXT_SEARCH_FIELD_NUMBER: _ClassVar[int]
+    CALIBRATION_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     model_version: str
     dimension: int
     preprocessing: str
     backend: str
     max_batch_size: int
-    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., dimension: _Optional[int] = ..., preprocessing: _Optional[str] = ..., backend: _Optional[str] = ..., max_batch_size: _Optional[int] = ...) -> None: ...
+    text_search: str
+    calibration: Calibration
+    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., dimension: _Optional[int] = ..., preprocessing: _Optional[str] = ..., backend: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., text_search: _Optional[str] = ..., calibration: _Optional[_Union[Calibration, _Mapping]] = ...) -> None: ...

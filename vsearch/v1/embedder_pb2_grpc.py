@@ -40,6 +40,11 @@ class EmbedderStub:
                 request_serializer=vsearch_dot_v1_dot_embedder__pb2.EmbedImagesRequest.SerializeToString,
                 response_deserializer=vsearch_dot_v1_dot_embedder__pb2.EmbedImagesResponse.FromString,
                 _registered_method=True)
+        self.EmbedTexts = channel.unary_unary(
+                '/vsearch.v1.Embedder/EmbedTexts',
+                request_serializer=vsearch_dot_v1_dot_embedder__pb2.EmbedTextsRequest.SerializeToString,
+                response_deserializer=vsearch_dot_v1_dot_embedder__pb2.EmbedTextsResponse.FromString,
+                _registered_method=True)
         self.Info = channel.unary_unary(
                 '/vsearch.v1.Embedder/Info',
                 request_serializer=vsearch_dot_v1_dot_embedder__pb2.InfoRequest.SerializeToString,
@@ -59,6 +64,14 @@ class EmbedderServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def EmbedTexts(self, request, context):
+        """Text into the image embedding space, when the model supports it (`InfoResponse.text_search`): one
+        result per text, in order; a text that matches nothing the model knows fails alone, naming why.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Info(self, request, context):
         """What model serves, and how it preprocesses.
         """
@@ -73,6 +86,11 @@ def add_EmbedderServicer_to_server(servicer, server):
                     servicer.EmbedImages,
                     request_deserializer=vsearch_dot_v1_dot_embedder__pb2.EmbedImagesRequest.FromString,
                     response_serializer=vsearch_dot_v1_dot_embedder__pb2.EmbedImagesResponse.SerializeToString,
+            ),
+            'EmbedTexts': grpc.unary_unary_rpc_method_handler(
+                    servicer.EmbedTexts,
+                    request_deserializer=vsearch_dot_v1_dot_embedder__pb2.EmbedTextsRequest.FromString,
+                    response_serializer=vsearch_dot_v1_dot_embedder__pb2.EmbedTextsResponse.SerializeToString,
             ),
             'Info': grpc.unary_unary_rpc_method_handler(
                     servicer.Info,
@@ -108,6 +126,33 @@ class Embedder:
             '/vsearch.v1.Embedder/EmbedImages',
             vsearch_dot_v1_dot_embedder__pb2.EmbedImagesRequest.SerializeToString,
             vsearch_dot_v1_dot_embedder__pb2.EmbedImagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EmbedTexts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vsearch.v1.Embedder/EmbedTexts',
+            vsearch_dot_v1_dot_embedder__pb2.EmbedTextsRequest.SerializeToString,
+            vsearch_dot_v1_dot_embedder__pb2.EmbedTextsResponse.FromString,
             options,
             channel_credentials,
             insecure,

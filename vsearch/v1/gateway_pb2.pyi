@@ -10,34 +10,40 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class VisualSearchRequest(_message.Message):
-    __slots__ = ("image", "item_id", "crop", "k", "filter", "min_score", "collection")
+    __slots__ = ("image", "item_id", "text", "crop", "k", "filter", "min_score", "collection", "min_probability")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
     CROP_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     FILTER_FIELD_NUMBER: _ClassVar[int]
     MIN_SCORE_FIELD_NUMBER: _ClassVar[int]
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    MIN_PROBABILITY_FIELD_NUMBER: _ClassVar[int]
     image: bytes
     item_id: str
+    text: str
     crop: _embedder_pb2.CropBox
     k: int
     filter: _search_pb2.Filter
     min_score: float
     collection: str
-    def __init__(self, image: _Optional[bytes] = ..., item_id: _Optional[str] = ..., crop: _Optional[_Union[_embedder_pb2.CropBox, _Mapping]] = ..., k: _Optional[int] = ..., filter: _Optional[_Union[_search_pb2.Filter, _Mapping]] = ..., min_score: _Optional[float] = ..., collection: _Optional[str] = ...) -> None: ...
+    min_probability: float
+    def __init__(self, image: _Optional[bytes] = ..., item_id: _Optional[str] = ..., text: _Optional[str] = ..., crop: _Optional[_Union[_embedder_pb2.CropBox, _Mapping]] = ..., k: _Optional[int] = ..., filter: _Optional[_Union[_search_pb2.Filter, _Mapping]] = ..., min_score: _Optional[float] = ..., collection: _Optional[str] = ..., min_probability: _Optional[float] = ...) -> None: ...
 
 class SearchHit(_message.Message):
-    __slots__ = ("id", "score", "image_uri", "metadata")
+    __slots__ = ("id", "score", "image_uri", "metadata", "match_probability")
     ID_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     IMAGE_URI_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
+    MATCH_PROBABILITY_FIELD_NUMBER: _ClassVar[int]
     id: str
     score: float
     image_uri: str
     metadata: _struct_pb2.Struct
-    def __init__(self, id: _Optional[str] = ..., score: _Optional[float] = ..., image_uri: _Optional[str] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+    match_probability: float
+    def __init__(self, id: _Optional[str] = ..., score: _Optional[float] = ..., image_uri: _Optional[str] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., match_probability: _Optional[float] = ...) -> None: ...
 
 class Timing(_message.Message):
     __slots__ = ("embed_ms", "search_ms", "total_ms")
@@ -50,20 +56,26 @@ class Timing(_message.Message):
     def __init__(self, embed_ms: _Optional[float] = ..., search_ms: _Optional[float] = ..., total_ms: _Optional[float] = ...) -> None: ...
 
 class VisualSearchResponse(_message.Message):
-    __slots__ = ("hits", "from_cache", "embedding_from_cache", "timing", "index_generation", "model_version")
+    __slots__ = ("hits", "from_cache", "embedding_from_cache", "timing", "index_generation", "model_version", "no_good_match", "no_match_reason", "understood_as")
     HITS_FIELD_NUMBER: _ClassVar[int]
     FROM_CACHE_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_FROM_CACHE_FIELD_NUMBER: _ClassVar[int]
     TIMING_FIELD_NUMBER: _ClassVar[int]
     INDEX_GENERATION_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    NO_GOOD_MATCH_FIELD_NUMBER: _ClassVar[int]
+    NO_MATCH_REASON_FIELD_NUMBER: _ClassVar[int]
+    UNDERSTOOD_AS_FIELD_NUMBER: _ClassVar[int]
     hits: _containers.RepeatedCompositeFieldContainer[SearchHit]
     from_cache: bool
     embedding_from_cache: bool
     timing: Timing
     index_generation: int
     model_version: str
-    def __init__(self, hits: _Optional[_Iterable[_Union[SearchHit, _Mapping]]] = ..., from_cache: _Optional[bool] = ..., embedding_from_cache: _Optional[bool] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., index_generation: _Optional[int] = ..., model_version: _Optional[str] = ...) -> None: ...
+    no_good_match: bool
+    no_match_reason: str
+    understood_as: str
+    def __init__(self, hits: _Optional[_Iterable[_Union[SearchHit, _Mapping]]] = ..., from_cache: _Optional[bool] = ..., embedding_from_cache: _Optional[bool] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., index_generation: _Optional[int] = ..., model_version: _Optional[str] = ..., no_good_match: _Optional[bool] = ..., no_match_reason: _Optional[str] = ..., understood_as: _Optional[str] = ...) -> None: ...
 
 class AddImageRequest(_message.Message):
     __slots__ = ("id", "image", "metadata", "image_uri", "collection")
@@ -130,7 +142,7 @@ class VisualStatsRequest(_message.Message):
     def __init__(self, collection: _Optional[str] = ...) -> None: ...
 
 class VisualStatsResponse(_message.Message):
-    __slots__ = ("count", "index_type", "metric", "index_generation", "dimension", "model_name", "model_version", "filterable_fields")
+    __slots__ = ("count", "index_type", "metric", "index_generation", "dimension", "model_name", "model_version", "filterable_fields", "text_search", "calibrated")
     COUNT_FIELD_NUMBER: _ClassVar[int]
     INDEX_TYPE_FIELD_NUMBER: _ClassVar[int]
     METRIC_FIELD_NUMBER: _ClassVar[int]
@@ -139,6 +151,8 @@ class VisualStatsResponse(_message.Message):
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     FILTERABLE_FIELDS_FIELD_NUMBER: _ClassVar[int]
+    TEXT_SEARCH_FIELD_NUMBER: _ClassVar[int]
+    CALIBRATED_FIELD_NUMBER: _ClassVar[int]
     count: int
     index_type: str
     metric: str
@@ -147,4 +161,6 @@ class VisualStatsResponse(_message.Message):
     model_name: str
     model_version: str
     filterable_fields: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, count: _Optional[int] = ..., index_type: _Optional[str] = ..., metric: _Optional[str] = ..., index_generation: _Optional[int] = ..., dimension: _Optional[int] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., filterable_fields: _Optional[_Iterable[str]] = ...) -> None: ...
+    text_search: str
+    calibrated: bool
+    def __init__(self, count: _Optional[int] = ..., index_type: _Optional[str] = ..., metric: _Optional[str] = ..., index_generation: _Optional[int] = ..., dimension: _Optional[int] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., filterable_fields: _Optional[_Iterable[str]] = ..., text_search: _Optional[str] = ..., calibrated: _Optional[bool] = ...) -> None: ...
