@@ -77,7 +77,8 @@ class Preprocessing(_Frozen):
 class OutputSpec(_Frozen):
     name: str
     dimension: int = Field(gt=0)
-    pooling: Literal["avg", "gem"]
+    # "none": the feature tensor is already a pooled [N, D] vector (e.g. EfficientNet-Lite2's "embedding").
+    pooling: Literal["avg", "gem", "none"]
     gem_p: float | None = None
     # False: the service normalises the vectors itself.
     l2_normalized: bool
@@ -133,6 +134,167 @@ class PcaReduction(_Frozen):
         return self
 
 
+class TextTokenizer(_Frozen):
+    """How text becomes token ids (with the `tokenizers` package): `wordpiece` reads a BERT-style
+    vocab.txt (one token per line, id = line number - 1); `tokenizer_json` a Hugging Face tokenizer.json
+    (CLIP's byte-level BPE and any other). `file` is relative to the model directory."""
+
+    kind: Literal["wordpiece", "tokenizer_json"]
+    file: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    # wordpiece only (a tokenizer.json carries its own normalisation).
+    lowercase: bool = True
+    # Longer texts are cut to this many tokens (special tokens included).
+    max_length: int = Field(gt=1)
+    # Pad every text to max_length (exports with a fixed sequence length, e.g. CLIP's 77), not just to
+    # the longest of its batch.
+    pad_to_max_length: bool = False
+    pad_id: int = Field(0, ge=0)
+
+
+class TextEncoderSpec(_Frozen):
+    """An ONNX text encoder: `input_ids` (and `attention_mask`, `token_type_ids` when it takes them),
+    int64 [N, L], in; `output` out, pooled by `pooling` ("mean" over the attention mask or "cls" for
+    [N, L, E]; "none" when it is already [N, E]). `file` is relative to the model directory, or to the
+    installed distribution `package` (a runtime dependency that ships the weights)."""
+
+    file: str
+    package: str | None = None
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    output: str
+    pooling: Literal["mean", "cls", "none"]
+    dimension: int = Field(gt=0)
+
+
+class ClassifierText(_Frozen):
+    """Text search through a classifier's classes (`TextSearch.kind` "classifier"): the text's sentence
+    embedding is compared with the class names' (cosine); below `min_similarity` nothing matches; else
+    the `top_k` classes, weighted by softmax(similarity / temperature), give the query vector as the
+    weighted sum of their rows of `file` (the classifier's weight rows, centred, in the image space)."""
+
+    # .npz: class_names [K] str, class_embeddings [K, E] float32 (unit rows), query_rows [K, D] float32.
+    file: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    classes: int = Field(gt=1)
+    # Where the class names came from, for people ("imagenet-simple-labels.json sha256 ...").
+    label_set: str
+    temperature: float = Field(gt=0)
+    top_k: int = Field(ge=1)
+    min_similarity: float = Field(ge=-1, le=1)
+    # How min_similarity was chosen, and what it gave, for people.
+    threshold_rule: str = ""
+
+
+class TextProjection(_Frozen):
+    """A linear map applied last to every text query vector: `file` (.npz, `matrix` [D, source_dimension]
+    float32) maps a query made for the source model's space into this model's (written by `vsearch model
+    pca`: the components, scaled by the square root of their variance when whitened)."""
+
+    file: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    source_dimension: int = Field(gt=0)
+
+
+class TextSearch(_Frozen):
+    """Search by words (absent: the model cannot). "dual_encoder": `encoder` puts text straight into the
+    image space (CLIP-style); "classifier": `encoder` is a sentence encoder and `classifier` maps its
+    vectors to the image space through the classifier's classes. Its files live beside the model; the
+    embedder checks their sha256 and, when anything is off, serves images and refuses words, saying why."""
+
+    kind: Literal["dual_encoder", "classifier"]
+    # Of the query vectors made: the model's output dimension.
+    dimension: int = Field(gt=0)
+    tokenizer: TextTokenizer
+    encoder: TextEncoderSpec
+    classifier: ClassifierText | None = None
+    projection: TextProjection | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> TextSearch:
+        if (self.kind == "classifier") != (self.classifier is not None):
+            raise ValueError("a classifier section is needed for, and only for, kind classifier")
+        if self.projection is not None:
+            before = self.projection.source_dimension
+        elif self.kind == "dual_encoder":
+            before = self.encoder.dimension
+        else:
+            before = self.dimension
+        if self.projection is None and before != self.dimension:
+            raise ValueError(f"text vectors have {before} dimensions but the text section says {self.dimension}")
+        return self
+
+
+class Adaptation(_Frozen):
+    """How `vsearch model adapt` fitted this model to a catalog's labels (absent on other models): the graph
+    ends in z = L2((x - mean) @ projection) after the source's unit vector x (a regularised LDA), then,
+    with 0 < blend < 1, L2([sqrt(1 - blend) x, sqrt(blend) z]), so that the cosine of two vectors is
+    (1 - blend) x their source cosine + blend x their projected one."""
+
+    method: Literal["lda_blend"] = "lda_blend"
+    source_name: str
+    source_version: str
+    source_model_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    source_dimension: int = Field(gt=0)
+    # Of the projected part z, and of the whole output.
+    projection_dimension: int = Field(gt=0)
+    dimension: int = Field(gt=0)
+    # Within-label scatter shrunk towards the identity by this share; the cosine's share given to z.
+    shrinkage: float = Field(gt=0, le=1)
+    blend: float = Field(gt=0, le=1)
+    labels_file: str
+    labels_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    # The labels fitted on.
+    classes: list[str]
+    fit_images: int = Field(gt=1)
+    # The fit rows and the held-out rows, in words.
+    fit_set: str
+    # The fit's figures: the internal validation's and the guard's (before/after), mAP@100 and the like.
+    metrics: dict[str, float]
+    # sha256 over the float32 mean and projection the graph holds.
+    projection_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+    @model_validator(mode="after")
+    def _check(self) -> Adaptation:
+        expected = self.projection_dimension + (self.source_dimension if self.blend < 1 else 0)
+        if self.dimension != expected:
+            raise ValueError(f"an adaptation with blend {self.blend} of a {self.source_dimension}-d source and a "
+                             f"{self.projection_dimension}-d projection gives {expected}-d vectors, not {self.dimension}")
+        return self
+
+
+class Calibration(_Frozen):
+    """The probability that a hit is relevant (has the query's label) given its cosine score and rank r
+    (1-based): piecewise-linear through the knots at score - rank_scale * ln(r), constant beyond the
+    ends (InfoResponse.calibration). Written by `vsearch model calibrate` or `vsearch model adapt`."""
+
+    method: Literal["isotonic"] = "isotonic"
+    score_knots: list[float] = Field(min_length=1)
+    probability_knots: list[float] = Field(min_length=1)
+    rank_scale: float = Field(0.0, ge=0)
+    # How it was fitted and on what, for people (InfoResponse.calibration.description).
+    description: str
+    # The version of the vectors it was fitted on (the card's version before the calibration was added).
+    uncalibrated_version: str
+    labels_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    pairs: int = Field(gt=0)
+    # Neighbours per query in the fit.
+    k: int = Field(gt=0)
+    # Expected calibration error (10 bins) on images the fit did not see.
+    held_out_ece: float | None = Field(None, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> Calibration:
+        if len(self.score_knots) != len(self.probability_knots):
+            raise ValueError(f"{len(self.score_knots)} score knots but {len(self.probability_knots)} probabilities")
+        if any(later <= earlier for earlier, later in zip(self.score_knots, self.score_knots[1:])):
+            raise ValueError("score knots must increase strictly")
+        if any(not 0.0 <= value <= 1.0 for value in self.probability_knots):
+            raise ValueError("probabilities must be within [0, 1]")
+        if any(later < earlier for earlier, later in zip(self.probability_knots, self.probability_knots[1:])):
+            raise ValueError("probabilities must not decrease as the score grows")
+        return self
+
+
 class ModelCard(_Frozen):
     schema_version: Literal[1] = 1
     name: str
@@ -147,6 +309,12 @@ class ModelCard(_Frozen):
     quantization: Quantization | None = None
     # Set on models written by `vsearch model pca`.
     pca: PcaReduction | None = None
+    # Set on models that can search by words (see TextSearch).
+    text: TextSearch | None = None
+    # Set on models written by `vsearch model adapt`.
+    adaptation: Adaptation | None = None
+    # Set on models whose scores are calibrated (`vsearch model calibrate`, `vsearch model adapt`).
+    calibration: Calibration | None = None
 
     @model_validator(mode="after")
     def _check(self) -> ModelCard:
@@ -159,6 +327,10 @@ class ModelCard(_Frozen):
             raise ValueError("gem pooling needs a positive gem_p")
         if self.pca is not None and self.pca.dimension != self.output.dimension:
             raise ValueError(f"the PCA keeps {self.pca.dimension} dimensions but the output has {self.output.dimension}")
+        # (A PCA applied after the adaptation changes the output's dimension: its record says so.)
+        if self.adaptation is not None and self.pca is None and self.adaptation.dimension != self.output.dimension:
+            raise ValueError(f"the adaptation gives {self.adaptation.dimension}-d vectors but the output has "
+                             f"{self.output.dimension}")
         return self
 
     def preprocessing_summary(self) -> str:
@@ -194,9 +366,25 @@ class ModelCard(_Frozen):
         defining = {"source_version": source_version, "pca": pca.model_dump(mode="json", exclude={"fit_set"})}
         return hashlib.sha256(json.dumps(defining, sort_keys=True).encode()).hexdigest()[:12]
 
+    @staticmethod
+    def derive_adapted_version(source_version: str, adaptation: Adaptation) -> str:
+        """An adapted model's version: the source model's and the adaptation (its projection included)."""
+        defining = {"source_version": source_version,
+                    "adaptation": adaptation.model_dump(mode="json", exclude={"fit_set", "metrics"})}
+        return hashlib.sha256(json.dumps(defining, sort_keys=True).encode()).hexdigest()[:12]
+
+    @staticmethod
+    def derive_calibrated_version(uncalibrated_version: str, calibration: Calibration) -> str:
+        """A calibrated model's version: its vectors' and the calibration (responses change with it, and
+        cached results are keyed by the version)."""
+        defining = {"uncalibrated_version": uncalibrated_version,
+                    "calibration": calibration.model_dump(mode="json", include={"score_knots", "probability_knots", "rank_scale"})}
+        return hashlib.sha256(json.dumps(defining, sort_keys=True).encode()).hexdigest()[:12]
+
     def to_json(self) -> str:
         # Cards without these keep the form they always had (no "quantization": null, "pca": null).
-        exclude = {name for name in ("quantization", "pca") if getattr(self, name) is None}
+        exclude = {name for name in ("quantization", "pca", "text", "adaptation", "calibration")
+                   if getattr(self, name) is None}
         return self.model_dump_json(indent=2, exclude=exclude or None) + "\n"
 
 

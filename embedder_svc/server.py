@@ -14,6 +14,7 @@ from embedder_svc.image_decoding import ImageDecoder
 from embedder_svc.metrics import EmbedderMetrics
 from embedder_svc.model_card import ModelCard
 from embedder_svc.servicer import SERVICE_NAME, EmbedderServicer
+from embedder_svc.text_search import TextSearchService
 from embedder_svc.settings import EmbedderSettings
 from service_kit.server import ManagedServer
 from vsearch.v1 import embedder_pb2_grpc
@@ -42,16 +43,20 @@ async def create_server(settings: EmbedderSettings) -> tuple[ManagedServer, int]
         metrics=metrics,
     )
     monitor = BackendHealthMonitor(server, engine)
-    servicer = EmbedderServicer(engine, settings.backend, settings.max_images_per_request, metrics, monitor)
+    # Search by words, when the model card has a text section: loaded after the model, never failing it.
+    text = TextSearchService(settings.model_dir, lambda: engine.model.card)
+    servicer = EmbedderServicer(engine, settings.backend, settings.max_images_per_request, metrics, monitor, text)
     embedder_pb2_grpc.add_EmbedderServicer_to_server(servicer, server.grpc_server)
 
     async def shut_down_decoding() -> None:
         await asyncio.to_thread(decode_executor.shutdown, True, cancel_futures=True)
 
     server.on_startup(engine.load)
+    server.on_startup(text.load)
     server.on_startup(monitor.start)
     # Shutdown hooks run in reverse: the health monitor, the engine (batcher, backend), then decoding.
     server.on_shutdown(shut_down_decoding)
     server.on_shutdown(engine.close)
+    server.on_shutdown(text.close)
     server.on_shutdown(monitor.stop)
     return server, server.port

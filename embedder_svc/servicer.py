@@ -12,6 +12,7 @@ from embedder_svc.engine import EmbeddingEngine, ModelNotLoaded
 from embedder_svc.image_decoding import CropBox, ImageRejected
 from embedder_svc.metrics import EmbedderMetrics
 from embedder_svc.model_card import ModelCard
+from embedder_svc.text_search import MAX_TEXT_CHARS, TextSearchService, TextSearchUnavailable, normalise_text
 from service_kit.float_vectors import float_message
 from service_kit.status import ServiceError, invalid_argument
 from vsearch.v1 import embedder_pb2, embedder_pb2_grpc
@@ -27,9 +28,10 @@ def _rpc_code(code: grpc.StatusCode) -> int:
 class EmbedderServicer(embedder_pb2_grpc.EmbedderServicer):
     def __init__(
         self, engine: EmbeddingEngine, backend_name: str, max_images_per_request: int, metrics: EmbedderMetrics,
-        monitor: BackendHealthMonitor | None = None,
+        monitor: BackendHealthMonitor | None = None, text: TextSearchService | None = None,
     ) -> None:
         self._engine = engine
+        self._text = text
         self._backend_name = backend_name
         self._max_images = max_images_per_request
         self._metrics = metrics
@@ -86,6 +88,51 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServicer):
         self._metrics.images_failed.labels(code.name).inc()
         return embedder_pb2.EmbedResult(error=embedder_pb2.ItemError(code=_rpc_code(code), message=message))
 
+    async def EmbedTexts(
+        self, request: embedder_pb2.EmbedTextsRequest, context: grpc.aio.ServicerContext
+    ) -> embedder_pb2.EmbedTextsResponse:
+        """Per text: its query vector, or an item error: INVALID_ARGUMENT (empty, too long), NOT_FOUND (it
+        matches nothing the model knows: the message says why). FAILED_PRECONDITION for the whole call
+        when the model cannot search by words."""
+        card = self._loaded_card()
+        count = len(request.texts)
+        if count == 0:
+            raise invalid_argument("no texts in the request; send at least one")
+        if count > self._max_images:
+            raise invalid_argument(f"{count} texts in one request, over the limit of {self._max_images}")
+        if self._text is None or self._text.searcher is None:
+            reason = self._text.unavailable if self._text is not None else "text search is not wired in"
+            raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, f"model {card.name} cannot search by words ({reason})")
+        results: list[embedder_pb2.EmbedTextResult | None] = [None] * count
+        valid: list[tuple[int, str]] = []
+        for index, raw in enumerate(request.texts):
+            text = normalise_text(raw)
+            if not text:
+                problem = "is empty"
+            elif len(text) > MAX_TEXT_CHARS:
+                problem = f"is {len(text)} characters; the limit is {MAX_TEXT_CHARS}"
+            else:
+                valid.append((index, text))
+                continue
+            results[index] = embedder_pb2.EmbedTextResult(error=embedder_pb2.ItemError(
+                code=_rpc_code(grpc.StatusCode.INVALID_ARGUMENT), message=f"text {index} {problem}"))
+        if valid:
+            try:
+                queries = await self._text.embed([text for _, text in valid])
+            except TextSearchUnavailable as error:
+                raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, f"model {card.name} cannot search by words ({error})") from None
+            for (index, _text), query in zip(valid, queries, strict=True):
+                if query.vector is None:
+                    results[index] = embedder_pb2.EmbedTextResult(
+                        error=embedder_pb2.ItemError(code=_rpc_code(grpc.StatusCode.NOT_FOUND), message=query.no_match),
+                        understood_as=query.understood_as,
+                    )
+                else:
+                    results[index] = embedder_pb2.EmbedTextResult(
+                        embedding=float_message(embedder_pb2.Embedding, query.vector), understood_as=query.understood_as
+                    )
+        return embedder_pb2.EmbedTextsResponse(results=results, model_version=card.version)
+
     async def Info(self, request: embedder_pb2.InfoRequest, context: grpc.aio.ServicerContext) -> embedder_pb2.InfoResponse:
         card = self._loaded_card()
         return embedder_pb2.InfoResponse(
@@ -95,4 +142,16 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServicer):
             preprocessing=card.preprocessing_summary(),
             backend=self._backend_name,
             max_batch_size=self._engine.max_batch_size,
+            text_search=self._text.kind if self._text is not None else "",
+            calibration=calibration_message(card),
         )
+
+
+def calibration_message(card: ModelCard) -> embedder_pb2.Calibration | None:
+    """The card's calibration as Info reports it; None (the field unset) for a model without one."""
+    if card.calibration is None:
+        return None
+    return embedder_pb2.Calibration(
+        score_knots=card.calibration.score_knots, probability_knots=card.calibration.probability_knots,
+        rank_scale=card.calibration.rank_scale, description=card.calibration.description,
+    )

@@ -17,9 +17,12 @@ import grpc
 import numpy as np
 
 from gateway.cache import CacheLookup, QueryCache
-from gateway.downstream import MESSAGE_HEADROOM_BYTES, Downstream, QueryHits, Refused, item_error
+from gateway.downstream import (
+    MESSAGE_HEADROOM_BYTES, Downstream, NoTextMatch, QueryHits, Refused, TextEmbedding, item_error,
+)
 from gateway.index_generation import IndexGenerationTracker, SharedGenerations
-from gateway.search_query import SearchQuery, id_problem
+from gateway.match_probability import MatchCalibration, annotate
+from gateway.search_query import SearchQuery, id_problem, pack_text_entry, unpack_text_entry
 from gateway.settings import GatewaySettings
 from service_kit.request_parsing import UnparsableMessage
 from service_kit.status import ServiceError, invalid_argument
@@ -38,6 +41,10 @@ class ModelInfo:
     version: str
     dimension: int
     max_batch_size: int
+    # InfoResponse.text_search: "" when the model cannot search by words.
+    text_search: str = ""
+    # InfoResponse.calibration: None when hits get no match_probability.
+    calibration: MatchCalibration | None = None
 
 
 @dataclass
@@ -55,7 +62,9 @@ class SearchLookups:
     generation_pending: asyncio.Future[int | None] | None
     # A cached embedding of the current model's dimension, if there was one.
     cached_embedding: np.ndarray | None
-    embedding: asyncio.Task[tuple[np.ndarray, str]] | None
+    embedding: asyncio.Task[tuple[np.ndarray, str]] | asyncio.Task[TextEmbedding] | None
+    # A text query's cached embedding: what the text was understood as.
+    cached_understood_as: str = ""
 
     async def current_generation(self) -> int | None:
         if self.generation_pending is not None:
@@ -70,6 +79,8 @@ class QueryVector:
     # The stored vector of an item_id query counts as cached: neither is computed for this search.
     from_cache: bool
     model_version: str
+    # A text query's: what the text was understood as (EmbedTextResult.understood_as).
+    understood_as: str = ""
 
 
 @dataclass
@@ -145,7 +156,8 @@ class VisualSearchCore:
         return self.model
 
     def _remember_model(self, info: embedder_pb2.InfoResponse) -> ModelInfo:
-        model = ModelInfo(info.model_name, info.model_version, info.dimension, info.max_batch_size)
+        model = ModelInfo(info.model_name, info.model_version, info.dimension, info.max_batch_size, info.text_search,
+                          MatchCalibration.from_info(info))
         if self.model is not None and self.model.version != model.version:
             logger.warning("embedder model changed from %s to %s", self.model.version, model.version)
         self.model = model
@@ -190,17 +202,27 @@ class VisualSearchCore:
         started = time.perf_counter()
         model = self._require_model()
         query = SearchQuery.parse(request, self.settings, model.version)
+        if query.by_text and not model.text_search:
+            model = await self._require_text_search(deadline)
+        if query.min_probability is not None and model.calibration is None:
+            model = await self._require_calibration(deadline)
 
         lookups_started = time.perf_counter()
         async with self._start_lookups(query, model, deadline) as lookups:
             cached = await self._cached_result(lookups)
             if cached is not None:
-                return _served_from_cache(cached, started)
-            vector = await self._query_vector(query, lookups, deadline)
+                return self._with_probabilities(_served_from_cache(cached, started), query)
+            try:
+                vector = await self._query_vector(query, lookups, deadline)
+            except NoTextMatch as no_match:
+                return await self._no_text_match(query, lookups, no_match, started)
         embed_ms = elapsed_ms(lookups_started)
         if vector.model_version != query.model_version:  # the embedder was redeployed with another model
-            self.model = ModelInfo(model.name, vector.model_version, vector.values.size, model.max_batch_size)
+            self.model = ModelInfo(model.name, vector.model_version, vector.values.size, model.max_batch_size,
+                                   model.text_search)
             query = query.by_model(vector.model_version)
+            # The new model's calibration: another model's never applies to these hits.
+            self._remember_model(await self.downstream.model_info(deadline))
 
         search_started = time.perf_counter()
         found = await self.downstream.search_query(query.index_request(vector.values), deadline)
@@ -216,7 +238,9 @@ class VisualSearchCore:
             generation = lookups.generation
         reported = found.generation if generation is None else generation
         response = search_response(found, query.model_version, reported)
+        response.understood_as = vector.understood_as
         self._store(query, vector, response, generation)
+        self._with_probabilities(response, query)
         response.embedding_from_cache = vector.from_cache
         response.timing.embed_ms = embed_ms
         response.timing.search_ms = search_ms
@@ -247,8 +271,14 @@ class VisualSearchCore:
             with span("cache lookup"):
                 found = await self.cache.lookup(query.embedding_key, query.result_key, generation_key)
             cached_embedding = found.embedding
+            cached_understood_as = ""
+            if cached_embedding is not None and query.by_text:
+                unpacked = unpack_text_entry(cached_embedding, model.dimension)
+                cached_embedding, cached_understood_as = unpacked if unpacked is not None else (None, "")
             if cached_embedding is not None and cached_embedding.size != model.dimension:
                 cached_embedding = None
+            if query.by_text and cached_embedding is None:
+                embedding = asyncio.create_task(self.downstream.embed_text(query.text, deadline))
             if query.by_image and cached_embedding is None:
                 # Without the embedding the result cannot be cached either (they are written together):
                 # start the embedder now rather than after the generation is known.
@@ -260,7 +290,7 @@ class VisualSearchCore:
                 # No counter yet (a new collection, or it was evicted or lost with a Redis restart):
                 # create it and read it before this search runs, beside the embedder call.
                 pending = asyncio.ensure_future(shared.read(collection))
-            yield SearchLookups(found, generation, pending, cached_embedding, embedding)
+            yield SearchLookups(found, generation, pending, cached_embedding, embedding, cached_understood_as)
         finally:
             if pending is not None:
                 abandon(pending)
@@ -273,12 +303,66 @@ class VisualSearchCore:
 
     async def _query_vector(self, query: SearchQuery, lookups: SearchLookups, deadline: float | None) -> QueryVector:
         if lookups.embedding is not None:
-            values, version = await lookups.embedding
+            made = await lookups.embedding
+            if isinstance(made, TextEmbedding):
+                return QueryVector(made.values, from_cache=False, model_version=made.model_version or query.model_version,
+                                   understood_as=made.understood_as)
+            values, version = made
             return QueryVector(values, from_cache=False, model_version=version or query.model_version)
         if lookups.cached_embedding is not None:
-            return QueryVector(lookups.cached_embedding, from_cache=True, model_version=query.model_version)
+            return QueryVector(lookups.cached_embedding, from_cache=True, model_version=query.model_version,
+                               understood_as=lookups.cached_understood_as)
         values = await self.downstream.stored_vector(query.request.collection, query.request.item_id, deadline)
         return QueryVector(values, from_cache=True, model_version=query.model_version)
+
+    async def _require_text_search(self, deadline: float | None) -> ModelInfo:
+        """The model, asked again (it may have been redeployed since we last heard): FAILED_PRECONDITION
+        when it still cannot search by words."""
+        model = self._remember_model(await self.downstream.model_info(deadline))
+        if not model.text_search:
+            raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, f"model {model.name} cannot search by words")
+        return model
+
+    async def _require_calibration(self, deadline: float | None) -> ModelInfo:
+        """The model, asked again (it may have been redeployed calibrated): FAILED_PRECONDITION when it still
+        has no calibration, which min_probability needs."""
+        model = self._remember_model(await self.downstream.model_info(deadline))
+        if model.calibration is None:
+            raise ServiceError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"model {model.name} ({model.version}) has no calibration, so hits have no match_probability to "
+                "filter by min_probability (calibrate it with `vsearch model calibrate`)",
+            )
+        return model
+
+    def _with_probabilities(
+        self, response: gateway_pb2.VisualSearchResponse, query: SearchQuery
+    ) -> gateway_pb2.VisualSearchResponse:
+        """The fields computed as a result is sent, fresh or cached: match_probability from the calibration
+        of the model that made the hits' vectors (none for text queries, whose scores are on another
+        scale), the min_probability filter, no_good_match."""
+        model = self.model
+        calibration = None
+        if model is not None and not query.by_text and model.version == response.model_version:
+            calibration = model.calibration
+        annotate(response, calibration, min_probability=query.min_probability,
+                 no_good_match_below=self.settings.no_good_match_below)
+        return response
+
+    async def _no_text_match(
+        self, query: SearchQuery, lookups: SearchLookups, no_match: NoTextMatch, started: float
+    ) -> gateway_pb2.VisualSearchResponse:
+        """A text that names nothing the model knows: no hits, and why (not cached: the embedder answers
+        it in a few milliseconds, and the generation may be unknown)."""
+        generation = await lookups.current_generation()
+        if generation is None:
+            generation = await self._current_generation(query.request.collection)
+        response = gateway_pb2.VisualSearchResponse(
+            index_generation=generation, model_version=query.model_version, no_good_match=True,
+            no_match_reason=no_match.reason, understood_as=no_match.understood_as,
+        )
+        response.timing.embed_ms = response.timing.total_ms = elapsed_ms(started)
+        return response
 
     def _store(
         self, query: SearchQuery, vector: QueryVector, response: gateway_pb2.VisualSearchResponse,
@@ -289,7 +373,8 @@ class VisualSearchCore:
         per-request fields are set)."""
         new_embedding = None
         if not vector.from_cache and query.embedding_key is not None:
-            new_embedding = (query.embedding_key, vector.values)
+            values = pack_text_entry(vector.values, vector.understood_as) if query.by_text else vector.values
+            new_embedding = (query.embedding_key, values)
         result = None if generation is None else (query.result_key, generation, response)
         self.cache.save_in_background(result=result, embedding=new_embedding)
 
@@ -555,7 +640,7 @@ class VisualSearchCore:
         stats, info = await asyncio.gather(
             self.downstream.index_stats(request.collection, deadline), self.downstream.model_info(deadline)
         )
-        self._remember_model(info)
+        model = self._remember_model(info)
         return gateway_pb2.VisualStatsResponse(
             count=stats.count,
             index_type=stats.index_type,
@@ -565,6 +650,8 @@ class VisualSearchCore:
             model_name=info.model_name,
             model_version=info.model_version,
             filterable_fields=stats.filterable_fields,
+            text_search=info.text_search,
+            calibrated=model.calibration is not None,
         )
 
     async def drop_collection(

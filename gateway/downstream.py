@@ -63,6 +63,24 @@ class Refused(ServiceError):
         self.item_message = f"{service}: {error.details()}"
 
 
+class NoTextMatch(ServiceError):
+    """The embedder found nothing a text query names (a NOT_FOUND item): the search answers no hits, with
+    this reason, rather than an error."""
+
+    def __init__(self, reason: str, understood_as: str = "") -> None:
+        super().__init__(grpc.StatusCode.NOT_FOUND, reason)
+        self.reason = reason
+        self.understood_as = understood_as
+
+
+@dataclass(frozen=True)
+class TextEmbedding:
+    values: np.ndarray
+    model_version: str
+    # What the embedder understood the text as, for people.
+    understood_as: str
+
+
 @dataclass(frozen=True)
 class QueryHits:
     """One query's answer from search_svc: its hits, best first, and the generation they were found at."""
@@ -85,6 +103,9 @@ class Downstream:
         self.query_embeddings: CallBatcher[embedder_pb2.ImageInput, tuple[np.ndarray, str]] = CallBatcher(
             self._embed_queries, EMBEDDER, settings.query_calls_in_flight, max_items=settings.add_batch_size,
             max_weight=max(settings.max_message_bytes - MESSAGE_HEADROOM_BYTES, settings.max_image_bytes),
+        )
+        self.query_texts: CallBatcher[str, TextEmbedding] = CallBatcher(
+            self._embed_texts, EMBEDDER, settings.query_calls_in_flight, max_items=settings.add_batch_size,
         )
         self.query_searches: CallBatcher[search_pb2.SearchRequest, QueryHits] = CallBatcher(
             self._search_queries, SEARCH, settings.query_calls_in_flight, max_items=MAX_QUERIES_PER_SEARCH_CALL,
@@ -131,6 +152,44 @@ class Downstream:
             if result.WhichOneof("result") == "embedding" else item_error(result.error)
             for result in response.results
         ]
+
+    async def embed_text(self, text: str, deadline: float | None) -> TextEmbedding:
+        """A text query's vector (in one EmbedTexts call with the other searches' texts of the moment);
+        raises `NoTextMatch` when the text names nothing the model knows, FAILED_PRECONDITION when the
+        model cannot search by words."""
+        _timeout(self.settings.embed_timeout_s, deadline)  # no time left: fail before queueing
+        return await self.query_texts.submit(None, text, deadline)
+
+    async def _embed_texts(
+        self, _key: Hashable, texts: list[str], timeout_s: float | None
+    ) -> list[TextEmbedding | ServiceError]:
+        try:
+            response = await _call(
+                EMBEDDER, self.embedder.EmbedTexts, embedder_pb2.EmbedTextsRequest(texts=texts),
+                _within(self.settings.embed_timeout_s, timeout_s),
+            )
+        except Refused:
+            if len(texts) == 1:
+                raise
+            return await _one_by_one(self._embed_texts, _key, texts, timeout_s)
+        if len(response.results) != len(texts):
+            raise ServiceError(
+                grpc.StatusCode.INTERNAL, f"embedder answered {len(response.results)} results for {len(texts)} texts"
+            )
+        outcomes: list[TextEmbedding | ServiceError] = []
+        for result in response.results:
+            if result.WhichOneof("result") == "embedding":
+                outcomes.append(TextEmbedding(
+                    np.asarray(result.embedding.values, dtype=np.float32), response.model_version, result.understood_as
+                ))
+            elif code_from_int(result.error.code) == grpc.StatusCode.NOT_FOUND:
+                outcomes.append(NoTextMatch(result.error.message, result.understood_as))
+            else:
+                outcomes.append(ServiceError(
+                    code_from_int(result.error.code) if result.error.code else grpc.StatusCode.INTERNAL,
+                    re.sub(r"^text \d+ ", "text ", result.error.message) or "the embedder refused the text",
+                ))
+        return outcomes
 
     async def embed_images(self, images: list[bytes], deadline: float | None) -> list[embedder_pb2.EmbedResult]:
         """One result per image, in order: an embedding or that image's error. Raises `Refused` when

@@ -65,7 +65,7 @@ from vsearch.v1 import gateway_pb2
 
 logger = logging.getLogger(__name__)
 
-SEARCH_FORM_FIELDS = {"image", "item_id", "k", "min_score", "crop", "filter", "collection"}
+SEARCH_FORM_FIELDS = {"image", "item_id", "text", "k", "min_score", "min_probability", "crop", "filter", "collection"}
 ADD_FILE_FIELDS = frozenset({"images", "image"})
 ADD_FORM_FIELDS = {*ADD_FILE_FIELDS, "ids", "metadata", "image_uris"}
 FORM_CONTENT_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
@@ -93,9 +93,11 @@ SEARCH_FORM_SCHEMA = {
     "properties": {
         "image": {"type": "string", "format": "binary", "description": "The query image."},
         "item_id": {"type": "string", "description": "Instead of an image: search with this item's stored vector."},
+        "text": {"type": "string", "description": "Instead of an image: search by words (stats' text_search says how)."},
         "collection": {"type": "string", "description": "Which catalog; empty for the default one."},
         "k": {"type": "integer", "minimum": 1},
         "min_score": {"type": "number"},
+        "min_probability": {"type": "number", "description": "0..1; needs a calibrated model (stats' calibrated)."},
         "crop": {"type": "string", "description": "x,y,width,height in pixels", "example": "10,10,200,150"},
         "filter": {
             "type": "string",
@@ -187,18 +189,25 @@ async def search_request_from_form(form: FormData) -> gateway_pb2.VisualSearchRe
     request = gateway_pb2.VisualSearchRequest()
     image = form.get("image")
     item_id = form_text(form, "item_id")
-    if image is not None and item_id:
-        raise invalid_argument("give either an image or an item_id, not both")
+    text = form_text(form, "text")
+    present = (("an image", image is not None), ("an item_id", item_id), ("a text", text is not None))
+    given = [name for name, value in present if value]
+    if len(given) > 1:
+        raise invalid_argument(f"give either {given[0]} or {given[1]}, not both")
     if image is not None:
         if not isinstance(image, UploadFile):
             raise invalid_argument("form field 'image' must be a file")
         request.image = await image.read()
+    elif text is not None:  # an empty one is refused as such ("text is empty")
+        request.text = text
     elif item_id is not None:
         request.item_id = item_id
     if (k := form_text(form, "k")) not in (None, ""):
         request.k = check_k(parse_int(k, "k"))
     if (min_score := form_text(form, "min_score")) not in (None, ""):
         request.min_score = parse_float(min_score, "min_score")
+    if (min_probability := form_text(form, "min_probability")) not in (None, ""):
+        request.min_probability = parse_float(min_probability, "min_probability")
     if (crop := parse_crop_text(form_text(form, "crop") or "")) is not None:
         request.crop.CopyFrom(crop)
     request.filter.CopyFrom(parse_filter_json(form_text(form, "filter") or ""))
@@ -414,7 +423,7 @@ def create_app(
 
     @app.post(
         "/v1/search", response_model=SearchResponseBody, tags=["search"],
-        summary="Search by image (multipart or base64 JSON) or by an indexed item's id",
+        summary="Search by image (multipart or base64 JSON), by an indexed item's id, or by words (`text`)",
         openapi_extra=request_body_doc(SearchBody, SEARCH_FORM_SCHEMA),
     )
     async def search(request: Request) -> JSONResponse:

@@ -147,11 +147,15 @@ FILTER_ADAPTER: TypeAdapter[FilterBody] = TypeAdapter(FilterBody)
 
 
 class SearchBody(BaseModel):
-    """Search by an image (base64) or by the stored vector of an indexed item."""
+    """Search by an image (base64), by the stored vector of an indexed item, or by words."""
 
     model_config = ConfigDict(extra="forbid")
     image_base64: str | None = None
     item_id: str | None = None
+    text: str | None = Field(
+        None, description="Search by words (\"a red running shoe\"), when the model supports it (stats' text_search); "
+        "at most 500 characters, no control characters."
+    )
     # strict: a JSON integer (number) only; `true` is not 1, nor "5" five.
     k: int | None = Field(
         None, strict=True, description="Hits wanted (1..max_k); the gateway's default_k when left out."
@@ -159,6 +163,11 @@ class SearchBody(BaseModel):
     crop: CropBody | None = None
     filter: FilterBody | None = None
     min_score: float | None = Field(None, strict=True, allow_inf_nan=False)
+    min_probability: float | None = Field(
+        None, strict=True, allow_inf_nan=False,
+        description="Only hits whose match_probability is at least this (0..1); needs a calibrated model (stats' "
+        "calibrated), else 400 FAILED_PRECONDITION.",
+    )
     collection: str = Field("", description="Which catalog; empty for the default one.")
 
 
@@ -191,6 +200,10 @@ class HitBody(BaseModel):
     score: float
     image_uri: str
     metadata: dict[str, JsonValue]
+    match_probability: float | None = Field(
+        None, description="The probability that the hit is relevant (has the query's label), from the model's "
+        "calibration; null when the model has none, and for text queries."
+    )
 
 
 class TimingBody(BaseModel):
@@ -206,6 +219,12 @@ class SearchResponseBody(BaseModel):
     timing: TimingBody
     index_generation: int
     model_version: str
+    understood_as: str = Field("", description="For a text query: what the text was understood as")
+    no_match_reason: str = Field("", description="Why there is no good match (e.g. the text names nothing the model knows)")
+    no_good_match: bool = Field(
+        False, description="No hit, or the best hit's match_probability is below the gateway's threshold "
+        "(GATEWAY_NO_GOOD_MATCH_BELOW, 0.5); false when there are hits without probabilities."
+    )
 
 
 class ItemFailureBody(BaseModel):
@@ -237,6 +256,8 @@ class StatsResponseBody(BaseModel):
     model_name: str
     model_version: str
     filterable_fields: list[str]
+    text_search: str = Field("", description='How text queries work: "" (not supported), "dual_encoder" or "classifier"')
+    calibrated: bool = Field(False, description="Whether hits carry match_probability (the model has a calibration)")
 
 
 class HealthBody(BaseModel):
@@ -352,8 +373,9 @@ def check_k(k: int) -> int:
 
 
 def search_body_to_proto(body: SearchBody) -> gateway_pb2.VisualSearchRequest:
-    if body.image_base64 is not None and body.item_id is not None:
-        raise invalid_argument("give either image_base64 or item_id, not both")
+    given = [name for name in ("image_base64", "item_id", "text") if getattr(body, name) is not None]
+    if len(given) > 1:
+        raise invalid_argument(f"give either {given[0]} or {given[1]}, not both")
     request = gateway_pb2.VisualSearchRequest(filter=filter_to_proto(body.filter), collection=body.collection)
     if body.k is not None:
         request.k = check_k(body.k)
@@ -361,10 +383,14 @@ def search_body_to_proto(body: SearchBody) -> gateway_pb2.VisualSearchRequest:
         request.image = decode_base64(body.image_base64, "image_base64")
     elif body.item_id is not None:
         request.item_id = body.item_id
+    elif body.text is not None:
+        request.text = body.text
     if body.crop is not None:
         request.crop.CopyFrom(embedder_pb2.CropBox(**body.crop.model_dump()))
     if body.min_score is not None:
         request.min_score = body.min_score
+    if body.min_probability is not None:
+        request.min_probability = body.min_probability
     return request
 
 
@@ -427,6 +453,7 @@ def search_response_json(response: gateway_pb2.VisualSearchResponse) -> dict[str
             {
                 "id": hit.id, "score": float32_json(hit.score), "image_uri": hit.image_uri,
                 "metadata": struct_json(hit.metadata),
+                "match_probability": float32_json(hit.match_probability) if hit.HasField("match_probability") else None,
             }
             for hit in response.hits
         ],
@@ -439,6 +466,9 @@ def search_response_json(response: gateway_pb2.VisualSearchResponse) -> dict[str
         },
         "index_generation": response.index_generation,
         "model_version": response.model_version,
+        "understood_as": response.understood_as,
+        "no_match_reason": response.no_match_reason,
+        "no_good_match": response.no_good_match,
     }
 
 
@@ -472,6 +502,8 @@ def stats_json(stats: gateway_pb2.VisualStatsResponse) -> dict[str, Any]:
         "model_name": stats.model_name,
         "model_version": stats.model_version,
         "filterable_fields": list(stats.filterable_fields),
+        "text_search": stats.text_search,
+        "calibrated": stats.calibrated,
     }
 
 

@@ -8,11 +8,12 @@ import functools
 import hashlib
 import math
 import re
+import unicodedata
 from dataclasses import dataclass
 
 import numpy as np
 
-from gateway.cache import embedding_cache_key, item_query_key, result_cache_key
+from gateway.cache import KEY_PREFIX, embedding_cache_key, item_query_key, result_cache_key
 from gateway.settings import GatewaySettings
 from service_kit.float_vectors import float_message
 from service_kit.status import invalid_argument
@@ -21,6 +22,56 @@ from vsearch.v1 import embedder_pb2, gateway_pb2, search_pb2
 # search_svc's rules for ids, checked here too so that a bad id is refused before anything is embedded.
 MAX_ID_CHARS = 256
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+
+
+# A text query: at most this many characters (after normalisation), and no control characters other than
+# whitespace (tabs and line breaks read as spaces).
+MAX_TEXT_CHARS = 500
+_TEXT_CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+_WHITESPACE = re.compile(r"\s+")
+
+
+def normalise_text(text: str) -> str:
+    """Unicode NFKC, runs of whitespace as one space, trimmed: the embedder's own normalisation, so that
+    texts it embeds alike share one cache entry."""
+    return _WHITESPACE.sub(" ", unicodedata.normalize("NFKC", text)).strip()
+
+
+def text_problem(text: str) -> str | None:
+    """What is wrong with a text query, or None."""
+    if _TEXT_CONTROL_CHARS.search(text):
+        return "text contains a control character"
+    normalised = normalise_text(text)
+    if not normalised:
+        return "text is empty"
+    if len(normalised) > MAX_TEXT_CHARS:
+        return f"text is {len(normalised)} characters; the limit is {MAX_TEXT_CHARS}"
+    return None
+
+
+def text_embedding_cache_key(text_sha256: str, model_version: str) -> str:
+    """The query vector of this (normalised) text, by this model."""
+    return f"{KEY_PREFIX}:txt:{model_version}:{text_sha256}"
+
+
+def pack_text_entry(vector: np.ndarray, understood_as: str) -> np.ndarray:
+    """A text query's cache entry: its vector, then what it was understood as (UTF-8, zero-padded to a
+    multiple of 4 bytes), as one float32 buffer, so that the one lookup of a search gives both."""
+    extra = understood_as.encode()
+    extra += b"\0" * (-len(extra) % 4)
+    return np.concatenate([np.asarray(vector, dtype=np.float32), np.frombuffer(extra, dtype=np.float32)])
+
+
+def unpack_text_entry(entry: np.ndarray, dimension: int) -> tuple[np.ndarray, str] | None:
+    """(vector, understood_as) of a cache entry made by `pack_text_entry`; None when it does not hold a
+    vector of `dimension` values."""
+    if entry.size < dimension:
+        return None
+    try:
+        understood_as = entry[dimension:].tobytes().rstrip(b"\0").decode()
+    except UnicodeDecodeError:
+        return None
+    return entry[:dimension], understood_as
 
 
 def id_problem(item_id: str, what: str = "id") -> str | None:
@@ -49,10 +100,13 @@ class SearchQuery:
     k: int
     min_score: float | None
     crop: embedder_pb2.CropBox | None
-    # Of the query image; "" for an item_id query.
+    # Of the query image; "" for an item_id or text query.
     image_sha256: str
     # The model the query embedding is (to be) made by: part of the embedding's cache key.
     model_version: str
+    # A text query's text, normalised, and its sha256; "" otherwise.
+    text: str = ""
+    text_sha256: str = ""
 
     @classmethod
     def parse(
@@ -61,10 +115,17 @@ class SearchQuery:
         """Raises INVALID_ARGUMENT for a request that cannot be searched with."""
         query = request.WhichOneof("query")
         crop = request.crop if request.HasField("crop") else None
-        image_sha256 = ""
+        image_sha256 = text = text_sha256 = ""
         if query is None:
-            raise invalid_argument("give an image or an item_id to search with")
-        if query == "image":
+            raise invalid_argument("give an image, an item_id or a text to search with")
+        if query == "text":
+            if (problem := text_problem(request.text)) is not None:
+                raise invalid_argument(problem)
+            if crop is not None:
+                raise invalid_argument("crop applies only to image queries")
+            text = normalise_text(request.text)
+            text_sha256 = hashlib.sha256(text.encode()).hexdigest()
+        elif query == "image":
             if not request.image:
                 raise invalid_argument("image is empty")
             if len(request.image) > settings.max_image_bytes:
@@ -85,17 +146,34 @@ class SearchQuery:
         min_score = request.min_score if request.HasField("min_score") else None
         if min_score is not None and not math.isfinite(min_score):
             raise invalid_argument("min_score must be a finite number")
+        if request.HasField("min_probability"):
+            if query == "text":
+                raise invalid_argument("min_probability applies only to image and item_id queries: text scores are "
+                                       "not calibrated")
+            if not 0.0 <= request.min_probability <= 1.0:  # NaN fails too
+                raise invalid_argument(f"min_probability must be within [0, 1], not {request.min_probability}")
         check_filter_numbers(request.filter)
-        return cls(request, k, min_score, crop, image_sha256, model_version)
+        return cls(request, k, min_score, crop, image_sha256, model_version, text, text_sha256)
+
+    @property
+    def min_probability(self) -> float | None:
+        """Hits below this match_probability are left out (applied by the gateway, after the cache)."""
+        return self.request.min_probability if self.request.HasField("min_probability") else None
 
     @property
     def by_image(self) -> bool:
         return bool(self.image_sha256)
 
+    @property
+    def by_text(self) -> bool:
+        return bool(self.text_sha256)
+
     @functools.cached_property
     def embedding_key(self) -> str | None:
-        """Where the query image's embedding is cached; None for an item_id query (its vector is in
-        the index)."""
+        """Where the query image's (or text's) embedding is cached; None for an item_id query (its
+        vector is in the index)."""
+        if self.by_text:
+            return text_embedding_cache_key(self.text_sha256, self.model_version)
         return embedding_cache_key(self.image_sha256, self.crop, self.model_version) if self.by_image else None
 
     @functools.cached_property

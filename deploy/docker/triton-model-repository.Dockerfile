@@ -12,6 +12,8 @@
 
 # Pinned by tag and by the digest of its multi-arch index; all stages share it.
 ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm@sha256:65a93d69fa75478d554f4ad27c85c1e69fa184956261b4301ebaf6dbb0a3543d
+# A preset of `vsearch model prepare`, as in embedder.Dockerfile (efficientnet-lite2 has no download URL:
+# it needs --build-context model-sources=DIR).
 ARG MODEL_PRESET=mobilenetv2-12-int8
 
 FROM scratch AS model-sources

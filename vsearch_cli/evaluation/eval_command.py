@@ -26,7 +26,9 @@ from tqdm import tqdm
 
 from service_kit.status import code_from_int
 from vsearch_cli.evaluation.labelled_csv import LabelsFileError, read_label_rows
-from vsearch_cli.evaluation.retrieval_metrics import NS_DEPTH, QueryScores, score_query, summarise
+from vsearch_cli.evaluation.retrieval_metrics import (
+    NS_DEPTH, QueryScores, expected_calibration_error, precision_at, score_query, summarise,
+)
 from vsearch_cli.gateway_connection import add_gateway_arguments, gateway_channel
 from vsearch.v1 import gateway_pb2, gateway_pb2_grpc, search_pb2
 
@@ -68,6 +70,8 @@ class QueryOutcome:
     ranked_ids: list[str]
     latency_ms: float
     embedding_from_cache: bool
+    # Each hit's match_probability, in ranked_ids' order; None where the hit has none (uncalibrated model).
+    probabilities: tuple[float | None, ...] = ()
 
 
 # ---- the labelled set ----------------------------------------------------------------------------
@@ -220,8 +224,11 @@ async def search_queries(
                     raise
                 failures[query.id] = rpc_message(error)
             else:
+                probabilities = tuple(hit.match_probability if hit.HasField("match_probability") else None
+                                      for hit in reply.hits)
                 outcomes.append(QueryOutcome(query, [hit.id for hit in reply.hits],
-                                             (time.perf_counter() - started) * 1000.0, reply.embedding_from_cache))
+                                             (time.perf_counter() - started) * 1000.0, reply.embedding_from_cache,
+                                             probabilities))
             progress.update(1)
 
     try:
@@ -229,6 +236,81 @@ async def search_queries(
     finally:
         progress.close()
     return outcomes, failures
+
+
+# ---- search by words ------------------------------------------------------------------------------
+
+def label_words(label: str) -> str:
+    """A label as words for a text query: underscores read as spaces ("car_side" -> "car side")."""
+    return " ".join(label.replace("_", " ").split())
+
+
+@dataclass(frozen=True)
+class TextOutcome:
+    label: str
+    text: str
+    ranked_ids: list[str]
+    understood_as: str
+    no_match_reason: str
+    latency_ms: float
+
+
+async def search_texts(
+    stub: gateway_pb2_grpc.VisualSearchStub, labels: Sequence[str], template: str, collection: str,
+    hits_wanted: int, concurrency: int,
+) -> list[TextOutcome]:
+    """One text query per label, `template` with {label} replaced by the label's words. A text the
+    model matches to nothing comes back with no hits and its reason (scored as such)."""
+    in_flight = asyncio.Semaphore(concurrency)
+    outcomes: list[TextOutcome] = []
+
+    async def search_one(label: str) -> None:
+        text = template.format(label=label_words(label))
+        async with in_flight:
+            started = time.perf_counter()
+            reply = await stub.Search(
+                gateway_pb2.VisualSearchRequest(text=text, k=hits_wanted, collection=collection),
+                timeout=SEARCH_TIMEOUT_S, wait_for_ready=True,
+            )
+            outcomes.append(TextOutcome(label, text, [hit.id for hit in reply.hits], reply.understood_as,
+                                        reply.no_match_reason, (time.perf_counter() - started) * 1000.0))
+
+    await gather_or_cancel(search_one(label) for label in labels)
+    return sorted(outcomes, key=lambda outcome: outcome.label)
+
+
+def score_texts(outcomes: Sequence[TextOutcome], catalog: Sequence[LabelledImage], k: int, template: str) -> dict:
+    """mAP@k, P@1, P@10, recall@10 and MRR over the labels' text queries (relevant = an image of the label),
+    with each query's figures and what it was understood as."""
+    label_of = {image.id: image.label for image in catalog}
+    label_counts = Counter(image.label for image in catalog)
+    per_query = {}
+    scores = []
+    for outcome in outcomes:
+        relevant_total = label_counts[outcome.label]
+        if relevant_total == 0:
+            continue
+        one = score_query(outcome.ranked_ids, "", outcome.label, label_of, relevant_total, k)
+        relevance = [label_of.get(hit_id) == outcome.label for hit_id in outcome.ranked_ids][:k]
+        p10 = precision_at(relevance, 10)
+        scores.append((one, p10))
+        per_query[outcome.label] = {
+            "text": outcome.text, "ap": round(one.average_precision, 4), "p_at_10": p10,
+            "understood_as": outcome.understood_as, "no_match_reason": outcome.no_match_reason,
+        }
+    if not scores:
+        raise EvalError("no text query has a relevant image in the catalog")
+    summary = summarise(one for one, _ in scores)
+    summary.pop("ns_score")
+    latencies = np.array([outcome.latency_ms for outcome in outcomes])
+    return {
+        "template": template,
+        **summary,
+        "precision_at_10": float(np.mean([p10 for _, p10 in scores])),
+        "no_match": sum(1 for outcome in outcomes if outcome.no_match_reason),
+        "query_p50_ms": round(float(np.percentile(latencies, 50)), 2),
+        "per_query": per_query,
+    }
 
 
 async def drop_collection(stub: gateway_pb2_grpc.VisualSearchStub, collection: str) -> bool:
@@ -262,15 +344,49 @@ def score_outcomes(
     return scores, skipped
 
 
+def calibration_error_of(outcomes: Sequence[QueryOutcome], catalog: Sequence[LabelledImage], k: int) -> dict | None:
+    """The expected calibration error (10 equal-width bins) of the hits' match_probability against their
+    relevance, over the hits scored: each scored query's first k hits, its own hit left out. None when
+    no hit carries a probability."""
+    label_of = {image.id: image.label for image in catalog}
+    label_counts = Counter(image.label for image in catalog)
+    probabilities: list[float] = []
+    relevance: list[bool] = []
+    missing = 0
+    for outcome in outcomes:
+        query = outcome.query
+        if label_counts[query.label] - (1 if label_of.get(query.id) == query.label else 0) <= 0:
+            continue  # not scored (see score_outcomes)
+        hits = [(hit_id, probability) for hit_id, probability in zip(outcome.ranked_ids, outcome.probabilities)
+                if hit_id != query.id][:k]
+        for hit_id, probability in hits:
+            if probability is None:
+                missing += 1
+                continue
+            probabilities.append(probability)
+            relevance.append(label_of.get(hit_id) == query.label)
+    if not probabilities:
+        return None
+    return {
+        "calibration_error": round(expected_calibration_error(probabilities, relevance), 4),
+        "calibration_hits": len(probabilities),
+        "calibration_hits_without_probability": missing,
+        "mean_match_probability": round(float(np.mean(probabilities)), 4),
+        "relevant_share": round(float(np.mean(relevance)), 4),
+    }
+
+
 async def evaluate(
     eval_set: EvalSet, gateway: str, k: int, concurrency: int = 8, keep_collection: bool = False,
     api_key: str | None = None,
-    show_progress: bool = False, collection: str | None = None,
+    show_progress: bool = False, collection: str | None = None, text_templates: Sequence[str] = (),
 ) -> dict:
     """Indexes the catalog into `collection` (a fresh `eval_<hex>` by default), searches with every
     query, drops the collection unless `keep_collection`, and returns the report: the metrics of
     `retrieval_metrics.summarise` (mean over the queries that have a relevant catalog image), then
-    wall_time_s and the extras (sizes, failures, per-phase timings, query latencies)."""
+    wall_time_s and the extras (sizes, failures, per-phase timings, query latencies). With
+    `text_templates`, the queries are words instead: one per query label and template, and the report
+    holds one `text` entry per template (see `score_texts`)."""
     started = time.perf_counter()
     collection = collection or new_collection_name()
     # One more hit than scored, for the query's own hit to drop out; at least N-S's depth.
@@ -292,10 +408,18 @@ async def evaluate(
                                 f"{len(indexed)}")
 
             search_started = time.perf_counter()
-            outcomes, query_failures = await search_queries(
-                stub, eval_set.queries, collection, hits_wanted, concurrency, show_progress)
+            if text_templates:
+                labels = sorted({image.label for image in eval_set.queries})
+                text_outcomes = [
+                    await search_texts(stub, labels, template, collection, hits_wanted, concurrency)
+                    for template in text_templates
+                ]
+                outcomes, query_failures = [], {}
+            else:
+                outcomes, query_failures = await search_queries(
+                    stub, eval_set.queries, collection, hits_wanted, concurrency, show_progress)
             search_s = time.perf_counter() - search_started
-            if not outcomes:
+            if not outcomes and not text_templates:
                 raise EvalError(f"every query failed, e.g. {next(iter(query_failures.items()))}")
         except grpc.aio.AioRpcError as error:
             raise EvalError(f"gateway {gateway}: {rpc_message(error)}") from None
@@ -303,6 +427,15 @@ async def evaluate(
             if not keep_collection:
                 dropped = await drop_collection(stub, collection)
 
+    if text_templates:
+        return {
+            "text": [score_texts(found, indexed, k, template) for template, found in zip(text_templates, text_outcomes)],
+            "wall_time_s": round(time.perf_counter() - started, 3), "k": k, "catalog_size": len(indexed),
+            "catalog_labels": len({image.label for image in indexed if image.label}),
+            "catalog_failed": len(catalog_failures), "collection": collection, "collection_dropped": dropped,
+            "index_s": round(index_s, 3), "search_s": round(search_s, 3), "concurrency": concurrency,
+            "failures": dict(list(catalog_failures.items())[:MAX_REPORTED_FAILURES]),
+        }
     scores, without_relevant = score_outcomes(outcomes, indexed, k)
     if not scores:
         raise EvalError("no query has a relevant image in the catalog")
@@ -325,6 +458,8 @@ async def evaluate(
         "query_p50_ms": round(float(np.percentile(latencies, 50)), 2),
         "query_p95_ms": round(float(np.percentile(latencies, 95)), 2),
         "embedding_cache_hits": sum(outcome.embedding_from_cache for outcome in outcomes),
+        # calibration_error and its counts, when the hits carry match_probability.
+        **(calibration_error_of(outcomes, indexed, k) or {}),
         "concurrency": concurrency,
         # The first few only: the counts above are complete.
         "failures": dict(list({**catalog_failures, **query_failures}.items())[:MAX_REPORTED_FAILURES]),
@@ -340,8 +475,32 @@ METRIC_ROWS = (
 )
 
 
+def format_text_report(report: dict) -> str:
+    lines = []
+    for entry in report["text"]:
+        lines += [
+            f"text queries {entry['template']!r}: {entry['queries']} labels, {entry['no_match']} matched nothing",
+            f"  {'mAP@' + str(report['k']):<16} {entry['map_at_k']:.4f}   {'P@10':<6} {entry['precision_at_10']:.4f}   "
+            f"P@1 {entry['precision_at_1']:.4f}   recall@10 {entry['recall_at_10']:.4f}   MRR {entry['mrr_at_k']:.4f}   "
+            f"p50 {entry['query_p50_ms']:.0f} ms",
+        ]
+    lines += [
+        f"{'catalog':<50} {report['catalog_size']} images, {report['catalog_labels']} labels "
+        f"({report['catalog_failed']} failed to index)",
+        f"{'wall time':<50} {report['wall_time_s']:.1f} s",
+        f"{'collection':<50} {report['collection']} ({'dropped' if report['collection_dropped'] else 'kept'})",
+    ]
+    return "\n".join(lines)
+
+
 def format_report(report: dict) -> str:
+    if "text" in report:
+        return format_text_report(report)
     lines = [f"{label.format(k=report['k']):<50} {report[key]:.4f}" for key, label in METRIC_ROWS]
+    if "calibration_error" in report:
+        lines.append(f"{'calibration error (ECE, 10 bins, hits scored)':<50} {report['calibration_error']:.4f} "
+                     f"({report['calibration_hits']} hits: mean probability {report['mean_match_probability']:.4f}, "
+                     f"relevant {report['relevant_share']:.4f})")
     lines += [
         f"{'queries':<50} {report['queries']} ({report['queries_failed']} failed, "
         f"{report['queries_without_relevant']} without a relevant catalog image)",
@@ -363,6 +522,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.k < 1 or args.concurrency < 1:
         print("vsearch eval: --k and --concurrency must be at least 1", file=sys.stderr)
         return 2
+    for template in args.text_template or ():
+        try:
+            if template.format(label="x") == template:
+                raise ValueError("it has no {label}")
+        except (ValueError, KeyError, IndexError) as error:
+            print(f"vsearch eval: --text-template {template!r}: {error}", file=sys.stderr)
+            return 2
     collection = new_collection_name()
     try:
         eval_set = load_eval_set(
@@ -372,6 +538,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         report = asyncio.run(evaluate(
             eval_set, args.gateway, args.k, args.concurrency, args.keep_collection, api_key=args.api_key,
             show_progress=args.progress or sys.stderr.isatty(), collection=collection,
+            text_templates=args.text_template or (),
         ))
     except EvalError as error:
         print(f"vsearch eval: {error}", file=sys.stderr)
@@ -412,6 +579,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     evaluation.add_argument("--concurrency", type=int, default=8, help="searches in flight (default 8)")
     evaluation.add_argument("--keep-collection", action="store_true",
                             help="leave the evaluation's collection in place (its name is in the report)")
+    evaluation.add_argument("--text-template", action="append", metavar="TEMPLATE",
+                            help="search by words instead of the query images: one query per query label, "
+                                 "TEMPLATE with {label} replaced by the label's words (underscores as spaces), "
+                                 "e.g. \"a photo of a {label}\"; repeatable (each scored on its own)")
     evaluation.add_argument("--json", action="store_true", help="print one JSON object")
     evaluation.add_argument("--progress", action="store_true", help="show progress bars even when not on a terminal")
     evaluation.set_defaults(func=cmd_eval)

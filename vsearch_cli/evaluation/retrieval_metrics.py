@@ -118,3 +118,25 @@ def summarise(scores: Iterable[QueryScores]) -> dict[str, float | int]:
         "ns_score": mean(s.ns_relevant for s in scores),
         "queries": len(scores),
     }
+
+
+# Equal-width probability bins of the expected calibration error.
+CALIBRATION_BINS = 10
+
+
+def expected_calibration_error(
+    probabilities: Sequence[float], relevance: Sequence[bool], bins: int = CALIBRATION_BINS
+) -> float:
+    """ECE: the hits split into `bins` equal-width bins of their probability ([0, 0.1), ..., [0.9, 1.0]);
+    per bin, |mean probability - share relevant|, weighted by the bin's share of the hits."""
+    predicted = np.asarray(probabilities, dtype=np.float64)
+    actual = np.asarray(relevance, dtype=np.float64)
+    if predicted.shape != actual.shape:
+        raise ValueError(f"{predicted.size} probabilities for {actual.size} relevance flags")
+    if predicted.size == 0:
+        raise ValueError("no hits to measure the calibration error on")
+    if bins < 1:
+        raise ValueError("bins must be positive")
+    which = np.clip((predicted * bins).astype(np.int64), 0, bins - 1)
+    gaps = np.abs(np.bincount(which, predicted, bins) - np.bincount(which, actual, bins))
+    return float(gaps.sum() / predicted.size)

@@ -34,6 +34,33 @@ def _batch_sizes(text: str) -> tuple[int, ...]:
     return values
 
 
+def _three_floats(text: str) -> tuple[float, float, float]:
+    try:
+        values = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected three comma-separated numbers, got {text!r}") from None
+    if len(values) != 3:
+        raise argparse.ArgumentTypeError(f"expected three comma-separated numbers (one per channel), got {text!r}")
+    return values  # type: ignore[return-value]
+
+
+def _scale(text: str) -> float:
+    """A positive number, or a fraction such as 1/255."""
+    try:
+        numerator, _, denominator = text.partition("/")
+        value = float(numerator) / float(denominator) if denominator else float(numerator)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"expected a number or a fraction such as 1/255, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text!r}")
+    return value
+
+
+# `vsearch model prepare` options that describe a model without a preset (their dest names).
+CUSTOM_PREPARE_OPTIONS = ("name", "input_name", "input_size", "input_layout", "resize_shorter", "interpolation",
+                          "channel_order", "pixel_scale", "mean", "std")
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Adds the `model` command to the main CLI's subparsers; handlers are `args.func(args) -> int`."""
     model = subparsers.add_parser(
@@ -48,22 +75,62 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="turn a classification ONNX model into an embedding model",
         description=(
             "Cut a classification ONNX model at a feature tensor, append pooling and L2 normalisation, and "
-            "write model.onnx + model_card.json into --out (the embedder's EMBEDDER_MODEL_DIR). The source is "
-            "--source, else $VSEARCH_SHARED_DIR/models/<preset>/<preset>.onnx, else downloaded; its checksum "
-            "is verified."
+            "write model.onnx + model_card.json into --out (the embedder's EMBEDDER_MODEL_DIR). With a preset "
+            "the source is --source, else $VSEARCH_SHARED_DIR/models/<preset>/<preset>.onnx, else downloaded; "
+            "its checksum is verified. Any other image ONNX model: --source FILE plus the options of the "
+            "'custom model' group (any of them makes it one), which say how an image becomes its input."
         ),
     )
-    prepare.add_argument("--preset", choices=sorted(PRESETS), default=DEFAULT_PRESET,
+    prepare.add_argument("--preset", choices=sorted(PRESETS),
                          help=f"known source model: its checksum, cut and preprocessing (default {DEFAULT_PRESET})")
     prepare.add_argument("--source", type=Path, help="the source ONNX file, instead of the shared copy or a download")
-    prepare.add_argument("--feature-tensor", help="tensor to cut the graph at (default: the preset's)")
-    prepare.add_argument("--pooling", choices=["avg", "gem"], help="global pooling of the feature map (default: the preset's)")
+    prepare.add_argument("--feature-tensor", "--output", dest="feature_tensor",
+                         help="tensor to cut the graph at: a feature map [N,C,h,w] or a pooled vector [N,D] "
+                              "(default: the preset's; for a custom model, its only output)")
+    prepare.add_argument("--pooling", choices=["avg", "gem", "none"],
+                         help="global pooling of the feature map; none for a tensor that is already a vector "
+                              "(default: the preset's; for a custom model or another --feature-tensor, from its "
+                              "shape: avg for a map, none for a vector)")
     prepare.add_argument("--gem-p", type=float, default=3.0, help="GeM exponent p (default 3)")
     prepare.add_argument("--skip-checksum", action="store_true",
                          help="accept a --source whose sha256 differs from the preset's (a deliberately different model)")
     prepare.add_argument("--cache-dir", type=Path, help="where downloads are kept (default ~/.cache/vsearch/models)")
     prepare.add_argument("--out", type=Path, required=True, help="directory to write model.onnx and model_card.json into")
+    custom = prepare.add_argument_group(
+        "custom model (no preset; needs --source)",
+        "Preprocessing: resize the shorter side, centre-crop to the input size, then per channel "
+        "(pixel * scale - mean) / std, in the channel order given. Unset options default to the torchvision "
+        "ImageNet convention: RGB, bilinear, shorter side = size / 0.875, scale 1/255, ImageNet mean/std.")
+    custom.add_argument("--name", help="model name on the card (default: the source file's name)")
+    custom.add_argument("--input-name", help="the image input (default: the model's only input)")
+    custom.add_argument("--input-size", "--crop", dest="input_size", type=_positive_int, metavar="N",
+                        help="the model's square input, N x N: the centre crop (default: its declared size)")
+    custom.add_argument("--input-layout", choices=["auto", "NCHW", "NHWC"],
+                        help="the source's input layout; NHWC gets a transpose in front (default auto: NHWC "
+                             "when declared [N,H,W,3])")
+    custom.add_argument("--resize-shorter", "--resize", dest="resize_shorter", type=_positive_int, metavar="N",
+                        help="resize the shorter side to N before the crop (default: size / 0.875)")
+    custom.add_argument("--interpolation", choices=["nearest", "bilinear", "bicubic", "lanczos"], help="default bilinear")
+    custom.add_argument("--channel-order", choices=["RGB", "BGR"], help="default RGB")
+    custom.add_argument("--pixel-scale", "--scale", dest="pixel_scale", type=_scale,
+                        help="pixels (0..255) are multiplied by this, e.g. 1/255 (the default) or 1")
+    custom.add_argument("--mean", type=_three_floats, metavar="R,G,B",
+                        help="per-channel mean subtracted after scaling, in --channel-order (default 0.485,0.456,0.406)")
+    custom.add_argument("--std", type=_three_floats, metavar="R,G,B",
+                        help="per-channel divisor, in --channel-order (default 0.229,0.224,0.225)")
     prepare.set_defaults(func=run_prepare)
+
+    from vsearch_cli.model_tools import compare as compare_command  # its module imports nothing heavy
+
+    compare_command.register(commands)
+
+    from vsearch_cli.model_tools import label_commands  # adapt and calibrate; imports nothing heavy
+
+    label_commands.register(commands)
+
+    from vsearch_cli.model_tools import text_command  # add-text-encoder; imports nothing heavy
+
+    text_command.register(commands)
 
     caltech = "$VSEARCH_SHARED_DIR/datasets/caltech101"
     quantize = commands.add_parser(
@@ -171,25 +238,44 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_prepare(args: argparse.Namespace) -> int:
     # Imported here: onnx and onnxruntime are slow to import and only this command needs them.
-    from vsearch_cli.model_tools.prepare import ModelPrepareError, prepare_model
+    from vsearch_cli.model_tools.prepare import (
+        ChecksumMismatchError,
+        ModelPrepareError,
+        prepare_custom_model,
+        prepare_model,
+    )
 
+    custom = {name: getattr(args, name) for name in CUSTOM_PREPARE_OPTIONS if getattr(args, name) is not None}
     try:
-        card = prepare_model(
-            args.out,
-            preset=args.preset,
-            source=args.source,
-            feature_tensor=args.feature_tensor,
-            pooling=args.pooling,
-            gem_p=args.gem_p,
-            verify_checksum=not args.skip_checksum,
-            cache_dir=args.cache_dir,
-        )
+        if custom:
+            given = ", ".join("--" + name.replace("_", "-") for name in custom)
+            if args.preset is not None:
+                raise ModelPrepareError(f"a preset fixes the input and preprocessing: drop --preset or {given}")
+            if args.source is None:
+                raise ModelPrepareError(f"a custom model ({given}) needs --source FILE")
+            card = prepare_custom_model(args.out, args.source, feature_tensor=args.feature_tensor,
+                                        pooling=args.pooling, gem_p=args.gem_p, **custom)
+        else:
+            card = prepare_model(
+                args.out,
+                preset=args.preset or DEFAULT_PRESET,
+                source=args.source,
+                feature_tensor=args.feature_tensor,
+                pooling=args.pooling,
+                gem_p=args.gem_p,
+                verify_checksum=not args.skip_checksum,
+                cache_dir=args.cache_dir,
+            )
     except ModelPrepareError as error:
-        print(f"vsearch model prepare: error: {error}", file=sys.stderr)
+        hint = ""
+        if isinstance(error, ChecksumMismatchError) and args.preset is None:
+            hint = "; for a model without a preset, describe it with the custom model options (e.g. --input-size)"
+        print(f"vsearch model prepare: error: {error}{hint}", file=sys.stderr)
         return 1
-    pooling = f"GeM p={card.output.gem_p:g}" if card.output.pooling == "gem" else "average"
+    pooling = {"gem": f"GeM p={card.output.gem_p or 0:g} pooling", "avg": "average pooling",
+               "none": "already pooled (no pooling added)"}[card.output.pooling]
     print(f"prepared {card.name} version {card.version} in {args.out}")
-    print(f"  {card.output.dimension}-d, cut at {card.feature_tensor!r}, {pooling} pooling, L2-normalised")
+    print(f"  {card.output.dimension}-d, cut at {card.feature_tensor!r}, {pooling}, L2-normalised")
     print(f"  preprocessing: {card.preprocessing_summary()}")
     return 0
 

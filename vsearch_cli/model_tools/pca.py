@@ -12,8 +12,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import hashlib
 import logging
 import random
 import time
@@ -23,33 +21,29 @@ from typing import Callable, Sequence
 
 import numpy as np
 import onnx
-import onnxruntime as ort
-from onnx import TensorProto, helper, numpy_helper
 
-from embedder_svc.model_card import MODEL_FILE_NAME, ModelCard, ModelCardError, PcaReduction, read_model_card
-from vsearch_cli.model_tools.prepare import (
-    BATCH_DIM,
-    ModelPrepareError,
-    write_prepared,
-    file_sha256,
-    l2_normalise_nodes,
-    verify_embedding_model,
+from embedder_svc.model_card import ModelCard, PcaReduction
+from vsearch_cli.model_tools.prepare import file_sha256, write_prepared
+from vsearch_cli.model_tools.projection_head import (
+    HeadError,
+    append_projection,
+    check_written_model,
+    embed_images,
+    initializers_sha256,
+    read_source,
 )
-from embedder_svc.onnx_backend import OnnxRuntimeBackend
-from vsearch_cli.model_tools.quantize import IMAGE_SUFFIXES, preprocessed_batches
+from vsearch_cli.model_tools.quantize import IMAGE_SUFFIXES
 
 logger = logging.getLogger(__name__)
 
 PREFIX = "head/pca_"
 MEAN_NAME = f"{PREFIX}mean"
 PROJECTION_NAME = f"{PREFIX}projection"
-# The written model must reproduce the numpy projection of the source vectors this closely.
-_CHECK_TOLERANCE = 1e-4
 # A component with less variance than this share of the total cannot be whitened.
 _MIN_WHITEN_VARIANCE = 1e-10
 
 
-class PcaError(Exception):
+class PcaError(HeadError):
     """The model, the images or the options do not allow the reduction; nothing was written."""
 
 
@@ -147,76 +141,15 @@ def fit_pca(vectors: np.ndarray, dimension: int, whiten: bool = False) -> PcaFit
 def append_pca(model: onnx.ModelProto, fit: PcaFit, output_name: str) -> None:
     """In place: the graph's output `output_name` [N, d] becomes the PCA-reduced, L2-normalised
     [N, D] under the same name."""
-    graph = model.graph
-    if [value.name for value in graph.output] != [output_name]:
-        outputs = [value.name for value in graph.output]
-        raise PcaError(f"expected the model's only output to be {output_name!r}, found {outputs}")
-    source = f"{PREFIX}input"
-    for node in graph.node:
-        for names in (node.input, node.output):
-            for index, name in enumerate(names):
-                if name == output_name:
-                    names[index] = source
-    graph.initializer.extend([
-        numpy_helper.from_array(fit.mean.astype(np.float32), MEAN_NAME),
-        numpy_helper.from_array(fit.projection().astype(np.float32), PROJECTION_NAME),
-    ])
-    graph.node.extend([
-        helper.make_node("Sub", [source, MEAN_NAME], [f"{PREFIX}centred"], name=f"{PREFIX}centre"),
-        helper.make_node("MatMul", [f"{PREFIX}centred", PROJECTION_NAME], [f"{PREFIX}projected"],
-                         name=f"{PREFIX}project"),
-        *l2_normalise_nodes(model, f"{PREFIX}projected", output_name, PREFIX),
-    ])
-    del graph.output[:]
-    graph.output.append(helper.make_tensor_value_info(output_name, TensorProto.FLOAT, [BATCH_DIM, fit.dimension]))
+    append_projection(model, output_name, PREFIX, fit.mean, fit.projection())
 
 
 def projection_sha256(model: onnx.ModelProto) -> str:
     """sha256 over the mean and projection initializers' raw float32 bytes."""
-    tensors = {tensor.name: tensor for tensor in model.graph.initializer}
-    digest = hashlib.sha256()
-    for name in (MEAN_NAME, PROJECTION_NAME):
-        digest.update(np.ascontiguousarray(numpy_helper.to_array(tensors[name]), dtype=np.float32).tobytes())
-    return digest.hexdigest()
+    return initializers_sha256(model, (MEAN_NAME, PROJECTION_NAME))
 
 
 # ---- the command --------------------------------------------------------------------------------
-
-
-@dataclass
-class EmbeddedImages:
-    vectors: np.ndarray  # [n, d] of the images that decoded
-    used: int
-    skipped: int
-    # The first preprocessed batch and its vectors: to check the written model against.
-    sample_batch: np.ndarray
-    sample_vectors: np.ndarray
-
-
-async def _embed(model_dir: Path, card: ModelCard, paths: Sequence[Path], batch_size: int) -> EmbeddedImages:
-    backend = OnnxRuntimeBackend(model_dir / MODEL_FILE_NAME, card.input.name, card.output.name)
-    vectors = np.zeros((len(paths), card.output.dimension), dtype=np.float32)
-    embedded = np.zeros(len(paths), dtype=bool)
-    sample: tuple[np.ndarray, np.ndarray] | None = None
-    batches = preprocessed_batches(paths, card, batch_size)
-    await backend.load()
-    try:
-        # Decoding the next batch overlaps the model's run on this one.
-        pending = asyncio.ensure_future(asyncio.to_thread(next, batches, None))
-        while (item := await pending) is not None:
-            pending = asyncio.ensure_future(asyncio.to_thread(next, batches, None))
-            indices, batch = item
-            output = await backend.infer(batch)
-            vectors[indices] = output
-            embedded[indices] = True
-            if sample is None:
-                sample = (batch, output)
-    finally:
-        await backend.close()
-    if sample is None:
-        raise PcaError(f"none of the {len(paths)} images could be decoded")
-    used = int(embedded.sum())
-    return EmbeddedImages(vectors[embedded], used, len(paths) - used, *sample)
 
 
 @dataclass
@@ -243,22 +176,24 @@ def reduce_model(
 ) -> PcaReport:
     """Fits PCA on the source model's vectors of `images` and writes the reduced model to `out_dir`
     (model.onnx + model_card.json). Raises `PcaError`, with nothing written, when it cannot."""
-    say = progress or (lambda message: logger.info("%s", message))
-    if out_dir.resolve() == model_dir.resolve():
-        raise PcaError("--out must differ from the source model's directory")
     try:
-        card = read_model_card(model_dir)
-    except ModelCardError as error:
-        raise PcaError(str(error)) from None
-    source_path = model_dir / MODEL_FILE_NAME
-    if not source_path.is_file():
-        raise PcaError(f"no {MODEL_FILE_NAME} in {model_dir}")
+        return _reduce_model(model_dir, out_dir, images=images, dimension=dimension, whiten=whiten, name=name,
+                             fit_set=fit_set, batch_size=batch_size, progress=progress)
+    except PcaError:
+        raise
+    except HeadError as error:  # from the shared helpers: the same refusal, under this command's name
+        raise PcaError(str(error)) from error
+
+
+def _reduce_model(
+    model_dir: Path, out_dir: Path, *, images: Sequence[Path], dimension: int, whiten: bool, name: str | None,
+    fit_set: str, batch_size: int, progress: Callable[[str], None] | None,
+) -> PcaReport:
+    say = progress or (lambda message: logger.info("%s", message))
+    card, source_path = read_source(model_dir, out_dir)
     if card.pca is not None:
         raise PcaError(f"{model_dir} is already PCA-reduced (to {card.pca.dimension} from {card.pca.source_name}); "
                        "reduce the source model instead")
-    if not card.output.l2_normalized:
-        raise PcaError(f"{model_dir}'s card says its vectors are not L2-normalised in the graph; the PCA is "
-                       "fitted on, and appended after, unit vectors")
     source_dimension = card.output.dimension
     check_dimension(dimension, source_dimension)
     if not images:
@@ -268,7 +203,7 @@ def reduce_model(
 
     say(f"embedding {len(images)} images with {card.name} ({source_dimension}-d)")
     started = time.perf_counter()
-    embedded = asyncio.run(_embed(model_dir, card, images, batch_size))
+    embedded = embed_images(model_dir, card, images, batch_size)
     seconds["embed"] = time.perf_counter() - started
     if embedded.skipped:
         say(f"{embedded.skipped} of {len(images)} images could not be decoded and were left out")
@@ -281,18 +216,7 @@ def reduce_model(
     model = onnx.load(str(source_path))
     append_pca(model, fit, card.output.name)
     model.producer_name = "vsearch model pca"
-    try:
-        onnx.checker.check_model(model)
-        written_dimension = verify_embedding_model(model, card.input.name, card.input.height, card.input.width)
-    except (onnx.checker.ValidationError, ModelPrepareError) as error:
-        raise PcaError(f"the reduced model fails verification: {error}") from error
-    if written_dimension != dimension:
-        raise PcaError(f"the reduced model gives {written_dimension}-d vectors, expected {dimension}")
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    (reduced,) = session.run([card.output.name], {card.input.name: embedded.sample_batch})
-    difference = float(np.abs(reduced - fit.transform(embedded.sample_vectors)).max())
-    if difference > _CHECK_TOLERANCE:
-        raise PcaError(f"the reduced model differs from the numpy projection by {difference:.2e}")
+    check_written_model(model, card, embedded.sample_batch, fit.transform(embedded.sample_vectors))
 
     pca = PcaReduction(
         source_name=card.name, source_version=card.version, source_model_sha256=file_sha256(source_path),
@@ -307,7 +231,14 @@ def reduce_model(
         "version": ModelCard.derive_pca_version(card.version, pca),
         "output": card.output.model_copy(update={"dimension": dimension}),
         "pca": pca,
+        # Its scores differ from the source model's: that calibration does not carry over.
+        "calibration": None,
     })
     reduced_card = ModelCard.model_validate(reduced_card.model_dump())
+    # Text queries follow the vectors: pinv(projection) maps a query made for the source space into the
+    # reduced one (imported here: text_search imports onnxruntime and the prepare module).
+    from vsearch_cli.model_tools.text_search import carry_text_search
+
+    reduced_card = carry_text_search(model_dir, out_dir, reduced_card, np.linalg.pinv(fit.projection()))
     write_prepared(out_dir, model, reduced_card)
     return PcaReport(reduced_card, out_dir, embedded.used, embedded.skipped, source_dimension, seconds)

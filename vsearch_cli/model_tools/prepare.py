@@ -1,26 +1,34 @@
 """`vsearch model prepare`: a classification ONNX model in, an embedding model out.
 
-The source graph is cut at a feature tensor, float16 is widened to float32, the batch dimension is
-made dynamic, and a head is appended: pooling (average or GeM) -> flatten -> L2 normalisation. The
-result is checked with onnx.checker and with onnxruntime (a batch gives the same vectors as its
-images one by one), then written as ``model.onnx`` + ``model_card.json``."""
+The source graph is cut at a feature tensor, float16 is widened to float32, an NHWC input gets a
+leading transpose (the card's input is always NCHW), symbolic spatial dimensions are fixed to the
+crop, the batch dimension is made dynamic, and a head is appended: pooling (average or GeM, or none
+for a tensor that is already a pooled [N, D] vector) -> flatten -> L2 normalisation. The result is
+checked with onnx.checker and with onnxruntime (a batch gives the same vectors as its images one by
+one), then written as ``model.onnx`` + ``model_card.json``.
+
+The source is a preset (presets.py: checksum, cut and preprocessing known) or any image ONNX model,
+described by the caller (`prepare_custom_model`: input, preprocessing, feature tensor, pooling)."""
 
 from __future__ import annotations
 
 import hashlib
 import logging
 import os
+import re
 import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import onnx
 import onnx.version_converter
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
+from pydantic import ValidationError
 
 from embedder_svc.model_card import (
     CARD_FILE_NAME,
@@ -35,7 +43,7 @@ from embedder_svc.model_card import (
     write_model_card,
 )
 from vsearch_cli.checkout import default_shared_dir
-from vsearch_cli.model_tools.presets import DEFAULT_PRESET, PRESETS, ModelPreset, Pooling
+from vsearch_cli.model_tools.presets import DEFAULT_PRESET, PRESETS, InputLayout, ModelPreset, Pooling
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +55,13 @@ _UPGRADE_OPSET = 13
 _EPSILON = 1e-12
 _VERIFY_BATCH = 3
 _VERIFY_TOLERANCE = 1e-5
+# A feature tensor named like a tensor the head writes is renamed to this prefix + its name.
+_SOURCE_PREFIX = "source/"
+# Defaults of a custom model's preprocessing: the torchvision ImageNet convention (0..1, ImageNet
+# mean/std, shorter side = crop / 0.875).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+RESIZE_RATIO = 0.875
 
 
 class ModelPrepareError(Exception):
@@ -239,14 +254,118 @@ def make_batch_dynamic(model: onnx.ModelProto, input_name: str) -> None:
     del model.graph.value_info[:]
 
 
-def _input_size(model: onnx.ModelProto, input_name: str) -> tuple[int | None, int | None]:
+def _input_dims(model: onnx.ModelProto, input_name: str) -> list[int | str | None]:
+    """The declared dimensions of an input: a number, a symbolic name, or None when unknown."""
+    (value,) = [value for value in model.graph.input if value.name == input_name]
+    return [
+        dim.dim_value if dim.HasField("dim_value") else (dim.dim_param or None)
+        for dim in value.type.tensor_type.shape.dim
+    ]
+
+
+def guess_layout(model: onnx.ModelProto, input_name: str) -> InputLayout:
+    """NHWC when the declared input is [N, H, W, 3] and not [N, 3, H, W]; NCHW otherwise."""
+    dims = _input_dims(model, input_name)
+    if len(dims) == 4 and dims[3] == 3 and dims[1] != 3:
+        return "NHWC"
+    return "NCHW"
+
+
+def nchw_input(model: onnx.ModelProto, input_name: str) -> None:
+    """In place: an NHWC input becomes NCHW (same name) followed by a Transpose to what the graph
+    read before, so the card's NCHW tensors fit a model exported from an NHWC framework."""
+    graph = model.graph
+    (value,) = [value for value in graph.input if value.name == input_name]
+    dims = value.type.tensor_type.shape.dim
+    if len(dims) != 4:
+        raise ModelPrepareError(f"input {input_name!r} has {len(dims)} dimensions; expected NHWC")
+    internal = f"{input_name}/nhwc"
+    for node in graph.node:
+        for index, name in enumerate(node.input):
+            if name == input_name:
+                node.input[index] = internal
+    reordered = [onnx.TensorShapeProto.Dimension() for _ in range(4)]
+    for target, source in zip(reordered, (dims[0], dims[3], dims[1], dims[2])):
+        target.CopyFrom(source)
+    del dims[:]
+    dims.extend(reordered)
+    graph.node.insert(0, helper.make_node("Transpose", [input_name], [internal], name="input/to_nhwc", perm=[0, 2, 3, 1]))
+
+
+def fix_input_size(model: onnx.ModelProto, input_name: str, size: int) -> None:
+    """In place: an NCHW input's 3 channels and `size` x `size` pixels, written where the model left
+    them symbolic (the embedder always feeds the card's crop, and fixed sizes let onnxruntime and
+    the quantizer fold shape computations); a different fixed size or channel count is an error."""
     (value,) = [value for value in model.graph.input if value.name == input_name]
     dims = value.type.tensor_type.shape.dim
-    return tuple(dim.dim_value if dim.HasField("dim_value") else None for dim in dims[2:4])  # type: ignore[return-value]
+    if len(dims) != 4:
+        raise ModelPrepareError(f"input {input_name!r} has {len(dims)} dimensions; expected NCHW")
+    for dim, wanted, what in ((dims[1], 3, "channels"), (dims[2], size, "height"), (dims[3], size, "width")):
+        if dim.HasField("dim_value") and dim.dim_value != wanted:
+            detail = f"the model input has {dim.dim_value} {what}" + ("" if what == "channels" else f"; the crop is {size}x{size}")
+            raise ModelPrepareError(f"{detail} (input {input_name!r} is {_shape_text(dims)})")
+        dim.Clear()
+        dim.dim_value = wanted
+
+
+def _shape_text(dims: object) -> str:
+    return "[" + ", ".join(
+        str(dim.dim_value) if dim.HasField("dim_value") else (dim.dim_param or "?") for dim in dims  # type: ignore[attr-defined]
+    ) + "]"
+
+
+def rename_tensor(model: onnx.ModelProto, old: str, new: str) -> None:
+    """In place: every use of the tensor name `old` (node inputs and outputs, graph outputs, shapes)."""
+    graph = model.graph
+    for node in graph.node:
+        for names in (node.input, node.output):
+            for index, name in enumerate(names):
+                if name == old:
+                    names[index] = new
+    for value in [*graph.output, *graph.value_info]:
+        if value.name == old:
+            value.name = new
+
+
+def probe_feature_shape(model: onnx.ModelProto, input_name: str, feature_tensor: str, size: int) -> list[int]:
+    """The feature tensor's shape for one size x size image, run on onnxruntime (static shape
+    inference cannot always follow the graph, e.g. padding computed from the input's shape)."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    del probe.graph.output[:]
+    probe.graph.output.append(helper.make_tensor_value_info(feature_tensor, TensorProto.FLOAT, None))
+    try:
+        session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+        (features,) = session.run([feature_tensor], {input_name: np.zeros((1, 3, size, size), dtype=np.float32)})
+    except Exception as error:  # noqa: BLE001 - onnxruntime's errors share no base class
+        raise ModelPrepareError(f"onnxruntime cannot run the model up to {feature_tensor!r}: {error}") from error
+    return list(np.asarray(features).shape)
+
+
+def resolve_pooling(pooling: Pooling | None, shape: list[int], feature_tensor: str) -> Pooling:
+    """The pooling for a feature tensor of this shape (batch 1): a map [1, C, h, w] is pooled (average
+    when not given), a vector [1, D] (or a 1x1 map) is not; a pooling that cannot apply is an error."""
+    shape_text = "[N, " + ", ".join(str(dim) for dim in shape[1:]) + "]"
+    if len(shape) == 2 or (len(shape) == 4 and shape[2] * shape[3] == 1):
+        if pooling in (None, "none"):
+            return "none"
+        if len(shape) == 2:
+            raise ModelPrepareError(
+                f"the feature tensor {feature_tensor!r} is already a pooled vector {shape_text}; use --pooling none")
+        return pooling
+    if len(shape) == 4:
+        if pooling == "none":
+            raise ModelPrepareError(
+                f"the feature tensor {feature_tensor!r} is a {shape[1]}x{shape[2]}x{shape[3]} map {shape_text}, not a "
+                f"vector; pool it (--pooling avg or gem) or cut at a pooled tensor")
+        return pooling or "avg"
+    raise ModelPrepareError(
+        f"the feature tensor {feature_tensor!r} has shape {shape_text}; expected a map [N, C, h, w] or a vector [N, D]")
 
 
 def append_head(model: onnx.ModelProto, feature_tensor: str, pooling: Pooling, gem_p: float) -> None:
-    """In place: feature [N, C, h, w] -> pooled -> [N, C] -> L2-normalised, as the only output."""
+    """In place: feature [N, C, h, w] -> pooled -> [N, C] -> L2-normalised, as the only output. With
+    pooling "none" the feature is already [N, D] (or [N, D, 1, 1]): flattened and normalised only."""
     graph = model.graph
 
     def constant(name: str, value: float) -> str:
@@ -262,8 +381,10 @@ def append_head(model: onnx.ModelProto, feature_tensor: str, pooling: Pooling, g
             helper.make_node("Pow", ["head/gem_clipped", constant("head/gem_p", gem_p)], ["head/gem_powered"], name="head/gem_pow"),
         ]
         features = "head/gem_powered"
-    nodes.append(helper.make_node("GlobalAveragePool", [features], ["head/pooled"], name="head/pool"))
-    pooled = "head/pooled"
+    pooled = features
+    if pooling != "none":
+        nodes.append(helper.make_node("GlobalAveragePool", [features], ["head/pooled"], name="head/pool"))
+        pooled = "head/pooled"
     if pooling == "gem":
         nodes.append(helper.make_node("Pow", [pooled, constant("head/gem_inv_p", 1.0 / gem_p)], ["head/gem_root"], name="head/gem_root"))
         pooled = "head/gem_root"
@@ -309,21 +430,37 @@ def _set_ir_version(model: onnx.ModelProto) -> None:
 
 
 def build_embedding_model(
-    source: onnx.ModelProto, input_name: str, feature_tensor: str, pooling: Pooling, gem_p: float
-) -> onnx.ModelProto:
+    source: onnx.ModelProto,
+    input_name: str,
+    feature_tensor: str,
+    pooling: Pooling | None,
+    gem_p: float,
+    size: int,
+    layout: InputLayout = "NCHW",
+) -> tuple[onnx.ModelProto, Pooling]:
+    """The embedding model, and the pooling it got (`pooling` None: chosen from the feature's shape)."""
     model = cut_at(source, input_name, feature_tensor)
     float16_to_float32(model)
     _set_ir_version(model)
     model = _upgrade_opset(model)
     _set_ir_version(model)
+    if layout == "NHWC":
+        nchw_input(model, input_name)
+    fix_input_size(model, input_name, size)
     make_batch_dynamic(model, input_name)
-    append_head(model, feature_tensor, pooling, gem_p)
+    features = feature_tensor
+    if features == OUTPUT_NAME or features.startswith(("head/", _SOURCE_PREFIX)):
+        # E.g. EfficientNet-Lite2's pooled "embedding": the head's output takes that name.
+        features = _SOURCE_PREFIX + feature_tensor
+        rename_tensor(model, feature_tensor, features)
+    pooling = resolve_pooling(pooling, probe_feature_shape(model, input_name, features, size), feature_tensor)
+    append_head(model, features, pooling, gem_p)
     model.producer_name = "vsearch model prepare"
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as error:
         raise ModelPrepareError(f"the embedding model does not pass onnx.checker: {error}") from error
-    return model
+    return model, pooling
 
 
 def verify_embedding_model(model: onnx.ModelProto, input_name: str, height: int, width: int) -> int:
@@ -366,28 +503,123 @@ def prepare_model(
     if preset not in PRESETS:
         raise ModelPrepareError(f"unknown preset {preset!r} (known: {', '.join(PRESETS)})")
     spec = PRESETS[preset]
-    feature_tensor = feature_tensor or spec.feature_tensor
-    pooling = pooling or spec.pooling
+    if feature_tensor and pooling is None and feature_tensor != spec.feature_tensor:
+        pooling_choice: Pooling | None = None  # another cut: pooled or not as its shape says
+    else:
+        pooling_choice = pooling or spec.pooling
+    _check_gem(pooling_choice, gem_p)
+    resolved = resolve_source(spec, source, verify_checksum=verify_checksum, shared_dir=shared_dir, cache_dir=cache_dir)
+    return _prepare(out_dir, spec, resolved, _load(resolved.path), feature_tensor or spec.feature_tensor,
+                    pooling_choice, gem_p, shared_dir=shared_dir, cache_dir=cache_dir)
+
+
+def _check_gem(pooling: Pooling | None, gem_p: float) -> None:
     if pooling == "gem" and gem_p <= 0:
         raise ModelPrepareError(f"GeM needs a positive p, got {gem_p}")
-    resolved = resolve_source(spec, source, verify_checksum=verify_checksum, shared_dir=shared_dir, cache_dir=cache_dir)
-    try:
-        source_model = onnx.load(str(resolved.path))
-    except Exception as error:  # noqa: BLE001 - protobuf decode errors vary
-        raise ModelPrepareError(f"cannot read {resolved.path} as an ONNX model: {error}") from error
 
-    model = build_embedding_model(source_model, spec.input_name, feature_tensor, pooling, gem_p)
+
+def _load(path: Path) -> onnx.ModelProto:
+    try:
+        return onnx.load(str(path))
+    except Exception as error:  # noqa: BLE001 - protobuf decode errors vary
+        raise ModelPrepareError(f"cannot read {path} as an ONNX model: {error}") from error
+
+
+def _prepare(
+    out_dir: Path, spec: ModelPreset, resolved: ResolvedSource, source_model: onnx.ModelProto, feature_tensor: str,
+    pooling: Pooling | None, gem_p: float, *, shared_dir: Path | None = None, cache_dir: Path | None = None,
+) -> ModelCard:
     size = spec.preprocessing.crop
-    declared = _input_size(model, spec.input_name)
-    if any(dim is not None and dim != size for dim in declared):
-        raise ModelPrepareError(f"the model input is {declared[0]}x{declared[1]}; the preset crops {size}x{size}")
+    model, pooling = build_embedding_model(
+        source_model, spec.input_name, feature_tensor, pooling, gem_p, size, spec.input_layout)
     dimension = verify_embedding_model(model, spec.input_name, size, size)
     model.graph.output[0].type.tensor_type.shape.dim[1].dim_value = dimension
 
     card = _make_card(spec, resolved, feature_tensor, pooling, gem_p, dimension)
+    # Search by words, where the source kept a classifier that is affine on these features (else the card
+    # stays as it is, and the reason is logged). Imported here: text_search imports this module.
+    from vsearch_cli.model_tools.text_search import add_text_search
+
+    card = add_text_search(card, source_model, out_dir, input_name=spec.input_name, input_layout=spec.input_layout,
+                           shared_dir=shared_dir or default_shared_dir(), cache_dir=cache_dir)
     write_prepared(out_dir, model, card)
     logger.info("prepared %s (%d-d, %s pooling) in %s", card.name, dimension, pooling, out_dir)
     return card
+
+
+def _graph_inputs(model: onnx.ModelProto) -> list[str]:
+    initializers = {tensor.name for tensor in model.graph.initializer}
+    return [value.name for value in model.graph.input if value.name not in initializers]
+
+
+_NAME_CHARACTERS = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+def prepare_custom_model(
+    out_dir: Path,
+    source: Path,
+    *,
+    name: str | None = None,
+    input_name: str | None = None,
+    input_size: int | None = None,
+    input_layout: InputLayout | Literal["auto"] = "auto",
+    resize_shorter: int | None = None,
+    interpolation: str = "bilinear",
+    channel_order: str = "RGB",
+    pixel_scale: float = 1 / 255,
+    mean: tuple[float, float, float] = IMAGENET_MEAN,
+    std: tuple[float, float, float] = IMAGENET_STD,
+    feature_tensor: str | None = None,
+    pooling: Pooling | None = None,
+    gem_p: float = 3.0,
+) -> ModelCard:
+    """Any image ONNX model, no preset: the caller says how images become its input. Defaults: the
+    model's only input, its declared square size, NCHW unless it is declared [N, H, W, 3], its only
+    output as the feature tensor, pooling from the feature's shape (a map is averaged, a vector is
+    left as it is), shorter side = size / 0.875, bilinear, RGB, 0..1 with ImageNet mean/std. The card
+    records the source's sha256 (no checksum is expected) and the preprocessing given."""
+    if not source.is_file():
+        raise ModelPrepareError(f"source model {source} not found")
+    _check_gem(pooling, gem_p)
+    source_model = _load(source)
+    inputs = _graph_inputs(source_model)
+    if input_name is None:
+        if len(inputs) != 1:
+            raise ModelPrepareError(f"the model has {len(inputs)} inputs ({', '.join(inputs)}); name one with --input-name")
+        input_name = inputs[0]
+    elif input_name not in inputs:
+        raise ModelPrepareError(f"the model has no input {input_name!r} (inputs: {', '.join(inputs)})")
+    layout: InputLayout = guess_layout(source_model, input_name) if input_layout == "auto" else input_layout
+    dims = _input_dims(source_model, input_name)
+    if len(dims) != 4:
+        raise ModelPrepareError(f"input {input_name!r} has {len(dims)} dimensions; expected an image batch (NCHW or NHWC)")
+    height, width = (dims[2], dims[3]) if layout == "NCHW" else (dims[1], dims[2])
+    if input_size is None:
+        if not isinstance(height, int) or not isinstance(width, int) or height != width:
+            raise ModelPrepareError(
+                f"input {input_name!r} is declared {dims} ({layout}): give its square size with --input-size")
+        input_size = height
+    if feature_tensor is None:
+        outputs = [value.name for value in source_model.graph.output]
+        if len(outputs) != 1:
+            raise ModelPrepareError(
+                f"the model has {len(outputs)} outputs ({', '.join(outputs)}); name the feature tensor with --feature-tensor")
+        feature_tensor = outputs[0]
+    try:
+        preprocessing = Preprocessing(
+            resize_shorter=resize_shorter or round(input_size / RESIZE_RATIO), crop=input_size,
+            interpolation=interpolation, channel_order=channel_order, pixel_scale=pixel_scale, mean=mean, std=std,
+        )
+    except ValidationError as error:
+        problems = "; ".join(f"{'.'.join(map(str, item['loc'])) or 'preprocessing'}: {item['msg']}" for item in error.errors())
+        raise ModelPrepareError(f"invalid preprocessing: {problems}") from None
+    card_name = name or _NAME_CHARACTERS.sub("-", source.stem).strip("-.") or "model"
+    resolved = ResolvedSource(source, file_sha256(source))
+    spec = ModelPreset(
+        name=card_name, file_name=source.name, sha256=resolved.sha256, url=None, input_name=input_name,
+        feature_tensor=feature_tensor, pooling=pooling or "avg", preprocessing=preprocessing, input_layout=layout,
+    )
+    return _prepare(out_dir, spec, resolved, source_model, feature_tensor, pooling, gem_p)
 
 
 def _make_card(

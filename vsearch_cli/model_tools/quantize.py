@@ -521,8 +521,14 @@ def quantize_embedding_model(
             "name": name or f"{card.name}-int8",
             "version": ModelCard.derive_quantized_version(card.version, quantization, file_sha256(int8_path)),
             "quantization": quantization,
+            # Its scores differ from the float model's: that calibration does not carry over.
+            "calibration": None,
         })
         int8_card = ModelCard.model_validate(int8_card.model_dump())
+        # The int8 vectors live in the float model's space: its text-search files come along unchanged.
+        from vsearch_cli.model_tools.text_search import carry_text_search
+
+        int8_card = carry_text_search(model_dir, out_dir, int8_card)
         write_prepared(out_dir, int8_model, int8_card)
         report.out_dir, report.card = out_dir, int8_card
         return report
