@@ -226,11 +226,14 @@ class TextSearch(_Frozen):
 
 class Adaptation(_Frozen):
     """How `vsearch model adapt` fitted this model to a catalog's labels (absent on other models): the graph
-    ends in z = L2((x - mean) @ projection) after the source's unit vector x (a regularised LDA), then,
+    ends in z = L2((x - mean) @ projection) after the source's unit vector x (a regularised LDA, fine-tuned
+    by a metric-learning loss with method "lda_metric_blend"), then,
     with 0 < blend < 1, L2([sqrt(1 - blend) x, sqrt(blend) z]), so that the cosine of two vectors is
     (1 - blend) x their source cosine + blend x their projected one."""
 
-    method: Literal["lda_blend"] = "lda_blend"
+    # "lda_metric_blend": the LDA projection fine-tuned by a metric-learning loss for `fine_tune_epochs`.
+    method: Literal["lda_blend", "lda_metric_blend"] = "lda_blend"
+    fine_tune_epochs: int = Field(0, ge=0)
     source_name: str
     source_version: str
     source_model_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")

@@ -16,7 +16,6 @@ Everything here is blocking (tokenizer, onnxruntime); `TextSearchService` runs i
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import importlib.metadata
 import logging
 import re
@@ -29,6 +28,7 @@ from typing import Callable
 import numpy as np
 
 from embedder_svc.model_card import ModelCard, TextEncoderSpec, TextSearch, TextTokenizer
+from service_kit.file_digest import file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -49,14 +49,6 @@ def normalise_text(text: str) -> str:
     """Unicode NFKC, runs of whitespace as one space, trimmed: what is embedded (and what the gateway's
     cache key is made of)."""
     return _WHITESPACE.sub(" ", unicodedata.normalize("NFKC", text)).strip()
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        while chunk := stream.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def resolve_text_file(model_dir: Path, file: str, package: str | None = None) -> Path:

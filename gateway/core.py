@@ -116,6 +116,13 @@ def search_response(found: QueryHits, model_version: str, generation: int) -> ga
     return response
 
 
+def expanded_query(text_vector: np.ndarray, hit_vectors: list[np.ndarray], weight: float) -> np.ndarray:
+    """Average query expansion: unit(unit(text_vector) + weight * mean(hit_vectors))."""
+    text_unit = text_vector / max(float(np.linalg.norm(text_vector)), 1e-12)
+    expanded = text_unit + weight * np.mean(hit_vectors, axis=0)
+    return (expanded / max(float(np.linalg.norm(expanded)), 1e-12)).astype(np.float32)
+
+
 def _served_from_cache(
     cached: gateway_pb2.VisualSearchResponse, started: float
 ) -> gateway_pb2.VisualSearchResponse:
@@ -225,7 +232,7 @@ class VisualSearchCore:
             self._remember_model(await self.downstream.model_info(deadline))
 
         search_started = time.perf_counter()
-        found = await self.downstream.search_query(query.index_request(vector.values), deadline)
+        found = await self._find(query, vector.values, deadline)
         search_ms = elapsed_ms(search_started)
 
         if self.shared is None:
@@ -246,6 +253,28 @@ class VisualSearchCore:
         response.timing.search_ms = search_ms
         response.timing.total_ms = elapsed_ms(started)
         return response
+
+    async def _find(self, query: SearchQuery, vector: np.ndarray, deadline: float | None) -> QueryHits:
+        """The query's hits. A text query with expansion is searched twice: its first hits' stored
+        vectors (one Get call) move the text vector into the region of the image vectors, and the
+        expanded vector is searched with the same collection, k, filter and min_score."""
+        expansion = query.expansion
+        if expansion is None:
+            return await self.downstream.search_query(query.index_request(vector), deadline)
+        first = await self.downstream.search_query(
+            query.index_request(vector, k=max(query.k, expansion.hits)), deadline
+        )
+        top_ids = [hit.id for hit in first.hits[:expansion.hits]]
+        stored: list[np.ndarray] = []
+        if len(top_ids) >= 2:
+            stored = await self.downstream.stored_vectors(query.request.collection, top_ids, deadline)
+        # One hit (or none, or ids deleted since) says too little about where the text's images lie:
+        # the first search is the answer.
+        if len(stored) < 2:
+            return QueryHits(first.hits[:query.k], first.generation)
+        return await self.downstream.search_query(
+            query.index_request(expanded_query(vector, stored, expansion.weight)), deadline
+        )
 
     @contextlib.asynccontextmanager
     async def _start_lookups(

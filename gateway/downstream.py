@@ -12,7 +12,6 @@ from typing import Awaitable, Callable, Hashable, Iterable, Sequence, TypeVar
 
 import grpc
 import numpy as np
-from google.protobuf.internal.containers import RepeatedCompositeFieldContainer
 
 from gateway.call_batching import CallBatcher
 from gateway.settings import GatewaySettings
@@ -85,7 +84,8 @@ class TextEmbedding:
 class QueryHits:
     """One query's answer from search_svc: its hits, best first, and the generation they were found at."""
 
-    hits: RepeatedCompositeFieldContainer[search_pb2.SearchHit]
+    # search_svc's repeated field, or the first k of it.
+    hits: Sequence[search_pb2.SearchHit]
     generation: int
 
 
@@ -266,20 +266,30 @@ class Downstream:
 
     async def stored_vector(self, collection: str, item_id: str, deadline: float | None) -> np.ndarray:
         """The vector stored for `item_id`; NOT_FOUND when there is no such item."""
-        response = await _call(
-            SEARCH, self.index.Get,
-            search_pb2.GetRequest(ids=[item_id], include_vectors=True, collection=collection),
-            _timeout(self.settings.search_timeout_s, deadline),
-        )
-        for item in response.items:
-            if item.id == item_id:
-                if not item.vector.values:
-                    raise ServiceError(
-                        grpc.StatusCode.INTERNAL, f"search: item {item_id!r} came back without its vector"
-                    )
-                return np.asarray(item.vector.values, dtype=np.float32)
+        for vector in await self.stored_vectors(collection, [item_id], deadline):
+            return vector
         where = f" in collection {collection!r}" if collection else ""  # Get finds nothing in a missing one
         raise ServiceError(grpc.StatusCode.NOT_FOUND, f"no item with id {item_id!r}{where}")
+
+    async def stored_vectors(
+        self, collection: str, item_ids: Sequence[str], deadline: float | None
+    ) -> list[np.ndarray]:
+        """The vectors stored for those of `item_ids` that exist (one Get call), in their order; an id
+        deleted since it was found is left out."""
+        response = await _call(
+            SEARCH, self.index.Get,
+            search_pb2.GetRequest(ids=item_ids, include_vectors=True, collection=collection),
+            _timeout(self.settings.search_timeout_s, deadline),
+        )
+        by_id = {item.id: item for item in response.items}
+        vectors = []
+        for item_id in item_ids:
+            if (item := by_id.get(item_id)) is None:
+                continue
+            if not item.vector.values:
+                raise ServiceError(grpc.StatusCode.INTERNAL, f"search: item {item_id!r} came back without its vector")
+            vectors.append(np.asarray(item.vector.values, dtype=np.float32))
+        return vectors
 
     async def upsert(
         self, items: list[search_pb2.Item], collection: str, deadline: float | None

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gateway.cache import KEY_PREFIX, embedding_cache_key, item_query_key, result_cache_key
-from gateway.settings import GatewaySettings
+from gateway.settings import GatewaySettings, TextExpansionSettings
 from service_kit.float_vectors import float_message
 from service_kit.status import invalid_argument
 from vsearch.v1 import embedder_pb2, gateway_pb2, search_pb2
@@ -107,6 +107,8 @@ class SearchQuery:
     # A text query's text, normalised, and its sha256; "" otherwise.
     text: str = ""
     text_sha256: str = ""
+    # A text query's expansion by its first hits (GATEWAY_TEXT_EXPANSION__*); None: searched once.
+    expansion: TextExpansionSettings | None = None
 
     @classmethod
     def parse(
@@ -153,7 +155,8 @@ class SearchQuery:
             if not 0.0 <= request.min_probability <= 1.0:  # NaN fails too
                 raise invalid_argument(f"min_probability must be within [0, 1], not {request.min_probability}")
         check_filter_numbers(request.filter)
-        return cls(request, k, min_score, crop, image_sha256, model_version, text, text_sha256)
+        expansion = settings.text_expansion if query == "text" and settings.text_expansion.hits else None
+        return cls(request, k, min_score, crop, image_sha256, model_version, text, text_sha256, expansion)
 
     @property
     def min_probability(self) -> float | None:
@@ -180,15 +183,22 @@ class SearchQuery:
     def result_key(self) -> str:
         """Where this query's latest result is cached (with the generation it was computed at)."""
         query_key = self.embedding_key or item_query_key(self.request.collection, self.request.item_id)
+        if self.expansion is not None:
+            # Another expansion gives another result: gateways sharing Redis with other settings must
+            # not serve each other's.
+            query_key += f":expanded:{self.expansion.hits}:{self.expansion.weight!r}"
         return result_cache_key(query_key, self.k, self.request.filter, self.min_score, self.request.collection)
 
     def by_model(self, model_version: str) -> SearchQuery:
         """The same query, its embedding made by another model (the embedder was redeployed)."""
         return dataclasses.replace(self, model_version=model_version)
 
-    def index_request(self, vector: np.ndarray) -> search_pb2.SearchRequest:
+    def index_request(self, vector: np.ndarray, k: int | None = None) -> search_pb2.SearchRequest:
+        """The search of `vector` with this query's collection, filter and min_score; k is the query's
+        unless given (a text query's first search, when expansion feeds back more hits than k)."""
         request = search_pb2.SearchRequest(
-            queries=[float_message(search_pb2.Vector, vector)], k=self.k, filter=self.request.filter,
+            queries=[float_message(search_pb2.Vector, vector)], k=self.k if k is None else k,
+            filter=self.request.filter,
             collection=self.request.collection,
         )
         if self.min_score is not None:

@@ -122,6 +122,28 @@ class CorsSettings(BaseModel):
         return values
 
 
+class TextExpansionSettings(BaseModel):
+    """Query expansion for text queries (``GATEWAY_TEXT_EXPANSION__HITS``): after the first search, the
+    text's unit vector plus `weight` times the mean stored vector of its top `hits` hits is searched
+    again, and that answer is the result. A text vector lies away from where the image vectors are; the
+    images it finds first pull it into their region (see docs/models.md, "Search by words")."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # Hits of the first search fed back (m); 0 turns expansion off. A first search with fewer than 2
+    # hits is answered as it is.
+    hits: int = Field(10, ge=0, le=100)
+    # How much the hits' mean vector counts against the text's unit vector.
+    weight: float = Field(1.0, gt=0)
+
+    @field_validator("hits")
+    @classmethod
+    def _hits_to_average(cls, value: int) -> int:
+        if value == 1:
+            raise ValueError("expansion averages at least 2 hits: give 0 (off) or 2..100")
+        return value
+
+
 class GatewaySettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="GATEWAY_")
 
@@ -171,6 +193,8 @@ class GatewaySettings(ServiceSettings):
     embed_timeout_s: float = Field(10.0, gt=0)
     search_timeout_s: float = Field(5.0, gt=0)
     write_timeout_s: float = Field(30.0, gt=0)
+
+    text_expansion: TextExpansionSettings = TextExpansionSettings()
 
     default_k: int = Field(10, ge=1)
     max_k: int = Field(1000, ge=1)

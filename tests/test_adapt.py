@@ -46,6 +46,9 @@ def test_adapt_prints_source_and_adapted_side_by_side_and_records_the_fit(adapte
     assert adaptation.classes == sorted(CALTECH_SAMPLE_CLASSES)
     assert adaptation.fit_images == 72
     assert adaptation.projection_dimension == len(CALTECH_SAMPLE_CLASSES) - 1
+    # The default method fine-tunes the LDA for the epochs the internal validation chose (0 keeps the LDA).
+    assert adaptation.method == ("lda_metric_blend" if adaptation.fine_tune_epochs else "lda_blend")
+    assert f"fine-tuning epochs {adaptation.fine_tune_epochs}," in result.stdout
     expected = adaptation.projection_dimension + (1280 if adaptation.blend < 1 else 0)
     assert card.output.dimension == adaptation.dimension == expected
     before = adaptation.metrics["guard_held_out_images_source_map_at_100"]
@@ -117,3 +120,51 @@ def test_bad_options_are_refused_before_anything_is_embedded(caltech_sample, mob
     result = run_cli(*adapt_args(caltech_sample, mobilenet_dir, caltech_sample.labels_csv, mobilenet_dir))
     assert result.returncode == 1 and "--out must differ" in result.stderr
     assert json.loads((mobilenet_dir / "model_card.json").read_text()).get("adaptation") is None
+
+
+def test_the_metric_loss_gradients_match_finite_differences():
+    from vsearch_cli.model_tools.adapt import proxy_loss_gradients
+
+    rng = np.random.default_rng(0)
+    centred, labels = rng.normal(size=(20, 6)), rng.integers(0, 4, 20)
+    projection, proxies = rng.normal(size=(6, 3)), rng.normal(size=(4, 3))
+    _, projection_gradient, proxy_gradient = proxy_loss_gradients(centred, labels, projection, proxies, 8.0)
+    for parameter, gradient in ((projection, projection_gradient), (proxies, proxy_gradient)):
+        numeric = np.zeros_like(parameter)
+        for index in np.ndindex(parameter.shape):
+            saved = parameter[index]
+            parameter[index] = saved + 1e-6
+            above = proxy_loss_gradients(centred, labels, projection, proxies, 8.0)[0]
+            parameter[index] = saved - 1e-6
+            below = proxy_loss_gradients(centred, labels, projection, proxies, 8.0)[0]
+            parameter[index] = saved
+            numeric[index] = (above - below) / 2e-6
+        assert np.abs(numeric - gradient).max() < 1e-5 * max(1.0, np.abs(gradient).max())
+
+
+def test_metric_selection_keeps_fine_tuning_that_validates_better_than_the_lda_and_zero_epochs_is_the_lda():
+    from vsearch_cli.model_tools.adapt import (
+        blend_vectors,
+        fine_tune,
+        fit_lda,
+        select_adaptation,
+    )
+
+    # Eight labels in 20-d whose noise is far from isotropic: room for a projection to learn.
+    rng = np.random.default_rng(0)
+    labels = np.repeat([f"label{index}" for index in range(8)], 30)
+    vectors = (0.6 * rng.normal(size=(8, 20))[np.repeat(np.arange(8), 30)]
+               + rng.normal(size=(240, 20)) * np.linspace(0.2, 2.0, 20))
+    lda = select_adaptation(vectors, labels, method="lda")
+    metric = select_adaptation(vectors, labels, method="metric")
+    assert lda.epochs == 0 and metric.method == "metric"
+    # The LDA (epoch 0) is among the metric method's candidates, so epochs are kept only for a gain; here
+    # (a gradient of the wrong sign, or none, would keep 0) the fine-tuning validates better.
+    assert metric.epochs > 0 and metric.chosen.seen > lda.chosen.seen
+    assert {candidate.epochs for candidate in metric.candidates} == {0, 5, 10, 15, 20, 25, 30}
+    fit = fit_lda(vectors, labels, metric.shrinkage)
+    # Zero epochs: the LDA's vectors (its projection only rescaled, which the normalisation undoes).
+    untouched = fine_tune(fit, vectors, labels, 0)
+    assert np.allclose(blend_vectors(vectors, untouched, 1.0), blend_vectors(vectors, fit, 1.0), atol=1e-12)
+    tuned = fine_tune(fit, vectors, labels, 5)
+    assert tuned.epochs == 5 and not np.allclose(tuned.projection, untouched.projection)

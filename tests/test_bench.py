@@ -98,7 +98,10 @@ def test_search_figures(report):
             assert len(level["bound_images_per_s_runs"]) == 2 and level["bound_images_per_s"] > 0
     bound = search["bound"]
     assert bound["images_per_s"] > 0 and len(bound["images_per_s_runs"]) == 2 * len(CONCURRENCY)
-    assert bound["images_per_s"] < min(bound["decode_alone"]["images_per_s"], bound["model_alone"]["images_per_s"])
+    # The stage figures reported are the first run's; the bound is the mean over the runs (the VM drifts).
+    decode, model = bound["decode_alone"]["images_per_s"], bound["model_alone"]["images_per_s"]
+    assert bound["images_per_s_runs"][0] == round(1.0 / (1.0 / decode + 1.0 / model), 2) < min(decode, model)
+    assert min(bound["images_per_s_runs"]) <= bound["images_per_s"] <= max(bound["images_per_s_runs"])
     targets = search["targets"]
     assert [entry["concurrency"] for entry in targets["hit_p50_over_miss_p50"]] == list(CONCURRENCY)
     assert all(entry["value"] > 0 for entry in targets["miss_p50_over_floor"])

@@ -25,6 +25,10 @@ def test_settings_from_the_environment(monkeypatch):
     assert settings.generation_refresh_ms == 250
     assert (settings.default_k, settings.max_k, settings.add_batch_size) == (10, 1000, 32)
     assert settings.max_image_bytes == 20 * 1024 * 1024
+    assert (settings.text_expansion.hits, settings.text_expansion.weight) == (10, 1.0)
+    monkeypatch.setenv("GATEWAY_TEXT_EXPANSION__HITS", "0")
+    monkeypatch.setenv("GATEWAY_TEXT_EXPANSION__WEIGHT", "0.5")
+    assert GatewaySettings().text_expansion.model_dump() == {"hits": 0, "weight": 0.5}
 
 
 def test_downstream_addresses_are_required(monkeypatch):
@@ -67,6 +71,8 @@ def test_http_limits_and_readiness_settings(monkeypatch):
     ("GATEWAY_HTTP__MAX_CONNECTIONS", "0"), ("GATEWAY_HTTP__MAX_HEADER_BYTES", "100"),
     ("GATEWAY_HTTP__NO_SUCH_LIMIT", "1"), ("GATEWAY_DOWNSTREAM_GRACE_S", "-1"),
     ("GATEWAY_DOWNSTREAM_CHECK_INTERVAL_S", "0"),
+    ("GATEWAY_TEXT_EXPANSION__HITS", "1"), ("GATEWAY_TEXT_EXPANSION__HITS", "101"),
+    ("GATEWAY_TEXT_EXPANSION__WEIGHT", "0"),
 ])
 def test_bad_limits_are_refused(monkeypatch, name, value):
     monkeypatch.setenv("GATEWAY_EMBEDDER_ADDRESS", "embedder:50052")

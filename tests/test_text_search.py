@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import io
 import json
 import shutil
 from pathlib import Path
@@ -17,12 +18,14 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from PIL import Image
 
 from conftest import CHROMIUM_FLAGS, REPO_ROOT, VSEARCH, embedder_settings, in_process_stack, run_cli, running_embedder
 from dual_encoder import COLOURS, build_dual_encoder, colour_image, write_tokenizer_json
 from embedder_svc.model_card import read_model_card, write_model_card
 from embedder_svc.text_search import TextSearcher, load_text_encoder
-from vsearch.v1 import embedder_pb2, gateway_pb2, search_pb2
+from gateway.settings import TextExpansionSettings
+from vsearch.v1 import embedder_pb2, embedder_pb2_grpc, gateway_pb2, search_pb2, search_pb2_grpc
 from vsearch_cli.model_tools.text_search import (
     TextSearchError,
     cached_name_similarities,
@@ -129,6 +132,94 @@ async def test_text_search_works_per_collection(tmp_path, dual_dir):
         assert [hit.id for hit in reply.hits][:1] == ["red-0"] or reply.hits[0].id.startswith("red")
         empty = await text_search(stack, "red")  # the default collection holds nothing
         assert not empty.hits
+
+
+# Solid colours around red in the dual encoder's chroma plane (tests/dual_encoder.py): "red" is closest to
+# orange-0, then to the pink distractor, then to the other oranges; the oranges' mean lies on their side.
+EXPANSION_CATALOG = {
+    "orange-0": (209, 97, 78), "pink-0": (208, 73, 103), "orange-1": (204, 117, 64), "orange-2": (201, 122, 60),
+    "orange-3": (199, 128, 57),
+}
+
+
+def solid_image(rgb: tuple[int, int, int]) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (48, 40), rgb).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+async def index_expansion_catalog(stack) -> None:
+    requests = []
+    for item_id, rgb in EXPANSION_CATALOG.items():
+        request = gateway_pb2.AddImageRequest(id=item_id, image=solid_image(rgb))
+        request.metadata.update({"category": item_id.split("-")[0]})
+        requests.append(request)
+    summary = await stack.stub.AddImages(iter(requests), timeout=60)
+    assert summary.indexed == len(requests), summary
+
+
+async def text_and_stored_vectors(stack, text: str) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The text's query vector (the embedder's) and every stored vector (search_svc's), asked directly."""
+    async with grpc.aio.insecure_channel(stack.embedder_server.address) as channel:
+        reply = await embedder_pb2_grpc.EmbedderStub(channel).EmbedTexts(
+            embedder_pb2.EmbedTextsRequest(texts=[text]), timeout=10)
+    async with grpc.aio.insecure_channel(stack.search_server.address) as channel:
+        found = await search_pb2_grpc.VectorSearchStub(channel).Get(
+            search_pb2.GetRequest(ids=list(EXPANSION_CATALOG), include_vectors=True), timeout=10)
+    return (np.asarray(reply.results[0].embedding.values),
+            {item.id: np.asarray(item.vector.values) for item in found.items})
+
+
+def expected_scores(text_vector: np.ndarray, fed_back: list[np.ndarray], stored: dict[str, np.ndarray]) -> dict[str, float]:
+    query = text_vector / np.linalg.norm(text_vector) + np.mean(fed_back, axis=0)
+    query /= np.linalg.norm(query)
+    return {item_id: float(query @ vector) for item_id, vector in stored.items()}
+
+
+async def test_text_expansion_by_the_first_hits_moves_a_distractor_down_and_keeps_to_the_filter(tmp_path, dual_dir):
+    """The text vector alone ranks the pink distractor second; expanded by its first hits (the default
+    10, of which 4 are orange) the query moves towards the oranges, which then fill the top 3. With
+    `hits` 0 the gateway searches once."""
+    async with in_process_stack(tmp_path / "off", dual_dir, text_expansion=TextExpansionSettings(hits=0)) as stack:
+        await index_expansion_catalog(stack)
+        once = await text_search(stack, "red")
+        assert [hit.id for hit in once.hits] == ["orange-0", "pink-0", "orange-1"]
+
+    async with in_process_stack(tmp_path / "on", dual_dir) as stack:
+        assert stack.gateway_server.settings.text_expansion == TextExpansionSettings(hits=10, weight=1.0)
+        await index_expansion_catalog(stack)
+        expanded = await text_search(stack, "red")
+        assert [hit.id for hit in expanded.hits] == ["orange-0", "orange-1", "orange-2"]
+        assert expanded.understood_as == "" and not expanded.from_cache
+        # The result cache holds the expanded answer.
+        again = await text_search(stack, "red")
+        assert again.from_cache and [hit.id for hit in again.hits] == [hit.id for hit in expanded.hits]
+
+        # The scores are those of unit(text + mean of the hits' stored vectors), all five items here.
+        text_vector, stored = await text_and_stored_vectors(stack, "red")
+        everything = expected_scores(text_vector, [stored[item_id] for item_id in EXPANSION_CATALOG], stored)
+        assert [hit.score for hit in expanded.hits] == pytest.approx([everything[hit.id] for hit in expanded.hits],
+                                                                      abs=1e-4)
+
+        # Both searches keep to the filter: without pink, only the oranges are fed back (the scores say
+        # so: with pink among them they would differ), and only oranges come back.
+        not_pink = search_pb2.Filter(conditions=[
+            search_pb2.Condition(field="category", op=search_pb2.NE, value=_value("pink"))])
+        filtered = await text_search(stack, "red", k=5, filter=not_pink)
+        assert [hit.id for hit in filtered.hits] == ["orange-0", "orange-1", "orange-2", "orange-3"]
+        oranges = expected_scores(text_vector, [stored[item_id] for item_id in EXPANSION_CATALOG if item_id != "pink-0"],
+                                  stored)
+        assert [hit.score for hit in filtered.hits] == pytest.approx([oranges[hit.id] for hit in filtered.hits], abs=1e-4)
+        assert abs(oranges["orange-3"] - everything["orange-3"]) > 1e-3
+        # A first search with one hit is answered as it is: the text's own score.
+        pink_only = search_pb2.Filter(conditions=[
+            search_pb2.Condition(field="category", op=search_pb2.EQ, value=_value("pink"))])
+        filtered = await text_search(stack, "red", k=5, filter=pink_only)
+        assert [hit.id for hit in filtered.hits] == ["pink-0"]
+        assert filtered.hits[0].score == pytest.approx(float(text_vector @ stored["pink-0"]), abs=1e-4)
+        # A text that names nothing still answers no hits, with its reason.
+        nothing = await text_search(stack, "xylophone")
+        assert not nothing.hits and nothing.no_good_match and "no direction" in nothing.no_match_reason
 
 
 async def test_cli_searches_by_words_and_eval_scores_text_templates(tmp_path, dual_dir):

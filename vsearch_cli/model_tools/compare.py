@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import json
 import math
 import os
@@ -37,6 +36,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
+
+from service_kit.file_digest import file_sha256
 
 if TYPE_CHECKING:
     from embedder_svc.backends import InferenceBackend
@@ -143,14 +144,6 @@ class ModelRig:
         await self.backend.close()
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        while chunk := stream.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 class VectorCache:
     """One file per model (named by its card's name and version and the model file's sha256) holding
     the vectors of every image it embedded, keyed by the image's path, size and modification time:
@@ -159,7 +152,7 @@ class VectorCache:
     def __init__(self, cache_dir: Path, rig: ModelRig) -> None:
         from embedder_svc.model_card import MODEL_FILE_NAME
 
-        model_sha = _sha256(rig.model_dir / MODEL_FILE_NAME)[:16]
+        model_sha = file_sha256(rig.model_dir / MODEL_FILE_NAME)[:16]
         self.path = cache_dir / f"{rig.card.name}-{rig.card.version}-{model_sha}.npz"
         self.rows: dict[str, int] = {}
         self.vectors = np.zeros((0, rig.card.output.dimension), dtype=np.float32)

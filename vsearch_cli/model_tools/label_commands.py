@@ -54,6 +54,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     adapt.add_argument("--unseen-tolerance", type=float, default=0.02,
                        help="largest drop of mAP@100 on labels held out of the internal validation's fit that the "
                             "chosen blend may cost (default 0.02)")
+    adapt.add_argument("--method", choices=("lda", "metric"), default="metric",
+                       help="lda: the regularised LDA alone; metric (default): the LDA then fine-tuned with a "
+                            "metric-learning loss for the epochs the internal validation chooses (0 keeps the LDA)")
     adapt.add_argument("--name", help="model name on the new card (default: <source name>-adapted)")
     adapt.add_argument("--out", type=Path, required=True, help="directory for the adapted model")
     adapt.set_defaults(func=run_adapt)
@@ -98,7 +101,7 @@ def run_adapt(args: argparse.Namespace) -> int:
         print(report.table())
         selection = report.selection
         print(f"\nfit: {report.fit_images} images ({report.labelled}); shrinkage {selection.shrinkage:g}, "
-              f"blend {selection.blend:g}, {report.source_dimension}-d -> {report.dimension}-d")
+              f"fine-tuning epochs {selection.epochs}, blend {selection.blend:g}, {report.source_dimension}-d -> {report.dimension}-d")
         print(f"guard: map_at_100 {report.guard_source:.4f} -> {report.guard_adapted:.4f} "
               f"({report.guard_adapted - report.guard_source:+.4f}, tolerance {report.tolerance:.4f}) on "
               f"{report.held_out_images} held-out images")
@@ -107,7 +110,7 @@ def run_adapt(args: argparse.Namespace) -> int:
         labelled = _read_labels(args)
         report = adapt_model(args.model_dir, args.out, labelled, tolerance=args.tolerance,
                              unseen_tolerance=args.unseen_tolerance, name=args.name, batch_size=args.batch_size,
-                             seed=args.seed, progress=progress)
+                             seed=args.seed, method=args.method, progress=progress)
     except AdaptGuardError as error:
         show(error.report)
         print(f"vsearch model adapt: {error}", file=sys.stderr)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Sequence
 
 from vsearch_cli.evaluation.labelled_csv import LabelsFileError, read_label_rows
-from vsearch_cli.model_tools.prepare import file_sha256
+from service_kit.file_digest import file_sha256
 
 # Without a split column: the share of each label's images held out of the fit, to check it on.
 DEFAULT_HOLDOUT_SHARE = 0.25

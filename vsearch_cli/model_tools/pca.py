@@ -23,7 +23,8 @@ import numpy as np
 import onnx
 
 from embedder_svc.model_card import ModelCard, PcaReduction
-from vsearch_cli.model_tools.prepare import file_sha256, write_prepared
+from service_kit.file_digest import file_sha256
+from vsearch_cli.model_tools.prepare import write_prepared
 from vsearch_cli.model_tools.projection_head import (
     HeadError,
     append_projection,

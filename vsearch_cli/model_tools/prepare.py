@@ -42,6 +42,7 @@ from embedder_svc.model_card import (
     read_model_card,
     write_model_card,
 )
+from service_kit.file_digest import file_sha256
 from vsearch_cli.checkout import default_shared_dir
 from vsearch_cli.model_tools.presets import DEFAULT_PRESET, PRESETS, InputLayout, ModelPreset, Pooling
 
@@ -75,14 +76,6 @@ class ChecksumMismatchError(ModelPrepareError):
 def default_cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "vsearch" / "models"
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        while chunk := stream.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _check_sha256(what: str, actual: str, expected: str, hint: str = "") -> None:

@@ -50,6 +50,7 @@ from embedder_svc.model_card import (
     TextTokenizer,
 )
 from embedder_svc.text_search import TextEncoder, TextSearchUnavailable, load_text_encoder
+from service_kit.file_digest import file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -129,14 +130,6 @@ class TextSearchError(Exception):
 
 
 # ---- assets --------------------------------------------------------------------------------------
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        while chunk := stream.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def find_asset(asset: TextAsset, shared_dir: Path, cache_dir: Path | None) -> Path:
