@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import secrets
 import sys
@@ -17,7 +18,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Awaitable, Iterable, Iterator, Sequence
+from typing import AsyncIterator, Awaitable, Iterable, Iterator, Sequence
 
 import grpc
 import numpy as np
@@ -376,6 +377,45 @@ def calibration_error_of(outcomes: Sequence[QueryOutcome], catalog: Sequence[Lab
     }
 
 
+@dataclass
+class IndexedCatalog:
+    collection: str
+    indexed: list[LabelledImage]
+    failures: dict[str, str]  # id -> "CODE: message" of the images the gateway refused
+    index_s: float
+    dropped: bool = False
+
+
+@contextlib.asynccontextmanager
+async def evaluation_collection(
+    stub: gateway_pb2_grpc.VisualSearchStub, catalog: Sequence[LabelledImage], collection: str, gateway: str,
+    keep_collection: bool, show_progress: bool,
+) -> AsyncIterator[IndexedCatalog]:
+    """Indexes `catalog` into the fresh `collection` and checks the count; on the way out drops the
+    collection (unless `keep_collection`; `dropped` says whether it went) and turns the gateway's errors
+    into an `EvalError`."""
+    await require_collection_support(stub, collection)
+    indexed_catalog = IndexedCatalog(collection, [], {}, 0.0)
+    try:
+        index_started = time.perf_counter()
+        failures = await index_catalog(stub, catalog, collection, show_progress)
+        indexed_catalog.index_s = time.perf_counter() - index_started
+        indexed_catalog.failures = failures
+        indexed_catalog.indexed = [image for image in catalog if image.id not in failures]
+        if not indexed_catalog.indexed:
+            raise EvalError(f"no catalog image could be indexed, e.g. {next(iter(failures.items()))}")
+        stats = await stub.Stats(gateway_pb2.VisualStatsRequest(collection=collection), timeout=CONTROL_TIMEOUT_S)
+        if stats.count != len(indexed_catalog.indexed):
+            raise EvalError(f"collection {collection} holds {stats.count} items after indexing "
+                            f"{len(indexed_catalog.indexed)}")
+        yield indexed_catalog
+    except grpc.aio.AioRpcError as error:
+        raise EvalError(f"gateway {gateway}: {rpc_message(error)}") from None
+    finally:
+        if not keep_collection:
+            indexed_catalog.dropped = await drop_collection(stub, collection)
+
+
 async def evaluate(
     eval_set: EvalSet, gateway: str, k: int, concurrency: int = 8, keep_collection: bool = False,
     api_key: str | None = None,
@@ -393,20 +433,9 @@ async def evaluate(
     hits_wanted = max(k + 1, NS_DEPTH)
     async with gateway_channel(gateway, api_key) as channel:
         stub = gateway_pb2_grpc.VisualSearchStub(channel)
-        await require_collection_support(stub, collection)
-        dropped = False
-        try:
-            index_started = time.perf_counter()
-            catalog_failures = await index_catalog(stub, eval_set.catalog, collection, show_progress)
-            index_s = time.perf_counter() - index_started
-            indexed = [image for image in eval_set.catalog if image.id not in catalog_failures]
-            if not indexed:
-                raise EvalError(f"no catalog image could be indexed, e.g. {next(iter(catalog_failures.items()))}")
-            stats = await stub.Stats(gateway_pb2.VisualStatsRequest(collection=collection), timeout=CONTROL_TIMEOUT_S)
-            if stats.count != len(indexed):
-                raise EvalError(f"collection {collection} holds {stats.count} items after indexing "
-                                f"{len(indexed)}")
-
+        async with evaluation_collection(
+            stub, eval_set.catalog, collection, gateway, keep_collection, show_progress,
+        ) as catalog:
             search_started = time.perf_counter()
             if text_templates:
                 labels = sorted({image.label for image in eval_set.queries})
@@ -421,11 +450,7 @@ async def evaluate(
             search_s = time.perf_counter() - search_started
             if not outcomes and not text_templates:
                 raise EvalError(f"every query failed, e.g. {next(iter(query_failures.items()))}")
-        except grpc.aio.AioRpcError as error:
-            raise EvalError(f"gateway {gateway}: {rpc_message(error)}") from None
-        finally:
-            if not keep_collection:
-                dropped = await drop_collection(stub, collection)
+    indexed, catalog_failures, index_s, dropped = catalog.indexed, catalog.failures, catalog.index_s, catalog.dropped
 
     if text_templates:
         return {
@@ -496,6 +521,9 @@ def format_text_report(report: dict) -> str:
 def format_report(report: dict) -> str:
     if "text" in report:
         return format_text_report(report)
+    if "copies" in report:
+        from vsearch_cli.evaluation.copy_eval import format_copies_report  # builds on this module
+        return format_copies_report(report)
     lines = [f"{label.format(k=report['k']):<50} {report[key]:.4f}" for key, label in METRIC_ROWS]
     if "calibration_error" in report:
         lines.append(f"{'calibration error (ECE, 10 bins, hits scored)':<50} {report['calibration_error']:.4f} "
@@ -529,17 +557,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
         except (ValueError, KeyError, IndexError) as error:
             print(f"vsearch eval: --text-template {template!r}: {error}", file=sys.stderr)
             return 2
+    if args.copies is not None and args.text_template:
+        print("vsearch eval: --copies and --text-template are two different evaluations; give one", file=sys.stderr)
+        return 2
     collection = new_collection_name()
     try:
         eval_set = load_eval_set(
             Path(args.images), Path(args.labels), args.path_col, args.label_col, args.split_col,
             args.catalog_split, args.query_split, args.exclude_label or (),
         )
-        report = asyncio.run(evaluate(
-            eval_set, args.gateway, args.k, args.concurrency, args.keep_collection, api_key=args.api_key,
-            show_progress=args.progress or sys.stderr.isatty(), collection=collection,
-            text_templates=args.text_template or (),
-        ))
+        show_progress = args.progress or sys.stderr.isatty()
+        if args.copies is not None:
+            # Imported here: copy_eval builds on this module.
+            from vsearch_cli.evaluation.copy_eval import evaluate_copies
+            report = asyncio.run(evaluate_copies(
+                eval_set.catalog, args.gateway, args.copies, seed=args.seed, concurrency=args.concurrency,
+                keep_collection=args.keep_collection, api_key=args.api_key, show_progress=show_progress,
+                collection=collection,
+            ))
+        else:
+            report = asyncio.run(evaluate(
+                eval_set, args.gateway, args.k, args.concurrency, args.keep_collection, api_key=args.api_key,
+                show_progress=show_progress, collection=collection, text_templates=args.text_template or (),
+            ))
     except EvalError as error:
         print(f"vsearch eval: {error}", file=sys.stderr)
         return error.exit_code
@@ -583,6 +623,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                             help="search by words instead of the query images: one query per query label, "
                                  "TEMPLATE with {label} replaced by the label's words (underscores as spaces), "
                                  "e.g. \"a photo of a {label}\"; repeatable (each scored on its own)")
+    evaluation.add_argument("--copies", type=int, metavar="N",
+                            help="instead of the query rows: transformed copies (crops to 70%% and 50%%, JPEG "
+                                 "quality 20, half size, rotation, mirror, greyscale, brightness, a caption) of N "
+                                 "catalog images; reports recall@1 and @10 of the original per transform")
+    evaluation.add_argument("--seed", type=int, default=0, help="of the --copies sample and transforms (default 0)")
     evaluation.add_argument("--json", action="store_true", help="print one JSON object")
     evaluation.add_argument("--progress", action="store_true", help="show progress bars even when not on a terminal")
     evaluation.set_defaults(func=cmd_eval)
