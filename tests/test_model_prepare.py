@@ -16,7 +16,9 @@ from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
 from embedder_svc.image_decoding import ImageDecoder
-from embedder_svc.model_card import CARD_FILE_NAME, MODEL_FILE_NAME, InputSpec, Preprocessing, read_model_card
+from embedder_svc.model_card import (
+    CARD_FILE_NAME, MODEL_FILE_NAME, InputSpec, Preprocessing, read_model_card, write_model_card,
+)
 from vsearch_cli.model_tools.prepare import (
     ChecksumMismatchError,
     ModelPrepareError,
@@ -134,6 +136,19 @@ def test_ensure_model_prepares_once(tmp_path: Path, shared_dir: Path) -> None:
     stamp = (first / MODEL_FILE_NAME).stat().st_mtime_ns
     assert ensure_model(SQUEEZENET, tmp_path, shared_dir=shared_dir) == first
     assert (first / MODEL_FILE_NAME).stat().st_mtime_ns == stamp
+
+
+def test_ensure_model_prepares_again_a_model_prepared_before_search_by_words(
+    tmp_path: Path, mobilenet_dir: Path, shared_dir: Path,
+) -> None:
+    stale = tmp_path / MOBILENET
+    shutil.copytree(mobilenet_dir, stale)
+    shutil.rmtree(stale / "text")
+    write_model_card(stale, read_model_card(stale).model_copy(update={"text": None}))
+    assert ensure_model(MOBILENET, tmp_path, shared_dir=shared_dir) == stale
+    card = read_model_card(stale)
+    assert card.text is not None and card.text.kind == "classifier" and (stale / card.text.classifier.file).is_file()
+    assert card.version == read_model_card(mobilenet_dir).version
 
 
 def test_unknown_feature_tensor_is_a_clear_error(tmp_path: Path, shared_dir: Path) -> None:

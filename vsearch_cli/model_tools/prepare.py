@@ -650,12 +650,16 @@ def write_prepared(out_dir: Path, model: onnx.ModelProto, card: ModelCard) -> No
 
 def ensure_model(preset: str, models_dir: Path, *, shared_dir: Path | None = None, cache_dir: Path | None = None) -> Path:
     """`models_dir`/`preset`, prepared with the preset's defaults unless it already holds that
-    preset's model. Returns the directory to give the embedder as EMBEDDER_MODEL_DIR."""
+    preset's model. Returns the directory to give the embedder as EMBEDDER_MODEL_DIR. A model prepared
+    before search by words existed (a preset that has it, a card without it) is prepared again, so an
+    upgraded checkout's `vsearch up` does not keep refusing words."""
     target = models_dir / preset
     try:
         card = read_model_card(target)
         if card.name == preset and (target / MODEL_FILE_NAME).is_file():
-            return target
+            if card.text is not None or preset not in PRESETS or not PRESETS[preset].searchable_by_words:
+                return target
+            logger.info("%s was prepared without search by words: preparing it again", target)
     except ModelCardError:
         pass
     prepare_model(target, preset=preset, shared_dir=shared_dir, cache_dir=cache_dir)

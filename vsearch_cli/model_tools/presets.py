@@ -29,6 +29,8 @@ class ModelPreset:
     pooling: Pooling
     preprocessing: Preprocessing
     input_layout: InputLayout = "NCHW"
+    # Its classifier is affine on the features, so `prepare` gives it search by words (a card `text` section).
+    searchable_by_words: bool = False
 
 
 PRESETS: dict[str, ModelPreset] = {
@@ -47,6 +49,7 @@ PRESETS: dict[str, ModelPreset] = {
                 resize_shorter=256, crop=224, interpolation="bilinear", channel_order="RGB",
                 pixel_scale=1 / 255, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
             ),
+            searchable_by_words=True,
         ),
         ModelPreset(
             name="squeezenet1.0-fp16",
@@ -80,6 +83,7 @@ PRESETS: dict[str, ModelPreset] = {
                 resize_shorter=296, crop=260, interpolation="bicubic", channel_order="RGB",
                 pixel_scale=1.0, mean=(127.0, 127.0, 127.0), std=(128.0, 128.0, 128.0),
             ),
+            searchable_by_words=True,
         ),
     )
 }
