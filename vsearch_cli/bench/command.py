@@ -212,7 +212,7 @@ async def _check_external_model(gateway: str, model_version: str) -> str | None:
 
 async def run_stack_sections(args: argparse.Namespace, sections: list[str], report: dict[str, Any],
                              out_path: Path) -> None:
-    from vsearch_cli.bench.common import ModelRig
+    from vsearch_cli.model_rig import ModelRig
     from vsearch_cli.bench.ingest import IngestConfig, run_ingest
     from vsearch_cli.bench.search import SearchConfig, run_search
     from vsearch_cli.bench.stack import bench_stack

@@ -24,7 +24,8 @@ import grpc
 import numpy as np
 from google.protobuf import struct_pb2
 
-from vsearch_cli.bench.common import BenchError, ModelRig, latency_summary, rate, ratio, read_all, sample_images
+from vsearch_cli.bench.common import BenchError, latency_summary, rate, ratio, read_all, sample_images
+from vsearch_cli.model_rig import ModelRig
 from vsearch_cli.bench.procs import CpuMeter, PySpyProfiles, histogram_delta, metric_delta, scrape
 from vsearch_cli.bench.stack import (
     StackEndpoints,

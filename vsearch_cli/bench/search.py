@@ -25,7 +25,8 @@ from typing import Any, Awaitable, Callable, Sequence
 import grpc
 import numpy as np
 
-from vsearch_cli.bench.common import BenchError, ModelRig, latency_summary, rate, ratio, read_all, sample_images
+from vsearch_cli.bench.common import BenchError, latency_summary, rate, ratio, read_all, sample_images
+from vsearch_cli.model_rig import ModelRig
 from vsearch_cli.bench.ingest import PYTHON_SERVICES, add_all, decode_alone, model_alone, scrape_all
 from vsearch_cli.bench.procs import CpuMeter, PySpyProfiles, histogram_delta, metric_delta
 from vsearch_cli.bench.stack import StackEndpoints, channel, drop_collection, new_collection_name

@@ -1,10 +1,9 @@
 """`vsearch model compare`: choose a model on the user's own labelled images.
 
 Every model directory (model.onnx + model_card.json) embeds the same labelled sample in this process
-with the embedder's own pieces (`ModelRig` below: its decoder, the card-driven preprocessor, the
-inference backend as EMBEDDER_* settings configure it; the same pieces as `vsearch bench`'s rig,
-which model_tools may not import: bench imports model_tools), so each model gets its own
-preprocessing. The rankings (cosine, exact, catalog = the catalog split or every row, queries =
+with the embedder's own pieces (`vsearch_cli/model_rig.py`, shared with `vsearch bench`: its decoder,
+the card-driven preprocessor, the inference backend as EMBEDDER_* settings configure it), so each
+model gets its own preprocessing. The rankings (cosine, exact, catalog = the catalog split or every row, queries =
 the labelled query rows, a query never counting itself) are scored by `vsearch eval`'s own code
 (`score_outcomes` -> `vsearch_cli/evaluation/retrieval_metrics.py`): mAP@k, P@1, R@10, MRR@k. The
 gateway and the index are not involved: `vsearch eval` through a running stack gives the same
@@ -40,11 +39,8 @@ import numpy as np
 from service_kit.file_digest import file_sha256
 
 if TYPE_CHECKING:
-    from embedder_svc.backends import InferenceBackend
-    from embedder_svc.image_decoding import ImageDecoder
-    from embedder_svc.model_card import ModelCard
-    from embedder_svc.preprocessing import Preprocessor
     from vsearch_cli.evaluation.eval_command import EvalSet, LabelledImage
+    from vsearch_cli.model_rig import ModelRig
 
 # The ranking metrics: report key -> (column title, QueryScores field with the per-query value).
 METRICS: dict[str, tuple[str, str]] = {
@@ -101,48 +97,6 @@ class Recommendation:
 
 
 # ---- embedding -----------------------------------------------------------------------------------
-
-@dataclass
-class ModelRig:
-    """One model as the embedder runs it: decoder and card-driven preprocessor (bytes -> tensor), the
-    backend EMBEDDER_* settings choose, and normalisation when the model does not normalise."""
-
-    model_dir: Path
-    card: ModelCard
-    decoder: ImageDecoder
-    preprocessor: Preprocessor
-    backend: InferenceBackend
-
-    @classmethod
-    async def load(cls, model_dir: Path) -> ModelRig:
-        from embedder_svc.backends import create_backend
-        from embedder_svc.image_decoding import ImageDecoder
-        from embedder_svc.model_card import read_model_card
-        from embedder_svc.preprocessing import Preprocessor
-        from embedder_svc.settings import EmbedderSettings
-
-        settings = EmbedderSettings(model_dir=model_dir)
-        card = read_model_card(model_dir)
-        backend = create_backend(settings, model_dir, card)
-        await backend.load()
-        decoder = ImageDecoder(max_bytes=settings.max_image_bytes, max_pixels=settings.max_image_pixels)
-        return cls(model_dir, card, decoder, Preprocessor(card), backend)
-
-    def prepare(self, data: bytes) -> np.ndarray:
-        return self.preprocessor(self.decoder.decode(data, None))
-
-    async def infer(self, batch: np.ndarray) -> np.ndarray:
-        output = await self.backend.infer(batch)
-        if not self.card.output.l2_normalized:
-            output = output / np.maximum(np.linalg.norm(output, axis=1, keepdims=True), 1e-12)
-        return output
-
-    async def embed(self, data: bytes) -> np.ndarray:
-        return (await self.infer(np.stack([self.prepare(data)])))[0]
-
-    async def close(self) -> None:
-        await self.backend.close()
-
 
 class VectorCache:
     """One file per model (named by its card's name and version and the model file's sha256) holding
@@ -374,6 +328,7 @@ async def compare_models(
     """Embeds, scores and times every model; returns the results (in the order given) and facts
     about the sample (sizes, images that failed to decode)."""
     from embedder_svc.model_card import MODEL_FILE_NAME, ModelCardError
+    from vsearch_cli.model_rig import ModelRig  # onnxruntime and the embedder: only when comparing
 
     say = progress or (lambda message: None)
     images = list({image.id: image for image in [*eval_set.catalog, *eval_set.queries]}.values())
