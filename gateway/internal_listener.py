@@ -12,11 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import grpc
-from grpc_health.v1 import health, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
-
-from service_kit.metrics import ServiceInterceptor
 from service_kit.server import ManagedServer
 
 logger = logging.getLogger(__name__)
@@ -25,20 +20,7 @@ logger = logging.getLogger(__name__)
 class InternalGrpcListener:
     def __init__(self, main: ManagedServer, port: int) -> None:
         settings = main.settings
-        # The main server's options (service_kit.server.ManagedServer).
-        options = [
-            ("grpc.max_receive_message_length", settings.max_message_bytes),
-            ("grpc.max_send_message_length", settings.max_message_bytes),
-            ("grpc.so_reuseport", 0),
-            ("grpc.max_connection_age_ms", 300_000),
-            ("grpc.max_connection_age_grace_ms", 30_000),
-        ]
-        interceptors = [*main.tracing.server_interceptors(), ServiceInterceptor(main.metrics)]
-        self.grpc_server = grpc.aio.server(interceptors=interceptors, options=options)
-        health_pb2_grpc.add_HealthServicer_to_server(main.health, self.grpc_server)
-        reflection.enable_server_reflection(
-            [*main.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.grpc_server
-        )
+        self.grpc_server = main.new_grpc_server()
         self.host = settings.host
         self.port = self.grpc_server.add_insecure_port(f"{settings.host}:{port}")
         self._stopping: asyncio.Task[None] | None = None

@@ -44,22 +44,8 @@ class ManagedServer:
         self.service_names = list(service_names)
         # This service's tracer (settings.tracing); its outbound channels and HTTP app use it too.
         self.tracing = ServiceTracing(name, settings.tracing)
-        options = [
-            ("grpc.max_receive_message_length", settings.max_message_bytes),
-            ("grpc.max_send_message_length", settings.max_message_bytes),
-            ("grpc.so_reuseport", 0),
-            # Clients reconnect every few minutes, re-resolving names, so new replicas get traffic.
-            ("grpc.max_connection_age_ms", 300_000),
-            ("grpc.max_connection_age_grace_ms", 30_000),
-        ]
-        # Tracing first (outermost): its span covers the other interceptor, and that one's log lines.
-        interceptors = [*self.tracing.server_interceptors(), ServiceInterceptor(self.metrics)]
-        self.grpc_server = grpc.aio.server(interceptors=interceptors, options=options)
         self.health = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
-        reflection.enable_server_reflection(
-            [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.grpc_server
-        )
+        self.grpc_server = self.new_grpc_server()
         self.port = self.grpc_server.add_insecure_port(f"{settings.host}:{settings.port}")
         self._startup_hooks: list[StartupHook] = []
         self._shutdown_hooks: list[ShutdownHook] = []
@@ -67,6 +53,27 @@ class ManagedServer:
         self._ready = asyncio.Event()
         self._stopping = False
         self._metrics_http = None
+
+    def new_grpc_server(self) -> grpc.aio.Server:
+        """A grpc.aio server (no port yet) with this service's options, interceptors, health servicer
+        and reflection: the main one, or another listener in the same process (the gateway's internal
+        port) that must behave exactly like it."""
+        options = [
+            ("grpc.max_receive_message_length", self.settings.max_message_bytes),
+            ("grpc.max_send_message_length", self.settings.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+            # Clients reconnect every few minutes, re-resolving names, so new replicas get traffic.
+            ("grpc.max_connection_age_ms", 300_000),
+            ("grpc.max_connection_age_grace_ms", 30_000),
+        ]
+        # Tracing first (outermost): its span covers the other interceptor, and that one's log lines.
+        interceptors = [*self.tracing.server_interceptors(), ServiceInterceptor(self.metrics)]
+        server = grpc.aio.server(interceptors=interceptors, options=options)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+        )
+        return server
 
     @property
     def address(self) -> str:
