@@ -26,7 +26,7 @@ from google.protobuf import struct_pb2
 from tqdm import tqdm
 
 from service_kit.status import code_from_int
-from vsearch_cli.evaluation.labelled_csv import LabelsFileError, read_label_rows
+from vsearch_cli.evaluation.labelled_csv import LabelsFileError, read_listed_images
 from vsearch_cli.evaluation.retrieval_metrics import (
     NS_DEPTH, QueryScores, expected_calibration_error, precision_at, score_query, summarise,
 )
@@ -90,29 +90,13 @@ def load_eval_set(
     """Catalog: the rows of `catalog_split` (all rows without one). Queries: the labelled rows of
     `query_split` (all of them without one) whose label is not excluded. Excluded labels stay in the
     catalog as distractors, as unrelated images do in a real catalog."""
-    needed = [path_col, label_col] + ([split_col] if catalog_split is not None or query_split is not None else [])
+    needs_split = catalog_split is not None or query_split is not None
     try:
-        rows = read_label_rows(labels_csv, needed)
+        listed = read_listed_images(images_root, labels_csv, path_col, label_col, split_col if needs_split else None)
     except LabelsFileError as error:
         raise EvalError(str(error), 2) from None
-
-    images: list[LabelledImage] = []
-    seen: set[str] = set()
-    for row in rows:
-        relative = (row.get(path_col) or "").strip()
-        if not relative:
-            continue
-        if relative in seen:
-            raise EvalError(f"{labels_csv}: {relative!r} is listed twice", 2)
-        seen.add(relative)
-        images.append(LabelledImage(
-            id=relative, path=images_root / relative, label=(row.get(label_col) or "").strip(),
-            split=(row.get(split_col) or "").strip(),
-        ))
-    missing_files = [image for image in images if not image.path.is_file()]
-    if missing_files:
-        raise EvalError(f"{len(missing_files)} listed image(s) not found under {images_root}, "
-                        f"e.g. {missing_files[0].path}", 2)
+    images = [LabelledImage(id=image.relative, path=image.path, label=image.label, split=image.split)
+              for image in listed]
 
     excluded = set(exclude_labels)
     catalog = [image for image in images if catalog_split is None or image.split == catalog_split]

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from vsearch_cli.evaluation.labelled_csv import LabelsFileError, read_label_rows
+from vsearch_cli.evaluation.labelled_csv import LabelsFileError, read_listed_images
 from service_kit.file_digest import file_sha256
 
 # Without a split column: the share of each label's images held out of the fit, to check it on.
@@ -58,24 +58,11 @@ def read_labelled_split(
     if not 0.0 < holdout_share < 1.0:
         raise LabelledSplitError(f"the held-out share must be between 0 and 1, got {holdout_share}")
     try:
-        rows = read_label_rows(labels_csv, [path_col, label_col] + ([split_col] if split_col else []))
+        listed = [(image.path, image.label, image.split)
+                  for image in read_listed_images(images_root, labels_csv, path_col, label_col, split_col)]
     except LabelsFileError as error:
         raise LabelledSplitError(str(error)) from None
     excluded = frozenset(exclude_labels)
-    listed: list[tuple[Path, str, str]] = []
-    seen: set[str] = set()
-    for row in rows:
-        relative = (row.get(path_col) or "").strip()
-        if not relative:
-            continue
-        if relative in seen:
-            raise LabelledSplitError(f"{labels_csv}: {relative!r} is listed twice")
-        seen.add(relative)
-        split = (row.get(split_col) or "").strip() if split_col else ""
-        listed.append((images_root / relative, (row.get(label_col) or "").strip(), split))
-    absent = [path for path, _, _ in listed if not path.is_file()]
-    if absent:
-        raise LabelledSplitError(f"{len(absent)} listed image(s) not found under {images_root}, e.g. {absent[0]}")
 
     def role(label: str) -> str:
         return label if label and label not in excluded else ""
