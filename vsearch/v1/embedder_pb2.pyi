@@ -27,10 +27,12 @@ class ImageInput(_message.Message):
     def __init__(self, data: _Optional[bytes] = ..., crop: _Optional[_Union[CropBox, _Mapping]] = ...) -> None: ...
 
 class EmbedImagesRequest(_message.Message):
-    __slots__ = ("images",)
+    __slots__ = ("images", "with_copy_features")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
+    WITH_COPY_FEATURES_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedCompositeFieldContainer[ImageInput]
-    def __init__(self, images: _Optional[_Iterable[_Union[ImageInput, _Mapping]]] = ...) -> None: ...
+    with_copy_features: bool
+    def __init__(self, images: _Optional[_Iterable[_Union[ImageInput, _Mapping]]] = ..., with_copy_features: _Optional[bool] = ...) -> None: ...
 
 class ItemError(_message.Message):
     __slots__ = ("code", "message")
@@ -47,12 +49,14 @@ class Embedding(_message.Message):
     def __init__(self, values: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class EmbedResult(_message.Message):
-    __slots__ = ("embedding", "error")
+    __slots__ = ("embedding", "error", "copy_features")
     EMBEDDING_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    COPY_FEATURES_FIELD_NUMBER: _ClassVar[int]
     embedding: Embedding
     error: ItemError
-    def __init__(self, embedding: _Optional[_Union[Embedding, _Mapping]] = ..., error: _Optional[_Union[ItemError, _Mapping]] = ...) -> None: ...
+    copy_features: bytes
+    def __init__(self, embedding: _Optional[_Union[Embedding, _Mapping]] = ..., error: _Optional[_Union[ItemError, _Mapping]] = ..., copy_features: _Optional[bytes] = ...) -> None: ...
 
 class EmbedImagesResponse(_message.Message):
     __slots__ = ("results", "model_version")
@@ -103,7 +107,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model_name", "model_version", "dimension", "preprocessing", "backend", "max_batch_size", "text_search", "calibration")
+    __slots__ = ("model_name", "model_version", "dimension", "preprocessing", "backend", "max_batch_size", "text_search", "calibration", "copy_min_inliers")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     DIMENSION_FIELD_NUMBER: _ClassVar[int]
@@ -112,6 +116,7 @@ class InfoResponse(_message.Message):
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     TEXT_SEARCH_FIELD_NUMBER: _ClassVar[int]
     CALIBRATION_FIELD_NUMBER: _ClassVar[int]
+    COPY_MIN_INLIERS_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     model_version: str
     dimension: int
@@ -120,4 +125,33 @@ class InfoResponse(_message.Message):
     max_batch_size: int
     text_search: str
     calibration: Calibration
-    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., dimension: _Optional[int] = ..., preprocessing: _Optional[str] = ..., backend: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., text_search: _Optional[str] = ..., calibration: _Optional[_Union[Calibration, _Mapping]] = ...) -> None: ...
+    copy_min_inliers: int
+    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., dimension: _Optional[int] = ..., preprocessing: _Optional[str] = ..., backend: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., text_search: _Optional[str] = ..., calibration: _Optional[_Union[Calibration, _Mapping]] = ..., copy_min_inliers: _Optional[int] = ...) -> None: ...
+
+class VerifyCopiesRequest(_message.Message):
+    __slots__ = ("query", "candidates")
+    QUERY_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    query: bytes
+    candidates: _containers.RepeatedScalarFieldContainer[bytes]
+    def __init__(self, query: _Optional[bytes] = ..., candidates: _Optional[_Iterable[bytes]] = ...) -> None: ...
+
+class CopyVerdict(_message.Message):
+    __slots__ = ("is_copy", "copy_score", "matched_box", "mirrored", "inliers")
+    IS_COPY_FIELD_NUMBER: _ClassVar[int]
+    COPY_SCORE_FIELD_NUMBER: _ClassVar[int]
+    MATCHED_BOX_FIELD_NUMBER: _ClassVar[int]
+    MIRRORED_FIELD_NUMBER: _ClassVar[int]
+    INLIERS_FIELD_NUMBER: _ClassVar[int]
+    is_copy: bool
+    copy_score: float
+    matched_box: CropBox
+    mirrored: bool
+    inliers: int
+    def __init__(self, is_copy: _Optional[bool] = ..., copy_score: _Optional[float] = ..., matched_box: _Optional[_Union[CropBox, _Mapping]] = ..., mirrored: _Optional[bool] = ..., inliers: _Optional[int] = ...) -> None: ...
+
+class VerifyCopiesResponse(_message.Message):
+    __slots__ = ("verdicts",)
+    VERDICTS_FIELD_NUMBER: _ClassVar[int]
+    verdicts: _containers.RepeatedCompositeFieldContainer[CopyVerdict]
+    def __init__(self, verdicts: _Optional[_Iterable[_Union[CopyVerdict, _Mapping]]] = ...) -> None: ...

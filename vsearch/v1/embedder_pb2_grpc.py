@@ -50,6 +50,11 @@ class EmbedderStub:
                 request_serializer=vsearch_dot_v1_dot_embedder__pb2.InfoRequest.SerializeToString,
                 response_deserializer=vsearch_dot_v1_dot_embedder__pb2.InfoResponse.FromString,
                 _registered_method=True)
+        self.VerifyCopies = channel.unary_unary(
+                '/vsearch.v1.Embedder/VerifyCopies',
+                request_serializer=vsearch_dot_v1_dot_embedder__pb2.VerifyCopiesRequest.SerializeToString,
+                response_deserializer=vsearch_dot_v1_dot_embedder__pb2.VerifyCopiesResponse.FromString,
+                _registered_method=True)
 
 
 class EmbedderServicer:
@@ -79,6 +84,15 @@ class EmbedderServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def VerifyCopies(self, request, context):
+        """Is the query image a copy of each candidate (cropped, recompressed, mirrored, greyed, rotated,
+        rescaled)? Compares copy features (EmbedResult.copy_features) pairwise: local features matched
+        and a geometric model fitted by RANSAC. One verdict per candidate, in order.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EmbedderServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -96,6 +110,11 @@ def add_EmbedderServicer_to_server(servicer, server):
                     servicer.Info,
                     request_deserializer=vsearch_dot_v1_dot_embedder__pb2.InfoRequest.FromString,
                     response_serializer=vsearch_dot_v1_dot_embedder__pb2.InfoResponse.SerializeToString,
+            ),
+            'VerifyCopies': grpc.unary_unary_rpc_method_handler(
+                    servicer.VerifyCopies,
+                    request_deserializer=vsearch_dot_v1_dot_embedder__pb2.VerifyCopiesRequest.FromString,
+                    response_serializer=vsearch_dot_v1_dot_embedder__pb2.VerifyCopiesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -180,6 +199,33 @@ class Embedder:
             '/vsearch.v1.Embedder/Info',
             vsearch_dot_v1_dot_embedder__pb2.InfoRequest.SerializeToString,
             vsearch_dot_v1_dot_embedder__pb2.InfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VerifyCopies(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vsearch.v1.Embedder/VerifyCopies',
+            vsearch_dot_v1_dot_embedder__pb2.VerifyCopiesRequest.SerializeToString,
+            vsearch_dot_v1_dot_embedder__pb2.VerifyCopiesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -2,6 +2,7 @@ from google.protobuf import struct_pb2 as _struct_pb2
 from vsearch.v1 import embedder_pb2 as _embedder_pb2
 from vsearch.v1 import search_pb2 as _search_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Iterable as _Iterable, Mapping as _Mapping
@@ -9,8 +10,17 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class SearchMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SEARCH_MODE_UNSPECIFIED: _ClassVar[SearchMode]
+    SEARCH_MODE_SIMILAR: _ClassVar[SearchMode]
+    SEARCH_MODE_COPY: _ClassVar[SearchMode]
+SEARCH_MODE_UNSPECIFIED: SearchMode
+SEARCH_MODE_SIMILAR: SearchMode
+SEARCH_MODE_COPY: SearchMode
+
 class VisualSearchRequest(_message.Message):
-    __slots__ = ("image", "item_id", "text", "crop", "k", "filter", "min_score", "collection", "min_probability")
+    __slots__ = ("image", "item_id", "text", "crop", "k", "filter", "min_score", "collection", "min_probability", "mode")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     ITEM_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
@@ -20,6 +30,7 @@ class VisualSearchRequest(_message.Message):
     MIN_SCORE_FIELD_NUMBER: _ClassVar[int]
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     MIN_PROBABILITY_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
     image: bytes
     item_id: str
     text: str
@@ -29,21 +40,28 @@ class VisualSearchRequest(_message.Message):
     min_score: float
     collection: str
     min_probability: float
-    def __init__(self, image: _Optional[bytes] = ..., item_id: _Optional[str] = ..., text: _Optional[str] = ..., crop: _Optional[_Union[_embedder_pb2.CropBox, _Mapping]] = ..., k: _Optional[int] = ..., filter: _Optional[_Union[_search_pb2.Filter, _Mapping]] = ..., min_score: _Optional[float] = ..., collection: _Optional[str] = ..., min_probability: _Optional[float] = ...) -> None: ...
+    mode: SearchMode
+    def __init__(self, image: _Optional[bytes] = ..., item_id: _Optional[str] = ..., text: _Optional[str] = ..., crop: _Optional[_Union[_embedder_pb2.CropBox, _Mapping]] = ..., k: _Optional[int] = ..., filter: _Optional[_Union[_search_pb2.Filter, _Mapping]] = ..., min_score: _Optional[float] = ..., collection: _Optional[str] = ..., min_probability: _Optional[float] = ..., mode: _Optional[_Union[SearchMode, str]] = ...) -> None: ...
 
 class SearchHit(_message.Message):
-    __slots__ = ("id", "score", "image_uri", "metadata", "match_probability")
+    __slots__ = ("id", "score", "image_uri", "metadata", "match_probability", "is_copy", "copy_score", "matched_box")
     ID_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     IMAGE_URI_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
     MATCH_PROBABILITY_FIELD_NUMBER: _ClassVar[int]
+    IS_COPY_FIELD_NUMBER: _ClassVar[int]
+    COPY_SCORE_FIELD_NUMBER: _ClassVar[int]
+    MATCHED_BOX_FIELD_NUMBER: _ClassVar[int]
     id: str
     score: float
     image_uri: str
     metadata: _struct_pb2.Struct
     match_probability: float
-    def __init__(self, id: _Optional[str] = ..., score: _Optional[float] = ..., image_uri: _Optional[str] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., match_probability: _Optional[float] = ...) -> None: ...
+    is_copy: bool
+    copy_score: float
+    matched_box: _embedder_pb2.CropBox
+    def __init__(self, id: _Optional[str] = ..., score: _Optional[float] = ..., image_uri: _Optional[str] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., match_probability: _Optional[float] = ..., is_copy: _Optional[bool] = ..., copy_score: _Optional[float] = ..., matched_box: _Optional[_Union[_embedder_pb2.CropBox, _Mapping]] = ...) -> None: ...
 
 class Timing(_message.Message):
     __slots__ = ("embed_ms", "search_ms", "total_ms")
