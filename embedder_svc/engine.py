@@ -1,5 +1,6 @@
 """The embedding pipeline, independent of gRPC: bytes -> decode -> preprocess (decode executor) ->
-micro-batch -> backend -> L2-normalised vector."""
+micro-batch -> backend -> L2-normalised vector; with copy features extracted from the decoded image
+alongside inference, and copy verification, both in the decode executor."""
 
 from __future__ import annotations
 
@@ -8,11 +9,15 @@ import logging
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 import numpy as np
+from PIL import Image
 
 from embedder_svc.backends import BackendError, InferenceBackend
+from embedder_svc.copy_features import (
+    NO_COPY, CopyFeatureExtractor, CopyFeatures, CopyFeatureSettings, CopyVerifier, Verdict,
+)
 from embedder_svc.batching import MicroBatcher
 from embedder_svc.metrics import EmbedderMetrics
 from embedder_svc.image_decoding import CropBox, ImageDecoder
@@ -35,6 +40,14 @@ class ModelNotLoaded(Exception):
 
 
 @dataclass(frozen=True)
+class Embedded:
+    """One image's vector, and its copy features when they were asked for."""
+
+    vector: np.ndarray
+    copy_features: bytes | None = None
+
+
+@dataclass(frozen=True)
 class LoadedModel:
     card: ModelCard
     preprocessor: Preprocessor
@@ -53,8 +66,12 @@ class EmbeddingEngine:
         max_batch_size: int,
         max_batch_wait_s: float,
         metrics: EmbedderMetrics,
+        copy_settings: CopyFeatureSettings | None = None,
     ) -> None:
         self.model_dir = model_dir
+        self.copy_settings = copy_settings or CopyFeatureSettings()
+        self._copy_extractor = CopyFeatureExtractor(self.copy_settings)
+        self._copy_verifier = CopyVerifier(self.copy_settings)
         self._backend_factory = backend_factory
         self._decoder = decoder
         self._decode_executor = decode_executor
@@ -118,48 +135,121 @@ class EmbeddingEngine:
             await model.batcher.close()
             await model.backend.close()
 
-    async def embed_many(self, images: list[tuple[bytes, CropBox | None]]) -> list[np.ndarray | Exception]:
-        """Each image to its L2-normalised vector, or to the exception that stopped it: `ImageRejected`
-        (the caller's fault), `BackendError`, `BatcherClosed` or `ModelNotLoaded`. All images are
-        decoded before any is queued for inference, so one request's images reach the batcher
-        together and share batches (queued as each decode finishes, they would trickle into small
-        ones)."""
+    async def embed_many(
+        self, images: list[tuple[bytes, CropBox | None]], copy_features: Literal["index", "query"] | None = None,
+    ) -> list[Embedded | Exception]:
+        """Each image to its L2-normalised vector (and copy features, for the index or for a query,
+        when asked), or to the exception that stopped it: `ImageRejected` (the caller's fault),
+        `BackendError`, `BatcherClosed` or `ModelNotLoaded`. All images are decoded before any is
+        queued for inference, so one request's images reach the batcher together and share batches
+        (queued as each decode finishes, they would trickle into small ones). Copy features are
+        extracted from the decoded images while the batch runs."""
         model = self.model
         if not images:
             return []
         loop = asyncio.get_running_loop()
-        # One executor call per decode worker, each preparing a contiguous share of the images: an
-        # executor hop per image woke the event loop once per image (10% of the embedder's profile).
-        share = -(-len(images) // self._decode_workers)
+        keep_images = copy_features is not None
         with span("preprocess", {"vsearch.images": len(images)}):
-            prepared = await asyncio.gather(*(
-                loop.run_in_executor(
-                    self._decode_executor, self._prepare_all, model.preprocessor, images[start:start + share]
-                )
-                for start in range(0, len(images), share)
-            ))
-        tensors = [outcome for part in prepared for outcome in part]
-        queued = [tensor if isinstance(tensor, BaseException) else model.batcher.submit(tensor) for tensor in tensors]
-        vectors = await asyncio.gather(
-            *(entry for entry in queued if not isinstance(entry, BaseException)), return_exceptions=True
-        )
-        results: list[np.ndarray | Exception] = []
+            prepared = await self._in_shares(loop, images, lambda share: self._prepare_all(model.preprocessor, share, keep_images))
+        queued = [
+            outcome if isinstance(outcome, BaseException) else model.batcher.submit(outcome[0]) for outcome in prepared
+        ]
+        extraction = None
+        if copy_features is not None:
+            decoded = [outcome[1] for outcome in prepared if not isinstance(outcome, BaseException)]
+            extraction = asyncio.ensure_future(self._extract_copy_features(loop, decoded, copy_features == "query"))
+        try:
+            vectors = await asyncio.gather(
+                *(entry for entry in queued if not isinstance(entry, BaseException)), return_exceptions=True
+            )
+            features = iter(await extraction) if extraction is not None else None
+        finally:
+            if extraction is not None and not extraction.done():
+                extraction.cancel()
+        results: list[Embedded | Exception] = []
         vector_iter = iter(vectors)
         for entry in queued:
-            result = entry if isinstance(entry, BaseException) else next(vector_iter)
-            if not isinstance(result, BaseException) and not model.card.output.l2_normalized:
-                result = result / max(float(np.linalg.norm(result)), 1e-12)
-            results.append(result)
+            if isinstance(entry, BaseException):
+                results.append(entry)
+                continue
+            vector = next(vector_iter)
+            feature = next(features) if features is not None else None
+            if isinstance(vector, BaseException):
+                results.append(vector)
+            elif isinstance(feature, BaseException):
+                results.append(feature)
+            else:
+                if not model.card.output.l2_normalized:
+                    vector = vector / max(float(np.linalg.norm(vector)), 1e-12)
+                results.append(Embedded(vector, feature))
         return results
 
+    async def verify_copies(self, query: CopyFeatures, candidates: list[CopyFeatures | None]) -> list[Verdict]:
+        """Is the query a copy of each candidate (None: no features, so no copy)?"""
+        if not candidates:
+            return []
+        loop = asyncio.get_running_loop()
+        with span("verify copies", {"vsearch.candidates": len(candidates)}):
+            return await self._in_shares(
+                loop, candidates, lambda share: [
+                    self._copy_verifier.verify(query, candidate) if candidate is not None else NO_COPY
+                    for candidate in share
+                ],
+            )
+
+    async def _in_shares(self, loop: asyncio.AbstractEventLoop, items: list, work: Callable[[list], list]) -> list:
+        """`work` over contiguous shares of `items`, one executor call per decode worker, results in
+        order: an executor hop per item woke the event loop once per item (10% of the embedder's
+        profile)."""
+        if not items:
+            return []
+        share = -(-len(items) // self._decode_workers)
+        parts = await asyncio.gather(*(
+            loop.run_in_executor(self._decode_executor, work, items[start:start + share])
+            for start in range(0, len(items), share)
+        ))
+        return [outcome for part in parts for outcome in part]
+
     def _prepare_all(
-        self, preprocessor: Preprocessor, images: list[tuple[bytes, CropBox | None]]
-    ) -> list[np.ndarray | Exception]:
-        """Each image to its model input, or to the exception that stopped it (that image only)."""
-        tensors: list[np.ndarray | Exception] = []
+        self, preprocessor: Preprocessor, images: list[tuple[bytes, CropBox | None]], keep_images: bool
+    ) -> list[tuple[np.ndarray, Image.Image | None] | Exception]:
+        """Each image to its model input (and the decoded image, when kept), or to the exception that
+        stopped it (that image only)."""
+        outcomes: list[tuple[np.ndarray, Image.Image | None] | Exception] = []
         for data, crop in images:
             try:
-                tensors.append(preprocessor(self._decoder.decode(data, crop)))
+                image = self._decoder.decode(data, crop)
+                outcomes.append((preprocessor(image), image if keep_images else None))
             except Exception as error:  # noqa: BLE001 - reported per image by the caller
-                tensors.append(error)
-        return tensors
+                outcomes.append(error)
+        return outcomes
+
+    async def _extract_copy_features(
+        self, loop: asyncio.AbstractEventLoop, images: list[Image.Image], for_query: bool
+    ) -> list[bytes | Exception]:
+        """Each image's copy features. A lone query's two feature sets (as it is and mirrored) are
+        extracted side by side, one per decode worker: a search waits for them."""
+        if not (for_query and len(images) == 1 and self._decode_workers > 1):
+            return await self._in_shares(loop, images, lambda share: self._extract_all(share, for_query))
+        extractor = self._copy_extractor
+        try:
+            plain, mirrored = await asyncio.gather(*(
+                loop.run_in_executor(self._decode_executor, extractor.feature_set, images[0], mirrored, True)
+                for mirrored in (False, True)
+            ))
+            return [extractor.combine(plain, mirrored)]
+        except Exception as error:  # noqa: BLE001 - reported per image by the caller
+            return [CopyFeaturesFailed(f"copy features failed: {error}")]
+
+    def _extract_all(self, images: list[Image.Image], for_query: bool) -> list[bytes | Exception]:
+        outcomes: list[bytes | Exception] = []
+        for image in images:
+            try:
+                outcomes.append(self._copy_extractor.extract(image, for_query=for_query))
+            except Exception as error:  # noqa: BLE001 - reported per image by the caller
+                outcomes.append(CopyFeaturesFailed(f"copy features failed: {error}"))
+        return outcomes
+
+
+class CopyFeaturesFailed(Exception):
+    """Extracting an image's copy features failed (not the caller's fault)."""

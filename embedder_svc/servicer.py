@@ -8,7 +8,8 @@ import grpc
 from embedder_svc.backend_health import BackendHealthMonitor
 from embedder_svc.backends import BackendError, BackendMisconfigured, BackendUnavailable
 from embedder_svc.batching import BatcherClosed
-from embedder_svc.engine import EmbeddingEngine, ModelNotLoaded
+from embedder_svc.copy_features import CopyFeatures, CopyFeaturesInvalid, decode_copy_features
+from embedder_svc.engine import CopyFeaturesFailed, Embedded, EmbeddingEngine, ModelNotLoaded
 from embedder_svc.image_decoding import CropBox, ImageRejected
 from embedder_svc.metrics import EmbedderMetrics
 from embedder_svc.model_card import ModelCard
@@ -18,6 +19,8 @@ from service_kit.status import ServiceError, invalid_argument
 from vsearch.v1 import embedder_pb2, embedder_pb2_grpc
 
 SERVICE_NAME = embedder_pb2.DESCRIPTOR.services_by_name["Embedder"].full_name
+# Candidates of one VerifyCopies call (the contract's limit).
+MAX_COPY_CANDIDATES = 1000
 
 
 def _rpc_code(code: grpc.StatusCode) -> int:
@@ -60,7 +63,10 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServicer):
              if image.HasField("crop") else None)
             for image in request.images
         ]
-        outcomes = await self._engine.embed_many(inputs)
+        copy_features = None
+        if request.with_copy_features:
+            copy_features = "query" if request.copy_features_for_query else "index"
+        outcomes = await self._engine.embed_many(inputs, copy_features)
         results = [self._result(index, outcome) for index, outcome in enumerate(outcomes)]
         return embedder_pb2.EmbedImagesResponse(results=results, model_version=card.version)
 
@@ -79,10 +85,14 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServicer):
             return self._item_error(grpc.StatusCode.FAILED_PRECONDITION, f"image {index}: {outcome}")
         if isinstance(outcome, BackendError):
             return self._item_error(grpc.StatusCode.INTERNAL, f"image {index}: inference failed: {outcome}")
-        if isinstance(outcome, BaseException):
-            raise outcome
+        if isinstance(outcome, CopyFeaturesFailed):
+            return self._item_error(grpc.StatusCode.INTERNAL, f"image {index}: {outcome}")
+        if not isinstance(outcome, Embedded):
+            raise outcome if isinstance(outcome, BaseException) else TypeError(f"unexpected outcome {outcome!r}")
         self._metrics.images_embedded.inc()
-        return embedder_pb2.EmbedResult(embedding=float_message(embedder_pb2.Embedding, outcome))
+        return embedder_pb2.EmbedResult(
+            embedding=float_message(embedder_pb2.Embedding, outcome.vector), copy_features=outcome.copy_features or b""
+        )
 
     def _item_error(self, code: grpc.StatusCode, message: str) -> embedder_pb2.EmbedResult:
         self._metrics.images_failed.labels(code.name).inc()
@@ -133,6 +143,35 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServicer):
                     )
         return embedder_pb2.EmbedTextsResponse(results=results, model_version=card.version)
 
+    async def VerifyCopies(
+        self, request: embedder_pb2.VerifyCopiesRequest, context: grpc.aio.ServicerContext
+    ) -> embedder_pb2.VerifyCopiesResponse:
+        """INVALID_ARGUMENT for a query or candidate that is not copy features (naming which); an empty
+        candidate (an item stored without features) is no copy."""
+        self._loaded_card()
+        if len(request.candidates) > MAX_COPY_CANDIDATES:
+            raise invalid_argument(
+                f"{len(request.candidates)} candidates in one request, over the limit of {MAX_COPY_CANDIDATES}"
+            )
+        query = _parse_copy_features(request.query, "query")
+        if query is None:
+            raise invalid_argument("query: no copy features (empty); get them from EmbedImages with with_copy_features")
+        candidates = [
+            _parse_copy_features(blob, f"candidate {index}") for index, blob in enumerate(request.candidates)
+        ]
+        verdicts = await self._engine.verify_copies(query, candidates)
+        return embedder_pb2.VerifyCopiesResponse(verdicts=[
+            embedder_pb2.CopyVerdict(
+                is_copy=verdict.is_copy, copy_score=verdict.copy_score, mirrored=verdict.mirrored,
+                inliers=verdict.inliers,
+                matched_box=None if verdict.matched_box is None else embedder_pb2.CropBox(
+                    x=verdict.matched_box[0], y=verdict.matched_box[1],
+                    width=verdict.matched_box[2], height=verdict.matched_box[3],
+                ),
+            )
+            for verdict in verdicts
+        ])
+
     async def Info(self, request: embedder_pb2.InfoRequest, context: grpc.aio.ServicerContext) -> embedder_pb2.InfoResponse:
         card = self._loaded_card()
         return embedder_pb2.InfoResponse(
@@ -144,6 +183,7 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServicer):
             max_batch_size=self._engine.max_batch_size,
             text_search=self._text.kind if self._text is not None else "",
             calibration=calibration_message(card),
+            copy_min_inliers=self._engine.copy_settings.min_inliers,
         )
 
 
@@ -155,3 +195,12 @@ def calibration_message(card: ModelCard) -> embedder_pb2.Calibration | None:
         score_knots=card.calibration.score_knots, probability_knots=card.calibration.probability_knots,
         rank_scale=card.calibration.rank_scale, description=card.calibration.description,
     )
+
+
+def _parse_copy_features(blob: bytes, what: str) -> CopyFeatures | None:
+    if not blob:
+        return None
+    try:
+        return decode_copy_features(blob)
+    except CopyFeaturesInvalid as error:
+        raise invalid_argument(f"{what}: {error}") from None

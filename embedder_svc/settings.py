@@ -9,6 +9,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
+from embedder_svc.copy_features import CopyFeatureSettings
 from service_kit.settings import ServiceSettings
 
 
@@ -62,6 +63,8 @@ class EmbedderSettings(ServiceSettings):
     max_image_pixels: int = Field(40_000_000, ge=1)
     max_images_per_request: int = Field(256, ge=1)
     decode_workers: int = Field(2, ge=1)
+    # Copy features and their verification (EMBEDDER_COPY_SEARCH__KEYPOINTS, ...; see copy_features.py).
+    copy_search: CopyFeatureSettings = CopyFeatureSettings()
     # onnxruntime intra-op threads; 0 lets onnxruntime choose.
     inference_threads: int = Field(0, ge=0)
     # onnxruntime execution providers in order of preference. Empty: TensorRT and CUDA where this

@@ -15,13 +15,16 @@ from typing import AsyncIterable, AsyncIterator
 
 import grpc
 import numpy as np
+from google.protobuf import struct_pb2
 
 from gateway.cache import CacheLookup, QueryCache
+from gateway.copy_ranking import rank_copies
 from gateway.downstream import (
-    MESSAGE_HEADROOM_BYTES, Downstream, NoTextMatch, QueryHits, Refused, TextEmbedding, item_error,
+    MESSAGE_HEADROOM_BYTES, Downstream, NoTextMatch, QueryEmbedding, QueryHits, Refused, TextEmbedding, item_error,
 )
 from gateway.index_generation import IndexGenerationTracker, SharedGenerations
 from gateway.match_probability import MatchCalibration, annotate
+from gateway.metrics import CopySearchMetrics
 from gateway.search_query import SearchQuery, id_problem, pack_text_entry, unpack_text_entry
 from gateway.settings import GatewaySettings
 from service_kit.request_parsing import UnparsableMessage
@@ -33,6 +36,21 @@ from vsearch.v1 import embedder_pb2, embedder_pb2_grpc, gateway_pb2, search_pb2,
 logger = logging.getLogger(__name__)
 
 INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+# The metadata key ON_COPY_FLAG writes: the id of the item a new one copies.
+COPY_OF_KEY = "copy_of"
+
+
+def _same_metadata(stored: struct_pb2.Struct, requested: struct_pb2.Struct, flagging: bool) -> bool:
+    """Whether the stored metadata is the requested one; with `flagging`, also when it differs only by a
+    `copy_of` the request does not give (the flag an earlier run wrote)."""
+    if stored == requested:
+        return True
+    if not flagging or COPY_OF_KEY not in stored.fields or COPY_OF_KEY in requested.fields:
+        return False
+    unflagged = struct_pb2.Struct()
+    unflagged.CopyFrom(stored)
+    del unflagged.fields[COPY_OF_KEY]
+    return unflagged == requested
 
 
 @dataclass(frozen=True)
@@ -45,6 +63,8 @@ class ModelInfo:
     text_search: str = ""
     # InfoResponse.calibration: None when hits get no match_probability.
     calibration: MatchCalibration | None = None
+    # InfoResponse.copy_min_inliers: 0 when the embedder makes no copy features and verifies no copies.
+    copy_min_inliers: int = 0
 
 
 @dataclass
@@ -62,7 +82,7 @@ class SearchLookups:
     generation_pending: asyncio.Future[int | None] | None
     # A cached embedding of the current model's dimension, if there was one.
     cached_embedding: np.ndarray | None
-    embedding: asyncio.Task[tuple[np.ndarray, str]] | asyncio.Task[TextEmbedding] | None
+    embedding: asyncio.Task[QueryEmbedding] | asyncio.Task[TextEmbedding] | None
     # A text query's cached embedding: what the text was understood as.
     cached_understood_as: str = ""
 
@@ -81,6 +101,8 @@ class QueryVector:
     model_version: str
     # A text query's: what the text was understood as (EmbedTextResult.understood_as).
     understood_as: str = ""
+    # A copy search's: the query image's copy features (made with its embedding, or stored for its item).
+    copy_features: bytes = b""
 
 
 @dataclass
@@ -109,8 +131,21 @@ def abandon(task: asyncio.Future) -> None:
         task.cancel()
 
 
-def search_response(found: QueryHits, model_version: str, generation: int) -> gateway_pb2.VisualSearchResponse:
+@dataclass(frozen=True)
+class RankedCopies:
+    """A copy search's hits, ranked (gateway/copy_ranking.py), and the generation they were found at."""
+
+    hits: list[gateway_pb2.SearchHit]
+    generation: int
+
+
+def search_response(
+    found: QueryHits | RankedCopies, model_version: str, generation: int
+) -> gateway_pb2.VisualSearchResponse:
     response = gateway_pb2.VisualSearchResponse(index_generation=generation, model_version=model_version)
+    if isinstance(found, RankedCopies):
+        response.hits.extend(found.hits)
+        return response
     for hit in found.hits:
         response.hits.add(id=hit.id, score=hit.score, image_uri=hit.image_uri, metadata=hit.metadata)
     return response
@@ -152,6 +187,7 @@ class VisualSearchCore:
             self.downstream.index_generation, settings.generation_refresh_ms / 1000.0
         )
         self.model: ModelInfo | None = None
+        self.copy_metrics = CopySearchMetrics(cache.registry)
 
     # ---------------------------------------------------------------------------------------- model
 
@@ -164,7 +200,7 @@ class VisualSearchCore:
 
     def _remember_model(self, info: embedder_pb2.InfoResponse) -> ModelInfo:
         model = ModelInfo(info.model_name, info.model_version, info.dimension, info.max_batch_size, info.text_search,
-                          MatchCalibration.from_info(info))
+                          MatchCalibration.from_info(info), info.copy_min_inliers)
         if self.model is not None and self.model.version != model.version:
             logger.warning("embedder model changed from %s to %s", self.model.version, model.version)
         self.model = model
@@ -213,6 +249,8 @@ class VisualSearchCore:
             model = await self._require_text_search(deadline)
         if query.min_probability is not None and model.calibration is None:
             model = await self._require_calibration(deadline)
+        if query.copy_mode and not model.copy_min_inliers:
+            model = await self._require_copy_verification(deadline)
 
         lookups_started = time.perf_counter()
         async with self._start_lookups(query, model, deadline) as lookups:
@@ -226,13 +264,16 @@ class VisualSearchCore:
         embed_ms = elapsed_ms(lookups_started)
         if vector.model_version != query.model_version:  # the embedder was redeployed with another model
             self.model = ModelInfo(model.name, vector.model_version, vector.values.size, model.max_batch_size,
-                                   model.text_search)
+                                   model.text_search, copy_min_inliers=model.copy_min_inliers)
             query = query.by_model(vector.model_version)
             # The new model's calibration: another model's never applies to these hits.
             self._remember_model(await self.downstream.model_info(deadline))
 
         search_started = time.perf_counter()
-        found = await self._find(query, vector.values, deadline)
+        if query.copy_mode:
+            found: QueryHits | RankedCopies = await self._find_copies(query, vector, deadline)
+        else:
+            found = await self._find(query, vector.values, deadline)
         search_ms = elapsed_ms(search_started)
 
         if self.shared is None:
@@ -276,6 +317,23 @@ class VisualSearchCore:
             query.index_request(expanded_query(vector, stored, expansion.weight)), deadline
         )
 
+    async def _find_copies(self, query: SearchQuery, vector: QueryVector, deadline: float | None) -> RankedCopies:
+        """Copy mode: a similar-mode shortlist `copy_shortlist` deep, with its hits' stored copy features
+        (one Search call), each verified against the query's copy features (one VerifyCopies call), then
+        ranked: copies first (gateway/copy_ranking.py)."""
+        shortlist = await self.downstream.search_query(query.copy_candidates_request(vector.values), deadline)
+        candidates = shortlist.hits
+        if vector.copy_features and any(hit.copy_features for hit in candidates):
+            verdicts = await self.downstream.verify_copies(
+                vector.copy_features, [hit.copy_features for hit in candidates], deadline
+            )
+        else:
+            # No features in the query image (the embedder found none), or none stored for any candidate
+            # (indexed without them): nothing can be verified a copy, and the call is spared.
+            verdicts = [embedder_pb2.CopyVerdict() for _ in candidates]
+        self.copy_metrics.count(sum(verdict.is_copy for verdict in verdicts), len(verdicts))
+        return RankedCopies(rank_copies(candidates, verdicts, query.k, query.min_score), shortlist.generation)
+
     @contextlib.asynccontextmanager
     async def _start_lookups(
         self, query: SearchQuery, model: ModelInfo, deadline: float | None
@@ -287,7 +345,7 @@ class VisualSearchCore:
         shared = self.shared
         collection = query.request.collection
         pending: asyncio.Future[int | None] | None = None
-        embedding: asyncio.Task[tuple[np.ndarray, str]] | None = None
+        embedding: asyncio.Task[QueryEmbedding] | None = None
         generation_key = None
         trusted = True
         if shared is not None:
@@ -296,9 +354,14 @@ class VisualSearchCore:
             generation_key = shared.key(collection)
         else:
             pending = asyncio.ensure_future(self.generations.current())
+        # The embedding cache holds vectors only, and a copy search needs the query image's copy features
+        # too, which only the embedder makes, from the image: a cached vector would not spare the call,
+        # so copy mode does not look it up (a repeated copy search is served by the result cache; the
+        # vector it gets is still cached, for similar searches of the same image).
+        embedding_key = None if query.copy_mode else query.embedding_key
         try:
             with span("cache lookup"):
-                found = await self.cache.lookup(query.embedding_key, query.result_key, generation_key)
+                found = await self.cache.lookup(embedding_key, query.result_key, generation_key)
             cached_embedding = found.embedding
             cached_understood_as = ""
             if cached_embedding is not None and query.by_text:
@@ -311,9 +374,8 @@ class VisualSearchCore:
             if query.by_image and cached_embedding is None:
                 # Without the embedding the result cannot be cached either (they are written together):
                 # start the embedder now rather than after the generation is known.
-                embedding = asyncio.create_task(
-                    self.downstream.embed_query(query.request.image, query.crop, deadline)
-                )
+                embed = self.downstream.embed_copy_query if query.copy_mode else self.downstream.embed_query
+                embedding = asyncio.create_task(embed(query.request.image, query.crop, deadline))
             generation = found.generation if trusted else None
             if shared is not None and trusted and generation is None and found.answered:
                 # No counter yet (a new collection, or it was evicted or lost with a Redis restart):
@@ -336,11 +398,15 @@ class VisualSearchCore:
             if isinstance(made, TextEmbedding):
                 return QueryVector(made.values, from_cache=False, model_version=made.model_version or query.model_version,
                                    understood_as=made.understood_as)
-            values, version = made
-            return QueryVector(values, from_cache=False, model_version=version or query.model_version)
+            return QueryVector(made.values, from_cache=False, model_version=made.model_version or query.model_version,
+                               copy_features=made.copy_features)
         if lookups.cached_embedding is not None:
             return QueryVector(lookups.cached_embedding, from_cache=True, model_version=query.model_version,
                                understood_as=lookups.cached_understood_as)
+        if query.copy_mode:
+            stored = await self.downstream.stored_copy_query(query.request.collection, query.request.item_id, deadline)
+            return QueryVector(stored.values, from_cache=True, model_version=query.model_version,
+                               copy_features=stored.copy_features)
         values = await self.downstream.stored_vector(query.request.collection, query.request.item_id, deadline)
         return QueryVector(values, from_cache=True, model_version=query.model_version)
 
@@ -361,6 +427,18 @@ class VisualSearchCore:
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"model {model.name} ({model.version}) has no calibration, so hits have no match_probability to "
                 "filter by min_probability (calibrate it with `vsearch model calibrate`)",
+            )
+        return model
+
+    async def _require_copy_verification(self, deadline: float | None) -> ModelInfo:
+        """The model, asked again (the embedder may have been upgraded since): FAILED_PRECONDITION when it
+        still reports no copy_min_inliers, i.e. makes no copy features and verifies no copies."""
+        model = self._remember_model(await self.downstream.model_info(deadline))
+        if not model.copy_min_inliers:
+            raise ServiceError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"the embedder serving {model.name} ({model.version}) does not verify copies (it reports no "
+                "copy_min_inliers), so copy mode cannot be searched",
             )
         return model
 
@@ -476,10 +554,12 @@ class VisualSearchCore:
         stored with the same content, metadata and URI are counted as unchanged and not embedded again.
         An id that comes again later in the stream is written again, after the earlier item, so the
         later one wins; the earlier one, overwritten, counts as unchanged, so that `indexed` counts
-        distinct ids and received = indexed + unchanged + failed.
+        distinct ids and received = indexed + unchanged + failed + skipped_copies.
 
         Batches are pipelined: while one batch is being upserted the next is embedded, at most
-        `add_pipeline_depth` batches in flight."""
+        `add_pipeline_depth` batches in flight. Except with ON_COPY_FLAG or ON_COPY_SKIP (the first
+        message's `on_copy`): then each batch waits for the one before to be written, so that its copy
+        check sees every earlier item of the stream (see `_screen_copies`)."""
         model = self._require_model()
         batch_size = min(self.settings.add_batch_size, model.max_batch_size or self.settings.add_batch_size)
         byte_budget = max(self.settings.max_message_bytes - MESSAGE_HEADROOM_BYTES, self.settings.max_image_bytes)
@@ -488,6 +568,7 @@ class VisualSearchCore:
         batch: list[PendingItem] = []
         batch_bytes = 0
         collection: str | None = None
+        on_copy: int = gateway_pb2.ON_COPY_KEEP
         in_flight: list[tuple[asyncio.Task[int | None], list[PendingItem]]] = []
         writes_by_id: Counter[str] = Counter()
 
@@ -500,7 +581,10 @@ class VisualSearchCore:
         async def flush() -> None:
             nonlocal batch, batch_bytes
             if batch:
-                task = asyncio.create_task(self._index_batch(batch, collection or "", summary, deadline))
+                if on_copy != gateway_pb2.ON_COPY_KEEP:
+                    while in_flight:  # the copy check must see the stream's earlier items stored
+                        await wait_oldest()
+                task = asyncio.create_task(self._index_batch(batch, collection or "", summary, deadline, on_copy))
                 in_flight.append((task, batch))
                 while len(in_flight) > self.settings.add_pipeline_depth:
                     await wait_oldest()
@@ -525,6 +609,7 @@ class VisualSearchCore:
                 item_id = request.id or content_sha256
                 if collection is None:
                     collection = request.collection
+                    on_copy = await self._stream_copy_policy(request.on_copy, deadline)
                 problem = problem or self._check_item(request)
                 if problem is None and request.collection and request.collection != collection:
                     problem = f"collection {request.collection!r} differs from the stream's {collection!r}"
@@ -553,16 +638,37 @@ class VisualSearchCore:
         summary.unchanged += overwritten
         summary.failures.sort(key=lambda failure: failure.index)
         summary.failed = len(summary.failures)
+        summary.copies.sort(key=lambda found: found.index)
         summary.index_generation = (
             max(generations) if generations else await self._current_generation(collection or "")
         )
         return summary
 
+    async def _stream_copy_policy(self, requested: int, deadline: float | None) -> int:
+        """The stream's on_copy (its first message's): INVALID_ARGUMENT for a value that is none, and
+        FAILED_PRECONDITION for a check the embedder cannot make."""
+        if requested not in gateway_pb2.OnCopy.values():
+            raise invalid_argument(
+                f"on_copy {requested} is not a copy policy: give ON_COPY_KEEP ({gateway_pb2.ON_COPY_KEEP}), "
+                f"ON_COPY_FLAG ({gateway_pb2.ON_COPY_FLAG}) or ON_COPY_SKIP ({gateway_pb2.ON_COPY_SKIP})"
+            )
+        if requested in (gateway_pb2.ON_COPY_UNSPECIFIED, gateway_pb2.ON_COPY_KEEP):
+            return gateway_pb2.ON_COPY_KEEP
+        if not self._require_model().copy_min_inliers:
+            await self._require_copy_verification(deadline)
+        return requested
+
     async def _embed_items(
-        self, batch: list[PendingItem], deadline: float | None
+        self, batch: list[PendingItem], deadline: float | None, checks_copies: bool = False
     ) -> list[embedder_pb2.EmbedResult]:
+        """With `checks_copies`: copy features fit to query with (the mirror image's too, so a mirrored
+        copy is caught), which are also the ones stored."""
         try:
-            return await self.downstream.embed_images([pending.request.image for pending in batch], deadline)
+            return await self.downstream.embed_images(
+                [pending.request.image for pending in batch], deadline,
+                with_copy_features=self.settings.copy_search.features_at_ingest or checks_copies,
+                copy_features_for_query=checks_copies,
+            )
         except Refused as refused:
             if len(batch) == 1:
                 failed = embedder_pb2.EmbedResult()
@@ -572,7 +678,7 @@ class VisualSearchCore:
             # The batch as a whole was refused: embed one by one so only the culprit fails.
             results: list[embedder_pb2.EmbedResult] = []
             for pending in batch:
-                results.extend(await self._embed_items([pending], deadline))
+                results.extend(await self._embed_items([pending], deadline, checks_copies))
             return results
 
     async def _upsert(
@@ -601,9 +707,22 @@ class VisualSearchCore:
             pending.written = True
         return generation
 
-    async def _unchanged_ids(self, batch: list[PendingItem], collection: str, deadline: float | None) -> set[str]:
-        """Ids in the batch already stored with the same content, metadata and image URI."""
-        stored_items = await self.downstream.stored_items([pending.id for pending in batch], collection, deadline)
+    async def _unchanged_ids(
+        self, batch: list[PendingItem], collection: str, deadline: float | None,
+        on_copy: int = gateway_pb2.ON_COPY_KEEP,
+    ) -> set[str]:
+        """Ids in the batch already stored with the same content, metadata and image URI, and with copy
+        features while they are made at ingest (an item stored without them is embedded again, so that
+        copy searches can find it; only when the embedder makes them, else it would be every time).
+        With ON_COPY_FLAG, the `copy_of` a flag added is not a change (else a flagged item would be
+        embedded, checked and flagged again by every run)."""
+        model = self.model
+        needs_features = (
+            self.settings.copy_search.features_at_ingest and model is not None and model.copy_min_inliers > 0
+        )
+        stored_items = await self.downstream.stored_items(
+            [pending.id for pending in batch], collection, deadline, include_copy_features=needs_features
+        )
         stored = {item.id: item for item in stored_items}
         unchanged = set()
         for pending in batch:
@@ -612,21 +731,23 @@ class VisualSearchCore:
                 item is not None
                 and item.content_sha256 == pending.content_sha256
                 and item.image_uri == pending.request.image_uri
-                and item.metadata == pending.request.metadata
+                and _same_metadata(item.metadata, pending.request.metadata, on_copy == gateway_pb2.ON_COPY_FLAG)
+                and (item.copy_features or not needs_features)
             ):
                 unchanged.add(pending.id)
         return unchanged
 
     async def _index_batch(
         self, batch: list[PendingItem], collection: str, summary: gateway_pb2.AddImagesSummary,
-        deadline: float | None,
+        deadline: float | None, on_copy: int = gateway_pb2.ON_COPY_KEEP,
     ) -> int | None:
-        unchanged = await self._unchanged_ids(batch, collection, deadline)
+        unchanged = await self._unchanged_ids(batch, collection, deadline, on_copy)
         summary.unchanged += len(unchanged)
         batch = [pending for pending in batch if pending.id not in unchanged]
         if not batch:
             return None
-        results = await self._embed_items(batch, deadline)
+        checks_copies = on_copy != gateway_pb2.ON_COPY_KEEP
+        results = await self._embed_items(batch, deadline, checks_copies)
         items: list[tuple[PendingItem, search_pb2.Item]] = []
         for pending, result in zip(batch, results, strict=True):
             if result.WhichOneof("result") != "embedding":
@@ -641,8 +762,65 @@ class VisualSearchCore:
                 image_uri=pending.request.image_uri,
                 metadata=pending.request.metadata,
                 content_sha256=pending.content_sha256,
+                copy_features=result.copy_features,
             )))
+        if checks_copies and items:
+            items = await self._screen_copies(items, collection, on_copy, summary, deadline)
         return await self._upsert(items, collection, summary, deadline) if items else None
+
+    async def _screen_copies(
+        self, items: list[tuple[PendingItem, search_pb2.Item]], collection: str, on_copy: int,
+        summary: gateway_pb2.AddImagesSummary, deadline: float | None,
+    ) -> list[tuple[PendingItem, search_pb2.Item]]:
+        """The items to write, after the copy check: each new item is verified (one VerifyCopies call)
+        against a copy-mode shortlist of the collection (one Search call, shared by the batch's items)
+        and against the batch's earlier items; earlier batches of the stream are stored by then. A copy
+        is reported in the summary and, by `on_copy`, flagged (metadata `copy_of`) or left out. An item
+        never counts as a copy of its own id (an update of it), nor of an item this check left out."""
+        async def copies_of(position: int) -> list[tuple[str, float]]:
+            pending, item = items[position]
+            if not item.copy_features:  # the embedder found no features in it: nothing can be verified
+                return []
+            try:
+                shortlist = (await self.downstream.search_query(search_pb2.SearchRequest(
+                    queries=[item.vector], k=self.settings.copy_search.shortlist, collection=collection,
+                    include_copy_features=True,
+                ), deadline)).hits
+            except ServiceError as error:
+                if error.code != grpc.StatusCode.NOT_FOUND:
+                    raise
+                shortlist = []  # the stream's first write creates the collection: nothing stored to copy
+            candidates = [(hit.id, hit.copy_features) for hit in shortlist if hit.id != pending.id and hit.copy_features]
+            candidates += [(earlier.id, stored.copy_features) for earlier, stored in items[:position]
+                           if stored.copy_features]
+            if not candidates:
+                return []
+            verdicts = await self.downstream.verify_copies(
+                item.copy_features, [features for _, features in candidates], deadline
+            )
+            return [(candidate_id, verdict.copy_score)
+                    for (candidate_id, _), verdict in zip(candidates, verdicts) if verdict.is_copy]
+
+        found = await asyncio.gather(*(copies_of(position) for position in range(len(items))))
+        kept: list[tuple[PendingItem, search_pb2.Item]] = []
+        left_out: set[str] = set()
+        for (pending, item), copies in zip(items, found):
+            copies = [copy for copy in copies if copy[0] not in left_out]
+            if not copies:
+                kept.append((pending, item))
+                continue
+            copy_of, copy_score = max(copies, key=lambda copy: copy[1])
+            skipped = on_copy == gateway_pb2.ON_COPY_SKIP
+            summary.copies.add(id=pending.id, index=pending.index, copy_of=copy_of, copy_score=copy_score,
+                               skipped=skipped)
+            self.copy_metrics.count_ingest_copy(skipped)
+            if skipped:
+                summary.skipped_copies += 1
+                left_out.add(pending.id)
+                continue
+            item.metadata[COPY_OF_KEY] = copy_of
+            kept.append((pending, item))
+        return kept
 
     # ------------------------------------------------------------------------------ delete, stats
 
@@ -681,6 +859,23 @@ class VisualSearchCore:
             filterable_fields=stats.filterable_fields,
             text_search=info.text_search,
             calibrated=model.calibration is not None,
+        )
+
+    async def list_images(
+        self, request: gateway_pb2.ListImagesRequest, deadline: float | None = None
+    ) -> gateway_pb2.ListImagesResponse:
+        """One page of the collection's images; search_svc checks the page size and token (INVALID_ARGUMENT
+        naming the field)."""
+        self._require_model()
+        page = await self.downstream.listed_items(request.collection, request.page_size, request.page_token, deadline)
+        return gateway_pb2.ListImagesResponse(
+            images=[
+                gateway_pb2.CatalogImage(
+                    id=item.id, content_sha256=item.content_sha256, image_uri=item.image_uri, metadata=item.metadata
+                )
+                for item in page.items
+            ],
+            next_page_token=page.next_page_token,
         )
 
     async def drop_collection(

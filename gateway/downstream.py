@@ -26,6 +26,9 @@ MESSAGE_HEADROOM_BYTES = 1024 * 1024
 # search with a large k goes alone rather than make one answer too large.
 MAX_QUERIES_PER_SEARCH_CALL = 64
 MAX_HITS_PER_SEARCH_CALL = 2000
+# A hit with its copy features (up to 48,000 bytes stored) counts as this many without, so that one
+# shared Search call of copy searches stays a few MB (at most 100 such hits).
+COPY_FEATURES_HIT_WEIGHT = 20
 
 ResponseT = TypeVar("ResponseT")
 
@@ -73,6 +76,24 @@ class NoTextMatch(ServiceError):
 
 
 @dataclass(frozen=True)
+class QueryEmbedding:
+    """A query image's embedding, the version of the model that made it, and, when asked for, its copy
+    features (EmbedResult.copy_features; empty otherwise, or when the embedder found none)."""
+
+    values: np.ndarray
+    model_version: str
+    copy_features: bytes = b""
+
+
+@dataclass(frozen=True)
+class StoredCopyQuery:
+    """What an item_id copy search starts from: the item's stored vector and copy features."""
+
+    values: np.ndarray
+    copy_features: bytes
+
+
+@dataclass(frozen=True)
 class TextEmbedding:
     values: np.ndarray
     model_version: str
@@ -99,8 +120,10 @@ class Downstream:
         self.settings = settings
         self.embedder = embedder
         self.index = index
-        # Searches' calls, shared by the searches running at once (see gateway/call_batching.py).
-        self.query_embeddings: CallBatcher[embedder_pb2.ImageInput, tuple[np.ndarray, str]] = CallBatcher(
+        # Searches' calls, shared by the searches running at once (see gateway/call_batching.py). Query
+        # images are batched by whether they need copy features (the key: with_copy_features), so a
+        # similar-mode search never waits for, nor pays, another's feature extraction.
+        self.query_embeddings: CallBatcher[embedder_pb2.ImageInput, QueryEmbedding] = CallBatcher(
             self._embed_queries, EMBEDDER, settings.query_calls_in_flight, max_items=settings.add_batch_size,
             max_weight=max(settings.max_message_bytes - MESSAGE_HEADROOM_BYTES, settings.max_image_bytes),
         )
@@ -121,34 +144,44 @@ class Downstream:
 
     async def embed_query(
         self, image: bytes, crop: embedder_pb2.CropBox | None, deadline: float | None
-    ) -> tuple[np.ndarray, str]:
+    ) -> QueryEmbedding:
         """One query image's embedding and the version of the model that made it (in one EmbedImages
         call with the other searches' images of the moment)."""
-        image_input = embedder_pb2.ImageInput(data=image)
-        if crop is not None:
-            image_input.crop.CopyFrom(crop)
         _timeout(self.settings.embed_timeout_s, deadline)  # no time left: fail before queueing
-        return await self.query_embeddings.submit(None, image_input, deadline, weight=len(image))
+        return await self.query_embeddings.submit(False, _image_input(image, crop), deadline, weight=len(image))
+
+    async def embed_copy_query(
+        self, image: bytes, crop: embedder_pb2.CropBox | None, deadline: float | None
+    ) -> QueryEmbedding:
+        """A copy search's query image: its embedding and its copy features (in one EmbedImages call
+        with `with_copy_features`, shared with the other copy searches of the moment)."""
+        _timeout(self.settings.embed_timeout_s, deadline)  # no time left: fail before queueing
+        return await self.query_embeddings.submit(True, _image_input(image, crop), deadline, weight=len(image))
 
     async def _embed_queries(
-        self, _key: Hashable, images: list[embedder_pb2.ImageInput], timeout_s: float | None
-    ) -> list[tuple[np.ndarray, str] | ServiceError]:
+        self, with_copy_features: Hashable, images: list[embedder_pb2.ImageInput], timeout_s: float | None
+    ) -> list[QueryEmbedding | ServiceError]:
+        # A query's copy features include the mirror image's, so that mirrored copies are found.
+        request = embedder_pb2.EmbedImagesRequest(
+            images=images, with_copy_features=bool(with_copy_features), copy_features_for_query=bool(with_copy_features)
+        )
         try:
             response = await _call(
-                EMBEDDER, self.embedder.EmbedImages, embedder_pb2.EmbedImagesRequest(images=images),
-                _within(self.settings.embed_timeout_s, timeout_s),
+                EMBEDDER, self.embedder.EmbedImages, request, _within(self.settings.embed_timeout_s, timeout_s)
             )
         except Refused:
             if len(images) == 1:
                 raise
-            return await _one_by_one(self._embed_queries, _key, images, timeout_s)
+            return await _one_by_one(self._embed_queries, with_copy_features, images, timeout_s)
         if len(response.results) != len(images):
             raise ServiceError(
                 grpc.StatusCode.INTERNAL,
                 f"embedder answered {len(response.results)} results for {len(images)} images",
             )
         return [
-            (np.asarray(result.embedding.values, dtype=np.float32), response.model_version)
+            QueryEmbedding(
+                np.asarray(result.embedding.values, dtype=np.float32), response.model_version, result.copy_features
+            )
             if result.WhichOneof("result") == "embedding" else item_error(result.error)
             for result in response.results
         ]
@@ -191,10 +224,17 @@ class Downstream:
                 ))
         return outcomes
 
-    async def embed_images(self, images: list[bytes], deadline: float | None) -> list[embedder_pb2.EmbedResult]:
-        """One result per image, in order: an embedding or that image's error. Raises `Refused` when
-        the embedder refuses the request as a whole."""
-        request = embedder_pb2.EmbedImagesRequest(images=[embedder_pb2.ImageInput(data=image) for image in images])
+    async def embed_images(
+        self, images: list[bytes], deadline: float | None, with_copy_features: bool = False,
+        copy_features_for_query: bool = False,
+    ) -> list[embedder_pb2.EmbedResult]:
+        """One result per image, in order: an embedding (with its copy features, when asked for: fit to
+        query with too, the mirror image's included, with `copy_features_for_query`) or that image's
+        error. Raises `Refused` when the embedder refuses the request as a whole."""
+        request = embedder_pb2.EmbedImagesRequest(
+            images=[embedder_pb2.ImageInput(data=image) for image in images], with_copy_features=with_copy_features,
+            copy_features_for_query=copy_features_for_query,
+        )
         response = await _call(
             EMBEDDER, self.embedder.EmbedImages, request, _timeout(self.settings.embed_timeout_s, deadline)
         )
@@ -203,6 +243,23 @@ class Downstream:
                 grpc.StatusCode.INTERNAL, f"embedder answered {len(response.results)} results for {len(images)} images"
             )
         return list(response.results)
+
+    async def verify_copies(
+        self, query: bytes, candidates: Sequence[bytes], deadline: float | None
+    ) -> list[embedder_pb2.CopyVerdict]:
+        """Whether the query (its copy features) is a copy of each candidate (theirs, as stored; an empty
+        one gets a verdict of no copy): one verdict per candidate, in order (one VerifyCopies call)."""
+        response = await _call(
+            EMBEDDER, self.embedder.VerifyCopies,
+            embedder_pb2.VerifyCopiesRequest(query=query, candidates=candidates),
+            _timeout(self.settings.embed_timeout_s, deadline),
+        )
+        if len(response.verdicts) != len(candidates):
+            raise ServiceError(
+                grpc.StatusCode.INTERNAL,
+                f"embedder answered {len(response.verdicts)} verdicts for {len(candidates)} copy candidates",
+            )
+        return list(response.verdicts)
 
     # ------------------------------------------------------------------------------- search_svc
 
@@ -221,14 +278,13 @@ class Downstream:
 
     async def search_query(self, request: search_pb2.SearchRequest, deadline: float | None) -> QueryHits:
         """The answer to a search of one query vector (in one Search call with the other searches of
-        the moment that ask the same collection, k, filter and min_score)."""
+        the moment that ask the same collection, k, filter and min_score, and for copy features or not)."""
         _timeout(self.settings.search_timeout_s, deadline)  # no time left: fail before queueing
         shared = search_pb2.SearchRequest()
         shared.CopyFrom(request)
         shared.ClearField("queries")
-        return await self.query_searches.submit(
-            shared.SerializeToString(deterministic=True), request, deadline, weight=request.k
-        )
+        weight = request.k * (COPY_FEATURES_HIT_WEIGHT if request.include_copy_features else 1)
+        return await self.query_searches.submit(shared.SerializeToString(deterministic=True), request, deadline, weight)
 
     async def _search_queries(
         self, _key: Hashable, requests: list[search_pb2.SearchRequest], timeout_s: float | None
@@ -255,14 +311,49 @@ class Downstream:
         return [QueryHits(result.hits, response.generation) for result in response.results]
 
     async def stored_items(
-        self, ids: Iterable[str], collection: str, deadline: float | None
+        self, ids: Iterable[str], collection: str, deadline: float | None, include_copy_features: bool = False
     ) -> list[search_pb2.Item]:
-        """The items stored under these ids (those that exist), without their vectors."""
+        """The items stored under these ids (those that exist), without their vectors; with their copy
+        features when asked for."""
         response = await _call(
-            SEARCH, self.index.Get, search_pb2.GetRequest(ids=ids, collection=collection),
+            SEARCH, self.index.Get,
+            search_pb2.GetRequest(ids=ids, collection=collection, include_copy_features=include_copy_features),
             _timeout(self.settings.search_timeout_s, deadline),
         )
         return list(response.items)
+
+    async def listed_items(
+        self, collection: str, page_size: int, page_token: str, deadline: float | None
+    ) -> search_pb2.ListResponse:
+        """One page of the collection's items, without vectors or copy features (one List call)."""
+        return await _call(
+            SEARCH, self.index.List,
+            search_pb2.ListRequest(collection=collection, page_size=page_size, page_token=page_token),
+            _timeout(self.settings.search_timeout_s, deadline),
+        )
+
+    async def stored_copy_query(self, collection: str, item_id: str, deadline: float | None) -> StoredCopyQuery:
+        """The vector and copy features stored for `item_id` (one Get call); NOT_FOUND when there is no
+        such item, FAILED_PRECONDITION when it was stored without copy features."""
+        response = await _call(
+            SEARCH, self.index.Get,
+            search_pb2.GetRequest(ids=[item_id], include_vectors=True, include_copy_features=True,
+                                  collection=collection),
+            _timeout(self.settings.search_timeout_s, deadline),
+        )
+        where = f" in collection {collection!r}" if collection else ""
+        item = next((item for item in response.items if item.id == item_id), None)
+        if item is None:
+            raise ServiceError(grpc.StatusCode.NOT_FOUND, f"no item with id {item_id!r}{where}")
+        if not item.vector.values:
+            raise ServiceError(grpc.StatusCode.INTERNAL, f"search: item {item_id!r} came back without its vector")
+        if not item.copy_features:
+            raise ServiceError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"item {item_id!r}{where} has no copy features (it was indexed without them): add it again "
+                "with GATEWAY_COPY_SEARCH__FEATURES_AT_INGEST on, or search with its image",
+            )
+        return StoredCopyQuery(np.asarray(item.vector.values, dtype=np.float32), item.copy_features)
 
     async def stored_vector(self, collection: str, item_id: str, deadline: float | None) -> np.ndarray:
         """The vector stored for `item_id`; NOT_FOUND when there is no such item."""
@@ -312,6 +403,13 @@ class Downstream:
         return await _call(
             SEARCH, self.index.DropCollection, request, _timeout(self.settings.write_timeout_s, deadline)
         )
+
+
+def _image_input(image: bytes, crop: embedder_pb2.CropBox | None) -> embedder_pb2.ImageInput:
+    image_input = embedder_pb2.ImageInput(data=image)
+    if crop is not None:
+        image_input.crop.CopyFrom(crop)
+    return image_input
 
 
 def _within(default_s: float, timeout_s: float | None) -> float:

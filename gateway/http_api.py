@@ -48,6 +48,7 @@ from gateway.http_models import (
     parse_float,
     parse_int,
     parse_json_text,
+    parse_mode,
     search_body_to_proto,
     search_response_json,
     service_error_json,
@@ -65,7 +66,9 @@ from vsearch.v1 import gateway_pb2
 
 logger = logging.getLogger(__name__)
 
-SEARCH_FORM_FIELDS = {"image", "item_id", "text", "k", "min_score", "min_probability", "crop", "filter", "collection"}
+SEARCH_FORM_FIELDS = {
+    "image", "item_id", "text", "k", "min_score", "min_probability", "crop", "filter", "collection", "mode",
+}
 ADD_FILE_FIELDS = frozenset({"images", "image"})
 ADD_FORM_FIELDS = {*ADD_FILE_FIELDS, "ids", "metadata", "image_uris"}
 FORM_CONTENT_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
@@ -102,6 +105,11 @@ SEARCH_FORM_SCHEMA = {
         "filter": {
             "type": "string",
             "description": 'JSON: [{"field": "category", "op": "==", "value": "shoes"}] or {"category": "shoes"}',
+        },
+        "mode": {
+            "type": "string", "enum": ["similar", "copy"], "default": "similar",
+            "description": "copy: is the query (image or item_id) a copy of catalog images? Copies first, by "
+                           "copy_score; hits carry is_copy, copy_score and matched_box.",
         },
     },
 }
@@ -212,6 +220,7 @@ async def search_request_from_form(form: FormData) -> gateway_pb2.VisualSearchRe
         request.crop.CopyFrom(crop)
     request.filter.CopyFrom(parse_filter_json(form_text(form, "filter") or ""))
     request.collection = form_text(form, "collection") or ""
+    request.mode = parse_mode(form_text(form, "mode") or "")
     return request
 
 

@@ -8,7 +8,7 @@ import binascii
 import json
 import math
 import re
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import grpc
 from google.protobuf import json_format, struct_pb2
@@ -169,6 +169,11 @@ class SearchBody(BaseModel):
         "calibrated), else 400 FAILED_PRECONDITION.",
     )
     collection: str = Field("", description="Which catalog; empty for the default one.")
+    mode: Literal["similar", "copy"] = Field(
+        "similar", description='"similar" (the default): the most similar images. "copy": is the query (an image or '
+        "an item_id, not a text) a copy of catalog images, cropped, mirrored, greyed, recompressed? Copies come "
+        "first, by copy_score; hits carry is_copy, copy_score and, for copies, matched_box.",
+    )
 
 
 class ImageBody(BaseModel):
@@ -203,6 +208,17 @@ class HitBody(BaseModel):
     match_probability: float | None = Field(
         None, description="The probability that the hit is relevant (has the query's label), from the model's "
         "calibration; null when the model has none, and for text queries."
+    )
+    is_copy: bool | None = Field(
+        None, description='Copy mode only (absent otherwise): the query is a copy of (a part of) this image.'
+    )
+    copy_score: float | None = Field(
+        None, description="Copy mode only (absent otherwise): 0..1, growing with the local features that agree; "
+        "0.5 is the is_copy threshold."
+    )
+    matched_box: CropBody | None = Field(
+        None, description="Copy mode only (absent otherwise; null when not a copy): where the query lies inside "
+        "this image, in its pixels."
     )
 
 
@@ -372,11 +388,26 @@ def check_k(k: int) -> int:
     return k
 
 
+SEARCH_MODES = {"similar": gateway_pb2.SEARCH_MODE_SIMILAR, "copy": gateway_pb2.SEARCH_MODE_COPY}
+
+
+def parse_mode(text: str) -> int:
+    """A search mode as a form field: "similar" or "copy"; empty means similar."""
+    if not text.strip():
+        return gateway_pb2.SEARCH_MODE_SIMILAR
+    mode = SEARCH_MODES.get(text.strip().lower())
+    if mode is None:
+        raise invalid_argument(f"mode must be 'similar' or 'copy', not {shown(text)}")
+    return mode
+
+
 def search_body_to_proto(body: SearchBody) -> gateway_pb2.VisualSearchRequest:
     given = [name for name in ("image_base64", "item_id", "text") if getattr(body, name) is not None]
     if len(given) > 1:
         raise invalid_argument(f"give either {given[0]} or {given[1]}, not both")
-    request = gateway_pb2.VisualSearchRequest(filter=filter_to_proto(body.filter), collection=body.collection)
+    request = gateway_pb2.VisualSearchRequest(
+        filter=filter_to_proto(body.filter), collection=body.collection, mode=SEARCH_MODES[body.mode]
+    )
     if body.k is not None:
         request.k = check_k(body.k)
     if body.image_base64 is not None:
@@ -447,16 +478,25 @@ def struct_json(struct: struct_pb2.Struct) -> dict[str, Any]:
     return json_format.MessageToDict(struct)
 
 
+def hit_json(hit: gateway_pb2.SearchHit) -> dict[str, Any]:
+    body = {
+        "id": hit.id, "score": float32_json(hit.score), "image_uri": hit.image_uri,
+        "metadata": struct_json(hit.metadata),
+        "match_probability": float32_json(hit.match_probability) if hit.HasField("match_probability") else None,
+    }
+    if hit.HasField("is_copy"):  # copy mode: every hit has a verdict
+        box = hit.matched_box
+        body["is_copy"] = hit.is_copy
+        body["copy_score"] = float32_json(hit.copy_score)
+        body["matched_box"] = (
+            {"x": box.x, "y": box.y, "width": box.width, "height": box.height} if hit.HasField("matched_box") else None
+        )
+    return body
+
+
 def search_response_json(response: gateway_pb2.VisualSearchResponse) -> dict[str, Any]:
     return {
-        "hits": [
-            {
-                "id": hit.id, "score": float32_json(hit.score), "image_uri": hit.image_uri,
-                "metadata": struct_json(hit.metadata),
-                "match_probability": float32_json(hit.match_probability) if hit.HasField("match_probability") else None,
-            }
-            for hit in response.hits
-        ],
+        "hits": [hit_json(hit) for hit in response.hits],
         "from_cache": response.from_cache,
         "embedding_from_cache": response.embedding_from_cache,
         "timing": {

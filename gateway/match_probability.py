@@ -8,7 +8,8 @@ response is sent, for fresh and cached results alike, so it always follows the m
 
 no_good_match: true when there is no hit, or when the best hit's probability is below the gateway's
 `no_good_match_below`; false when there are hits but no probabilities (the model has no calibration, or
-the query was text: text scores are on another scale, so they get none)."""
+the query was text: text scores are on another scale, so they get none), and when a hit is a verified
+copy (copy mode)."""
 
 from __future__ import annotations
 
@@ -67,21 +68,27 @@ def annotate(
     min_probability: float | None, no_good_match_below: float,
 ) -> None:
     """In place, on the response about to be sent: each hit's match_probability (when `calibration` is
-    given), the hits below `min_probability` removed, and no_good_match set (see the module's docstring)."""
+    given), the hits below `min_probability` removed, and no_good_match set (see the module's docstring).
+    A verified copy (copy mode's is_copy) is never removed, and makes no_good_match false: the query is
+    a copy of it, whatever its probability of sharing a label."""
     hits = response.hits
     if calibration is None and min_probability is not None:
         # (The core refuses min_probability without a calibration; hits of another model's vectors, from
         # a cached result, have no probability either, so none of them is known to reach it.)
-        del hits[:]
+        for index in reversed(range(len(hits))):
+            if not hits[index].is_copy:
+                del hits[index]
     if calibration is not None and len(hits):
         for hit, probability in zip(hits, calibration.probabilities(np.array([hit.score for hit in hits]))):
             hit.match_probability = float(probability)
         if min_probability is not None:
             for index in reversed(range(len(hits))):
-                if hits[index].match_probability < min_probability:
+                if hits[index].match_probability < min_probability and not hits[index].is_copy:
                     del hits[index]
     if not len(hits):
         no_good_match = True
+    elif any(hit.is_copy for hit in hits):
+        no_good_match = False
     elif hits[0].HasField("match_probability"):
         no_good_match = hits[0].match_probability < no_good_match_below
     else:

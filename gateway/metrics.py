@@ -1,6 +1,6 @@
 """The gateway's own Prometheus metrics, registered in its server's registry (beside service_kit's
 gRPC ones): the query cache's, the shared index generation's, the HTTP API's and its connections', the
-downstreams' readiness, and the refusals of API keys and rate limits."""
+downstreams' readiness, copy searches' verifications, and the refusals of API keys and rate limits."""
 
 from __future__ import annotations
 
@@ -119,6 +119,33 @@ class AuthMetrics:
         )
         for reason in ("unauthenticated", "permission_denied"):
             self.refused.labels(reason)
+
+
+class CopySearchMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.candidates = Counter(
+            "vsearch_gateway_copy_candidates",
+            "Copy-mode shortlist hits verified by the embedder (VerifyCopies), by verdict (copy|no_copy): "
+            "what copy searches cost beyond a similar search.",
+            ["verdict"], registry=registry,
+        )
+        for verdict in ("copy", "no_copy"):
+            self.candidates.labels(verdict)
+        self.ingest_copies = Counter(
+            "vsearch_gateway_ingest_copies",
+            "New AddImages items found to be copies by the ON_COPY_FLAG / ON_COPY_SKIP check, by action "
+            "(flagged|skipped).",
+            ["action"], registry=registry,
+        )
+        for action in ("flagged", "skipped"):
+            self.ingest_copies.labels(action)
+
+    def count(self, copies: int, candidates: int) -> None:
+        self.candidates.labels("copy").inc(copies)
+        self.candidates.labels("no_copy").inc(candidates - copies)
+
+    def count_ingest_copy(self, skipped: bool) -> None:
+        self.ingest_copies.labels("skipped" if skipped else "flagged").inc()
 
 
 class RateLimitMetrics:

@@ -14,10 +14,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from gateway.cache import KEY_PREFIX, embedding_cache_key, item_query_key, result_cache_key
-from gateway.settings import GatewaySettings, TextExpansionSettings
+from gateway.settings import MAX_COPY_CANDIDATES, GatewaySettings, TextExpansionSettings
 from service_kit.float_vectors import float_message
 from service_kit.status import invalid_argument
 from vsearch.v1 import embedder_pb2, gateway_pb2, search_pb2
+
+SEARCH_MODES = frozenset(gateway_pb2.SearchMode.values())
 
 # search_svc's rules for ids, checked here too so that a bad id is refused before anything is embedded.
 MAX_ID_CHARS = 256
@@ -109,6 +111,8 @@ class SearchQuery:
     text_sha256: str = ""
     # A text query's expansion by its first hits (GATEWAY_TEXT_EXPANSION__*); None: searched once.
     expansion: TextExpansionSettings | None = None
+    # Copy mode (SEARCH_MODE_COPY): how many similar-mode hits are verified as copies; 0 in similar mode.
+    copy_shortlist: int = 0
 
     @classmethod
     def parse(
@@ -118,8 +122,16 @@ class SearchQuery:
         query = request.WhichOneof("query")
         crop = request.crop if request.HasField("crop") else None
         image_sha256 = text = text_sha256 = ""
+        if request.mode not in SEARCH_MODES:
+            raise invalid_argument(
+                f"mode {request.mode} is not a search mode: give SEARCH_MODE_SIMILAR ({gateway_pb2.SEARCH_MODE_SIMILAR}) "
+                f"or SEARCH_MODE_COPY ({gateway_pb2.SEARCH_MODE_COPY})"
+            )
+        copy_mode = request.mode == gateway_pb2.SEARCH_MODE_COPY
         if query is None:
             raise invalid_argument("give an image, an item_id or a text to search with")
+        if copy_mode and query == "text":
+            raise invalid_argument("copy mode searches with an image or an item_id, not a text: a copy is of an image")
         if query == "text":
             if (problem := text_problem(request.text)) is not None:
                 raise invalid_argument(problem)
@@ -145,6 +157,10 @@ class SearchQuery:
         k = request.k if request.HasField("k") else settings.default_k
         if not 1 <= k <= settings.max_k:
             raise invalid_argument(f"k must be 1..{settings.max_k}, not {k}")
+        if copy_mode and k > MAX_COPY_CANDIDATES:
+            raise invalid_argument(
+                f"k must be 1..{MAX_COPY_CANDIDATES} in copy mode (at most that many hits are verified), not {k}"
+            )
         min_score = request.min_score if request.HasField("min_score") else None
         if min_score is not None and not math.isfinite(min_score):
             raise invalid_argument("min_score must be a finite number")
@@ -156,7 +172,9 @@ class SearchQuery:
                 raise invalid_argument(f"min_probability must be within [0, 1], not {request.min_probability}")
         check_filter_numbers(request.filter)
         expansion = settings.text_expansion if query == "text" and settings.text_expansion.hits else None
-        return cls(request, k, min_score, crop, image_sha256, model_version, text, text_sha256, expansion)
+        copy_shortlist = max(settings.copy_search.shortlist, k) if copy_mode else 0
+        return cls(request, k, min_score, crop, image_sha256, model_version, text, text_sha256, expansion,
+                   copy_shortlist)
 
     @property
     def min_probability(self) -> float | None:
@@ -170,6 +188,10 @@ class SearchQuery:
     @property
     def by_text(self) -> bool:
         return bool(self.text_sha256)
+
+    @property
+    def copy_mode(self) -> bool:
+        return self.copy_shortlist > 0
 
     @functools.cached_property
     def embedding_key(self) -> str | None:
@@ -187,6 +209,9 @@ class SearchQuery:
             # Another expansion gives another result: gateways sharing Redis with other settings must
             # not serve each other's.
             query_key += f":expanded:{self.expansion.hits}:{self.expansion.weight!r}"
+        if self.copy_mode:
+            # Another mode gives other hits (and fields); another shortlist depth, other copies.
+            query_key += f":copy:{self.copy_shortlist}"
         return result_cache_key(query_key, self.k, self.request.filter, self.min_score, self.request.collection)
 
     def by_model(self, model_version: str) -> SearchQuery:
@@ -204,3 +229,13 @@ class SearchQuery:
         if self.min_score is not None:
             request.min_score = self.min_score
         return request
+
+    def copy_candidates_request(self, vector: np.ndarray) -> search_pb2.SearchRequest:
+        """The similar-mode search of `vector` whose hits are verified as copies: `copy_shortlist` deep,
+        with the query's collection and filter, with the hits' copy features. Without min_score: a
+        verified copy is kept whatever its cosine (min_score is applied after verification, to the other
+        hits only)."""
+        return search_pb2.SearchRequest(
+            queries=[float_message(search_pb2.Vector, vector)], k=self.copy_shortlist, filter=self.request.filter,
+            collection=self.request.collection, include_copy_features=True,
+        )

@@ -86,6 +86,12 @@ class VisualSearchServicer(gateway_pb2_grpc.VisualSearchServicer):
         self._admit(context, "Stats")
         return await self.core.stats(request, deadline_after(context.time_remaining()))
 
+    async def ListImages(
+        self, request: gateway_pb2.ListImagesRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.ListImagesResponse:
+        self._admit(context, "ListImages")
+        return await self.core.list_images(request, deadline_after(context.time_remaining()))
+
     async def DropCollection(
         self, request: search_pb2.DropCollectionRequest, context: grpc.aio.ServicerContext
     ) -> search_pb2.DropCollectionResponse:

@@ -144,6 +144,27 @@ class TextExpansionSettings(BaseModel):
         return value
 
 
+# VerifyCopies takes at most this many candidates (embedder.proto), so a copy search verifies at most
+# this many hits.
+MAX_COPY_CANDIDATES = 1000
+
+
+class CopySearchSettings(BaseModel):
+    """Copy search (``GATEWAY_COPY_SEARCH__SHORTLIST``): SEARCH_MODE_COPY verifies a deeper similar-mode
+    shortlist pairwise with the embedder (VerifyCopies), comparing copy features stored at ingest."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # Ask the embedder for each added image's copy features and store them with the item (a few KiB
+    # each, and the embedder's feature extraction). Off: items are stored without them, and copy
+    # searches find no copy of them.
+    features_at_ingest: bool = True
+    # Hits of the similar-mode search that are verified (at least the query's k): a copy that is
+    # cropped, mirrored or greyed may rank below the most similar images, so the shortlist is deeper
+    # than k. Each candidate costs one pairwise verification in the embedder.
+    shortlist: int = Field(30, ge=1, le=MAX_COPY_CANDIDATES)
+
+
 class GatewaySettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="GATEWAY_")
 
@@ -195,6 +216,7 @@ class GatewaySettings(ServiceSettings):
     write_timeout_s: float = Field(30.0, gt=0)
 
     text_expansion: TextExpansionSettings = TextExpansionSettings()
+    copy_search: CopySearchSettings = CopySearchSettings()
 
     default_k: int = Field(10, ge=1)
     max_k: int = Field(1000, ge=1)

@@ -15,6 +15,7 @@ VECTOR = "vector"
 IMAGE_URI = "image_uri"
 METADATA = "metadata"
 CONTENT_SHA256 = "content_sha256"
+COPY_FEATURES = "copy_features"
 
 MAX_ID_CHARS = 256
 # Limits in bytes, as Milvus VARCHAR lengths count them. Stored ids are escaped (see
@@ -25,6 +26,11 @@ CONTENT_SHA256_MAX_BYTES = 64
 STRING_FIELD_MAX_BYTES = 1024
 # A Milvus server refuses JSON values above 64 KiB; Milvus Lite would take them, so check ourselves.
 METADATA_MAX_BYTES = 65536
+# Copy features are opaque bytes, but Milvus has no bytes type: it stores them as base64 in a VARCHAR, and
+# a VARCHAR holds at most 65,535 bytes. 48,000 raw bytes are 64,000 base64 characters, so that fits; the
+# FAISS backend (a BLOB) takes the same limit, so a catalog written to one backend fits the other.
+COPY_FEATURES_MAX_BYTES = 48_000
+COPY_FEATURES_BASE64_MAX_BYTES = 65_535
 
 # What a row stores in a filter field's column when the item does not have that field.
 ABSENT_VALUES: dict[FieldType, object] = {"string": "", "float": 0.0, "int": 0, "bool": False}

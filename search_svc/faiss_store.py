@@ -1,11 +1,14 @@
 """The in-process FAISS backend of the search service (`vector_store.VectorStore`).
 
 Each collection is one SQLite file, the source of truth: per item a label (an int64 that is never
-reused), the stored id, the vector, image URI, metadata JSON, content hash, and a typed column plus
-a presence column per filter field (the same layout as the Milvus collection). The FAISS index in
-memory is derived from it: a write commits to SQLite first, then updates the index, so a crash
-loses nothing that was acknowledged, and the index is rebuilt from SQLite at the next start unless
-a snapshot written at a clean shutdown matches the file's revision.
+reused), the stored id, the vector, image URI, metadata JSON, content hash, copy features (a BLOB,
+empty when the item has none; read only for the hits or items that ask for them, never kept in
+memory), and a typed column plus a presence column per filter field (the same layout as the Milvus
+collection). A file created before copy features existed gets their column when it is opened.
+
+The FAISS index in memory is derived from the file: a write commits to SQLite first, then updates
+the index, so a crash loses nothing that was acknowledged, and the index is rebuilt from SQLite at
+the next start unless a snapshot written at a clean shutdown matches the file's revision.
 
 Index types: FLAT (exact inner product) and IVF_FLAT. An IVF_FLAT collection searches exactly
 until it holds `ivf_train_min_items`, then trains its lists (nlist from `index_params`, else
@@ -65,6 +68,9 @@ FILTER_CACHE_MAX_LABELS = 4_000_000
 REBUILD_STOP_WAIT_S = 10.0
 
 _SQL_TYPES: dict[FieldType, str] = {"string": "TEXT", "float": "REAL", "int": "INTEGER", "bool": "INTEGER"}
+# The same definition in a new table and when added to a file created before it: ALTER TABLE ADD COLUMN
+# needs a default for NOT NULL, and with a constant default SQLite adds it without rewriting the table.
+_COPY_FEATURES_COLUMN = f"{columns.COPY_FEATURES} BLOB NOT NULL DEFAULT x''"
 
 T = TypeVar("T")
 
@@ -444,7 +450,8 @@ class FaissStore:
             if not stored:
                 connection.execute(
                     "CREATE TABLE items (label INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE, vector BLOB NOT NULL, "
-                    f"image_uri TEXT NOT NULL, metadata TEXT NOT NULL, content_sha256 TEXT NOT NULL{field_columns})"
+                    "image_uri TEXT NOT NULL, metadata TEXT NOT NULL, content_sha256 TEXT NOT NULL, "
+                    f"{_COPY_FEATURES_COLUMN}{field_columns})"
                 )
                 for field in fields:
                     connection.execute(f'CREATE INDEX "items_by_{field}" ON items ("{field}")')
@@ -466,6 +473,17 @@ class FaissStore:
                 f"collection {collection.name!r} does not match the settings: {'; '.join(problems)}. "
                 f"Use another SEARCH_COLLECTION, or move {collection.path} away to rebuild it.",
             )
+        self._add_missing_columns(collection, connection)
+
+    @staticmethod
+    def _add_missing_columns(collection: FaissCollection, connection: sqlite3.Connection) -> None:
+        """Brings a file created by an older version up to the current table in place: every item
+        it holds stays, with no copy features."""
+        with collection.transaction():
+            present = {row[1] for row in connection.execute("PRAGMA table_info(items)")}
+            if columns.COPY_FEATURES not in present:
+                connection.execute(f"ALTER TABLE items ADD COLUMN {_COPY_FEATURES_COLUMN}")
+                logger.info("collection %s: added the %s column to %s", collection.name, columns.COPY_FEATURES, collection.path)
 
     @staticmethod
     def _count(connection: sqlite3.Connection) -> int:
@@ -623,7 +641,8 @@ class FaissStore:
             ids = [row[columns.ID] for row in rows]
             vectors = np.stack([row[columns.VECTOR] for row in rows]).astype(np.float32, copy=False)
             fields = list(self._settings.filter_fields)
-            names = ["label", columns.ID, columns.VECTOR, columns.IMAGE_URI, columns.METADATA, columns.CONTENT_SHA256]
+            names = ["label", columns.ID, columns.VECTOR, columns.IMAGE_URI, columns.METADATA, columns.CONTENT_SHA256,
+                     columns.COPY_FEATURES]
             names += [name for field in fields for name in (field, columns.presence_column(field))]
             statement = f"INSERT INTO items ({', '.join(map(_quoted, names))}) VALUES ({_placeholders(len(names))})"
             with collection.lock.writing():
@@ -634,7 +653,7 @@ class FaissStore:
                     collection.delete_labels(connection, replaced)
                     connection.executemany(statement, (
                         [int(label), row[columns.ID], row[columns.VECTOR].astype("<f4").tobytes(), row[columns.IMAGE_URI],
-                         row[columns.METADATA], row[columns.CONTENT_SHA256]]
+                         row[columns.METADATA], row[columns.CONTENT_SHA256], row[columns.COPY_FEATURES]]
                         + [value for field in fields for value in (row[field], row[columns.presence_column(field)])]
                         for label, row in zip(labels, rows)
                     ))
@@ -647,8 +666,12 @@ class FaissStore:
         self._timed("upsert", run)
 
     def search(
-        self, collection_name: str, vectors: np.ndarray, k: int, conditions: Sequence[FilterCondition]
+        self, collection_name: str, vectors: np.ndarray, k: int, conditions: Sequence[FilterCondition],
+        include_copy_features: bool = False,
     ) -> list[list[StoreHit]]:
+        # The hits' copy features come with the rest of their rows: one statement per 900 hits.
+        selected = "label, id, image_uri, metadata" + (f", {columns.COPY_FEATURES}" if include_copy_features else "")
+
         def run() -> list[list[StoreHit]]:
             collection = self._existing(collection_name)
             with collection.lock.reading():
@@ -665,7 +688,7 @@ class FaissStore:
                 rows: dict[int, tuple] = {}
                 for chunk in _chunks(found):
                     for row in connection.execute(
-                        f"SELECT label, id, image_uri, metadata FROM items WHERE label IN ({_placeholders(len(chunk))})",
+                        f"SELECT {selected} FROM items WHERE label IN ({_placeholders(len(chunk))})",
                         chunk,
                     ):
                         rows[row[0]] = row
@@ -675,17 +698,45 @@ class FaissStore:
                 for score, label in zip(query_scores.tolist(), query_labels.tolist()):
                     row = rows.get(label)
                     if row is not None:
-                        hits.append(StoreHit(row[1], score, row[2], row[3]))
+                        hits.append(StoreHit(row[1], score, row[2], row[3], row[4] if include_copy_features else b""))
                 results.append(hits)
             return results
 
         return self._timed("search", run)
 
-    def get(self, collection_name: str, stored_ids: Sequence[str], include_vectors: bool) -> list[dict]:
+    def get(
+        self, collection_name: str, stored_ids: Sequence[str], include_vectors: bool, include_copy_features: bool = False
+    ) -> list[dict]:
         names = [columns.ID, columns.IMAGE_URI, columns.METADATA, columns.CONTENT_SHA256]
         if include_vectors:
             names.append(columns.VECTOR)
+        if include_copy_features:
+            names.append(columns.COPY_FEATURES)
         rows = self._timed("get", lambda: self._rows(collection_name, stored_ids, names))
+        if include_vectors:
+            for row in rows:
+                row[columns.VECTOR] = np.frombuffer(row[columns.VECTOR], dtype="<f4").tolist()
+        return rows
+
+    def list_page(
+        self, collection_name: str, after: str, limit: int, include_vectors: bool, include_copy_features: bool
+    ) -> list[dict]:
+        names = [columns.ID, columns.IMAGE_URI, columns.METADATA, columns.CONTENT_SHA256]
+        if include_vectors:
+            names.append(columns.VECTOR)
+        if include_copy_features:
+            names.append(columns.COPY_FEATURES)
+
+        def run() -> list[dict]:
+            collection = self._existing(collection_name)
+            with collection.lock.reading():
+                self._check_not_dropped(collection)
+                # Keyset pagination over the UNIQUE index on id: as cheap on the last page as on the first.
+                return [dict(zip(names, row)) for row in collection.connection().execute(
+                    f"SELECT {', '.join(names)} FROM items WHERE id > ? ORDER BY id LIMIT ?", (after, limit)
+                )]
+
+        rows = self._timed("list", run)
         if include_vectors:
             for row in rows:
                 row[columns.VECTOR] = np.frombuffer(row[columns.VECTOR], dtype="<f4").tolist()

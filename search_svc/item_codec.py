@@ -102,26 +102,32 @@ class ItemCodec:
         """One row per item, all validated first: INVALID_ARGUMENT for the first bad item."""
         rows: list[Row] = []
         seen: set[str] = set()
-        for item in items:
+        for number, item in enumerate(items):
             check_id(item.id)
             if item.id in seen:
                 raise invalid_argument(f"item id {item.id!r} appears more than once in this upsert")
             seen.add(item.id)
-            rows.append(self._row(item))
+            rows.append(self._row(number, item))
         return rows
 
-    def _row(self, item: search_pb2.Item) -> Row:
+    def _row(self, number: int, item: search_pb2.Item) -> Row:
         if len(item.image_uri.encode()) > columns.IMAGE_URI_MAX_BYTES:
             raise invalid_argument(
                 f"image_uri of item {item.id!r} is longer than {columns.IMAGE_URI_MAX_BYTES} bytes"
             )
         if item.content_sha256 and not _SHA256_HEX.match(item.content_sha256):
             raise invalid_argument(f"content_sha256 of item {item.id!r} must be 64 lowercase hex digits")
+        if len(item.copy_features) > columns.COPY_FEATURES_MAX_BYTES:
+            raise invalid_argument(
+                f"copy_features of item {number} ({item.id!r}) are {len(item.copy_features):,} bytes; "
+                f"at most {columns.COPY_FEATURES_MAX_BYTES:,}"
+            )
         row: Row = {
             columns.ID: encode_id(item.id),
             columns.VECTOR: self.vector(item.vector.values, f"vector of item {item.id!r}"),
             columns.IMAGE_URI: item.image_uri,
             columns.CONTENT_SHA256: item.content_sha256,
+            columns.COPY_FEATURES: item.copy_features,  # raw bytes; each store encodes them its own way
         }
         for field, field_type in self.filter_fields.items():  # before the whole metadata: precise errors
             value = self._field_value(item, field, field_type)
@@ -192,11 +198,13 @@ class ItemCodec:
         return struct
 
     def item(self, row: Mapping[str, Any], include_vector: bool) -> search_pb2.Item:
+        """An item of a Get; its copy features are those of the row (a store reads them only when asked)."""
         item = search_pb2.Item(
             id=decode_id(row[columns.ID]),
             image_uri=row.get(columns.IMAGE_URI, ""),
             metadata=self._metadata_struct(row.get(columns.METADATA)),
             content_sha256=row.get(columns.CONTENT_SHA256, ""),
+            copy_features=row.get(columns.COPY_FEATURES, b""),
         )
         if include_vector:
             item.vector.values.extend(row[columns.VECTOR])
@@ -204,5 +212,6 @@ class ItemCodec:
 
     def hit(self, hit: StoreHit) -> search_pb2.Hit:
         return search_pb2.Hit(
-            id=decode_id(hit.id), score=hit.score, image_uri=hit.image_uri, metadata=self._metadata_struct(hit.metadata)
+            id=decode_id(hit.id), score=hit.score, image_uri=hit.image_uri, metadata=self._metadata_struct(hit.metadata),
+            copy_features=hit.copy_features,
         )

@@ -5,10 +5,17 @@ Every Milvus call gets
 the configured deadline and no hidden retries (pymilvus would otherwise retry up to 75 times, about
 3.5 minutes, when the timeout is a float), and a failure comes back as a `ServiceError` with a
 precise status code. Reads use Strong consistency, so a Search right after an Upsert or Delete sees
-it (Milvus Lite is read-your-writes anyway; a Milvus server is not by default)."""
+it (Milvus Lite is read-your-writes anyway; a Milvus server is not by default).
+
+Copy features are stored as base64 in a VARCHAR (Milvus has no bytes type; see
+`columns.COPY_FEATURES_MAX_BYTES`), an empty string for an item without them. A collection created
+before they existed has no such column, and Milvus 2.5 cannot add one to it: it keeps serving
+searches, Gets and upserts of items without copy features (which read back empty), while an upsert
+carrying copy features is FAILED_PRECONDITION telling the operator to re-create the collection."""
 
 from __future__ import annotations
 
+import base64
 import logging
 import re
 import threading
@@ -34,9 +41,9 @@ from pymilvus.exceptions import (
 
 from search_svc import columns
 from search_svc.filters import FilterCondition
-from search_svc.item_codec import Row
+from search_svc.item_codec import Row, decode_id
 from search_svc.metrics import StoreMetrics
-from search_svc.milvus_expressions import filter_expression, ids_expression
+from search_svc.milvus_expressions import filter_expression, ids_expression, string_literal
 from search_svc.settings import FieldType, SearchSettings
 from search_svc.vector_store import StoreHit, refuse_dropping_default
 from service_kit.status import ServiceError
@@ -128,9 +135,10 @@ class MilvusStore:
         self._settings = settings
         self._metrics = metrics
         self.default_collection = settings.collection
-        # Collections checked (or created), indexed and loaded by this process. Guarded by a lock:
-        # the executor's threads may all want a new collection at once.
-        self._prepared: set[str] = set()
+        # Collections checked (or created), indexed and loaded by this process, and whether each has
+        # the copy features column. Guarded by a lock: the executor's threads may all want a new
+        # collection at once.
+        self._prepared: dict[str, bool] = {}
         self._prepare_lock = threading.Lock()
         # A float on purpose: with an int timeout pymilvus ignores retry_times=0 and retries until the
         # timeout has passed, on top of the call that used it up.
@@ -209,8 +217,11 @@ class MilvusStore:
         return client
 
     def _prepare_collection(self, client: MilvusClient, name: str, create: bool) -> bool:
+        has_copy_features = True
         if self._call(client, "has_collection", client.has_collection, name):
-            self._check_schema(name, self._call(client, "describe_collection", client.describe_collection, name))
+            has_copy_features = self._check_schema(
+                name, self._call(client, "describe_collection", client.describe_collection, name)
+            )
         elif not create:
             return False
         else:
@@ -230,7 +241,7 @@ class MilvusStore:
             )
             self._call(client, "create_index", client.create_index, name, index_params)
         self._call(client, "load_collection", client.load_collection, name)
-        self._prepared.add(name)
+        self._prepared[name] = has_copy_features
         return True
 
     def _expected_columns(self) -> dict[str, DataType]:
@@ -240,6 +251,7 @@ class MilvusStore:
             columns.IMAGE_URI: DataType.VARCHAR,
             columns.METADATA: DataType.JSON,
             columns.CONTENT_SHA256: DataType.VARCHAR,
+            columns.COPY_FEATURES: DataType.VARCHAR,  # base64
         }
         for field, field_type in self._settings.filter_fields.items():
             expected[field] = FIELD_DATA_TYPES[field_type]
@@ -253,6 +265,7 @@ class MilvusStore:
         schema.add_field(columns.IMAGE_URI, DataType.VARCHAR, max_length=columns.IMAGE_URI_MAX_BYTES)
         schema.add_field(columns.METADATA, DataType.JSON)
         schema.add_field(columns.CONTENT_SHA256, DataType.VARCHAR, max_length=columns.CONTENT_SHA256_MAX_BYTES)
+        schema.add_field(columns.COPY_FEATURES, DataType.VARCHAR, max_length=columns.COPY_FEATURES_BASE64_MAX_BYTES)
         for field, field_type in self._settings.filter_fields.items():
             if field_type == "string":
                 schema.add_field(field, DataType.VARCHAR, max_length=columns.STRING_FIELD_MAX_BYTES)
@@ -261,7 +274,9 @@ class MilvusStore:
             schema.add_field(columns.presence_column(field), DataType.BOOL)
         return schema
 
-    def _check_schema(self, name: str, description: dict) -> None:
+    def _check_schema(self, name: str, description: dict) -> bool:
+        """FAILED_PRECONDITION unless the collection matches the settings; whether it has the copy
+        features column (a collection created before they existed has not)."""
         actual = {field["name"]: field for field in description.get("fields", [])}
         problems = []
         vector = actual.get(columns.VECTOR)
@@ -269,7 +284,10 @@ class MilvusStore:
             dimension = int(vector.get("params", {}).get("dim", 0))
             if dimension != self._settings.dimension:
                 problems.append(f"its vectors have dimension {dimension}, SEARCH_DIMENSION is {self._settings.dimension}")
+        has_copy_features = columns.COPY_FEATURES in actual
         for column, data_type in self._expected_columns().items():
+            if column == columns.COPY_FEATURES and not has_copy_features:
+                continue
             if column not in actual:
                 problems.append(f"it has no column {column!r}")
             elif DataType(actual[column]["type"]) != data_type:
@@ -283,6 +301,12 @@ class MilvusStore:
                 f"collection {name!r} does not match the settings: {'; '.join(problems)}. "
                 "Use another SEARCH_COLLECTION, or drop this collection to rebuild it.",
             )
+        if not has_copy_features:
+            logger.warning(
+                "collection %s was created before copy features were stored: items without them can still be "
+                "written, items with them are refused until it is re-created", name,
+            )
+        return has_copy_features
 
     def _check_index(self, name: str, description: dict) -> None:
         index_type = str(description.get("index_type", "")).upper()
@@ -323,7 +347,8 @@ class MilvusStore:
         max_rows, max_bytes = self._settings.max_batch_rows, self._settings.max_batch_bytes
         start, size = 0, 0
         for end, row in enumerate(rows):
-            row_bytes = row[columns.VECTOR].nbytes + len(row[columns.METADATA]) + len(row[columns.IMAGE_URI]) + 64
+            row_bytes = (row[columns.VECTOR].nbytes + len(row[columns.METADATA]) + len(row[columns.IMAGE_URI])
+                         + len(row[columns.COPY_FEATURES]) * 4 // 3 + 64)
             if end > start and (end - start >= max_rows or size + row_bytes > max_bytes):
                 yield rows[start:end]
                 start, size = end, 0
@@ -333,17 +358,39 @@ class MilvusStore:
 
     def upsert(self, collection: str, rows: Sequence[Row]) -> None:
         client = self._ready_collection(collection, create=True)
+        # Absent only after a concurrent drop, and then the upsert fails as the collection's absence.
+        has_copy_features = self._prepared.get(collection, True)
+        if not has_copy_features:
+            self._refuse_copy_features(collection, rows)  # before any batch is written
         for batch in self._batches(rows):
-            self._call(client, "upsert", client.upsert, collection, list(batch))
+            self._call(client, "upsert", client.upsert, collection, [_milvus_row(row, has_copy_features) for row in batch])
+
+    @staticmethod
+    def _refuse_copy_features(collection: str, rows: Sequence[Row]) -> None:
+        for number, row in enumerate(rows):
+            if row[columns.COPY_FEATURES]:
+                raise ServiceError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"collection {collection!r} was created before copy features were stored and Milvus cannot add "
+                    f"the column to it, so item {number} ({decode_id(row[columns.ID])!r}) cannot keep its copy "
+                    "features: nothing of this upsert was written. Upsert without copy features (through the gateway: "
+                    "GATEWAY_COPY_SEARCH__FEATURES_AT_INGEST=false, and copy search finds nothing in this collection), "
+                    "or drop the collection (or use another SEARCH_COLLECTION) and index the catalog again.",
+                )
+
+    def _copy_features_output(self, collection: str, include_copy_features: bool) -> list[str]:
+        """The copy features column, when asked for and the collection has it (else they read back empty)."""
+        return [columns.COPY_FEATURES] if include_copy_features and self._prepared.get(collection) else []
 
     def search(
-        self, collection: str, vectors: np.ndarray, k: int, conditions: Sequence[FilterCondition]
+        self, collection: str, vectors: np.ndarray, k: int, conditions: Sequence[FilterCondition],
+        include_copy_features: bool = False,
     ) -> list[list[StoreHit]]:
         client = self._existing_collection(collection)
         results = self._call(
             client, "search", client.search, collection,
             data=vectors.tolist(), filter=filter_expression(conditions), limit=k, anns_field=columns.VECTOR,
-            output_fields=[columns.IMAGE_URI, columns.METADATA],
+            output_fields=[columns.IMAGE_URI, columns.METADATA, *self._copy_features_output(collection, include_copy_features)],
             search_params={"metric_type": self._settings.metric, "params": dict(self._settings.search_params)},
             consistency_level="Strong",
         )
@@ -351,26 +398,57 @@ class MilvusStore:
         return [
             [
                 StoreHit(hit[columns.ID], hit["distance"], hit["entity"].get(columns.IMAGE_URI, ""),
-                         hit["entity"].get(columns.METADATA))
+                         hit["entity"].get(columns.METADATA), _copy_features(hit["entity"]))
                 for hit in hits
             ]
             for hits in results
         ]
 
-    def get(self, collection: str, stored_ids: Sequence[str], include_vectors: bool) -> list[dict]:
+    def get(
+        self, collection: str, stored_ids: Sequence[str], include_vectors: bool, include_copy_features: bool = False
+    ) -> list[dict]:
         output_fields = [columns.ID, columns.IMAGE_URI, columns.METADATA, columns.CONTENT_SHA256]
         if include_vectors:
             output_fields.append(columns.VECTOR)
-        return self._query_ids(collection, stored_ids, output_fields)
+        rows = self._query_ids(collection, stored_ids, output_fields, include_copy_features)
+        if include_copy_features:
+            for row in rows:
+                row[columns.COPY_FEATURES] = _copy_features(row)
+        return rows
+
+    def list_page(
+        self, collection: str, after: str, limit: int, include_vectors: bool, include_copy_features: bool
+    ) -> list[dict]:
+        # A query with a limit answers the rows with the smallest primary keys, in key order (what
+        # pymilvus's own query_iterator relies on); sorted again here, cheaply, in case a server merges
+        # segments otherwise.
+        client = self._existing_collection(collection)
+        output_fields = [columns.ID, columns.IMAGE_URI, columns.METADATA, columns.CONTENT_SHA256]
+        if include_vectors:
+            output_fields.append(columns.VECTOR)
+        output_fields += self._copy_features_output(collection, include_copy_features)
+        rows = self._call(
+            client, "list", client.query, collection,
+            filter=f"{columns.ID} > {string_literal(after)}", output_fields=output_fields, limit=limit,
+            consistency_level="Strong",
+        )
+        rows = sorted(rows, key=lambda row: row[columns.ID].encode())
+        if include_copy_features:
+            for row in rows:
+                row[columns.COPY_FEATURES] = _copy_features(row)
+        return rows
 
     def existing_ids(self, collection: str, stored_ids: Sequence[str]) -> list[str]:
         return [row[columns.ID] for row in self._query_ids(collection, stored_ids, [columns.ID])]
 
-    def _query_ids(self, collection: str, stored_ids: Sequence[str], output_fields: list[str]) -> list[dict]:
+    def _query_ids(
+        self, collection: str, stored_ids: Sequence[str], output_fields: list[str], include_copy_features: bool = False
+    ) -> list[dict]:
         """Rows for those ids; none when the collection does not exist."""
         client = self._ready_collection(collection, create=False)
         if client is None:
             return []
+        output_fields = output_fields + self._copy_features_output(collection, include_copy_features)
         rows: list[dict] = []
         for start in range(0, len(stored_ids), IDS_PER_EXPRESSION):
             chunk = stored_ids[start:start + IDS_PER_EXPRESSION]
@@ -394,10 +472,10 @@ class MilvusStore:
         client = self._open_client
         with self._prepare_lock:
             if not self._call(client, "has_collection", client.has_collection, collection):
-                self._prepared.discard(collection)
+                self._prepared.pop(collection, None)
                 return False
             self._call(client, "drop_collection", client.drop_collection, collection)
-            self._prepared.discard(collection)
+            self._prepared.pop(collection, None)
         return True
 
     def count(self, collection: str) -> int:
@@ -409,3 +487,18 @@ class MilvusStore:
             filter="", output_fields=["count(*)"], consistency_level="Strong",
         )
         return int(result[0]["count(*)"])
+
+
+def _milvus_row(row: Row, has_copy_features: bool) -> Row:
+    """The row as Milvus stores it: copy features as base64 text, or left out for a collection without
+    the column (whose rows were checked to have none)."""
+    milvus_row = dict(row)
+    features = milvus_row.pop(columns.COPY_FEATURES)
+    if has_copy_features:
+        milvus_row[columns.COPY_FEATURES] = base64.b64encode(features).decode("ascii")
+    return milvus_row
+
+
+def _copy_features(fields: dict) -> bytes:
+    """The raw copy features of a hit's entity or a queried row; empty when not read or not stored."""
+    return base64.b64decode(fields.get(columns.COPY_FEATURES) or "")

@@ -14,7 +14,7 @@ import grpc
 import numpy as np
 from prometheus_client import Histogram
 
-from search_svc import columns
+from search_svc import columns, paging
 from search_svc.filters import parse_filter
 from search_svc.generation import IndexGeneration
 from search_svc.item_codec import ItemCodec, stored_ids
@@ -122,7 +122,9 @@ class VectorSearchServicer(search_pb2_grpc.VectorSearchServicer):
             "vsearch.store.backend": self._settings.backend, "vsearch.search.queries": len(vectors),
             "vsearch.search.k": request.k, "vsearch.search.conditions": len(conditions),
         }):
-            results = self._store.search(collection, vectors, request.k, conditions)
+            results = self._store.search(
+                collection, vectors, request.k, conditions, include_copy_features=request.include_copy_features
+            )
         response = search_pb2.SearchResponse(generation=generation)
         for hits in results:
             # Best first, ties by id, so equal requests give equal answers.
@@ -138,10 +140,33 @@ class VectorSearchServicer(search_pb2_grpc.VectorSearchServicer):
     def _get(self, request: search_pb2.GetRequest) -> search_pb2.GetResponse:
         collection = self._collection(request.collection)
         ids = stored_ids(request.ids)
-        rows = {row[columns.ID]: row for row in self._store.get(collection, ids, request.include_vectors)} if ids else {}
+        rows = {
+            row[columns.ID]: row
+            for row in self._store.get(
+                collection, ids, request.include_vectors, include_copy_features=request.include_copy_features
+            )
+        } if ids else {}
         return search_pb2.GetResponse(
             items=[self._codec.item(rows[item_id], request.include_vectors) for item_id in ids if item_id in rows]
         )
+
+    async def List(self, request: search_pb2.ListRequest, context: grpc.aio.ServicerContext) -> search_pb2.ListResponse:
+        return await self._offload(self._list, request)
+
+    def _list(self, request: search_pb2.ListRequest) -> search_pb2.ListResponse:
+        collection = self._collection(request.collection)
+        limit = paging.page_size(request.page_size)
+        after = paging.after_stored_id(request.page_token)
+        # One row more than the page: whether another page follows, without an empty last page.
+        rows = self._store.list_page(
+            collection, after, limit + 1, request.include_vectors, request.include_copy_features
+        )
+        response = search_pb2.ListResponse(
+            items=[self._codec.item(row, request.include_vectors) for row in rows[:limit]]
+        )
+        if len(rows) > limit:
+            response.next_page_token = paging.page_token(rows[limit - 1][columns.ID])
+        return response
 
     async def Stats(self, request: search_pb2.StatsRequest, context: grpc.aio.ServicerContext) -> search_pb2.StatsResponse:
         # Read before counting, so the answer is never labelled newer than the data it saw.

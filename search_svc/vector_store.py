@@ -2,7 +2,8 @@
 
 Every method blocks; the servicer calls them from its bounded executor only, and a failure comes
 back as a `ServiceError` with a precise status code. Rows are the item codec's (`item_codec.Row`,
-ids in stored form). A search answers, per query, its hits as `StoreHit`s."""
+ids in stored form). A search answers, per query, its hits as `StoreHit`s. Copy features are read
+only when a call asks for them (`include_copy_features`): they can be as large as the rest of an item."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ class StoreHit:
     score: float  # inner product with the query
     image_uri: str
     metadata: str | dict | None  # JSON text (FAISS), or decoded by pymilvus
+    copy_features: bytes = b""  # only when the search asked for them
 
 
 class VectorStore(Protocol):
@@ -47,13 +49,23 @@ class VectorStore(Protocol):
         """Creates the collection when missing; replaces items with the same ids."""
 
     def search(
-        self, collection: str, vectors: np.ndarray, k: int, conditions: Sequence[FilterCondition]
+        self, collection: str, vectors: np.ndarray, k: int, conditions: Sequence[FilterCondition],
+        include_copy_features: bool = False,
     ) -> list[list[StoreHit]]: ...
 
-    def get(self, collection: str, stored_ids: Sequence[str], include_vectors: bool) -> list[dict]:
-        """Rows for those ids that exist (none when the collection does not)."""
+    def get(
+        self, collection: str, stored_ids: Sequence[str], include_vectors: bool, include_copy_features: bool = False
+    ) -> list[dict]:
+        """Rows for those ids that exist (none when the collection does not); `columns.COPY_FEATURES` as
+        raw bytes when asked."""
 
     def existing_ids(self, collection: str, stored_ids: Sequence[str]) -> list[str]: ...
+
+    def list_page(
+        self, collection: str, after: str, limit: int, include_vectors: bool, include_copy_features: bool
+    ) -> list[dict]:
+        """At most `limit` rows whose stored id is greater than `after` ("": from the start), ordered by
+        stored id, with the same columns as `get`; NOT_FOUND when the collection does not exist."""
 
     def delete(self, collection: str, stored_ids: Sequence[str]) -> None: ...
 

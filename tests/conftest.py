@@ -488,6 +488,15 @@ def run_cli(*args: str, timeout: float = 120, cwd: Path = REPO_ROOT) -> subproce
     return subprocess.run([*VSEARCH, *args], capture_output=True, text=True, timeout=timeout, cwd=cwd)
 
 
+async def run_cli_async(*args: str, timeout: float = 120, cwd: Path = REPO_ROOT) -> tuple[int, str, str]:
+    """`vsearch ARGS` in a subprocess without blocking the event loop (for a test whose stack runs in
+    this process): its exit code, stdout and stderr."""
+    process = await asyncio.create_subprocess_exec(
+        *VSEARCH, *args, cwd=cwd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(process.communicate(), timeout)
+    return process.returncode, out.decode(), err.decode()
+
+
 @dataclass
 class VsearchUp:
     """A running `vsearch up` (real child processes) and what its banner line says. With `--replicas N`

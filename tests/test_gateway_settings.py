@@ -29,6 +29,10 @@ def test_settings_from_the_environment(monkeypatch):
     monkeypatch.setenv("GATEWAY_TEXT_EXPANSION__HITS", "0")
     monkeypatch.setenv("GATEWAY_TEXT_EXPANSION__WEIGHT", "0.5")
     assert GatewaySettings().text_expansion.model_dump() == {"hits": 0, "weight": 0.5}
+    assert settings.copy_search.model_dump() == {"features_at_ingest": True, "shortlist": 30}
+    monkeypatch.setenv("GATEWAY_COPY_SEARCH__FEATURES_AT_INGEST", "false")
+    monkeypatch.setenv("GATEWAY_COPY_SEARCH__SHORTLIST", "100")
+    assert GatewaySettings().copy_search.model_dump() == {"features_at_ingest": False, "shortlist": 100}
 
 
 def test_downstream_addresses_are_required(monkeypatch):
@@ -73,6 +77,8 @@ def test_http_limits_and_readiness_settings(monkeypatch):
     ("GATEWAY_DOWNSTREAM_CHECK_INTERVAL_S", "0"),
     ("GATEWAY_TEXT_EXPANSION__HITS", "1"), ("GATEWAY_TEXT_EXPANSION__HITS", "101"),
     ("GATEWAY_TEXT_EXPANSION__WEIGHT", "0"),
+    ("GATEWAY_COPY_SEARCH__SHORTLIST", "0"), ("GATEWAY_COPY_SEARCH__SHORTLIST", "1001"),
+    ("GATEWAY_COPY_SEARCH__FEATURES_AT_INGEST", "sometimes"),
 ])
 def test_bad_limits_are_refused(monkeypatch, name, value):
     monkeypatch.setenv("GATEWAY_EMBEDDER_ADDRESS", "embedder:50052")

@@ -1,18 +1,23 @@
 """The FAISS backend's own promises, on the store itself: IVF training in the background without
 losing the writes made meanwhile, snapshots that only count when they match the SQLite file, and
-exact filtered search on IVF. (The gRPC behaviour both backends share is in test_search_service.)"""
+exact filtered search on IVF, copy features read from SQLite for the hits only, and a file created
+before copy features existed migrated in place. (The gRPC behaviour both backends share is in
+test_search_service.)"""
 
 from __future__ import annotations
 
+import json
+import sqlite3
 import threading
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import faiss
 import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
+from search_svc import columns
 from search_svc.faiss_store import FaissStore, auto_nlist
 from search_svc.filters import FilterCondition
 from search_svc.item_codec import ItemCodec
@@ -50,12 +55,13 @@ def clustered(count: int, seed: int) -> np.ndarray:
     return (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
 
 
-def rows(ids: list[str], vectors: np.ndarray, first: int = 0) -> list[dict]:
-    """Rows for the items; item `first + n` has category c{(first + n) % 3} and price first + n."""
+def rows(ids: list[str], vectors: np.ndarray, first: int = 0, copy_features: Sequence[bytes] = ()) -> list[dict]:
+    """Rows for the items; item `first + n` has category c{(first + n) % 3} and price first + n, and the
+    n-th of `copy_features` when given."""
     codec = ItemCodec(DIM, FIELDS)
     items = []
     for n, (item_id, vector) in enumerate(zip(ids, vectors), start=first):
-        message = search_pb2.Item(id=item_id)
+        message = search_pb2.Item(id=item_id, copy_features=copy_features[n - first] if copy_features else b"")
         message.vector.values.extend(vector.tolist())
         message.metadata.update({"category": f"c{n % 3}", "price": float(n)})
         items.append(message)
@@ -220,3 +226,93 @@ def test_writes_survive_a_crash_without_any_snapshot(tmp_path: Path, closing: li
     closing.append(reopened)
     assert reopened.count(reopened.default_collection) == 20 and reopened.count("other") == 3
     assert top_ids(reopened, vectors[7], 1) == ["c7"]
+
+
+def test_search_reads_the_copy_features_of_all_hits_in_one_statement(tmp_path: Path, closing: list[FaissStore]):
+    """Copy features stay in SQLite (never in the index or a cache): a search asking for them reads
+    them with the hits' other columns, one statement for all the hits of all its queries."""
+    store, _ = open_store(tmp_path, index_type="FLAT")
+    closing.append(store)
+    vectors = clustered(200, seed=12)
+    ids = [f"cf{n}" for n in range(200)]
+    features = [f"features of {item_id}".encode() * 100 for item_id in ids]
+    store.upsert(store.default_collection, rows(ids, vectors, copy_features=features))
+    statements: list[str] = []
+    store._collections[store.default_collection].connection().set_trace_callback(statements.append)
+
+    results = store.search(store.default_collection, vectors[:10], 30, [], include_copy_features=True)
+    assert [len(hits) for hits in results] == [30] * 10
+    assert all(hit.copy_features == features[ids.index(hit.id)] for hits in results for hit in hits)
+    [select] = statements
+    assert select.startswith("SELECT") and columns.COPY_FEATURES in select
+
+    statements.clear()
+    [hits] = store.search(store.default_collection, vectors[:1], 30, [])
+    assert all(hit.copy_features == b"" for hit in hits)
+    assert statements and not any(columns.COPY_FEATURES in statement for statement in statements)
+
+
+# The items table and meta rows as search_svc wrote them before copy features existed (commit d620986).
+TABLE_BEFORE_COPY_FEATURES = (
+    "CREATE TABLE items (label INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE, vector BLOB NOT NULL, "
+    "image_uri TEXT NOT NULL, metadata TEXT NOT NULL, content_sha256 TEXT NOT NULL, "
+    '"category" TEXT NOT NULL, "_has_category" INTEGER NOT NULL, "price" REAL NOT NULL, "_has_price" INTEGER NOT NULL)'
+)
+
+
+def write_file_before_copy_features(path: Path, items: list[dict]) -> None:
+    connection = sqlite3.connect(path, isolation_level=None)
+    connection.execute("PRAGMA journal_mode=WAL")
+    connection.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+    connection.execute(TABLE_BEFORE_COPY_FEATURES)
+    for field in FIELDS:
+        connection.execute(f'CREATE INDEX "items_by_{field}" ON items ("{field}")')
+    meta = {"dimension": DIM, "filter_fields": FIELDS, "file_id": "0123456789abcdef", "revision": 1,
+            "next_label": len(items) + 1}
+    connection.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", [(k, json.dumps(v)) for k, v in meta.items()])
+    connection.executemany(
+        "INSERT INTO items (label, id, vector, image_uri, metadata, content_sha256, category, _has_category, price, "
+        "_has_price) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [(label, row["id"], row["vector"].astype("<f4").tobytes(), row["image_uri"], row["metadata"],
+          row["content_sha256"], row["category"], row["_has_category"], row["price"], row["_has_price"])
+         for label, row in enumerate(items, start=1)],
+    )
+    connection.close()
+
+
+def test_a_file_created_before_copy_features_is_migrated_in_place_losing_nothing(tmp_path: Path,
+                                                                                 closing: list[FaissStore]):
+    vectors = clustered(40, seed=13)
+    ids = [f"old{n}" for n in range(40)]
+    old_rows = rows(ids, vectors)
+    for n, row in enumerate(old_rows):
+        row["image_uri"], row["content_sha256"] = f"file:///old/{n}.jpg", f"{n:064x}"
+    path = tmp_path / "vsearch_images.sqlite3"
+    write_file_before_copy_features(path, old_rows)
+
+    store, _ = open_store(tmp_path, index_type="FLAT")
+    assert columns.COPY_FEATURES in {row[1] for row in sqlite3.connect(path).execute("PRAGMA table_info(items)")}
+    collection = store.default_collection
+    assert store.count(collection) == 40
+    got = {row["id"]: row for row in store.get(collection, ids, include_vectors=True, include_copy_features=True)}
+    for n, item_id in enumerate(ids):
+        row = got[item_id]
+        assert (row["image_uri"], row["content_sha256"], row[columns.COPY_FEATURES]) == (
+            f"file:///old/{n}.jpg", f"{n:064x}", b"")
+        assert json.loads(row["metadata"]) == {"category": f"c{n % 3}", "price": float(n)}
+        assert row["vector"] == pytest.approx(vectors[n])
+    assert top_ids(store, vectors[7], 3) == exact_ids(ids, vectors, vectors[7], 3)
+    assert set(top_ids(store, vectors[0], 40, FilterCondition("category", "==", ("c1",)))) == {
+        ids[n] for n in range(40) if n % 3 == 1}
+
+    # New writes keep their copy features, and labels go on from where the old file left them.
+    store.upsert(collection, rows(["old3", "new0"], clustered(2, seed=14), copy_features=[b"three", b"new"]))
+    store.close()
+    reopened, _ = open_store(tmp_path, index_type="FLAT")  # migrated already: opens as any current file
+    closing.append(reopened)
+    assert reopened.count(collection) == 41
+    features = {row["id"]: row[columns.COPY_FEATURES]
+                for row in reopened.get(collection, ["old2", "old3", "new0"], False, include_copy_features=True)}
+    assert features == {"old2": b"", "old3": b"three", "new0": b"new"}
+    [hits] = reopened.search(collection, vectors[2][None, :], 1, [], include_copy_features=True)
+    assert (hits[0].id, hits[0].copy_features) == ("old2", b"")

@@ -1,5 +1,6 @@
 """search_svc against a Milvus server (Milvus Lite in server mode on a loopback port), readiness
-while Milvus is down, and `python -m search_svc` as a process (both backends; FAISS through kill -9)."""
+while Milvus is down, a collection created before copy features existed, and `python -m search_svc`
+as a process (both backends; FAISS through kill -9)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import pytest
 from google.protobuf import json_format, struct_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from milvus_lite.server import Server
+from pymilvus import DataType, MilvusClient
 
 from conftest import REPO_ROOT, service_env
 from search_svc.server import SERVICE_NAME, create_server
@@ -69,8 +71,8 @@ def unit_vectors(count: int, dim: int, seed: int) -> np.ndarray:
     return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
 
-def item(item_id: str, vector: np.ndarray, **metadata: object) -> search_pb2.Item:
-    message = search_pb2.Item(id=item_id, image_uri=f"s3://catalog/{item_id}.jpg")
+def item(item_id: str, vector: np.ndarray, copy_features: bytes = b"", **metadata: object) -> search_pb2.Item:
+    message = search_pb2.Item(id=item_id, image_uri=f"s3://catalog/{item_id}.jpg", copy_features=copy_features)
     message.vector.values.extend(vector.tolist())
     message.metadata.update(metadata)
     return message
@@ -97,10 +99,19 @@ async def test_round_trip_through_a_milvus_server(milvus_server: MilvusLiteServe
         await server.wait_ready(timeout=30)
         assert await health_status(channel) == health_pb2.HealthCheckResponse.SERVING
         vectors = unit_vectors(60, 1280, seed=1)
+        features = {f"r{n}": np.random.default_rng(n).bytes(3000 + n) for n in range(0, 60, 3)}
         upserted = await stub.Upsert(search_pb2.UpsertRequest(
-            items=[item(f"r{n}", vector, category="even" if n % 2 == 0 else "odd", price=n) for n, vector in enumerate(vectors)]
+            items=[item(f"r{n}", vector, features.get(f"r{n}", b""), category="even" if n % 2 == 0 else "odd", price=n)
+                   for n, vector in enumerate(vectors)]
         ))
         assert upserted.upserted == 60
+        with_features = await stub.Search(search_pb2.SearchRequest(
+            queries=[search_pb2.Vector(values=vectors[n].tolist()) for n in (3, 4)], k=30, include_copy_features=True))
+        for hits in with_features.results:
+            assert len(hits.hits) == 30
+            assert all(hit.copy_features == features.get(hit.id, b"") for hit in hits.hits)
+        got = await stub.Get(search_pb2.GetRequest(ids=["r3", "r4"], include_copy_features=True))
+        assert [(found.id, found.copy_features) for found in got.items] == [("r3", features["r3"]), ("r4", b"")]
 
         price_below = struct_pb2.Value(number_value=30)
         request = search_pb2.SearchRequest(
@@ -142,6 +153,82 @@ async def test_round_trip_through_a_milvus_server(milvus_server: MilvusLiteServe
             await stub.Search(request, timeout=30)
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE, caught.value.details()
         assert caught.value.details().startswith("milvus search: UNAVAILABLE"), caught.value.details()
+    finally:
+        await channel.close()
+        await server.stop(grace=1)
+
+
+def create_collection_before_copy_features(uri: str, vectors: np.ndarray) -> None:
+    """The default collection as search_svc created it before copy features existed (commit d620986:
+    no copy_features column), holding items r0, r1, ... with these vectors."""
+    client = MilvusClient(uri=uri)
+    try:
+        schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+        schema.add_field("id", DataType.VARCHAR, max_length=1024, is_primary=True)
+        schema.add_field("vector", DataType.FLOAT_VECTOR, dim=vectors.shape[1])
+        schema.add_field("image_uri", DataType.VARCHAR, max_length=2048)
+        schema.add_field("metadata", DataType.JSON)
+        schema.add_field("content_sha256", DataType.VARCHAR, max_length=64)
+        schema.add_field("category", DataType.VARCHAR, max_length=1024)
+        schema.add_field("_has_category", DataType.BOOL)
+        schema.add_field("price", DataType.DOUBLE)
+        schema.add_field("_has_price", DataType.BOOL)
+        client.create_collection("vsearch_images", schema=schema, consistency_level="Strong")
+        index_params = client.prepare_index_params()
+        index_params.add_index("vector", index_type="FLAT", metric_type="IP")
+        client.create_index("vsearch_images", index_params)
+        client.insert("vsearch_images", [
+            {"id": f"r{n}", "vector": vector.tolist(), "image_uri": f"s3://catalog/r{n}.jpg",
+             "metadata": {"category": "old", "price": n}, "content_sha256": f"{n:064x}", "category": "old",
+             "_has_category": True, "price": float(n), "_has_price": True}
+            for n, vector in enumerate(vectors)
+        ])
+    finally:
+        client.close()
+
+
+async def test_a_collection_created_before_copy_features_keeps_working(milvus_server: MilvusLiteServer):
+    """Milvus 2.5 cannot add a column to a collection: an old one serves as before, its items read
+    back without copy features, and an upsert carrying some is refused as a whole, saying how to get
+    a collection that stores them."""
+    vectors = unit_vectors(12, 8, seed=3)
+    create_collection_before_copy_features(milvus_server.uri, vectors[:10])
+    settings = SearchSettings(port=0, dimension=8, log_format="text", backend="milvus",
+                              milvus=MilvusSettings(uri=milvus_server.uri, timeout_s=10))
+    server, port = await create_server(settings)
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    stub = search_pb2_grpc.VectorSearchStub(channel)
+    try:
+        await server.wait_ready(timeout=30)
+        assert (await stub.Stats(search_pb2.StatsRequest())).count == 10
+        got = await stub.Get(search_pb2.GetRequest(ids=["r4"], include_vectors=True, include_copy_features=True))
+        [old] = got.items
+        assert (old.image_uri, old.content_sha256, old.copy_features) == ("s3://catalog/r4.jpg", f"{4:064x}", b"")
+        assert json_format.MessageToDict(old.metadata) == {"category": "old", "price": 4}
+        assert np.allclose(old.vector.values, vectors[4])
+        hits = (await stub.Search(search_pb2.SearchRequest(
+            queries=[search_pb2.Vector(values=vectors[4].tolist())], k=3, include_copy_features=True))).results[0].hits
+        assert hits[0].id == "r4" and all(hit.copy_features == b"" for hit in hits)
+
+        # Items without copy features: written as ever.
+        await stub.Upsert(search_pb2.UpsertRequest(items=[item("r4", vectors[4], category="new"), item("r10", vectors[10])]))
+        assert (await stub.Stats(search_pb2.StatsRequest())).count == 11
+        # With copy features: refused, and nothing of the request is written.
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Upsert(search_pb2.UpsertRequest(
+                items=[item("r11", vectors[11]), item("r5", vectors[5], copy_features=b"features")]))
+        assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        details = caught.value.details()
+        assert "collection 'vsearch_images' was created before copy features were stored" in details
+        assert "item 1 ('r5')" in details and "drop the collection" in details and "index the catalog again" in details
+        assert (await stub.Stats(search_pb2.StatsRequest())).count == 11
+        assert not (await stub.Get(search_pb2.GetRequest(ids=["r11"]))).items
+
+        # A collection created now stores them.
+        await stub.Upsert(search_pb2.UpsertRequest(collection="recreated", items=[item("r5", vectors[5], b"features")]))
+        got = await stub.Get(search_pb2.GetRequest(collection="recreated", ids=["r5"], include_copy_features=True))
+        assert got.items[0].copy_features == b"features"
     finally:
         await channel.close()
         await server.stop(grace=1)

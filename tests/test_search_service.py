@@ -17,6 +17,7 @@ import pytest
 import pytest_asyncio
 from google.protobuf import json_format, struct_pb2
 
+from search_svc.columns import COPY_FEATURES_MAX_BYTES
 from search_svc.filters import MAX_CONDITIONS, MAX_LIST_VALUES
 from search_svc.server import create_server
 from search_svc.settings import FaissSettings, MilvusSettings, SearchSettings
@@ -37,10 +38,10 @@ class Service:
         return await self.stub.Upsert(search_pb2.UpsertRequest(items=items))
 
     async def search(self, queries: np.ndarray, k: int, *conditions: search_pb2.Condition,
-                     min_score: float | None = None) -> search_pb2.SearchResponse:
+                     min_score: float | None = None, include_copy_features: bool = False) -> search_pb2.SearchResponse:
         request = search_pb2.SearchRequest(
             queries=[search_pb2.Vector(values=q.tolist()) for q in np.atleast_2d(queries)], k=k,
-            filter=search_pb2.Filter(conditions=list(conditions)),
+            filter=search_pb2.Filter(conditions=list(conditions)), include_copy_features=include_copy_features,
         )
         if min_score is not None:
             request.min_score = min_score
@@ -108,8 +109,8 @@ def random_unit_vectors(count: int, seed: int, dim: int = DIM) -> np.ndarray:
     return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
 
-def item(item_id: str, vector: np.ndarray | list[float], **metadata: object) -> search_pb2.Item:
-    message = search_pb2.Item(id=item_id, image_uri=f"file:///images/{item_id}.jpg")
+def item(item_id: str, vector: np.ndarray | list[float], copy_features: bytes = b"", **metadata: object) -> search_pb2.Item:
+    message = search_pb2.Item(id=item_id, image_uri=f"file:///images/{item_id}.jpg", copy_features=copy_features)
     message.vector.values.extend(np.asarray(vector, dtype=np.float32).tolist())
     message.metadata.update(metadata)
     return message
@@ -593,3 +594,140 @@ async def test_content_sha256_round_trips_and_is_checked(shared: Service):
     bad = item("bad-hash", random_unit_vectors(1, seed=23)[0])
     bad.content_sha256 = "not-a-sha"
     await expect_invalid(shared.upsert([bad]), "content_sha256", "bad-hash")
+
+
+# --- copy features ------------------------------------------------------------------------------
+
+
+async def copy_features_by_id(shared: Service, ids: list[str], include: bool = True) -> dict[str, bytes]:
+    got = await shared.stub.Get(search_pb2.GetRequest(ids=ids, include_copy_features=include))
+    return {found.id: found.copy_features for found in got.items}
+
+
+async def test_copy_features_are_stored_and_returned_only_when_asked(shared: Service):
+    vectors = random_unit_vectors(4, seed=31)
+    rng = np.random.default_rng(32)
+    # Opaque bytes: NULs, every byte value, and the largest size allowed.
+    features = {
+        "copy-small": b"\x00\x01\xff\x00" + bytes(range(256)),
+        "copy-largest": rng.bytes(COPY_FEATURES_MAX_BYTES),
+        "copy-odd-id'%": rng.bytes(4097),
+    }
+    await shared.upsert([item(item_id, vector, copy_features=features.get(item_id, b""), category="copy")
+                         for item_id, vector in zip([*features, "copy-none"], vectors)])
+    only_these = condition("category", search_pb2.EQ, "copy")
+
+    asked = await shared.search(vectors, 30, only_these, include_copy_features=True)
+    for hits in asked.results:
+        assert len(hits.hits) == 4
+        assert {hit.id: hit.copy_features for hit in hits.hits} == {**features, "copy-none": b""}
+    not_asked = await shared.search(vectors, 30, only_these)
+    assert all(not hit.copy_features for hits in not_asked.results for hit in hits.hits)
+    assert [hit.id for hit in not_asked.results[0].hits] == [hit.id for hit in asked.results[0].hits]
+
+    ids = [*features, "copy-none"]
+    assert await copy_features_by_id(shared, ids) == {**features, "copy-none": b""}
+    assert await copy_features_by_id(shared, ids, include=False) == dict.fromkeys(ids, b"")
+    [with_everything] = (await shared.stub.Get(search_pb2.GetRequest(
+        ids=["copy-small"], include_vectors=True, include_copy_features=True))).items
+    assert with_everything.copy_features == features["copy-small"] and np.allclose(with_everything.vector.values, vectors[0])
+
+
+async def test_copy_features_are_replaced_by_a_reupsert_and_gone_after_delete(shared: Service):
+    vectors = random_unit_vectors(2, seed=33)
+    await shared.upsert([item("copy-replaced", vectors[0], copy_features=b"first"),
+                         item("copy-dropped", vectors[1], copy_features=b"kept until replaced")])
+    await shared.upsert([item("copy-replaced", vectors[0], copy_features=b"second"),
+                         item("copy-dropped", vectors[1])])  # re-upserted without: none any more
+    assert await copy_features_by_id(shared, ["copy-replaced", "copy-dropped"]) == {
+        "copy-replaced": b"second", "copy-dropped": b""}
+    [hit, *_] = (await shared.search(vectors[0], 1, include_copy_features=True)).results[0].hits
+    assert (hit.id, hit.copy_features) == ("copy-replaced", b"second")
+
+    assert (await shared.stub.Delete(search_pb2.DeleteRequest(ids=["copy-replaced"]))).deleted == 1
+    assert await copy_features_by_id(shared, ["copy-replaced"]) == {}
+    hits = (await shared.search(vectors[0], 1000, include_copy_features=True)).results[0].hits
+    assert "copy-replaced" not in {hit.id for hit in hits} and b"second" not in {hit.copy_features for hit in hits}
+
+
+async def test_copy_features_over_the_limit_are_refused_and_nothing_is_written(shared: Service):
+    vectors = random_unit_vectors(3, seed=34)
+    before = await shared.count()
+    generation = (await shared.stub.Stats(search_pb2.StatsRequest())).generation
+    too_large = b"\x01" * (COPY_FEATURES_MAX_BYTES + 1)
+    await expect_invalid(
+        shared.upsert([item("copy-fine-1", vectors[0], copy_features=b"ok"), item("copy-fine-2", vectors[1]),
+                       item("copy-too-large", vectors[2], copy_features=too_large)]),
+        f"copy_features of item 2 ('copy-too-large') are {COPY_FEATURES_MAX_BYTES + 1:,} bytes; "
+        f"at most {COPY_FEATURES_MAX_BYTES:,}",
+    )
+    assert await shared.count() == before
+    assert (await shared.stub.Stats(search_pb2.StatsRequest())).generation == generation
+    assert await copy_features_by_id(shared, ["copy-fine-1", "copy-fine-2", "copy-too-large"]) == {}
+
+
+# --- List: pages in id order ----------------------------------------------------------------------
+
+
+async def list_all(shared: Service, collection: str, page_size: int, **fields: object) -> tuple[list[search_pb2.Item], int]:
+    """Every item of the collection, page by page, and how many pages it took."""
+    items: list[search_pb2.Item] = []
+    token, pages = "", 0
+    while True:
+        page = await shared.stub.List(search_pb2.ListRequest(
+            collection=collection, page_size=page_size, page_token=token, **fields))
+        items.extend(page.items)
+        pages += 1
+        assert len(page.items) <= page_size
+        if not page.next_page_token:
+            return items, pages
+        assert len(page.items) == page_size  # only the last page may be short
+        token = page.next_page_token
+
+
+async def test_list_pages_through_every_item_in_id_order(shared: Service):
+    collection = "listing"
+    ids = [f"item-{n:03d}" for n in range(20)] + ["it's", "100%", "é✓", "Zed", "a b"]
+    vectors = random_unit_vectors(len(ids), seed=41)
+    shuffled = list(zip(ids, vectors))
+    random.Random(5).shuffle(shuffled)
+    for start in range(0, len(shuffled), 8):  # several writes, in no particular order
+        await shared.stub.Upsert(search_pb2.UpsertRequest(collection=collection, items=[
+            item(item_id, vector, copy_features=item_id.encode(), category="listed") for item_id, vector in shuffled[start:start + 8]
+        ]))
+    listed, pages = await list_all(shared, collection, page_size=7)
+    assert pages == 4
+    assert sorted(found.id for found in listed) == sorted(ids)  # each exactly once
+    # Ordered by the stored id: the id itself, except ids with '%' or "'" (stored percent-encoded).
+    plain = [found.id for found in listed if "%" not in found.id and "'" not in found.id]
+    assert plain == sorted(plain, key=str.encode)
+    first = next(found for found in listed if found.id == "item-000")
+    assert first.image_uri == "file:///images/item-000.jpg" and first.metadata["category"] == "listed"
+    assert not first.vector.values and not first.copy_features  # only when asked
+    one_page, pages = await list_all(shared, collection, page_size=1000, include_vectors=True, include_copy_features=True)
+    assert pages == 1 and [found.id for found in one_page] == [found.id for found in listed]
+    by_id = dict(zip(ids, vectors))
+    for found in one_page:
+        assert np.allclose(found.vector.values, by_id[found.id]) and found.copy_features == found.id.encode()
+    # 0 asks for the default page size (100): one page here.
+    default = await shared.stub.List(search_pb2.ListRequest(collection=collection))
+    assert len(default.items) == len(ids) and not default.next_page_token
+    # A deleted item is gone from the pages; the others keep their order.
+    await shared.stub.Delete(search_pb2.DeleteRequest(collection=collection, ids=["item-005"]))
+    after_delete, _ = await list_all(shared, collection, page_size=6)
+    assert [found.id for found in after_delete] == [found.id for found in listed if found.id != "item-005"]
+
+
+async def test_list_refuses_bad_page_tokens_and_sizes_naming_the_field(shared: Service):
+    await shared.stub.Upsert(search_pb2.UpsertRequest(collection="listing_bad", items=[
+        item(f"b{n}", vector) for n, vector in enumerate(random_unit_vectors(3, seed=43))]))
+    page = await shared.stub.List(search_pb2.ListRequest(collection="listing_bad", page_size=2))
+    assert page.next_page_token
+    for token in ["not base64 at all!", page.next_page_token[:-4] + "eHl6", "djE6Yg==", "djE6fA=="]:
+        await expect_invalid(shared.stub.List(search_pb2.ListRequest(collection="listing_bad", page_token=token)),
+                             "page_token")
+    await expect_invalid(shared.stub.List(search_pb2.ListRequest(collection="listing_bad", page_size=1001)),
+                         "page_size", "1000")
+    with pytest.raises(grpc.aio.AioRpcError) as missing:
+        await shared.stub.List(search_pb2.ListRequest(collection="no_such_listing"))
+    assert missing.value.code() == grpc.StatusCode.NOT_FOUND

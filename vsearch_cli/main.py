@@ -20,6 +20,7 @@ from vsearch_cli.model_tools import command as cli_model
 from vsearch_cli.evaluation import eval_command as evaluation
 from vsearch_cli.keys import command as api_keys
 from vsearch_cli.catalog import ingest
+from vsearch_cli.duplicates import command as duplicates
 from vsearch_cli.gateway_connection import add_gateway_arguments, gateway_channel
 from vsearch_cli.local_stack.launcher import LocalStack
 from vsearch_cli.local_stack.layout import StackLayout
@@ -189,6 +190,8 @@ def build_filter(conditions: Sequence[Sequence[str]]) -> search_pb2.Filter:
 async def search_image(args: argparse.Namespace, image: bytes | None) -> gateway_pb2.VisualSearchResponse:
     """By `image`, or, when it is None, by the words of `args.text`."""
     request = gateway_pb2.VisualSearchRequest(k=args.k, filter=build_filter(args.where or []))
+    if args.copies:
+        request.mode = gateway_pb2.SEARCH_MODE_COPY
     if image is None:
         request.text = args.text
     else:
@@ -209,6 +212,9 @@ def cmd_search(args: argparse.Namespace) -> int:
         return 2
     if args.text is not None and args.crop is not None:
         print("vsearch search: --crop applies only to an image", file=sys.stderr)
+        return 2
+    if args.text is not None and args.copies:
+        print("vsearch search: --copies finds copies of an image, not of --text", file=sys.stderr)
         return 2
     try:
         image = Path(args.image).read_bytes() if args.image is not None else None
@@ -239,8 +245,21 @@ def cmd_search(args: argparse.Namespace) -> int:
     for rank, hit in enumerate(reply.hits, 1):
         metadata = json_format.MessageToDict(hit.metadata)
         probability = f"  p={hit.match_probability:.2f}" if hit.HasField("match_probability") else ""
-        print(f"{rank:>3}  {hit.score:.4f}{probability}  {hit.id[:16]}  {hit.image_uri}  {json.dumps(metadata)}")
+        print(f"{rank:>3}  {hit.score:.4f}{probability}{copy_verdict(hit)}  {hit.id[:16]}  {hit.image_uri}  "
+              f"{json.dumps(metadata)}")
     return 0
+
+
+def copy_verdict(hit: gateway_pb2.SearchHit) -> str:
+    """A copy search's verdict on a hit, for the text output: "  COPY 0.91 at x,y,wxh" or "  copy 0.12";
+    nothing for a similar search's hit."""
+    if not hit.HasField("is_copy"):
+        return ""
+    if not hit.is_copy:
+        return f"  copy {hit.copy_score:.2f}"
+    box = hit.matched_box
+    where = f" at {box.x},{box.y},{box.width}x{box.height}" if hit.HasField("matched_box") else ""
+    return f"  COPY {hit.copy_score:.2f}{where}"
 
 
 # ---- parser ---------------------------------------------------------------------------------
@@ -286,11 +305,16 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--min-score", type=float)
     search.add_argument("--min-probability", type=float,
                         help="only hits whose match probability is at least this (0..1; needs a calibrated model)")
+    search.add_argument("--copies", action="store_true",
+                        help="copy search: is IMAGE a copy (cropped, mirrored, greyed, recompressed...) of catalog "
+                             "images? Verified copies come first, marked COPY with their score and where IMAGE "
+                             "lies in them (x,y,wxh); --min-score and --min-probability apply to the other hits")
     add_gateway_arguments(search)
     search.add_argument("--json", action="store_true")
     search.set_defaults(func=cmd_search)
 
     ingest.register(sub)
+    duplicates.register(sub)
     cli_model.register(sub)
     evaluation.register(sub)
     bench.register(sub)

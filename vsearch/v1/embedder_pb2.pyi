@@ -27,12 +27,14 @@ class ImageInput(_message.Message):
     def __init__(self, data: _Optional[bytes] = ..., crop: _Optional[_Union[CropBox, _Mapping]] = ...) -> None: ...
 
 class EmbedImagesRequest(_message.Message):
-    __slots__ = ("images", "with_copy_features")
+    __slots__ = ("images", "with_copy_features", "copy_features_for_query")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     WITH_COPY_FEATURES_FIELD_NUMBER: _ClassVar[int]
+    COPY_FEATURES_FOR_QUERY_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedCompositeFieldContainer[ImageInput]
     with_copy_features: bool
-    def __init__(self, images: _Optional[_Iterable[_Union[ImageInput, _Mapping]]] = ..., with_copy_features: _Optional[bool] = ...) -> None: ...
+    copy_features_for_query: bool
+    def __init__(self, images: _Optional[_Iterable[_Union[ImageInput, _Mapping]]] = ..., with_copy_features: _Optional[bool] = ..., copy_features_for_query: _Optional[bool] = ...) -> None: ...
 
 class ItemError(_message.Message):
     __slots__ = ("code", "message")

@@ -15,9 +15,20 @@ class SearchMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SEARCH_MODE_UNSPECIFIED: _ClassVar[SearchMode]
     SEARCH_MODE_SIMILAR: _ClassVar[SearchMode]
     SEARCH_MODE_COPY: _ClassVar[SearchMode]
+
+class OnCopy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ON_COPY_UNSPECIFIED: _ClassVar[OnCopy]
+    ON_COPY_KEEP: _ClassVar[OnCopy]
+    ON_COPY_FLAG: _ClassVar[OnCopy]
+    ON_COPY_SKIP: _ClassVar[OnCopy]
 SEARCH_MODE_UNSPECIFIED: SearchMode
 SEARCH_MODE_SIMILAR: SearchMode
 SEARCH_MODE_COPY: SearchMode
+ON_COPY_UNSPECIFIED: OnCopy
+ON_COPY_KEEP: OnCopy
+ON_COPY_FLAG: OnCopy
+ON_COPY_SKIP: OnCopy
 
 class VisualSearchRequest(_message.Message):
     __slots__ = ("image", "item_id", "text", "crop", "k", "filter", "min_score", "collection", "min_probability", "mode")
@@ -96,18 +107,34 @@ class VisualSearchResponse(_message.Message):
     def __init__(self, hits: _Optional[_Iterable[_Union[SearchHit, _Mapping]]] = ..., from_cache: _Optional[bool] = ..., embedding_from_cache: _Optional[bool] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., index_generation: _Optional[int] = ..., model_version: _Optional[str] = ..., no_good_match: _Optional[bool] = ..., no_match_reason: _Optional[str] = ..., understood_as: _Optional[str] = ...) -> None: ...
 
 class AddImageRequest(_message.Message):
-    __slots__ = ("id", "image", "metadata", "image_uri", "collection")
+    __slots__ = ("id", "image", "metadata", "image_uri", "collection", "on_copy")
     ID_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
     IMAGE_URI_FIELD_NUMBER: _ClassVar[int]
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    ON_COPY_FIELD_NUMBER: _ClassVar[int]
     id: str
     image: bytes
     metadata: _struct_pb2.Struct
     image_uri: str
     collection: str
-    def __init__(self, id: _Optional[str] = ..., image: _Optional[bytes] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., image_uri: _Optional[str] = ..., collection: _Optional[str] = ...) -> None: ...
+    on_copy: OnCopy
+    def __init__(self, id: _Optional[str] = ..., image: _Optional[bytes] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., image_uri: _Optional[str] = ..., collection: _Optional[str] = ..., on_copy: _Optional[_Union[OnCopy, str]] = ...) -> None: ...
+
+class IngestCopy(_message.Message):
+    __slots__ = ("id", "index", "copy_of", "copy_score", "skipped")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    COPY_OF_FIELD_NUMBER: _ClassVar[int]
+    COPY_SCORE_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    index: int
+    copy_of: str
+    copy_score: float
+    skipped: bool
+    def __init__(self, id: _Optional[str] = ..., index: _Optional[int] = ..., copy_of: _Optional[str] = ..., copy_score: _Optional[float] = ..., skipped: _Optional[bool] = ...) -> None: ...
 
 class ItemFailure(_message.Message):
     __slots__ = ("id", "code", "message", "index")
@@ -122,20 +149,24 @@ class ItemFailure(_message.Message):
     def __init__(self, id: _Optional[str] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., index: _Optional[int] = ...) -> None: ...
 
 class AddImagesSummary(_message.Message):
-    __slots__ = ("received", "indexed", "failed", "failures", "index_generation", "unchanged")
+    __slots__ = ("received", "indexed", "failed", "failures", "index_generation", "unchanged", "copies", "skipped_copies")
     RECEIVED_FIELD_NUMBER: _ClassVar[int]
     INDEXED_FIELD_NUMBER: _ClassVar[int]
     FAILED_FIELD_NUMBER: _ClassVar[int]
     FAILURES_FIELD_NUMBER: _ClassVar[int]
     INDEX_GENERATION_FIELD_NUMBER: _ClassVar[int]
     UNCHANGED_FIELD_NUMBER: _ClassVar[int]
+    COPIES_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_COPIES_FIELD_NUMBER: _ClassVar[int]
     received: int
     indexed: int
     failed: int
     failures: _containers.RepeatedCompositeFieldContainer[ItemFailure]
     index_generation: int
     unchanged: int
-    def __init__(self, received: _Optional[int] = ..., indexed: _Optional[int] = ..., failed: _Optional[int] = ..., failures: _Optional[_Iterable[_Union[ItemFailure, _Mapping]]] = ..., index_generation: _Optional[int] = ..., unchanged: _Optional[int] = ...) -> None: ...
+    copies: _containers.RepeatedCompositeFieldContainer[IngestCopy]
+    skipped_copies: int
+    def __init__(self, received: _Optional[int] = ..., indexed: _Optional[int] = ..., failed: _Optional[int] = ..., failures: _Optional[_Iterable[_Union[ItemFailure, _Mapping]]] = ..., index_generation: _Optional[int] = ..., unchanged: _Optional[int] = ..., copies: _Optional[_Iterable[_Union[IngestCopy, _Mapping]]] = ..., skipped_copies: _Optional[int] = ...) -> None: ...
 
 class DeleteImagesRequest(_message.Message):
     __slots__ = ("ids", "collection")
@@ -182,3 +213,33 @@ class VisualStatsResponse(_message.Message):
     text_search: str
     calibrated: bool
     def __init__(self, count: _Optional[int] = ..., index_type: _Optional[str] = ..., metric: _Optional[str] = ..., index_generation: _Optional[int] = ..., dimension: _Optional[int] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., filterable_fields: _Optional[_Iterable[str]] = ..., text_search: _Optional[str] = ..., calibrated: _Optional[bool] = ...) -> None: ...
+
+class ListImagesRequest(_message.Message):
+    __slots__ = ("collection", "page_size", "page_token")
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    collection: str
+    page_size: int
+    page_token: str
+    def __init__(self, collection: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class CatalogImage(_message.Message):
+    __slots__ = ("id", "content_sha256", "image_uri", "metadata")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_SHA256_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_URI_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    content_sha256: str
+    image_uri: str
+    metadata: _struct_pb2.Struct
+    def __init__(self, id: _Optional[str] = ..., content_sha256: _Optional[str] = ..., image_uri: _Optional[str] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+
+class ListImagesResponse(_message.Message):
+    __slots__ = ("images", "next_page_token")
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    images: _containers.RepeatedCompositeFieldContainer[CatalogImage]
+    next_page_token: str
+    def __init__(self, images: _Optional[_Iterable[_Union[CatalogImage, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...

@@ -62,6 +62,11 @@ class VisualSearchStub:
                 request_serializer=vsearch_dot_v1_dot_search__pb2.DropCollectionRequest.SerializeToString,
                 response_deserializer=vsearch_dot_v1_dot_search__pb2.DropCollectionResponse.FromString,
                 _registered_method=True)
+        self.ListImages = channel.unary_unary(
+                '/vsearch.v1.VisualSearch/ListImages',
+                request_serializer=vsearch_dot_v1_dot_gateway__pb2.ListImagesRequest.SerializeToString,
+                response_deserializer=vsearch_dot_v1_dot_gateway__pb2.ListImagesResponse.FromString,
+                _registered_method=True)
 
 
 class VisualSearchServicer:
@@ -104,6 +109,14 @@ class VisualSearchServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListImages(self, request, context):
+        """The collection's images, a page at a time, ordered by id (what `vsearch duplicates` walks).
+        Needs the `search` scope, as Search.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_VisualSearchServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -131,6 +144,11 @@ def add_VisualSearchServicer_to_server(servicer, server):
                     servicer.DropCollection,
                     request_deserializer=vsearch_dot_v1_dot_search__pb2.DropCollectionRequest.FromString,
                     response_serializer=vsearch_dot_v1_dot_search__pb2.DropCollectionResponse.SerializeToString,
+            ),
+            'ListImages': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListImages,
+                    request_deserializer=vsearch_dot_v1_dot_gateway__pb2.ListImagesRequest.FromString,
+                    response_serializer=vsearch_dot_v1_dot_gateway__pb2.ListImagesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -270,6 +288,33 @@ class VisualSearch:
             '/vsearch.v1.VisualSearch/DropCollection',
             vsearch_dot_v1_dot_search__pb2.DropCollectionRequest.SerializeToString,
             vsearch_dot_v1_dot_search__pb2.DropCollectionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListImages(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vsearch.v1.VisualSearch/ListImages',
+            vsearch_dot_v1_dot_gateway__pb2.ListImagesRequest.SerializeToString,
+            vsearch_dot_v1_dot_gateway__pb2.ListImagesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -67,6 +67,11 @@ class VectorSearchStub:
                 request_serializer=vsearch_dot_v1_dot_search__pb2.DropCollectionRequest.SerializeToString,
                 response_deserializer=vsearch_dot_v1_dot_search__pb2.DropCollectionResponse.FromString,
                 _registered_method=True)
+        self.List = channel.unary_unary(
+                '/vsearch.v1.VectorSearch/List',
+                request_serializer=vsearch_dot_v1_dot_search__pb2.ListRequest.SerializeToString,
+                response_deserializer=vsearch_dot_v1_dot_search__pb2.ListResponse.FromString,
+                _registered_method=True)
 
 
 class VectorSearchServicer:
@@ -115,6 +120,15 @@ class VectorSearchServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def List(self, request, context):
+        """Every item of a collection, a page at a time, ordered by id (without vectors or copy features unless
+        asked). Items written or deleted while a listing runs may or may not be seen, but no item that
+        stays is seen twice or skipped.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_VectorSearchServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -147,6 +161,11 @@ def add_VectorSearchServicer_to_server(servicer, server):
                     servicer.DropCollection,
                     request_deserializer=vsearch_dot_v1_dot_search__pb2.DropCollectionRequest.FromString,
                     response_serializer=vsearch_dot_v1_dot_search__pb2.DropCollectionResponse.SerializeToString,
+            ),
+            'List': grpc.unary_unary_rpc_method_handler(
+                    servicer.List,
+                    request_deserializer=vsearch_dot_v1_dot_search__pb2.ListRequest.FromString,
+                    response_serializer=vsearch_dot_v1_dot_search__pb2.ListResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -314,6 +333,33 @@ class VectorSearch:
             '/vsearch.v1.VectorSearch/DropCollection',
             vsearch_dot_v1_dot_search__pb2.DropCollectionRequest.SerializeToString,
             vsearch_dot_v1_dot_search__pb2.DropCollectionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def List(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vsearch.v1.VectorSearch/List',
+            vsearch_dot_v1_dot_search__pb2.ListRequest.SerializeToString,
+            vsearch_dot_v1_dot_search__pb2.ListResponse.FromString,
             options,
             channel_credentials,
             insecure,

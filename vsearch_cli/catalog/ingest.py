@@ -72,6 +72,7 @@ CONNECT_TIMEOUT_S = 20.0
 DELETE_BATCH = 1000
 # Failures listed on the terminal; the errors file always has all of them.
 SHOWN_FAILURES = 20
+ON_COPY_POLICIES = {"keep": gateway_pb2.ON_COPY_KEEP, "flag": gateway_pb2.ON_COPY_FLAG, "skip": gateway_pb2.ON_COPY_SKIP}
 COLLECTION_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
 DATA_DIR = Path(".vsearch")
 # Item-level codes: the gateway reports these per item; the client uses the same names for its own.
@@ -244,6 +245,9 @@ class IndexReport:
         self.unchanged = 0
         self.skipped = 0
         self.not_indexed = 0
+        # --on-copy flag|skip: the new items found to be copies of others (skipped ones not written).
+        self.copies: list[dict[str, Any]] = []
+        self.skipped_copies = 0
         self.failures: list[dict[str, Any]] = []
         self.duplicate_items: list[dict[str, Any]] = []
         self.started = time.monotonic()
@@ -279,6 +283,11 @@ class IndexReport:
         with self._lock:
             self.indexed += reply.indexed
             self.unchanged += reply.unchanged
+            self.skipped_copies += reply.skipped_copies
+            for found in reply.copies:
+                path = chunk.items[found.index].source.label if found.index < len(chunk.items) else ""
+                self.copies.append({"path": path, "id": found.id, "copy_of": found.copy_of,
+                                    "copy_score": round(found.copy_score, 4), "skipped": found.skipped})
             for failure in reply.failures:
                 if failure.index >= len(chunk.items):  # not ours to map; still counted
                     record = {"path": "", "id": failure.id, "code": code_from_int(failure.code).name,
@@ -322,6 +331,8 @@ class IndexReport:
             "skipped": self.skipped,
             "failed": len(self.failures),
             "failures": self.failures,
+            "skipped_copies": self.skipped_copies,
+            "copies": self.copies,
             "duplicates": len(self.duplicate_items),
             "duplicate_items": self.duplicate_items,
             "not_indexed": self.not_indexed,
@@ -344,6 +355,7 @@ class IndexOptions:
     timeout_s: float = DEFAULT_TIMEOUT_S
     retry_for_s: float = DEFAULT_RETRY_FOR_S
     category_from_folder: bool = False
+    on_copy: int = gateway_pb2.ON_COPY_KEEP
 
 
 class Halt:
@@ -417,7 +429,7 @@ def pack_chunks(loads: Iterable[LoadedImage], options: IndexOptions, report: Ind
         chunk.items.append(ChunkItem(source, item_id))
         chunk.requests.append(gateway_pb2.AddImageRequest(
             id=item_id, image=loaded.data, metadata=struct, image_uri=loaded.image_uri,
-            collection=options.collection,
+            collection=options.collection, on_copy=options.on_copy,
         ))
         chunk.nbytes += len(loaded.data)
         if len(chunk.items) >= options.chunk_size or chunk.nbytes >= CHUNK_MAX_BYTES:
@@ -567,6 +579,12 @@ def print_index_summary(summary: dict[str, Any]) -> None:
     if summary["indexed"] == 0 and summary["unchanged"] and not summary["failed"] and not summary["not_indexed"]:
         line += ": everything was already indexed"
     print(line)
+    if summary["copies"]:
+        flagged = len(summary["copies"]) - summary["skipped_copies"]
+        print(f"copies: {summary['skipped_copies']} skipped, {flagged} flagged (metadata copy_of)")
+        for found in summary["copies"][:SHOWN_FAILURES]:
+            action = "skipped" if found["skipped"] else "flagged"
+            print(f"  {action} {found['path'] or found['id']}: copy of {found['copy_of']} ({found['copy_score']:.2f})")
     for duplicate in summary["duplicate_items"][:SHOWN_FAILURES]:
         print(f"  duplicate {duplicate['path']}: same id as {duplicate['duplicate_of']}")
     for failure in summary["failures"][:SHOWN_FAILURES]:
@@ -605,10 +623,14 @@ def cmd_index(args: argparse.Namespace) -> int:
     if manifest is not None:
         sources = itertools.chain(manifest_sources(manifest), sources)
         total += count_rows(manifest)
+    on_copy = ON_COPY_POLICIES[args.on_copy]
+    # A copy check sees what is stored when it runs: one stream at a time, so that every chunk's check
+    # sees the chunks before it (the gateway orders the batches within a stream the same way).
+    concurrency = args.concurrency if on_copy == gateway_pb2.ON_COPY_KEEP else 1
     options = IndexOptions(
-        gateway=args.gateway, api_key=args.api_key, collection=collection, concurrency=args.concurrency, read_threads=args.read_threads,
+        gateway=args.gateway, api_key=args.api_key, collection=collection, concurrency=concurrency, read_threads=args.read_threads,
         chunk_size=args.chunk_size, retries=args.retries, timeout_s=args.timeout, retry_for_s=args.retry_for,
-        category_from_folder=args.category_from_folder,
+        category_from_folder=args.category_from_folder, on_copy=on_copy,
     )
     show_progress = args.progress or (not args.json and sys.stderr.isatty())
     progress = tqdm(total=total, unit="img", disable=not show_progress, file=sys.stderr, dynamic_ncols=True)
@@ -734,6 +756,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     index.add_argument("--progress", action="store_true", help="show the progress bar even when not on a terminal")
     index.add_argument("--category-from-folder", action="store_true",
                        help="set each item's filterable `category` to its folder's name (unless given)")
+    index.add_argument("--on-copy", choices=list(ON_COPY_POLICIES), default="keep",
+                       help="what to do with a new image that is a verified copy (crop, mirror image, "
+                            "recompression...) of one already indexed or sent before it in this run: keep it "
+                            "(the default, no check), flag it (metadata copy_of: the id it copies) or skip it; "
+                            "flag and skip send one stream at a time")
     index.add_argument("--errors", metavar="FILE",
                        help="JSONL of this run's failures (default: beside the manifest, else .vsearch/ or here)")
     index.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY,

@@ -1,0 +1,199 @@
+"""Copy features (embedder_svc/copy_features.py) and the embedder's copy calls: EmbedImages with copy
+features, VerifyCopies and their errors. Real Caltech-101 photos, transformed as vsearch eval does."""
+
+from __future__ import annotations
+
+import io
+import random
+from pathlib import Path
+
+import grpc
+import pytest
+from PIL import Image
+
+from embedder_svc.copy_features import (
+    CopyFeatureExtractor, CopyFeatureSettings, CopyFeaturesInvalid, CopyVerifier, decode_copy_features,
+)
+from tests.conftest import RunningEmbedder, embedder_settings, running_embedder
+from vsearch.v1 import embedder_pb2
+from vsearch_cli.evaluation.copy_transforms import TRANSFORMS
+
+SETTINGS = CopyFeatureSettings()
+EXTRACTOR, VERIFIER = CopyFeatureExtractor(SETTINGS), CopyVerifier(SETTINGS)
+# Photos of different things (and none a copy of another), with enough texture to have keypoints.
+PHOTOS = (
+    "101_ObjectCategories/watch/image_0010.jpg",
+    "101_ObjectCategories/pagoda/image_0005.jpg",
+    "101_ObjectCategories/elephant/image_0010.jpg",
+    "101_ObjectCategories/chandelier/image_0004.jpg",
+    "101_ObjectCategories/Motorbikes/image_0010.jpg",
+    "101_ObjectCategories/schooner/image_0003.jpg",
+)
+
+
+@pytest.fixture(scope="module")
+def photos(shared_dir: Path) -> list[Image.Image]:
+    images = []
+    for relative in PHOTOS:
+        path = shared_dir / "datasets" / "caltech101" / relative
+        images.append(Image.open(path).convert("RGB"))
+    return images
+
+
+def _jpeg(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("transform", ["crop70", "crop50", "jpeg20", "half_size", "rotate", "mirror", "greyscale",
+                                       "brightness", "caption"])
+def test_a_transformed_copy_is_verified_and_located(photos: list[Image.Image], transform: str) -> None:
+    """Each transform of the issue, on photos it must find: the copy verdict holds, and the matched box
+    covers where the query came from (for crops: the crop's own box)."""
+    rng = random.Random(3)
+    found = 0
+    for original in photos[:4]:
+        candidate = decode_copy_features(EXTRACTOR.extract(original))
+        copy = TRANSFORMS[transform](original, rng)
+        verdict = VERIFIER.verify(decode_copy_features(EXTRACTOR.extract(copy, for_query=True)), candidate)
+        if not verdict.is_copy:
+            continue
+        found += 1
+        assert verdict.copy_score >= 0.5 and verdict.inliers >= SETTINGS.min_inliers
+        assert verdict.mirrored == (transform == "mirror")
+        x, y, width, height = verdict.matched_box
+        assert 0 <= x and 0 <= y and x + width <= original.width and y + height <= original.height
+        area = width * height / (original.width * original.height)
+        expected = {"crop70": 0.49, "crop50": 0.25}.get(transform, 1.0)
+        assert expected * 0.6 <= area <= min(1.0, expected * 1.6), (transform, verdict.matched_box)
+    # crop50 is the hard one (measured 0.85 on 150 Caltech photos); every other transform: all of them.
+    assert found >= (3 if transform == "crop50" else 4), f"{transform}: {found} of 4 copies verified"
+
+
+def test_different_photos_are_not_copies(photos: list[Image.Image]) -> None:
+    features = [decode_copy_features(EXTRACTOR.extract(photo)) for photo in photos]
+    queries = [decode_copy_features(EXTRACTOR.extract(photo, for_query=True)) for photo in photos]
+    for i, query in enumerate(queries):
+        for j, candidate in enumerate(features):
+            verdict = VERIFIER.verify(query, candidate)
+            assert verdict.is_copy == (i == j), (PHOTOS[i], PHOTOS[j], verdict)
+            if i != j:
+                assert verdict.matched_box is None and verdict.copy_score < 0.5
+
+
+def test_features_are_compact_and_round_trip(photos: list[Image.Image]) -> None:
+    blob = EXTRACTOR.extract(photos[0])
+    query_blob = EXTRACTOR.extract(photos[0], for_query=True)
+    # What the index stores per item: about keypoints x 36 bytes; a query also carries its mirror's.
+    assert len(blob) <= SETTINGS.keypoints * 36 + 64
+    assert len(query_blob) > len(blob)
+    features = decode_copy_features(blob)
+    assert len(features.mirrored.points) == 0 and 100 <= len(features.plain.points) <= SETTINGS.keypoints
+    assert features.original_size == photos[0].size
+    assert max(features.working_size) == SETTINGS.working_side
+
+
+def test_a_blank_image_has_no_keypoints_and_is_no_copy() -> None:
+    blank = Image.new("RGB", (300, 200), (128, 128, 128))
+    features = decode_copy_features(EXTRACTOR.extract(blank, for_query=True))
+    assert len(features.plain.points) == 0
+    assert not VERIFIER.verify(features, features).is_copy
+
+
+@pytest.mark.parametrize("blob, message", [
+    (b"xyz", "shorter than"),
+    (b"ABC" + bytes(17), "wrong magic"),
+    (b"VCF\x09" + bytes(16), "version 9"),
+])
+def test_malformed_features_are_refused(blob: bytes, message: str) -> None:
+    with pytest.raises(CopyFeaturesInvalid, match=message):
+        decode_copy_features(blob)
+
+
+def test_truncated_features_are_refused(photos: list[Image.Image]) -> None:
+    blob = EXTRACTOR.extract(photos[0])
+    with pytest.raises(CopyFeaturesInvalid, match="header says"):
+        decode_copy_features(blob[:-5])
+
+
+# ---- through the embedder's gRPC API ------------------------------------------------------------
+
+
+@pytest.fixture
+async def embedder(mobilenet_dir: Path):
+    async with running_embedder(embedder_settings(mobilenet_dir)) as running:
+        yield running
+
+
+async def test_embed_images_returns_copy_features_only_when_asked(embedder: RunningEmbedder, photos: list[Image.Image]) -> None:
+    images = [embedder_pb2.ImageInput(data=_jpeg(photo)) for photo in photos[:2]]
+    plain = await embedder.stub.EmbedImages(embedder_pb2.EmbedImagesRequest(images=images))
+    assert all(result.HasField("embedding") and not result.copy_features for result in plain.results)
+    indexed = await embedder.stub.EmbedImages(embedder_pb2.EmbedImagesRequest(images=images, with_copy_features=True))
+    query = await embedder.stub.EmbedImages(embedder_pb2.EmbedImagesRequest(
+        images=images, with_copy_features=True, copy_features_for_query=True))
+    for plain_result, indexed_result, query_result in zip(plain.results, indexed.results, query.results):
+        assert list(indexed_result.embedding.values) == pytest.approx(list(plain_result.embedding.values), abs=1e-6)
+        assert len(decode_copy_features(indexed_result.copy_features).mirrored.points) == 0
+        assert len(decode_copy_features(query_result.copy_features).mirrored.points) > 0
+    info = await embedder.stub.Info(embedder_pb2.InfoRequest())
+    assert info.copy_min_inliers == SETTINGS.min_inliers
+
+
+async def test_a_bad_image_fails_alone_with_copy_features(embedder: RunningEmbedder, photos: list[Image.Image]) -> None:
+    response = await embedder.stub.EmbedImages(embedder_pb2.EmbedImagesRequest(
+        images=[embedder_pb2.ImageInput(data=b"not an image"), embedder_pb2.ImageInput(data=_jpeg(photos[0]))],
+        with_copy_features=True))
+    assert response.results[0].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert response.results[1].copy_features
+
+
+async def test_verify_copies_over_grpc(embedder: RunningEmbedder, photos: list[Image.Image]) -> None:
+    """A crop query (the crop given as the request's crop box) against its original, another photo and an
+    item stored without features: one verdict each, in order, the box where the crop was taken."""
+    catalog = await embedder.stub.EmbedImages(embedder_pb2.EmbedImagesRequest(
+        images=[embedder_pb2.ImageInput(data=_jpeg(photo)) for photo in photos[:2]], with_copy_features=True))
+    original = photos[0]
+    box = embedder_pb2.CropBox(x=original.width // 4, y=original.height // 4,
+                               width=original.width * 6 // 10, height=original.height * 6 // 10)
+    query = await embedder.stub.EmbedImages(embedder_pb2.EmbedImagesRequest(
+        images=[embedder_pb2.ImageInput(data=_jpeg(ImageOps_mirror(original)), crop=_mirrored_box(box, original.width))],
+        with_copy_features=True, copy_features_for_query=True))
+    response = await embedder.stub.VerifyCopies(embedder_pb2.VerifyCopiesRequest(
+        query=query.results[0].copy_features,
+        candidates=[catalog.results[1].copy_features, catalog.results[0].copy_features, b""]))
+    other, copy, unindexed = response.verdicts
+    assert not other.is_copy and not other.HasField("matched_box")
+    assert not unindexed.is_copy and unindexed.copy_score == 0
+    assert copy.is_copy and copy.mirrored and copy.copy_score >= 0.5
+    found = copy.matched_box
+    # The crop's box in the original, within a few pixels.
+    assert abs(found.x - box.x) <= 8 and abs(found.y - box.y) <= 8
+    assert abs(found.width - box.width) <= 12 and abs(found.height - box.height) <= 12
+
+
+def ImageOps_mirror(image: Image.Image) -> Image.Image:  # noqa: N802 - reads as the Pillow call it wraps
+    return image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+
+
+def _mirrored_box(box: embedder_pb2.CropBox, width: int) -> embedder_pb2.CropBox:
+    """The same region of the mirror image."""
+    return embedder_pb2.CropBox(x=width - box.x - box.width, y=box.y, width=box.width, height=box.height)
+
+
+@pytest.mark.parametrize("query, candidates, message", [
+    (b"", [], "query: no copy features"),
+    (b"junk", [], "query: copy features of 4 bytes"),
+    (None, [b"", b"VCF\x01junk"], "candidate 1: copy features of"),
+    (None, [b""] * 1001, "1001 candidates in one request, over the limit of 1000"),
+])
+async def test_verify_copies_refuses_bad_input(
+    embedder: RunningEmbedder, photos: list[Image.Image], query: bytes | None, candidates: list[bytes], message: str
+) -> None:
+    if query is None:
+        query = EXTRACTOR.extract(photos[0], for_query=True)
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await embedder.stub.VerifyCopies(embedder_pb2.VerifyCopiesRequest(query=query, candidates=candidates))
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in raised.value.details()

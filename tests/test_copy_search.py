@@ -1,0 +1,414 @@
+"""Copy search (SEARCH_MODE_COPY) through the real stack: the embedder (ONNX, copy features and
+VerifyCopies), search_svc (FAISS, and a Milvus Lite file) behind the gateway, a real redis-server; over
+gRPC, HTTP, the web page and the CLI. And at ingest: copy features stored with every item, and an item
+stored without them embedded again. The ranking and the cache key are also checked alone, where the
+real stack cannot make the case happen on demand (ties, a shortlist deeper than k)."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import AsyncIterator
+
+import grpc
+import numpy as np
+import pytest
+from google.protobuf import struct_pb2
+from PIL import Image, ImageOps
+
+from conftest import CHROMIUM_FLAGS, SEARCH_BACKENDS, encode, in_process_stack, metric_value, run_cli_async
+from gateway.copy_ranking import rank_copies
+from gateway.search_query import SearchQuery
+from gateway.server import create_server as create_gateway
+from gateway.settings import GatewaySettings
+from vsearch.v1 import embedder_pb2, gateway_pb2, gateway_pb2_grpc, search_pb2
+
+VIEWS = 4
+CATALOG = 16  # ukbench objects 0..3, four views each
+ORIGINAL = 5  # object 1: its copies are searched for
+OUTSIDER = 40  # object 10: not in the catalog
+# The crop copy: x0, y0, x1, y1 in the original's pixels (640x480): a bit over 30% of it.
+CROP = (200, 120, 520, 420)
+COPY_MODE = gateway_pb2.SEARCH_MODE_COPY
+
+
+def item_id(position: int) -> str:
+    return f"ukb-{position:02d}"
+
+
+def jpeg(image: Image.Image) -> bytes:
+    return encode(image, "JPEG", quality=90)
+
+
+@pytest.fixture(scope="module")
+def original(ukbench_images: list[Path]) -> Image.Image:
+    return Image.open(ukbench_images[ORIGINAL]).convert("RGB")
+
+
+@pytest.fixture(scope="module")
+def copies(original: Image.Image) -> dict[str, bytes]:
+    """Copies of the original as people make them: a crop, a mirror image, a greyscale one."""
+    return {
+        "crop": jpeg(original.crop(CROP)),
+        "mirror": jpeg(ImageOps.mirror(original)),
+        "greyscale": jpeg(ImageOps.grayscale(original).convert("RGB")),
+    }
+
+
+def add_requests(images: list[Path], positions: range, collection: str = ""):
+    for position in positions:
+        metadata = struct_pb2.Struct()
+        metadata.update({"category": f"object-{position // VIEWS}"})
+        yield gateway_pb2.AddImageRequest(
+            id=item_id(position), image=images[position].read_bytes(), metadata=metadata,
+            image_uri=images[position].resolve().as_uri(), collection=collection,
+        )
+
+
+@pytest.fixture(scope="module", params=SEARCH_BACKENDS)
+async def stack(request, tmp_path_factory, mobilenet_dir, ukbench_images):
+    async with in_process_stack(
+        tmp_path_factory.mktemp(f"copy-search-{request.param}"), mobilenet_dir, backend=request.param,
+        image_roots=[ukbench_images[0].parent],
+    ) as stack:
+        summary = await stack.stub.AddImages(add_requests(ukbench_images, range(CATALOG)), timeout=120)
+        assert (summary.received, summary.indexed, summary.failed) == (CATALOG, CATALOG, 0), summary
+        yield stack
+
+
+async def copy_search(stack, k: int = 5, **fields) -> gateway_pb2.VisualSearchResponse:
+    return await stack.stub.Search(gateway_pb2.VisualSearchRequest(k=k, mode=COPY_MODE, **fields), timeout=60)
+
+
+def box_tuple(box) -> tuple[int, int, int, int]:
+    return box.x, box.y, box.width, box.height
+
+
+def overlap(box: tuple[int, int, int, int], corners: tuple[int, int, int, int]) -> float:
+    """Intersection over union of an x, y, width, height box and an x0, y0, x1, y1 one."""
+    x, y, width, height = box
+    x0, y0, x1, y1 = corners
+    inner = max(0, min(x + width, x1) - max(x, x0)) * max(0, min(y + height, y1) - max(y, y0))
+    return inner / (width * height + (x1 - x0) * (y1 - y0) - inner)
+
+
+def assert_copy_answer(reply: gateway_pb2.VisualSearchResponse, original_id: str, size: tuple[int, int]) -> None:
+    """The original comes first as a verified copy, with a box inside it; every hit has a verdict, the
+    copies come first by copy_score, and only copies have a box."""
+    first = reply.hits[0]
+    assert first.id == original_id and first.is_copy and first.copy_score >= 0.5, reply
+    assert first.HasField("matched_box"), first
+    x, y, width, height = box_tuple(first.matched_box)
+    assert width > 0 and height > 0 and x + width <= size[0] and y + height <= size[1], first.matched_box
+    assert all(hit.HasField("is_copy") and hit.HasField("copy_score") for hit in reply.hits)
+    verdicts = [hit.is_copy for hit in reply.hits]
+    assert verdicts == sorted(verdicts, reverse=True), verdicts  # copies first
+    copy_scores = [hit.copy_score for hit in reply.hits if hit.is_copy]
+    assert copy_scores == sorted(copy_scores, reverse=True)
+    assert all(hit.HasField("matched_box") == hit.is_copy for hit in reply.hits)
+    assert not reply.no_good_match
+
+
+# ---- gRPC ------------------------------------------------------------------------------------------
+
+
+async def test_crop_mirror_and_greyscale_copies_find_their_original_first(stack, copies, original):
+    for name, image in copies.items():
+        reply = await copy_search(stack, image=image)
+        assert len(reply.hits) == 5, name
+        assert_copy_answer(reply, item_id(ORIGINAL), original.size)
+        box = box_tuple(reply.hits[0].matched_box)
+        if name == "crop":
+            assert overlap(box, CROP) > 0.6, box  # where the crop was taken from
+        else:
+            assert overlap(box, (0, 0, *original.size)) > 0.6, (name, box)  # the whole picture
+
+
+async def test_similar_mode_hits_carry_no_copy_fields(stack, copies):
+    for mode in (gateway_pb2.SEARCH_MODE_UNSPECIFIED, gateway_pb2.SEARCH_MODE_SIMILAR):
+        reply = await stack.search(copies["mirror"], k=6, mode=mode)
+        assert len(reply.hits) == 6
+        assert not any(hit.HasField("is_copy") or hit.HasField("copy_score") or hit.HasField("matched_box")
+                       for hit in reply.hits)
+
+
+async def test_an_image_not_in_the_catalog_is_no_copy(stack, ukbench_images):
+    reply = await copy_search(stack, image=ukbench_images[OUTSIDER].read_bytes())
+    assert len(reply.hits) == 5
+    assert all(hit.HasField("is_copy") and not hit.is_copy and hit.copy_score < 0.5 for hit in reply.hits)
+    assert not any(hit.HasField("matched_box") for hit in reply.hits)
+    scores = [hit.score for hit in reply.hits]
+    assert scores == sorted(scores, reverse=True)  # no copy: the similar order
+
+
+async def test_min_score_drops_only_the_hits_that_are_not_copies(stack, copies):
+    similar = await stack.search(copies["crop"], k=5, min_score=0.99)
+    assert item_id(ORIGINAL) not in [hit.id for hit in similar.hits]  # its cosine is below 0.99 ...
+    reply = await copy_search(stack, image=copies["crop"], min_score=0.99)
+    assert reply.hits and reply.hits[0].id == item_id(ORIGINAL)  # ... but it is a copy, so it is kept
+    assert reply.hits[0].score < 0.99
+    assert all(hit.is_copy or hit.score >= 0.99 for hit in reply.hits)
+
+
+async def test_the_filter_applies_to_the_shortlist(stack, copies):
+    condition = search_pb2.Condition(field="category", op=search_pb2.NE, value=struct_pb2.Value(string_value="object-1"))
+    reply = await copy_search(stack, image=copies["crop"], filter=search_pb2.Filter(conditions=[condition]))
+    assert len(reply.hits) == 5
+    assert not any(hit.metadata["category"] == "object-1" for hit in reply.hits)
+    assert not any(hit.is_copy for hit in reply.hits)
+
+
+async def test_item_id_copy_search_uses_the_stored_features(stack, original):
+    reply = await copy_search(stack, item_id=item_id(ORIGINAL))
+    assert_copy_answer(reply, item_id(ORIGINAL), original.size)
+    assert overlap(box_tuple(reply.hits[0].matched_box), (0, 0, *original.size)) > 0.8  # itself, whole
+    with pytest.raises(grpc.aio.AioRpcError) as missing:
+        await copy_search(stack, item_id="no-such-item")
+    assert missing.value.code() == grpc.StatusCode.NOT_FOUND and "'no-such-item'" in missing.value.details()
+
+
+async def test_copy_mode_with_text_or_an_unknown_mode_is_invalid(stack, copies):
+    with pytest.raises(grpc.aio.AioRpcError) as text:
+        await copy_search(stack, text="a red sports car")
+    assert text.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "copy mode" in text.value.details()
+    with pytest.raises(grpc.aio.AioRpcError) as unknown:
+        await stack.stub.Search(gateway_pb2.VisualSearchRequest(image=copies["crop"], mode=7), timeout=30)
+    assert unknown.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "mode 7" in unknown.value.details()
+
+
+async def test_the_result_cache_keeps_modes_apart(stack, copies):
+    k = 7  # no other test searches with it: nothing of theirs is cached
+    similar = await stack.search(copies["greyscale"], k=k)
+    assert similar.hits and not similar.hits[0].HasField("is_copy")
+    assert (await stack.search(copies["greyscale"], k=k)).from_cache
+    verified_before = metric_value(stack.registry, "vsearch_gateway_copy_candidates_total", verdict="no_copy")
+    first = await copy_search(stack, k=k, image=copies["greyscale"])
+    assert not first.from_cache and first.hits[0].is_copy  # not the similar answer
+    assert metric_value(stack.registry, "vsearch_gateway_copy_candidates_total", verdict="no_copy") > verified_before
+    again = await copy_search(stack, k=k, image=copies["greyscale"])
+    assert again.from_cache and list(again.hits) == list(first.hits)
+    assert not (await stack.search(copies["greyscale"], k=k)).hits[0].HasField("is_copy")  # nor the other way
+
+
+# ---- ingest: copy features stored, items without them embedded again ------------------------------
+
+
+@contextlib.asynccontextmanager
+async def second_gateway(stack, **settings) -> AsyncIterator[gateway_pb2_grpc.VisualSearchStub]:
+    """Another gateway over the same embedder, search_svc and Redis (so the index generation it bumps
+    is the one the stack's gateway reads), with other settings."""
+    gateway, _ = await create_gateway(GatewaySettings(
+        embedder_address=stack.embedder_server.address, search_address=stack.search_server.address, port=0,
+        http_port=0, redis_url=stack.redis.url, **settings,
+    ))
+    await gateway.start()
+    try:
+        await gateway.wait_ready(30)
+        async with grpc.aio.insecure_channel(gateway.address) as channel:
+            yield gateway_pb2_grpc.VisualSearchStub(channel)
+    finally:
+        await gateway.stop(grace=1)
+
+
+async def test_items_stored_without_copy_features_are_embedded_again_to_get_them(stack, ukbench_images, copies):
+    collection = "copy_features_later"
+    items = range(ORIGINAL - 1, ORIGINAL + 2)
+    try:
+        async with second_gateway(stack, copy_search={"features_at_ingest": False}) as plain:
+            added = await plain.AddImages(add_requests(ukbench_images, items, collection), timeout=60)
+            assert (added.indexed, added.unchanged, added.failed) == (3, 0, 0), added
+            # Stored without features: no copy can be verified, and an item_id copy search says why.
+            reply = await copy_search(stack, k=3, image=copies["crop"], collection=collection)
+            assert {hit.id for hit in reply.hits} == {item_id(position) for position in items}
+            assert not any(hit.is_copy for hit in reply.hits)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await copy_search(stack, item_id=item_id(ORIGINAL), collection=collection)
+            assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert f"'{item_id(ORIGINAL)}'" in refused.value.details() and "copy features" in refused.value.details()
+            # With features off, the same items again are unchanged.
+            again = await plain.AddImages(add_requests(ukbench_images, items, collection), timeout=60)
+            assert (again.indexed, again.unchanged) == (0, 3), again
+
+        # With features on (the default), the same content is embedded again, now with its features ...
+        refreshed = await stack.stub.AddImages(add_requests(ukbench_images, items, collection), timeout=60)
+        assert (refreshed.indexed, refreshed.unchanged, refreshed.failed) == (3, 0, 0), refreshed
+        reply = await copy_search(stack, k=3, image=copies["crop"], collection=collection)
+        assert reply.hits[0].id == item_id(ORIGINAL) and reply.hits[0].is_copy
+        by_item = await copy_search(stack, k=3, item_id=item_id(ORIGINAL), collection=collection)
+        assert by_item.hits[0].id == item_id(ORIGINAL) and by_item.hits[0].is_copy
+        # ... and only once.
+        again = await stack.stub.AddImages(add_requests(ukbench_images, items, collection), timeout=60)
+        assert (again.indexed, again.unchanged) == (0, 3), again
+    finally:
+        await stack.stub.DropCollection(search_pb2.DropCollectionRequest(collection=collection), timeout=30)
+
+
+# ---- HTTP ------------------------------------------------------------------------------------------
+
+
+def assert_http_copy_hits(body: dict, original: Image.Image) -> None:
+    first = body["hits"][0]
+    assert first["id"] == item_id(ORIGINAL) and first["is_copy"] is True and first["copy_score"] >= 0.5, body
+    box = first["matched_box"]
+    assert set(box) == {"x", "y", "width", "height"}
+    assert box["width"] > 0 and box["x"] + box["width"] <= original.width
+    assert box["height"] > 0 and box["y"] + box["height"] <= original.height
+    for hit in body["hits"]:
+        assert isinstance(hit["is_copy"], bool) and isinstance(hit["copy_score"], float)
+        assert (hit["matched_box"] is not None) == hit["is_copy"]
+    assert body["no_good_match"] is False
+
+
+async def test_http_copy_mode_over_multipart_and_json(stack, copies, original):
+    response = await stack.search_file(copies["crop"], mode="copy", k="5")
+    assert response.status_code == 200, response.text
+    assert_http_copy_hits(response.json(), original)
+
+    encoded = base64.b64encode(copies["mirror"]).decode()
+    response = await stack.http.post("/v1/search", json={"image_base64": encoded, "mode": "copy", "k": 5})
+    assert response.status_code == 200, response.text
+    assert_http_copy_hits(response.json(), original)
+
+    response = await stack.http.post("/v1/search", json={"item_id": item_id(ORIGINAL), "mode": "copy", "k": 3})
+    assert response.status_code == 200, response.text
+    assert_http_copy_hits(response.json(), original)
+
+    for similar in (await stack.search_file(copies["crop"], k="5"),
+                    await stack.http.post("/v1/search", json={"image_base64": encoded, "mode": "similar"})):
+        assert similar.status_code == 200, similar.text
+        assert not any({"is_copy", "copy_score", "matched_box"} & set(hit) for hit in similar.json()["hits"])
+
+
+async def test_http_copy_mode_refuses_text_and_an_unknown_mode(stack, copies):
+    refusals = [
+        await stack.http.post("/v1/search", json={"text": "a red sports car", "mode": "copy"}),
+        await stack.http.post("/v1/search", data={"text": "a red sports car", "mode": "copy"}),
+    ]
+    for response in refusals:
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["code"] == "INVALID_ARGUMENT" and "copy mode" in error["message"]
+    unknown = [
+        await stack.http.post("/v1/search", json={"image_base64": base64.b64encode(copies["crop"]).decode(),
+                                                  "mode": "copies"}),
+        await stack.search_file(copies["crop"], mode="copies"),
+    ]
+    for response in unknown:
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["code"] == "INVALID_ARGUMENT" and "mode" in error["message"], error
+
+
+# ---- the web page and the CLI --------------------------------------------------------------------
+
+
+async def test_the_page_marks_copies_with_a_badge_and_their_matched_box(stack, copies, tmp_path):
+    from playwright.async_api import async_playwright, expect
+
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.fail("chromium not installed (scripts/setup installs Debian's chromium)")
+    query = tmp_path / "crop.jpg"
+    query.write_bytes(copies["crop"])
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS)
+        try:
+            page = await browser.new_page()
+            await page.goto(f"http://127.0.0.1:{stack.gateway_server.http_port}/")
+            await expect(page.locator("#model")).to_contain_text(f"{CATALOG} images")
+            await page.set_input_files("#file", str(query))
+            await page.fill("#k", "5")
+            await page.click("#go")  # similar mode: no verdicts
+            await expect(page.locator(".hit")).to_have_count(5)
+            await expect(page.locator(".hit .badge")).to_have_count(0)
+
+            await page.check("#copies")
+            await page.click("#go")
+            first = page.locator(".hit").first
+            await expect(first.locator(".badge")).to_have_text(re.compile(r"^copy (0\.[5-9]\d|1\.00)$"))
+            await expect(first.locator(".id")).to_have_text(item_id(ORIGINAL))
+            await expect(page.locator("#status")).to_contain_text("cop")
+            marker = first.locator(".matched-box")
+            await expect(marker).to_be_visible()
+            image = first.locator(".thumb img")
+            shown = await image.evaluate(
+                "img => { const s = Math.min(img.clientWidth / img.naturalWidth, img.clientHeight / img.naturalHeight);"
+                " const r = img.getBoundingClientRect();"
+                " return {left: r.left + (r.width - img.naturalWidth * s) / 2,"
+                " top: r.top + (r.height - img.naturalHeight * s) / 2, scale: s}; }")
+            drawn = await marker.bounding_box()
+            response = await stack.search_file(copies["crop"], mode="copy", k="5")
+            box = response.json()["hits"][0]["matched_box"]
+            # The box is drawn where the match is, scaled to the displayed image (within a pixel or two).
+            assert abs(drawn["x"] - (shown["left"] + box["x"] * shown["scale"])) < 3, (drawn, shown, box)
+            assert abs(drawn["y"] - (shown["top"] + box["y"] * shown["scale"])) < 3, (drawn, shown, box)
+            assert abs(drawn["width"] - box["width"] * shown["scale"]) < 5, (drawn, shown, box)
+            assert abs(drawn["height"] - box["height"] * shown["scale"]) < 5, (drawn, shown, box)
+            await page.screenshot(path=str(tmp_path / "copies.png"), full_page=True)
+        finally:
+            await browser.close()
+
+
+async def test_cli_copies_prints_verdicts_and_refuses_text(stack, copies, tmp_path):
+    query = tmp_path / "mirror.jpg"
+    query.write_bytes(copies["mirror"])
+    gateway = stack.gateway_server.address
+    code, out, err = await run_cli_async("search", str(query), "--copies", "-k", "4", "--json", "--gateway", gateway)
+    assert code == 0, err
+    reply = json.loads(out)
+    first = reply["hits"][0]
+    assert first["id"] == item_id(ORIGINAL) and first["is_copy"] is True and first["copy_score"] >= 0.5
+    assert set(first["matched_box"]) >= {"width", "height"}
+    assert all("is_copy" in hit and "copy_score" in hit for hit in reply["hits"])
+
+    code, out, err = await run_cli_async("search", str(query), "--copies", "-k", "4", "--gateway", gateway)
+    assert code == 0, err
+    first_line = out.splitlines()[1]  # after the "N hits in ..." line
+    assert item_id(ORIGINAL) in first_line and " COPY " in first_line, out
+
+    code, _out, err = await run_cli_async("search", "--text", "a red car", "--copies", "--gateway", gateway)
+    assert code == 2 and "--copies" in err and "--text" in err, err
+
+
+# ---- alone: the ranking and the cache key ----------------------------------------------------------
+
+
+def test_copies_rank_first_by_copy_score_then_score_and_min_score_spares_them():
+    candidates = [search_pb2.Hit(id=f"h{n}", score=score) for n, score in enumerate([0.9, 0.8, 0.7, 0.6, 0.5])]
+    verdicts = [
+        embedder_pb2.CopyVerdict(),
+        embedder_pb2.CopyVerdict(is_copy=True, copy_score=0.7, matched_box=embedder_pb2.CropBox(width=5, height=5)),
+        embedder_pb2.CopyVerdict(copy_score=0.2),
+        embedder_pb2.CopyVerdict(is_copy=True, copy_score=0.9, matched_box=embedder_pb2.CropBox(width=3, height=3)),
+        embedder_pb2.CopyVerdict(is_copy=True, copy_score=0.7, matched_box=embedder_pb2.CropBox(width=4, height=4)),
+    ]
+    ranked = rank_copies(candidates, verdicts, k=4, min_score=None)
+    # h3 (0.9), then h1 and h4 tied at 0.7 by score, then the best other hit.
+    assert [hit.id for hit in ranked] == ["h3", "h1", "h4", "h0"]
+    assert [hit.is_copy for hit in ranked] == [True, True, True, False]
+    assert ranked[0].matched_box.width == 3 and not ranked[3].HasField("matched_box")
+    assert all(hit.HasField("is_copy") and hit.HasField("copy_score") for hit in ranked)
+    # min_score 0.85 drops h2 (0.7) but no copy, even h4 at 0.5.
+    assert [hit.id for hit in rank_copies(candidates, verdicts, k=10, min_score=0.85)] == ["h3", "h1", "h4", "h0"]
+
+
+def test_copy_mode_has_its_own_result_key_and_a_shortlist_of_at_least_k():
+    settings = GatewaySettings(embedder_address="e:1", search_address="s:1", copy_search={"shortlist": 30})
+    image = b"\xff\xd8 some image bytes"
+    similar = SearchQuery.parse(gateway_pb2.VisualSearchRequest(image=image, k=10), settings, "m@1")
+    copy = SearchQuery.parse(gateway_pb2.VisualSearchRequest(image=image, k=10, mode=COPY_MODE), settings, "m@1")
+    assert similar.result_key != copy.result_key and similar.embedding_key == copy.embedding_key
+    assert not similar.copy_mode and copy.copy_shortlist == 30
+    deep = SearchQuery.parse(gateway_pb2.VisualSearchRequest(image=image, k=50, mode=COPY_MODE), settings, "m@1")
+    assert deep.copy_shortlist == 50
+    vector = np.ones(4, dtype=np.float32)
+    request = deep.copy_candidates_request(vector)
+    assert request.k == 50 and request.include_copy_features and not request.HasField("min_score")
+    assert not similar.index_request(vector).include_copy_features  # similar mode fetches no features
+    explicit = SearchQuery.parse(
+        gateway_pb2.VisualSearchRequest(image=image, k=10, mode=gateway_pb2.SEARCH_MODE_SIMILAR), settings, "m@1")
+    assert explicit.result_key == similar.result_key  # SIMILAR and UNSPECIFIED are one mode
