@@ -48,11 +48,11 @@ class CopyFeatureSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    # Keypoints kept per image (and as many again for its mirror image). Bytes per image:
-    # about 2 x keypoints x 36, plus 20.
+    # Keypoints kept per catalog image: what the index stores, 36 bytes each (plus a 20-byte header).
+    # A query's: its own, and its mirror image's (never stored).
     keypoints: int = Field(256, ge=8, le=1000)
-    query_keypoints: int = Field(256, ge=8, le=1000)
-    mirrored_query_keypoints: int = Field(128, ge=0, le=1000)
+    query_keypoints: int = Field(192, ge=8, le=1000)
+    mirrored_query_keypoints: int = Field(96, ge=0, le=1000)
     # Keypoints are found `oversample` times over, then `keypoints` of them kept, spread over a
     # grid x grid partition (see _spread).
     oversample: int = Field(3, ge=1, le=10)

@@ -83,16 +83,24 @@ def test_search_figures(report):
     search = report["search"]
     assert search["indexed"] == CATALOG
     assert search["floor"]["floor_ms"] > 0 and search["floor"]["model_batch1"]["p50_ms"] > 0
-    levels = {(level["cache"], level["concurrency"]): level for level in search["levels"]}
-    assert set(levels) == {(cache, concurrency) for cache in ("miss", "hit") for concurrency in CONCURRENCY}
-    for (cache, concurrency), level in levels.items():
+    assert search["modes"] == ["similar", "copy"] and search["copy_shortlist"] == 30
+    levels = {(level["mode"], level["cache"], level["concurrency"]): level for level in search["levels"]}
+    assert set(levels) == ({("similar", cache, concurrency) for cache in ("miss", "hit") for concurrency in CONCURRENCY}
+                           | {("copy", "miss", concurrency) for concurrency in CONCURRENCY})
+    for (mode, cache, concurrency), level in levels.items():
         assert level["errors"] == {} and level["ok"] == max(REQUESTS, 4 * concurrency)
         assert level["latency"]["p50_ms"] > 0 and level["throughput_rps"] > 0
-        if cache == "miss":  # really missed both caches
+        if cache == "miss":  # really missed both caches, in either mode
             assert level["from_cache"] == 0 and level["embedding_from_cache"] == 0
         else:
             assert level["from_cache"] == level["ok"]
-        if cache == "miss":  # CPU per process, also per request; the bound measured around the level
+        # Copy mode really verified its shortlist (30 deep, so the whole 20-image catalog) on every search;
+        # similar mode verified nothing.
+        verified = level["stages"]["gateway_copy_candidates_copy"] + level["stages"]["gateway_copy_candidates_no_copy"]
+        assert verified == (level["ok"] * min(30, CATALOG) if mode == "copy" else 0), (mode, cache, level["stages"])
+        if (mode, cache) == ("copy", "miss"):
+            assert set(level["cpu_by_process"]) >= {"gateway", "embedder", "search", "bench_client"}
+        if (mode, cache) == ("similar", "miss"):  # CPU per process, also per request; the bound measured around it
             assert set(level["cpu_by_process"]) >= {"gateway", "embedder", "search", "bench_client"}
             assert all(usage["cpu_ms_per_request"] >= 0 for usage in level["cpu_by_process"].values())
             assert len(level["bound_images_per_s_runs"]) == 2 and level["bound_images_per_s"] > 0
@@ -109,12 +117,21 @@ def test_search_figures(report):
     throughput = targets["miss_rps_over_bound"]
     assert [entry["concurrency"] for entry in throughput] == list(CONCURRENCY)
     for entry in throughput:
-        level = levels[("miss", entry["concurrency"])]
+        level = levels[("similar", "miss", entry["concurrency"])]
         assert entry["value"] == round(level["throughput_rps"] / level["bound_images_per_s"], 3)
         assert entry["applies"] is (entry["concurrency"] == 32) and isinstance(entry["meets"], bool)
         assert set(entry["cpu_cores"]) >= {"gateway", "embedder", "search"}
     latency = {entry["concurrency"]: entry for entry in targets["miss_p50_over_floor"]}
     assert latency[1]["applies"] and latency[1]["target"] == 1.5
+    # Copy mode's cost: its cache-miss p50 over similar mode's, per concurrency; the target is about 1.
+    copy_cost = targets["copy_miss_p50_over_similar_miss_p50"]
+    assert [entry["concurrency"] for entry in copy_cost] == list(CONCURRENCY)
+    for entry in copy_cost:
+        similar, copy = (levels[(mode, "miss", entry["concurrency"])]["latency"] for mode in ("similar", "copy"))
+        assert entry["value"] == round(copy["p50_ms"] / similar["p50_ms"], 3)
+        assert (entry["copy_p95_ms"], entry["similar_p95_ms"]) == (copy["p95_ms"], similar["p95_ms"])
+        assert entry["applies"] is (entry["concurrency"] == 1) and entry["target"] == 3.0
+        assert entry["meets"] is (entry["value"] <= 3.0)
 
 
 def test_ann_figures(report):

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import asyncio
 import csv
 import io
 import json
 import random
+import shutil
 from pathlib import Path
 
 import grpc
 import pytest
 from PIL import Image, ImageOps
 
-from conftest import REPO_ROOT, VSEARCH, in_process_stack, run_cli
+from conftest import in_process_stack, run_cli, run_cli_async
 from vsearch.v1 import gateway_pb2
 from vsearch_cli.evaluation.copy_transforms import TRANSFORMS, transformed_copy
 
@@ -38,36 +38,67 @@ def test_every_transform_makes_a_decodable_jpeg_that_differs_as_it_says(ukbench_
     assert again != transformed_copy(image, "crop50", random.Random(2))
 
 
-async def _cli(*args: str) -> tuple[int, str, str]:
-    process = await asyncio.create_subprocess_exec(
-        *VSEARCH, *args, cwd=REPO_ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    out, err = await asyncio.wait_for(process.communicate(), 300)
-    return process.returncode, out.decode(), err.decode()
-
-
-async def test_copies_of_catalog_images_find_their_original(tmp_path: Path, mobilenet_dir: Path,
-                                                           ukbench_images: list[Path]) -> None:
-    labels = tmp_path / "labels.csv"
-    with labels.open("w", newline="") as stream:
+def _write_ukbench_labels(path: Path, images: list[Path]) -> Path:
+    with path.open("w", newline="") as stream:
         writer = csv.writer(stream)
         writer.writerow(["path", "label"])
-        for index, path in enumerate(ukbench_images):
-            writer.writerow([path.name, str(index // 4)])
+        for index, image in enumerate(images):
+            writer.writerow([image.name, str(index // 4)])
+    return path
+
+
+def _distractors_dir(root: Path, shared_dir: Path, catalog_image: Path) -> tuple[Path, str]:
+    """Three Caltech photos (nested, as found in a folder tree), a byte-identical copy of a catalog image
+    (to be excluded), a half-size re-encoded copy of it (a copy the catalog does hold: a false copy by
+    construction) and a file that is no image. Returns the folder and the re-encoded copy's query id."""
+    caltech = shared_dir / "datasets/caltech101/101_ObjectCategories"
+    (root / "nested" / "deeper").mkdir(parents=True)
+    for index, name in enumerate(("airplanes/image_0001.jpg", "Motorbikes/image_0001.jpg", "watch/image_0001.jpg")):
+        shutil.copyfile(caltech / name, root / ("nested" if index else "nested/deeper") / f"caltech-{index}.jpg")
+    shutil.copyfile(catalog_image, root / "same-bytes.jpg")
+    original = Image.open(catalog_image).convert("RGB")
+    original.resize((original.width // 2, original.height // 2)).save(root / "reencoded.jpg", "JPEG", quality=85)
+    (root / "notes.txt").write_text("not an image")
+    return root, "distractor:reencoded.jpg"
+
+
+async def test_copies_of_catalog_images_find_their_original(tmp_path: Path, mobilenet_dir: Path, shared_dir: Path,
+                                                           ukbench_images: list[Path]) -> None:
+    labels = _write_ukbench_labels(tmp_path / "labels.csv", ukbench_images)
+    distractors, reencoded_id = _distractors_dir(tmp_path / "distractors", shared_dir, ukbench_images[7])
+    images_root = str(ukbench_images[0].parent)
     async with in_process_stack(tmp_path / "stack", mobilenet_dir) as stack:
         gateway = stack.gateway_server.address
-        code, out, err = await _cli("eval", "--images", str(ukbench_images[0].parent), "--labels", str(labels),
-                                    "--gateway", gateway, "--copies", "5", "--seed", "3", "--json")
+        code, out, err = await run_cli_async(
+            "eval", "--images", images_root, "--labels", str(labels), "--gateway", gateway, "--copies", "5",
+            "--seed", "3", "--distractors", str(distractors), "--json", timeout=300)
         assert code == 0, err
         report = json.loads(out)
         copies = report["copies"]
+        assert copies["mode"] == "copy"  # the default
         assert copies["originals"] == 5 and report["catalog_size"] == 56 and report["queries_failed"] == 0
         assert set(copies["per_transform"]) == set(TRANSFORMS)
         assert all(entry["queries"] == 5 for entry in copies["per_transform"].values())
         assert copies["queries"] == 5 * len(TRANSFORMS)
-        # Copies that keep the whole picture find their original first, through the whole system.
+        # Copies that keep the whole picture find their original first, verified as copies, through the
+        # whole system.
         for name in ("jpeg20", "half_size", "mirror", "greyscale"):
-            assert copies["per_transform"][name]["recall_at_1"] == 1.0, (name, copies)
-        assert 0.0 < copies["recall_at_1"] <= copies["recall_at_10"] <= 1.0
+            entry = copies["per_transform"][name]
+            assert entry["recall_at_1"] == entry["copy_recall_at_1"] == 1.0, (name, copies)
+            assert entry["original_absent"] == 0 and entry["original_absent_rate"] == 0.0
+        assert 0.0 < copies["copy_recall_at_1"] <= copies["recall_at_1"] <= copies["recall_at_10"] <= 1.0
+        assert copies["original_absent"] == sum(entry["original_absent"] for entry in copies["per_transform"].values())
+        assert copies["target_copy_recall_at_1"] == 0.98
+        assert copies["meets_target"] is (copies["copy_recall_at_1"] >= 0.98)
+
+        # Distractors: the byte-identical one is a catalog image, excluded and counted; of the four searched,
+        # the Caltech photos are copies of nothing, and the re-encoded copy of a catalog image is found a copy.
+        found = report["distractors"]
+        assert (found["images"], found["excluded_in_catalog"], found["searched"], found["failed"]) == (5, 1, 4, 0)
+        assert found["excluded_examples"] == [str(distractors / "same-bytes.jpg")]
+        assert found["with_copy_hit"] == 1 and found["false_copy_examples"] == [reencoded_id]
+        assert found["false_copy_rate"] == 0.25 and found["meets_target"] is False
+
         # The evaluation's own collection is gone; no copy was indexed anywhere.
         assert report["collection_dropped"]
         with pytest.raises(grpc.aio.AioRpcError) as gone:
@@ -76,9 +107,31 @@ async def test_copies_of_catalog_images_find_their_original(tmp_path: Path, mobi
         default = await stack.stub.Stats(gateway_pb2.VisualStatsRequest(), timeout=10)
         assert default.count == 0
 
-        code, _out, err = await _cli("eval", "--images", str(ukbench_images[0].parent), "--labels", str(labels),
-                                     "--gateway", gateway, "--copies", "0")
+        # Distractors that are copies of nothing in the catalog: a rate of 0, with its counts.
+        (distractors / "reencoded.jpg").unlink()
+        code, out, err = await run_cli_async(
+            "eval", "--images", images_root, "--labels", str(labels), "--gateway", gateway, "--copies", "1",
+            "--distractors", str(distractors), timeout=300)
+        assert code == 0, err
+        assert "false copies: 0 of 3 distractors had a hit is_copy (rate 0.0000; target <= 0.01 met)" in out, out
+        assert "1 excluded as catalog images" in out
+
+        # The similar-mode baseline: the same figures, without the verdicts only copy mode gives.
+        code, out, err = await run_cli_async(
+            "eval", "--images", images_root, "--labels", str(labels), "--gateway", gateway, "--copies", "2",
+            "--mode", "similar", "--json", timeout=300)
+        assert code == 0, err
+        baseline = json.loads(out)["copies"]
+        assert baseline["mode"] == "similar" and baseline["queries"] == 2 * len(TRANSFORMS)
+        assert baseline["copy_recall_at_1"] is None and baseline["meets_target"] is None
+        assert baseline["per_transform"]["jpeg20"]["recall_at_1"] == 1.0
+
+        code, _out, err = await run_cli_async("eval", "--images", images_root, "--labels", str(labels),
+                                              "--gateway", gateway, "--copies", "0")
         assert code == 2 and "--copies must be at least 1" in err
-    code_both = run_cli("eval", "--images", str(tmp_path), "--labels", str(labels), "--copies", "2",
-                        "--text-template", "{label}")
-    assert code_both.returncode == 2 and "two different evaluations" in code_both.stderr
+    for extra, message in ((["--copies", "2", "--text-template", "{label}"], "two different evaluations"),
+                           (["--distractors", str(distractors)], "--distractors go with --copies N"),
+                           (["--copies", "2", "--mode", "similar", "--distractors", str(distractors)],
+                            "only copy mode tells")):
+        refused = run_cli("eval", "--images", str(tmp_path), "--labels", str(labels), *extra)
+        assert refused.returncode == 2 and message in refused.stderr, (extra, refused.stderr)

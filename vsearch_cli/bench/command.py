@@ -99,6 +99,9 @@ def _search_options() -> argparse.ArgumentParser:
     search.add_argument("--hit-set", type=_positive, default=16, help="distinct images repeated by the cache-hit runs")
     search.add_argument("--floor-samples", type=_positive, default=30, help="single queries timed for the floor")
     search.add_argument("-k", type=_positive, default=10, help="hits per search")
+    search.add_argument("--modes", nargs="+", choices=("similar", "copy"), default=["similar", "copy"],
+                        help="search modes measured at cache miss, one after the other at each concurrency "
+                             "(default both; similar, the reference of every ratio, is always measured)")
     return search
 
 
@@ -244,6 +247,7 @@ async def run_stack_sections(args: argparse.Namespace, sections: list[str], repo
                     seed=args.seed, chunk=args.chunk, streams=args.streams,
                     batch_size=getattr(args, "batch_size", None) or default_batch_size(rig.settings.max_batch_size),
                     profile_dir=profile_dir / "search" if profile_dir else None,
+                    modes=tuple(dict.fromkeys(["similar", *args.modes])),
                 )
                 report["search"] = await run_search(config, stack, rig)
                 print(format_search(report["search"]), flush=True)
@@ -397,13 +401,13 @@ def format_search(result: dict[str, Any]) -> str:
     for level in result["levels"]:
         latency = level["latency"]
         rows.append([
-            level["cache"], level["concurrency"], level["ok"], latency.get("p50_ms"), latency.get("p95_ms"),
-            latency.get("p99_ms"), level["throughput_rps"], level["from_cache"], level["embedding_from_cache"],
+            level["mode"], level["cache"], level["concurrency"], level["ok"],
+            latency.get("p50_ms"), latency.get("p95_ms"), latency.get("p99_ms"), level["throughput_rps"], level["from_cache"], level["embedding_from_cache"],
             level["server_embed_ms_p50"], level["server_search_ms_p50"], level["server_total_ms_p50"],
             sum(level["errors"].values()),
         ])
     text.append(format_table(
-        ["cache", "conc", "ok", "p50 ms", "p95 ms", "p99 ms", "req/s", "from cache", "emb cached",
+        ["mode", "cache", "conc", "ok", "p50 ms", "p95 ms", "p99 ms", "req/s", "from cache", "emb cached",
          "gw embed p50", "gw search p50", "gw total p50", "errors"], rows))
     bound = result.get("bound")
     if bound:
@@ -426,12 +430,23 @@ def format_search(result: dict[str, Any]) -> str:
     for entry in result["targets"]["hit_p50_over_miss_p50"]:
         target_rows.append([f"hit p50 / miss p50 (conc {entry['concurrency']})", entry["value"],
                             f"<= {entry['target']}", _verdict(entry["meets"]), ""])
-    text.append(format_table(["ratio", "value", "target", "verdict", "CPU cores during that level"], target_rows))
+    for entry in result["targets"].get("copy_miss_p50_over_similar_miss_p50", []):
+        target_rows.append([f"copy miss p50 / similar miss p50 (conc {entry['concurrency']})", entry["value"],
+                            f"<= {entry['target']}" if entry["applies"] else "-",
+                            _verdict(entry["meets"]) if entry["applies"] else "-",
+                            f"p50 {entry['copy_p50_ms']} vs {entry['similar_p50_ms']} ms, p95 {entry['copy_p95_ms']} "
+                            f"vs {entry['similar_p95_ms']} ms"])
+    text.append(format_table(["ratio", "value", "target", "verdict", "CPU cores during that level / latencies"],
+                             target_rows))
+    if result.get("copy_shortlist"):
+        text.append(f"copy mode: shortlist {result['copy_shortlist']} (GATEWAY_COPY_SEARCH__SHORTLIST of a started "
+                    "stack) verified per search")
     for level in result["levels"]:
         if level["cache"] == "miss":
-            text.append(f"CPU, miss at concurrency {level['concurrency']}, cores (ms per request): " + ", ".join(
-                f"{name} {usage['cores']} ({usage.get('cpu_ms_per_request')})"
-                for name, usage in level["cpu_by_process"].items()) + _noise(level))
+            cores = ", ".join(f"{name} {usage['cores']} ({usage.get('cpu_ms_per_request')})"
+                              for name, usage in level["cpu_by_process"].items())
+            text.append(f"CPU, {level['mode']} miss at concurrency {level['concurrency']}, cores (ms per request): "
+                        f"{cores}{_noise(level)}")
         for name, summary in (level.get("profile") or {}).get("processes", {}).items():
             if level["cache"] == "miss":
                 top = "; ".join(f"{entry['percent']}% {entry['function']}" for entry in summary["top_self"][:5])

@@ -8,7 +8,12 @@ A cache miss must miss both the embedding cache (keyed by the image's sha256) an
 every miss request carries an image no other request of the run uses. Against a stack the bench did
 not start (whose Redis may remember an earlier run), the bytes also get a per-run trailer after the
 image's end marker, which decoders ignore. Every answer's from_cache flags are counted, so a miss
-that was not one shows in the figures."""
+that was not one shows in the figures.
+
+Copy mode (SEARCH_MODE_COPY: a deeper shortlist, verified pairwise by the embedder) is measured at cache
+miss in the same run, right after similar mode at each concurrency, on images of its own (the result
+cache key holds the mode, and copy mode never reads the embedding cache, so its misses are misses too):
+copy miss p50 / similar miss p50 is issue 13's cost target."""
 
 from __future__ import annotations
 
@@ -39,6 +44,9 @@ TARGET_MISS_RPS_OVER_BOUND = 0.8
 TARGET_LATENCY_CONCURRENCY = 1
 TARGET_THROUGHPUT_CONCURRENCY = 32
 TARGET_HIT_OVER_MISS = 0.1
+# Copy-mode cache-miss p50 over similar-mode cache-miss p50, at concurrency 1 (issue 13).
+TARGET_COPY_OVER_SIMILAR = 3.0
+SEARCH_MODES = {"similar": gateway_pb2.SEARCH_MODE_SIMILAR, "copy": gateway_pb2.SEARCH_MODE_COPY}
 WARMUP_QUERIES = 4
 SEARCH_TIMEOUT_S = 60.0
 # Passes over the hit set, at most, until one is answered wholly from the cache.
@@ -61,6 +69,12 @@ class SearchConfig:
     batch_size: int = 32
     # Where py-spy profiles of the searches go; None: no profiling.
     profile_dir: Path | None = None
+    # The modes measured at cache miss; similar mode, the reference of every ratio, always is.
+    modes: tuple[str, ...] = ("similar", "copy")
+
+    @property
+    def copy_mode(self) -> bool:
+        return "copy" in self.modes
 
     def requests_at(self, concurrency: int) -> int:
         """Enough requests that every caller sends several: one wave of `concurrency` measures the
@@ -233,6 +247,10 @@ def level_stages(before: dict[str, dict], after: dict[str, dict]) -> dict[str, A
         for name in ("errors", "writes_skipped"):
             stages[f"gateway_cache_{name}"] = round(metric_delta(
                 gateway_before, gateway_after, f"vsearch_gateway_cache_{name}_total"))
+        # Copy mode: the shortlist hits the embedder verified (VerifyCopies), and how many were copies.
+        for verdict in ("copy", "no_copy"):
+            stages[f"gateway_copy_candidates_{verdict}"] = round(metric_delta(
+                gateway_before, gateway_after, "vsearch_gateway_copy_candidates_total", verdict=verdict))
     if after.get("embedder"):
         batches = histogram_delta(before.get("embedder", {}), after["embedder"], "vsearch_embedder_batch_size")
         stages["embedder_mean_batch_size"] = round(batches["mean"], 2)
@@ -276,7 +294,9 @@ async def measure_level(stub: gateway_pb2_grpc.VisualSearchStub, stack: StackEnd
 
 
 async def run_search(config: SearchConfig, stack: StackEndpoints, rig: ModelRig) -> dict[str, Any]:
-    miss_count = sum(config.requests_at(concurrency) for concurrency in config.concurrency) + WARMUP_QUERIES
+    # Every miss level (one per concurrency and mode) gets images no other request uses.
+    miss_count = (sum(config.requests_at(concurrency) for concurrency in config.concurrency) + WARMUP_QUERIES) * (
+        1 + config.copy_mode)
     catalog_paths, miss_paths, floor_paths, hit_paths = sample_images(
         config.dataset, [config.catalog, miss_count, config.floor_samples, config.hit_set], config.seed + 1)
     nonce = uuid.uuid4().hex.encode()
@@ -289,8 +309,8 @@ async def run_search(config: SearchConfig, stack: StackEndpoints, rig: ModelRig)
     items = [(f"catalog-{index:06d}", data, path)
              for index, (data, path) in enumerate(zip(read_all(catalog_paths), catalog_paths))]
 
-    def request(image: bytes) -> gateway_pb2.VisualSearchRequest:
-        return gateway_pb2.VisualSearchRequest(image=image, k=config.k, collection=collection)
+    def request(image: bytes, mode: str = "similar") -> gateway_pb2.VisualSearchRequest:
+        return gateway_pb2.VisualSearchRequest(image=image, k=config.k, collection=collection, mode=SEARCH_MODES[mode])
 
     levels: list[dict[str, Any]] = []
     async with channel(stack.gateway) as grpc_channel:
@@ -300,8 +320,9 @@ async def run_search(config: SearchConfig, stack: StackEndpoints, rig: ModelRig)
             floor = await measure_floor(rig, stack, floor_datas, collection, config.k)
             catalog_datas = [data for _id, data, _path in items]
             bound_runs: list[dict[str, Any]] = []
-            await search_load(stub, [request(data) for data in miss_datas[:WARMUP_QUERIES]], 1)
-            misses = iter(miss_datas[WARMUP_QUERIES:])
+            misses = iter(miss_datas)
+            for mode in ("similar", "copy") if config.copy_mode else ("similar",):
+                await search_load(stub, [request(next(misses), mode) for _ in range(WARMUP_QUERIES)], 1)
             hit_requests = [request(data) for data in hit_datas]
             for concurrency in config.concurrency:
                 count = config.requests_at(concurrency)
@@ -315,7 +336,7 @@ async def run_search(config: SearchConfig, stack: StackEndpoints, rig: ModelRig)
                 bound_runs.extend(bracket)
                 level["bound_images_per_s_runs"] = [run["images_per_s"] for run in bracket]
                 level["bound_images_per_s"] = round(float(np.mean(level["bound_images_per_s_runs"])), 2)
-                levels.append({"cache": "miss", **level})
+                levels.append({"mode": "similar", "cache": "miss", **level})
                 if len(levels) == 1 and "floor_ms" in floor:
                     # The floor again right after the first miss level, so the ratio compares
                     # measurements taken around the same time on a machine whose load drifts.
@@ -323,12 +344,19 @@ async def run_search(config: SearchConfig, stack: StackEndpoints, rig: ModelRig)
                     floor["floor_ms_runs"] = [floor["floor_ms"], again["floor_ms"]]
                     floor["floor_ms"] = round((floor["floor_ms"] + again["floor_ms"]) / 2, 3)
                     floor["after_first_level"] = again
+                if config.copy_mode:
+                    # Right after similar mode at the same concurrency, so their ratio compares like with like.
+                    copy_requests = [request(next(misses), "copy") for _ in range(count)]
+                    level = await measure_level(stub, stack, copy_requests, concurrency,
+                                                config.profile_dir / f"copy-miss-c{concurrency}"
+                                                if config.profile_dir else None)
+                    levels.append({"mode": "copy", "cache": "miss", **level})
                 # Fill both caches first; then every request repeats one of these images.
                 warm_up = await warm_cache(stub, hit_requests)
                 repeats = [hit_requests[index % len(hit_requests)] for index in range(count)]
                 level = await measure_level(stub, stack, repeats, concurrency,
                                             config.profile_dir / f"hit-c{concurrency}" if config.profile_dir else None)
-                levels.append({"cache": "hit", "warm_up": warm_up, **level})
+                levels.append({"mode": "similar", "cache": "hit", "warm_up": warm_up, **level})
                 report_uncached_hits(levels[-1])
         finally:
             cleanup = await drop_collection(stub, collection)
@@ -336,18 +364,29 @@ async def run_search(config: SearchConfig, stack: StackEndpoints, rig: ModelRig)
              "images_per_s_runs": [run["images_per_s"] for run in bound_runs]}
     return {
         "catalog_images": len(items), "indexed": sum(summary.indexed for summary in summaries), "k": config.k,
-        "collection": collection, "cleanup": cleanup, "cache": stack.cache,
+        "collection": collection, "cleanup": cleanup, "cache": stack.cache, "modes": list(config.modes),
+        # What a stack the bench starts uses; another gateway's own setting is not known here.
+        "copy_shortlist": copy_shortlist() if config.copy_mode else None,
         "floor": floor, "bound": bound, "levels": levels, "targets": targets(floor, bound, levels),
     }
+
+
+def copy_shortlist() -> int:
+    """GATEWAY_COPY_SEARCH__SHORTLIST as the gateway reads it (the environment reaches a started stack)."""
+    from gateway.settings import CopySearchSettings
+
+    value = os.environ.get("GATEWAY_COPY_SEARCH__SHORTLIST")
+    return int(value) if value else CopySearchSettings.model_fields["shortlist"].default
 
 
 def targets(floor: dict[str, Any], bound: dict[str, Any], levels: list[dict[str, Any]]) -> dict[str, Any]:
     """The ratios, per miss level; `applies` marks the level each target is about. Each carries the
     CPU every process took during that level."""
-    by_key = {(level["cache"], level["concurrency"]): level for level in levels}
-    result: dict[str, Any] = {"miss_p50_over_floor": [], "miss_rps_over_bound": [], "hit_p50_over_miss_p50": []}
-    for (cache, concurrency), level in sorted(by_key.items(), key=lambda entry: entry[0][1]):
-        if cache != "miss":
+    by_key = {(level["mode"], level["cache"], level["concurrency"]): level for level in levels}
+    result: dict[str, Any] = {"miss_p50_over_floor": [], "miss_rps_over_bound": [], "hit_p50_over_miss_p50": [],
+                              "copy_miss_p50_over_similar_miss_p50": []}
+    for (mode, cache, concurrency), level in sorted(by_key.items(), key=lambda entry: entry[0][2]):
+        if (mode, cache) != ("similar", "miss"):
             continue
         cpu = {name: usage["cores"] for name, usage in level.get("cpu_by_process", {}).items()}
         miss_p50 = level["latency"].get("p50_ms")
@@ -368,10 +407,21 @@ def targets(floor: dict[str, Any], bound: dict[str, Any], levels: list[dict[str,
             "bound_images_per_s": level.get("bound_images_per_s"),
             "cpu_cores": cpu,
         })
-        hit = by_key.get(("hit", concurrency))
+        hit = by_key.get(("similar", "hit", concurrency))
         hit_ratio = ratio(hit["latency"].get("p50_ms"), miss_p50) if hit else None
         result["hit_p50_over_miss_p50"].append({
             "concurrency": concurrency, "value": hit_ratio, "target": TARGET_HIT_OVER_MISS,
             "meets": None if hit_ratio is None else hit_ratio <= TARGET_HIT_OVER_MISS,
         })
+        copy = by_key.get(("copy", "miss", concurrency))
+        if copy:
+            copy_ratio = ratio(copy["latency"].get("p50_ms"), miss_p50)
+            result["copy_miss_p50_over_similar_miss_p50"].append({
+                "concurrency": concurrency, "value": copy_ratio, "target": TARGET_COPY_OVER_SIMILAR,
+                # Latency of one search alone: the target is about concurrency 1.
+                "applies": concurrency == TARGET_LATENCY_CONCURRENCY,
+                "meets": None if copy_ratio is None else copy_ratio <= TARGET_COPY_OVER_SIMILAR,
+                "similar_p50_ms": miss_p50, "similar_p95_ms": level["latency"].get("p95_ms"),
+                "copy_p50_ms": copy["latency"].get("p50_ms"), "copy_p95_ms": copy["latency"].get("p95_ms"),
+            })
     return result

@@ -1,13 +1,17 @@
-"""`vsearch eval --copies N`: how well the running system finds the original of a transformed copy.
+"""`vsearch eval --copies N`: how well the running system finds the original of a transformed copy,
+and how rarely it calls an unrelated image a copy.
 
 N catalog images (a seeded sample) each get one copy per transform (`copy_transforms.TRANSFORMS`); the
-catalog is indexed into a fresh collection as `vsearch eval` does, every copy is searched through the
-gateway, and each transform reports recall@1 and recall@10: the share of its copies whose original is
-the first hit, or among the first ten. This measures the similarity search that copy detection starts
-from (the shortlist); copy verification and `is_copy` are issue 13's next step."""
+catalog is indexed into a fresh collection as `vsearch eval` does, and every copy is searched through the
+gateway, in copy mode by default (similar mode is the baseline copy search starts from). Each transform
+reports recall@1 (the original is the first hit), copy recall@1 (and it is marked is_copy: the issue's
+measure), recall@10 and how often the original was not among the hits at all. With distractors (images
+that are copies of nothing in the catalog), the false-copy rate: the share of them with any hit is_copy."""
 
 from __future__ import annotations
 
+import asyncio
+import os
 import random
 import tempfile
 import time
@@ -17,15 +21,23 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from service_kit.file_digest import file_sha256
+from vsearch_cli.catalog.ingest import IMAGE_SUFFIXES
 from vsearch_cli.evaluation.copy_transforms import TRANSFORMS, transformed_copy
 from vsearch_cli.evaluation.eval_command import (
     MAX_REPORTED_FAILURES, EvalError, LabelledImage, QueryOutcome, evaluation_collection, new_collection_name,
     search_queries,
 )
 from vsearch_cli.gateway_connection import gateway_channel
-from vsearch.v1 import gateway_pb2_grpc
+from vsearch.v1 import gateway_pb2, gateway_pb2_grpc
 
 COPY_ID_SEPARATOR = "#copy-"
+MAX_REPORTED_EXAMPLES = 100
+HITS_WANTED = 10
+SEARCH_MODES = {"copy": gateway_pb2.SEARCH_MODE_COPY, "similar": gateway_pb2.SEARCH_MODE_SIMILAR}
+# Issue 13's targets: copies found and marked as such, and unrelated images seldom called copies.
+TARGET_COPY_RECALL_AT_1 = 0.98
+TARGET_FALSE_COPY_RATE = 0.01
 
 
 def make_copies(originals: Sequence[LabelledImage], out_dir: Path, seed: int) -> list[LabelledImage]:
@@ -46,34 +58,121 @@ def make_copies(originals: Sequence[LabelledImage], out_dir: Path, seed: int) ->
     return copies
 
 
+def _share(count: int, total: int) -> float | None:
+    return round(count / total, 4) if total else None
+
+
 def score_copies(outcomes: Sequence[QueryOutcome]) -> dict:
-    """Per transform and over all: queries, recall@1, recall@10 (relevant = the copy's original)."""
-    by_transform: dict[str, list[int | None]] = {name: [] for name in TRANSFORMS}
+    """Per transform and over all (relevant = the copy's original): queries; recall_at_1, the original
+    first; copy_recall_at_1, the original first and is_copy (None when the hits carry no verdict: similar
+    mode); recall_at_10; original_absent (and its rate), the original not among the hits at all; and
+    first_hit_other_copy, a copy whose first hit is another image verified a copy (a duplicate of the
+    original in the catalog, or a false copy)."""
+    by_transform: dict[str, list[QueryOutcome]] = {name: [] for name in TRANSFORMS}
     for outcome in outcomes:
-        ranked = outcome.ranked_ids
-        by_transform[outcome.query.split].append(ranked.index(outcome.query.label)
-                                                 if outcome.query.label in ranked else None)
+        by_transform[outcome.query.split].append(outcome)
+    verdicts_given = any(verdict is not None for outcome in outcomes for verdict in outcome.copy_verdicts)
 
-    def recalls(ranks: list[int | None]) -> dict:
-        found = [rank for rank in ranks if rank is not None]
-        return {"queries": len(ranks),
-                "recall_at_1": round(sum(rank == 0 for rank in found) / len(ranks), 4) if ranks else None,
-                "recall_at_10": round(sum(rank < 10 for rank in found) / len(ranks), 4) if ranks else None}
+    def figures(group: list[QueryOutcome]) -> dict:
+        first = absent = at_10 = copy_first = other_copy_first = 0
+        for outcome in group:
+            ranked, original = outcome.ranked_ids, outcome.query.label
+            rank = ranked.index(original) if original in ranked else None
+            absent += rank is None
+            at_10 += rank is not None and rank < 10
+            first += rank == 0
+            top_is_copy = bool(outcome.copy_verdicts) and outcome.copy_verdicts[0] is True
+            copy_first += rank == 0 and top_is_copy
+            other_copy_first += rank != 0 and top_is_copy
+        total = len(group)
+        return {
+            "queries": total, "recall_at_1": _share(first, total),
+            "copy_recall_at_1": _share(copy_first, total) if verdicts_given else None,
+            "recall_at_10": _share(at_10, total),
+            "original_absent": absent, "original_absent_rate": _share(absent, total),
+            "first_hit_other_copy": other_copy_first if verdicts_given else None,
+        }
 
-    every = [rank for ranks in by_transform.values() for rank in ranks]
-    return {"per_transform": {name: recalls(ranks) for name, ranks in by_transform.items()}, **recalls(every)}
+    every = [outcome for group in by_transform.values() for outcome in group]
+    # Which images took the first place as copies: telling a duplicate in the catalog from a false copy
+    # needs a look at them.
+    other_copies_first = [{"copy": outcome.query.id, "first_hit": outcome.ranked_ids[0]} for outcome in every
+                          if outcome.copy_verdicts and outcome.copy_verdicts[0] is True
+                          and outcome.ranked_ids[0] != outcome.query.label]
+    return {"per_transform": {name: figures(group) for name, group in by_transform.items()}, **figures(every),
+            "first_hit_other_copy_examples": other_copies_first[:MAX_REPORTED_EXAMPLES]}
+
+
+def list_distractors(directory: Path) -> list[Path]:
+    """Every image under `directory`, recursively, through symbolic links (a distractor set is often
+    links to folders kept elsewhere), each real folder once; the suffixes `vsearch index` takes."""
+    if not directory.is_dir():
+        raise EvalError(f"--distractors {directory}: not a directory", 2)
+    images, seen = [], set()
+    for folder, subfolders, files in os.walk(directory, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            subfolders.clear()
+            continue
+        seen.add(real)
+        images += [path for path in (Path(folder) / name for name in files)
+                   if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()]
+    images.sort()
+    if not images:
+        raise EvalError(f"--distractors {directory}: no images under it", 2)
+    return images
+
+
+def split_catalog_images(distractors: Sequence[Path],
+                         catalog: Sequence[LabelledImage]) -> tuple[list[Path], list[Path]]:
+    """(distractors, excluded): a distractor whose sha256 is a catalog image's is in the catalog, so not a
+    distractor. Only catalog files of a distractor's size are hashed: a different size is different bytes."""
+    sizes = {path.stat().st_size for path in distractors}
+    catalog_digests = {file_sha256(image.path) for image in catalog if image.path.stat().st_size in sizes}
+    kept, excluded = [], []
+    for path in distractors:
+        (excluded if catalog_digests and file_sha256(path) in catalog_digests else kept).append(path)
+    return kept, excluded
+
+
+def score_distractors(directory: Path, listed: int, excluded: Sequence[Path], outcomes: Sequence[QueryOutcome],
+                      failures: dict[str, str]) -> dict:
+    """The false-copy rate: the share of the distractors searched with any hit verified a copy."""
+    false_copies = sorted(outcome.query.id for outcome in outcomes if any(outcome.copy_verdicts))
+    searched = len(outcomes)
+    rate = _share(len(false_copies), searched)
+    latencies = [outcome.latency_ms for outcome in outcomes]
+    return {
+        "directory": str(directory), "images": listed, "excluded_in_catalog": len(excluded),
+        "excluded_examples": [str(path) for path in excluded[:MAX_REPORTED_EXAMPLES]],
+        "searched": searched, "failed": len(failures),
+        "with_copy_hit": len(false_copies), "false_copy_rate": rate,
+        "target_false_copy_rate": TARGET_FALSE_COPY_RATE,
+        "meets_target": None if rate is None else rate <= TARGET_FALSE_COPY_RATE,
+        "false_copy_examples": false_copies[:MAX_REPORTED_EXAMPLES],
+        "query_p50_ms": round(float(np.percentile(latencies, 50)), 2) if latencies else None,
+    }
 
 
 async def evaluate_copies(
     catalog: Sequence[LabelledImage], gateway: str, originals: int, *, seed: int = 0, concurrency: int = 8,
     keep_collection: bool = False, api_key: str | None = None, show_progress: bool = False,
-    collection: str | None = None,
+    collection: str | None = None, mode: str = "copy", distractors_dir: Path | None = None,
 ) -> dict:
-    """Indexes `catalog`, queries with transformed copies of `originals` of its images (those that
-    indexed), drops the collection unless `keep_collection`, and returns the report."""
+    """Indexes `catalog`, queries in `mode` with transformed copies of `originals` of its images (those
+    that indexed) and with the images under `distractors_dir` (those not in the catalog), drops the
+    collection unless `keep_collection`, and returns the report."""
     if originals < 1:
         raise EvalError("--copies must be at least 1", 2)
+    if distractors_dir is not None and mode != "copy":
+        raise EvalError("distractors measure false copies, which only copy mode tells", 2)
     started = time.perf_counter()
+    distractor_queries: list[LabelledImage] = []
+    if distractors_dir is not None:
+        listed = list_distractors(distractors_dir)
+        kept, excluded = await asyncio.to_thread(split_catalog_images, listed, catalog)
+        distractor_queries = [LabelledImage(f"distractor:{path.relative_to(distractors_dir)}", path, "", "distractor")
+                              for path in kept]
     collection = collection or new_collection_name()
     async with gateway_channel(gateway, api_key) as channel:
         stub = gateway_pb2_grpc.VisualSearchStub(channel)
@@ -84,28 +183,65 @@ async def evaluate_copies(
                 if not copies:
                     raise EvalError("none of the sampled catalog images could be decoded to make copies")
                 search_started = time.perf_counter()
-                outcomes, failures = await search_queries(stub, copies, collection, 10, concurrency, show_progress)
+                outcomes, failures = await search_queries(stub, copies, collection, HITS_WANTED, concurrency,
+                                                          show_progress, SEARCH_MODES[mode])
                 search_s = time.perf_counter() - search_started
+            distractor_outcomes, distractor_failures = (
+                await search_queries(stub, distractor_queries, collection, HITS_WANTED, concurrency, show_progress,
+                                     SEARCH_MODES[mode])
+                if distractor_queries else ([], {}))
     latencies = np.array([outcome.latency_ms for outcome in outcomes]) if outcomes else np.zeros(1)
-    return {
-        "copies": {"originals": len(sample), "seed": seed, **score_copies(outcomes)},
+    scores = score_copies(outcomes)
+    report = {
+        "copies": {
+            "mode": mode, "originals": len(sample), "seed": seed, **scores,
+            "target_copy_recall_at_1": TARGET_COPY_RECALL_AT_1,
+            "meets_target": None if scores["copy_recall_at_1"] is None
+            else scores["copy_recall_at_1"] >= TARGET_COPY_RECALL_AT_1,
+        },
         "queries_failed": len(failures),
         "catalog_size": len(indexed.indexed), "catalog_failed": len(indexed.failures),
         "collection": collection, "collection_dropped": indexed.dropped,
         "index_s": round(indexed.index_s, 3), "search_s": round(search_s, 3), "concurrency": concurrency,
         "query_p50_ms": round(float(np.percentile(latencies, 50)), 2),
+        "query_p95_ms": round(float(np.percentile(latencies, 95)), 2),
         "wall_time_s": round(time.perf_counter() - started, 3),
-        "failures": dict(list({**indexed.failures, **failures}.items())[:MAX_REPORTED_FAILURES]),
+        "failures": dict(list({**indexed.failures, **failures, **distractor_failures}.items())[:MAX_REPORTED_FAILURES]),
     }
+    if distractors_dir is not None:
+        report["distractors"] = score_distractors(distractors_dir, len(listed), excluded, distractor_outcomes,
+                                                  distractor_failures)
+    return report
+
+
+def _figure(value: float | int | None) -> str:
+    return "-" if value is None else (f"{value:.4f}" if isinstance(value, float) else str(value))
 
 
 def format_copies_report(report: dict) -> str:
     copies = report["copies"]
-    lines = [f"copies of {copies['originals']} catalog images (seed {copies['seed']}), "
-             f"{report['catalog_size']} images in the catalog", f"{'transform':<14} {'queries':>7} {'R@1':>7} {'R@10':>7}"]
+    lines = [f"copies of {copies['originals']} catalog images (seed {copies['seed']}), searched in {copies['mode']} "
+             f"mode; {report['catalog_size']} images in the catalog",
+             f"{'transform':<14} {'queries':>7} {'R@1':>7} {'copy R@1':>9} {'R@10':>7} {'absent':>7} "
+             f"{'other copy 1st':>15}"]
     for name, entry in [*copies["per_transform"].items(), ("all", copies)]:
         if entry["queries"]:
-            lines.append(f"{name:<14} {entry['queries']:>7} {entry['recall_at_1']:>7.4f} {entry['recall_at_10']:>7.4f}")
-    lines.append(f"query p50 {report['query_p50_ms']:.1f} ms; {report['queries_failed']} queries failed; collection "
+            lines.append(f"{name:<14} {entry['queries']:>7} {_figure(entry['recall_at_1']):>7} "
+                         f"{_figure(entry['copy_recall_at_1']):>9} {_figure(entry['recall_at_10']):>7} "
+                         f"{entry['original_absent']:>7} {_figure(entry['first_hit_other_copy']):>15}")
+    if copies["copy_recall_at_1"] is not None:
+        lines.append(f"copy recall@1 (the original first, is_copy) {copies['copy_recall_at_1']:.4f}: target >= "
+                     f"{copies['target_copy_recall_at_1']} {'met' if copies['meets_target'] else 'MISSED'}")
+    distractors = report.get("distractors")
+    if distractors:
+        rate = distractors["false_copy_rate"]
+        verdict = "-" if rate is None else ("met" if distractors["meets_target"] else "MISSED")
+        lines.append(f"false copies: {distractors['with_copy_hit']} of {distractors['searched']} distractors had a "
+                     f"hit is_copy (rate {_figure(rate)}; target <= {distractors['target_false_copy_rate']} "
+                     f"{verdict}); "
+                     f"{distractors['images']} images under {distractors['directory']}, "
+                     f"{distractors['excluded_in_catalog']} excluded as catalog images, {distractors['failed']} failed")
+    lines.append(f"query p50 {report['query_p50_ms']:.1f} ms, p95 {report['query_p95_ms']:.1f} ms; "
+                 f"{report['queries_failed']} queries failed; collection "
                  f"{report['collection']} ({'dropped' if report['collection_dropped'] else 'kept'})")
     return "\n".join(lines)

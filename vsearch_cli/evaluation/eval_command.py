@@ -73,6 +73,8 @@ class QueryOutcome:
     embedding_from_cache: bool
     # Each hit's match_probability, in ranked_ids' order; None where the hit has none (uncalibrated model).
     probabilities: tuple[float | None, ...] = ()
+    # Each hit's is_copy, in ranked_ids' order; None where the hit has none (a similar-mode search).
+    copy_verdicts: tuple[bool | None, ...] = ()
 
 
 # ---- the labelled set ----------------------------------------------------------------------------
@@ -187,10 +189,10 @@ async def index_catalog(
 
 async def search_queries(
     stub: gateway_pb2_grpc.VisualSearchStub, queries: Sequence[LabelledImage], collection: str,
-    hits_wanted: int, concurrency: int, show_progress: bool,
+    hits_wanted: int, concurrency: int, show_progress: bool, mode: int = gateway_pb2.SEARCH_MODE_SIMILAR,
 ) -> tuple[list[QueryOutcome], dict[str, str]]:
-    """Every query through gateway Search, at most `concurrency` in flight. An image the system refuses
-    (INVALID_ARGUMENT) is a failed query; any other error ends the evaluation."""
+    """Every query through gateway Search in `mode`, at most `concurrency` in flight. An image the
+    system refuses (INVALID_ARGUMENT) is a failed query; any other error ends the evaluation."""
     in_flight = asyncio.Semaphore(concurrency)
     outcomes: list[QueryOutcome] = []
     failures: dict[str, str] = {}
@@ -200,7 +202,7 @@ async def search_queries(
     async def search_one(query: LabelledImage) -> None:
         async with in_flight:
             request = gateway_pb2.VisualSearchRequest(image=query.path.read_bytes(), k=hits_wanted,
-                                                      collection=collection)
+                                                      collection=collection, mode=mode)
             started = time.perf_counter()
             try:
                 reply = await stub.Search(request, timeout=SEARCH_TIMEOUT_S, wait_for_ready=True)
@@ -211,9 +213,10 @@ async def search_queries(
             else:
                 probabilities = tuple(hit.match_probability if hit.HasField("match_probability") else None
                                       for hit in reply.hits)
+                copy_verdicts = tuple(hit.is_copy if hit.HasField("is_copy") else None for hit in reply.hits)
                 outcomes.append(QueryOutcome(query, [hit.id for hit in reply.hits],
                                              (time.perf_counter() - started) * 1000.0, reply.embedding_from_cache,
-                                             probabilities))
+                                             probabilities, copy_verdicts))
             progress.update(1)
 
     try:
@@ -544,6 +547,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.copies is not None and args.text_template:
         print("vsearch eval: --copies and --text-template are two different evaluations; give one", file=sys.stderr)
         return 2
+    copies_only = [flag for flag, value in (("--mode", args.mode), ("--distractors", args.distractors)) if value]
+    if copies_only and args.copies is None:
+        print(f"vsearch eval: {' and '.join(copies_only)} go with --copies N", file=sys.stderr)
+        return 2
+    if args.distractors and args.mode == "similar":
+        print("vsearch eval: --distractors measures false copies, which only copy mode tells: drop --mode similar",
+              file=sys.stderr)
+        return 2
     collection = new_collection_name()
     try:
         eval_set = load_eval_set(
@@ -557,7 +568,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             report = asyncio.run(evaluate_copies(
                 eval_set.catalog, args.gateway, args.copies, seed=args.seed, concurrency=args.concurrency,
                 keep_collection=args.keep_collection, api_key=args.api_key, show_progress=show_progress,
-                collection=collection,
+                collection=collection, mode=args.mode or "copy",
+                distractors_dir=Path(args.distractors) if args.distractors else None,
             ))
         else:
             report = asyncio.run(evaluate(
@@ -610,7 +622,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     evaluation.add_argument("--copies", type=int, metavar="N",
                             help="instead of the query rows: transformed copies (crops to 70%% and 50%%, JPEG "
                                  "quality 20, half size, rotation, mirror, greyscale, brightness, a caption) of N "
-                                 "catalog images; reports recall@1 and @10 of the original per transform")
+                                 "catalog images, searched in copy mode; reports per transform recall@1 of the "
+                                 "original (also with is_copy on it), recall@10 and how often it was not in the "
+                                 "hits")
+    evaluation.add_argument("--mode", choices=("copy", "similar"),
+                            help="with --copies: search the copies in copy mode (the default) or in similar mode "
+                                 "(the baseline copy search starts from)")
+    evaluation.add_argument("--distractors", metavar="DIR",
+                            help="with --copies: every image under DIR (recursively) is also a query, one with no "
+                                 "copy in the catalog; reports the false-copy rate (queries with any hit is_copy). "
+                                 "They must not be catalog images: one whose sha256 is a catalog image's is "
+                                 "excluded, and counted")
     evaluation.add_argument("--seed", type=int, default=0, help="of the --copies sample and transforms (default 0)")
     evaluation.add_argument("--json", action="store_true", help="print one JSON object")
     evaluation.add_argument("--progress", action="store_true", help="show progress bars even when not on a terminal")
