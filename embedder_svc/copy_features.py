@@ -57,6 +57,10 @@ class CopyFeatureSettings(BaseModel):
     # grid x grid partition (see _spread).
     oversample: int = Field(3, ge=1, le=10)
     grid: int = Field(4, ge=1, le=16)
+    # ORB's scale pyramid: levels, each this much smaller than the one before (they span the rescaling
+    # a copy may have undergone beyond what working_side evens out).
+    pyramid_levels: int = Field(8, ge=1, le=16)
+    pyramid_scale: float = Field(1.2, gt=1, le=2)
     # Longer side of the working image the keypoints are found on (larger images are shrunk, smaller
     # ones enlarged, so that keypoint scales of query and catalog image are comparable).
     working_side: int = Field(512, ge=64, le=2048)
@@ -139,7 +143,10 @@ class CopyFeatureExtractor:
 
     def _detect(self, grey: np.ndarray, keypoints: int) -> FeatureSet:
         # A fresh detector per call: ORB objects are not safe to share between threads.
-        orb = cv2.ORB_create(nfeatures=keypoints * self.settings.oversample, fastThreshold=5)
+        orb = cv2.ORB_create(
+            nfeatures=keypoints * self.settings.oversample, scaleFactor=self.settings.pyramid_scale,
+            nlevels=self.settings.pyramid_levels, fastThreshold=5,
+        )
         found = orb.detect(grey, None)
         if not found:
             return _EMPTY
