@@ -1,6 +1,7 @@
 """The embedding pipeline, independent of gRPC: bytes -> decode -> preprocess (decode executor) ->
-micro-batch -> backend -> L2-normalised vector; with copy features extracted from the decoded image
-alongside inference, and copy verification, both in the decode executor."""
+micro-batch -> backend -> L2-normalised vector; with the vectors of the image's regions (one decode,
+the regions' inputs cut from it and batched with the full views), copy features extracted from the
+decoded image alongside inference, and copy verification, both in the decode executor."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from embedder_svc.metrics import EmbedderMetrics
 from embedder_svc.image_decoding import CropBox, ImageDecoder
 from embedder_svc.model_card import ModelCard, read_model_card
 from embedder_svc.preprocessing import Preprocessor
+from embedder_svc.regions import region_boxes
 from service_kit.tracing import span
 
 logger = logging.getLogger(__name__)
@@ -41,10 +43,20 @@ class ModelNotLoaded(Exception):
 
 @dataclass(frozen=True)
 class Embedded:
-    """One image's vector, and its copy features when they were asked for."""
+    """One image's vector, its copy features and its regions' vectors when they were asked for."""
 
     vector: np.ndarray
     copy_features: bytes | None = None
+    regions: tuple[tuple[CropBox, np.ndarray], ...] = ()
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """One decoded image's model inputs: its full view's, and its regions' (when asked for)."""
+
+    tensor: np.ndarray
+    image: Image.Image | None  # kept for copy features only
+    regions: tuple[tuple[CropBox, np.ndarray], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -137,26 +149,33 @@ class EmbeddingEngine:
 
     async def embed_many(
         self, images: list[tuple[bytes, CropBox | None]], copy_features: Literal["index", "query"] | None = None,
+        with_regions: bool = False,
     ) -> list[Embedded | Exception]:
         """Each image to its L2-normalised vector (and copy features, for the index or for a query,
-        when asked), or to the exception that stopped it: `ImageRejected` (the caller's fault),
-        `BackendError`, `BatcherClosed` or `ModelNotLoaded`. All images are decoded before any is
-        queued for inference, so one request's images reach the batcher together and share batches
-        (queued as each decode finishes, they would trickle into small ones). Copy features are
+        and its regions' vectors, when asked), or to the exception that stopped it: `ImageRejected`
+        (the caller's fault), `BackendError`, `BatcherClosed` or `ModelNotLoaded`. All images are
+        decoded before any is queued for inference, so one request's images reach the batcher together
+        and share batches (queued as each decode finishes, they would trickle into small ones); an
+        image's regions are cut from its one decode and queued right after it. Copy features are
         extracted from the decoded images while the batch runs."""
         model = self.model
         if not images:
             return []
         loop = asyncio.get_running_loop()
         keep_images = copy_features is not None
-        with span("preprocess", {"vsearch.images": len(images)}):
-            prepared = await self._in_shares(loop, images, lambda share: self._prepare_all(model.preprocessor, share, keep_images))
+        with span("preprocess", {"vsearch.images": len(images), "vsearch.regions": with_regions}):
+            prepared = await self._in_shares(
+                loop, images, lambda share: self._prepare_all(model.preprocessor, share, keep_images, with_regions)
+            )
         queued = [
-            outcome if isinstance(outcome, BaseException) else model.batcher.submit(outcome[0]) for outcome in prepared
+            outcome if isinstance(outcome, BaseException) else asyncio.ensure_future(asyncio.gather(
+                model.batcher.submit(outcome.tensor), *(model.batcher.submit(tensor) for _box, tensor in outcome.regions)
+            ))
+            for outcome in prepared
         ]
         extraction = None
         if copy_features is not None:
-            decoded = [outcome[1] for outcome in prepared if not isinstance(outcome, BaseException)]
+            decoded = [outcome.image for outcome in prepared if not isinstance(outcome, BaseException)]
             extraction = asyncio.ensure_future(self._extract_copy_features(loop, decoded, copy_features == "query"))
         try:
             vectors = await asyncio.gather(
@@ -168,21 +187,27 @@ class EmbeddingEngine:
                 extraction.cancel()
         results: list[Embedded | Exception] = []
         vector_iter = iter(vectors)
-        for entry in queued:
+        for outcome, entry in zip(prepared, queued):
             if isinstance(entry, BaseException):
                 results.append(entry)
                 continue
-            vector = next(vector_iter)
+            outputs = next(vector_iter)
             feature = next(features) if features is not None else None
-            if isinstance(vector, BaseException):
-                results.append(vector)
+            if isinstance(outputs, BaseException):
+                results.append(outputs)
             elif isinstance(feature, BaseException):
                 results.append(feature)
             else:
-                if not model.card.output.l2_normalized:
-                    vector = vector / max(float(np.linalg.norm(vector)), 1e-12)
-                results.append(Embedded(vector, feature))
+                vector, *region_vectors = (self._normalised(model, output) for output in outputs)
+                boxes = [box for box, _tensor in outcome.regions]
+                results.append(Embedded(vector, feature, tuple(zip(boxes, region_vectors))))
         return results
+
+    @staticmethod
+    def _normalised(model: LoadedModel, vector: np.ndarray) -> np.ndarray:
+        if model.card.output.l2_normalized:
+            return vector
+        return vector / max(float(np.linalg.norm(vector)), 1e-12)
 
     async def verify_copies(self, query: CopyFeatures, candidates: list[CopyFeatures | None]) -> list[Verdict]:
         """Is the query a copy of each candidate (None: no features, so no copy)?"""
@@ -211,15 +236,22 @@ class EmbeddingEngine:
         return [outcome for part in parts for outcome in part]
 
     def _prepare_all(
-        self, preprocessor: Preprocessor, images: list[tuple[bytes, CropBox | None]], keep_images: bool
-    ) -> list[tuple[np.ndarray, Image.Image | None] | Exception]:
-        """Each image to its model input (and the decoded image, when kept), or to the exception that
+        self, preprocessor: Preprocessor, images: list[tuple[bytes, CropBox | None]], keep_images: bool,
+        with_regions: bool,
+    ) -> list[Prepared | Exception]:
+        """Each image to its model inputs (and the decoded image, when kept), or to the exception that
         stopped it (that image only)."""
-        outcomes: list[tuple[np.ndarray, Image.Image | None] | Exception] = []
+        outcomes: list[Prepared | Exception] = []
         for data, crop in images:
             try:
                 image = self._decoder.decode(data, crop)
-                outcomes.append((preprocessor(image), image if keep_images else None))
+                regions = ()
+                if with_regions:
+                    regions = tuple(
+                        (box, preprocessor(image.crop((box.x, box.y, box.x + box.width, box.y + box.height))))
+                        for box in region_boxes(*image.size)
+                    )
+                outcomes.append(Prepared(preprocessor(image), image if keep_images else None, regions))
             except Exception as error:  # noqa: BLE001 - reported per image by the caller
                 outcomes.append(error)
         return outcomes

@@ -13,6 +13,7 @@ from embedder_svc.engine import CopyFeaturesFailed, Embedded, EmbeddingEngine, M
 from embedder_svc.image_decoding import CropBox, ImageRejected
 from embedder_svc.metrics import EmbedderMetrics
 from embedder_svc.model_card import ModelCard
+from embedder_svc.regions import REGION_GRID
 from embedder_svc.text_search import MAX_TEXT_CHARS, TextSearchService, TextSearchUnavailable, normalise_text
 from service_kit.float_vectors import float_message
 from service_kit.status import ServiceError, invalid_argument
@@ -66,7 +67,7 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServicer):
         copy_features = None
         if request.with_copy_features:
             copy_features = "query" if request.copy_features_for_query else "index"
-        outcomes = await self._engine.embed_many(inputs, copy_features)
+        outcomes = await self._engine.embed_many(inputs, copy_features, with_regions=request.with_regions)
         results = [self._result(index, outcome) for index, outcome in enumerate(outcomes)]
         return embedder_pb2.EmbedImagesResponse(results=results, model_version=card.version)
 
@@ -91,7 +92,14 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServicer):
             raise outcome if isinstance(outcome, BaseException) else TypeError(f"unexpected outcome {outcome!r}")
         self._metrics.images_embedded.inc()
         return embedder_pb2.EmbedResult(
-            embedding=float_message(embedder_pb2.Embedding, outcome.vector), copy_features=outcome.copy_features or b""
+            embedding=float_message(embedder_pb2.Embedding, outcome.vector), copy_features=outcome.copy_features or b"",
+            regions=[
+                embedder_pb2.RegionEmbedding(
+                    box=embedder_pb2.CropBox(x=box.x, y=box.y, width=box.width, height=box.height),
+                    embedding=float_message(embedder_pb2.Embedding, vector),
+                )
+                for box, vector in outcome.regions
+            ],
         )
 
     def _item_error(self, code: grpc.StatusCode, message: str) -> embedder_pb2.EmbedResult:
@@ -184,6 +192,7 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServicer):
             text_search=self._text.kind if self._text is not None else "",
             calibration=calibration_message(card),
             copy_min_inliers=self._engine.copy_settings.min_inliers,
+            regions_per_image=len(REGION_GRID),
         )
 
 

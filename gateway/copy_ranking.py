@@ -38,4 +38,9 @@ def copy_hit(candidate: search_pb2.Hit, verdict: embedder_pb2.CopyVerdict) -> ga
     )
     if verdict.is_copy and verdict.HasField("matched_box"):
         hit.matched_box.CopyFrom(verdict.matched_box)
+    if candidate.HasField("region"):
+        region = candidate.region
+        hit.matched_region.CopyFrom(
+            embedder_pb2.CropBox(x=region.x, y=region.y, width=region.width, height=region.height)
+        )
     return hit

@@ -65,6 +65,8 @@ class ModelInfo:
     calibration: MatchCalibration | None = None
     # InfoResponse.copy_min_inliers: 0 when the embedder makes no copy features and verifies no copies.
     copy_min_inliers: int = 0
+    # InfoResponse.regions_per_image: what an image indexed with regions costs, in inferences, besides one.
+    regions_per_image: int = 0
 
 
 @dataclass
@@ -117,6 +119,15 @@ class PendingItem:
     written: bool = False
 
 
+@dataclass(frozen=True)
+class StreamRegions:
+    """Whether an AddImages stream indexes regions, and whether it turns them on for its collection (which
+    then re-embeds items stored unchanged, so that they get regions too)."""
+
+    made: bool = False
+    turned_on: bool = False
+
+
 def elapsed_ms(since: float) -> float:
     return (time.perf_counter() - since) * 1000.0
 
@@ -147,8 +158,26 @@ def search_response(
         response.hits.extend(found.hits)
         return response
     for hit in found.hits:
-        response.hits.add(id=hit.id, score=hit.score, image_uri=hit.image_uri, metadata=hit.metadata)
+        added = response.hits.add(id=hit.id, score=hit.score, image_uri=hit.image_uri, metadata=hit.metadata)
+        if hit.HasField("region"):
+            added.matched_region.CopyFrom(matched_region(hit.region))
     return response
+
+
+def matched_region(box: search_pb2.RegionBox) -> embedder_pb2.CropBox:
+    """A hit's region (search_svc's box), as the gateway's hits say it."""
+    return embedder_pb2.CropBox(x=box.x, y=box.y, width=box.width, height=box.height)
+
+
+def item_regions(result: embedder_pb2.EmbedResult) -> list[search_pb2.Region]:
+    """The embedder's region embeddings of an image, as the item's regions to store."""
+    return [
+        search_pb2.Region(
+            box=search_pb2.RegionBox(x=region.box.x, y=region.box.y, width=region.box.width, height=region.box.height),
+            vector=search_pb2.Vector(values=region.embedding.values),
+        )
+        for region in result.regions
+    ]
 
 
 def expanded_query(text_vector: np.ndarray, hit_vectors: list[np.ndarray], weight: float) -> np.ndarray:
@@ -200,7 +229,7 @@ class VisualSearchCore:
 
     def _remember_model(self, info: embedder_pb2.InfoResponse) -> ModelInfo:
         model = ModelInfo(info.model_name, info.model_version, info.dimension, info.max_batch_size, info.text_search,
-                          MatchCalibration.from_info(info), info.copy_min_inliers)
+                          MatchCalibration.from_info(info), info.copy_min_inliers, info.regions_per_image)
         if self.model is not None and self.model.version != model.version:
             logger.warning("embedder model changed from %s to %s", self.model.version, model.version)
         self.model = model
@@ -264,7 +293,8 @@ class VisualSearchCore:
         embed_ms = elapsed_ms(lookups_started)
         if vector.model_version != query.model_version:  # the embedder was redeployed with another model
             self.model = ModelInfo(model.name, vector.model_version, vector.values.size, model.max_batch_size,
-                                   model.text_search, copy_min_inliers=model.copy_min_inliers)
+                                   model.text_search, copy_min_inliers=model.copy_min_inliers,
+                                   regions_per_image=model.regions_per_image)
             query = query.by_model(vector.model_version)
             # The new model's calibration: another model's never applies to these hits.
             self._remember_model(await self.downstream.model_info(deadline))
@@ -569,6 +599,7 @@ class VisualSearchCore:
         batch_bytes = 0
         collection: str | None = None
         on_copy: int = gateway_pb2.ON_COPY_KEEP
+        regions = StreamRegions()
         in_flight: list[tuple[asyncio.Task[int | None], list[PendingItem]]] = []
         writes_by_id: Counter[str] = Counter()
 
@@ -584,7 +615,9 @@ class VisualSearchCore:
                 if on_copy != gateway_pb2.ON_COPY_KEEP:
                     while in_flight:  # the copy check must see the stream's earlier items stored
                         await wait_oldest()
-                task = asyncio.create_task(self._index_batch(batch, collection or "", summary, deadline, on_copy))
+                task = asyncio.create_task(
+                    self._index_batch(batch, collection or "", summary, deadline, on_copy, regions)
+                )
                 in_flight.append((task, batch))
                 while len(in_flight) > self.settings.add_pipeline_depth:
                     await wait_oldest()
@@ -610,6 +643,11 @@ class VisualSearchCore:
                 if collection is None:
                     collection = request.collection
                     on_copy = await self._stream_copy_policy(request.on_copy, deadline)
+                    regions = await self._stream_regions(collection, request.regions, deadline)
+                    if regions.made:
+                        # Each image is 1 + regions_per_image inferences: a batch of as many inferences as
+                        # without regions keeps each EmbedImages call within its deadline.
+                        batch_size = max(1, batch_size // (1 + model.regions_per_image))
                 problem = problem or self._check_item(request)
                 if problem is None and request.collection and request.collection != collection:
                     problem = f"collection {request.collection!r} differs from the stream's {collection!r}"
@@ -658,8 +696,14 @@ class VisualSearchCore:
             await self._require_copy_verification(deadline)
         return requested
 
+    async def _stream_regions(self, collection: str, requested: bool, deadline: float | None) -> StreamRegions:
+        """A stream makes regions when its first message asks for them or its collection has them already
+        (a collection either indexes its items with regions or not)."""
+        has_regions = await self.downstream.collection_has_regions(collection, deadline)
+        return StreamRegions(made=requested or has_regions, turned_on=requested and not has_regions)
+
     async def _embed_items(
-        self, batch: list[PendingItem], deadline: float | None, checks_copies: bool = False
+        self, batch: list[PendingItem], deadline: float | None, checks_copies: bool = False, with_regions: bool = False,
     ) -> list[embedder_pb2.EmbedResult]:
         """With `checks_copies`: copy features fit to query with (the mirror image's too, so a mirrored
         copy is caught), which are also the ones stored."""
@@ -667,7 +711,7 @@ class VisualSearchCore:
             return await self.downstream.embed_images(
                 [pending.request.image for pending in batch], deadline,
                 with_copy_features=self.settings.copy_search.features_at_ingest or checks_copies,
-                copy_features_for_query=checks_copies,
+                copy_features_for_query=checks_copies, with_regions=with_regions,
             )
         except Refused as refused:
             if len(batch) == 1:
@@ -678,7 +722,7 @@ class VisualSearchCore:
             # The batch as a whole was refused: embed one by one so only the culprit fails.
             results: list[embedder_pb2.EmbedResult] = []
             for pending in batch:
-                results.extend(await self._embed_items([pending], deadline, checks_copies))
+                results.extend(await self._embed_items([pending], deadline, checks_copies, with_regions))
             return results
 
     async def _upsert(
@@ -739,15 +783,16 @@ class VisualSearchCore:
 
     async def _index_batch(
         self, batch: list[PendingItem], collection: str, summary: gateway_pb2.AddImagesSummary,
-        deadline: float | None, on_copy: int = gateway_pb2.ON_COPY_KEEP,
+        deadline: float | None, on_copy: int = gateway_pb2.ON_COPY_KEEP, regions: StreamRegions = StreamRegions(),
     ) -> int | None:
-        unchanged = await self._unchanged_ids(batch, collection, deadline, on_copy)
+        # A stream that turns regions on embeds every item again: one stored before has no regions.
+        unchanged = set() if regions.turned_on else await self._unchanged_ids(batch, collection, deadline, on_copy)
         summary.unchanged += len(unchanged)
         batch = [pending for pending in batch if pending.id not in unchanged]
         if not batch:
             return None
         checks_copies = on_copy != gateway_pb2.ON_COPY_KEEP
-        results = await self._embed_items(batch, deadline, checks_copies)
+        results = await self._embed_items(batch, deadline, checks_copies, regions.made)
         items: list[tuple[PendingItem, search_pb2.Item]] = []
         for pending, result in zip(batch, results, strict=True):
             if result.WhichOneof("result") != "embedding":
@@ -763,6 +808,7 @@ class VisualSearchCore:
                 metadata=pending.request.metadata,
                 content_sha256=pending.content_sha256,
                 copy_features=result.copy_features,
+                regions=item_regions(result),
             )))
         if checks_copies and items:
             items = await self._screen_copies(items, collection, on_copy, summary, deadline)
@@ -859,6 +905,7 @@ class VisualSearchCore:
             filterable_fields=stats.filterable_fields,
             text_search=info.text_search,
             calibrated=model.calibration is not None,
+            regions=stats.regions,
         )
 
     async def list_images(

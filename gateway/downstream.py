@@ -226,14 +226,15 @@ class Downstream:
 
     async def embed_images(
         self, images: list[bytes], deadline: float | None, with_copy_features: bool = False,
-        copy_features_for_query: bool = False,
+        copy_features_for_query: bool = False, with_regions: bool = False,
     ) -> list[embedder_pb2.EmbedResult]:
         """One result per image, in order: an embedding (with its copy features, when asked for: fit to
-        query with too, the mirror image's included, with `copy_features_for_query`) or that image's
-        error. Raises `Refused` when the embedder refuses the request as a whole."""
+        query with too, the mirror image's included, with `copy_features_for_query`; with its regions'
+        embeddings, with `with_regions`) or that image's error. Raises `Refused` when the embedder
+        refuses the request as a whole."""
         request = embedder_pb2.EmbedImagesRequest(
             images=[embedder_pb2.ImageInput(data=image) for image in images], with_copy_features=with_copy_features,
-            copy_features_for_query=copy_features_for_query,
+            copy_features_for_query=copy_features_for_query, with_regions=with_regions,
         )
         response = await _call(
             EMBEDDER, self.embedder.EmbedImages, request, _timeout(self.settings.embed_timeout_s, deadline)
@@ -268,6 +269,21 @@ class Downstream:
             SEARCH, self.index.Stats, search_pb2.StatsRequest(collection=collection),
             _timeout(self.settings.search_timeout_s, deadline),
         )
+
+    async def collection_has_regions(self, collection: str, deadline: float | None) -> bool:
+        """Whether the collection's items are indexed with regions (False when it does not exist yet): a
+        Stats call that counts, since only then does search_svc ask its store rather than answer what it
+        last knew (once per AddImages stream)."""
+        try:
+            stats = await _call(
+                SEARCH, self.index.Stats, search_pb2.StatsRequest(collection=collection),
+                _timeout(self.settings.search_timeout_s, deadline),
+            )
+        except ServiceError as error:
+            if error.code == grpc.StatusCode.NOT_FOUND:
+                return False
+            raise
+        return stats.regions
 
     async def index_generation(self) -> int:
         """The index's current generation (a Stats call that skips counting the items)."""

@@ -220,6 +220,10 @@ class HitBody(BaseModel):
         None, description="Copy mode only (absent otherwise; null when not a copy): where the query lies inside "
         "this image, in its pixels."
     )
+    matched_region: CropBody | None = Field(
+        None, description="In a collection with regions: the part of this image that matched best (a region of "
+        "its grid, in its pixels), when it beat the whole image; null when the whole image matched."
+    )
 
 
 class TimingBody(BaseModel):
@@ -274,6 +278,8 @@ class StatsResponseBody(BaseModel):
     filterable_fields: list[str]
     text_search: str = Field("", description='How text queries work: "" (not supported), "dual_encoder" or "classifier"')
     calibrated: bool = Field(False, description="Whether hits carry match_probability (the model has a calibration)")
+    regions: bool = Field(False, description="Whether the collection's images are indexed with regions (hits carry "
+                          "matched_region)")
 
 
 class HealthBody(BaseModel):
@@ -478,19 +484,22 @@ def struct_json(struct: struct_pb2.Struct) -> dict[str, Any]:
     return json_format.MessageToDict(struct)
 
 
+def box_json(box: embedder_pb2.CropBox) -> dict[str, int]:
+    return {"x": box.x, "y": box.y, "width": box.width, "height": box.height}
+
+
 def hit_json(hit: gateway_pb2.SearchHit) -> dict[str, Any]:
     body = {
         "id": hit.id, "score": float32_json(hit.score), "image_uri": hit.image_uri,
         "metadata": struct_json(hit.metadata),
         "match_probability": float32_json(hit.match_probability) if hit.HasField("match_probability") else None,
+        "matched_region": box_json(hit.matched_region) if hit.HasField("matched_region") else None,
     }
     if hit.HasField("is_copy"):  # copy mode: every hit has a verdict
         box = hit.matched_box
         body["is_copy"] = hit.is_copy
         body["copy_score"] = float32_json(hit.copy_score)
-        body["matched_box"] = (
-            {"x": box.x, "y": box.y, "width": box.width, "height": box.height} if hit.HasField("matched_box") else None
-        )
+        body["matched_box"] = box_json(box) if hit.HasField("matched_box") else None
     return body
 
 
@@ -544,6 +553,7 @@ def stats_json(stats: gateway_pb2.VisualStatsResponse) -> dict[str, Any]:
         "filterable_fields": list(stats.filterable_fields),
         "text_search": stats.text_search,
         "calibrated": stats.calibrated,
+        "regions": stats.regions,
     }
 
 

@@ -16,6 +16,12 @@ IMAGE_URI = "image_uri"
 METADATA = "metadata"
 CONTENT_SHA256 = "content_sha256"
 COPY_FEATURES = "copy_features"
+# An item's regions in a row: a list of `Region`s (see item_codec); stored apart from the item's row
+# (FAISS: the regions table; Milvus: the regions collection), each tied to its item.
+REGIONS = "regions"
+# A region row's columns besides its vector: the item it belongs to, and its box.
+REGION_ITEM_ID = "item_id"
+REGION_BOX = ("box_x", "box_y", "box_width", "box_height")
 
 MAX_ID_CHARS = 256
 # Limits in bytes, as Milvus VARCHAR lengths count them. Stored ids are escaped (see
@@ -31,6 +37,9 @@ METADATA_MAX_BYTES = 65536
 # FAISS backend (a BLOB) takes the same limit, so a catalog written to one backend fits the other.
 COPY_FEATURES_MAX_BYTES = 48_000
 COPY_FEATURES_BASE64_MAX_BYTES = 65_535
+# Regions per item, at most: the embedder's grid makes 13; a search over-fetches by this factor at most
+# to fill k distinct items.
+MAX_REGIONS_PER_ITEM = 32
 
 # What a row stores in a filter field's column when the item does not have that field.
 ABSENT_VALUES: dict[FieldType, object] = {"string": "", "float": 0.0, "int": 0, "bool": False}

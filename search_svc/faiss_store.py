@@ -6,6 +6,13 @@ empty when the item has none; read only for the hits or items that ask for them,
 memory), and a typed column plus a presence column per filter field (the same layout as the Milvus
 collection). A file created before copy features existed gets their column when it is opened.
 
+Regions: a collection with regions (meta `regions_per_item` > 0: the most regions an item was written
+with) keeps them in a `regions` table, one row per region with its own label (from the same sequence
+as items'), its item's label, box and vector. They are vectors of the FAISS index like the full views;
+a search over-fetches so that, grouped per item (its best vector), it still fills k items, and a filter
+allows a region when it allows its item. Replacing or deleting an item removes its regions in the same
+transaction. A file from before regions gets the (empty) table when it is opened.
+
 The FAISS index in memory is derived from the file: a write commits to SQLite first, then updates
 the index, so a crash loses nothing that was acknowledged, and the index is rebuilt from SQLite at
 the next start unless a snapshot written at a clean shutdown matches the file's revision.
@@ -48,7 +55,7 @@ from search_svc.filters import FilterCondition, FilterValue
 from search_svc.item_codec import Row
 from search_svc.metrics import StoreMetrics
 from search_svc.settings import DEFAULT_NPROBE, FieldType, SearchSettings
-from search_svc.vector_store import StoreHit, refuse_dropping_default
+from search_svc.vector_store import StoreHit, VectorMatch, best_per_item, over_fetch, refuse_dropping_default
 from service_kit.status import ServiceError
 from service_kit.tracing import span
 
@@ -71,6 +78,12 @@ _SQL_TYPES: dict[FieldType, str] = {"string": "TEXT", "float": "REAL", "int": "I
 # The same definition in a new table and when added to a file created before it: ALTER TABLE ADD COLUMN
 # needs a default for NOT NULL, and with a constant default SQLite adds it without rewriting the table.
 _COPY_FEATURES_COLUMN = f"{columns.COPY_FEATURES} BLOB NOT NULL DEFAULT x''"
+_BOX_COLUMNS = ", ".join(columns.REGION_BOX)
+_CREATE_REGIONS = (
+    "CREATE TABLE IF NOT EXISTS regions (label INTEGER PRIMARY KEY, item_label INTEGER NOT NULL, "
+    + "".join(f"{name} INTEGER NOT NULL, " for name in columns.REGION_BOX) + "vector BLOB NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS regions_by_item ON regions (item_label)",
+)
 
 T = TypeVar("T")
 
@@ -197,7 +210,9 @@ class FaissCollection:
         self.index: faiss.Index | None = None
         self.revision = 0
         self.next_label = 1
-        self.ivf_trained_items = 0  # items the IVF lists were trained on; 0 while searching flat
+        self.ivf_trained_items = 0  # vectors the IVF lists were trained on; 0 while searching flat
+        # The most regions an item of this collection was written with; 0: a collection without regions.
+        self.regions_per_item = 0
         # Random, set when the file is created: a snapshot names it, so a snapshot left beside a
         # deleted and recreated file never matches the new one.
         self.file_id = ""
@@ -263,10 +278,18 @@ class FaissCollection:
             ))
         return np.asarray(labels, dtype=np.int64)
 
-    @staticmethod
-    def delete_labels(connection: sqlite3.Connection, labels: np.ndarray) -> None:
-        for chunk in _chunks(labels.tolist()):
-            connection.execute(f"DELETE FROM items WHERE label IN ({_placeholders(len(chunk))})", chunk)
+    def remove_items(self, connection: sqlite3.Connection, item_labels: np.ndarray) -> np.ndarray:
+        """Deletes these items and their regions; returns every label removed (the index's to remove)."""
+        removed = item_labels.tolist()
+        for chunk in _chunks(item_labels.tolist()):
+            marks = _placeholders(len(chunk))
+            if self.regions_per_item:
+                removed.extend(row[0] for row in connection.execute(
+                    f"SELECT label FROM regions WHERE item_label IN ({marks})", chunk
+                ))
+                connection.execute(f"DELETE FROM regions WHERE item_label IN ({marks})", chunk)
+            connection.execute(f"DELETE FROM items WHERE label IN ({marks})", chunk)
+        return np.asarray(removed, dtype=np.int64)
 
     # --- the index -----------------------------------------------------------------------------
 
@@ -294,9 +317,11 @@ class FaissCollection:
                 self.store.metrics.count_filter_cache(hit=True)
                 return cached
         self.store.metrics.count_filter_cache(hit=False)
-        labels = np.fromiter(
-            (row[0] for row in connection.execute(f"SELECT label FROM items WHERE {where}", parameters)), dtype=np.int64
-        )
+        statement = f"SELECT label FROM items WHERE {where}"
+        if self.regions_per_item:  # a region is allowed when its item is
+            statement += f" UNION ALL SELECT label FROM regions WHERE item_label IN ({statement})"
+            parameters = parameters * 2
+        labels = np.fromiter((row[0] for row in connection.execute(statement, parameters)), dtype=np.int64)
         allowed = AllowedItems(self.revision, labels, faiss.IDSelectorBatch(labels))
         with self._allowed_lock:
             if any(entry.revision != self.revision for entry in self._allowed_cache.values()):
@@ -419,9 +444,10 @@ class FaissStore:
             collection.revision = int(meta.get("revision", 0))
             collection.next_label = int(meta.get("next_label", 1))
             collection.ivf_trained_items = int(meta.get("ivf_trained_items", 0))
+            collection.regions_per_item = int(meta.get("regions_per_item", 0))
             collection.file_id = str(meta["file_id"])
             collection.index = self._read_snapshot(collection)
-            if collection.index is not None and collection.index.ntotal != self._count(connection):
+            if collection.index is not None and collection.index.ntotal != self._vector_count(connection):
                 logger.warning("ignoring the snapshot of collection %s: it does not match the file", name)
                 collection.index = None
             if collection.index is None:
@@ -455,6 +481,8 @@ class FaissStore:
                 )
                 for field in fields:
                     connection.execute(f'CREATE INDEX "items_by_{field}" ON items ("{field}")')
+                for statement in _CREATE_REGIONS:
+                    connection.execute(statement)
                 collection.set_meta(
                     connection, dimension=self._settings.dimension, filter_fields=fields, file_id=uuid.uuid4().hex
                 )
@@ -477,17 +505,26 @@ class FaissStore:
 
     @staticmethod
     def _add_missing_columns(collection: FaissCollection, connection: sqlite3.Connection) -> None:
-        """Brings a file created by an older version up to the current table in place: every item
-        it holds stays, with no copy features."""
+        """Brings a file created by an older version up to the current tables in place: every item
+        it holds stays, with no copy features and no regions."""
         with collection.transaction():
             present = {row[1] for row in connection.execute("PRAGMA table_info(items)")}
             if columns.COPY_FEATURES not in present:
                 connection.execute(f"ALTER TABLE items ADD COLUMN {_COPY_FEATURES_COLUMN}")
                 logger.info("collection %s: added the %s column to %s", collection.name, columns.COPY_FEATURES, collection.path)
+            for statement in _CREATE_REGIONS:
+                connection.execute(statement)
 
     @staticmethod
     def _count(connection: sqlite3.Connection) -> int:
         return int(connection.execute("SELECT count(*) FROM items").fetchone()[0])
+
+    @staticmethod
+    def _vector_count(connection: sqlite3.Connection) -> int:
+        """The index's vectors: the items' full views and their regions."""
+        return int(connection.execute(
+            "SELECT (SELECT count(*) FROM items) + (SELECT count(*) FROM regions)"
+        ).fetchone()[0])
 
     def _snapshot_path(self, collection: FaissCollection) -> Path:
         return self._data_dir / (
@@ -522,12 +559,12 @@ class FaissStore:
     # --- building indexes ------------------------------------------------------------------------
 
     def _build(self, collection: FaissCollection, connection: sqlite3.Connection) -> faiss.Index:
-        """A new index over the items `connection` sees (in a read transaction when rebuilding)."""
-        items = self._count(connection)
+        """A new index over the vectors `connection` sees (in a read transaction when rebuilding)."""
+        items = self._vector_count(connection)
         start = time.perf_counter()
         ivf = self.index_type == "IVF_FLAT" and items >= self._settings.faiss.ivf_train_min_items
         index = self._trained_ivf(connection, items) if ivf else faiss.IndexIDMap2(faiss.IndexFlatIP(self._settings.dimension))
-        cursor = connection.execute("SELECT label, vector FROM items")
+        cursor = connection.execute("SELECT label, vector FROM items UNION ALL SELECT label, vector FROM regions")
         while rows := cursor.fetchmany(BUILD_CHUNK_ROWS):
             if self._closing.is_set():
                 raise ServiceError(grpc.StatusCode.UNAVAILABLE, "the search service is shutting down")
@@ -544,12 +581,20 @@ class FaissStore:
             nlist = min(self._nlist, max(nlist, items // 39, 1))
             if nlist < self._nlist:
                 logger.warning("training %d IVF lists, not %d: %d items are too few", nlist, self._nlist, items)
-        labels = np.fromiter((row[0] for row in connection.execute("SELECT label FROM items")), dtype=np.int64)
-        sample = np.random.default_rng(items).choice(labels, size=min(items, nlist * TRAINING_POINTS_PER_LIST), replace=False)
+        # Full views and regions alike: both are searched.
+        labels = np.fromiter(
+            (row[0] for row in connection.execute("SELECT label FROM items UNION ALL SELECT label FROM regions")),
+            dtype=np.int64,
+        )
+        sample = np.random.default_rng(items).choice(
+            labels, size=min(labels.size, nlist * TRAINING_POINTS_PER_LIST), replace=False
+        )
         blobs: list[bytes] = []
-        for chunk in _chunks(np.sort(sample).tolist()):
+        for chunk in _chunks(np.sort(sample).tolist(), LABELS_PER_STATEMENT // 2):  # each label bound twice
+            marks = _placeholders(len(chunk))
             blobs.extend(row[0] for row in connection.execute(
-                f"SELECT vector FROM items WHERE label IN ({_placeholders(len(chunk))})", chunk
+                f"SELECT vector FROM items WHERE label IN ({marks}) UNION ALL "
+                f"SELECT vector FROM regions WHERE label IN ({marks})", chunk * 2
             ))
         started = time.perf_counter()
         kmeans = faiss.Kmeans(
@@ -589,7 +634,7 @@ class FaissStore:
                 # The read transaction's snapshot starts at its first SELECT, taken while no write
                 # can run; every later write goes to `pending` as well.
                 connection.execute("BEGIN")
-                items = self._count(connection)
+                items = self._vector_count(connection)
                 collection.pending = []
             index = self._build(collection, connection)
             connection.execute("COMMIT")
@@ -639,27 +684,47 @@ class FaissStore:
             collection = self._collection(collection_name, create=True)
             assert collection is not None
             ids = [row[columns.ID] for row in rows]
-            vectors = np.stack([row[columns.VECTOR] for row in rows]).astype(np.float32, copy=False)
             fields = list(self._settings.filter_fields)
             names = ["label", columns.ID, columns.VECTOR, columns.IMAGE_URI, columns.METADATA, columns.CONTENT_SHA256,
                      columns.COPY_FEATURES]
             names += [name for field in fields for name in (field, columns.presence_column(field))]
             statement = f"INSERT INTO items ({', '.join(map(_quoted, names))}) VALUES ({_placeholders(len(names))})"
+            region_statement = (
+                f"INSERT INTO regions (label, item_label, {_BOX_COLUMNS}, vector) VALUES ({_placeholders(7)})"
+            )
+            region_count = sum(len(row[columns.REGIONS]) for row in rows)
+            vectors = np.stack(
+                [row[columns.VECTOR] for row in rows]
+                + [region.vector for row in rows for region in row[columns.REGIONS]]
+            ).astype(np.float32, copy=False)
             with collection.lock.writing():
                 self._check_not_dropped(collection)
-                labels = np.arange(collection.next_label, collection.next_label + len(rows), dtype=np.int64)
+                # Items' labels first, then their regions', in row order (as `vectors`).
+                labels = np.arange(collection.next_label, collection.next_label + len(rows) + region_count, dtype=np.int64)
+                region_labels = iter(labels[len(rows):].tolist())
+                regions_per_item = max(
+                    [collection.regions_per_item, *(len(row[columns.REGIONS]) for row in rows)]
+                )
                 with collection.transaction() as connection:
-                    replaced = collection.labels_of(connection, ids)
-                    collection.delete_labels(connection, replaced)
+                    replaced = collection.remove_items(connection, collection.labels_of(connection, ids))
                     connection.executemany(statement, (
                         [int(label), row[columns.ID], row[columns.VECTOR].astype("<f4").tobytes(), row[columns.IMAGE_URI],
                          row[columns.METADATA], row[columns.CONTENT_SHA256], row[columns.COPY_FEATURES]]
                         + [value for field in fields for value in (row[field], row[columns.presence_column(field)])]
                         for label, row in zip(labels, rows)
                     ))
-                    collection.set_meta(connection, revision=collection.revision + 1, next_label=int(labels[-1]) + 1)
+                    if region_count:
+                        connection.executemany(region_statement, (
+                            [next(region_labels), int(label), *region.box, region.vector.astype("<f4").tobytes()]
+                            for label, row in zip(labels, rows) for region in row[columns.REGIONS]
+                        ))
+                    collection.set_meta(
+                        connection, revision=collection.revision + 1, next_label=int(labels[-1]) + 1,
+                        regions_per_item=regions_per_item,
+                    )
                 collection.revision += 1
                 collection.next_label = int(labels[-1]) + 1
+                collection.regions_per_item = regions_per_item
                 collection.apply(replaced, vectors, labels)
                 self._maybe_rebuild(collection)
 
@@ -683,26 +748,50 @@ class FaissStore:
                         allowed = collection.allowed(connection, conditions)
                 if allowed is not None and not allowed.labels.size:
                     return [[] for _ in vectors]
-                scores, labels = collection.search(np.ascontiguousarray(vectors, dtype=np.float32), k, allowed)
+                fetch = over_fetch(k, collection.regions_per_item, max(k, collection.index.ntotal))
+                scores, labels = collection.search(np.ascontiguousarray(vectors, dtype=np.float32), fetch, allowed)
                 found = np.unique(labels[labels >= 0]).tolist()
+                # A region's label -> its item's label and box.
+                regions = self._regions_of(connection, found) if collection.regions_per_item else {}
                 rows: dict[int, tuple] = {}
-                for chunk in _chunks(found):
+                item_labels = sorted({*(label for label in found if label not in regions),
+                                      *(item_label for item_label, _box in regions.values())})
+                for chunk in _chunks(item_labels):
                     for row in connection.execute(
                         f"SELECT {selected} FROM items WHERE label IN ({_placeholders(len(chunk))})",
                         chunk,
                     ):
                         rows[row[0]] = row
+            by_id = {row[1]: row for row in rows.values()}
             results = []
             for query_scores, query_labels in zip(scores, labels):
-                hits = []
+                matches = []
                 for score, label in zip(query_scores.tolist(), query_labels.tolist()):
-                    row = rows.get(label)
+                    item_label, box = regions.get(label, (label, None))
+                    row = rows.get(item_label)
                     if row is not None:
-                        hits.append(StoreHit(row[1], score, row[2], row[3], row[4] if include_copy_features else b""))
+                        matches.append(VectorMatch(row[1], score, box))
+                hits = []
+                for match in best_per_item(matches, k):
+                    row = by_id[match.item_id]
+                    hits.append(StoreHit(row[1], match.score, row[2], row[3],
+                                         row[4] if include_copy_features else b"", match.region))
                 results.append(hits)
             return results
 
         return self._timed("search", run)
+
+    @staticmethod
+    def _regions_of(connection: sqlite3.Connection, labels: Sequence[int]) -> dict[int, tuple[int, tuple]]:
+        """Which of these labels are regions: label -> (its item's label, its box)."""
+        regions: dict[int, tuple[int, tuple]] = {}
+        for chunk in _chunks(labels):
+            for label, item_label, *box in connection.execute(
+                f"SELECT label, item_label, {_BOX_COLUMNS} FROM regions WHERE label IN ({_placeholders(len(chunk))})",
+                chunk,
+            ):
+                regions[label] = (item_label, tuple(box))
+        return regions
 
     def get(
         self, collection_name: str, stored_ids: Sequence[str], include_vectors: bool, include_copy_features: bool = False
@@ -768,10 +857,10 @@ class FaissStore:
             with collection.lock.writing():
                 self._check_not_dropped(collection)
                 with collection.transaction() as connection:
-                    removed = collection.labels_of(connection, stored_ids)
-                    if not removed.size:
+                    item_labels = collection.labels_of(connection, stored_ids)
+                    if not item_labels.size:
                         return
-                    collection.delete_labels(connection, removed)
+                    removed = collection.remove_items(connection, item_labels)
                     collection.set_meta(connection, revision=collection.revision + 1)
                 collection.revision += 1
                 empty = np.empty((0, self._settings.dimension), dtype=np.float32)
@@ -807,6 +896,15 @@ class FaissStore:
                 return self._count(collection.connection())
 
         return self._timed("count", run)
+
+    def has_regions(self, collection_name: str) -> bool:
+        collection = self._existing(collection_name)
+        self._check_not_dropped(collection)
+        return collection.regions_per_item > 0
+
+    def regions_known(self, collection_name: str) -> bool:
+        collection = self._collections.get(collection_name)
+        return collection is not None and collection.regions_per_item > 0
 
 
 def faiss_gpus() -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -24,6 +25,16 @@ if TYPE_CHECKING:
     from search_svc.vector_store import StoreHit
 
 Row = dict[str, Any]
+# x, y, width, height in pixels of the item's image.
+Box = tuple[int, int, int, int]
+
+
+@dataclass(frozen=True, slots=True)
+class Region:
+    """A part of an item's image and its vector (a row's `columns.REGIONS` holds a list of them)."""
+
+    box: Box
+    vector: np.ndarray
 
 # Milvus Lite 2.5.1 builds SQL from primary keys without escaping: an upsert of an id with a single
 # quote fails, and ids with control characters cannot be written in a filter literal (see
@@ -128,6 +139,7 @@ class ItemCodec:
             columns.IMAGE_URI: item.image_uri,
             columns.CONTENT_SHA256: item.content_sha256,
             columns.COPY_FEATURES: item.copy_features,  # raw bytes; each store encodes them its own way
+            columns.REGIONS: self._regions(number, item),
         }
         for field, field_type in self.filter_fields.items():  # before the whole metadata: precise errors
             value = self._field_value(item, field, field_type)
@@ -135,6 +147,24 @@ class ItemCodec:
             row[field] = columns.ABSENT_VALUES[field_type] if value is None else value
         row[columns.METADATA] = self._metadata_json(item)
         return row
+
+    def _regions(self, number: int, item: search_pb2.Item) -> list[Region]:
+        if len(item.regions) > columns.MAX_REGIONS_PER_ITEM:
+            raise invalid_argument(
+                f"item {number} ({item.id!r}) has {len(item.regions)} regions; at most {columns.MAX_REGIONS_PER_ITEM}"
+            )
+        regions = []
+        for position, region in enumerate(item.regions):
+            what = f"region {position} of item {number} ({item.id!r})"
+            box = region.box
+            if not region.HasField("box") or box.width == 0 or box.height == 0:
+                raise invalid_argument(f"{what} has no box, or a box of zero size; give its x, y, width and height")
+            if max(box.x, box.y, box.width, box.height) > 2**31 - 1:
+                raise invalid_argument(f"{what} has a box beyond 2**31 - 1 pixels")
+            regions.append(Region(
+                (box.x, box.y, box.width, box.height), self.vector(region.vector.values, f"vector of {what}")
+            ))
+        return regions
 
     @staticmethod
     def _metadata_json(item: search_pb2.Item) -> str:
@@ -211,7 +241,11 @@ class ItemCodec:
         return item
 
     def hit(self, hit: StoreHit) -> search_pb2.Hit:
-        return search_pb2.Hit(
+        found = search_pb2.Hit(
             id=decode_id(hit.id), score=hit.score, image_uri=hit.image_uri, metadata=self._metadata_struct(hit.metadata),
             copy_features=hit.copy_features,
         )
+        if hit.region is not None:
+            x, y, width, height = hit.region
+            found.region.CopyFrom(search_pb2.RegionBox(x=x, y=y, width=width, height=height))
+        return found

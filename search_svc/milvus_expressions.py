@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Iterable, Sequence
 
-from search_svc.columns import ID, presence_column
+from search_svc.columns import ID, REGION_ITEM_ID, presence_column
 from search_svc.filters import FilterCondition, FilterValue, has_control_chars
 
 
@@ -32,6 +32,11 @@ def string_literal(text: str) -> str:
 
 def ids_expression(stored_ids: Iterable[str]) -> str:
     return f"{ID} in [{', '.join(string_literal(item_id) for item_id in stored_ids)}]"
+
+
+def item_ids_expression(stored_ids: Iterable[str]) -> str:
+    """The region rows of these items (a regions collection's rows)."""
+    return f"{REGION_ITEM_ID} in [{', '.join(string_literal(item_id) for item_id in stored_ids)}]"
 
 
 def filter_expression(conditions: Sequence[FilterCondition]) -> str:

@@ -11,7 +11,15 @@ Copy features are stored as base64 in a VARCHAR (Milvus has no bytes type; see
 `columns.COPY_FEATURES_MAX_BYTES`), an empty string for an item without them. A collection created
 before they existed has no such column, and Milvus 2.5 cannot add one to it: it keeps serving
 searches, Gets and upserts of items without copy features (which read back empty), while an upsert
-carrying copy features is FAILED_PRECONDITION telling the operator to re-create the collection."""
+carrying copy features is FAILED_PRECONDITION telling the operator to re-create the collection.
+
+Regions live in a collection of their own beside the items' (`<name>__regions`: a row per region with
+its item's id, box, vector and the item's filter columns, so a filter applies to a region as to its
+item), created by the first upsert that carries regions: so a collection created before regions
+existed keeps its schema and gets regions the same way. A search asks both, over-fetching regions until
+k distinct items are found, and keeps each item's best vector; a write removes the item's old regions
+first. Whether a collection has regions is remembered per process, and a "no" is checked again after
+`REGIONS_RECHECK_S` (another replica may have turned them on)."""
 
 from __future__ import annotations
 
@@ -43,15 +51,28 @@ from search_svc import columns
 from search_svc.filters import FilterCondition
 from search_svc.item_codec import Row, decode_id
 from search_svc.metrics import StoreMetrics
-from search_svc.milvus_expressions import filter_expression, ids_expression, string_literal
+from search_svc.milvus_expressions import filter_expression, ids_expression, item_ids_expression, string_literal
 from search_svc.settings import FieldType, SearchSettings
-from search_svc.vector_store import StoreHit, refuse_dropping_default
+from search_svc.vector_store import StoreHit, VectorMatch, best_per_item, over_fetch, refuse_dropping_default
 from service_kit.status import ServiceError
 
 logger = logging.getLogger(__name__)
 
 # Ids per `id in [...]` expression of a Get or Delete, to keep expressions and answers small.
 IDS_PER_EXPRESSION = 1000
+# The regions collection of collection `name` is `name + REGIONS_SUFFIX`.
+REGIONS_SUFFIX = "__regions"
+# Milvus answers at most this many hits per query (its topk limit).
+MAX_SEARCH_LIMIT = 16384
+# Region rows asked for per item wanted, at first: the embedder's grid makes 13 per item; a query whose
+# region rows hold fewer than k items is asked again for more.
+REGIONS_FETCHED_PER_ITEM = 16
+# How long "this collection has no regions" is trusted before Milvus is asked again.
+REGIONS_RECHECK_S = 5.0
+
+
+def regions_collection(name: str) -> str:
+    return name + REGIONS_SUFFIX
 
 FIELD_DATA_TYPES: dict[FieldType, DataType] = {
     "string": DataType.VARCHAR,
@@ -140,6 +161,9 @@ class MilvusStore:
         # collection at once.
         self._prepared: dict[str, bool] = {}
         self._prepare_lock = threading.Lock()
+        # Whether each prepared collection has regions (its regions collection exists, indexed and
+        # loaded), and when a "no" was last checked (time.monotonic).
+        self._regions: dict[str, tuple[bool, float]] = {}
         # A float on purpose: with an int timeout pymilvus ignores retry_times=0 and retries until the
         # timeout has passed, on top of the call that used it up.
         self._timeout_s = float(settings.milvus.timeout_s)
@@ -168,6 +192,7 @@ class MilvusStore:
     def close(self) -> None:
         client, self._client = self._client, None
         self._prepared.clear()
+        self._regions.clear()
         if client is not None:
             client.close()
         if self._local_path is not None:
@@ -230,6 +255,12 @@ class MilvusStore:
                 client, "create_collection", client.create_collection, name,
                 schema=self._schema(), consistency_level="Strong",
             )
+        self._index_and_load(client, name)
+        self._prepared[name] = has_copy_features
+        self._check_regions(client, name)
+        return True
+
+    def _index_and_load(self, client: MilvusClient, name: str) -> None:
         indexes = self._call(client, "list_indexes", client.list_indexes, name, field_name=columns.VECTOR)
         if indexes:
             self._check_index(name, self._call(client, "describe_index", client.describe_index, name, indexes[0]))
@@ -241,8 +272,43 @@ class MilvusStore:
             )
             self._call(client, "create_index", client.create_index, name, index_params)
         self._call(client, "load_collection", client.load_collection, name)
-        self._prepared[name] = has_copy_features
-        return True
+
+    def _check_regions(self, client: MilvusClient, name: str) -> bool:
+        """Whether collection `name` has regions, asking Milvus (and preparing its regions collection)."""
+        regions = regions_collection(name)
+        found = bool(self._call(client, "has_collection", client.has_collection, regions))
+        if found:
+            self._check_regions_schema(regions, self._call(client, "describe_collection", client.describe_collection, regions))
+            self._index_and_load(client, regions)
+        self._regions[name] = (found, time.monotonic())
+        return found
+
+    def _has_regions(self, client: MilvusClient, name: str) -> bool:
+        known = self._regions.get(name)
+        if known is not None and (known[0] or time.monotonic() - known[1] < REGIONS_RECHECK_S):
+            return known[0]
+        with self._prepare_lock:
+            return self._check_regions(client, name)
+
+    def _turn_regions_on(self, client: MilvusClient, name: str) -> None:
+        """Creates (or prepares) collection `name`'s regions collection."""
+        with self._prepare_lock:
+            if self._regions.get(name, (False, 0.0))[0] or self._check_regions(client, name):
+                return
+            regions = regions_collection(name)
+            logger.info("collection %s: creating %s for its items' regions", name, regions)
+            self._call(
+                client, "create_collection", client.create_collection, regions,
+                schema=self._regions_schema(), consistency_level="Strong",
+            )
+            self._index_and_load(client, regions)
+            self._regions[name] = (True, time.monotonic())
+
+    def has_regions(self, collection: str) -> bool:
+        return self._has_regions(self._existing_collection(collection), collection)
+
+    def regions_known(self, collection: str) -> bool:
+        return self._regions.get(collection, (False, 0.0))[0]
 
     def _expected_columns(self) -> dict[str, DataType]:
         expected = {
@@ -273,6 +339,45 @@ class MilvusStore:
                 schema.add_field(field, FIELD_DATA_TYPES[field_type])
             schema.add_field(columns.presence_column(field), DataType.BOOL)
         return schema
+
+    def _expected_region_columns(self) -> dict[str, DataType]:
+        expected = {
+            columns.ID: DataType.VARCHAR,
+            columns.REGION_ITEM_ID: DataType.VARCHAR,
+            columns.VECTOR: DataType.FLOAT_VECTOR,
+            **{name: DataType.INT64 for name in columns.REGION_BOX},
+        }
+        for field, field_type in self._settings.filter_fields.items():
+            expected[field] = FIELD_DATA_TYPES[field_type]
+            expected[columns.presence_column(field)] = DataType.BOOL
+        return expected
+
+    def _regions_schema(self) -> Any:
+        schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+        # "<stored item id>#<region number>"
+        schema.add_field(columns.ID, DataType.VARCHAR, max_length=columns.ID_MAX_BYTES + 8, is_primary=True)
+        schema.add_field(columns.REGION_ITEM_ID, DataType.VARCHAR, max_length=columns.ID_MAX_BYTES)
+        schema.add_field(columns.VECTOR, DataType.FLOAT_VECTOR, dim=self._settings.dimension)
+        for name in columns.REGION_BOX:
+            schema.add_field(name, DataType.INT64)
+        for field, field_type in self._settings.filter_fields.items():
+            if field_type == "string":
+                schema.add_field(field, DataType.VARCHAR, max_length=columns.STRING_FIELD_MAX_BYTES)
+            else:
+                schema.add_field(field, FIELD_DATA_TYPES[field_type])
+            schema.add_field(columns.presence_column(field), DataType.BOOL)
+        return schema
+
+    def _check_regions_schema(self, name: str, description: dict) -> None:
+        actual = {field["name"]: DataType(field["type"]) for field in description.get("fields", [])}
+        dimension = next((int(field.get("params", {}).get("dim", 0)) for field in description.get("fields", [])
+                          if field["name"] == columns.VECTOR), 0)
+        if actual != self._expected_region_columns() or dimension != self._settings.dimension:
+            raise ServiceError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"regions collection {name!r} does not match the settings (columns {sorted(actual)}, dimension "
+                f"{dimension}). Drop it (the items' regions are lost; index them again) or use another SEARCH_COLLECTION.",
+            )
 
     def _check_schema(self, name: str, description: dict) -> bool:
         """FAILED_PRECONDITION unless the collection matches the settings; whether it has the copy
@@ -343,12 +448,16 @@ class MilvusStore:
             raise ServiceError(grpc.StatusCode.UNAVAILABLE, "not connected to Milvus yet")
         return self._client
 
-    def _batches(self, rows: Sequence[Row]) -> Iterator[Sequence[Row]]:
+    @staticmethod
+    def _item_bytes(row: Row) -> int:
+        return (row[columns.VECTOR].nbytes + len(row[columns.METADATA]) + len(row[columns.IMAGE_URI])
+                + len(row[columns.COPY_FEATURES]) * 4 // 3 + 64)
+
+    def _batches(self, rows: Sequence[Row], row_size: Callable[[Row], int]) -> Iterator[Sequence[Row]]:
         max_rows, max_bytes = self._settings.max_batch_rows, self._settings.max_batch_bytes
         start, size = 0, 0
         for end, row in enumerate(rows):
-            row_bytes = (row[columns.VECTOR].nbytes + len(row[columns.METADATA]) + len(row[columns.IMAGE_URI])
-                         + len(row[columns.COPY_FEATURES]) * 4 // 3 + 64)
+            row_bytes = row_size(row)
             if end > start and (end - start >= max_rows or size + row_bytes > max_bytes):
                 yield rows[start:end]
                 start, size = end, 0
@@ -362,8 +471,34 @@ class MilvusStore:
         has_copy_features = self._prepared.get(collection, True)
         if not has_copy_features:
             self._refuse_copy_features(collection, rows)  # before any batch is written
-        for batch in self._batches(rows):
+        if any(row[columns.REGIONS] for row in rows):
+            self._turn_regions_on(client, collection)
+        with_regions = self._has_regions(client, collection)
+        if with_regions:  # the old regions go first: an item is never searched with another version's
+            self._delete_regions(client, collection, [row[columns.ID] for row in rows])
+        for batch in self._batches(rows, self._item_bytes):
             self._call(client, "upsert", client.upsert, collection, [_milvus_row(row, has_copy_features) for row in batch])
+        region_rows = [region_row for row in rows for region_row in self._region_rows(row)]
+        for batch in self._batches(region_rows, lambda row: row[columns.VECTOR].nbytes + 256):
+            self._call(client, "insert regions", client.insert, regions_collection(collection), list(batch))
+
+    def _region_rows(self, row: Row) -> list[Row]:
+        """An item's regions as rows of its regions collection, with the item's filter columns."""
+        filter_columns = {
+            name: row[name] for field in self._settings.filter_fields for name in (field, columns.presence_column(field))
+        }
+        return [
+            {columns.ID: f"{row[columns.ID]}#{number}", columns.REGION_ITEM_ID: row[columns.ID],
+             columns.VECTOR: region.vector, **dict(zip(columns.REGION_BOX, region.box)), **filter_columns}
+            for number, region in enumerate(row[columns.REGIONS])
+        ]
+
+    def _delete_regions(self, client: MilvusClient, collection: str, stored_ids: Sequence[str]) -> None:
+        for start in range(0, len(stored_ids), IDS_PER_EXPRESSION):
+            self._call(
+                client, "delete regions", client.delete, regions_collection(collection),
+                filter=item_ids_expression(stored_ids[start:start + IDS_PER_EXPRESSION]),
+            )
 
     @staticmethod
     def _refuse_copy_features(collection: str, rows: Sequence[Row]) -> None:
@@ -387,22 +522,81 @@ class MilvusStore:
         include_copy_features: bool = False,
     ) -> list[list[StoreHit]]:
         client = self._existing_collection(collection)
-        results = self._call(
+        item_fields = [columns.IMAGE_URI, columns.METADATA, *self._copy_features_output(collection, include_copy_features)]
+        results = self._vector_search(client, collection, vectors, k, conditions, item_fields)
+        # pymilvus hits are dicts: {"id": ..., "distance": ..., "entity": {output fields}}.
+        if not self._has_regions(client, collection):
+            return [
+                [
+                    StoreHit(hit[columns.ID], hit["distance"], hit["entity"].get(columns.IMAGE_URI, ""),
+                             hit["entity"].get(columns.METADATA), _copy_features(hit["entity"]))
+                    for hit in hits
+                ]
+                for hits in results
+            ]
+        region_results = self._region_search(client, collection, vectors, k, conditions)
+        entities = {hit[columns.ID]: hit["entity"] for hits in results for hit in hits}
+        grouped = [
+            best_per_item(
+                [VectorMatch(hit[columns.ID], hit["distance"], None) for hit in hits]
+                + [VectorMatch(hit["entity"][columns.REGION_ITEM_ID], hit["distance"],
+                               tuple(hit["entity"][name] for name in columns.REGION_BOX)) for hit in region_hits],
+                k,
+            )
+            for hits, region_hits in zip(results, region_results)
+        ]
+        # Items found by a region only: their columns, in one query (an item deleted meanwhile drops out).
+        missing = sorted({match.item_id for matches in grouped for match in matches} - entities.keys())
+        if missing:
+            entities.update((row[columns.ID], row) for row in self._query_ids(
+                collection, missing, [columns.ID, columns.IMAGE_URI, columns.METADATA], include_copy_features
+            ))
+        return [
+            [
+                StoreHit(match.item_id, match.score, entities[match.item_id].get(columns.IMAGE_URI, ""),
+                         entities[match.item_id].get(columns.METADATA), _copy_features(entities[match.item_id]),
+                         match.region)
+                for match in matches if match.item_id in entities
+            ]
+            for matches in grouped
+        ]
+
+    def _vector_search(
+        self, client: MilvusClient, collection: str, vectors: np.ndarray, limit: int,
+        conditions: Sequence[FilterCondition], output_fields: list[str],
+    ) -> list[list[dict]]:
+        return self._call(
             client, "search", client.search, collection,
-            data=vectors.tolist(), filter=filter_expression(conditions), limit=k, anns_field=columns.VECTOR,
-            output_fields=[columns.IMAGE_URI, columns.METADATA, *self._copy_features_output(collection, include_copy_features)],
+            data=vectors.tolist(), filter=filter_expression(conditions), limit=limit, anns_field=columns.VECTOR,
+            output_fields=output_fields,
             search_params={"metric_type": self._settings.metric, "params": dict(self._settings.search_params)},
             consistency_level="Strong",
         )
-        # pymilvus hits are dicts: {"id": ..., "distance": ..., "entity": {output fields}}.
-        return [
-            [
-                StoreHit(hit[columns.ID], hit["distance"], hit["entity"].get(columns.IMAGE_URI, ""),
-                         hit["entity"].get(columns.METADATA), _copy_features(hit["entity"]))
-                for hit in hits
+
+    def _region_search(
+        self, client: MilvusClient, collection: str, vectors: np.ndarray, k: int, conditions: Sequence[FilterCondition],
+    ) -> list[list[dict]]:
+        """Each query's best region rows, enough of them to hold k distinct items (or all there are):
+        asked again, four times as many, for the queries that came back short."""
+        output_fields = [columns.REGION_ITEM_ID, *columns.REGION_BOX]
+        limit = over_fetch(k, REGIONS_FETCHED_PER_ITEM, MAX_SEARCH_LIMIT)
+        results = [list(hits) for hits in self._vector_search(
+            client, regions_collection(collection), vectors, limit, conditions, output_fields
+        )]
+        while limit < min(k * (1 + columns.MAX_REGIONS_PER_ITEM), MAX_SEARCH_LIMIT):
+            short = [
+                number for number, hits in enumerate(results)
+                if len(hits) == limit and len({hit["entity"][columns.REGION_ITEM_ID] for hit in hits}) < k
             ]
-            for hits in results
-        ]
+            if not short:
+                break
+            limit = min(limit * 4, k * (1 + columns.MAX_REGIONS_PER_ITEM), MAX_SEARCH_LIMIT)
+            again = self._vector_search(
+                client, regions_collection(collection), vectors[short], limit, conditions, output_fields
+            )
+            for number, hits in zip(short, again):
+                results[number] = list(hits)
+        return results
 
     def get(
         self, collection: str, stored_ids: Sequence[str], include_vectors: bool, include_copy_features: bool = False
@@ -464,6 +658,8 @@ class MilvusStore:
         for start in range(0, len(stored_ids), IDS_PER_EXPRESSION):
             chunk = stored_ids[start:start + IDS_PER_EXPRESSION]
             self._call(client, "delete", client.delete, collection, filter=ids_expression(chunk))
+        if self._has_regions(client, collection):
+            self._delete_regions(client, collection, stored_ids)
 
     def drop(self, collection: str) -> bool:
         """Drops a collection other than the default; False when it did not exist."""
@@ -471,6 +667,9 @@ class MilvusStore:
             raise refuse_dropping_default(collection)
         client = self._open_client
         with self._prepare_lock:
+            self._regions.pop(collection, None)
+            if self._call(client, "has_collection", client.has_collection, regions_collection(collection)):
+                self._call(client, "drop_collection", client.drop_collection, regions_collection(collection))
             if not self._call(client, "has_collection", client.has_collection, collection):
                 self._prepared.pop(collection, None)
                 return False
@@ -493,6 +692,7 @@ def _milvus_row(row: Row, has_copy_features: bool) -> Row:
     """The row as Milvus stores it: copy features as base64 text, or left out for a collection without
     the column (whose rows were checked to have none)."""
     milvus_row = dict(row)
+    milvus_row.pop(columns.REGIONS, None)  # rows of the regions collection
     features = milvus_row.pop(columns.COPY_FEATURES)
     if has_copy_features:
         milvus_row[columns.COPY_FEATURES] = base64.b64encode(features).decode("ascii")

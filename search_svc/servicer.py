@@ -174,9 +174,11 @@ class VectorSearchServicer(search_pb2_grpc.VectorSearchServicer):
         self._store.require_connected()
         collection = self._collection(request.collection)
         if request.skip_count and collection == self._store.default_collection:
-            count = 0  # the default collection always exists: no store call at all
+            # The default collection always exists: no store call at all, and whether it has regions as this
+            # process last knew it (exact on FAISS; a Milvus replica may not have seen another turn them on yet).
+            count, regions = 0, self._store.regions_known(collection)
         else:
-            count = await self._offload(self._count, collection, request.skip_count)
+            count, regions = await self._offload(self._count, collection, request.skip_count)
         return search_pb2.StatsResponse(
             count=count,
             index_type=self._store.index_type,
@@ -185,14 +187,16 @@ class VectorSearchServicer(search_pb2_grpc.VectorSearchServicer):
             dimension=self._settings.dimension,
             collection=collection,
             filterable_fields=list(self._settings.filter_fields),
+            regions=regions,
         )
 
-    def _count(self, collection: str, skip_count: bool) -> int:
-        """The collection's item count (0 when skipped); NOT_FOUND when it does not exist."""
+    def _count(self, collection: str, skip_count: bool) -> tuple[int, bool]:
+        """The collection's item count (0 when skipped) and whether it has regions; NOT_FOUND when it
+        does not exist."""
         if skip_count:
             self._store.require_collection(collection)
-            return 0
-        return self._store.count(collection)
+            return 0, self._store.has_regions(collection)
+        return self._store.count(collection), self._store.has_regions(collection)
 
     async def DropCollection(
         self, request: search_pb2.DropCollectionRequest, context: grpc.aio.ServicerContext

@@ -3,7 +3,13 @@
 Every method blocks; the servicer calls them from its bounded executor only, and a failure comes
 back as a `ServiceError` with a precise status code. Rows are the item codec's (`item_codec.Row`,
 ids in stored form). A search answers, per query, its hits as `StoreHit`s. Copy features are read
-only when a call asks for them (`include_copy_features`): they can be as large as the rest of an item."""
+only when a call asks for them (`include_copy_features`): they can be as large as the rest of an item.
+
+Regions (`columns.REGIONS`): a collection either has them or not; the first upsert that carries some
+turns them on. A store keeps them as rows of their own tied to their item, searches them beside the
+full views, answers one hit per item (its best vector, `StoreHit.region` saying which region when one
+beat the full view), and removes them with their item (delete, or an upsert that replaces it).
+Counts are of items."""
 
 from __future__ import annotations
 
@@ -14,7 +20,7 @@ import grpc
 import numpy as np
 
 from search_svc.filters import FilterCondition
-from search_svc.item_codec import Row
+from search_svc.item_codec import Box, Row
 from search_svc.settings import COLLECTION_NAME
 from service_kit.status import ServiceError
 
@@ -28,6 +34,34 @@ class StoreHit:
     image_uri: str
     metadata: str | dict | None  # JSON text (FAISS), or decoded by pymilvus
     copy_features: bytes = b""  # only when the search asked for them
+    region: Box | None = None  # the region that matched; None: the full view
+
+
+@dataclass(frozen=True, slots=True)
+class VectorMatch:
+    """One row a vector search found: the item's stored id, the score, and the region's box (None for
+    the item's full view)."""
+
+    item_id: str
+    score: float
+    region: Box | None
+
+
+def best_per_item(matches: Sequence[VectorMatch], k: int) -> list[VectorMatch]:
+    """The best match of each item, best first (ties by id), at most k: one hit per item."""
+    best: dict[str, VectorMatch] = {}
+    for match in matches:
+        kept = best.get(match.item_id)
+        if kept is None or match.score > kept.score or (match.score == kept.score and kept.region is not None
+                                                          and match.region is None):
+            best[match.item_id] = match
+    return sorted(best.values(), key=lambda match: (-match.score, match.item_id))[:k]
+
+
+def over_fetch(k: int, regions_per_item: int, limit: int) -> int:
+    """Rows to ask a vector search for so that, grouped per item, they still hold k distinct items
+    (each item has at most 1 + regions_per_item rows), within the backend's `limit`."""
+    return min(k * (1 + regions_per_item), limit)
 
 
 class VectorStore(Protocol):
@@ -72,7 +106,14 @@ class VectorStore(Protocol):
     def drop(self, collection: str) -> bool:
         """Drops a collection other than the default; False when it did not exist."""
 
-    def count(self, collection: str) -> int: ...
+    def count(self, collection: str) -> int:
+        """Items, not rows: an item's regions do not count."""
+
+    def has_regions(self, collection: str) -> bool:
+        """Whether the collection's items are indexed with regions; NOT_FOUND when it does not exist."""
+
+    def regions_known(self, collection: str) -> bool:
+        """`has_regions` as this process last knew it, without blocking (False when it does not know)."""
 
 
 def collection_name(requested: str, default: str) -> str:

@@ -28,7 +28,7 @@ from gateway.http_models import (
     summary_json,
 )
 from service_kit.status import ServiceError
-from vsearch.v1 import gateway_pb2, search_pb2
+from vsearch.v1 import embedder_pb2, gateway_pb2, search_pb2
 
 
 def as_tuples(search_filter: search_pb2.Filter) -> list[tuple[str, int, object]]:
@@ -160,9 +160,12 @@ def test_responses_as_json():
     hit.metadata.update({"category": "shoes", "price": 12})
     response.timing.total_ms = 1.5
     as_json = search_response_json(response)
-    # An uncalibrated model's hit: match_probability null, never made up.
+    # An uncalibrated model's hit: match_probability null, never made up; the whole image matched.
     assert as_json["hits"] == [{"id": "a", "score": 0.9, "image_uri": "https://x/a.jpg",
-                                "metadata": {"category": "shoes", "price": 12.0}, "match_probability": None}]
+                                "metadata": {"category": "shoes", "price": 12.0}, "match_probability": None,
+                                "matched_region": None}]
+    hit.matched_region.CopyFrom(embedder_pb2.CropBox(x=1, y=2, width=30, height=40))
+    assert search_response_json(response)["hits"][0]["matched_region"] == {"x": 1, "y": 2, "width": 30, "height": 40}
     assert as_json["no_good_match"] is False
     response.hits.add(id="b", score=0.5, match_probability=0.25)
     response.no_good_match = True

@@ -189,7 +189,7 @@ def build_filter(conditions: Sequence[Sequence[str]]) -> search_pb2.Filter:
 
 async def search_image(args: argparse.Namespace, image: bytes | None) -> gateway_pb2.VisualSearchResponse:
     """By `image`, or, when it is None, by the words of `args.text`."""
-    request = gateway_pb2.VisualSearchRequest(k=args.k, filter=build_filter(args.where or []))
+    request = gateway_pb2.VisualSearchRequest(k=args.k, filter=build_filter(args.where or []), collection=args.collection)
     if args.copies:
         request.mode = gateway_pb2.SEARCH_MODE_COPY
     if image is None:
@@ -245,9 +245,17 @@ def cmd_search(args: argparse.Namespace) -> int:
     for rank, hit in enumerate(reply.hits, 1):
         metadata = json_format.MessageToDict(hit.metadata)
         probability = f"  p={hit.match_probability:.2f}" if hit.HasField("match_probability") else ""
-        print(f"{rank:>3}  {hit.score:.4f}{probability}{copy_verdict(hit)}  {hit.id[:16]}  {hit.image_uri}  "
-              f"{json.dumps(metadata)}")
+        print(f"{rank:>3}  {hit.score:.4f}{probability}{copy_verdict(hit)}{matched_region(hit)}  {hit.id[:16]}  "
+              f"{hit.image_uri}  {json.dumps(metadata)}")
     return 0
+
+
+def matched_region(hit: gateway_pb2.SearchHit) -> str:
+    """"  region x,y,wxh" when a region of the hit's image matched (a collection indexed with regions)."""
+    if not hit.HasField("matched_region"):
+        return ""
+    box = hit.matched_region
+    return f"  region {box.x},{box.y},{box.width}x{box.height}"
 
 
 def copy_verdict(hit: gateway_pb2.SearchHit) -> str:
@@ -310,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "images? Verified copies come first, marked COPY with their score and where IMAGE "
                              "lies in them (x,y,wxh); --min-score and --min-probability apply to the other hits")
     add_gateway_arguments(search)
+    search.add_argument("--collection", default="", help="catalog to search (default: the default one)")
     search.add_argument("--json", action="store_true")
     search.set_defaults(func=cmd_search)
 

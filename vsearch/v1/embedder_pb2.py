@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19vsearch/v1/embedder.proto\x12\nvsearch.v1\">\n\x07\x43ropBox\x12\t\n\x01x\x18\x01 \x01(\r\x12\t\n\x01y\x18\x02 \x01(\r\x12\r\n\x05width\x18\x03 \x01(\r\x12\x0e\n\x06height\x18\x04 \x01(\r\"=\n\nImageInput\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12!\n\x04\x63rop\x18\x02 \x01(\x0b\x32\x13.vsearch.v1.CropBox\"y\n\x12\x45mbedImagesRequest\x12&\n\x06images\x18\x01 \x03(\x0b\x32\x16.vsearch.v1.ImageInput\x12\x1a\n\x12with_copy_features\x18\x02 \x01(\x08\x12\x1f\n\x17\x63opy_features_for_query\x18\x03 \x01(\x08\"*\n\tItemError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"\x82\x01\n\x0b\x45mbedResult\x12*\n\tembedding\x18\x01 \x01(\x0b\x32\x15.vsearch.v1.EmbeddingH\x00\x12&\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x15.vsearch.v1.ItemErrorH\x00\x12\x15\n\rcopy_features\x18\x03 \x01(\x0c\x42\x08\n\x06result\"V\n\x13\x45mbedImagesResponse\x12(\n\x07results\x18\x01 \x03(\x0b\x32\x17.vsearch.v1.EmbedResult\x12\x15\n\rmodel_version\x18\x02 \x01(\t\"\"\n\x11\x45mbedTextsRequest\x12\r\n\x05texts\x18\x01 \x03(\t\"\x86\x01\n\x0f\x45mbedTextResult\x12*\n\tembedding\x18\x01 \x01(\x0b\x32\x15.vsearch.v1.EmbeddingH\x00\x12&\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x15.vsearch.v1.ItemErrorH\x00\x12\x15\n\runderstood_as\x18\x03 \x01(\tB\x08\n\x06result\"Y\n\x12\x45mbedTextsResponse\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.vsearch.v1.EmbedTextResult\x12\x15\n\rmodel_version\x18\x02 \x01(\t\"f\n\x0b\x43\x61libration\x12\x13\n\x0bscore_knots\x18\x01 \x03(\x02\x12\x19\n\x11probability_knots\x18\x02 \x03(\x02\x12\x12\n\nrank_scale\x18\x03 \x01(\x02\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\"\r\n\x0bInfoRequest\"\xe9\x01\n\x0cInfoResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x11\n\tdimension\x18\x03 \x01(\r\x12\x15\n\rpreprocessing\x18\x04 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x05 \x01(\t\x12\x16\n\x0emax_batch_size\x18\x06 \x01(\r\x12\x13\n\x0btext_search\x18\x07 \x01(\t\x12,\n\x0b\x63\x61libration\x18\x08 \x01(\x0b\x32\x17.vsearch.v1.Calibration\x12\x18\n\x10\x63opy_min_inliers\x18\t \x01(\r\"8\n\x13VerifyCopiesRequest\x12\r\n\x05query\x18\x01 \x01(\x0c\x12\x12\n\ncandidates\x18\x02 \x03(\x0c\"\x7f\n\x0b\x43opyVerdict\x12\x0f\n\x07is_copy\x18\x01 \x01(\x08\x12\x12\n\ncopy_score\x18\x02 \x01(\x02\x12(\n\x0bmatched_box\x18\x03 \x01(\x0b\x32\x13.vsearch.v1.CropBox\x12\x10\n\x08mirrored\x18\x04 \x01(\x08\x12\x0f\n\x07inliers\x18\x05 \x01(\r\"A\n\x14VerifyCopiesResponse\x12)\n\x08verdicts\x18\x01 \x03(\x0b\x32\x17.vsearch.v1.CopyVerdict2\xb5\x02\n\x08\x45mbedder\x12N\n\x0b\x45mbedImages\x12\x1e.vsearch.v1.EmbedImagesRequest\x1a\x1f.vsearch.v1.EmbedImagesResponse\x12K\n\nEmbedTexts\x12\x1d.vsearch.v1.EmbedTextsRequest\x1a\x1e.vsearch.v1.EmbedTextsResponse\x12\x39\n\x04Info\x12\x17.vsearch.v1.InfoRequest\x1a\x18.vsearch.v1.InfoResponse\x12Q\n\x0cVerifyCopies\x12\x1f.vsearch.v1.VerifyCopiesRequest\x1a .vsearch.v1.VerifyCopiesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19vsearch/v1/embedder.proto\x12\nvsearch.v1\">\n\x07\x43ropBox\x12\t\n\x01x\x18\x01 \x01(\r\x12\t\n\x01y\x18\x02 \x01(\r\x12\r\n\x05width\x18\x03 \x01(\r\x12\x0e\n\x06height\x18\x04 \x01(\r\"=\n\nImageInput\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12!\n\x04\x63rop\x18\x02 \x01(\x0b\x32\x13.vsearch.v1.CropBox\"\x8f\x01\n\x12\x45mbedImagesRequest\x12&\n\x06images\x18\x01 \x03(\x0b\x32\x16.vsearch.v1.ImageInput\x12\x1a\n\x12with_copy_features\x18\x02 \x01(\x08\x12\x1f\n\x17\x63opy_features_for_query\x18\x03 \x01(\x08\x12\x14\n\x0cwith_regions\x18\x04 \x01(\x08\"*\n\tItemError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"\xb0\x01\n\x0b\x45mbedResult\x12*\n\tembedding\x18\x01 \x01(\x0b\x32\x15.vsearch.v1.EmbeddingH\x00\x12&\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x15.vsearch.v1.ItemErrorH\x00\x12\x15\n\rcopy_features\x18\x03 \x01(\x0c\x12,\n\x07regions\x18\x04 \x03(\x0b\x32\x1b.vsearch.v1.RegionEmbeddingB\x08\n\x06result\"]\n\x0fRegionEmbedding\x12 \n\x03\x62ox\x18\x01 \x01(\x0b\x32\x13.vsearch.v1.CropBox\x12(\n\tembedding\x18\x02 \x01(\x0b\x32\x15.vsearch.v1.Embedding\"V\n\x13\x45mbedImagesResponse\x12(\n\x07results\x18\x01 \x03(\x0b\x32\x17.vsearch.v1.EmbedResult\x12\x15\n\rmodel_version\x18\x02 \x01(\t\"\"\n\x11\x45mbedTextsRequest\x12\r\n\x05texts\x18\x01 \x03(\t\"\x86\x01\n\x0f\x45mbedTextResult\x12*\n\tembedding\x18\x01 \x01(\x0b\x32\x15.vsearch.v1.EmbeddingH\x00\x12&\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x15.vsearch.v1.ItemErrorH\x00\x12\x15\n\runderstood_as\x18\x03 \x01(\tB\x08\n\x06result\"Y\n\x12\x45mbedTextsResponse\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.vsearch.v1.EmbedTextResult\x12\x15\n\rmodel_version\x18\x02 \x01(\t\"f\n\x0b\x43\x61libration\x12\x13\n\x0bscore_knots\x18\x01 \x03(\x02\x12\x19\n\x11probability_knots\x18\x02 \x03(\x02\x12\x12\n\nrank_scale\x18\x03 \x01(\x02\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\"\r\n\x0bInfoRequest\"\x84\x02\n\x0cInfoResponse\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x11\n\tdimension\x18\x03 \x01(\r\x12\x15\n\rpreprocessing\x18\x04 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x05 \x01(\t\x12\x16\n\x0emax_batch_size\x18\x06 \x01(\r\x12\x13\n\x0btext_search\x18\x07 \x01(\t\x12,\n\x0b\x63\x61libration\x18\x08 \x01(\x0b\x32\x17.vsearch.v1.Calibration\x12\x18\n\x10\x63opy_min_inliers\x18\t \x01(\r\x12\x19\n\x11regions_per_image\x18\n \x01(\r\"8\n\x13VerifyCopiesRequest\x12\r\n\x05query\x18\x01 \x01(\x0c\x12\x12\n\ncandidates\x18\x02 \x03(\x0c\"\x7f\n\x0b\x43opyVerdict\x12\x0f\n\x07is_copy\x18\x01 \x01(\x08\x12\x12\n\ncopy_score\x18\x02 \x01(\x02\x12(\n\x0bmatched_box\x18\x03 \x01(\x0b\x32\x13.vsearch.v1.CropBox\x12\x10\n\x08mirrored\x18\x04 \x01(\x08\x12\x0f\n\x07inliers\x18\x05 \x01(\r\"A\n\x14VerifyCopiesResponse\x12)\n\x08verdicts\x18\x01 \x03(\x0b\x32\x17.vsearch.v1.CopyVerdict2\xb5\x02\n\x08\x45mbedder\x12N\n\x0b\x45mbedImages\x12\x1e.vsearch.v1.EmbedImagesRequest\x1a\x1f.vsearch.v1.EmbedImagesResponse\x12K\n\nEmbedTexts\x12\x1d.vsearch.v1.EmbedTextsRequest\x1a\x1e.vsearch.v1.EmbedTextsResponse\x12\x39\n\x04Info\x12\x17.vsearch.v1.InfoRequest\x1a\x18.vsearch.v1.InfoResponse\x12Q\n\x0cVerifyCopies\x12\x1f.vsearch.v1.VerifyCopiesRequest\x1a .vsearch.v1.VerifyCopiesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,34 +35,36 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CROPBOX']._serialized_end=103
   _globals['_IMAGEINPUT']._serialized_start=105
   _globals['_IMAGEINPUT']._serialized_end=166
-  _globals['_EMBEDIMAGESREQUEST']._serialized_start=168
-  _globals['_EMBEDIMAGESREQUEST']._serialized_end=289
-  _globals['_ITEMERROR']._serialized_start=291
-  _globals['_ITEMERROR']._serialized_end=333
-  _globals['_EMBEDDING']._serialized_start=335
-  _globals['_EMBEDDING']._serialized_end=362
-  _globals['_EMBEDRESULT']._serialized_start=365
-  _globals['_EMBEDRESULT']._serialized_end=495
-  _globals['_EMBEDIMAGESRESPONSE']._serialized_start=497
-  _globals['_EMBEDIMAGESRESPONSE']._serialized_end=583
-  _globals['_EMBEDTEXTSREQUEST']._serialized_start=585
-  _globals['_EMBEDTEXTSREQUEST']._serialized_end=619
-  _globals['_EMBEDTEXTRESULT']._serialized_start=622
-  _globals['_EMBEDTEXTRESULT']._serialized_end=756
-  _globals['_EMBEDTEXTSRESPONSE']._serialized_start=758
-  _globals['_EMBEDTEXTSRESPONSE']._serialized_end=847
-  _globals['_CALIBRATION']._serialized_start=849
-  _globals['_CALIBRATION']._serialized_end=951
-  _globals['_INFOREQUEST']._serialized_start=953
-  _globals['_INFOREQUEST']._serialized_end=966
-  _globals['_INFORESPONSE']._serialized_start=969
-  _globals['_INFORESPONSE']._serialized_end=1202
-  _globals['_VERIFYCOPIESREQUEST']._serialized_start=1204
-  _globals['_VERIFYCOPIESREQUEST']._serialized_end=1260
-  _globals['_COPYVERDICT']._serialized_start=1262
-  _globals['_COPYVERDICT']._serialized_end=1389
-  _globals['_VERIFYCOPIESRESPONSE']._serialized_start=1391
-  _globals['_VERIFYCOPIESRESPONSE']._serialized_end=1456
-  _globals['_EMBEDDER']._serialized_start=1459
-  _globals['_EMBEDDER']._serialized_end=1768
+  _globals['_EMBEDIMAGESREQUEST']._serialized_start=169
+  _globals['_EMBEDIMAGESREQUEST']._serialized_end=312
+  _globals['_ITEMERROR']._serialized_start=314
+  _globals['_ITEMERROR']._serialized_end=356
+  _globals['_EMBEDDING']._serialized_start=358
+  _globals['_EMBEDDING']._serialized_end=385
+  _globals['_EMBEDRESULT']._serialized_start=388
+  _globals['_EMBEDRESULT']._serialized_end=564
+  _globals['_REGIONEMBEDDING']._serialized_start=566
+  _globals['_REGIONEMBEDDING']._serialized_end=659
+  _globals['_EMBEDIMAGESRESPONSE']._serialized_start=661
+  _globals['_EMBEDIMAGESRESPONSE']._serialized_end=747
+  _globals['_EMBEDTEXTSREQUEST']._serialized_start=749
+  _globals['_EMBEDTEXTSREQUEST']._serialized_end=783
+  _globals['_EMBEDTEXTRESULT']._serialized_start=786
+  _globals['_EMBEDTEXTRESULT']._serialized_end=920
+  _globals['_EMBEDTEXTSRESPONSE']._serialized_start=922
+  _globals['_EMBEDTEXTSRESPONSE']._serialized_end=1011
+  _globals['_CALIBRATION']._serialized_start=1013
+  _globals['_CALIBRATION']._serialized_end=1115
+  _globals['_INFOREQUEST']._serialized_start=1117
+  _globals['_INFOREQUEST']._serialized_end=1130
+  _globals['_INFORESPONSE']._serialized_start=1133
+  _globals['_INFORESPONSE']._serialized_end=1393
+  _globals['_VERIFYCOPIESREQUEST']._serialized_start=1395
+  _globals['_VERIFYCOPIESREQUEST']._serialized_end=1451
+  _globals['_COPYVERDICT']._serialized_start=1453
+  _globals['_COPYVERDICT']._serialized_end=1580
+  _globals['_VERIFYCOPIESRESPONSE']._serialized_start=1582
+  _globals['_VERIFYCOPIESRESPONSE']._serialized_end=1647
+  _globals['_EMBEDDER']._serialized_start=1650
+  _globals['_EMBEDDER']._serialized_end=1959
 # @@protoc_insertion_point(module_scope)

@@ -27,14 +27,16 @@ class ImageInput(_message.Message):
     def __init__(self, data: _Optional[bytes] = ..., crop: _Optional[_Union[CropBox, _Mapping]] = ...) -> None: ...
 
 class EmbedImagesRequest(_message.Message):
-    __slots__ = ("images", "with_copy_features", "copy_features_for_query")
+    __slots__ = ("images", "with_copy_features", "copy_features_for_query", "with_regions")
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     WITH_COPY_FEATURES_FIELD_NUMBER: _ClassVar[int]
     COPY_FEATURES_FOR_QUERY_FIELD_NUMBER: _ClassVar[int]
+    WITH_REGIONS_FIELD_NUMBER: _ClassVar[int]
     images: _containers.RepeatedCompositeFieldContainer[ImageInput]
     with_copy_features: bool
     copy_features_for_query: bool
-    def __init__(self, images: _Optional[_Iterable[_Union[ImageInput, _Mapping]]] = ..., with_copy_features: _Optional[bool] = ..., copy_features_for_query: _Optional[bool] = ...) -> None: ...
+    with_regions: bool
+    def __init__(self, images: _Optional[_Iterable[_Union[ImageInput, _Mapping]]] = ..., with_copy_features: _Optional[bool] = ..., copy_features_for_query: _Optional[bool] = ..., with_regions: _Optional[bool] = ...) -> None: ...
 
 class ItemError(_message.Message):
     __slots__ = ("code", "message")
@@ -51,14 +53,24 @@ class Embedding(_message.Message):
     def __init__(self, values: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class EmbedResult(_message.Message):
-    __slots__ = ("embedding", "error", "copy_features")
+    __slots__ = ("embedding", "error", "copy_features", "regions")
     EMBEDDING_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     COPY_FEATURES_FIELD_NUMBER: _ClassVar[int]
+    REGIONS_FIELD_NUMBER: _ClassVar[int]
     embedding: Embedding
     error: ItemError
     copy_features: bytes
-    def __init__(self, embedding: _Optional[_Union[Embedding, _Mapping]] = ..., error: _Optional[_Union[ItemError, _Mapping]] = ..., copy_features: _Optional[bytes] = ...) -> None: ...
+    regions: _containers.RepeatedCompositeFieldContainer[RegionEmbedding]
+    def __init__(self, embedding: _Optional[_Union[Embedding, _Mapping]] = ..., error: _Optional[_Union[ItemError, _Mapping]] = ..., copy_features: _Optional[bytes] = ..., regions: _Optional[_Iterable[_Union[RegionEmbedding, _Mapping]]] = ...) -> None: ...
+
+class RegionEmbedding(_message.Message):
+    __slots__ = ("box", "embedding")
+    BOX_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_FIELD_NUMBER: _ClassVar[int]
+    box: CropBox
+    embedding: Embedding
+    def __init__(self, box: _Optional[_Union[CropBox, _Mapping]] = ..., embedding: _Optional[_Union[Embedding, _Mapping]] = ...) -> None: ...
 
 class EmbedImagesResponse(_message.Message):
     __slots__ = ("results", "model_version")
@@ -109,7 +121,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("model_name", "model_version", "dimension", "preprocessing", "backend", "max_batch_size", "text_search", "calibration", "copy_min_inliers")
+    __slots__ = ("model_name", "model_version", "dimension", "preprocessing", "backend", "max_batch_size", "text_search", "calibration", "copy_min_inliers", "regions_per_image")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     DIMENSION_FIELD_NUMBER: _ClassVar[int]
@@ -119,6 +131,7 @@ class InfoResponse(_message.Message):
     TEXT_SEARCH_FIELD_NUMBER: _ClassVar[int]
     CALIBRATION_FIELD_NUMBER: _ClassVar[int]
     COPY_MIN_INLIERS_FIELD_NUMBER: _ClassVar[int]
+    REGIONS_PER_IMAGE_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     model_version: str
     dimension: int
@@ -128,7 +141,8 @@ class InfoResponse(_message.Message):
     text_search: str
     calibration: Calibration
     copy_min_inliers: int
-    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., dimension: _Optional[int] = ..., preprocessing: _Optional[str] = ..., backend: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., text_search: _Optional[str] = ..., calibration: _Optional[_Union[Calibration, _Mapping]] = ..., copy_min_inliers: _Optional[int] = ...) -> None: ...
+    regions_per_image: int
+    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., dimension: _Optional[int] = ..., preprocessing: _Optional[str] = ..., backend: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., text_search: _Optional[str] = ..., calibration: _Optional[_Union[Calibration, _Mapping]] = ..., copy_min_inliers: _Optional[int] = ..., regions_per_image: _Optional[int] = ...) -> None: ...
 
 class VerifyCopiesRequest(_message.Message):
     __slots__ = ("query", "candidates")

@@ -55,7 +55,7 @@ class VisualSearchRequest(_message.Message):
     def __init__(self, image: _Optional[bytes] = ..., item_id: _Optional[str] = ..., text: _Optional[str] = ..., crop: _Optional[_Union[_embedder_pb2.CropBox, _Mapping]] = ..., k: _Optional[int] = ..., filter: _Optional[_Union[_search_pb2.Filter, _Mapping]] = ..., min_score: _Optional[float] = ..., collection: _Optional[str] = ..., min_probability: _Optional[float] = ..., mode: _Optional[_Union[SearchMode, str]] = ...) -> None: ...
 
 class SearchHit(_message.Message):
-    __slots__ = ("id", "score", "image_uri", "metadata", "match_probability", "is_copy", "copy_score", "matched_box")
+    __slots__ = ("id", "score", "image_uri", "metadata", "match_probability", "is_copy", "copy_score", "matched_box", "matched_region")
     ID_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     IMAGE_URI_FIELD_NUMBER: _ClassVar[int]
@@ -64,6 +64,7 @@ class SearchHit(_message.Message):
     IS_COPY_FIELD_NUMBER: _ClassVar[int]
     COPY_SCORE_FIELD_NUMBER: _ClassVar[int]
     MATCHED_BOX_FIELD_NUMBER: _ClassVar[int]
+    MATCHED_REGION_FIELD_NUMBER: _ClassVar[int]
     id: str
     score: float
     image_uri: str
@@ -72,7 +73,8 @@ class SearchHit(_message.Message):
     is_copy: bool
     copy_score: float
     matched_box: _embedder_pb2.CropBox
-    def __init__(self, id: _Optional[str] = ..., score: _Optional[float] = ..., image_uri: _Optional[str] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., match_probability: _Optional[float] = ..., is_copy: _Optional[bool] = ..., copy_score: _Optional[float] = ..., matched_box: _Optional[_Union[_embedder_pb2.CropBox, _Mapping]] = ...) -> None: ...
+    matched_region: _embedder_pb2.CropBox
+    def __init__(self, id: _Optional[str] = ..., score: _Optional[float] = ..., image_uri: _Optional[str] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., match_probability: _Optional[float] = ..., is_copy: _Optional[bool] = ..., copy_score: _Optional[float] = ..., matched_box: _Optional[_Union[_embedder_pb2.CropBox, _Mapping]] = ..., matched_region: _Optional[_Union[_embedder_pb2.CropBox, _Mapping]] = ...) -> None: ...
 
 class Timing(_message.Message):
     __slots__ = ("embed_ms", "search_ms", "total_ms")
@@ -107,20 +109,22 @@ class VisualSearchResponse(_message.Message):
     def __init__(self, hits: _Optional[_Iterable[_Union[SearchHit, _Mapping]]] = ..., from_cache: _Optional[bool] = ..., embedding_from_cache: _Optional[bool] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., index_generation: _Optional[int] = ..., model_version: _Optional[str] = ..., no_good_match: _Optional[bool] = ..., no_match_reason: _Optional[str] = ..., understood_as: _Optional[str] = ...) -> None: ...
 
 class AddImageRequest(_message.Message):
-    __slots__ = ("id", "image", "metadata", "image_uri", "collection", "on_copy")
+    __slots__ = ("id", "image", "metadata", "image_uri", "collection", "on_copy", "regions")
     ID_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
     IMAGE_URI_FIELD_NUMBER: _ClassVar[int]
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     ON_COPY_FIELD_NUMBER: _ClassVar[int]
+    REGIONS_FIELD_NUMBER: _ClassVar[int]
     id: str
     image: bytes
     metadata: _struct_pb2.Struct
     image_uri: str
     collection: str
     on_copy: OnCopy
-    def __init__(self, id: _Optional[str] = ..., image: _Optional[bytes] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., image_uri: _Optional[str] = ..., collection: _Optional[str] = ..., on_copy: _Optional[_Union[OnCopy, str]] = ...) -> None: ...
+    regions: bool
+    def __init__(self, id: _Optional[str] = ..., image: _Optional[bytes] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., image_uri: _Optional[str] = ..., collection: _Optional[str] = ..., on_copy: _Optional[_Union[OnCopy, str]] = ..., regions: _Optional[bool] = ...) -> None: ...
 
 class IngestCopy(_message.Message):
     __slots__ = ("id", "index", "copy_of", "copy_score", "skipped")
@@ -191,7 +195,7 @@ class VisualStatsRequest(_message.Message):
     def __init__(self, collection: _Optional[str] = ...) -> None: ...
 
 class VisualStatsResponse(_message.Message):
-    __slots__ = ("count", "index_type", "metric", "index_generation", "dimension", "model_name", "model_version", "filterable_fields", "text_search", "calibrated")
+    __slots__ = ("count", "index_type", "metric", "index_generation", "dimension", "model_name", "model_version", "filterable_fields", "text_search", "calibrated", "regions")
     COUNT_FIELD_NUMBER: _ClassVar[int]
     INDEX_TYPE_FIELD_NUMBER: _ClassVar[int]
     METRIC_FIELD_NUMBER: _ClassVar[int]
@@ -202,6 +206,7 @@ class VisualStatsResponse(_message.Message):
     FILTERABLE_FIELDS_FIELD_NUMBER: _ClassVar[int]
     TEXT_SEARCH_FIELD_NUMBER: _ClassVar[int]
     CALIBRATED_FIELD_NUMBER: _ClassVar[int]
+    REGIONS_FIELD_NUMBER: _ClassVar[int]
     count: int
     index_type: str
     metric: str
@@ -212,7 +217,8 @@ class VisualStatsResponse(_message.Message):
     filterable_fields: _containers.RepeatedScalarFieldContainer[str]
     text_search: str
     calibrated: bool
-    def __init__(self, count: _Optional[int] = ..., index_type: _Optional[str] = ..., metric: _Optional[str] = ..., index_generation: _Optional[int] = ..., dimension: _Optional[int] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., filterable_fields: _Optional[_Iterable[str]] = ..., text_search: _Optional[str] = ..., calibrated: _Optional[bool] = ...) -> None: ...
+    regions: bool
+    def __init__(self, count: _Optional[int] = ..., index_type: _Optional[str] = ..., metric: _Optional[str] = ..., index_generation: _Optional[int] = ..., dimension: _Optional[int] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., filterable_fields: _Optional[_Iterable[str]] = ..., text_search: _Optional[str] = ..., calibrated: _Optional[bool] = ..., regions: _Optional[bool] = ...) -> None: ...
 
 class ListImagesRequest(_message.Message):
     __slots__ = ("collection", "page_size", "page_token")

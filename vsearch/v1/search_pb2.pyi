@@ -36,20 +36,42 @@ class Vector(_message.Message):
     def __init__(self, values: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class Item(_message.Message):
-    __slots__ = ("id", "vector", "image_uri", "metadata", "content_sha256", "copy_features")
+    __slots__ = ("id", "vector", "image_uri", "metadata", "content_sha256", "copy_features", "regions")
     ID_FIELD_NUMBER: _ClassVar[int]
     VECTOR_FIELD_NUMBER: _ClassVar[int]
     IMAGE_URI_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
     CONTENT_SHA256_FIELD_NUMBER: _ClassVar[int]
     COPY_FEATURES_FIELD_NUMBER: _ClassVar[int]
+    REGIONS_FIELD_NUMBER: _ClassVar[int]
     id: str
     vector: Vector
     image_uri: str
     metadata: _struct_pb2.Struct
     content_sha256: str
     copy_features: bytes
-    def __init__(self, id: _Optional[str] = ..., vector: _Optional[_Union[Vector, _Mapping]] = ..., image_uri: _Optional[str] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., content_sha256: _Optional[str] = ..., copy_features: _Optional[bytes] = ...) -> None: ...
+    regions: _containers.RepeatedCompositeFieldContainer[Region]
+    def __init__(self, id: _Optional[str] = ..., vector: _Optional[_Union[Vector, _Mapping]] = ..., image_uri: _Optional[str] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., content_sha256: _Optional[str] = ..., copy_features: _Optional[bytes] = ..., regions: _Optional[_Iterable[_Union[Region, _Mapping]]] = ...) -> None: ...
+
+class RegionBox(_message.Message):
+    __slots__ = ("x", "y", "width", "height")
+    X_FIELD_NUMBER: _ClassVar[int]
+    Y_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    x: int
+    y: int
+    width: int
+    height: int
+    def __init__(self, x: _Optional[int] = ..., y: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ...) -> None: ...
+
+class Region(_message.Message):
+    __slots__ = ("box", "vector")
+    BOX_FIELD_NUMBER: _ClassVar[int]
+    VECTOR_FIELD_NUMBER: _ClassVar[int]
+    box: RegionBox
+    vector: Vector
+    def __init__(self, box: _Optional[_Union[RegionBox, _Mapping]] = ..., vector: _Optional[_Union[Vector, _Mapping]] = ...) -> None: ...
 
 class UpsertRequest(_message.Message):
     __slots__ = ("items", "collection")
@@ -100,18 +122,20 @@ class SearchRequest(_message.Message):
     def __init__(self, queries: _Optional[_Iterable[_Union[Vector, _Mapping]]] = ..., k: _Optional[int] = ..., filter: _Optional[_Union[Filter, _Mapping]] = ..., min_score: _Optional[float] = ..., collection: _Optional[str] = ..., include_copy_features: _Optional[bool] = ...) -> None: ...
 
 class Hit(_message.Message):
-    __slots__ = ("id", "score", "image_uri", "metadata", "copy_features")
+    __slots__ = ("id", "score", "image_uri", "metadata", "copy_features", "region")
     ID_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     IMAGE_URI_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
     COPY_FEATURES_FIELD_NUMBER: _ClassVar[int]
+    REGION_FIELD_NUMBER: _ClassVar[int]
     id: str
     score: float
     image_uri: str
     metadata: _struct_pb2.Struct
     copy_features: bytes
-    def __init__(self, id: _Optional[str] = ..., score: _Optional[float] = ..., image_uri: _Optional[str] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., copy_features: _Optional[bytes] = ...) -> None: ...
+    region: RegionBox
+    def __init__(self, id: _Optional[str] = ..., score: _Optional[float] = ..., image_uri: _Optional[str] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., copy_features: _Optional[bytes] = ..., region: _Optional[_Union[RegionBox, _Mapping]] = ...) -> None: ...
 
 class HitList(_message.Message):
     __slots__ = ("hits",)
@@ -170,7 +194,7 @@ class StatsRequest(_message.Message):
     def __init__(self, skip_count: _Optional[bool] = ..., collection: _Optional[str] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("count", "index_type", "metric", "generation", "dimension", "collection", "filterable_fields")
+    __slots__ = ("count", "index_type", "metric", "generation", "dimension", "collection", "filterable_fields", "regions")
     COUNT_FIELD_NUMBER: _ClassVar[int]
     INDEX_TYPE_FIELD_NUMBER: _ClassVar[int]
     METRIC_FIELD_NUMBER: _ClassVar[int]
@@ -178,6 +202,7 @@ class StatsResponse(_message.Message):
     DIMENSION_FIELD_NUMBER: _ClassVar[int]
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     FILTERABLE_FIELDS_FIELD_NUMBER: _ClassVar[int]
+    REGIONS_FIELD_NUMBER: _ClassVar[int]
     count: int
     index_type: str
     metric: str
@@ -185,7 +210,8 @@ class StatsResponse(_message.Message):
     dimension: int
     collection: str
     filterable_fields: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, count: _Optional[int] = ..., index_type: _Optional[str] = ..., metric: _Optional[str] = ..., generation: _Optional[int] = ..., dimension: _Optional[int] = ..., collection: _Optional[str] = ..., filterable_fields: _Optional[_Iterable[str]] = ...) -> None: ...
+    regions: bool
+    def __init__(self, count: _Optional[int] = ..., index_type: _Optional[str] = ..., metric: _Optional[str] = ..., generation: _Optional[int] = ..., dimension: _Optional[int] = ..., collection: _Optional[str] = ..., filterable_fields: _Optional[_Iterable[str]] = ..., regions: _Optional[bool] = ...) -> None: ...
 
 class DropCollectionRequest(_message.Message):
     __slots__ = ("collection",)

@@ -356,6 +356,7 @@ class IndexOptions:
     retry_for_s: float = DEFAULT_RETRY_FOR_S
     category_from_folder: bool = False
     on_copy: int = gateway_pb2.ON_COPY_KEEP
+    regions: bool = False
 
 
 class Halt:
@@ -429,7 +430,7 @@ def pack_chunks(loads: Iterable[LoadedImage], options: IndexOptions, report: Ind
         chunk.items.append(ChunkItem(source, item_id))
         chunk.requests.append(gateway_pb2.AddImageRequest(
             id=item_id, image=loaded.data, metadata=struct, image_uri=loaded.image_uri,
-            collection=options.collection, on_copy=options.on_copy,
+            collection=options.collection, on_copy=options.on_copy, regions=options.regions,
         ))
         chunk.nbytes += len(loaded.data)
         if len(chunk.items) >= options.chunk_size or chunk.nbytes >= CHUNK_MAX_BYTES:
@@ -630,7 +631,7 @@ def cmd_index(args: argparse.Namespace) -> int:
     options = IndexOptions(
         gateway=args.gateway, api_key=args.api_key, collection=collection, concurrency=concurrency, read_threads=args.read_threads,
         chunk_size=args.chunk_size, retries=args.retries, timeout_s=args.timeout, retry_for_s=args.retry_for,
-        category_from_folder=args.category_from_folder, on_copy=on_copy,
+        category_from_folder=args.category_from_folder, on_copy=on_copy, regions=args.regions,
     )
     show_progress = args.progress or (not args.json and sys.stderr.isatty())
     progress = tqdm(total=total, unit="img", disable=not show_progress, file=sys.stderr, dynamic_ncols=True)
@@ -761,6 +762,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                             "recompression...) of one already indexed or sent before it in this run: keep it "
                             "(the default, no check), flag it (metadata copy_of: the id it copies) or skip it; "
                             "flag and skip send one stream at a time")
+    index.add_argument("--regions", action="store_true",
+                       help="index each image with its regions too (a grid of parts of it, 14 vectors per image "
+                            "instead of 1), so that a crop showing a small part of it finds it; the collection "
+                            "remembers it, so later runs make regions without the flag (docs/regions.md)")
     index.add_argument("--errors", metavar="FILE",
                        help="JSONL of this run's failures (default: beside the manifest, else .vsearch/ or here)")
     index.add_argument("--concurrency", type=int, default=DEFAULT_CONCURRENCY,
