@@ -234,10 +234,10 @@ class CopyVerifier:
         self._min_scale, self._max_scale = 1.0 / settings.max_scale, settings.max_scale
         self._max_rotation = math.radians(settings.max_rotation_degrees)
 
-    def verify(self, query: CopyFeatures, candidate: CopyFeatures) -> Verdict:
-        """Is `query` a copy of (a part of) `candidate`, as it is or mirrored?"""
+    def verify(self, query: CopyFeatures, candidate: CopyFeatures, check_mirrored: bool = True) -> Verdict:
+        """Is `query` a copy of (a part of) `candidate`, as it is or (when `check_mirrored`) mirrored?"""
         plain = self._match(query.plain, candidate.plain)
-        mirrored = self._match(query.mirrored, candidate.plain)
+        mirrored = self._match(query.mirrored, candidate.plain) if check_mirrored else (0, None)
         best, is_mirrored = (mirrored, True) if mirrored[0] > plain[0] else (plain, False)
         inliers, transform = best
         score = inliers / (inliers + self.settings.min_inliers)

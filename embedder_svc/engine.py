@@ -209,16 +209,22 @@ class EmbeddingEngine:
             return vector
         return vector / max(float(np.linalg.norm(vector)), 1e-12)
 
-    async def verify_copies(self, query: CopyFeatures, candidates: list[CopyFeatures | None]) -> list[Verdict]:
-        """Is the query a copy of each candidate (None: no features, so no copy)?"""
+    async def verify_copies(
+        self, query: CopyFeatures, candidates: list[CopyFeatures | None], mirror_depth: int = 0
+    ) -> list[Verdict]:
+        """Is the query a copy of each candidate (None: no features, so no copy)? Its mirror image is
+        checked against the first `mirror_depth` candidates only (0: all)."""
         if not candidates:
             return []
+        mirror_depth = mirror_depth or len(candidates)
         loop = asyncio.get_running_loop()
+        verifier = self._copy_verifier
         with span("verify copies", {"vsearch.candidates": len(candidates)}):
             return await self._in_shares(
-                loop, candidates, lambda share: [
-                    self._copy_verifier.verify(query, candidate) if candidate is not None else NO_COPY
-                    for candidate in share
+                loop, list(enumerate(candidates)), lambda share: [
+                    verifier.verify(query, candidate, check_mirrored=rank < mirror_depth)
+                    if candidate is not None else NO_COPY
+                    for rank, candidate in share
                 ],
             )
 

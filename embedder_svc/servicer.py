@@ -167,7 +167,7 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServicer):
         candidates = [
             _parse_copy_features(blob, f"candidate {index}") for index, blob in enumerate(request.candidates)
         ]
-        verdicts = await self._engine.verify_copies(query, candidates)
+        verdicts = await self._engine.verify_copies(query, candidates, request.mirror_depth)
         return embedder_pb2.VerifyCopiesResponse(verdicts=[
             embedder_pb2.CopyVerdict(
                 is_copy=verdict.is_copy, copy_score=verdict.copy_score, mirrored=verdict.mirrored,

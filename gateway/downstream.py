@@ -252,7 +252,9 @@ class Downstream:
         one gets a verdict of no copy): one verdict per candidate, in order (one VerifyCopies call)."""
         response = await _call(
             EMBEDDER, self.embedder.VerifyCopies,
-            embedder_pb2.VerifyCopiesRequest(query=query, candidates=candidates),
+            embedder_pb2.VerifyCopiesRequest(
+                query=query, candidates=candidates, mirror_depth=self.settings.copy_search.mirror_depth
+            ),
             _timeout(self.settings.embed_timeout_s, deadline),
         )
         if len(response.verdicts) != len(candidates):

@@ -163,6 +163,11 @@ class CopySearchSettings(BaseModel):
     # cropped, mirrored or greyed may rank below the most similar images, so the shortlist is deeper
     # than k. Each candidate costs one pairwise verification in the embedder.
     shortlist: int = Field(30, ge=1, le=MAX_COPY_CANDIDATES)
+    # Candidates (the shortlist's first) that the query's mirror image is also checked against; 0: all.
+    # A mirrored copy keeps its global look, so its original ranks near the top (on transformed Caltech
+    # copies: every mirrored copy's original within the first 10), and the mirror check is a third of
+    # the verification's cost.
+    mirror_depth: int = Field(10, ge=0, le=MAX_COPY_CANDIDATES)
 
 
 class GatewaySettings(ServiceSettings):

@@ -197,3 +197,28 @@ async def test_verify_copies_refuses_bad_input(
         await embedder.stub.VerifyCopies(embedder_pb2.VerifyCopiesRequest(query=query, candidates=candidates))
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert message in raised.value.details()
+
+
+async def test_verify_copies_checks_the_mirror_image_only_to_mirror_depth(
+    embedder: RunningEmbedder, photos: list[Image.Image]
+) -> None:
+    """A mirrored copy is found at rank 2 of the candidates with mirror_depth 0 (all) or 2, not with 1; a
+    plain copy is found whatever the depth."""
+    catalog = await embedder.stub.EmbedImages(embedder_pb2.EmbedImagesRequest(
+        images=[embedder_pb2.ImageInput(data=_jpeg(photo)) for photo in photos[:2]], with_copy_features=True))
+    stored = [result.copy_features for result in catalog.results]
+    queries = await embedder.stub.EmbedImages(embedder_pb2.EmbedImagesRequest(
+        images=[embedder_pb2.ImageInput(data=_jpeg(ImageOps_mirror(photos[0]))),
+                embedder_pb2.ImageInput(data=_jpeg(photos[0]))],
+        with_copy_features=True, copy_features_for_query=True))
+    mirrored_query, plain_query = (result.copy_features for result in queries.results)
+
+    async def verdict_on_the_original(query: bytes, mirror_depth: int) -> embedder_pb2.CopyVerdict:
+        response = await embedder.stub.VerifyCopies(embedder_pb2.VerifyCopiesRequest(
+            query=query, candidates=[stored[1], stored[0]], mirror_depth=mirror_depth))
+        return response.verdicts[1]
+
+    assert (await verdict_on_the_original(mirrored_query, 0)).is_copy
+    assert (await verdict_on_the_original(mirrored_query, 2)).mirrored
+    assert not (await verdict_on_the_original(mirrored_query, 1)).is_copy
+    assert (await verdict_on_the_original(plain_query, 1)).is_copy

@@ -29,10 +29,13 @@ def test_settings_from_the_environment(monkeypatch):
     monkeypatch.setenv("GATEWAY_TEXT_EXPANSION__HITS", "0")
     monkeypatch.setenv("GATEWAY_TEXT_EXPANSION__WEIGHT", "0.5")
     assert GatewaySettings().text_expansion.model_dump() == {"hits": 0, "weight": 0.5}
-    assert settings.copy_search.model_dump() == {"features_at_ingest": True, "shortlist": 30}
+    assert settings.copy_search.model_dump() == {"features_at_ingest": True, "shortlist": 30, "mirror_depth": 10}
     monkeypatch.setenv("GATEWAY_COPY_SEARCH__FEATURES_AT_INGEST", "false")
     monkeypatch.setenv("GATEWAY_COPY_SEARCH__SHORTLIST", "100")
-    assert GatewaySettings().copy_search.model_dump() == {"features_at_ingest": False, "shortlist": 100}
+    monkeypatch.setenv("GATEWAY_COPY_SEARCH__MIRROR_DEPTH", "0")
+    assert GatewaySettings().copy_search.model_dump() == {
+        "features_at_ingest": False, "shortlist": 100, "mirror_depth": 0,
+    }
 
 
 def test_downstream_addresses_are_required(monkeypatch):
