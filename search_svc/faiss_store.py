@@ -796,11 +796,7 @@ class FaissStore:
     def get(
         self, collection_name: str, stored_ids: Sequence[str], include_vectors: bool, include_copy_features: bool = False
     ) -> list[dict]:
-        names = [columns.ID, columns.IMAGE_URI, columns.METADATA, columns.CONTENT_SHA256]
-        if include_vectors:
-            names.append(columns.VECTOR)
-        if include_copy_features:
-            names.append(columns.COPY_FEATURES)
+        names = _item_columns(include_vectors, include_copy_features)
         rows = self._timed("get", lambda: self._rows(collection_name, stored_ids, names))
         if include_vectors:
             for row in rows:
@@ -810,11 +806,7 @@ class FaissStore:
     def list_page(
         self, collection_name: str, after: str, limit: int, include_vectors: bool, include_copy_features: bool
     ) -> list[dict]:
-        names = [columns.ID, columns.IMAGE_URI, columns.METADATA, columns.CONTENT_SHA256]
-        if include_vectors:
-            names.append(columns.VECTOR)
-        if include_copy_features:
-            names.append(columns.COPY_FEATURES)
+        names = _item_columns(include_vectors, include_copy_features)
 
         def run() -> list[dict]:
             collection = self._existing(collection_name)
@@ -910,3 +902,13 @@ class FaissStore:
 def faiss_gpus() -> int:
     """GPUs this faiss build can use (0 for faiss-cpu)."""
     return faiss.get_num_gpus() if hasattr(faiss, "StandardGpuResources") else 0
+
+
+def _item_columns(include_vectors: bool, include_copy_features: bool) -> list[str]:
+    """The columns Get and List read: the item's fields, with its vector and copy features when asked."""
+    names = [columns.ID, columns.IMAGE_URI, columns.METADATA, columns.CONTENT_SHA256]
+    if include_vectors:
+        names.append(columns.VECTOR)
+    if include_copy_features:
+        names.append(columns.COPY_FEATURES)
+    return names

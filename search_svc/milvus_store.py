@@ -319,6 +319,11 @@ class MilvusStore:
             columns.CONTENT_SHA256: DataType.VARCHAR,
             columns.COPY_FEATURES: DataType.VARCHAR,  # base64
         }
+        return {**expected, **self._expected_filter_columns()}
+
+    def _expected_filter_columns(self) -> dict[str, DataType]:
+        """The typed filter columns and their presence flags, in items and regions alike."""
+        expected: dict[str, DataType] = {}
         for field, field_type in self._settings.filter_fields.items():
             expected[field] = FIELD_DATA_TYPES[field_type]
             expected[columns.presence_column(field)] = DataType.BOOL
@@ -347,10 +352,7 @@ class MilvusStore:
             columns.VECTOR: DataType.FLOAT_VECTOR,
             **{name: DataType.INT64 for name in columns.REGION_BOX},
         }
-        for field, field_type in self._settings.filter_fields.items():
-            expected[field] = FIELD_DATA_TYPES[field_type]
-            expected[columns.presence_column(field)] = DataType.BOOL
-        return expected
+        return {**expected, **self._expected_filter_columns()}
 
     def _regions_schema(self) -> Any:
         schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
