@@ -135,3 +135,39 @@ async def test_copies_of_catalog_images_find_their_original(tmp_path: Path, mobi
                             "only copy mode tells")):
         refused = run_cli("eval", "--images", str(tmp_path), "--labels", str(labels), *extra)
         assert refused.returncode == 2 and message in refused.stderr, (extra, refused.stderr)
+
+
+async def test_copies_eval_with_regions_indexes_its_catalog_with_regions(tmp_path: Path, mobilenet_dir: Path,
+                                                                        ukbench_images: list[Path]) -> None:
+    labels = _write_ukbench_labels(tmp_path / "labels.csv", ukbench_images[:16])
+    images_root = str(ukbench_images[0].parent)
+    async with in_process_stack(tmp_path / "stack", mobilenet_dir) as stack:
+        gateway = stack.gateway_server.address
+        code, out, err = await run_cli_async(
+            "eval", "--images", images_root, "--labels", str(labels), "--gateway", gateway, "--copies", "2",
+            "--regions", "--keep-collection", "--json", timeout=300)
+        assert code == 0, err
+        report = json.loads(out)
+        assert report["regions"] is True and report["catalog_size"] == 16 and report["queries_failed"] == 0
+        assert report["copies"]["queries"] == 2 * len(TRANSFORMS)
+        # The collection the copies were searched in holds regions, as the gateway itself says; items, not
+        # vectors, are counted.
+        stats = await stack.stub.Stats(gateway_pb2.VisualStatsRequest(collection=report["collection"]), timeout=10)
+        assert stats.regions and stats.count == 16
+        # Copies that keep the whole picture still find their original first, verified, beside the regions.
+        assert report["copies"]["per_transform"]["jpeg20"]["copy_recall_at_1"] == 1.0
+
+        # Without the flag, the same evaluation's collection has none, and the text report says which.
+        code, out, err = await run_cli_async(
+            "eval", "--images", images_root, "--labels", str(labels), "--gateway", gateway, "--copies", "1",
+            "--keep-collection", "--json", timeout=300)
+        assert code == 0, err
+        plain = json.loads(out)
+        assert plain["regions"] is False
+        stats = await stack.stub.Stats(gateway_pb2.VisualStatsRequest(collection=plain["collection"]), timeout=10)
+        assert not stats.regions
+        code, out, err = await run_cli_async(
+            "eval", "--images", images_root, "--labels", str(labels), "--gateway", gateway, "--copies", "1",
+            "--regions", timeout=300)
+        assert code == 0, err
+        assert "16 images in the catalog (with regions)" in out, out

@@ -59,13 +59,13 @@ def copies(original: Image.Image) -> dict[str, bytes]:
     }
 
 
-def add_requests(images: list[Path], positions: range, collection: str = ""):
+def add_requests(images: list[Path], positions: range, collection: str = "", regions: bool = False):
     for position in positions:
         metadata = struct_pb2.Struct()
         metadata.update({"category": f"object-{position // VIEWS}"})
         yield gateway_pb2.AddImageRequest(
             id=item_id(position), image=images[position].read_bytes(), metadata=metadata,
-            image_uri=images[position].resolve().as_uri(), collection=collection,
+            image_uri=images[position].resolve().as_uri(), collection=collection, regions=regions,
         )
 
 
@@ -76,6 +76,16 @@ async def stack(request, tmp_path_factory, mobilenet_dir, ukbench_images):
         image_roots=[ukbench_images[0].parent],
     ) as stack:
         summary = await stack.stub.AddImages(add_requests(ukbench_images, range(CATALOG)), timeout=120)
+        assert (summary.received, summary.indexed, summary.failed) == (CATALOG, CATALOG, 0), summary
+        yield stack
+
+
+@pytest.fixture(scope="module")
+async def regions_stack(tmp_path_factory, mobilenet_dir, ukbench_images):
+    """The same catalog, its default collection (the one the web page searches) indexed with regions."""
+    async with in_process_stack(tmp_path_factory.mktemp("copy-search-regions"), mobilenet_dir,
+                                image_roots=[ukbench_images[0].parent]) as stack:
+        summary = await stack.stub.AddImages(add_requests(ukbench_images, range(CATALOG), regions=True), timeout=300)
         assert (summary.received, summary.indexed, summary.failed) == (CATALOG, CATALOG, 0), summary
         yield stack
 
@@ -306,7 +316,25 @@ async def test_http_copy_mode_refuses_text_and_an_unknown_mode(stack, copies):
 # ---- the web page and the CLI --------------------------------------------------------------------
 
 
-async def test_the_page_marks_copies_with_a_badge_and_their_matched_box(stack, copies, tmp_path):
+async def displayed_box(image, box: dict) -> dict:
+    """Where `box` (in the image's pixels) lies on the page, as the contained thumbnail shows the image."""
+    shown = await image.evaluate(
+        "img => { const s = Math.min(img.clientWidth / img.naturalWidth, img.clientHeight / img.naturalHeight);"
+        " const r = img.getBoundingClientRect();"
+        " return {left: r.left + (r.width - img.naturalWidth * s) / 2,"
+        " top: r.top + (r.height - img.naturalHeight * s) / 2, scale: s}; }")
+    return {"x": shown["left"] + box["x"] * shown["scale"], "y": shown["top"] + box["y"] * shown["scale"],
+            "width": box["width"] * shown["scale"], "height": box["height"] * shown["scale"]}
+
+
+def assert_drawn_at(drawn: dict, expected: dict) -> None:
+    """Within a pixel or two (the border), as the page scales it."""
+    assert abs(drawn["x"] - expected["x"]) < 3 and abs(drawn["y"] - expected["y"]) < 3, (drawn, expected)
+    assert abs(drawn["width"] - expected["width"]) < 5 and abs(drawn["height"] - expected["height"]) < 5, (drawn, expected)
+
+
+async def test_the_page_marks_copies_with_a_badge_and_their_matched_box(stack, regions_stack, copies, original,
+                                                                       tmp_path):
     from playwright.async_api import async_playwright, expect
 
     chromium = shutil.which("chromium")
@@ -325,6 +353,7 @@ async def test_the_page_marks_copies_with_a_badge_and_their_matched_box(stack, c
             await page.click("#go")  # similar mode: no verdicts
             await expect(page.locator(".hit")).to_have_count(5)
             await expect(page.locator(".hit .badge")).to_have_count(0)
+            await expect(page.locator(".hit .matched-region")).to_have_count(0)  # a collection without regions
 
             await page.check("#copies")
             await page.click("#go")
@@ -334,21 +363,44 @@ async def test_the_page_marks_copies_with_a_badge_and_their_matched_box(stack, c
             await expect(page.locator("#status")).to_contain_text("cop")
             marker = first.locator(".matched-box")
             await expect(marker).to_be_visible()
-            image = first.locator(".thumb img")
-            shown = await image.evaluate(
-                "img => { const s = Math.min(img.clientWidth / img.naturalWidth, img.clientHeight / img.naturalHeight);"
-                " const r = img.getBoundingClientRect();"
-                " return {left: r.left + (r.width - img.naturalWidth * s) / 2,"
-                " top: r.top + (r.height - img.naturalHeight * s) / 2, scale: s}; }")
-            drawn = await marker.bounding_box()
             response = await stack.search_file(copies["crop"], mode="copy", k="5")
             box = response.json()["hits"][0]["matched_box"]
-            # The box is drawn where the match is, scaled to the displayed image (within a pixel or two).
-            assert abs(drawn["x"] - (shown["left"] + box["x"] * shown["scale"])) < 3, (drawn, shown, box)
-            assert abs(drawn["y"] - (shown["top"] + box["y"] * shown["scale"])) < 3, (drawn, shown, box)
-            assert abs(drawn["width"] - box["width"] * shown["scale"]) < 5, (drawn, shown, box)
-            assert abs(drawn["height"] - box["height"] * shown["scale"]) < 5, (drawn, shown, box)
+            # The box is drawn where the match is, scaled to the displayed image.
+            assert_drawn_at(await marker.bounding_box(), await displayed_box(first.locator(".thumb img"), box))
+            await expect(page.locator(".hit .matched-region")).to_have_count(0)
             await page.screenshot(path=str(tmp_path / "copies.png"), full_page=True)
+
+            # A collection with regions: the crop's original is found by a region, outlined and labelled where
+            # it lies; hits found by their full view get no outline.
+            await page.goto(f"http://127.0.0.1:{regions_stack.gateway_server.http_port}/")
+            await expect(page.locator("#model")).to_contain_text(f"{CATALOG} images")
+            await page.set_input_files("#file", str(query))
+            await page.fill("#k", "5")
+            await page.click("#go")
+            await expect(page.locator(".hit")).to_have_count(5)
+            hits = (await regions_stack.search_file(copies["crop"], k="5")).json()["hits"]
+            found = next(hit for hit in hits if hit["id"] == item_id(ORIGINAL))
+            assert found["matched_region"] is not None, hits
+            card = page.locator(".hit", has=page.locator(".id", has_text=item_id(ORIGINAL)))
+            outline = card.locator(".matched-region")
+            await expect(outline).to_be_visible()
+            await expect(outline).to_have_text("region")
+            assert_drawn_at(await outline.bounding_box(),
+                            await displayed_box(card.locator(".thumb img"), found["matched_region"]))
+            # Exactly the hits with a region have an outline.
+            outlined = await page.locator(".hit").evaluate_all(
+                "cards => cards.map(card => card.querySelector('.matched-region') !== null)")
+            assert outlined == [hit["matched_region"] is not None for hit in hits], (outlined, hits)
+            await page.screenshot(path=str(tmp_path / "regions.png"), full_page=True)
+
+            whole = tmp_path / "whole.jpg"
+            whole.write_bytes(jpeg(original))
+            await page.set_input_files("#file", str(whole))
+            await page.click("#go")
+            await expect(page.locator(".hit").first.locator(".id")).to_have_text(item_id(ORIGINAL))
+            hits = (await regions_stack.search_file(whole.read_bytes(), k="5")).json()["hits"]
+            assert hits[0]["id"] == item_id(ORIGINAL) and hits[0]["matched_region"] is None, hits
+            await expect(page.locator(".hit").first.locator(".matched-region")).to_have_count(0)
         finally:
             await browser.close()
 

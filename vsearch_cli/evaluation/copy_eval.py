@@ -157,11 +157,11 @@ def score_distractors(directory: Path, listed: int, excluded: Sequence[Path], ou
 async def evaluate_copies(
     catalog: Sequence[LabelledImage], gateway: str, originals: int, *, seed: int = 0, concurrency: int = 8,
     keep_collection: bool = False, api_key: str | None = None, show_progress: bool = False,
-    collection: str | None = None, mode: str = "copy", distractors_dir: Path | None = None,
+    collection: str | None = None, mode: str = "copy", distractors_dir: Path | None = None, regions: bool = False,
 ) -> dict:
-    """Indexes `catalog`, queries in `mode` with transformed copies of `originals` of its images (those
-    that indexed) and with the images under `distractors_dir` (those not in the catalog), drops the
-    collection unless `keep_collection`, and returns the report."""
+    """Indexes `catalog` (with regions when `regions`), queries in `mode` with transformed copies of
+    `originals` of its images (those that indexed) and with the images under `distractors_dir` (those
+    not in the catalog), drops the collection unless `keep_collection`, and returns the report."""
     if originals < 1:
         raise EvalError("--copies must be at least 1", 2)
     if distractors_dir is not None and mode != "copy":
@@ -176,7 +176,8 @@ async def evaluate_copies(
     collection = collection or new_collection_name()
     async with gateway_channel(gateway, api_key) as channel:
         stub = gateway_pb2_grpc.VisualSearchStub(channel)
-        async with evaluation_collection(stub, catalog, collection, gateway, keep_collection, show_progress) as indexed:
+        async with evaluation_collection(stub, catalog, collection, gateway, keep_collection, show_progress,
+                                         regions) as indexed:
             sample = random.Random(seed).sample(indexed.indexed, min(originals, len(indexed.indexed)))
             with tempfile.TemporaryDirectory(prefix="vsearch-copies-") as work_dir:
                 copies = make_copies(sample, Path(work_dir), seed)
@@ -200,7 +201,7 @@ async def evaluate_copies(
             else scores["copy_recall_at_1"] >= TARGET_COPY_RECALL_AT_1,
         },
         "queries_failed": len(failures),
-        "catalog_size": len(indexed.indexed), "catalog_failed": len(indexed.failures),
+        "catalog_size": len(indexed.indexed), "catalog_failed": len(indexed.failures), "regions": indexed.regions,
         "collection": collection, "collection_dropped": indexed.dropped,
         "index_s": round(indexed.index_s, 3), "search_s": round(search_s, 3), "concurrency": concurrency,
         "query_p50_ms": round(float(np.percentile(latencies, 50)), 2),
@@ -221,7 +222,7 @@ def _figure(value: float | int | None) -> str:
 def format_copies_report(report: dict) -> str:
     copies = report["copies"]
     lines = [f"copies of {copies['originals']} catalog images (seed {copies['seed']}), searched in {copies['mode']} "
-             f"mode; {report['catalog_size']} images in the catalog",
+             f"mode; {report['catalog_size']} images in the catalog{' (with regions)' if report['regions'] else ''}",
              f"{'transform':<14} {'queries':>7} {'R@1':>7} {'copy R@1':>9} {'R@10':>7} {'absent':>7} "
              f"{'other copy 1st':>15}"]
     for name, entry in [*copies["per_transform"].items(), ("all", copies)]:

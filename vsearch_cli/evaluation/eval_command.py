@@ -149,21 +149,24 @@ async def require_collection_support(stub: gateway_pb2_grpc.VisualSearchStub, co
                     "it does not support collections, and indexing would write into the default catalog")
 
 
-def add_requests(images: Sequence[LabelledImage], collection: str) -> Iterator[gateway_pb2.AddImageRequest]:
-    """Read lazily, so only the images of the streams in flight are held in memory."""
+def add_requests(
+    images: Sequence[LabelledImage], collection: str, regions: bool = False,
+) -> Iterator[gateway_pb2.AddImageRequest]:
+    """Read lazily, so only the images of the streams in flight are held in memory. `regions`: each
+    image is indexed with its regions too (AddImageRequest.regions, docs/regions.md)."""
     for image in images:
         metadata = struct_pb2.Struct()
         if image.label:
             metadata.update({"label": image.label})
         yield gateway_pb2.AddImageRequest(
             id=image.id, image=image.path.read_bytes(), metadata=metadata,
-            image_uri=image.path.resolve().as_uri(), collection=collection,
+            image_uri=image.path.resolve().as_uri(), collection=collection, regions=regions,
         )
 
 
 async def index_catalog(
     stub: gateway_pb2_grpc.VisualSearchStub, catalog: Sequence[LabelledImage], collection: str,
-    show_progress: bool,
+    show_progress: bool, regions: bool = False,
 ) -> dict[str, str]:
     """Indexes the catalog; returns {id: "CODE: message"} for the images the gateway refused."""
     chunks = [catalog[start:start + INGEST_CHUNK] for start in range(0, len(catalog), INGEST_CHUNK)]
@@ -174,7 +177,7 @@ async def index_catalog(
 
     async def index_chunk(chunk: Sequence[LabelledImage]) -> None:
         async with streams:
-            summary = await stub.AddImages(add_requests(chunk, collection), timeout=INGEST_TIMEOUT_S,
+            summary = await stub.AddImages(add_requests(chunk, collection, regions), timeout=INGEST_TIMEOUT_S,
                                            wait_for_ready=True)
         for failure in summary.failures:
             failures[chunk[failure.index].id] = f"{code_from_int(failure.code).name}: {failure.message}"
@@ -371,21 +374,22 @@ class IndexedCatalog:
     failures: dict[str, str]  # id -> "CODE: message" of the images the gateway refused
     index_s: float
     dropped: bool = False
+    regions: bool = False  # the collection's items have regions (Stats.regions)
 
 
 @contextlib.asynccontextmanager
 async def evaluation_collection(
     stub: gateway_pb2_grpc.VisualSearchStub, catalog: Sequence[LabelledImage], collection: str, gateway: str,
-    keep_collection: bool, show_progress: bool,
+    keep_collection: bool, show_progress: bool, regions: bool = False,
 ) -> AsyncIterator[IndexedCatalog]:
-    """Indexes `catalog` into the fresh `collection` and checks the count; on the way out drops the
-    collection (unless `keep_collection`; `dropped` says whether it went) and turns the gateway's errors
-    into an `EvalError`."""
+    """Indexes `catalog` into the fresh `collection` (with regions when `regions`) and checks the count,
+    and that the collection has regions when asked; on the way out drops the collection (unless
+    `keep_collection`; `dropped` says whether it went) and turns the gateway's errors into an `EvalError`."""
     await require_collection_support(stub, collection)
     indexed_catalog = IndexedCatalog(collection, [], {}, 0.0)
     try:
         index_started = time.perf_counter()
-        failures = await index_catalog(stub, catalog, collection, show_progress)
+        failures = await index_catalog(stub, catalog, collection, show_progress, regions)
         indexed_catalog.index_s = time.perf_counter() - index_started
         indexed_catalog.failures = failures
         indexed_catalog.indexed = [image for image in catalog if image.id not in failures]
@@ -395,6 +399,11 @@ async def evaluation_collection(
         if stats.count != len(indexed_catalog.indexed):
             raise EvalError(f"collection {collection} holds {stats.count} items after indexing "
                             f"{len(indexed_catalog.indexed)}")
+        # A gateway that predates regions ignores the flag: its figures would be measured without them.
+        if regions and not stats.regions:
+            raise EvalError(f"collection {collection} has no regions after indexing with --regions: the gateway "
+                            "does not make them")
+        indexed_catalog.regions = stats.regions
         yield indexed_catalog
     except grpc.aio.AioRpcError as error:
         raise EvalError(f"gateway {gateway}: {rpc_message(error)}") from None
@@ -407,9 +416,11 @@ async def evaluate(
     eval_set: EvalSet, gateway: str, k: int, concurrency: int = 8, keep_collection: bool = False,
     api_key: str | None = None,
     show_progress: bool = False, collection: str | None = None, text_templates: Sequence[str] = (),
+    regions: bool = False,
 ) -> dict:
-    """Indexes the catalog into `collection` (a fresh `eval_<hex>` by default), searches with every
-    query, drops the collection unless `keep_collection`, and returns the report: the metrics of
+    """Indexes the catalog into `collection` (a fresh `eval_<hex>` by default; with regions when
+    `regions`), searches with every query, drops the collection unless `keep_collection`, and returns
+    the report (`regions`: the collection's Stats.regions): the metrics of
     `retrieval_metrics.summarise` (mean over the queries that have a relevant catalog image), then
     wall_time_s and the extras (sizes, failures, per-phase timings, query latencies). With
     `text_templates`, the queries are words instead: one per query label and template, and the report
@@ -421,7 +432,7 @@ async def evaluate(
     async with gateway_channel(gateway, api_key) as channel:
         stub = gateway_pb2_grpc.VisualSearchStub(channel)
         async with evaluation_collection(
-            stub, eval_set.catalog, collection, gateway, keep_collection, show_progress,
+            stub, eval_set.catalog, collection, gateway, keep_collection, show_progress, regions,
         ) as catalog:
             search_started = time.perf_counter()
             if text_templates:
@@ -438,14 +449,16 @@ async def evaluate(
             if not outcomes and not text_templates:
                 raise EvalError(f"every query failed, e.g. {next(iter(query_failures.items()))}")
     indexed, catalog_failures, index_s, dropped = catalog.indexed, catalog.failures, catalog.index_s, catalog.dropped
+    with_regions = catalog.regions
 
     if text_templates:
         return {
             "text": [score_texts(found, indexed, k, template) for template, found in zip(text_templates, text_outcomes)],
             "wall_time_s": round(time.perf_counter() - started, 3), "k": k, "catalog_size": len(indexed),
             "catalog_labels": len({image.label for image in indexed if image.label}),
-            "catalog_failed": len(catalog_failures), "collection": collection, "collection_dropped": dropped,
-            "index_s": round(index_s, 3), "search_s": round(search_s, 3), "concurrency": concurrency,
+            "catalog_failed": len(catalog_failures), "regions": with_regions, "collection": collection,
+            "collection_dropped": dropped, "index_s": round(index_s, 3), "search_s": round(search_s, 3),
+            "concurrency": concurrency,
             "failures": dict(list(catalog_failures.items())[:MAX_REPORTED_FAILURES]),
         }
     scores, without_relevant = score_outcomes(outcomes, indexed, k)
@@ -461,6 +474,7 @@ async def evaluate(
         "catalog_failed": len(catalog_failures),
         "queries_failed": len(query_failures),
         "queries_without_relevant": without_relevant,
+        "regions": with_regions,
         "collection": collection,
         "collection_dropped": dropped,
         "index_s": round(index_s, 3),
@@ -520,7 +534,7 @@ def format_report(report: dict) -> str:
         f"{'queries':<50} {report['queries']} ({report['queries_failed']} failed, "
         f"{report['queries_without_relevant']} without a relevant catalog image)",
         f"{'catalog':<50} {report['catalog_size']} images, {report['catalog_labels']} labels "
-        f"({report['catalog_failed']} failed to index)",
+        f"({report['catalog_failed']} failed to index){', with regions' if report['regions'] else ''}",
         f"{'index':<50} {report['index_s']:.1f} s ({report['ingest_images_per_s']:.1f} images/s)",
         f"{'search':<50} {report['search_s']:.1f} s ({report['queries_per_s']:.1f} queries/s, "
         f"p50 {report['query_p50_ms']:.0f} ms, p95 {report['query_p95_ms']:.0f} ms, "
@@ -569,12 +583,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 eval_set.catalog, args.gateway, args.copies, seed=args.seed, concurrency=args.concurrency,
                 keep_collection=args.keep_collection, api_key=args.api_key, show_progress=show_progress,
                 collection=collection, mode=args.mode or "copy",
-                distractors_dir=Path(args.distractors) if args.distractors else None,
+                distractors_dir=Path(args.distractors) if args.distractors else None, regions=args.regions,
             ))
         else:
             report = asyncio.run(evaluate(
                 eval_set, args.gateway, args.k, args.concurrency, args.keep_collection, api_key=args.api_key,
                 show_progress=show_progress, collection=collection, text_templates=args.text_template or (),
+                regions=args.regions,
             ))
     except EvalError as error:
         print(f"vsearch eval: {error}", file=sys.stderr)
@@ -633,6 +648,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                                  "copy in the catalog; reports the false-copy rate (queries with any hit is_copy). "
                                  "They must not be catalog images: one whose sha256 is a catalog image's is "
                                  "excluded, and counted")
+    evaluation.add_argument("--regions", action="store_true",
+                            help="index the catalog with its images' regions too (the full view plus a grid of "
+                                 "14 parts, as vsearch index --regions; about 6x slower to index): measures what "
+                                 "regions change, e.g. for crops (docs/regions.md)")
     evaluation.add_argument("--seed", type=int, default=0, help="of the --copies sample and transforms (default 0)")
     evaluation.add_argument("--json", action="store_true", help="print one JSON object")
     evaluation.add_argument("--progress", action="store_true", help="show progress bars even when not on a terminal")
