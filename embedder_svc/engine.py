@@ -220,13 +220,21 @@ class EmbeddingEngine:
         loop = asyncio.get_running_loop()
         verifier = self._copy_verifier
         with span("verify copies", {"vsearch.candidates": len(candidates)}):
-            return await self._in_shares(
-                loop, list(enumerate(candidates)), lambda share: [
-                    verifier.verify(query, candidate, check_mirrored=rank < mirror_depth)
-                    if candidate is not None else NO_COPY
-                    for rank, candidate in share
-                ],
-            )
+            # Every worker takes every n-th candidate rather than a contiguous share: the first candidates
+            # cost more (the mirror check), and contiguous shares would leave one worker with all of them.
+            workers = min(self._decode_workers, len(candidates))
+            parts = await asyncio.gather(*(
+                loop.run_in_executor(self._decode_executor, lambda first: [
+                    verifier.verify(query, candidates[rank], check_mirrored=rank < mirror_depth)
+                    if candidates[rank] is not None else NO_COPY
+                    for rank in range(first, len(candidates), workers)
+                ], first)
+                for first in range(workers)
+            ))
+            verdicts: list[Verdict] = [NO_COPY] * len(candidates)
+            for first, part in enumerate(parts):
+                verdicts[first::workers] = part
+            return verdicts
 
     async def _in_shares(self, loop: asyncio.AbstractEventLoop, items: list, work: Callable[[list], list]) -> list:
         """`work` over contiguous shares of `items`, one executor call per decode worker, results in
