@@ -337,13 +337,17 @@ class MilvusStore:
         schema.add_field(columns.METADATA, DataType.JSON)
         schema.add_field(columns.CONTENT_SHA256, DataType.VARCHAR, max_length=columns.CONTENT_SHA256_MAX_BYTES)
         schema.add_field(columns.COPY_FEATURES, DataType.VARCHAR, max_length=columns.COPY_FEATURES_BASE64_MAX_BYTES)
+        self._add_filter_columns(schema)
+        return schema
+
+    def _add_filter_columns(self, schema: Any) -> None:
+        """The typed filter columns and their presence flags, in items and regions alike."""
         for field, field_type in self._settings.filter_fields.items():
             if field_type == "string":
                 schema.add_field(field, DataType.VARCHAR, max_length=columns.STRING_FIELD_MAX_BYTES)
             else:
                 schema.add_field(field, FIELD_DATA_TYPES[field_type])
             schema.add_field(columns.presence_column(field), DataType.BOOL)
-        return schema
 
     def _expected_region_columns(self) -> dict[str, DataType]:
         expected = {
@@ -362,12 +366,7 @@ class MilvusStore:
         schema.add_field(columns.VECTOR, DataType.FLOAT_VECTOR, dim=self._settings.dimension)
         for name in columns.REGION_BOX:
             schema.add_field(name, DataType.INT64)
-        for field, field_type in self._settings.filter_fields.items():
-            if field_type == "string":
-                schema.add_field(field, DataType.VARCHAR, max_length=columns.STRING_FIELD_MAX_BYTES)
-            else:
-                schema.add_field(field, FIELD_DATA_TYPES[field_type])
-            schema.add_field(columns.presence_column(field), DataType.BOOL)
+        self._add_filter_columns(schema)
         return schema
 
     def _check_regions_schema(self, name: str, description: dict) -> None:
