@@ -118,21 +118,30 @@ class CopyFeatureExtractor:
     def extract(self, image: Image.Image, for_query: bool = False) -> bytes:
         """The copy features of an image (RGB or L) as a blob: for the index, or for a query (those of
         the mirror image too)."""
-        plain = self.feature_set(image, mirrored=False, for_query=for_query)
-        mirrored = self.feature_set(image, mirrored=True, for_query=True) if for_query else None
+        working, original_size = self._working_image(image)
+        plain = self._feature_set(working, original_size, mirrored=False, for_query=for_query)
+        mirrored = self._feature_set(working, original_size, mirrored=True, for_query=True) if for_query else None
         return self.combine(plain, mirrored)
 
     def feature_set(self, image: Image.Image, mirrored: bool, for_query: bool) -> "ExtractedSet":
         """One of an image's two feature sets (a query's are extracted side by side, see the engine)."""
+        return self._feature_set(*self._working_image(image), mirrored=mirrored, for_query=for_query)
+
+    def _working_image(self, image: Image.Image) -> tuple[np.ndarray, tuple[int, int]]:
+        """The greyscale working image, and the original's (width, height)."""
         grey = np.asarray(image.convert("L"))
         original_height, original_width = grey.shape
-        working = _resize_longer_side(grey, self.settings.working_side)
+        return _resize_longer_side(grey, self.settings.working_side), (original_width, original_height)
+
+    def _feature_set(
+        self, working: np.ndarray, original_size: tuple[int, int], mirrored: bool, for_query: bool
+    ) -> "ExtractedSet":
         height, width = working.shape
         if mirrored:
             features = self._detect(np.ascontiguousarray(working[:, ::-1]), self.settings.mirrored_query_keypoints)
         else:
             features = self._detect(working, self.settings.query_keypoints if for_query else self.settings.keypoints)
-        return ExtractedSet(features, (width, height), (original_width, original_height))
+        return ExtractedSet(features, (width, height), original_size)
 
     @staticmethod
     def combine(plain: "ExtractedSet", mirrored: "ExtractedSet | None") -> bytes:

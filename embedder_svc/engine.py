@@ -220,34 +220,27 @@ class EmbeddingEngine:
         loop = asyncio.get_running_loop()
         verifier = self._copy_verifier
         with span("verify copies", {"vsearch.candidates": len(candidates)}):
-            # Every worker takes every n-th candidate rather than a contiguous share: the first candidates
-            # cost more (the mirror check), and contiguous shares would leave one worker with all of them.
-            workers = min(self._decode_workers, len(candidates))
-            parts = await asyncio.gather(*(
-                loop.run_in_executor(self._decode_executor, lambda first: [
-                    verifier.verify(query, candidates[rank], check_mirrored=rank < mirror_depth)
-                    if candidates[rank] is not None else NO_COPY
-                    for rank in range(first, len(candidates), workers)
-                ], first)
-                for first in range(workers)
-            ))
-            verdicts: list[Verdict] = [NO_COPY] * len(candidates)
-            for first, part in enumerate(parts):
-                verdicts[first::workers] = part
-            return verdicts
+            return await self._in_shares(loop, list(enumerate(candidates)), lambda share: [
+                verifier.verify(query, candidate, check_mirrored=rank < mirror_depth)
+                if candidate is not None else NO_COPY
+                for rank, candidate in share
+            ])
 
     async def _in_shares(self, loop: asyncio.AbstractEventLoop, items: list, work: Callable[[list], list]) -> list:
-        """`work` over contiguous shares of `items`, one executor call per decode worker, results in
-        order: an executor hop per item woke the event loop once per item (10% of the embedder's
-        profile)."""
+        """`work` over shares of `items`, one executor call per decode worker, results in order: an
+        executor hop per item woke the event loop once per item (10% of the embedder's profile). The
+        items are dealt in turn, not cut in halves: the first ones may cost more (a verification's
+        first candidates get the mirror check), and halves would give one worker all of them."""
         if not items:
             return []
-        share = -(-len(items) // self._decode_workers)
+        workers = min(self._decode_workers, len(items))
         parts = await asyncio.gather(*(
-            loop.run_in_executor(self._decode_executor, work, items[start:start + share])
-            for start in range(0, len(items), share)
+            loop.run_in_executor(self._decode_executor, work, items[first::workers]) for first in range(workers)
         ))
-        return [outcome for part in parts for outcome in part]
+        results: list = [None] * len(items)
+        for first, part in enumerate(parts):
+            results[first::workers] = part
+        return results
 
     def _prepare_all(
         self, preprocessor: Preprocessor, images: list[tuple[bytes, CropBox | None]], keep_images: bool,
