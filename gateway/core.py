@@ -11,7 +11,7 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import AsyncIterable, AsyncIterator
+from typing import AsyncIterable, AsyncIterator, Callable
 
 import grpc
 import numpy as np
@@ -196,6 +196,30 @@ def _served_from_cache(
     return cached
 
 
+@dataclass(frozen=True)
+class ModelAbility:
+    """Something a query needs of the model (searching by words, a calibration, copy verification), and
+    the refusal when the model has not got it."""
+
+    has: Callable[[ModelInfo], bool]
+    refusal: Callable[[ModelInfo], str]
+
+
+_searches_by_words = ModelAbility(
+    lambda model: bool(model.text_search), lambda model: f"model {model.name} cannot search by words"
+)
+_calibrated = ModelAbility(
+    lambda model: model.calibration is not None,
+    lambda model: f"model {model.name} ({model.version}) has no calibration, so hits have no match_probability to "
+                  "filter by min_probability (calibrate it with `vsearch model calibrate`)",
+)
+_verifies_copies = ModelAbility(
+    lambda model: bool(model.copy_min_inliers),
+    lambda model: f"the embedder serving {model.name} ({model.version}) does not verify copies (it reports no "
+                  "copy_min_inliers), so copy mode cannot be searched",
+)
+
+
 class VisualSearchCore:
     def __init__(
         self,
@@ -274,12 +298,12 @@ class VisualSearchCore:
         started = time.perf_counter()
         model = self._require_model()
         query = SearchQuery.parse(request, self.settings, model.version)
-        if query.by_text and not model.text_search:
-            model = await self._require_text_search(deadline)
-        if query.min_probability is not None and model.calibration is None:
-            model = await self._require_calibration(deadline)
-        if query.copy_mode and not model.copy_min_inliers:
-            model = await self._require_copy_verification(deadline)
+        if query.by_text:
+            model = await self._model_able(model, _searches_by_words, deadline)
+        if query.min_probability is not None:
+            model = await self._model_able(model, _calibrated, deadline)
+        if query.copy_mode:
+            model = await self._model_able(model, _verifies_copies, deadline)
 
         lookups_started = time.perf_counter()
         async with self._start_lookups(query, model, deadline) as lookups:
@@ -440,36 +464,14 @@ class VisualSearchCore:
         values = await self.downstream.stored_vector(query.request.collection, query.request.item_id, deadline)
         return QueryVector(values, from_cache=True, model_version=query.model_version)
 
-    async def _require_text_search(self, deadline: float | None) -> ModelInfo:
-        """The model, asked again (it may have been redeployed since we last heard): FAILED_PRECONDITION
-        when it still cannot search by words."""
+    async def _model_able(self, model: ModelInfo, ability: ModelAbility, deadline: float | None) -> ModelInfo:
+        """`model` when it has the ability; otherwise the model asked again (it may have been redeployed
+        since we last heard), FAILED_PRECONDITION saying what it lacks when it still has not."""
+        if ability.has(model):
+            return model
         model = self._remember_model(await self.downstream.model_info(deadline))
-        if not model.text_search:
-            raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, f"model {model.name} cannot search by words")
-        return model
-
-    async def _require_calibration(self, deadline: float | None) -> ModelInfo:
-        """The model, asked again (it may have been redeployed calibrated): FAILED_PRECONDITION when it still
-        has no calibration, which min_probability needs."""
-        model = self._remember_model(await self.downstream.model_info(deadline))
-        if model.calibration is None:
-            raise ServiceError(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"model {model.name} ({model.version}) has no calibration, so hits have no match_probability to "
-                "filter by min_probability (calibrate it with `vsearch model calibrate`)",
-            )
-        return model
-
-    async def _require_copy_verification(self, deadline: float | None) -> ModelInfo:
-        """The model, asked again (the embedder may have been upgraded since): FAILED_PRECONDITION when it
-        still reports no copy_min_inliers, i.e. makes no copy features and verifies no copies."""
-        model = self._remember_model(await self.downstream.model_info(deadline))
-        if not model.copy_min_inliers:
-            raise ServiceError(
-                grpc.StatusCode.FAILED_PRECONDITION,
-                f"the embedder serving {model.name} ({model.version}) does not verify copies (it reports no "
-                "copy_min_inliers), so copy mode cannot be searched",
-            )
+        if not ability.has(model):
+            raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, ability.refusal(model))
         return model
 
     def _with_probabilities(
@@ -692,8 +694,7 @@ class VisualSearchCore:
             )
         if requested in (gateway_pb2.ON_COPY_UNSPECIFIED, gateway_pb2.ON_COPY_KEEP):
             return gateway_pb2.ON_COPY_KEEP
-        if not self._require_model().copy_min_inliers:
-            await self._require_copy_verification(deadline)
+        await self._model_able(self._require_model(), _verifies_copies, deadline)
         return requested
 
     async def _stream_regions(self, collection: str, requested: bool, deadline: float | None) -> StreamRegions:
