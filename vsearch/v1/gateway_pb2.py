@@ -27,47 +27,53 @@ from vsearch.v1 import embedder_pb2 as vsearch_dot_v1_dot_embedder__pb2
 from vsearch.v1 import search_pb2 as vsearch_dot_v1_dot_search__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18vsearch/v1/gateway.proto\x12\nvsearch.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x19vsearch/v1/embedder.proto\x1a\x17vsearch/v1/search.proto\"\xc1\x02\n\x13VisualSearchRequest\x12\x0f\n\x05image\x18\x01 \x01(\x0cH\x00\x12\x11\n\x07item_id\x18\x02 \x01(\tH\x00\x12\x0e\n\x04text\x18\x08 \x01(\tH\x00\x12!\n\x04\x63rop\x18\x03 \x01(\x0b\x32\x13.vsearch.v1.CropBox\x12\x0e\n\x01k\x18\x04 \x01(\rH\x01\x88\x01\x01\x12\"\n\x06\x66ilter\x18\x05 \x01(\x0b\x32\x12.vsearch.v1.Filter\x12\x16\n\tmin_score\x18\x06 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\ncollection\x18\x07 \x01(\t\x12\x1c\n\x0fmin_probability\x18\t \x01(\x02H\x03\x88\x01\x01\x12$\n\x04mode\x18\n \x01(\x0e\x32\x16.vsearch.v1.SearchModeB\x07\n\x05queryB\x04\n\x02_kB\x0c\n\n_min_scoreB\x12\n\x10_min_probability\"\xbb\x02\n\tSearchHit\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x11\n\timage_uri\x18\x03 \x01(\t\x12)\n\x08metadata\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x1e\n\x11match_probability\x18\x05 \x01(\x02H\x00\x88\x01\x01\x12\x14\n\x07is_copy\x18\x06 \x01(\x08H\x01\x88\x01\x01\x12\x17\n\ncopy_score\x18\x07 \x01(\x02H\x02\x88\x01\x01\x12(\n\x0bmatched_box\x18\x08 \x01(\x0b\x32\x13.vsearch.v1.CropBox\x12+\n\x0ematched_region\x18\t \x01(\x0b\x32\x13.vsearch.v1.CropBoxB\x14\n\x12_match_probabilityB\n\n\x08_is_copyB\r\n\x0b_copy_score\"?\n\x06Timing\x12\x10\n\x08\x65mbed_ms\x18\x01 \x01(\x01\x12\x11\n\tsearch_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\"\x89\x02\n\x14VisualSearchResponse\x12#\n\x04hits\x18\x01 \x03(\x0b\x32\x15.vsearch.v1.SearchHit\x12\x12\n\nfrom_cache\x18\x02 \x01(\x08\x12\x1c\n\x14\x65mbedding_from_cache\x18\x03 \x01(\x08\x12\"\n\x06timing\x18\x04 \x01(\x0b\x32\x12.vsearch.v1.Timing\x12\x18\n\x10index_generation\x18\x05 \x01(\x04\x12\x15\n\rmodel_version\x18\x06 \x01(\t\x12\x15\n\rno_good_match\x18\x07 \x01(\x08\x12\x17\n\x0fno_match_reason\x18\x08 \x01(\t\x12\x15\n\runderstood_as\x18\t \x01(\t\"\xb4\x01\n\x0f\x41\x64\x64ImageRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\x0c\x12)\n\x08metadata\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x11\n\timage_uri\x18\x04 \x01(\t\x12\x12\n\ncollection\x18\x05 \x01(\t\x12#\n\x07on_copy\x18\x06 \x01(\x0e\x32\x12.vsearch.v1.OnCopy\x12\x0f\n\x07regions\x18\x07 \x01(\x08\"]\n\nIngestCopy\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x0f\n\x07\x63opy_of\x18\x03 \x01(\t\x12\x12\n\ncopy_score\x18\x04 \x01(\x02\x12\x0f\n\x07skipped\x18\x05 \x01(\x08\"G\n\x0bItemFailure\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\r\n\x05index\x18\x04 \x01(\r\"\xdd\x01\n\x10\x41\x64\x64ImagesSummary\x12\x10\n\x08received\x18\x01 \x01(\r\x12\x0f\n\x07indexed\x18\x02 \x01(\r\x12\x0e\n\x06\x66\x61iled\x18\x03 \x01(\r\x12)\n\x08\x66\x61ilures\x18\x04 \x03(\x0b\x32\x17.vsearch.v1.ItemFailure\x12\x18\n\x10index_generation\x18\x05 \x01(\x04\x12\x11\n\tunchanged\x18\x06 \x01(\r\x12&\n\x06\x63opies\x18\x07 \x03(\x0b\x32\x16.vsearch.v1.IngestCopy\x12\x16\n\x0eskipped_copies\x18\x08 \x01(\r\"6\n\x13\x44\x65leteImagesRequest\x12\x0b\n\x03ids\x18\x01 \x03(\t\x12\x12\n\ncollection\x18\x02 \x01(\t\"A\n\x14\x44\x65leteImagesResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\r\x12\x18\n\x10index_generation\x18\x02 \x01(\x04\"(\n\x12VisualStatsRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\"\xf5\x01\n\x13VisualStatsResponse\x12\r\n\x05\x63ount\x18\x01 \x01(\x04\x12\x12\n\nindex_type\x18\x02 \x01(\t\x12\x0e\n\x06metric\x18\x03 \x01(\t\x12\x18\n\x10index_generation\x18\x04 \x01(\x04\x12\x11\n\tdimension\x18\x05 \x01(\r\x12\x12\n\nmodel_name\x18\x06 \x01(\t\x12\x15\n\rmodel_version\x18\x07 \x01(\t\x12\x19\n\x11\x66ilterable_fields\x18\x08 \x03(\t\x12\x13\n\x0btext_search\x18\t \x01(\t\x12\x12\n\ncalibrated\x18\n \x01(\x08\x12\x0f\n\x07regions\x18\x0b \x01(\x08\"N\n\x11ListImagesRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\"p\n\x0c\x43\x61talogImage\x12\n\n\x02id\x18\x01 \x01(\t\x12\x16\n\x0e\x63ontent_sha256\x18\x02 \x01(\t\x12\x11\n\timage_uri\x18\x03 \x01(\t\x12)\n\x08metadata\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\"W\n\x12ListImagesResponse\x12(\n\x06images\x18\x01 \x03(\x0b\x32\x18.vsearch.v1.CatalogImage\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*X\n\nSearchMode\x12\x1b\n\x17SEARCH_MODE_UNSPECIFIED\x10\x00\x12\x17\n\x13SEARCH_MODE_SIMILAR\x10\x01\x12\x14\n\x10SEARCH_MODE_COPY\x10\x02*W\n\x06OnCopy\x12\x17\n\x13ON_COPY_UNSPECIFIED\x10\x00\x12\x10\n\x0cON_COPY_KEEP\x10\x01\x12\x10\n\x0cON_COPY_FLAG\x10\x02\x12\x10\n\x0cON_COPY_SKIP\x10\x03\x32\xe8\x03\n\x0cVisualSearch\x12K\n\x06Search\x12\x1f.vsearch.v1.VisualSearchRequest\x1a .vsearch.v1.VisualSearchResponse\x12H\n\tAddImages\x12\x1b.vsearch.v1.AddImageRequest\x1a\x1c.vsearch.v1.AddImagesSummary(\x01\x12Q\n\x0c\x44\x65leteImages\x12\x1f.vsearch.v1.DeleteImagesRequest\x1a .vsearch.v1.DeleteImagesResponse\x12H\n\x05Stats\x12\x1e.vsearch.v1.VisualStatsRequest\x1a\x1f.vsearch.v1.VisualStatsResponse\x12W\n\x0e\x44ropCollection\x12!.vsearch.v1.DropCollectionRequest\x1a\".vsearch.v1.DropCollectionResponse\x12K\n\nListImages\x12\x1d.vsearch.v1.ListImagesRequest\x1a\x1e.vsearch.v1.ListImagesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18vsearch/v1/gateway.proto\x12\nvsearch.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x19vsearch/v1/embedder.proto\x1a\x17vsearch/v1/search.proto\"\xd5\x02\n\x13VisualSearchRequest\x12\x0f\n\x05image\x18\x01 \x01(\x0cH\x00\x12\x11\n\x07item_id\x18\x02 \x01(\tH\x00\x12\x0e\n\x04text\x18\x08 \x01(\tH\x00\x12!\n\x04\x63rop\x18\x03 \x01(\x0b\x32\x13.vsearch.v1.CropBox\x12\x0e\n\x01k\x18\x04 \x01(\rH\x01\x88\x01\x01\x12\"\n\x06\x66ilter\x18\x05 \x01(\x0b\x32\x12.vsearch.v1.Filter\x12\x16\n\tmin_score\x18\x06 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\ncollection\x18\x07 \x01(\t\x12\x1c\n\x0fmin_probability\x18\t \x01(\x02H\x03\x88\x01\x01\x12$\n\x04mode\x18\n \x01(\x0e\x32\x16.vsearch.v1.SearchMode\x12\x12\n\npage_token\x18\x0b \x01(\tB\x07\n\x05queryB\x04\n\x02_kB\x0c\n\n_min_scoreB\x12\n\x10_min_probability\"\xbb\x02\n\tSearchHit\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x11\n\timage_uri\x18\x03 \x01(\t\x12)\n\x08metadata\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x1e\n\x11match_probability\x18\x05 \x01(\x02H\x00\x88\x01\x01\x12\x14\n\x07is_copy\x18\x06 \x01(\x08H\x01\x88\x01\x01\x12\x17\n\ncopy_score\x18\x07 \x01(\x02H\x02\x88\x01\x01\x12(\n\x0bmatched_box\x18\x08 \x01(\x0b\x32\x13.vsearch.v1.CropBox\x12+\n\x0ematched_region\x18\t \x01(\x0b\x32\x13.vsearch.v1.CropBoxB\x14\n\x12_match_probabilityB\n\n\x08_is_copyB\r\n\x0b_copy_score\"?\n\x06Timing\x12\x10\n\x08\x65mbed_ms\x18\x01 \x01(\x01\x12\x11\n\tsearch_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\"\xa2\x02\n\x14VisualSearchResponse\x12#\n\x04hits\x18\x01 \x03(\x0b\x32\x15.vsearch.v1.SearchHit\x12\x12\n\nfrom_cache\x18\x02 \x01(\x08\x12\x1c\n\x14\x65mbedding_from_cache\x18\x03 \x01(\x08\x12\"\n\x06timing\x18\x04 \x01(\x0b\x32\x12.vsearch.v1.Timing\x12\x18\n\x10index_generation\x18\x05 \x01(\x04\x12\x15\n\rmodel_version\x18\x06 \x01(\t\x12\x15\n\rno_good_match\x18\x07 \x01(\x08\x12\x17\n\x0fno_match_reason\x18\x08 \x01(\t\x12\x15\n\runderstood_as\x18\t \x01(\t\x12\x17\n\x0fnext_page_token\x18\n \x01(\t\"L\n\x18VisualSearchBatchRequest\x12\x30\n\x07queries\x18\x01 \x03(\x0b\x32\x1f.vsearch.v1.VisualSearchRequest\"g\n\x12VisualSearchResult\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x32\n\x08response\x18\x03 \x01(\x0b\x32 .vsearch.v1.VisualSearchResponse\"L\n\x19VisualSearchBatchResponse\x12/\n\x07results\x18\x01 \x03(\x0b\x32\x1e.vsearch.v1.VisualSearchResult\"\xb4\x01\n\x0f\x41\x64\x64ImageRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\x0c\x12)\n\x08metadata\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x11\n\timage_uri\x18\x04 \x01(\t\x12\x12\n\ncollection\x18\x05 \x01(\t\x12#\n\x07on_copy\x18\x06 \x01(\x0e\x32\x12.vsearch.v1.OnCopy\x12\x0f\n\x07regions\x18\x07 \x01(\x08\"]\n\nIngestCopy\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\x0f\n\x07\x63opy_of\x18\x03 \x01(\t\x12\x12\n\ncopy_score\x18\x04 \x01(\x02\x12\x0f\n\x07skipped\x18\x05 \x01(\x08\"G\n\x0bItemFailure\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x63ode\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\r\n\x05index\x18\x04 \x01(\r\"\xdd\x01\n\x10\x41\x64\x64ImagesSummary\x12\x10\n\x08received\x18\x01 \x01(\r\x12\x0f\n\x07indexed\x18\x02 \x01(\r\x12\x0e\n\x06\x66\x61iled\x18\x03 \x01(\r\x12)\n\x08\x66\x61ilures\x18\x04 \x03(\x0b\x32\x17.vsearch.v1.ItemFailure\x12\x18\n\x10index_generation\x18\x05 \x01(\x04\x12\x11\n\tunchanged\x18\x06 \x01(\r\x12&\n\x06\x63opies\x18\x07 \x03(\x0b\x32\x16.vsearch.v1.IngestCopy\x12\x16\n\x0eskipped_copies\x18\x08 \x01(\r\"6\n\x13\x44\x65leteImagesRequest\x12\x0b\n\x03ids\x18\x01 \x03(\t\x12\x12\n\ncollection\x18\x02 \x01(\t\"A\n\x14\x44\x65leteImagesResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\r\x12\x18\n\x10index_generation\x18\x02 \x01(\x04\"F\n\x12VisualStatsRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x1c\n\x14with_field_summaries\x18\x02 \x01(\x08\"\xa8\x02\n\x13VisualStatsResponse\x12\r\n\x05\x63ount\x18\x01 \x01(\x04\x12\x12\n\nindex_type\x18\x02 \x01(\t\x12\x0e\n\x06metric\x18\x03 \x01(\t\x12\x18\n\x10index_generation\x18\x04 \x01(\x04\x12\x11\n\tdimension\x18\x05 \x01(\r\x12\x12\n\nmodel_name\x18\x06 \x01(\t\x12\x15\n\rmodel_version\x18\x07 \x01(\t\x12\x19\n\x11\x66ilterable_fields\x18\x08 \x03(\t\x12\x13\n\x0btext_search\x18\t \x01(\t\x12\x12\n\ncalibrated\x18\n \x01(\x08\x12\x0f\n\x07regions\x18\x0b \x01(\x08\x12\x31\n\x0f\x66ield_summaries\x18\x0c \x03(\x0b\x32\x18.vsearch.v1.FieldSummary\"N\n\x11ListImagesRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\"p\n\x0c\x43\x61talogImage\x12\n\n\x02id\x18\x01 \x01(\t\x12\x16\n\x0e\x63ontent_sha256\x18\x02 \x01(\t\x12\x11\n\timage_uri\x18\x03 \x01(\t\x12)\n\x08metadata\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\"W\n\x12ListImagesResponse\x12(\n\x06images\x18\x01 \x03(\x0b\x32\x18.vsearch.v1.CatalogImage\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*X\n\nSearchMode\x12\x1b\n\x17SEARCH_MODE_UNSPECIFIED\x10\x00\x12\x17\n\x13SEARCH_MODE_SIMILAR\x10\x01\x12\x14\n\x10SEARCH_MODE_COPY\x10\x02*W\n\x06OnCopy\x12\x17\n\x13ON_COPY_UNSPECIFIED\x10\x00\x12\x10\n\x0cON_COPY_KEEP\x10\x01\x12\x10\n\x0cON_COPY_FLAG\x10\x02\x12\x10\n\x0cON_COPY_SKIP\x10\x03\x32\xa0\x05\n\x0cVisualSearch\x12K\n\x06Search\x12\x1f.vsearch.v1.VisualSearchRequest\x1a .vsearch.v1.VisualSearchResponse\x12H\n\tAddImages\x12\x1b.vsearch.v1.AddImageRequest\x1a\x1c.vsearch.v1.AddImagesSummary(\x01\x12Q\n\x0c\x44\x65leteImages\x12\x1f.vsearch.v1.DeleteImagesRequest\x1a .vsearch.v1.DeleteImagesResponse\x12H\n\x05Stats\x12\x1e.vsearch.v1.VisualStatsRequest\x1a\x1f.vsearch.v1.VisualStatsResponse\x12W\n\x0e\x44ropCollection\x12!.vsearch.v1.DropCollectionRequest\x1a\".vsearch.v1.DropCollectionResponse\x12K\n\nListImages\x12\x1d.vsearch.v1.ListImagesRequest\x1a\x1e.vsearch.v1.ListImagesResponse\x12Z\n\x0bSearchBatch\x12$.vsearch.v1.VisualSearchBatchRequest\x1a%.vsearch.v1.VisualSearchBatchResponse\x12Z\n\x0fListCollections\x12\".vsearch.v1.ListCollectionsRequest\x1a#.vsearch.v1.ListCollectionsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'vsearch.v1.gateway_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SEARCHMODE']._serialized_start=2368
-  _globals['_SEARCHMODE']._serialized_end=2456
-  _globals['_ONCOPY']._serialized_start=2458
-  _globals['_ONCOPY']._serialized_end=2545
+  _globals['_SEARCHMODE']._serialized_start=2755
+  _globals['_SEARCHMODE']._serialized_end=2843
+  _globals['_ONCOPY']._serialized_start=2845
+  _globals['_ONCOPY']._serialized_end=2932
   _globals['_VISUALSEARCHREQUEST']._serialized_start=123
-  _globals['_VISUALSEARCHREQUEST']._serialized_end=444
-  _globals['_SEARCHHIT']._serialized_start=447
-  _globals['_SEARCHHIT']._serialized_end=762
-  _globals['_TIMING']._serialized_start=764
-  _globals['_TIMING']._serialized_end=827
-  _globals['_VISUALSEARCHRESPONSE']._serialized_start=830
-  _globals['_VISUALSEARCHRESPONSE']._serialized_end=1095
-  _globals['_ADDIMAGEREQUEST']._serialized_start=1098
-  _globals['_ADDIMAGEREQUEST']._serialized_end=1278
-  _globals['_INGESTCOPY']._serialized_start=1280
-  _globals['_INGESTCOPY']._serialized_end=1373
-  _globals['_ITEMFAILURE']._serialized_start=1375
-  _globals['_ITEMFAILURE']._serialized_end=1446
-  _globals['_ADDIMAGESSUMMARY']._serialized_start=1449
-  _globals['_ADDIMAGESSUMMARY']._serialized_end=1670
-  _globals['_DELETEIMAGESREQUEST']._serialized_start=1672
-  _globals['_DELETEIMAGESREQUEST']._serialized_end=1726
-  _globals['_DELETEIMAGESRESPONSE']._serialized_start=1728
-  _globals['_DELETEIMAGESRESPONSE']._serialized_end=1793
-  _globals['_VISUALSTATSREQUEST']._serialized_start=1795
-  _globals['_VISUALSTATSREQUEST']._serialized_end=1835
-  _globals['_VISUALSTATSRESPONSE']._serialized_start=1838
-  _globals['_VISUALSTATSRESPONSE']._serialized_end=2083
-  _globals['_LISTIMAGESREQUEST']._serialized_start=2085
-  _globals['_LISTIMAGESREQUEST']._serialized_end=2163
-  _globals['_CATALOGIMAGE']._serialized_start=2165
-  _globals['_CATALOGIMAGE']._serialized_end=2277
-  _globals['_LISTIMAGESRESPONSE']._serialized_start=2279
-  _globals['_LISTIMAGESRESPONSE']._serialized_end=2366
-  _globals['_VISUALSEARCH']._serialized_start=2548
-  _globals['_VISUALSEARCH']._serialized_end=3036
+  _globals['_VISUALSEARCHREQUEST']._serialized_end=464
+  _globals['_SEARCHHIT']._serialized_start=467
+  _globals['_SEARCHHIT']._serialized_end=782
+  _globals['_TIMING']._serialized_start=784
+  _globals['_TIMING']._serialized_end=847
+  _globals['_VISUALSEARCHRESPONSE']._serialized_start=850
+  _globals['_VISUALSEARCHRESPONSE']._serialized_end=1140
+  _globals['_VISUALSEARCHBATCHREQUEST']._serialized_start=1142
+  _globals['_VISUALSEARCHBATCHREQUEST']._serialized_end=1218
+  _globals['_VISUALSEARCHRESULT']._serialized_start=1220
+  _globals['_VISUALSEARCHRESULT']._serialized_end=1323
+  _globals['_VISUALSEARCHBATCHRESPONSE']._serialized_start=1325
+  _globals['_VISUALSEARCHBATCHRESPONSE']._serialized_end=1401
+  _globals['_ADDIMAGEREQUEST']._serialized_start=1404
+  _globals['_ADDIMAGEREQUEST']._serialized_end=1584
+  _globals['_INGESTCOPY']._serialized_start=1586
+  _globals['_INGESTCOPY']._serialized_end=1679
+  _globals['_ITEMFAILURE']._serialized_start=1681
+  _globals['_ITEMFAILURE']._serialized_end=1752
+  _globals['_ADDIMAGESSUMMARY']._serialized_start=1755
+  _globals['_ADDIMAGESSUMMARY']._serialized_end=1976
+  _globals['_DELETEIMAGESREQUEST']._serialized_start=1978
+  _globals['_DELETEIMAGESREQUEST']._serialized_end=2032
+  _globals['_DELETEIMAGESRESPONSE']._serialized_start=2034
+  _globals['_DELETEIMAGESRESPONSE']._serialized_end=2099
+  _globals['_VISUALSTATSREQUEST']._serialized_start=2101
+  _globals['_VISUALSTATSREQUEST']._serialized_end=2171
+  _globals['_VISUALSTATSRESPONSE']._serialized_start=2174
+  _globals['_VISUALSTATSRESPONSE']._serialized_end=2470
+  _globals['_LISTIMAGESREQUEST']._serialized_start=2472
+  _globals['_LISTIMAGESREQUEST']._serialized_end=2550
+  _globals['_CATALOGIMAGE']._serialized_start=2552
+  _globals['_CATALOGIMAGE']._serialized_end=2664
+  _globals['_LISTIMAGESRESPONSE']._serialized_start=2666
+  _globals['_LISTIMAGESRESPONSE']._serialized_end=2753
+  _globals['_VISUALSEARCH']._serialized_start=2935
+  _globals['_VISUALSEARCH']._serialized_end=3607
 # @@protoc_insertion_point(module_scope)

@@ -31,7 +31,7 @@ ON_COPY_FLAG: OnCopy
 ON_COPY_SKIP: OnCopy
 
 class VisualSearchRequest(_message.Message):
-    __slots__ = ("image", "item_id", "text", "crop", "k", "filter", "min_score", "collection", "min_probability", "mode")
+    __slots__ = ("image", "item_id", "text", "crop", "k", "filter", "min_score", "collection", "min_probability", "mode", "page_token")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     ITEM_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
@@ -42,6 +42,7 @@ class VisualSearchRequest(_message.Message):
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     MIN_PROBABILITY_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     image: bytes
     item_id: str
     text: str
@@ -52,7 +53,8 @@ class VisualSearchRequest(_message.Message):
     collection: str
     min_probability: float
     mode: SearchMode
-    def __init__(self, image: _Optional[bytes] = ..., item_id: _Optional[str] = ..., text: _Optional[str] = ..., crop: _Optional[_Union[_embedder_pb2.CropBox, _Mapping]] = ..., k: _Optional[int] = ..., filter: _Optional[_Union[_search_pb2.Filter, _Mapping]] = ..., min_score: _Optional[float] = ..., collection: _Optional[str] = ..., min_probability: _Optional[float] = ..., mode: _Optional[_Union[SearchMode, str]] = ...) -> None: ...
+    page_token: str
+    def __init__(self, image: _Optional[bytes] = ..., item_id: _Optional[str] = ..., text: _Optional[str] = ..., crop: _Optional[_Union[_embedder_pb2.CropBox, _Mapping]] = ..., k: _Optional[int] = ..., filter: _Optional[_Union[_search_pb2.Filter, _Mapping]] = ..., min_score: _Optional[float] = ..., collection: _Optional[str] = ..., min_probability: _Optional[float] = ..., mode: _Optional[_Union[SearchMode, str]] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class SearchHit(_message.Message):
     __slots__ = ("id", "score", "image_uri", "metadata", "match_probability", "is_copy", "copy_score", "matched_box", "matched_region")
@@ -87,7 +89,7 @@ class Timing(_message.Message):
     def __init__(self, embed_ms: _Optional[float] = ..., search_ms: _Optional[float] = ..., total_ms: _Optional[float] = ...) -> None: ...
 
 class VisualSearchResponse(_message.Message):
-    __slots__ = ("hits", "from_cache", "embedding_from_cache", "timing", "index_generation", "model_version", "no_good_match", "no_match_reason", "understood_as")
+    __slots__ = ("hits", "from_cache", "embedding_from_cache", "timing", "index_generation", "model_version", "no_good_match", "no_match_reason", "understood_as", "next_page_token")
     HITS_FIELD_NUMBER: _ClassVar[int]
     FROM_CACHE_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_FROM_CACHE_FIELD_NUMBER: _ClassVar[int]
@@ -97,6 +99,7 @@ class VisualSearchResponse(_message.Message):
     NO_GOOD_MATCH_FIELD_NUMBER: _ClassVar[int]
     NO_MATCH_REASON_FIELD_NUMBER: _ClassVar[int]
     UNDERSTOOD_AS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     hits: _containers.RepeatedCompositeFieldContainer[SearchHit]
     from_cache: bool
     embedding_from_cache: bool
@@ -106,7 +109,30 @@ class VisualSearchResponse(_message.Message):
     no_good_match: bool
     no_match_reason: str
     understood_as: str
-    def __init__(self, hits: _Optional[_Iterable[_Union[SearchHit, _Mapping]]] = ..., from_cache: _Optional[bool] = ..., embedding_from_cache: _Optional[bool] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., index_generation: _Optional[int] = ..., model_version: _Optional[str] = ..., no_good_match: _Optional[bool] = ..., no_match_reason: _Optional[str] = ..., understood_as: _Optional[str] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, hits: _Optional[_Iterable[_Union[SearchHit, _Mapping]]] = ..., from_cache: _Optional[bool] = ..., embedding_from_cache: _Optional[bool] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., index_generation: _Optional[int] = ..., model_version: _Optional[str] = ..., no_good_match: _Optional[bool] = ..., no_match_reason: _Optional[str] = ..., understood_as: _Optional[str] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class VisualSearchBatchRequest(_message.Message):
+    __slots__ = ("queries",)
+    QUERIES_FIELD_NUMBER: _ClassVar[int]
+    queries: _containers.RepeatedCompositeFieldContainer[VisualSearchRequest]
+    def __init__(self, queries: _Optional[_Iterable[_Union[VisualSearchRequest, _Mapping]]] = ...) -> None: ...
+
+class VisualSearchResult(_message.Message):
+    __slots__ = ("code", "message", "response")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    response: VisualSearchResponse
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., response: _Optional[_Union[VisualSearchResponse, _Mapping]] = ...) -> None: ...
+
+class VisualSearchBatchResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[VisualSearchResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[VisualSearchResult, _Mapping]]] = ...) -> None: ...
 
 class AddImageRequest(_message.Message):
     __slots__ = ("id", "image", "metadata", "image_uri", "collection", "on_copy", "regions")
@@ -189,13 +215,15 @@ class DeleteImagesResponse(_message.Message):
     def __init__(self, deleted: _Optional[int] = ..., index_generation: _Optional[int] = ...) -> None: ...
 
 class VisualStatsRequest(_message.Message):
-    __slots__ = ("collection",)
+    __slots__ = ("collection", "with_field_summaries")
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    WITH_FIELD_SUMMARIES_FIELD_NUMBER: _ClassVar[int]
     collection: str
-    def __init__(self, collection: _Optional[str] = ...) -> None: ...
+    with_field_summaries: bool
+    def __init__(self, collection: _Optional[str] = ..., with_field_summaries: _Optional[bool] = ...) -> None: ...
 
 class VisualStatsResponse(_message.Message):
-    __slots__ = ("count", "index_type", "metric", "index_generation", "dimension", "model_name", "model_version", "filterable_fields", "text_search", "calibrated", "regions")
+    __slots__ = ("count", "index_type", "metric", "index_generation", "dimension", "model_name", "model_version", "filterable_fields", "text_search", "calibrated", "regions", "field_summaries")
     COUNT_FIELD_NUMBER: _ClassVar[int]
     INDEX_TYPE_FIELD_NUMBER: _ClassVar[int]
     METRIC_FIELD_NUMBER: _ClassVar[int]
@@ -207,6 +235,7 @@ class VisualStatsResponse(_message.Message):
     TEXT_SEARCH_FIELD_NUMBER: _ClassVar[int]
     CALIBRATED_FIELD_NUMBER: _ClassVar[int]
     REGIONS_FIELD_NUMBER: _ClassVar[int]
+    FIELD_SUMMARIES_FIELD_NUMBER: _ClassVar[int]
     count: int
     index_type: str
     metric: str
@@ -218,7 +247,8 @@ class VisualStatsResponse(_message.Message):
     text_search: str
     calibrated: bool
     regions: bool
-    def __init__(self, count: _Optional[int] = ..., index_type: _Optional[str] = ..., metric: _Optional[str] = ..., index_generation: _Optional[int] = ..., dimension: _Optional[int] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., filterable_fields: _Optional[_Iterable[str]] = ..., text_search: _Optional[str] = ..., calibrated: _Optional[bool] = ..., regions: _Optional[bool] = ...) -> None: ...
+    field_summaries: _containers.RepeatedCompositeFieldContainer[_search_pb2.FieldSummary]
+    def __init__(self, count: _Optional[int] = ..., index_type: _Optional[str] = ..., metric: _Optional[str] = ..., index_generation: _Optional[int] = ..., dimension: _Optional[int] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., filterable_fields: _Optional[_Iterable[str]] = ..., text_search: _Optional[str] = ..., calibrated: _Optional[bool] = ..., regions: _Optional[bool] = ..., field_summaries: _Optional[_Iterable[_Union[_search_pb2.FieldSummary, _Mapping]]] = ...) -> None: ...
 
 class ListImagesRequest(_message.Message):
     __slots__ = ("collection", "page_size", "page_token")

@@ -67,6 +67,16 @@ class VisualSearchStub:
                 request_serializer=vsearch_dot_v1_dot_gateway__pb2.ListImagesRequest.SerializeToString,
                 response_deserializer=vsearch_dot_v1_dot_gateway__pb2.ListImagesResponse.FromString,
                 _registered_method=True)
+        self.SearchBatch = channel.unary_unary(
+                '/vsearch.v1.VisualSearch/SearchBatch',
+                request_serializer=vsearch_dot_v1_dot_gateway__pb2.VisualSearchBatchRequest.SerializeToString,
+                response_deserializer=vsearch_dot_v1_dot_gateway__pb2.VisualSearchBatchResponse.FromString,
+                _registered_method=True)
+        self.ListCollections = channel.unary_unary(
+                '/vsearch.v1.VisualSearch/ListCollections',
+                request_serializer=vsearch_dot_v1_dot_search__pb2.ListCollectionsRequest.SerializeToString,
+                response_deserializer=vsearch_dot_v1_dot_search__pb2.ListCollectionsResponse.FromString,
+                _registered_method=True)
 
 
 class VisualSearchServicer:
@@ -117,6 +127,22 @@ class VisualSearchServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SearchBatch(self, request, context):
+        """Several queries in one call (1..GATEWAY_MAX_BATCH_QUERIES, 32 by default), each answered as Search
+        answers it, in order; a query that fails does not fail the others (its result carries its status).
+        Each query counts against the caller's search rate limit. Needs the `search` scope.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListCollections(self, request, context):
+        """The collections the catalog holds (search_svc's ListCollections). Needs the `search` scope.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_VisualSearchServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -149,6 +175,16 @@ def add_VisualSearchServicer_to_server(servicer, server):
                     servicer.ListImages,
                     request_deserializer=vsearch_dot_v1_dot_gateway__pb2.ListImagesRequest.FromString,
                     response_serializer=vsearch_dot_v1_dot_gateway__pb2.ListImagesResponse.SerializeToString,
+            ),
+            'SearchBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.SearchBatch,
+                    request_deserializer=vsearch_dot_v1_dot_gateway__pb2.VisualSearchBatchRequest.FromString,
+                    response_serializer=vsearch_dot_v1_dot_gateway__pb2.VisualSearchBatchResponse.SerializeToString,
+            ),
+            'ListCollections': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCollections,
+                    request_deserializer=vsearch_dot_v1_dot_search__pb2.ListCollectionsRequest.FromString,
+                    response_serializer=vsearch_dot_v1_dot_search__pb2.ListCollectionsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -315,6 +351,60 @@ class VisualSearch:
             '/vsearch.v1.VisualSearch/ListImages',
             vsearch_dot_v1_dot_gateway__pb2.ListImagesRequest.SerializeToString,
             vsearch_dot_v1_dot_gateway__pb2.ListImagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SearchBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vsearch.v1.VisualSearch/SearchBatch',
+            vsearch_dot_v1_dot_gateway__pb2.VisualSearchBatchRequest.SerializeToString,
+            vsearch_dot_v1_dot_gateway__pb2.VisualSearchBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCollections(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vsearch.v1.VisualSearch/ListCollections',
+            vsearch_dot_v1_dot_search__pb2.ListCollectionsRequest.SerializeToString,
+            vsearch_dot_v1_dot_search__pb2.ListCollectionsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -186,15 +186,17 @@ class DeleteResponse(_message.Message):
     def __init__(self, deleted: _Optional[int] = ..., generation: _Optional[int] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
-    __slots__ = ("skip_count", "collection")
+    __slots__ = ("skip_count", "collection", "with_field_summaries")
     SKIP_COUNT_FIELD_NUMBER: _ClassVar[int]
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
+    WITH_FIELD_SUMMARIES_FIELD_NUMBER: _ClassVar[int]
     skip_count: bool
     collection: str
-    def __init__(self, skip_count: _Optional[bool] = ..., collection: _Optional[str] = ...) -> None: ...
+    with_field_summaries: bool
+    def __init__(self, skip_count: _Optional[bool] = ..., collection: _Optional[str] = ..., with_field_summaries: _Optional[bool] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("count", "index_type", "metric", "generation", "dimension", "collection", "filterable_fields", "regions")
+    __slots__ = ("count", "index_type", "metric", "generation", "dimension", "collection", "filterable_fields", "regions", "field_summaries")
     COUNT_FIELD_NUMBER: _ClassVar[int]
     INDEX_TYPE_FIELD_NUMBER: _ClassVar[int]
     METRIC_FIELD_NUMBER: _ClassVar[int]
@@ -203,6 +205,7 @@ class StatsResponse(_message.Message):
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     FILTERABLE_FIELDS_FIELD_NUMBER: _ClassVar[int]
     REGIONS_FIELD_NUMBER: _ClassVar[int]
+    FIELD_SUMMARIES_FIELD_NUMBER: _ClassVar[int]
     count: int
     index_type: str
     metric: str
@@ -211,7 +214,34 @@ class StatsResponse(_message.Message):
     collection: str
     filterable_fields: _containers.RepeatedScalarFieldContainer[str]
     regions: bool
-    def __init__(self, count: _Optional[int] = ..., index_type: _Optional[str] = ..., metric: _Optional[str] = ..., generation: _Optional[int] = ..., dimension: _Optional[int] = ..., collection: _Optional[str] = ..., filterable_fields: _Optional[_Iterable[str]] = ..., regions: _Optional[bool] = ...) -> None: ...
+    field_summaries: _containers.RepeatedCompositeFieldContainer[FieldSummary]
+    def __init__(self, count: _Optional[int] = ..., index_type: _Optional[str] = ..., metric: _Optional[str] = ..., generation: _Optional[int] = ..., dimension: _Optional[int] = ..., collection: _Optional[str] = ..., filterable_fields: _Optional[_Iterable[str]] = ..., regions: _Optional[bool] = ..., field_summaries: _Optional[_Iterable[_Union[FieldSummary, _Mapping]]] = ...) -> None: ...
+
+class FieldSummary(_message.Message):
+    __slots__ = ("name", "type", "present", "top_values", "more_values", "min", "max")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    PRESENT_FIELD_NUMBER: _ClassVar[int]
+    TOP_VALUES_FIELD_NUMBER: _ClassVar[int]
+    MORE_VALUES_FIELD_NUMBER: _ClassVar[int]
+    MIN_FIELD_NUMBER: _ClassVar[int]
+    MAX_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    type: str
+    present: int
+    top_values: _containers.RepeatedCompositeFieldContainer[ValueCount]
+    more_values: bool
+    min: float
+    max: float
+    def __init__(self, name: _Optional[str] = ..., type: _Optional[str] = ..., present: _Optional[int] = ..., top_values: _Optional[_Iterable[_Union[ValueCount, _Mapping]]] = ..., more_values: _Optional[bool] = ..., min: _Optional[float] = ..., max: _Optional[float] = ...) -> None: ...
+
+class ValueCount(_message.Message):
+    __slots__ = ("value", "count")
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    value: str
+    count: int
+    def __init__(self, value: _Optional[str] = ..., count: _Optional[int] = ...) -> None: ...
 
 class DropCollectionRequest(_message.Message):
     __slots__ = ("collection",)
@@ -248,3 +278,25 @@ class ListResponse(_message.Message):
     items: _containers.RepeatedCompositeFieldContainer[Item]
     next_page_token: str
     def __init__(self, items: _Optional[_Iterable[_Union[Item, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class ListCollectionsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class CollectionSummary(_message.Message):
+    __slots__ = ("name", "count", "is_default", "regions")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    IS_DEFAULT_FIELD_NUMBER: _ClassVar[int]
+    REGIONS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    count: int
+    is_default: bool
+    regions: bool
+    def __init__(self, name: _Optional[str] = ..., count: _Optional[int] = ..., is_default: _Optional[bool] = ..., regions: _Optional[bool] = ...) -> None: ...
+
+class ListCollectionsResponse(_message.Message):
+    __slots__ = ("collections",)
+    COLLECTIONS_FIELD_NUMBER: _ClassVar[int]
+    collections: _containers.RepeatedCompositeFieldContainer[CollectionSummary]
+    def __init__(self, collections: _Optional[_Iterable[_Union[CollectionSummary, _Mapping]]] = ...) -> None: ...

@@ -72,6 +72,11 @@ class VectorSearchStub:
                 request_serializer=vsearch_dot_v1_dot_search__pb2.ListRequest.SerializeToString,
                 response_deserializer=vsearch_dot_v1_dot_search__pb2.ListResponse.FromString,
                 _registered_method=True)
+        self.ListCollections = channel.unary_unary(
+                '/vsearch.v1.VectorSearch/ListCollections',
+                request_serializer=vsearch_dot_v1_dot_search__pb2.ListCollectionsRequest.SerializeToString,
+                response_deserializer=vsearch_dot_v1_dot_search__pb2.ListCollectionsResponse.FromString,
+                _registered_method=True)
 
 
 class VectorSearchServicer:
@@ -129,6 +134,13 @@ class VectorSearchServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListCollections(self, request, context):
+        """The collections this service holds, by name; the default one always (even while empty).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_VectorSearchServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -166,6 +178,11 @@ def add_VectorSearchServicer_to_server(servicer, server):
                     servicer.List,
                     request_deserializer=vsearch_dot_v1_dot_search__pb2.ListRequest.FromString,
                     response_serializer=vsearch_dot_v1_dot_search__pb2.ListResponse.SerializeToString,
+            ),
+            'ListCollections': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCollections,
+                    request_deserializer=vsearch_dot_v1_dot_search__pb2.ListCollectionsRequest.FromString,
+                    response_serializer=vsearch_dot_v1_dot_search__pb2.ListCollectionsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -360,6 +377,33 @@ class VectorSearch:
             '/vsearch.v1.VectorSearch/List',
             vsearch_dot_v1_dot_search__pb2.ListRequest.SerializeToString,
             vsearch_dot_v1_dot_search__pb2.ListResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCollections(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vsearch.v1.VectorSearch/ListCollections',
+            vsearch_dot_v1_dot_search__pb2.ListCollectionsRequest.SerializeToString,
+            vsearch_dot_v1_dot_search__pb2.ListCollectionsResponse.FromString,
             options,
             channel_credentials,
             insecure,
