@@ -10,9 +10,9 @@ bytes in base64url. The file holds only the SHA-256 of each secret, one JSON obj
 random tokens, not passwords, so there is nothing to guess and no reason for a slow hash on every request;
 the presented secret's hash is compared with `hmac.compare_digest`.
 
-Scopes: `search` (Search, Stats, ListImages, the page's thumbnails), `write` (AddImages, DeleteImages) and `admin`
-(DropCollection), which implies the other two. `GATEWAY_API_KEY`, when set, is one more key with every
-scope. With no keys at all (no file, no `GATEWAY_API_KEY`) nothing is checked."""
+Scopes: `search` (Search, SearchBatch, Stats, ListImages, ListCollections, the page's thumbnails), `write`
+(AddImages, DeleteImages) and `admin` (DropCollection), which implies the other two. `GATEWAY_API_KEY`, when set,
+is one more key with every scope. With no keys at all (no file, no `GATEWAY_API_KEY`) nothing is checked."""
 
 from __future__ import annotations
 
@@ -54,8 +54,10 @@ GRANTS: dict[str, frozenset[str]] = {
 # The scope each operation needs, on either protocol (`GetFile` is HTTP's /v1/files, the page's thumbnails).
 OPERATION_SCOPES: dict[str, str] = {
     "Search": "search",
+    "SearchBatch": "search",
     "Stats": "search",
     "ListImages": "search",
+    "ListCollections": "search",
     "GetFile": "search",
     "AddImages": "write",
     "DeleteImages": "write",

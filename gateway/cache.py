@@ -67,15 +67,16 @@ def canonical_filter(search_filter: search_pb2.Filter) -> str:
 
 
 def result_cache_key(
-    query_key: str, k: int, search_filter: search_pb2.Filter, min_score: float | None, collection: str = ""
+    query_key: str, k: int, search_filter: search_pb2.Filter, min_score: float | None, collection: str = "",
+    offset: int = 0,
 ) -> str:
-    """Where the latest result of this query is stored. The key holds no generation: the entry carries
-    the generation it was computed at (`encode_result`), and is used only while that is the current
-    one, so one round trip reads the result and the current generation together."""
+    """Where the latest result of this query is stored: its page of k hits from `offset` (gateway/search_paging.py).
+    The key holds no generation: the entry carries the generation it was computed at (`encode_result`), and is
+    used only while that is the current one, so one round trip reads the result and the current generation
+    together."""
     min_score_part = "-" if min_score is None else repr(float(min_score))
-    digest = hashlib.sha256(
-        "\x00".join([query_key, collection, str(k), canonical_filter(search_filter), min_score_part]).encode()
-    ).hexdigest()
+    parts = [query_key, collection, str(k), canonical_filter(search_filter), min_score_part, str(offset)]
+    digest = hashlib.sha256("\x00".join(parts).encode()).hexdigest()
     return f"{KEY_PREFIX}:res:{digest}"
 
 

@@ -11,7 +11,7 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import AsyncIterable, AsyncIterator, Callable
+from typing import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
 
 import grpc
 import numpy as np
@@ -25,6 +25,7 @@ from gateway.downstream import (
 from gateway.index_generation import IndexGenerationTracker, SharedGenerations
 from gateway.match_probability import MatchCalibration, annotate
 from gateway.metrics import CopySearchMetrics
+from gateway.search_paging import Page, PageToken
 from gateway.search_query import SearchQuery, id_problem, pack_text_entry, unpack_text_entry
 from gateway.settings import GatewaySettings
 from service_kit.request_parsing import UnparsableMessage
@@ -36,6 +37,10 @@ from vsearch.v1 import embedder_pb2, embedder_pb2_grpc, gateway_pb2, search_pb2,
 logger = logging.getLogger(__name__)
 
 INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+OK = grpc.StatusCode.OK.value[0]
+# The queries of one SearchBatch searched at once, at most: together they share the embedder's and
+# search_svc's calls (gateway/call_batching.py) without one batch filling every call.
+BATCH_SEARCHES_IN_FLIGHT = 8
 # The metadata key ON_COPY_FLAG writes: the id of the item a new one copies.
 COPY_OF_KEY = "copy_of"
 
@@ -144,24 +149,34 @@ def abandon(task: asyncio.Future) -> None:
 
 @dataclass(frozen=True)
 class RankedCopies:
-    """A copy search's hits, ranked (gateway/copy_ranking.py), and the generation they were found at."""
+    """A copy search's whole shortlist, ranked (gateway/copy_ranking.py), and the generation it was found at."""
 
     hits: list[gateway_pb2.SearchHit]
     generation: int
 
 
 def search_response(
-    found: QueryHits | RankedCopies, model_version: str, generation: int
+    found: QueryHits | RankedCopies, page: Page, model_version: str, generation: int
 ) -> gateway_pb2.VisualSearchResponse:
+    """The page of `found` (the query's ranking, `page.fetch` deep) as the response to cache: hits
+    [page.offset, page.end), and, when hits follow them and a next page may be asked for, the next page's
+    offset in next_page_token (its token is made for each reply, see `VisualSearchCore._page_reply`)."""
     response = gateway_pb2.VisualSearchResponse(index_generation=generation, model_version=model_version)
+    if len(found.hits) > page.end and page.may_continue:
+        response.next_page_token = str(page.end)
     if isinstance(found, RankedCopies):
-        response.hits.extend(found.hits)
+        response.hits.extend(found.hits[page.offset:page.end])
         return response
-    for hit in found.hits:
+    for hit in found.hits[page.offset:page.end]:
         added = response.hits.add(id=hit.id, score=hit.score, image_uri=hit.image_uri, metadata=hit.metadata)
         if hit.HasField("region"):
             added.matched_region.CopyFrom(matched_region(hit.region))
     return response
+
+
+def search_result_error(error: ServiceError) -> gateway_pb2.VisualSearchResult:
+    """A batch query's failure, as Search would have answered it."""
+    return gateway_pb2.VisualSearchResult(code=error.code.value[0], message=error.message)
 
 
 def matched_region(box: search_pb2.RegionBox) -> embedder_pb2.CropBox:
@@ -307,9 +322,11 @@ class VisualSearchCore:
 
         lookups_started = time.perf_counter()
         async with self._start_lookups(query, model, deadline) as lookups:
+            if query.page_token is not None:
+                query.page_token.check_generation(await self._lookup_generation(query, lookups))
             cached = await self._cached_result(lookups)
             if cached is not None:
-                return self._with_probabilities(_served_from_cache(cached, started), query)
+                return self._page_reply(_served_from_cache(cached, started), query)
             try:
                 vector = await self._query_vector(query, lookups, deadline)
             except NoTextMatch as no_match:
@@ -339,42 +356,105 @@ class VisualSearchCore:
             # Redis could not say; the result is not cached, and the reply reports search_svc's.)
             generation = lookups.generation
         reported = found.generation if generation is None else generation
-        response = search_response(found, query.model_version, reported)
+        if query.page_token is not None:
+            # Where the reply reports search_svc's generation, the one this page was actually found at: a
+            # write that landed since the check above ends the pages here too.
+            query.page_token.check_generation(reported)
+        response = search_response(found, query.page, query.model_version, reported)
         response.understood_as = vector.understood_as
         self._store(query, vector, response, generation)
-        self._with_probabilities(response, query)
+        self._page_reply(response, query)
         response.embedding_from_cache = vector.from_cache
         response.timing.embed_ms = embed_ms
         response.timing.search_ms = search_ms
         response.timing.total_ms = elapsed_ms(started)
         return response
 
+    async def search_batch(
+        self, queries: Sequence[gateway_pb2.VisualSearchRequest | ServiceError], deadline: float | None = None,
+        charge: Callable[[], Awaitable[None]] | None = None,
+    ) -> list[gateway_pb2.VisualSearchResult]:
+        """Each query answered as `search` answers it, in order, at most BATCH_SEARCHES_IN_FLIGHT at once;
+        a query that fails gets its status in its result (a `ServiceError` among `queries`: one the caller
+        could not make a request of). INVALID_ARGUMENT for no query, or more than max_batch_queries.
+        `charge` is called once per query, in order, before any runs (the caller's search rate limit):
+        its refusal of the first query fails the call; of a later one, that query and the rest get it as
+        their result."""
+        limit = self.settings.max_batch_queries
+        if not queries:
+            raise invalid_argument(f"queries is empty: a batch takes 1 to {limit} queries")
+        if len(queries) > limit:
+            raise invalid_argument(
+                f"queries holds {len(queries)} queries; a batch takes at most {limit} (GATEWAY_MAX_BATCH_QUERIES)"
+            )
+        paid, refusal = len(queries), None
+        if charge is not None:
+            for position in range(len(queries)):
+                try:
+                    await charge()
+                except ServiceError as error:
+                    if position == 0:
+                        raise
+                    paid, refusal = position, error
+                    break
+        in_flight = asyncio.Semaphore(BATCH_SEARCHES_IN_FLIGHT)
+
+        async def answer(query: gateway_pb2.VisualSearchRequest | ServiceError) -> gateway_pb2.VisualSearchResult:
+            try:
+                if isinstance(query, ServiceError):
+                    raise query
+                async with in_flight:
+                    return gateway_pb2.VisualSearchResult(code=OK, response=await self.search(query, deadline))
+            except ServiceError as error:
+                return search_result_error(error)
+            except Exception:  # a bug: this query's INTERNAL, as Search would answer it, not the batch's
+                logger.exception("unhandled error in a SearchBatch query")
+                return search_result_error(ServiceError(grpc.StatusCode.INTERNAL, "internal error in this query"))
+
+        results = list(await asyncio.gather(*(answer(query) for query in queries[:paid])))
+        if refusal is not None:
+            results += [search_result_error(refusal) for _ in queries[paid:]]
+        return results
+
     async def _find(self, query: SearchQuery, vector: np.ndarray, deadline: float | None) -> QueryHits:
-        """The query's hits. A text query with expansion is searched twice: its first hits' stored
-        vectors (one Get call) move the text vector into the region of the image vectors, and the
-        expanded vector is searched with the same collection, k, filter and min_score."""
+        """The query's ranking, as deep as its page needs. A text query with expansion is searched twice:
+        its first hits' stored vectors (one Get call) move the text vector into the region of the image
+        vectors, and the expanded vector is searched with the same collection, filter and min_score."""
         expansion = query.expansion
         if expansion is None:
-            return await self.downstream.search_query(query.index_request(vector), deadline)
-        first = await self.downstream.search_query(
-            query.index_request(vector, k=max(query.k, expansion.hits)), deadline
-        )
-        top_ids = [hit.id for hit in first.hits[:expansion.hits]]
+            return await self._ranked(query, vector, deadline)
+        # As many hits as are fed back, whatever the page: every page expands the text alike.
+        first = await self.downstream.search_query(query.index_request(vector, k=expansion.hits), deadline)
+        top_ids = [hit.id for hit in first.hits]
         stored: list[np.ndarray] = []
         if len(top_ids) >= 2:
             stored = await self.downstream.stored_vectors(query.request.collection, top_ids, deadline)
-        # One hit (or none, or ids deleted since) says too little about where the text's images lie:
-        # the first search is the answer.
+        # One hit (or none, or ids deleted since) says too little about where the text's images lie: the
+        # text's own search is the answer (the first one, when it found all there is).
         if len(stored) < 2:
-            return QueryHits(first.hits[:query.k], first.generation)
-        return await self.downstream.search_query(
-            query.index_request(expanded_query(vector, stored, expansion.weight)), deadline
-        )
+            return first if len(first.hits) < expansion.hits else await self._ranked(query, vector, deadline)
+        return await self._ranked(query, expanded_query(vector, stored, expansion.weight), deadline)
+
+    async def _ranked(self, query: SearchQuery, vector: np.ndarray, deadline: float | None) -> QueryHits:
+        """The search of `vector`, `query.page.fetch` hits deep. search_svc orders hits by score, then id;
+        but which of several hits with one score make the cut at the depth asked is the engine's choice.
+        So when the last hit fetched ties with the page's last, the search goes deeper (up to the paging
+        limit) until the tie ends within it: each page is then cut from the same order, and pages never
+        repeat or skip a hit while the index holds."""
+        page = query.page
+        fetch = page.fetch
+        while True:
+            found = await self.downstream.search_query(query.index_request(vector, k=fetch), deadline)
+            hits = found.hits
+            if not (page.may_continue and len(hits) == fetch and fetch < page.limit
+                    and hits[page.end - 1].score == hits[-1].score):
+                return found
+            fetch = min(fetch * 2, page.limit)
 
     async def _find_copies(self, query: SearchQuery, vector: QueryVector, deadline: float | None) -> RankedCopies:
         """Copy mode: a similar-mode shortlist `copy_shortlist` deep, with its hits' stored copy features
         (one Search call), each verified against the query's copy features (one VerifyCopies call), then
-        ranked: copies first (gateway/copy_ranking.py)."""
+        ranked: copies first (gateway/copy_ranking.py). Pages are cut from this ranking."""
         shortlist = await self.downstream.search_query(query.copy_candidates_request(vector.values), deadline)
         candidates = shortlist.hits
         if vector.copy_features and any(hit.copy_features for hit in candidates):
@@ -386,7 +466,7 @@ class VisualSearchCore:
             # (indexed without them): nothing can be verified a copy, and the call is spared.
             verdicts = [embedder_pb2.CopyVerdict() for _ in candidates]
         self.copy_metrics.count(sum(verdict.is_copy for verdict in verdicts), len(verdicts))
-        return RankedCopies(rank_copies(candidates, verdicts, query.k, query.min_score), shortlist.generation)
+        return RankedCopies(rank_copies(candidates, verdicts, len(candidates), query.min_score), shortlist.generation)
 
     @contextlib.asynccontextmanager
     async def _start_lookups(
@@ -474,19 +554,37 @@ class VisualSearchCore:
             raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, ability.refusal(model))
         return model
 
-    def _with_probabilities(
+    def _page_reply(
         self, response: gateway_pb2.VisualSearchResponse, query: SearchQuery
     ) -> gateway_pb2.VisualSearchResponse:
         """The fields computed as a result is sent, fresh or cached: match_probability from the calibration
         of the model that made the hits' vectors (none for text queries, whose scores are on another
-        scale), the min_probability filter, no_good_match."""
+        scale), at the hits' ranks in the whole ranking; the min_probability filter; no_good_match; and the
+        next page's token, for this requester's query. min_probability removes a tail of the ranking
+        (a hit's probability falls with its rank; verified copies, kept, rank first): a page it cut is
+        the last."""
         model = self.model
         calibration = None
         if model is not None and not query.by_text and model.version == response.model_version:
             calibration = model.calibration
-        annotate(response, calibration, min_probability=query.min_probability,
-                 no_good_match_below=self.settings.no_good_match_below)
+        removed = annotate(response, calibration, min_probability=query.min_probability,
+                           no_good_match_below=self.settings.no_good_match_below, first_rank=query.page.offset + 1)
+        next_offset = response.next_page_token  # as search_response left it (and the cache kept it)
+        response.next_page_token = ""
+        if next_offset.isdigit() and not removed and int(next_offset) < query.page.limit:
+            response.next_page_token = PageToken(
+                int(next_offset), response.index_generation, query.copy_shortlist, query.fingerprint
+            ).encode()
         return response
+
+    async def _lookup_generation(self, query: SearchQuery, lookups: SearchLookups) -> int:
+        """The collection's generation as this search's cache lookup knows it, which a page token must
+        have been made at; when the lookup could not say (Redis down), the generation replies report
+        then (search_svc's)."""
+        generation = await lookups.current_generation()
+        if generation is None:
+            generation = await self._current_generation(query.request.collection)
+        return generation
 
     async def _no_text_match(
         self, query: SearchQuery, lookups: SearchLookups, no_match: NoTextMatch, started: float
@@ -892,7 +990,8 @@ class VisualSearchCore:
     ) -> gateway_pb2.VisualStatsResponse:
         self._require_model()
         stats, info = await asyncio.gather(
-            self.downstream.index_stats(request.collection, deadline), self.downstream.model_info(deadline)
+            self.downstream.index_stats(request.collection, deadline, request.with_field_summaries),
+            self.downstream.model_info(deadline),
         )
         model = self._remember_model(info)
         return gateway_pb2.VisualStatsResponse(
@@ -907,7 +1006,12 @@ class VisualSearchCore:
             text_search=info.text_search,
             calibrated=model.calibration is not None,
             regions=stats.regions,
+            field_summaries=stats.field_summaries,
         )
+
+    async def list_collections(self, deadline: float | None = None) -> search_pb2.ListCollectionsResponse:
+        self._require_model()
+        return await self.downstream.collections(deadline)
 
     async def list_images(
         self, request: gateway_pb2.ListImagesRequest, deadline: float | None = None

@@ -266,10 +266,23 @@ class Downstream:
 
     # ------------------------------------------------------------------------------- search_svc
 
-    async def index_stats(self, collection: str = "", deadline: float | None = None) -> search_pb2.StatsResponse:
+    async def index_stats(
+        self, collection: str = "", deadline: float | None = None, with_field_summaries: bool = False
+    ) -> search_pb2.StatsResponse:
+        """With field summaries, search_svc scans the collection's filter columns: that call gets as long as
+        a write (write_timeout_s)."""
+        default_s = self.settings.write_timeout_s if with_field_summaries else self.settings.search_timeout_s
         return await _call(
-            SEARCH, self.index.Stats, search_pb2.StatsRequest(collection=collection),
-            _timeout(self.settings.search_timeout_s, deadline),
+            SEARCH, self.index.Stats,
+            search_pb2.StatsRequest(collection=collection, with_field_summaries=with_field_summaries),
+            _timeout(default_s, deadline),
+        )
+
+    async def collections(self, deadline: float | None = None) -> search_pb2.ListCollectionsResponse:
+        """The collections search_svc holds, by name (one ListCollections call: it counts each)."""
+        return await _call(
+            SEARCH, self.index.ListCollections, search_pb2.ListCollectionsRequest(),
+            _timeout(self.settings.write_timeout_s, deadline),
         )
 
     async def collection_has_regions(self, collection: str, deadline: float | None) -> bool:

@@ -30,30 +30,42 @@ from gateway.http_limits import CLOSE, RequestBodyTimeout, RequestBodyTooLarge, 
 from gateway.http_models import (
     AddImagesBody,
     AddImagesResponseBody,
+    CollectionsResponseBody,
     DeleteResponseBody,
+    DropCollectionResponseBody,
     ErrorResponse,
     HealthBody,
+    SearchBatchBody,
+    SearchBatchEnvelope,
+    SearchBatchResponseBody,
     SearchBody,
     SearchResponseBody,
     StatsResponseBody,
+    ON_COPY,
+    batch_query_to_proto,
     check_k,
     code_for_http_status,
+    collections_json,
     delete_json,
     describe_validation_error,
     error_body,
     image_body_to_proto,
     metadata_to_struct,
+    parse_bool,
     parse_crop_text,
     parse_filter_json,
     parse_float,
     parse_int,
     parse_json_text,
     parse_mode,
+    parse_on_copy,
     search_body_to_proto,
     search_response_json,
+    search_results_json,
     service_error_json,
     shown,
     stats_json,
+    stream_options,
     summary_json,
 )
 from gateway.local_files import LocalImageFiles
@@ -62,15 +74,16 @@ from gateway.rate_limit import RateLimited, RateLimiter
 from gateway.readiness import Readiness
 from gateway.settings import GatewaySettings
 from service_kit.status import ServiceError, invalid_argument
-from vsearch.v1 import gateway_pb2
+from vsearch.v1 import gateway_pb2, search_pb2
 
 logger = logging.getLogger(__name__)
 
 SEARCH_FORM_FIELDS = {
     "image", "item_id", "text", "k", "min_score", "min_probability", "crop", "filter", "collection", "mode",
+    "page_token",
 }
 ADD_FILE_FIELDS = frozenset({"images", "image"})
-ADD_FORM_FIELDS = {*ADD_FILE_FIELDS, "ids", "metadata", "image_uris"}
+ADD_FORM_FIELDS = {*ADD_FILE_FIELDS, "ids", "metadata", "image_uris", "collection", "on_copy", "regions"}
 FORM_CONTENT_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
 # nginx's status for a request whose client went away before the answer; CANCELLED in gRPC's terms.
 CLIENT_CLOSED_REQUEST = 499
@@ -111,6 +124,10 @@ SEARCH_FORM_SCHEMA = {
             "description": "copy: is the query (image or item_id) a copy of catalog images? Copies first, by "
                            "copy_score; hits carry is_copy, copy_score and matched_box.",
         },
+        "page_token": {
+            "type": "string",
+            "description": "A previous response's next_page_token, with the same query, for the next hits.",
+        },
     },
 }
 
@@ -122,15 +139,22 @@ ADD_FORM_SCHEMA = {
         "ids": {"type": "string", "description": "JSON list of ids, one per file (default: sha256 of the bytes)"},
         "metadata": {"type": "string", "description": "JSON: one object for every file, or a list of one per file"},
         "image_uris": {"type": "string", "description": "JSON list of image URIs, one per file"},
+        "collection": {"type": "string", "description": "Which catalog; empty for the default one."},
+        "on_copy": {
+            "type": "string", "enum": list(ON_COPY), "default": "keep",
+            "description": "An image that is a verified copy of one already stored: keep (unchecked), flag "
+                           "(metadata copy_of) or skip (not written).",
+        },
+        "regions": {"type": "boolean", "default": False, "description": "Also index each image's regions."},
     },
 }
 
 
-def request_body_doc(json_model: type[BaseModel], form_schema: dict[str, Any]) -> dict[str, Any]:
-    return {"requestBody": {"required": True, "content": {
-        "application/json": {"schema": {"$ref": f"#/components/schemas/{json_model.__name__}"}},
-        "multipart/form-data": {"schema": form_schema},
-    }}}
+def request_body_doc(json_model: type[BaseModel], form_schema: dict[str, Any] | None = None) -> dict[str, Any]:
+    content: dict[str, Any] = {"application/json": {"schema": {"$ref": f"#/components/schemas/{json_model.__name__}"}}}
+    if form_schema is not None:
+        content["multipart/form-data"] = {"schema": form_schema}
+    return {"requestBody": {"required": True, "content": content}}
 
 
 class HttpMetricsMiddleware:
@@ -221,6 +245,7 @@ async def search_request_from_form(form: FormData) -> gateway_pb2.VisualSearchRe
     request.filter.CopyFrom(parse_filter_json(form_text(form, "filter") or ""))
     request.collection = form_text(form, "collection") or ""
     request.mode = parse_mode(form_text(form, "mode") or "")
+    request.page_token = form_text(form, "page_token") or ""
     return request
 
 
@@ -262,6 +287,9 @@ def add_requests_from_form(form: FormData) -> AsyncIterator[gateway_pb2.AddImage
     for n, value in enumerate(uris or []):
         if not isinstance(value, str):
             raise invalid_argument(f"image_uris[{n}] must be a string")
+    collection = form_text(form, "collection") or ""
+    on_copy = parse_on_copy(form_text(form, "on_copy") or "")
+    regions = parse_bool(form_text(form, "regions") or "", "regions")
 
     async def requests() -> AsyncIterator[gateway_pb2.AddImageRequest]:
         for n, file in enumerate(files):
@@ -270,7 +298,7 @@ def add_requests_from_form(form: FormData) -> AsyncIterator[gateway_pb2.AddImage
             )
             if structs[n] is not None:
                 request.metadata.CopyFrom(structs[n])
-            yield request
+            yield stream_options(request, collection, on_copy, regions) if n == 0 else request
 
     return requests()
 
@@ -280,8 +308,14 @@ def http_operation(path: str) -> str | None:
     for a path that is none (it then only needs a valid key, and gets its 404 or 405)."""
     if path == "/v1/search":
         return "Search"
+    if path == "/v1/search/batch":
+        return "SearchBatch"
     if path == "/v1/stats":
         return "Stats"
+    if path == "/v1/collections":
+        return "ListCollections"
+    if path.startswith("/v1/collections/"):
+        return "DropCollection"
     if path == "/v1/files":
         return "GetFile"
     if path == "/v1/images":
@@ -446,6 +480,21 @@ def create_app(
         return JSONResponse(search_response_json(await core.search(search_request)))
 
     @app.post(
+        "/v1/search/batch", response_model=SearchBatchResponseBody, tags=["search"],
+        summary="Several searches in one call (JSON only), each answered as /v1/search answers it, in order; a "
+        "query that fails gets its own error. Each query counts against the API key's search rate limit.",
+        openapi_extra=request_body_doc(SearchBatchBody),
+    )
+    async def search_batch(request: Request) -> JSONResponse:
+        if not is_json(content_type(request)):
+            raise invalid_argument("send the batch as application/json: {\"queries\": [<a /v1/search body>, ...]}")
+        envelope: SearchBatchEnvelope = await parse_json_body(request, SearchBatchEnvelope)
+        queries = [batch_query_to_proto(query, position) for position, query in enumerate(envelope.queries)]
+        caller = caller_of(request)
+        charge = None if limiter is None else (lambda: limiter.limit_search(caller))  # once per query
+        return JSONResponse(search_results_json(await core.search_batch(queries, charge=charge)))
+
+    @app.post(
         "/v1/images", response_model=AddImagesResponseBody, tags=["catalog"],
         summary="Add (or replace) images; bad items are reported in the summary, not fatal",
         openapi_extra=request_body_doc(AddImagesBody, ADD_FORM_SCHEMA),
@@ -460,6 +509,8 @@ def create_app(
         if is_json(require_body_type(request)):
             body: AddImagesBody = await parse_json_body(request, AddImagesBody)
             decoded = [image_body_to_proto(image, n) for n, image in enumerate(body.images)]
+            if decoded:
+                stream_options(decoded[0], body.collection, ON_COPY[body.on_copy], body.regions)
 
             async def from_json() -> AsyncIterator[gateway_pb2.AddImageRequest]:
                 for item in decoded:
@@ -496,9 +547,33 @@ def create_app(
         path, media_type = found
         return FileResponse(path, media_type=media_type, headers={"Cache-Control": "private, max-age=3600"})
 
-    @app.get("/v1/stats", response_model=StatsResponseBody, tags=["catalog"], summary="Index and model statistics")
-    async def stats(collection: str = "") -> JSONResponse:
-        return JSONResponse(stats_json(await core.stats(gateway_pb2.VisualStatsRequest(collection=collection))))
+    @app.get(
+        "/v1/stats", response_model=StatsResponseBody, tags=["catalog"],
+        summary="Index and model statistics; with field_summaries=true, what each filterable field holds",
+    )
+    async def stats(collection: str = "", field_summaries: bool = False) -> JSONResponse:
+        response = await core.stats(
+            gateway_pb2.VisualStatsRequest(collection=collection, with_field_summaries=field_summaries)
+        )
+        return JSONResponse(stats_json(response, with_field_summaries=field_summaries))
+
+    @app.get(
+        "/v1/collections", response_model=CollectionsResponseBody, tags=["catalog"],
+        summary="The collections the catalog holds, ordered by name (the default one always)",
+    )
+    async def collections() -> JSONResponse:
+        return JSONResponse(collections_json(await core.list_collections()))
+
+    @app.delete(
+        "/v1/collections/{name}", response_model=DropCollectionResponseBody, tags=["catalog"],
+        summary="Drop a whole collection (the admin scope); 404 if there was none by that name, 400 "
+        "FAILED_PRECONDITION for the default one",
+    )
+    async def drop_collection(name: str) -> JSONResponse:
+        response = await core.drop_collection(search_pb2.DropCollectionRequest(collection=name))
+        if not response.dropped:
+            return json_error(grpc.StatusCode.NOT_FOUND, f"no collection named {name!r}", 404)
+        return JSONResponse({"dropped": True, "index_generation": response.generation})
 
     @app.get(
         "/healthz", response_model=HealthBody, tags=["operations"],
@@ -523,7 +598,7 @@ def create_app(
         if app.openapi_schema is None:
             schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
             _, definitions = models_json_schema(
-                [(SearchBody, "validation"), (AddImagesBody, "validation")],
+                [(SearchBody, "validation"), (SearchBatchBody, "validation"), (AddImagesBody, "validation")],
                 ref_template="#/components/schemas/{model}",
             )
             schemas = schema.setdefault("components", {}).setdefault("schemas", {})

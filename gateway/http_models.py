@@ -174,6 +174,32 @@ class SearchBody(BaseModel):
         "an item_id, not a text) a copy of catalog images, cropped, mirrored, greyed, recompressed? Copies come "
         "first, by copy_score; hits carry is_copy, copy_score and, for copies, matched_box.",
     )
+    page_token: str = Field(
+        "", description="Empty for the first page; else a previous response's next_page_token, sent with the same "
+        "query (every other field as it was; k may change). After a write to the collection it is 400 "
+        "FAILED_PRECONDITION: search again from the first page. An altered token, or one sent with another query, "
+        "is 400 INVALID_ARGUMENT.",
+    )
+
+
+class SearchBatchBody(BaseModel):
+    """Several searches in one call, each answered as POST /v1/search answers it."""
+
+    model_config = ConfigDict(extra="forbid")
+    queries: list[SearchBody] = Field(
+        description="1..GATEWAY_MAX_BATCH_QUERIES (32) bodies of POST /v1/search (JSON: images as image_base64). "
+        "Each counts against the API key's search rate limit."
+    )
+
+
+class SearchBatchEnvelope(BaseModel):
+    """The batch's shape, before each query is read on its own (so that a bad one fails alone)."""
+
+    model_config = ConfigDict(extra="forbid")
+    queries: list[JsonValue]
+
+
+OnCopyText = Literal["keep", "flag", "skip"]
 
 
 class ImageBody(BaseModel):
@@ -187,6 +213,16 @@ class ImageBody(BaseModel):
 class AddImagesBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
     images: list[ImageBody]
+    collection: str = Field("", description="Which catalog the images go to; empty for the default one.")
+    on_copy: OnCopyText = Field(
+        "keep", description='An image that is a verified copy of one already in the collection (or of an earlier one '
+        'of this request): "keep" writes it unchecked, "flag" writes it with metadata copy_of (the id it copies), '
+        '"skip" leaves it out; flagged and skipped ones are listed in the summary\'s copies.',
+    )
+    regions: bool = Field(
+        False, description="Also index each image's regions (parts of it), so that a crop of a small part finds it. "
+        "The collection remembers it: once it has regions, every later request makes them.",
+    )
 
 
 # ----------------------------------------------------------------------------------- response JSON
@@ -239,12 +275,27 @@ class SearchResponseBody(BaseModel):
     timing: TimingBody
     index_generation: int
     model_version: str
+    next_page_token: str = Field(
+        "", description="Send it as page_token, with the same query, for the next hits; empty when there are none "
+        "(or GATEWAY_MAX_PAGING_DEPTH is reached)."
+    )
     understood_as: str = Field("", description="For a text query: what the text was understood as")
     no_match_reason: str = Field("", description="Why there is no good match (e.g. the text names nothing the model knows)")
     no_good_match: bool = Field(
         False, description="No hit, or the best hit's match_probability is below the gateway's threshold "
         "(GATEWAY_NO_GOOD_MATCH_BELOW, 0.5); false when there are hits without probabilities."
     )
+
+
+class SearchResultBody(BaseModel):
+    """One query's answer: `response` as POST /v1/search gives it, or its `error`."""
+
+    response: SearchResponseBody | None = None
+    error: ErrorDetail | None = None
+
+
+class SearchBatchResponseBody(BaseModel):
+    results: list[SearchResultBody] = Field(description="One per query, in order.")
 
 
 class ItemFailureBody(BaseModel):
@@ -254,17 +305,45 @@ class ItemFailureBody(BaseModel):
     index: int
 
 
+class IngestCopyBody(BaseModel):
+    id: str
+    index: int = Field(description="0-based position of the image in the request")
+    copy_of: str = Field(description="The id of the item it copies (the best verified one)")
+    copy_score: float
+    skipped: bool = Field(description='With on_copy "skip": the image was not written')
+
+
 class AddImagesResponseBody(BaseModel):
     received: int
     indexed: int
     failed: int
     failures: list[ItemFailureBody]
     index_generation: int
+    unchanged: int = Field(0, description="Images already stored as they are (not embedded or written again)")
+    skipped_copies: int = Field(0, description='Images left out as copies (on_copy "skip")')
+    copies: list[IngestCopyBody] = Field([], description='With on_copy "flag" or "skip": the images found to be copies')
 
 
 class DeleteResponseBody(BaseModel):
     deleted: int
     index_generation: int
+
+
+class ValueCountBody(BaseModel):
+    value: str = Field(description='The value as text (bools as "true" / "false")')
+    count: int
+
+
+class FieldSummaryBody(BaseModel):
+    name: str
+    type: str = Field(description='"string", "float", "int" or "bool", as search_svc declares it')
+    present: int = Field(description="Items that have the field")
+    top_values: list[ValueCountBody] = Field(
+        description="String and bool fields: the most frequent values, most frequent first (ties by value), at most 50"
+    )
+    more_values: bool = Field(description="The field has more distinct values than top_values lists")
+    min: float | None = Field(description="Number fields: the smallest value; null otherwise, or when no item has it")
+    max: float | None = Field(description="Number fields: the largest value; null otherwise, or when no item has it")
 
 
 class StatsResponseBody(BaseModel):
@@ -280,6 +359,26 @@ class StatsResponseBody(BaseModel):
     calibrated: bool = Field(False, description="Whether hits carry match_probability (the model has a calibration)")
     regions: bool = Field(False, description="Whether the collection's images are indexed with regions (hits carry "
                           "matched_region)")
+    field_summaries: list[FieldSummaryBody] | None = Field(
+        None, description="Only with field_summaries=true: what each filterable field holds (values and counts, or "
+        "a range), in filterable_fields' order; enough to offer filters (category chips, a price range)."
+    )
+
+
+class CollectionBody(BaseModel):
+    name: str
+    count: int = Field(description="Images in it")
+    is_default: bool = Field(description="The default collection (requests that name none; never dropped)")
+    regions: bool = Field(description="Indexed with regions")
+
+
+class CollectionsResponseBody(BaseModel):
+    collections: list[CollectionBody] = Field(description="Every collection, ordered by name; the default one always")
+
+
+class DropCollectionResponseBody(BaseModel):
+    dropped: bool = Field(description="Always true: a collection that did not exist answers 404")
+    index_generation: int = Field(description="The collection's index generation after the drop")
 
 
 class HealthBody(BaseModel):
@@ -412,7 +511,8 @@ def search_body_to_proto(body: SearchBody) -> gateway_pb2.VisualSearchRequest:
     if len(given) > 1:
         raise invalid_argument(f"give either {given[0]} or {given[1]}, not both")
     request = gateway_pb2.VisualSearchRequest(
-        filter=filter_to_proto(body.filter), collection=body.collection, mode=SEARCH_MODES[body.mode]
+        filter=filter_to_proto(body.filter), collection=body.collection, mode=SEARCH_MODES[body.mode],
+        page_token=body.page_token,
     )
     if body.k is not None:
         request.k = check_k(body.k)
@@ -429,6 +529,51 @@ def search_body_to_proto(body: SearchBody) -> gateway_pb2.VisualSearchRequest:
     if body.min_probability is not None:
         request.min_probability = body.min_probability
     return request
+
+
+def batch_query_to_proto(query: JsonValue, position: int) -> gateway_pb2.VisualSearchRequest | ServiceError:
+    """One query of POST /v1/search/batch, or its INVALID_ARGUMENT (naming queries[position]): it fails
+    alone. Read as JSON again, so that it is held to exactly what POST /v1/search accepts."""
+    try:
+        return search_body_to_proto(SearchBody.model_validate_json(json.dumps(query)))
+    except ValidationError as error:
+        return invalid_argument(describe_validation_error(error, prefix=f"queries[{position}]"))
+    except ServiceError as error:
+        return ServiceError(error.code, f"queries[{position}]: {error.message}")
+
+
+ON_COPY = {"keep": gateway_pb2.ON_COPY_KEEP, "flag": gateway_pb2.ON_COPY_FLAG, "skip": gateway_pb2.ON_COPY_SKIP}
+
+
+def parse_on_copy(text: str) -> int:
+    """on_copy as a form field: "keep", "flag" or "skip"; empty means keep."""
+    if not text.strip():
+        return gateway_pb2.ON_COPY_KEEP
+    on_copy = ON_COPY.get(text.strip().lower())
+    if on_copy is None:
+        raise invalid_argument(f"on_copy must be 'keep', 'flag' or 'skip', not {shown(text)}")
+    return on_copy
+
+
+def parse_bool(text: str, where: str) -> bool:
+    """A form field's true/false (also 1/0, yes/no, on/off); empty means false."""
+    value = text.strip().lower()
+    if value in ("", "false", "0", "no", "off"):
+        return False
+    if value in ("true", "1", "yes", "on"):
+        return True
+    raise invalid_argument(f"{where} must be true or false, not {shown(text)}")
+
+
+def stream_options(
+    first: gateway_pb2.AddImageRequest, collection: str, on_copy: int, regions: bool
+) -> gateway_pb2.AddImageRequest:
+    """The request's collection, on_copy and regions, on the stream's first message (they apply to the
+    whole stream, as in gRPC's AddImages)."""
+    first.collection = collection
+    first.on_copy = on_copy
+    first.regions = regions
+    return first
 
 
 def image_body_to_proto(body: ImageBody, position: int) -> gateway_pb2.AddImageRequest:
@@ -518,7 +663,16 @@ def search_response_json(response: gateway_pb2.VisualSearchResponse) -> dict[str
         "understood_as": response.understood_as,
         "no_match_reason": response.no_match_reason,
         "no_good_match": response.no_good_match,
+        "next_page_token": response.next_page_token,
     }
+
+
+def search_results_json(results: list[gateway_pb2.VisualSearchResult]) -> dict[str, Any]:
+    return {"results": [
+        {"response": search_response_json(result.response)} if result.code == grpc.StatusCode.OK.value[0]
+        else error_body(code_from_int(result.code), result.message)
+        for result in results
+    ]}
 
 
 def summary_json(summary: gateway_pb2.AddImagesSummary) -> dict[str, Any]:
@@ -534,6 +688,13 @@ def summary_json(summary: gateway_pb2.AddImagesSummary) -> dict[str, Any]:
             for failure in summary.failures
         ],
         "index_generation": summary.index_generation,
+        "unchanged": summary.unchanged,
+        "skipped_copies": summary.skipped_copies,
+        "copies": [
+            {"id": copy.id, "index": copy.index, "copy_of": copy.copy_of, "copy_score": float32_json(copy.copy_score),
+             "skipped": copy.skipped}
+            for copy in summary.copies
+        ],
     }
 
 
@@ -541,8 +702,28 @@ def delete_json(response: gateway_pb2.DeleteImagesResponse) -> dict[str, Any]:
     return {"deleted": response.deleted, "index_generation": response.index_generation}
 
 
-def stats_json(stats: gateway_pb2.VisualStatsResponse) -> dict[str, Any]:
+def field_summary_json(summary: search_pb2.FieldSummary) -> dict[str, Any]:
     return {
+        "name": summary.name,
+        "type": summary.type,
+        "present": summary.present,
+        "top_values": [{"value": value.value, "count": value.count} for value in summary.top_values],
+        "more_values": summary.more_values,
+        "min": summary.min if summary.HasField("min") else None,
+        "max": summary.max if summary.HasField("max") else None,
+    }
+
+
+def collections_json(response: search_pb2.ListCollectionsResponse) -> dict[str, Any]:
+    return {"collections": [
+        {"name": summary.name, "count": summary.count, "is_default": summary.is_default, "regions": summary.regions}
+        for summary in response.collections
+    ]}
+
+
+def stats_json(stats: gateway_pb2.VisualStatsResponse, with_field_summaries: bool = False) -> dict[str, Any]:
+    """`field_summaries` only when they were asked for."""
+    body = {
         "count": stats.count,
         "index_type": stats.index_type,
         "metric": stats.metric,
@@ -555,6 +736,9 @@ def stats_json(stats: gateway_pb2.VisualStatsResponse) -> dict[str, Any]:
         "calibrated": stats.calibrated,
         "regions": stats.regions,
     }
+    if with_field_summaries:
+        body["field_summaries"] = [field_summary_json(summary) for summary in stats.field_summaries]
+    return body
 
 
 def service_error_json(error: ServiceError) -> tuple[int, dict[str, Any]]:

@@ -55,23 +55,26 @@ class MatchCalibration:
             return None
         return cls(scores, probabilities, float(message.rank_scale), message.description)
 
-    def probabilities(self, scores: np.ndarray) -> np.ndarray:
-        """Of hits with these scores, at ranks 1, 2, ... in that order."""
+    def probabilities(self, scores: np.ndarray, first_rank: int = 1) -> np.ndarray:
+        """Of hits with these scores, at ranks first_rank, first_rank + 1, ... in that order."""
         adjusted = np.asarray(scores, dtype=np.float64)
         if self.rank_scale:
-            adjusted = adjusted - self.rank_scale * np.log(np.arange(1, len(adjusted) + 1, dtype=np.float64))
+            ranks = np.arange(first_rank, first_rank + len(adjusted), dtype=np.float64)
+            adjusted = adjusted - self.rank_scale * np.log(ranks)
         return np.interp(adjusted, self.score_knots, self.probability_knots)
 
 
 def annotate(
     response: gateway_pb2.VisualSearchResponse, calibration: MatchCalibration | None, *,
-    min_probability: float | None, no_good_match_below: float,
-) -> None:
+    min_probability: float | None, no_good_match_below: float, first_rank: int = 1,
+) -> int:
     """In place, on the response about to be sent: each hit's match_probability (when `calibration` is
-    given), the hits below `min_probability` removed, and no_good_match set (see the module's docstring).
-    A verified copy (copy mode's is_copy) is never removed, and makes no_good_match false: the query is
-    a copy of it, whatever its probability of sharing a label."""
+    given; the first hit ranks `first_rank`, as on a later page of a search), the hits below
+    `min_probability` removed, and no_good_match set (see the module's docstring). A verified copy (copy
+    mode's is_copy) is never removed, and makes no_good_match false: the query is a copy of it, whatever
+    its probability of sharing a label. Returns how many hits were removed."""
     hits = response.hits
+    given = len(hits)
     if calibration is None and min_probability is not None:
         # (The core refuses min_probability without a calibration; hits of another model's vectors, from
         # a cached result, have no probability either, so none of them is known to reach it.)
@@ -79,7 +82,8 @@ def annotate(
             if not hits[index].is_copy:
                 del hits[index]
     if calibration is not None and len(hits):
-        for hit, probability in zip(hits, calibration.probabilities(np.array([hit.score for hit in hits]))):
+        scores = np.array([hit.score for hit in hits])
+        for hit, probability in zip(hits, calibration.probabilities(scores, first_rank)):
             hit.match_probability = float(probability)
         if min_probability is not None:
             for index in reversed(range(len(hits))):
@@ -94,3 +98,4 @@ def annotate(
     else:
         no_good_match = False
     response.no_good_match = no_good_match or bool(response.no_match_reason)
+    return given - len(hits)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gateway.cache import KEY_PREFIX, embedding_cache_key, item_query_key, result_cache_key
+from gateway.search_paging import Page, PageToken, query_fingerprint
 from gateway.settings import MAX_COPY_CANDIDATES, GatewaySettings, TextExpansionSettings
 from service_kit.float_vectors import float_message
 from service_kit.status import invalid_argument
@@ -113,6 +114,11 @@ class SearchQuery:
     expansion: TextExpansionSettings | None = None
     # Copy mode (SEARCH_MODE_COPY): how many similar-mode hits are verified as copies; 0 in similar mode.
     copy_shortlist: int = 0
+    # The ranked hits this request asks for (its page), and what makes it the same query as another.
+    page: Page = Page(0, 10, 10)
+    fingerprint: bytes = b""
+    # The page_token it came with; None for a first page.
+    page_token: PageToken | None = None
 
     @classmethod
     def parse(
@@ -122,6 +128,13 @@ class SearchQuery:
         query = request.WhichOneof("query")
         crop = request.crop if request.HasField("crop") else None
         image_sha256 = text = text_sha256 = ""
+        # First: a token that is not one is refused whatever else the request says.
+        page_token = PageToken.decode(request.page_token) if request.page_token else None
+        if page_token is not None and page_token.offset >= settings.max_paging_depth:
+            raise invalid_argument(
+                f"page_token asks for hits {page_token.offset} deep, beyond GATEWAY_MAX_PAGING_DEPTH "
+                f"({settings.max_paging_depth}): search again from the first page"
+            )
         if request.mode not in SEARCH_MODES:
             raise invalid_argument(
                 f"mode {request.mode} is not a search mode: give SEARCH_MODE_SIMILAR ({gateway_pb2.SEARCH_MODE_SIMILAR}) "
@@ -172,9 +185,23 @@ class SearchQuery:
                 raise invalid_argument(f"min_probability must be within [0, 1], not {request.min_probability}")
         check_filter_numbers(request.filter)
         expansion = settings.text_expansion if query == "text" and settings.text_expansion.hits else None
-        copy_shortlist = max(settings.copy_search.shortlist, k) if copy_mode else 0
+        fingerprint = query_fingerprint(request, text)
+        limit = settings.max_paging_depth
+        copy_shortlist = 0
+        if page_token is not None:
+            page_token.check_query(fingerprint)
+        if copy_mode:
+            # Every page ranks the first page's shortlist: a deeper one could verify other copies, which
+            # rank first.
+            copy_shortlist = (
+                page_token.copy_shortlist if page_token is not None else max(settings.copy_search.shortlist, k)
+            )
+            if not 1 <= copy_shortlist <= MAX_COPY_CANDIDATES:
+                raise invalid_argument("page_token was made for another query: search again from the first page")
+            limit = min(limit, copy_shortlist)
+        page = Page.of(page_token.offset if page_token is not None else 0, k, limit)
         return cls(request, k, min_score, crop, image_sha256, model_version, text, text_sha256, expansion,
-                   copy_shortlist)
+                   copy_shortlist, page, fingerprint, page_token)
 
     @property
     def min_probability(self) -> float | None:
@@ -212,17 +239,18 @@ class SearchQuery:
         if self.copy_mode:
             # Another mode gives other hits (and fields); another shortlist depth, other copies.
             query_key += f":copy:{self.copy_shortlist}"
-        return result_cache_key(query_key, self.k, self.request.filter, self.min_score, self.request.collection)
+        return result_cache_key(query_key, self.page.end - self.page.offset, self.request.filter, self.min_score,
+                                self.request.collection, offset=self.page.offset)
 
     def by_model(self, model_version: str) -> SearchQuery:
         """The same query, its embedding made by another model (the embedder was redeployed)."""
         return dataclasses.replace(self, model_version=model_version)
 
     def index_request(self, vector: np.ndarray, k: int | None = None) -> search_pb2.SearchRequest:
-        """The search of `vector` with this query's collection, filter and min_score; k is the query's
-        unless given (a text query's first search, when expansion feeds back more hits than k)."""
+        """The search of `vector`'s k best hits with this query's collection, filter and min_score; by
+        default as deep as the query's page needs (`Page.fetch`)."""
         request = search_pb2.SearchRequest(
-            queries=[float_message(search_pb2.Vector, vector)], k=self.k if k is None else k,
+            queries=[float_message(search_pb2.Vector, vector)], k=self.page.fetch if k is None else k,
             filter=self.request.filter,
             collection=self.request.collection,
         )

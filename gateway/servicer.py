@@ -63,6 +63,19 @@ class VisualSearchServicer(gateway_pb2_grpc.VisualSearchServicer):
             await abort_rate_limited(context, error)
         return await self.core.search(request, deadline_after(context.time_remaining()))
 
+    async def SearchBatch(
+        self, request: gateway_pb2.VisualSearchBatchRequest, context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.VisualSearchBatchResponse:
+        caller = self._admit(context, "SearchBatch")
+        limiter = self.limiter
+        charge = None if limiter is None else (lambda: limiter.limit_search(caller))  # once per query
+        try:
+            results = await self.core.search_batch(request.queries, deadline_after(context.time_remaining()), charge)
+        except RateLimited as error:
+            await abort_rate_limited(context, error)
+            raise  # not reached: abort raises
+        return gateway_pb2.VisualSearchBatchResponse(results=results)
+
     async def AddImages(
         self, request_iterator: AsyncIterator[gateway_pb2.AddImageRequest], context: grpc.aio.ServicerContext
     ) -> gateway_pb2.AddImagesSummary:
@@ -97,3 +110,9 @@ class VisualSearchServicer(gateway_pb2_grpc.VisualSearchServicer):
     ) -> search_pb2.DropCollectionResponse:
         self._admit(context, "DropCollection")
         return await self.core.drop_collection(request, deadline_after(context.time_remaining()))
+
+    async def ListCollections(
+        self, request: search_pb2.ListCollectionsRequest, context: grpc.aio.ServicerContext
+    ) -> search_pb2.ListCollectionsResponse:
+        self._admit(context, "ListCollections")
+        return await self.core.list_collections(deadline_after(context.time_remaining()))

@@ -225,6 +225,11 @@ class GatewaySettings(ServiceSettings):
 
     default_k: int = Field(10, ge=1)
     max_k: int = Field(1000, ge=1)
+    # How deep the pages of a search reach (VisualSearchRequest.page_token): a page ends at this many
+    # hits at most. Each page is searched that deep in search_svc, so keep it at most SEARCH_MAX_K.
+    max_paging_depth: int = Field(1000, ge=1)
+    # Queries in one SearchBatch call (HTTP POST /v1/search/batch), at most.
+    max_batch_queries: int = Field(32, ge=1, le=1000)
     # A response says no_good_match when its best hit's match_probability (calibrated models only) is below this.
     no_good_match_below: float = Field(0.5, ge=0, le=1)
     max_image_bytes: int = Field(20 * 1024 * 1024, ge=1)

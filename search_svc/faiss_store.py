@@ -51,11 +51,14 @@ import grpc
 import numpy as np
 
 from search_svc import columns
+from search_svc.field_summaries import TOP_VALUES, FieldSummary, top_values, value_text
 from search_svc.filters import FilterCondition, FilterValue
 from search_svc.item_codec import Row
 from search_svc.metrics import StoreMetrics
-from search_svc.settings import DEFAULT_NPROBE, FieldType, SearchSettings
-from search_svc.vector_store import StoreHit, VectorMatch, best_per_item, over_fetch, refuse_dropping_default
+from search_svc.settings import COLLECTION_NAME, DEFAULT_NPROBE, FieldType, SearchSettings
+from search_svc.vector_store import (
+    CollectionInfo, StoreHit, VectorMatch, best_per_item, over_fetch, refuse_dropping_default,
+)
 from service_kit.status import ServiceError
 from service_kit.tracing import span
 
@@ -75,6 +78,7 @@ FILTER_CACHE_MAX_LABELS = 4_000_000
 REBUILD_STOP_WAIT_S = 10.0
 
 _SQL_TYPES: dict[FieldType, str] = {"string": "TEXT", "float": "REAL", "int": "INTEGER", "bool": "INTEGER"}
+_FILE_SUFFIX = ".sqlite3"
 # The same definition in a new table and when added to a file created before it: ALTER TABLE ADD COLUMN
 # needs a default for NOT NULL, and with a constant default SQLite adds it without rewriting the table.
 _COPY_FEATURES_COLUMN = f"{columns.COPY_FEATURES} BLOB NOT NULL DEFAULT x''"
@@ -412,7 +416,7 @@ class FaissStore:
     # --- collections ---------------------------------------------------------------------------
 
     def _path(self, name: str) -> Path:
-        return self._data_dir / f"{name}.sqlite3"
+        return self._data_dir / f"{name}{_FILE_SUFFIX}"
 
     def _existing(self, name: str) -> FaissCollection:
         collection = self._collection(name, create=False)
@@ -897,6 +901,74 @@ class FaissStore:
     def regions_known(self, collection_name: str) -> bool:
         collection = self._collections.get(collection_name)
         return collection is not None and collection.regions_per_item > 0
+
+    def collections(self) -> list[CollectionInfo]:
+        def run() -> list[CollectionInfo]:
+            self.require_connected()
+            names = sorted(
+                path.name[:-len(_FILE_SUFFIX)] for path in self._data_dir.glob(f"*{_FILE_SUFFIX}")
+                if COLLECTION_NAME.fullmatch(path.name[:-len(_FILE_SUFFIX)])
+            )
+            return [info for name in names if (info := self._collection_info(name)) is not None]
+
+        return self._timed("collections", run)
+
+    def _collection_info(self, name: str) -> CollectionInfo | None:
+        """A collection's count and regions; None when it went away meanwhile. One not loaded is read
+        from its file, without building its index (a listing need not load every collection)."""
+        collection = self._collections.get(name)
+        if collection is not None:
+            with collection.lock.reading():
+                if collection.dropped:
+                    return None
+                return CollectionInfo(name, self._count(collection.connection()), collection.regions_per_item > 0)
+        try:
+            # mode=rw: never creates the file, which a concurrent drop may just have removed.
+            with contextlib.closing(sqlite3.connect(
+                f"{self._path(name).as_uri()}?mode=rw", uri=True, timeout=SQLITE_BUSY_TIMEOUT_S
+            )) as connection:
+                count = self._count(connection)
+                stored = connection.execute("SELECT value FROM meta WHERE key = 'regions_per_item'").fetchone()
+        except sqlite3.Error as error:
+            if self._path(name).exists():
+                logger.warning("not listing collection %s: its file %s does not read (%s)",
+                               name, self._path(name), error)
+            return None
+        return CollectionInfo(name, count, stored is not None and int(json.loads(stored[0])) > 0)
+
+    def field_summaries(self, collection_name: str) -> list[FieldSummary]:
+        def run() -> list[FieldSummary]:
+            collection = self._existing(collection_name)
+            with collection.lock.reading():
+                self._check_not_dropped(collection)
+                connection = collection.connection()
+                return [
+                    self._field_summary(connection, field, field_type)
+                    for field, field_type in self._settings.filter_fields.items()
+                ]
+
+        return self._timed("field_summaries", run)
+
+    @staticmethod
+    def _field_summary(connection: sqlite3.Connection, field: str, field_type: FieldType) -> FieldSummary:
+        column = _quoted(field)
+        present = f"{_quoted(columns.presence_column(field))} = 1"
+        if field_type in ("float", "int"):
+            count, minimum, maximum = connection.execute(
+                f"SELECT count(*), min({column}), max({column}) FROM items WHERE {present}"
+            ).fetchone()
+            return FieldSummary(field, field_type, int(count),
+                                minimum=None if minimum is None else float(minimum),
+                                maximum=None if maximum is None else float(maximum))
+        count = int(connection.execute(f"SELECT count(*) FROM items WHERE {present}").fetchone()[0])
+        # One row past the listed ones says whether there are more. Ties by value: SQLite's BINARY
+        # collation orders text by code point, as Python does, and bools 0 before 1 ("false", "true").
+        counted = connection.execute(
+            f"SELECT {column}, count(*) AS n FROM items WHERE {present} GROUP BY {column} ORDER BY n DESC, {column} "
+            "LIMIT ?", (TOP_VALUES + 1,),
+        ).fetchall()
+        listed, more = top_values((value_text(value, field_type), int(n)) for value, n in counted)
+        return FieldSummary(field, field_type, count, listed, more)
 
 
 def faiss_gpus() -> int:

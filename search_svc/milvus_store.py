@@ -24,6 +24,7 @@ first. Whether a collection has regions is remembered per process, and a "no" is
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
 import re
 import threading
@@ -48,12 +49,15 @@ from pymilvus.exceptions import (
 )
 
 from search_svc import columns
+from search_svc.field_summaries import FieldSummary, FieldTally
 from search_svc.filters import FilterCondition
 from search_svc.item_codec import Row, decode_id
 from search_svc.metrics import StoreMetrics
 from search_svc.milvus_expressions import filter_expression, ids_expression, item_ids_expression, string_literal
-from search_svc.settings import FieldType, SearchSettings
-from search_svc.vector_store import StoreHit, VectorMatch, best_per_item, over_fetch, refuse_dropping_default
+from search_svc.settings import COLLECTION_NAME, FieldType, SearchSettings
+from search_svc.vector_store import (
+    CollectionInfo, StoreHit, VectorMatch, best_per_item, over_fetch, refuse_dropping_default,
+)
 from service_kit.status import ServiceError
 
 logger = logging.getLogger(__name__)
@@ -69,6 +73,8 @@ MAX_SEARCH_LIMIT = 16384
 REGIONS_FETCHED_PER_ITEM = 16
 # How long "this collection has no regions" is trusted before Milvus is asked again.
 REGIONS_RECHECK_S = 5.0
+# Rows per batch of the scan that summarises the filter fields (a few small columns each).
+SUMMARY_BATCH_ROWS = 5000
 
 
 def regions_collection(name: str) -> str:
@@ -429,9 +435,15 @@ class MilvusStore:
     # --- calls -------------------------------------------------------------------------------
 
     def _call(self, client: MilvusClient, operation: str, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        with self._observed(operation):
+            return method(*args, timeout=self._timeout_s, retry_times=0, **kwargs)
+
+    @contextlib.contextmanager
+    def _observed(self, operation: str) -> Iterator[None]:
+        """Times a Milvus call, and turns its failure into a `ServiceError`."""
         start = time.perf_counter()
         try:
-            return method(*args, timeout=self._timeout_s, retry_times=0, **kwargs)
+            yield
         except (MilvusException, grpc.RpcError) as error:
             service_error = milvus_service_error(operation, error, self._timeout_s)
             self._metrics.count_error(operation, service_error.code.name)
@@ -687,6 +699,49 @@ class MilvusStore:
             filter="", output_fields=["count(*)"], consistency_level="Strong",
         )
         return int(result[0]["count(*)"])
+
+    def collections(self) -> list[CollectionInfo]:
+        """The item collections in Milvus: never a regions collection (`<name>__regions`, a name the
+        backend keeps for itself), nor one that is not this service's (another schema: logged)."""
+        client = self._open_client
+        names = sorted(
+            name for name in self._call(client, "list_collections", client.list_collections)
+            if COLLECTION_NAME.fullmatch(name) and not name.endswith(REGIONS_SUFFIX)
+        )
+        found = []
+        for name in names:
+            try:
+                found.append(CollectionInfo(name, self.count(name), self.has_regions(name)))
+            except ServiceError as error:
+                if error.code == grpc.StatusCode.NOT_FOUND:  # dropped meanwhile
+                    continue
+                if error.code == grpc.StatusCode.FAILED_PRECONDITION and name != self.default_collection:
+                    logger.warning("not listing collection %s: %s", name, error.message)
+                    continue
+                raise
+        return found
+
+    def field_summaries(self, collection: str) -> list[FieldSummary]:
+        """Milvus has no GROUP BY: every item's filter columns are read, a batch at a time (a query
+        iterator, each batch within the call deadline), and counted here."""
+        client = self._existing_collection(collection)
+        tally = FieldTally(self._settings.filter_fields)
+        if not tally.output_columns:
+            return tally.summaries()
+        iterator = self._call(
+            client, "field summaries", client.query_iterator, collection, batch_size=SUMMARY_BATCH_ROWS, filter="",
+            output_fields=tally.output_columns, consistency_level="Strong",
+        )
+        try:
+            while True:
+                with self._observed("field summaries"):
+                    rows = iterator.next()
+                if not rows:
+                    break
+                tally.add(rows)
+        finally:
+            iterator.close()
+        return tally.summaries()
 
 
 def _milvus_row(row: Row, has_copy_features: bool) -> Row:

@@ -15,11 +15,12 @@ import numpy as np
 from prometheus_client import Histogram
 
 from search_svc import columns, paging
+from search_svc.field_summaries import FieldSummary
 from search_svc.filters import parse_filter
 from search_svc.generation import IndexGeneration
 from search_svc.item_codec import ItemCodec, stored_ids
 from search_svc.settings import SearchSettings
-from search_svc.vector_store import VectorStore, collection_name
+from search_svc.vector_store import CollectionInfo, VectorStore, collection_name
 from service_kit.status import invalid_argument
 from service_kit.tracing import carried, record_span, span
 from vsearch.v1 import search_pb2, search_pb2_grpc
@@ -173,12 +174,15 @@ class VectorSearchServicer(search_pb2_grpc.VectorSearchServicer):
         generation = self._generation.current
         self._store.require_connected()
         collection = self._collection(request.collection)
-        if request.skip_count and collection == self._store.default_collection:
+        summaries: list[FieldSummary] = []
+        if request.skip_count and collection == self._store.default_collection and not request.with_field_summaries:
             # The default collection always exists: no store call at all, and whether it has regions as this
             # process last knew it (exact on FAISS; a Milvus replica may not have seen another turn them on yet).
             count, regions = 0, self._store.regions_known(collection)
         else:
-            count, regions = await self._offload(self._count, collection, request.skip_count)
+            count, regions, summaries = await self._offload(
+                self._collection_stats, collection, request.skip_count, request.with_field_summaries
+            )
         return search_pb2.StatsResponse(
             count=count,
             index_type=self._store.index_type,
@@ -188,15 +192,39 @@ class VectorSearchServicer(search_pb2_grpc.VectorSearchServicer):
             collection=collection,
             filterable_fields=list(self._settings.filter_fields),
             regions=regions,
+            field_summaries=[summary.message() for summary in summaries],
         )
 
-    def _count(self, collection: str, skip_count: bool) -> tuple[int, bool]:
-        """The collection's item count (0 when skipped) and whether it has regions; NOT_FOUND when it
-        does not exist."""
+    def _collection_stats(
+        self, collection: str, skip_count: bool, with_field_summaries: bool
+    ) -> tuple[int, bool, list[FieldSummary]]:
+        """The collection's item count (0 when skipped), whether it has regions, and its field summaries
+        when asked; NOT_FOUND when it does not exist."""
         if skip_count:
             self._store.require_collection(collection)
-            return 0, self._store.has_regions(collection)
-        return self._store.count(collection), self._store.has_regions(collection)
+            count = 0
+        else:
+            count = self._store.count(collection)
+        summaries = self._store.field_summaries(collection) if with_field_summaries else []
+        return count, self._store.has_regions(collection), summaries
+
+    async def ListCollections(
+        self, request: search_pb2.ListCollectionsRequest, context: grpc.aio.ServicerContext
+    ) -> search_pb2.ListCollectionsResponse:
+        self._store.require_connected()
+        return await self._offload(self._list_collections)
+
+    def _list_collections(self) -> search_pb2.ListCollectionsResponse:
+        found = {info.name: info for info in self._store.collections()}
+        default = self._store.default_collection
+        if default not in found:  # always listed, even if a store's listing has not caught up with it
+            found[default] = CollectionInfo(default, self._store.count(default), self._store.has_regions(default))
+        return search_pb2.ListCollectionsResponse(collections=[
+            search_pb2.CollectionSummary(
+                name=name, count=found[name].count, is_default=name == default, regions=found[name].regions
+            )
+            for name in sorted(found)
+        ])
 
     async def DropCollection(
         self, request: search_pb2.DropCollectionRequest, context: grpc.aio.ServicerContext

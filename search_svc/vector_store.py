@@ -19,6 +19,7 @@ from typing import Protocol, Sequence
 import grpc
 import numpy as np
 
+from search_svc.field_summaries import FieldSummary
 from search_svc.filters import FilterCondition
 from search_svc.item_codec import Box, Row
 from search_svc.settings import COLLECTION_NAME
@@ -35,6 +36,15 @@ class StoreHit:
     metadata: str | dict | None  # JSON text (FAISS), or decoded by pymilvus
     copy_features: bytes = b""  # only when the search asked for them
     region: Box | None = None  # the region that matched; None: the full view
+
+
+@dataclass(frozen=True, slots=True)
+class CollectionInfo:
+    """One collection a store holds: its name, its item count and whether it has regions."""
+
+    name: str
+    count: int
+    regions: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +124,14 @@ class VectorStore(Protocol):
 
     def regions_known(self, collection: str) -> bool:
         """`has_regions` as this process last knew it, without blocking (False when it does not know)."""
+
+    def collections(self) -> list[CollectionInfo]:
+        """Every collection of items the store holds (never one of its own helpers, such as Milvus's
+        regions collections), in any order; one dropped meanwhile may be left out."""
+
+    def field_summaries(self, collection: str) -> list[FieldSummary]:
+        """What each filterable field holds across the collection's items, in the settings' order (see
+        search_svc/field_summaries.py); NOT_FOUND when the collection does not exist."""
 
 
 def collection_name(requested: str, default: str) -> str:

@@ -6,6 +6,8 @@ anything was."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 from pathlib import Path
 
@@ -38,17 +40,21 @@ def report(tmp_path_factory, shared_dir: Path) -> dict:
     tmp = tmp_path_factory.mktemp("bench")
     model_dir = ensure_model("mobilenetv2-12-int8", tmp / "models")
     out = tmp / "out" / "bench.json"
-    status = run_bench([
-        "all", "--out", str(out), "--model-dir", str(model_dir),
-        "--images", str(shared_dir / "datasets/caltech101/101_ObjectCategories"),
-        "--ingest-images", str(INGEST_IMAGES), "--naive-images", str(NAIVE_IMAGES), "--chunk", "8",
-        "--search-catalog", str(CATALOG), "--requests", str(REQUESTS),
-        "--concurrency", *map(str, CONCURRENCY), "--hit-set", "4", "--floor-samples", "5",
-        "--ann-sizes", str(ANN_VECTORS), "--clusters", "50", "--queries", "20", "--batch-requests", "1",
-        "--recall-queries", "20", "--nprobe", *map(str, NPROBES), "--work-dir", str(tmp / "ann"),
-    ])
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        status = run_bench([
+            "all", "--json", "--out", str(out), "--model-dir", str(model_dir),
+            "--images", str(shared_dir / "datasets/caltech101/101_ObjectCategories"),
+            "--ingest-images", str(INGEST_IMAGES), "--naive-images", str(NAIVE_IMAGES), "--chunk", "8",
+            "--search-catalog", str(CATALOG), "--requests", str(REQUESTS),
+            "--concurrency", *map(str, CONCURRENCY), "--hit-set", "4", "--floor-samples", "5",
+            "--ann-sizes", str(ANN_VECTORS), "--clusters", "50", "--queries", "20", "--batch-requests", "1",
+            "--recall-queries", "20", "--nprobe", *map(str, NPROBES), "--work-dir", str(tmp / "ann"),
+        ])
     assert status == 0, out.read_text() if out.exists() else "no report written"
     data = json.loads(out.read_text())
+    # --json: the report on stdout, alone (the tables went to stderr).
+    assert json.loads(printed.getvalue()) == data
     data["_work_dir"] = str(tmp / "ann")
     return data
 

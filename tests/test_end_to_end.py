@@ -374,7 +374,7 @@ async def test_web_page_searches_by_upload_and_shows_errors(stack, ukbench_image
             await page.set_input_files("#file", str(ukbench_images[4]))
             await page.click("#go")
             await expect(page.locator(".hit")).to_have_count(12)
-            ids = await page.locator(".hit .id").all_inner_texts()
+            ids = await page.locator(".hit").evaluate_all("cards => cards.map(card => card.dataset.id)")
             assert set(ids[:4]) == {"ukb-04", "ukb-05", "ukb-06", "ukb-07"}
             await expect(page.locator("#status")).to_contain_text("12 hits")
             await page.screenshot(path=str(tmp_path / "results.png"), full_page=True)

@@ -476,6 +476,7 @@ def test_result_keys_separate_every_input_and_ignore_condition_order():
         result_cache_key("q", 10, both, 0.5),
         result_cache_key("q", 10, both, 0.0),
         result_cache_key("q", 10, both, None, collection="eval_1"),
+        result_cache_key("q", 10, both, None, offset=10),  # the next page of the same query
     ]
     assert key not in variants and len(set(variants)) == len(variants)
     # Generation counters are per collection, and apart from every other key.

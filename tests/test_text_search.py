@@ -292,7 +292,8 @@ async def test_web_page_searches_by_words_when_the_model_can(tmp_path, dual_dir,
                 await page.fill("#k", "3")
                 await page.click("#go")
                 await expect(page.locator(".hit")).to_have_count(3)
-                assert {hit.split("-")[0] for hit in await page.locator(".hit .id").all_inner_texts()} == {"blue"}
+                ids = await page.locator(".hit").evaluate_all("cards => cards.map(card => card.dataset.id)")
+                assert {hit.split("-")[0] for hit in ids} == {"blue"}
                 await expect(page.locator("#status")).to_contain_text("3 hits")
                 await page.screenshot(path=str(tmp_path / "words.png"), full_page=True)
                 await page.fill("#words", "xylophone")

@@ -154,7 +154,8 @@ def check_one_trace_across_the_services(trace: list[ReadableSpan], root: Readabl
 
     assert {"queue wait", "store search"} <= children(trace, search)
     store = only(trace, "store search", "search_svc")
-    assert store.attributes["vsearch.store.backend"] == "faiss" and store.attributes["vsearch.search.k"] == 3
+    # k 3, and one more hit to know whether a next page follows (gateway/search_paging.py).
+    assert store.attributes["vsearch.store.backend"] == "faiss" and store.attributes["vsearch.search.k"] == 3 + 1
     # Every span of the trace is some service's, under the root: nothing is orphaned.
     ids = {span.context.span_id for span in trace}
     assert all(span is root or (span.parent is not None and span.parent.span_id in ids) for span in trace)

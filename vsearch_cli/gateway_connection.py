@@ -1,13 +1,15 @@
 """How the command line reaches the gateway: its address and API key (`--gateway` / `--api-key`, or
-VSEARCH_GATEWAY / VSEARCH_API_KEY), and a gRPC channel that sends the key with every call."""
+VSEARCH_GATEWAY / VSEARCH_API_KEY), a client of it (vsearch.client, which sends the key with every
+call), and the one line a gateway error is reported as."""
 
 from __future__ import annotations
 
 import argparse
 import os
-from typing import Any, Sequence
+import sys
+from typing import Any
 
-import grpc
+from vsearch.client import AsyncVisualSearchClient, VisualSearchClient, VsearchError
 
 DEFAULT_GATEWAY = "127.0.0.1:50051"
 
@@ -19,33 +21,23 @@ def add_gateway_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the API key for a gateway that checks keys (default $VSEARCH_API_KEY)")
 
 
-def _with_header(details: grpc.aio.ClientCallDetails, header: tuple[str, str]) -> grpc.aio.ClientCallDetails:
-    metadata = grpc.aio.Metadata(*(details.metadata or ()), header)
-    return grpc.aio.ClientCallDetails(details.method, details.timeout, metadata, details.credentials,
-                                      details.wait_for_ready)
+def gateway_client(args: argparse.Namespace, **settings: Any) -> VisualSearchClient:
+    """A blocking client of the gateway `args` name (a command's --gateway and --api-key)."""
+    return VisualSearchClient(args.gateway, api_key=args.api_key, **settings)
 
 
-# Two classes: a grpc.aio channel files each interceptor under one kind of call only.
-class _KeyOnUnaryCalls(grpc.aio.UnaryUnaryClientInterceptor):
-    def __init__(self, header: tuple[str, str]) -> None:
-        self._header = header
-
-    async def intercept_unary_unary(self, continuation: Any, details: grpc.aio.ClientCallDetails, request: Any) -> Any:
-        return await continuation(_with_header(details, self._header), request)
+def async_gateway_client(gateway: str, api_key: str | None, **settings: Any) -> AsyncVisualSearchClient:
+    """An asyncio client of `gateway` (commands that keep many calls in flight)."""
+    return AsyncVisualSearchClient(gateway, api_key=api_key, **settings)
 
 
-class _KeyOnClientStreams(grpc.aio.StreamUnaryClientInterceptor):
-    def __init__(self, header: tuple[str, str]) -> None:
-        self._header = header
-
-    async def intercept_stream_unary(self, continuation: Any, details: grpc.aio.ClientCallDetails,
-                                     request_iterator: Any) -> Any:
-        return await continuation(_with_header(details, self._header), request_iterator)
+def gateway_failure(gateway: str, error: VsearchError) -> str:
+    """A gateway call's failure as every command words it, on one line: "gateway ADDRESS: CODE: message"."""
+    return " ".join(f"gateway {gateway}: {error}".split("\n"))
 
 
-def gateway_channel(address: str, api_key: str | None = None,
-                    options: Sequence[tuple[str, Any]] | None = None) -> grpc.aio.Channel:
-    """An insecure (loopback or in-cluster) channel to the gateway, carrying `api_key` when given."""
-    header = ("authorization", f"Bearer {api_key}")
-    interceptors = [_KeyOnUnaryCalls(header), _KeyOnClientStreams(header)] if api_key else None
-    return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
+def report_gateway_failure(command: str, gateway: str, error: VsearchError) -> int:
+    """Prints the failure as one line on stderr, "vsearch COMMAND: gateway ADDRESS: CODE: message", and
+    returns the exit status of a command the gateway failed (1)."""
+    print(f"vsearch {command}: {gateway_failure(gateway, error)}", file=sys.stderr)
+    return 1

@@ -10,29 +10,23 @@ import shutil
 import signal
 import sys
 from pathlib import Path
-from typing import Sequence
-
-import grpc
-from google.protobuf import json_format, struct_pb2
+from typing import Any, Sequence
 
 from vsearch_cli.bench import command as bench
 from vsearch_cli.model_tools import command as cli_model
 from vsearch_cli.evaluation import eval_command as evaluation
 from vsearch_cli.keys import command as api_keys
 from vsearch_cli.catalog import ingest
+from vsearch_cli.catalog import overview as catalog_overview
 from vsearch_cli.duplicates import command as duplicates
-from vsearch_cli.gateway_connection import add_gateway_arguments, gateway_channel
+from vsearch_cli.gateway_connection import add_gateway_arguments, gateway_client, report_gateway_failure
 from vsearch_cli.local_stack.launcher import LocalStack
 from vsearch_cli.local_stack.layout import StackLayout
 from vsearch_cli.local_stack.ports import free_port, free_port_run, port_is_free
 from vsearch_cli.local_stack.supervisor import RestartPolicy, Supervisor
-from vsearch.v1 import embedder_pb2, gateway_pb2, gateway_pb2_grpc, search_pb2
+from vsearch.client import OPERATORS, Box, Hit, SearchResult, VsearchError
 
 DEFAULT_DATA_DIR = Path(".vsearch")
-OPERATORS = {
-    "==": search_pb2.EQ, "!=": search_pb2.NE, "<": search_pb2.LT, "<=": search_pb2.LE,
-    ">": search_pb2.GT, ">=": search_pb2.GE, "in": search_pb2.IN, "not_in": search_pb2.NOT_IN,
-}
 
 
 # ---- up -------------------------------------------------------------------------------------
@@ -71,6 +65,20 @@ def up_banner(layout: StackLayout, cache: str) -> str:
         parts.append(f"milvus {layout.milvus_uri} ({layout.data_dir / 'milvus.db'})")
     parts += [f"cache {cache}", f"data {layout.data_dir}", "Ctrl-C stops"]
     return "vsearch up: " + " | ".join(parts)
+
+
+def up_addresses(layout: StackLayout, cache: str) -> dict[str, Any]:
+    """What `vsearch up --json` prints once everything is ready: every address, once (gateway i uses
+    search replica i)."""
+    gateways = []
+    for index in range(layout.replicas):
+        grpc_port, http_port = layout.gateway_ports(index)
+        gateways.append({"grpc": f"127.0.0.1:{grpc_port}", "http": f"http://127.0.0.1:{http_port}"})
+    return {
+        "gateways": gateways, "embedder": f"127.0.0.1:{layout.embedder_port}", "triton": layout.triton_url,
+        "search": [f"127.0.0.1:{port}" for port in layout.search_ports], "milvus": layout.milvus_uri,
+        "redis": layout.redis_url, "cache": cache, "data_dir": str(layout.data_dir),
+    }
 
 
 def _at_least_one(text: str) -> int:
@@ -142,7 +150,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         cache = f"{layout.redis_url} (maxmemory {layout.redis_maxmemory}, allkeys-lru)"
     else:
         cache = "in-process cache (" + ("--no-redis" if args.no_redis else "no redis-server found") + ")"
-    print(up_banner(layout, cache), flush=True)
+    print(json.dumps(up_addresses(layout, cache)) if args.json else up_banner(layout, cache), flush=True)
     supervisor = Supervisor(stack, RestartPolicy(ready_timeout_s=args.timeout))
     failure = None
     try:
@@ -151,123 +159,116 @@ def cmd_up(args: argparse.Namespace) -> int:
             print(f"vsearch up: giving up: {failure}\nvsearch up: stopping everything", file=sys.stderr, flush=True)
     finally:
         stack.stop()
-    print("vsearch up: stopped", flush=True)
+    # With --json, stdout holds the one JSON line only.
+    print("vsearch up: stopped", file=sys.stderr if args.json else sys.stdout, flush=True)
     return 0 if failure is None else 1
 
 
 # ---- search ---------------------------------------------------------------------------------
 
-def parse_crop(text: str) -> embedder_pb2.CropBox:
+# Searches wait this long, UNAVAILABLE retries included.
+SEARCH_TIMEOUT_S = 30.0
+
+
+def parse_crop(text: str) -> Box:
     try:
         x, y, width, height = (int(part) for part in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"crop must be x,y,w,h in pixels, got {text!r}") from None
     if min(x, y) < 0 or width <= 0 or height <= 0:
         raise argparse.ArgumentTypeError(f"crop needs x,y >= 0 and w,h > 0, got {text!r}")
-    return embedder_pb2.CropBox(x=x, y=y, width=width, height=height)
+    return Box(x, y, width, height)
 
 
-def parse_value(text: str) -> struct_pb2.Value:
+def parse_value(text: str) -> Any:
     """A JSON literal when the text is one (3.5, true, ["a","b"], "123"), else the text as a string."""
     try:
-        parsed = json.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError:
-        parsed = text
-    value = struct_pb2.Value()
-    json_format.ParseDict(parsed, value)
-    return value
+        return text
 
 
-def build_filter(conditions: Sequence[Sequence[str]]) -> search_pb2.Filter:
-    result = search_pb2.Filter()
-    for field_name, op, value in conditions:
-        if op not in OPERATORS:
-            raise argparse.ArgumentTypeError(f"unknown operator {op!r}; use one of {', '.join(OPERATORS)}")
-        result.conditions.append(search_pb2.Condition(field=field_name, op=OPERATORS[op], value=parse_value(value)))
-    return result
+def where_conditions(where: Sequence[Sequence[str]]) -> list[tuple[str, str, Any]]:
+    """`--where FIELD OP VALUE`s as the client's conditions (the client refuses an unknown OP)."""
+    return [(field_name, op, parse_value(value)) for field_name, op, value in where]
 
 
-async def search_image(args: argparse.Namespace, image: bytes | None) -> gateway_pb2.VisualSearchResponse:
-    """By `image`, or, when it is None, by the words of `args.text`."""
-    request = gateway_pb2.VisualSearchRequest(k=args.k, filter=build_filter(args.where or []), collection=args.collection)
-    if args.copies:
-        request.mode = gateway_pb2.SEARCH_MODE_COPY
-    if image is None:
-        request.text = args.text
-    else:
-        request.image = image
-    if args.crop is not None:
-        request.crop.CopyFrom(args.crop)
-    if args.min_score is not None:
-        request.min_score = args.min_score
-    if args.min_probability is not None:
-        request.min_probability = args.min_probability
-    async with gateway_channel(args.gateway, args.api_key) as channel:
-        return await gateway_pb2_grpc.VisualSearchStub(channel).Search(request, timeout=30, wait_for_ready=True)
+def check_search_arguments(args: argparse.Namespace) -> None:
+    """Exactly one query (IMAGE, --item-id or --text), and the options that go with it; else a usage error."""
+    given = [name for name, value in (("IMAGE", args.image), ("--item-id", args.item_id), ("--text", args.text))
+             if value is not None]
+    if not given:
+        args.usage_error("give IMAGE, --item-id ID or --text WORDS")
+    if len(given) > 1:
+        args.usage_error(f"give one of IMAGE, --item-id or --text, not both: got {' and '.join(given)}")
+    if args.crop is not None and args.image is None:
+        args.usage_error(f"--crop applies only to an image, not to {given[0]}")
+    if args.copies and args.text is not None:
+        args.usage_error("--copies finds copies of an image (or of an indexed item), not of --text")
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    if (args.image is None) == (args.text is None):
-        print("vsearch search: give an IMAGE or --text \"...\", not both or neither", file=sys.stderr)
-        return 2
-    if args.text is not None and args.crop is not None:
-        print("vsearch search: --crop applies only to an image", file=sys.stderr)
-        return 2
-    if args.text is not None and args.copies:
-        print("vsearch search: --copies finds copies of an image, not of --text", file=sys.stderr)
-        return 2
+    check_search_arguments(args)
     try:
-        image = Path(args.image).read_bytes() if args.image is not None else None
-        reply = asyncio.run(search_image(args, image))
+        with gateway_client(args) as client:
+            result = client.search(
+                Path(args.image) if args.image is not None else None, item_id=args.item_id, text=args.text,
+                crop=args.crop, k=args.k, where=where_conditions(args.where or []), min_score=args.min_score,
+                min_probability=args.min_probability, collection=args.collection,
+                mode="copy" if args.copies else "similar", page_token=args.page_token, timeout=SEARCH_TIMEOUT_S,
+            )
     except OSError as error:
+        print(f"vsearch search: cannot read {args.image}: {error.strerror or error}", file=sys.stderr)
+        return 2
+    except ValueError as error:
         print(f"vsearch search: {error}", file=sys.stderr)
         return 2
-    except argparse.ArgumentTypeError as error:
-        print(f"vsearch search: {error}", file=sys.stderr)
-        return 2
-    except grpc.aio.AioRpcError as error:
-        print(f"vsearch search: {error.code().name}: {error.details()}", file=sys.stderr)
-        return 1
+    except VsearchError as error:
+        return report_gateway_failure("search", args.gateway, error)
     if args.json:
-        print(json_format.MessageToJson(reply, indent=None, preserving_proto_field_name=True,
-                                        always_print_fields_with_no_presence=True))
+        print(json.dumps(result.to_dict()))
         return 0
-    timing = reply.timing
-    if reply.understood_as:
-        print(f"understood as: {reply.understood_as}")
-    if reply.no_match_reason:
-        print(f"no match: {reply.no_match_reason}")
-    elif reply.no_good_match:
-        print("no good match: " + ("no hits" if not reply.hits else
-                                   f"the best hit's match probability is {reply.hits[0].match_probability:.2f}"))
-    print(f"{len(reply.hits)} hits in {timing.total_ms:.1f} ms (embed {timing.embed_ms:.1f}, "
-          f"search {timing.search_ms:.1f}){' from cache' if reply.from_cache else ''}")
-    for rank, hit in enumerate(reply.hits, 1):
-        metadata = json_format.MessageToDict(hit.metadata)
-        probability = f"  p={hit.match_probability:.2f}" if hit.HasField("match_probability") else ""
-        print(f"{rank:>3}  {hit.score:.4f}{probability}{copy_verdict(hit)}{matched_region(hit)}  {hit.id[:16]}  "
-              f"{hit.image_uri}  {json.dumps(metadata)}")
+    print_search_result(result)
     return 0
 
 
-def matched_region(hit: gateway_pb2.SearchHit) -> str:
+def print_search_result(result: SearchResult) -> None:
+    timing = result.timing
+    if result.understood_as:
+        print(f"understood as: {result.understood_as}")
+    if result.no_match_reason:
+        print(f"no match: {result.no_match_reason}")
+    elif result.no_good_match:
+        print("no good match: " + ("no hits" if not result.hits else
+                                   f"the best hit's match probability is {result.hits[0].match_probability:.2f}"))
+    print(f"{len(result.hits)} hits in {timing.total_ms:.1f} ms (embed {timing.embed_ms:.1f}, "
+          f"search {timing.search_ms:.1f}){' from cache' if result.from_cache else ''}")
+    for rank, hit in enumerate(result.hits, 1):
+        probability = f"  p={hit.match_probability:.2f}" if hit.match_probability is not None else ""
+        print(f"{rank:>3}  {hit.score:.4f}{probability}{copy_verdict(hit)}{matched_region(hit)}  {hit.id[:16]}  "
+              f"{hit.image_uri}  {json.dumps(hit.metadata)}")
+    if result.next_page_token:
+        print(f"next page: --page-token {result.next_page_token}")
+
+
+def matched_region(hit: Hit) -> str:
     """"  region x,y,wxh" when a region of the hit's image matched (a collection indexed with regions)."""
-    if not hit.HasField("matched_region"):
+    if hit.matched_region is None:
         return ""
     box = hit.matched_region
     return f"  region {box.x},{box.y},{box.width}x{box.height}"
 
 
-def copy_verdict(hit: gateway_pb2.SearchHit) -> str:
+def copy_verdict(hit: Hit) -> str:
     """A copy search's verdict on a hit, for the text output: "  COPY 0.91 at x,y,wxh" or "  copy 0.12";
     nothing for a similar search's hit."""
-    if not hit.HasField("is_copy"):
+    if hit.is_copy is None:
         return ""
     if not hit.is_copy:
-        return f"  copy {hit.copy_score:.2f}"
+        return f"  copy {hit.copy_score or 0.0:.2f}"
     box = hit.matched_box
-    where = f" at {box.x},{box.y},{box.width}x{box.height}" if hit.HasField("matched_box") else ""
-    return f"  COPY {hit.copy_score:.2f}{where}"
+    where = f" at {box.x},{box.y},{box.width}x{box.height}" if box is not None else ""
+    return f"  COPY {hit.copy_score or 0.0:.2f}{where}"
 
 
 # ---- parser ---------------------------------------------------------------------------------
@@ -300,29 +301,38 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--triton", action="store_true",
                     help="run the model on a local CPU Triton Inference Server (installed into .venv-triton by "
                          "scripts/setup-triton on first use); the embedder talks to it over gRPC")
+    up.add_argument("--json", action="store_true",
+                    help="once everything is ready, print one JSON line of every address instead of the banner")
     up.set_defaults(func=cmd_up)
 
-    search = sub.add_parser("search", help="find the catalog images most similar to IMAGE, or matching --text")
-    search.add_argument("image", nargs="?", help="the query image (or give --text)")
+    search = sub.add_parser("search", help="find the catalog images most similar to IMAGE, to an indexed item, "
+                                           "or matching --text")
+    search.add_argument("image", nargs="?", help="the query image (or give --item-id or --text)")
+    search.add_argument("--item-id", metavar="ID", help="search with an indexed item's stored vector instead")
     search.add_argument("--text", help="search by words instead of an image (\"a red running shoe\"), when the "
                                        "model supports it")
     search.add_argument("-k", type=int, default=10)
     search.add_argument("--crop", type=parse_crop, help="x,y,w,h in pixels")
     search.add_argument("--where", nargs=3, action="append", metavar=("FIELD", "OP", "VALUE"),
-                        help=f"filter; OP one of {' '.join(OPERATORS)}; repeat for AND")
+                        help=f"filter; OP one of {' '.join(OPERATORS)}; VALUE a JSON literal (3.5, true, "
+                             "[\"a\",\"b\"]) or else a string; repeat for AND")
     search.add_argument("--min-score", type=float)
     search.add_argument("--min-probability", type=float,
                         help="only hits whose match probability is at least this (0..1; needs a calibrated model)")
     search.add_argument("--copies", action="store_true",
-                        help="copy search: is IMAGE a copy (cropped, mirrored, greyed, recompressed...) of catalog "
-                             "images? Verified copies come first, marked COPY with their score and where IMAGE "
-                             "lies in them (x,y,wxh); --min-score and --min-probability apply to the other hits")
+                        help="copy search: is IMAGE (or --item-id's image) a copy (cropped, mirrored, greyed, "
+                             "recompressed...) of catalog images? Verified copies come first, marked COPY with their "
+                             "score and where IMAGE lies in them (x,y,wxh); --min-score and --min-probability apply "
+                             "to the other hits")
     add_gateway_arguments(search)
     search.add_argument("--collection", default="", help="catalog to search (default: the default one)")
-    search.add_argument("--json", action="store_true")
-    search.set_defaults(func=cmd_search)
+    search.add_argument("--page-token", default="", metavar="TOKEN",
+                        help="the next page of a search: the token the previous page printed, with the same query")
+    search.add_argument("--json", action="store_true", help="print one JSON object")
+    search.set_defaults(func=cmd_search, usage_error=search.error)
 
     ingest.register(sub)
+    catalog_overview.register(sub)
     duplicates.register(sub)
     cli_model.register(sub)
     evaluation.register(sub)

@@ -70,6 +70,8 @@ def _common_options() -> argparse.ArgumentParser:
     common.add_argument("--keep", action="store_true", help="keep the started stack's data directory and the ANN files")
     common.add_argument("--profile", action="store_true",
                         help="py-spy the started stack's services during the end-to-end ingest and the searches")
+    common.add_argument("--json", action="store_true",
+                        help="print the report (what --out gets) as one JSON object; the tables go to stderr")
     return common
 
 
@@ -163,6 +165,11 @@ def _apply_sizes(args: argparse.Namespace) -> None:
         args.ann_sizes = args.sizes
 
 
+def show_table(args: argparse.Namespace, table: str) -> None:
+    """A section's table: on stdout, or on stderr when stdout is for --json's one object."""
+    print(table, file=sys.stderr if args.json else sys.stdout, flush=True)
+
+
 def _settings_for_report(args: argparse.Namespace) -> dict[str, Any]:
     settings = {}
     for key, value in vars(args).items():
@@ -239,7 +246,7 @@ async def run_stack_sections(args: argparse.Namespace, sections: list[str], repo
                     profile_dir=profile_dir / "ingest" if profile_dir else None,
                 )
                 report["ingest"] = await run_ingest(config, stack, rig)
-                print(format_ingest(report["ingest"], dataset), flush=True)
+                show_table(args, format_ingest(report["ingest"], dataset))
             if "search" in sections:
                 config = SearchConfig(
                     catalog=args.search_catalog, requests=args.requests, concurrency=args.concurrency,
@@ -250,7 +257,7 @@ async def run_stack_sections(args: argparse.Namespace, sections: list[str], repo
                     modes=tuple(dict.fromkeys(["similar", *args.modes])),
                 )
                 report["search"] = await run_search(config, stack, rig)
-                print(format_search(report["search"]), flush=True)
+                show_table(args, format_search(report["search"]))
     finally:
         await rig.close()
 
@@ -283,7 +290,7 @@ async def run_bench(args: argparse.Namespace, report: dict[str, Any], out_path: 
             faiss=not args.no_faiss, backends=args.backends, keep=args.keep,
         )
         report["ann"] = await run_ann(config)
-        print(format_ann(report["ann"]), flush=True)
+        show_table(args, format_ann(report["ann"]))
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -314,8 +321,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         report["load_average_end"] = load_average()
         report["duration_s"] = round(time.perf_counter() - started, 1)
         out_path.write_text(json.dumps(report, indent=2) + "\n")
+    if args.json:
+        print(json.dumps(report))
     print(f"\nwrote {out_path} ({report['duration_s']:.0f}s; load average {report['load_average_start']} -> "
-          f"{report['load_average_end']}, cpus {report['machine']['usable_cpus']})")
+          f"{report['load_average_end']}, cpus {report['machine']['usable_cpus']})",
+          file=sys.stderr if args.json else sys.stdout)
     return status
 
 

@@ -38,13 +38,13 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import grpc
-from google.protobuf import struct_pb2
 from tqdm import tqdm
 
-from service_kit.status import code_from_int
+from vsearch.client import NO_RETRIES, ON_COPY_POLICIES, AddItem, AddSummary, AsyncVisualSearchClient, VsearchError
 from vsearch_cli.catalog.manifest import ManifestError, check_manifest, count_rows, read_manifest
-from vsearch_cli.gateway_connection import add_gateway_arguments, gateway_channel
-from vsearch.v1 import gateway_pb2, gateway_pb2_grpc
+from vsearch_cli.gateway_connection import (
+    add_gateway_arguments, async_gateway_client, report_gateway_failure,
+)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 # Images per AddImages stream: two of the gateway's embedder batches of 32, and a broken stream costs
@@ -65,14 +65,11 @@ RETRY_MAX_S = 8.0
 DEFAULT_TIMEOUT_S = 120.0
 # How long a chunk keeps retrying while the gateway is UNAVAILABLE (long enough for a restart).
 DEFAULT_RETRY_FOR_S = 30.0
-# The channel reconnects at most this far apart while the gateway is away, so a retry notices its
-# return promptly (gRPC's default backoff grows to 120 s).
-RECONNECT_BACKOFF_MAX_MS = 2000
 CONNECT_TIMEOUT_S = 20.0
+DELETE_TIMEOUT_S = 60.0
 DELETE_BATCH = 1000
 # Failures listed on the terminal; the errors file always has all of them.
 SHOWN_FAILURES = 20
-ON_COPY_POLICIES = {"keep": gateway_pb2.ON_COPY_KEEP, "flag": gateway_pb2.ON_COPY_FLAG, "skip": gateway_pb2.ON_COPY_SKIP}
 COLLECTION_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
 DATA_DIR = Path(".vsearch")
 # Item-level codes: the gateway reports these per item; the client uses the same names for its own.
@@ -138,7 +135,7 @@ class ChunkItem:
 @dataclass
 class Chunk:
     items: list[ChunkItem] = field(default_factory=list)
-    requests: list[gateway_pb2.AddImageRequest] = field(default_factory=list)
+    adds: list[AddItem] = field(default_factory=list)
     nbytes: int = 0
 
 
@@ -279,7 +276,7 @@ class IndexReport:
             self.duplicate_items.append(record)
             self.progress.update(1)
 
-    def chunk_done(self, chunk: Chunk, reply: gateway_pb2.AddImagesSummary) -> None:
+    def chunk_done(self, chunk: Chunk, reply: AddSummary) -> None:
         with self._lock:
             self.indexed += reply.indexed
             self.unchanged += reply.unchanged
@@ -290,12 +287,11 @@ class IndexReport:
                                     "copy_score": round(found.copy_score, 4), "skipped": found.skipped})
             for failure in reply.failures:
                 if failure.index >= len(chunk.items):  # not ours to map; still counted
-                    record = {"path": "", "id": failure.id, "code": code_from_int(failure.code).name,
-                              "message": failure.message}
+                    record = {"path": "", "id": failure.id, "code": failure.code.name, "message": failure.message}
                 else:
                     item = chunk.items[failure.index]
-                    record = failure_record(item.source, failure.id or item.item_id,
-                                            code_from_int(failure.code).name, failure.message)
+                    record = failure_record(item.source, failure.id or item.item_id, failure.code.name,
+                                            failure.message)
                 self.failures.append(record)
                 self._write_error(record)
             self.progress.update(len(chunk.items))
@@ -355,7 +351,7 @@ class IndexOptions:
     timeout_s: float = DEFAULT_TIMEOUT_S
     retry_for_s: float = DEFAULT_RETRY_FOR_S
     category_from_folder: bool = False
-    on_copy: int = gateway_pb2.ON_COPY_KEEP
+    on_copy: str = "keep"  # a key of ON_COPY_POLICIES
     regions: bool = False
 
 
@@ -425,13 +421,8 @@ def pack_chunks(loads: Iterable[LoadedImage], options: IndexOptions, report: Ind
         metadata = dict(source.metadata)
         if options.category_from_folder:
             metadata.setdefault("category", source.path.parent.name)
-        struct = struct_pb2.Struct()
-        struct.update(metadata)
         chunk.items.append(ChunkItem(source, item_id))
-        chunk.requests.append(gateway_pb2.AddImageRequest(
-            id=item_id, image=loaded.data, metadata=struct, image_uri=loaded.image_uri,
-            collection=options.collection, on_copy=options.on_copy, regions=options.regions,
-        ))
+        chunk.adds.append(AddItem(image=loaded.data, id=item_id, metadata=metadata, image_uri=loaded.image_uri))
         chunk.nbytes += len(loaded.data)
         if len(chunk.items) >= options.chunk_size or chunk.nbytes >= CHUNK_MAX_BYTES:
             if not deliver(chunk):
@@ -446,35 +437,25 @@ def pack_chunks(loads: Iterable[LoadedImage], options: IndexOptions, report: Ind
 
 # ---- senders (asyncio) ----------------------------------------------------------------------
 
-async def channel_back(channel: grpc.aio.Channel, timeout: float) -> bool:
-    """Whether the channel is (or within `timeout` becomes) connected."""
-    if timeout <= 0:
-        return channel.get_state(try_to_connect=True) == grpc.ChannelConnectivity.READY
-    try:
-        await asyncio.wait_for(channel.channel_ready(), timeout)
-        return True
-    except asyncio.TimeoutError:
-        return False
+async def add_chunk(client: AsyncVisualSearchClient, chunk: Chunk, options: IndexOptions) -> AddSummary:
+    """One AddImages stream for the chunk (the client's add), with the `--timeout` deadline, retried on
+    UNAVAILABLE here rather than by the client, which never resends a stream that started: this chunk
+    is in memory, and the gateway upserts by id, so resending items that a broken stream already wrote
+    is harmless (they come back unchanged). Retries back off and wait for the channel to reconnect, for
+    at most `--retries` retries and `--retry-for` seconds from the first failure; then GatewayError.
 
-
-async def add_chunk(stub: gateway_pb2_grpc.VisualSearchStub, channel: grpc.aio.Channel, chunk: Chunk,
-                    options: IndexOptions) -> gateway_pb2.AddImagesSummary:
-    """One AddImages stream for the chunk, with the `--timeout` deadline, retried on UNAVAILABLE: the
-    gateway upserts by id, so resending items that a broken stream already wrote is harmless (they
-    come back unchanged). Retries back off and wait for the channel to reconnect, for at most
-    `--retries` retries and `--retry-for` seconds from the first failure; then GatewayError.
-
-    Calls do not use wait_for_ready: with it, a call made while the gateway is away waits for the
-    whole deadline (that was a 300 s hang when a gateway died mid-run)."""
+    Calls do not wait for the channel to be ready: a call made while the gateway is away fails at once
+    (waiting for the whole deadline was a 300 s hang when a gateway died mid-run)."""
     started = time.monotonic()
     first_failure: float | None = None
     attempt = 0
     while True:
         attempt += 1
         try:
-            return await stub.AddImages(iter(chunk.requests), timeout=options.timeout_s)
-        except grpc.aio.AioRpcError as error:
-            code, details = error.code(), error.details() or ""
+            return await client.add(chunk.adds, collection=options.collection, on_copy=options.on_copy,
+                                    regions=options.regions, timeout=options.timeout_s)
+        except VsearchError as error:
+            code, details = error.code, error.message
         now = time.monotonic()
         if first_failure is None:
             first_failure = now
@@ -483,7 +464,7 @@ async def add_chunk(stub: gateway_pb2_grpc.VisualSearchStub, channel: grpc.aio.C
             # Full jitter: concurrent senders that failed together do not come back together.
             backoff = random.uniform(0, min(RETRY_MAX_S, RETRY_BASE_S * 2 ** (attempt - 1)))
             await asyncio.sleep(min(backoff, give_up_at - now))
-            if await channel_back(channel, give_up_at - time.monotonic()):
+            if await client.wait_ready(give_up_at - time.monotonic()):
                 continue
             details = f"{details}; not reachable for {options.retry_for_s:g} s"
         tries = f" (after {attempt} attempts in {time.monotonic() - started:.1f} s)" if attempt > 1 else ""
@@ -519,7 +500,7 @@ async def index_sources(sources: Iterable[Source], options: IndexOptions, report
         finally:
             queue.put_nowait(None)  # after every chunk the thread put (call_soon_threadsafe is FIFO)
 
-    async def send_loop(stub: gateway_pb2_grpc.VisualSearchStub, channel: grpc.aio.Channel) -> None:
+    async def send_loop(client: AsyncVisualSearchClient) -> None:
         while True:
             chunk = await queue.get()
             if chunk is None:
@@ -530,7 +511,7 @@ async def index_sources(sources: Iterable[Source], options: IndexOptions, report
                     unsent(chunk, halt.error, sent=False)
                     continue
                 try:
-                    reply = await add_chunk(stub, channel, chunk, options)
+                    reply = await add_chunk(client, chunk, options)
                 except GatewayError as error:
                     halt.fail(error)  # the chunks in flight finish; nothing new is sent
                     unsent(chunk, error, sent=True)
@@ -539,15 +520,13 @@ async def index_sources(sources: Iterable[Source], options: IndexOptions, report
                 slots.release()
             report.chunk_done(chunk, reply)
 
-    channel_options = [("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MAX_MS)]
-    async with gateway_channel(options.gateway, options.api_key, channel_options) as channel:
+    async with async_gateway_client(options.gateway, options.api_key, retries=NO_RETRIES) as client:
         try:
-            await wait_connected(channel, options.gateway)
+            await wait_connected(client, options.gateway)
         except GatewayError as error:
             halt.fail(error)  # nothing is sent, and every item is reported as not indexed
-        stub = gateway_pb2_grpc.VisualSearchStub(channel)
         producer = asyncio.ensure_future(produce())
-        senders = [asyncio.create_task(send_loop(stub, channel)) for _ in range(options.concurrency)]
+        senders = [asyncio.create_task(send_loop(client)) for _ in range(options.concurrency)]
         try:
             await asyncio.gather(producer, *senders)
         finally:
@@ -624,10 +603,10 @@ def cmd_index(args: argparse.Namespace) -> int:
     if manifest is not None:
         sources = itertools.chain(manifest_sources(manifest), sources)
         total += count_rows(manifest)
-    on_copy = ON_COPY_POLICIES[args.on_copy]
+    on_copy = args.on_copy
     # A copy check sees what is stored when it runs: one stream at a time, so that every chunk's check
     # sees the chunks before it (the gateway orders the batches within a stream the same way).
-    concurrency = args.concurrency if on_copy == gateway_pb2.ON_COPY_KEEP else 1
+    concurrency = args.concurrency if on_copy == "keep" else 1
     options = IndexOptions(
         gateway=args.gateway, api_key=args.api_key, collection=collection, concurrency=concurrency, read_threads=args.read_threads,
         chunk_size=args.chunk_size, retries=args.retries, timeout_s=args.timeout, retry_for_s=args.retry_for,
@@ -683,26 +662,21 @@ def manifest_ids(manifest: Path, read_threads: int) -> tuple[list[str], list[dic
     return ids, failures
 
 
-async def wait_connected(channel: grpc.aio.Channel, gateway: str) -> None:
-    """Turns "nothing listens there" into a prompt error rather than a long wait (DeleteImages uses
-    wait_for_ready; AddImages retries with a bounded budget instead, see add_chunk)."""
-    try:
-        await asyncio.wait_for(channel.channel_ready(), CONNECT_TIMEOUT_S)
-    except asyncio.TimeoutError:
+async def wait_connected(client: AsyncVisualSearchClient, gateway: str) -> None:
+    """Turns "nothing listens there" into a prompt error rather than a long wait (AddImages retries
+    with a bounded budget, see add_chunk)."""
+    if not await client.wait_ready(CONNECT_TIMEOUT_S):
         details = f"not reachable after {CONNECT_TIMEOUT_S:.0f}s"
-        raise GatewayError(f"gateway {gateway}: {details}", "UNAVAILABLE", details) from None
+        raise GatewayError(f"gateway {gateway}: UNAVAILABLE: {details}", "UNAVAILABLE", details)
 
 
 async def delete_ids(gateway: str, ids: list[str], collection: str, api_key: str | None = None) -> int:
+    """Deletes `ids` in batches (the client retries a batch the gateway answers UNAVAILABLE)."""
     deleted = 0
-    async with gateway_channel(gateway, api_key) as channel:
-        await wait_connected(channel, gateway)
-        stub = gateway_pb2_grpc.VisualSearchStub(channel)
+    async with async_gateway_client(gateway, api_key) as client:
         for start in range(0, len(ids), DELETE_BATCH):
-            reply = await stub.DeleteImages(
-                gateway_pb2.DeleteImagesRequest(ids=ids[start:start + DELETE_BATCH], collection=collection),
-                timeout=60, wait_for_ready=True,
-            )
+            reply = await client.delete(ids[start:start + DELETE_BATCH], collection=collection,
+                                        timeout=DELETE_TIMEOUT_S)
             deleted += reply.deleted
     return deleted
 
@@ -728,12 +702,8 @@ def cmd_delete(args: argparse.Namespace) -> int:
     unique_ids = list(dict.fromkeys(ids))
     try:
         deleted = asyncio.run(delete_ids(args.gateway, unique_ids, collection, args.api_key)) if unique_ids else 0
-    except grpc.aio.AioRpcError as error:
-        print(f"vsearch delete: gateway {args.gateway}: {error.code().name}: {error.details()}", file=sys.stderr)
-        return 1
-    except GatewayError as error:
-        print(f"vsearch delete: {error}", file=sys.stderr)
-        return 1
+    except VsearchError as error:
+        return report_gateway_failure("delete", args.gateway, error)
     summary = {"requested": len(unique_ids), "deleted": deleted, "failed": len(failures), "failures": failures}
     if args.json:
         print(json.dumps(summary))

@@ -9,14 +9,13 @@ import asyncio
 import sys
 from pathlib import Path
 
-import grpc
 from tqdm import tqdm
 
-from vsearch.v1 import gateway_pb2, gateway_pb2_grpc
+from vsearch.client import VsearchError
 from vsearch_cli.duplicates.grouping import DuplicateGroups
 from vsearch_cli.duplicates.report import summary, write_html, write_json, write_text
 from vsearch_cli.duplicates.scan import ScanCounts, ScanError, scan_catalog, similar_threshold
-from vsearch_cli.gateway_connection import add_gateway_arguments, gateway_channel
+from vsearch_cli.gateway_connection import add_gateway_arguments, async_gateway_client, gateway_failure
 
 # Hits per item's search: enough for every copy of an item in a catalog with a few copies of each image
 # (a group larger than this is still joined whole through its members' own searches).
@@ -25,24 +24,23 @@ DEFAULT_K = 10
 MAX_K = 100
 DEFAULT_CONCURRENCY = 8
 CONNECT_TIMEOUT_S = 20.0
+STATS_TIMEOUT_S = 30.0
 
 
 async def find_duplicates(args: argparse.Namespace, progress: tqdm) -> dict:
-    async with gateway_channel(args.gateway, args.api_key) as channel:
+    async with async_gateway_client(args.gateway, args.api_key) as client:
+        if not await client.wait_ready(CONNECT_TIMEOUT_S):
+            raise ScanError(f"gateway {args.gateway}: UNAVAILABLE: not reachable after {CONNECT_TIMEOUT_S:.0f}s")
         try:
-            await asyncio.wait_for(channel.channel_ready(), CONNECT_TIMEOUT_S)
-        except asyncio.TimeoutError:
-            raise ScanError(f"gateway {args.gateway}: not reachable after {CONNECT_TIMEOUT_S:.0f}s") from None
-        stub = gateway_pb2_grpc.VisualSearchStub(channel)
-        try:
-            stats = await stub.Stats(gateway_pb2.VisualStatsRequest(collection=args.collection), timeout=30)
-        except grpc.aio.AioRpcError as error:
-            raise ScanError(f"gateway {args.gateway}: {error.code().name}: {error.details()}") from None
+            stats = await client.stats(collection=args.collection, timeout=STATS_TIMEOUT_S)
+        except VsearchError as error:
+            raise ScanError(gateway_failure(args.gateway, error)) from None
         progress.total = stats.count
         threshold = similar_threshold(stats.calibrated, args.similar_above)
         groups = DuplicateGroups()
         counts = ScanCounts()
-        await scan_catalog(stub, args.collection, args.k, threshold, args.concurrency, groups, counts, progress.update)
+        await scan_catalog(client, args.collection, args.k, threshold, args.concurrency, groups, counts,
+                           progress.update)
     elapsed = counts.elapsed_s
     found = groups.groups()
     report = summary(found, {

@@ -13,9 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-import grpc
-
-from vsearch.v1 import gateway_pb2, gateway_pb2_grpc
+from vsearch.client import AsyncVisualSearchClient, FailedPrecondition, Hit, NotFound, SearchResult, VsearchError
 from vsearch_cli.duplicates.grouping import COPY, SIMILAR, DuplicateGroups
 
 LIST_PAGE_SIZE = 1000
@@ -38,9 +36,9 @@ class SimilarThreshold:
     value: float
     chosen_by: str  # "--similar-above" or "default"
 
-    def passes(self, hit: gateway_pb2.SearchHit) -> bool:
+    def passes(self, hit: Hit) -> bool:
         if self.kind == "match_probability":
-            return hit.HasField("match_probability") and hit.match_probability >= self.value
+            return hit.match_probability is not None and hit.match_probability >= self.value
         return hit.score >= self.value
 
 
@@ -72,55 +70,46 @@ class ScanError(Exception):
 
 
 async def scan_catalog(
-    stub: gateway_pb2_grpc.VisualSearchStub, collection: str, k: int, threshold: SimilarThreshold,
+    client: AsyncVisualSearchClient, collection: str, k: int, threshold: SimilarThreshold,
     concurrency: int, groups: DuplicateGroups, counts: ScanCounts, progress: Callable[[int], None],
 ) -> None:
     queue: asyncio.Queue[str | None] = asyncio.Queue(maxsize=concurrency * 4)
     copy_mode = [True]  # turned off for good once the embedder says it verifies no copies
 
     async def list_pages() -> None:
-        token = ""
         try:
-            while True:
-                page = await stub.ListImages(gateway_pb2.ListImagesRequest(
-                    collection=collection, page_size=LIST_PAGE_SIZE, page_token=token), timeout=SEARCH_TIMEOUT_S)
-                for image in page.images:
-                    groups.listed(image.id, image.image_uri, image.content_sha256)
-                    counts.listed += 1
-                    await queue.put(image.id)
-                token = page.next_page_token
-                if not token:
-                    return
+            async for image in client.list_images(collection=collection, page_size=LIST_PAGE_SIZE,
+                                                  timeout=SEARCH_TIMEOUT_S):
+                groups.listed(image.id, image.image_uri, image.content_sha256)
+                counts.listed += 1
+                await queue.put(image.id)
         finally:
             for _ in range(concurrency):
                 await queue.put(None)
 
-    async def search(item_id: str, mode: int) -> gateway_pb2.VisualSearchResponse:
-        return await stub.Search(gateway_pb2.VisualSearchRequest(
-            item_id=item_id, k=k, mode=mode, collection=collection), timeout=SEARCH_TIMEOUT_S)
+    async def search(item_id: str, mode: str) -> SearchResult:
+        return await client.search(item_id=item_id, k=k, mode=mode, collection=collection, timeout=SEARCH_TIMEOUT_S)
 
     async def search_items() -> None:
         while (item_id := await queue.get()) is not None:
             try:
                 if copy_mode[0]:
                     try:
-                        reply = await search(item_id, gateway_pb2.SEARCH_MODE_COPY)
-                    except grpc.aio.AioRpcError as error:
-                        if error.code() != grpc.StatusCode.FAILED_PRECONDITION:
-                            raise
-                        if "does not verify copies" in (error.details() or ""):
+                        reply = await search(item_id, "copy")
+                    except FailedPrecondition as error:
+                        if "does not verify copies" in error.message:
                             copy_mode[0] = False
                         counts.without_copy_features += 1
-                        reply = await search(item_id, gateway_pb2.SEARCH_MODE_SIMILAR)
+                        reply = await search(item_id, "similar")
                 else:
                     counts.without_copy_features += 1
-                    reply = await search(item_id, gateway_pb2.SEARCH_MODE_SIMILAR)
-            except grpc.aio.AioRpcError as error:
-                if error.code() == grpc.StatusCode.NOT_FOUND:
-                    counts.gone += 1
-                    progress(1)
-                    continue
-                raise ScanError(f"searching item {item_id!r}: {error.code().name}: {error.details()}") from None
+                    reply = await search(item_id, "similar")
+            except NotFound:
+                counts.gone += 1
+                progress(1)
+                continue
+            except VsearchError as error:
+                raise ScanError(f"searching item {item_id!r}: {error}") from None
             number = groups.item(item_id)
             for hit in reply.hits:
                 if hit.id == item_id:
@@ -136,8 +125,8 @@ async def scan_catalog(
     searchers = [asyncio.create_task(search_items()) for _ in range(concurrency)]
     try:
         await asyncio.gather(lister, *searchers)
-    except grpc.aio.AioRpcError as error:
-        raise ScanError(f"listing the catalog: {error.code().name}: {error.details()}") from None
+    except VsearchError as error:
+        raise ScanError(f"listing the catalog: {error}") from None
     finally:
         for task in (lister, *searchers):
             task.cancel()

@@ -28,13 +28,11 @@ from vsearch_cli.evaluation.eval_command import (
     MAX_REPORTED_FAILURES, EvalError, LabelledImage, QueryOutcome, evaluation_collection, new_collection_name,
     search_queries,
 )
-from vsearch_cli.gateway_connection import gateway_channel
-from vsearch.v1 import gateway_pb2, gateway_pb2_grpc
+from vsearch_cli.gateway_connection import async_gateway_client
 
 COPY_ID_SEPARATOR = "#copy-"
 MAX_REPORTED_EXAMPLES = 100
 HITS_WANTED = 10
-SEARCH_MODES = {"copy": gateway_pb2.SEARCH_MODE_COPY, "similar": gateway_pb2.SEARCH_MODE_SIMILAR}
 # Issue 13's targets: copies found and marked as such, and unrelated images seldom called copies.
 TARGET_COPY_RECALL_AT_1 = 0.98
 TARGET_FALSE_COPY_RATE = 0.01
@@ -174,9 +172,8 @@ async def evaluate_copies(
         distractor_queries = [LabelledImage(f"distractor:{path.relative_to(distractors_dir)}", path, "", "distractor")
                               for path in kept]
     collection = collection or new_collection_name()
-    async with gateway_channel(gateway, api_key) as channel:
-        stub = gateway_pb2_grpc.VisualSearchStub(channel)
-        async with evaluation_collection(stub, catalog, collection, gateway, keep_collection, show_progress,
+    async with async_gateway_client(gateway, api_key) as client:
+        async with evaluation_collection(client, catalog, collection, gateway, keep_collection, show_progress,
                                          regions) as indexed:
             sample = random.Random(seed).sample(indexed.indexed, min(originals, len(indexed.indexed)))
             with tempfile.TemporaryDirectory(prefix="vsearch-copies-") as work_dir:
@@ -184,12 +181,12 @@ async def evaluate_copies(
                 if not copies:
                     raise EvalError("none of the sampled catalog images could be decoded to make copies")
                 search_started = time.perf_counter()
-                outcomes, failures = await search_queries(stub, copies, collection, HITS_WANTED, concurrency,
-                                                          show_progress, SEARCH_MODES[mode])
+                outcomes, failures = await search_queries(client, copies, collection, HITS_WANTED, concurrency,
+                                                          show_progress, mode)
                 search_s = time.perf_counter() - search_started
             distractor_outcomes, distractor_failures = (
-                await search_queries(stub, distractor_queries, collection, HITS_WANTED, concurrency, show_progress,
-                                     SEARCH_MODES[mode])
+                await search_queries(client, distractor_queries, collection, HITS_WANTED, concurrency, show_progress,
+                                     mode)
                 if distractor_queries else ([], {}))
     latencies = np.array([outcome.latency_ms for outcome in outcomes]) if outcomes else np.zeros(1)
     scores = score_copies(outcomes)

@@ -20,18 +20,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator, Awaitable, Iterable, Iterator, Sequence
 
-import grpc
 import numpy as np
-from google.protobuf import struct_pb2
 from tqdm import tqdm
 
-from service_kit.status import code_from_int
+from vsearch.client import AddItem, AsyncVisualSearchClient, InvalidArgument, NotFound, VsearchError
 from vsearch_cli.evaluation.labelled_csv import LabelsFileError, read_listed_images
 from vsearch_cli.evaluation.retrieval_metrics import (
     NS_DEPTH, QueryScores, expected_calibration_error, precision_at, score_query, summarise,
 )
-from vsearch_cli.gateway_connection import add_gateway_arguments, gateway_channel
-from vsearch.v1 import gateway_pb2, gateway_pb2_grpc, search_pb2
+from vsearch_cli.gateway_connection import add_gateway_arguments, async_gateway_client, gateway_failure
 
 # Images per AddImages stream, and streams in flight: two streams let the gateway embed one batch
 # while the search service writes the other.
@@ -131,41 +128,29 @@ async def gather_or_cancel(coroutines: Iterable[Awaitable[None]]) -> None:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def rpc_message(error: grpc.aio.AioRpcError) -> str:
-    return f"{error.code().name}: {error.details()}"
-
-
-async def require_collection_support(stub: gateway_pb2_grpc.VisualSearchStub, collection: str) -> None:
+async def require_collection_support(client: AsyncVisualSearchClient, collection: str, gateway: str) -> None:
     """A gateway that predates collections ignores the field and would fill the default catalog with
     the evaluation's images: refuse to start unless the fresh collection reads as NOT_FOUND. Also the
     first call, so it does not wait for the gateway: no gateway is a quick UNAVAILABLE."""
     try:
-        await stub.Stats(gateway_pb2.VisualStatsRequest(collection=collection), timeout=CONTROL_TIMEOUT_S)
-    except grpc.aio.AioRpcError as error:
-        if error.code() == grpc.StatusCode.NOT_FOUND:
-            return
-        raise EvalError(f"gateway Stats: {rpc_message(error)}") from None
+        await client.stats(collection=collection, timeout=CONTROL_TIMEOUT_S)
+    except NotFound:
+        return
+    except VsearchError as error:
+        raise EvalError(gateway_failure(gateway, error)) from None
     raise EvalError(f"the gateway answered Stats for the new collection {collection!r} instead of NOT_FOUND: "
                     "it does not support collections, and indexing would write into the default catalog")
 
 
-def add_requests(
-    images: Sequence[LabelledImage], collection: str, regions: bool = False,
-) -> Iterator[gateway_pb2.AddImageRequest]:
-    """Read lazily, so only the images of the streams in flight are held in memory. `regions`: each
-    image is indexed with its regions too (AddImageRequest.regions, docs/regions.md)."""
+def add_items(images: Sequence[LabelledImage]) -> Iterator[AddItem]:
+    """The images as the client adds them: by path, so each is read as its stream sends it (only the
+    images of the streams in flight are held in memory)."""
     for image in images:
-        metadata = struct_pb2.Struct()
-        if image.label:
-            metadata.update({"label": image.label})
-        yield gateway_pb2.AddImageRequest(
-            id=image.id, image=image.path.read_bytes(), metadata=metadata,
-            image_uri=image.path.resolve().as_uri(), collection=collection, regions=regions,
-        )
+        yield AddItem(image=image.path, id=image.id, metadata={"label": image.label} if image.label else None)
 
 
 async def index_catalog(
-    stub: gateway_pb2_grpc.VisualSearchStub, catalog: Sequence[LabelledImage], collection: str,
+    client: AsyncVisualSearchClient, catalog: Sequence[LabelledImage], collection: str,
     show_progress: bool, regions: bool = False,
 ) -> dict[str, str]:
     """Indexes the catalog; returns {id: "CODE: message"} for the images the gateway refused."""
@@ -177,10 +162,10 @@ async def index_catalog(
 
     async def index_chunk(chunk: Sequence[LabelledImage]) -> None:
         async with streams:
-            summary = await stub.AddImages(add_requests(chunk, collection, regions), timeout=INGEST_TIMEOUT_S,
-                                           wait_for_ready=True)
+            summary = await client.add(add_items(chunk), collection=collection, regions=regions,
+                                       timeout=INGEST_TIMEOUT_S)
         for failure in summary.failures:
-            failures[chunk[failure.index].id] = f"{code_from_int(failure.code).name}: {failure.message}"
+            failures[chunk[failure.index].id] = f"{failure.code.name}: {failure.message}"
         progress.update(len(chunk))
 
     try:
@@ -191,8 +176,8 @@ async def index_catalog(
 
 
 async def search_queries(
-    stub: gateway_pb2_grpc.VisualSearchStub, queries: Sequence[LabelledImage], collection: str,
-    hits_wanted: int, concurrency: int, show_progress: bool, mode: int = gateway_pb2.SEARCH_MODE_SIMILAR,
+    client: AsyncVisualSearchClient, queries: Sequence[LabelledImage], collection: str,
+    hits_wanted: int, concurrency: int, show_progress: bool, mode: str = "similar",
 ) -> tuple[list[QueryOutcome], dict[str, str]]:
     """Every query through gateway Search in `mode`, at most `concurrency` in flight. An image the
     system refuses (INVALID_ARGUMENT) is a failed query; any other error ends the evaluation."""
@@ -204,19 +189,16 @@ async def search_queries(
 
     async def search_one(query: LabelledImage) -> None:
         async with in_flight:
-            request = gateway_pb2.VisualSearchRequest(image=query.path.read_bytes(), k=hits_wanted,
-                                                      collection=collection, mode=mode)
+            image = await asyncio.to_thread(query.path.read_bytes)
             started = time.perf_counter()
             try:
-                reply = await stub.Search(request, timeout=SEARCH_TIMEOUT_S, wait_for_ready=True)
-            except grpc.aio.AioRpcError as error:
-                if error.code() != grpc.StatusCode.INVALID_ARGUMENT:
-                    raise
-                failures[query.id] = rpc_message(error)
+                reply = await client.search(image, k=hits_wanted, collection=collection, mode=mode,
+                                            timeout=SEARCH_TIMEOUT_S)
+            except InvalidArgument as error:
+                failures[query.id] = f"{error.code.name}: {error.message}"
             else:
-                probabilities = tuple(hit.match_probability if hit.HasField("match_probability") else None
-                                      for hit in reply.hits)
-                copy_verdicts = tuple(hit.is_copy if hit.HasField("is_copy") else None for hit in reply.hits)
+                probabilities = tuple(hit.match_probability for hit in reply.hits)
+                copy_verdicts = tuple(hit.is_copy for hit in reply.hits)
                 outcomes.append(QueryOutcome(query, [hit.id for hit in reply.hits],
                                              (time.perf_counter() - started) * 1000.0, reply.embedding_from_cache,
                                              probabilities, copy_verdicts))
@@ -247,7 +229,7 @@ class TextOutcome:
 
 
 async def search_texts(
-    stub: gateway_pb2_grpc.VisualSearchStub, labels: Sequence[str], template: str, collection: str,
+    client: AsyncVisualSearchClient, labels: Sequence[str], template: str, collection: str,
     hits_wanted: int, concurrency: int,
 ) -> list[TextOutcome]:
     """One text query per label, `template` with {label} replaced by the label's words. A text the
@@ -259,10 +241,7 @@ async def search_texts(
         text = template.format(label=label_words(label))
         async with in_flight:
             started = time.perf_counter()
-            reply = await stub.Search(
-                gateway_pb2.VisualSearchRequest(text=text, k=hits_wanted, collection=collection),
-                timeout=SEARCH_TIMEOUT_S, wait_for_ready=True,
-            )
+            reply = await client.search(text=text, k=hits_wanted, collection=collection, timeout=SEARCH_TIMEOUT_S)
             outcomes.append(TextOutcome(label, text, [hit.id for hit in reply.hits], reply.understood_as,
                                         reply.no_match_reason, (time.perf_counter() - started) * 1000.0))
 
@@ -304,12 +283,11 @@ def score_texts(outcomes: Sequence[TextOutcome], catalog: Sequence[LabelledImage
     }
 
 
-async def drop_collection(stub: gateway_pb2_grpc.VisualSearchStub, collection: str) -> bool:
+async def drop_collection(client: AsyncVisualSearchClient, collection: str) -> bool:
     try:
-        reply = await stub.DropCollection(search_pb2.DropCollectionRequest(collection=collection),
-                                          timeout=CONTROL_TIMEOUT_S)
-    except grpc.aio.AioRpcError as error:
-        print(f"vsearch eval: could not drop collection {collection}: {rpc_message(error)}", file=sys.stderr)
+        reply = await client.drop_collection(collection, timeout=CONTROL_TIMEOUT_S)
+    except VsearchError as error:
+        print(f"vsearch eval: could not drop collection {collection}: {error}", file=sys.stderr)
         return False
     return reply.dropped
 
@@ -379,23 +357,23 @@ class IndexedCatalog:
 
 @contextlib.asynccontextmanager
 async def evaluation_collection(
-    stub: gateway_pb2_grpc.VisualSearchStub, catalog: Sequence[LabelledImage], collection: str, gateway: str,
+    client: AsyncVisualSearchClient, catalog: Sequence[LabelledImage], collection: str, gateway: str,
     keep_collection: bool, show_progress: bool, regions: bool = False,
 ) -> AsyncIterator[IndexedCatalog]:
     """Indexes `catalog` into the fresh `collection` (with regions when `regions`) and checks the count,
     and that the collection has regions when asked; on the way out drops the collection (unless
     `keep_collection`; `dropped` says whether it went) and turns the gateway's errors into an `EvalError`."""
-    await require_collection_support(stub, collection)
+    await require_collection_support(client, collection, gateway)
     indexed_catalog = IndexedCatalog(collection, [], {}, 0.0)
     try:
         index_started = time.perf_counter()
-        failures = await index_catalog(stub, catalog, collection, show_progress, regions)
+        failures = await index_catalog(client, catalog, collection, show_progress, regions)
         indexed_catalog.index_s = time.perf_counter() - index_started
         indexed_catalog.failures = failures
         indexed_catalog.indexed = [image for image in catalog if image.id not in failures]
         if not indexed_catalog.indexed:
             raise EvalError(f"no catalog image could be indexed, e.g. {next(iter(failures.items()))}")
-        stats = await stub.Stats(gateway_pb2.VisualStatsRequest(collection=collection), timeout=CONTROL_TIMEOUT_S)
+        stats = await client.stats(collection=collection, timeout=CONTROL_TIMEOUT_S)
         if stats.count != len(indexed_catalog.indexed):
             raise EvalError(f"collection {collection} holds {stats.count} items after indexing "
                             f"{len(indexed_catalog.indexed)}")
@@ -405,11 +383,11 @@ async def evaluation_collection(
                             "does not make them")
         indexed_catalog.regions = stats.regions
         yield indexed_catalog
-    except grpc.aio.AioRpcError as error:
-        raise EvalError(f"gateway {gateway}: {rpc_message(error)}") from None
+    except VsearchError as error:
+        raise EvalError(gateway_failure(gateway, error)) from None
     finally:
         if not keep_collection:
-            indexed_catalog.dropped = await drop_collection(stub, collection)
+            indexed_catalog.dropped = await drop_collection(client, collection)
 
 
 async def evaluate(
@@ -429,22 +407,21 @@ async def evaluate(
     collection = collection or new_collection_name()
     # One more hit than scored, for the query's own hit to drop out; at least N-S's depth.
     hits_wanted = max(k + 1, NS_DEPTH)
-    async with gateway_channel(gateway, api_key) as channel:
-        stub = gateway_pb2_grpc.VisualSearchStub(channel)
+    async with async_gateway_client(gateway, api_key) as client:
         async with evaluation_collection(
-            stub, eval_set.catalog, collection, gateway, keep_collection, show_progress, regions,
+            client, eval_set.catalog, collection, gateway, keep_collection, show_progress, regions,
         ) as catalog:
             search_started = time.perf_counter()
             if text_templates:
                 labels = sorted({image.label for image in eval_set.queries})
                 text_outcomes = [
-                    await search_texts(stub, labels, template, collection, hits_wanted, concurrency)
+                    await search_texts(client, labels, template, collection, hits_wanted, concurrency)
                     for template in text_templates
                 ]
                 outcomes, query_failures = [], {}
             else:
                 outcomes, query_failures = await search_queries(
-                    stub, eval_set.queries, collection, hits_wanted, concurrency, show_progress)
+                    client, eval_set.queries, collection, hits_wanted, concurrency, show_progress)
             search_s = time.perf_counter() - search_started
             if not outcomes and not text_templates:
                 raise EvalError(f"every query failed, e.g. {next(iter(query_failures.items()))}")

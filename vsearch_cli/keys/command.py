@@ -6,6 +6,7 @@ it when it changes, sees either the old or the new keys."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -54,15 +55,27 @@ def cmd_create(args: argparse.Namespace) -> int:
         print(f"vsearch keys create: {error}", file=sys.stderr)
         return 2
     write_key_file(path, [*entries, entry], comments)
-    print(key)  # alone on stdout, for KEY=$(vsearch keys create ...)
+    if args.json:
+        print(json.dumps({"key": key, **_described(entry), "keys_file": str(path)}))
+    else:
+        print(key)  # alone on stdout, for KEY=$(vsearch keys create ...)
     print(f"vsearch keys create: key {entry.name!r} (id {entry.key_id}, scopes {','.join(entry.scopes)}) "
-          f"added to {path}; the key above is shown only now: the file keeps its hash", file=sys.stderr)
+          f"added to {path}; the key {'in the JSON' if args.json else 'above'} is shown only now: the file "
+          "keeps its hash", file=sys.stderr)
     return 0
+
+
+def _described(entry: ApiKeyEntry) -> dict[str, object]:
+    """A key's entry for --json: never its hash (nor, but for create, the key)."""
+    return {"name": entry.name, "key_id": entry.key_id, "scopes": list(entry.scopes), "created": entry.created}
 
 
 def cmd_list(args: argparse.Namespace) -> int:
     path = _keys_file(args)
     _comments, entries = read_entries(path)
+    if args.json:
+        print(json.dumps({"keys_file": str(path), "keys": [_described(entry) for entry in entries]}))
+        return 0
     print(f"{'NAME':<24} {'KEY ID':<16}  {'SCOPES':<20} CREATED")
     for entry in entries:
         print(f"{entry.name:<24} {entry.key_id:<16}  {','.join(entry.scopes):<20} {entry.created}")
@@ -77,6 +90,9 @@ def cmd_revoke(args: argparse.Namespace) -> int:
         print(f"vsearch keys revoke: no key named or with id {args.key!r} in {path}", file=sys.stderr)
         return 1
     write_key_file(path, kept, comments)
+    if args.json:
+        print(json.dumps({"keys_file": str(path), "revoked": [_described(entry) for entry in entries
+                                                              if entry not in kept]}))
     print(f"vsearch keys revoke: removed {len(entries) - len(kept)} key(s) from {path}; gateways reading it "
           "refuse the key once they see the change", file=sys.stderr)
     return 0
@@ -111,13 +127,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     create.add_argument("--scopes", default="search",
                         help=f"comma-separated, of {', '.join(SCOPES)} (admin implies the others; default search)")
     create.add_argument("--keys-file", help=file_help)
+    create.add_argument("--json", action="store_true", help="print one JSON object: the key and its entry")
     create.set_defaults(func=_guarded(cmd_create))
 
     listing = commands.add_parser("list", help="the keys in the file (names, ids, scopes; never the keys)")
     listing.add_argument("--keys-file", help=file_help)
+    listing.add_argument("--json", action="store_true", help="print one JSON object")
     listing.set_defaults(func=_guarded(cmd_list))
 
     revoke = commands.add_parser("revoke", help="remove a key by name or key id")
     revoke.add_argument("key", metavar="NAME|KEY_ID")
     revoke.add_argument("--keys-file", help=file_help)
+    revoke.add_argument("--json", action="store_true", help="print one JSON object: the keys removed")
     revoke.set_defaults(func=_guarded(cmd_revoke))

@@ -96,6 +96,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                          help="accept a --source whose sha256 differs from the preset's (a deliberately different model)")
     prepare.add_argument("--cache-dir", type=Path, help="where downloads are kept (default ~/.cache/vsearch/models)")
     prepare.add_argument("--out", type=Path, required=True, help="directory to write model.onnx and model_card.json into")
+    prepare.add_argument("--json", action="store_true", help="print the result as one JSON object")
     custom = prepare.add_argument_group(
         "custom model (no preset; needs --source)",
         "Preprocessing: resize the shorter side, centre-crop to the input size, then per channel "
@@ -233,6 +234,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     triton.add_argument("--tensorrt-precision", choices=["FP32", "FP16", "INT8"],
                         help="gpu flavour (default: INT8 for a quantized model, else FP16)")
     triton.add_argument("--cpu-threads", type=int, default=0, help="cpu flavour: onnxruntime threads (default 0: all cores)")
+    triton.add_argument("--json", action="store_true", help="print the result as one JSON object")
     triton.set_defaults(func=run_triton_repo)
 
 
@@ -272,6 +274,13 @@ def run_prepare(args: argparse.Namespace) -> int:
             hint = "; for a model without a preset, describe it with the custom model options (e.g. --input-size)"
         print(f"vsearch model prepare: error: {error}{hint}", file=sys.stderr)
         return 1
+    if args.json:
+        print(json.dumps({
+            "out_dir": str(args.out), "name": card.name, "version": card.version, "dimension": card.output.dimension,
+            "feature_tensor": card.feature_tensor, "pooling": card.output.pooling, "gem_p": card.output.gem_p,
+            "preprocessing": card.preprocessing_summary(),
+        }))
+        return 0
     pooling = {"gem": f"GeM p={card.output.gem_p or 0:g} pooling", "avg": "average pooling",
                "none": "already pooled (no pooling added)"}[card.output.pooling]
     print(f"prepared {card.name} version {card.version} in {args.out}")
@@ -410,8 +419,15 @@ def run_triton_repo(args: argparse.Namespace) -> int:
     except (TritonRepoError, ModelCardError) as error:
         print(f"vsearch model triton-repo: error: {error}", file=sys.stderr)
         return 1
-    detail = (f"onnxruntime on GPU, TensorRT {tensorrt_precision_for(written.card, args.tensorrt_precision)}"
-              if args.flavour == "gpu" else "python backend, onnxruntime CPU")
+    precision = tensorrt_precision_for(written.card, args.tensorrt_precision) if args.flavour == "gpu" else None
+    if args.json:
+        print(json.dumps({
+            "out_dir": str(args.out), "model_name": written.model_name, "model_version": written.model_version,
+            "flavour": args.flavour, "tensorrt_precision": precision, "max_batch_size": args.max_batch_size,
+            "config": str(written.config_path), "model_dir": str(args.model_dir),
+        }))
+        return 0
+    detail = f"onnxruntime on GPU, TensorRT {precision}" if args.flavour == "gpu" else "python backend, onnxruntime CPU"
     print(f"wrote {written.model_name} version {written.model_version} ({detail}, max batch {args.max_batch_size}) "
           f"to {args.out}")
     print(f"  config: {written.config_path}")

@@ -4,6 +4,7 @@ imports nothing heavy)."""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -41,6 +42,7 @@ def register(commands: argparse._SubParsersAction) -> None:
                         help="pad every text to --max-length (exports with a fixed sequence length)")
     attach.add_argument("--pad-id", type=int, default=0, help="the padding token's id (default 0)")
     attach.add_argument("--cased", action="store_true", help="vocab.txt only: do not lower-case the text")
+    attach.add_argument("--json", action="store_true", help="print the result as one JSON object")
     attach.set_defaults(func=run_attach)
 
 
@@ -58,6 +60,10 @@ def run_attach(args: argparse.Namespace) -> int:
         print(f"vsearch model add-text-encoder: {error}", file=sys.stderr)
         return 1
     assert card.text is not None
+    if args.json:
+        print(json.dumps({"model_dir": str(args.model_dir), "name": card.name, "version": card.version,
+                          "tokenizer": card.text.tokenizer.kind, "dimension": card.text.dimension}))
+        return 0
     print(f"{card.name} searches by words now ({card.text.tokenizer.kind} tokenizer, {card.text.dimension}-d); "
           f"version {card.version}")
     return 0
