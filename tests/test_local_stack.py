@@ -5,6 +5,7 @@ processes killed, is tests/test_process_death.py."""
 from __future__ import annotations
 
 from conftest import ManualClock
+from vsearch_cli.local_stack.ports import free_port
 from vsearch_cli.local_stack.supervisor import RestartHistory, RestartPolicy
 
 
@@ -41,3 +42,11 @@ def test_deaths_older_than_the_window_are_forgotten() -> None:
     # Deaths at 0, 20, 40, 60 and now 80: the one at 0 is out of the 60 s window.
     assert history.record_death(uptime_s=1) is not None
     assert list(history.deaths) == [20, 40, 60, 80]
+
+
+def test_free_ports_are_never_handed_out_twice() -> None:
+    """A stack's services get their ports one after another before any of them binds: the kernel, asked
+    for a free port again and again, gives some port twice within a couple of thousand asks (once to an
+    embedder and its search_svc), so the ports must be told apart here."""
+    ports = [free_port() for _ in range(2000)]
+    assert len(set(ports)) == len(ports)

@@ -3,12 +3,25 @@
 from __future__ import annotations
 
 import socket
+import threading
+
+_handed_out: set[int] = set()
+_handing_out = threading.Lock()
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A loopback port nothing listens on now, and one this process has not handed out before: once the
+    probing socket is closed the kernel may give the same port to the next probe, and a stack's services
+    get their ports before any of them binds (two of them were once given one port)."""
+    with _handing_out:
+        for _ in range(1000):
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                port = sock.getsockname()[1]
+            if port not in _handed_out:
+                _handed_out.add(port)
+                return port
+    raise RuntimeError("found no loopback port this process has not handed out already")
 
 
 def port_is_free(port: int) -> bool:
