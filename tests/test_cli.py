@@ -147,6 +147,8 @@ def test_search_by_item_id_a_page_at_a_time(running_stack, ukbench_images, tmp_p
     text = run_cli("search", "--item-id", ranked[0], "-k", "3", "--collection", "cli_pages", "--gateway", gateway)
     assert text.returncode == 0, text.stderr
     assert text.stdout.splitlines()[-1] == f"next page: --page-token {first['next_page_token']}"
+    # Whole ids, so that one can be copied from the text into --item-id.
+    assert all(f"  {item_id}  " in text.stdout for item_id in ranked[:3])
 
     # Exactly one query: usage errors (exit 2) that say what is wrong.
     neither = run_cli("search", "--collection", "cli_pages", "--gateway", gateway)

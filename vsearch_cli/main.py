@@ -245,7 +245,7 @@ def print_search_result(result: SearchResult) -> None:
           f"search {timing.search_ms:.1f}){' from cache' if result.from_cache else ''}")
     for rank, hit in enumerate(result.hits, 1):
         probability = f"  p={hit.match_probability:.2f}" if hit.match_probability is not None else ""
-        print(f"{rank:>3}  {hit.score:.4f}{probability}{copy_verdict(hit)}{matched_region(hit)}  {hit.id[:16]}  "
+        print(f"{rank:>3}  {hit.score:.4f}{probability}{copy_verdict(hit)}{matched_region(hit)}  {hit.id}  "
               f"{hit.image_uri}  {json.dumps(hit.metadata)}")
     if result.next_page_token:
         print(f"next page: --page-token {result.next_page_token}")
