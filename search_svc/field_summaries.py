@@ -7,9 +7,11 @@ item, batch by batch, to a `FieldTally`."""
 
 from __future__ import annotations
 
+import threading
+import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 from search_svc import columns
 from search_svc.settings import FieldType
@@ -100,3 +102,28 @@ class FieldTally:
             listed, more = top_values(tally.counts.items())
             found.append(FieldSummary(name, field_type, tally.present, listed, more, tally.minimum, tally.maximum))
         return found
+
+
+class FieldSummaryCache:
+    """A collection's field summaries, reused while this process's index generation has not moved and
+    they are younger than `max_age_s`; computed by one caller at a time per collection, so that page loads
+    arriving together share one scan. Called from the store executor's threads."""
+
+    def __init__(self, max_age_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._max_age_s = max_age_s
+        self._clock = clock
+        self._guard = threading.Lock()
+        self._locks: dict[str, threading.Lock] = {}
+        # collection -> (generation, computed at, summaries)
+        self._kept: dict[str, tuple[int, float, list[FieldSummary]]] = {}
+
+    def get(self, collection: str, generation: int, compute: Callable[[], list[FieldSummary]]) -> list[FieldSummary]:
+        with self._guard:
+            lock = self._locks.setdefault(collection, threading.Lock())
+        with lock:
+            kept = self._kept.get(collection)
+            if kept is not None and kept[0] == generation and self._clock() - kept[1] < self._max_age_s:
+                return kept[2]
+            summaries = compute()
+            self._kept[collection] = (generation, self._clock(), summaries)
+            return summaries

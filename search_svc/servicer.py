@@ -15,7 +15,7 @@ import numpy as np
 from prometheus_client import Histogram
 
 from search_svc import columns, paging
-from search_svc.field_summaries import FieldSummary
+from search_svc.field_summaries import FieldSummary, FieldSummaryCache
 from search_svc.filters import parse_filter
 from search_svc.generation import IndexGeneration
 from search_svc.item_codec import ItemCodec, stored_ids
@@ -51,6 +51,7 @@ class VectorSearchServicer(search_pb2_grpc.VectorSearchServicer):
         self._generation = generation
         self._executor = executor
         self._queue_seconds = queue_seconds
+        self._field_summaries = FieldSummaryCache(settings.field_summaries_max_age_s)
 
     def _collection(self, requested: str) -> str:
         return collection_name(requested, self._store.default_collection)
@@ -205,7 +206,11 @@ class VectorSearchServicer(search_pb2_grpc.VectorSearchServicer):
             count = 0
         else:
             count = self._store.count(collection)
-        summaries = self._store.field_summaries(collection) if with_field_summaries else []
+        summaries = []
+        if with_field_summaries:
+            summaries = self._field_summaries.get(
+                collection, self._generation.current, lambda: self._store.field_summaries(collection)
+            )
         return count, self._store.has_regions(collection), summaries
 
     async def ListCollections(

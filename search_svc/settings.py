@@ -97,6 +97,10 @@ class SearchSettings(ServiceSettings):
     # Metadata keys stored in typed columns that Search filters may use.
     filter_fields: dict[str, FieldType] = Field(default_factory=lambda: {"category": "string", "price": "float"})
     max_k: int = Field(1000, ge=1, le=16384)  # 16384 is Milvus's own top-k limit
+    # Field summaries (Stats with_field_summaries: a scan of the filter columns, which the web page asks for on
+    # every load) are kept this long while this process sees no write to the collection; other replicas'
+    # writes show within it.
+    field_summaries_max_age_s: float = Field(60.0, ge=0)
     # Upserts are sent to Milvus in batches of at most this many rows and about this many bytes:
     # Milvus Lite becomes 5-25x slower once one request carries more than ~7 MB (e.g. ~1450 rows
     # of 1280 floats) or more than ~3000 rows.

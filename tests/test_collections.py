@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from google.protobuf import json_format
 
-from conftest import SEARCH_BACKENDS, in_process_stack
-from search_svc.field_summaries import TOP_VALUES
+from conftest import SEARCH_BACKENDS, ManualClock, in_process_stack
+from search_svc.field_summaries import TOP_VALUES, FieldSummary, FieldSummaryCache
 from search_svc.server import create_server as create_search
 from search_svc.settings import FaissSettings, MilvusSettings, SearchSettings
 from vsearch.v1 import gateway_pb2, search_pb2, search_pb2_grpc
@@ -123,6 +123,10 @@ async def test_field_summaries_count_values_and_ranges_of_every_filterable_field
         assert found["stock"]["present"] == "12" and (found["stock"]["min"], found["stock"]["max"]) == (-4.0, 7.0)
         assert found["stock"]["topValues"] == [] and "min" not in found["category"]
         assert found["in_stock"]["topValues"] == [{"value": "true", "count": "8"}, {"value": "false", "count": "4"}]
+        # A write shows at once (the summaries are kept only while the generation holds).
+        await stub.Upsert(search_pb2.UpsertRequest(collection="shop", items=[item("i-new", 77, category="bags")]))
+        again = summaries(await stub.Stats(search_pb2.StatsRequest(collection="shop", with_field_summaries=True)))
+        assert again["category"]["topValues"][:2] == [{"value": "shoes", "count": "5"}, {"value": "bags", "count": "4"}]
 
         # More distinct values than are listed: the most frequent TOP_VALUES, then more_values.
         many = [item(f"m{n}", 200 + n, category=f"c{n:03d}") for n in range(TOP_VALUES + 5)]
@@ -142,6 +146,25 @@ async def test_field_summaries_count_values_and_ranges_of_every_filterable_field
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stub.Stats(search_pb2.StatsRequest(collection="nowhere", with_field_summaries=True))
         assert caught.value.code() == grpc.StatusCode.NOT_FOUND and "nowhere" in caught.value.details()
+
+
+def test_field_summaries_are_scanned_again_only_after_a_write_or_when_old() -> None:
+    """The web page asks for them on every load; a scan of 1M items' filter columns must not follow."""
+    clock, scans = ManualClock(), []
+    cache = FieldSummaryCache(max_age_s=60, clock=clock)
+
+    def scan() -> list[FieldSummary]:
+        scans.append(clock())
+        return [FieldSummary("category", "string", len(scans))]
+
+    assert cache.get("shop", 7, scan)[0].present == 1
+    clock.now += 59
+    assert cache.get("shop", 7, scan)[0].present == 1 and len(scans) == 1  # kept
+    assert cache.get("other", 7, scan)[0].present == 2  # per collection
+    assert cache.get("shop", 8, scan)[0].present == 3  # a write through this process
+    clock.now += 60
+    assert cache.get("shop", 8, scan)[0].present == 4  # old: another replica may have written
+    assert len(scans) == 4
 
 
 # ---- through the gateway ------------------------------------------------------------------------
