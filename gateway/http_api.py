@@ -82,6 +82,8 @@ SEARCH_FORM_FIELDS = {
     "image", "item_id", "text", "k", "min_score", "min_probability", "crop", "filter", "collection", "mode",
     "page_token",
 }
+# A multipart batch: several query images, the same options for each (no page_token: each query pages alone).
+BATCH_FORM_FIELDS = {"images", *SEARCH_FORM_FIELDS - {"image", "item_id", "text", "page_token"}}
 ADD_FILE_FIELDS = frozenset({"images", "image"})
 ADD_FORM_FIELDS = {*ADD_FILE_FIELDS, "ids", "metadata", "image_uris", "collection", "on_copy", "regions"}
 FORM_CONTENT_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
@@ -146,6 +148,17 @@ ADD_FORM_SCHEMA = {
                            "(metadata copy_of) or skip (not written).",
         },
         "regions": {"type": "boolean", "default": False, "description": "Also index each image's regions."},
+    },
+}
+
+
+BATCH_FORM_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "images": {"type": "array", "items": {"type": "string", "format": "binary"},
+                   "description": "The query images, one query each (1..GATEWAY_MAX_BATCH_QUERIES)."},
+        **{name: schema for name, schema in SEARCH_FORM_SCHEMA["properties"].items()
+           if name not in ("image", "item_id", "text", "page_token")},
     },
 }
 
@@ -234,6 +247,12 @@ async def search_request_from_form(form: FormData) -> gateway_pb2.VisualSearchRe
         request.text = text
     elif item_id is not None:
         request.item_id = item_id
+    read_search_options(form, request)
+    return request
+
+
+def read_search_options(form: FormData, request: gateway_pb2.VisualSearchRequest) -> None:
+    """A search form's fields other than the query itself, into `request`."""
     if (k := form_text(form, "k")) not in (None, ""):
         request.k = check_k(parse_int(k, "k"))
     if (min_score := form_text(form, "min_score")) not in (None, ""):
@@ -246,7 +265,26 @@ async def search_request_from_form(form: FormData) -> gateway_pb2.VisualSearchRe
     request.collection = form_text(form, "collection") or ""
     request.mode = parse_mode(form_text(form, "mode") or "")
     request.page_token = form_text(form, "page_token") or ""
-    return request
+
+
+async def batch_requests_from_form(form: FormData) -> list[gateway_pb2.VisualSearchRequest]:
+    """A multipart batch: one query per file of `images`, every other field (as /v1/search's form takes
+    them) applying to each."""
+    check_form_fields(form, BATCH_FORM_FIELDS, repeatable=frozenset({"images"}))
+    files = form.getlist("images")
+    if not files:
+        raise invalid_argument("send the query images as file fields named 'images' (or a JSON batch)")
+    if any(not isinstance(file, UploadFile) for file in files):
+        raise invalid_argument("form field 'images' must hold files")
+    options = gateway_pb2.VisualSearchRequest()
+    read_search_options(form, options)
+    requests = []
+    for file in files:
+        request = gateway_pb2.VisualSearchRequest()
+        request.CopyFrom(options)
+        request.image = await file.read()
+        requests.append(request)
+    return requests
 
 
 def optional_json_list(form: FormData, name: str, count: int) -> list[Any] | None:
@@ -481,15 +519,18 @@ def create_app(
 
     @app.post(
         "/v1/search/batch", response_model=SearchBatchResponseBody, tags=["search"],
-        summary="Several searches in one call (JSON only), each answered as /v1/search answers it, in order; a "
-        "query that fails gets its own error. Each query counts against the API key's search rate limit.",
-        openapi_extra=request_body_doc(SearchBatchBody),
+        summary="Several searches in one call, each answered as /v1/search answers it, in order; a query that "
+        "fails gets its own error. JSON: any queries; multipart: several image files (`images`) with the same "
+        "options. Each query counts against the API key's search rate limit.",
+        openapi_extra=request_body_doc(SearchBatchBody, BATCH_FORM_SCHEMA),
     )
     async def search_batch(request: Request) -> JSONResponse:
-        if not is_json(content_type(request)):
-            raise invalid_argument("send the batch as application/json: {\"queries\": [<a /v1/search body>, ...]}")
-        envelope: SearchBatchEnvelope = await parse_json_body(request, SearchBatchEnvelope)
-        queries = [batch_query_to_proto(query, position) for position, query in enumerate(envelope.queries)]
+        if is_json(require_body_type(request)):
+            envelope: SearchBatchEnvelope = await parse_json_body(request, SearchBatchEnvelope)
+            queries = [batch_query_to_proto(query, position) for position, query in enumerate(envelope.queries)]
+        else:
+            async with request.form(max_part_size=settings.http_max_body_bytes) as form:
+                queries = await batch_requests_from_form(form)
         caller = caller_of(request)
         charge = None if limiter is None else (lambda: limiter.limit_search(caller))  # once per query
         return JSONResponse(search_results_json(await core.search_batch(queries, charge=charge)))

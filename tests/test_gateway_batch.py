@@ -80,8 +80,30 @@ async def test_a_batch_of_none_or_too_many_queries_is_refused_whole(stack):
     for body, word in (({"queries": "b-0"}, "queries"), ({"query": []}, "query"), ({}, "queries")):
         refused = await stack.http.post("/v1/search/batch", json=body)
         assert refused.status_code == 400 and word in refused.json()["error"]["message"], refused.text
+    # A multipart batch takes its query images as `images`; `image` is search's field, not the batch's.
     refused = await stack.http.post("/v1/search/batch", files={"image": ("q.jpg", b"x", "image/jpeg")})
-    assert refused.status_code == 400 and "application/json" in refused.json()["error"]["message"]
+    assert refused.status_code == 400 and "unknown form field(s) image" in refused.json()["error"]["message"]
+    refused = await stack.http.post("/v1/search/batch", data={"k": "3"}, files={"x": ("q.jpg", b"x", "image/jpeg")})
+    assert refused.status_code == 400 and "unknown form field(s) x" in refused.json()["error"]["message"]
+    refused = await stack.http.post("/v1/search/batch", files=[("images", ("q.jpg", b"x", "image/jpeg"))] * 33)
+    assert refused.status_code == 400 and "GATEWAY_MAX_BATCH_QUERIES" in refused.json()["error"]["message"]
+    refused = await stack.http.post("/v1/search/batch", content=b"queries", headers={"content-type": "text/plain"})
+    assert refused.status_code == 400 and "application/json or multipart/form-data" in refused.json()["error"]["message"]
+
+
+async def test_http_multipart_batch_searches_each_image_with_the_same_options(stack, ukbench_bytes):
+    files = [("images", (f"q{n}.jpg", ukbench_bytes[n], "image/jpeg")) for n in (0, 4)]
+    files.append(("images", ("bad.jpg", b"not an image", "image/jpeg")))
+    reply = await stack.http.post("/v1/search/batch", data={"k": "2", "mode": "similar"}, files=files)
+    assert reply.status_code == 200, reply.text
+    results = reply.json()["results"]
+    assert [set(result) for result in results] == [{"response"}, {"response"}, {"error"}]
+    for n, result in zip((0, 4), results):
+        alone = (await stack.http.post("/v1/search", data={"k": "2"},
+                                       files={"image": ("q.jpg", ukbench_bytes[n], "image/jpeg")})).json()
+        assert [hit["id"] for hit in result["response"]["hits"]] == [hit["id"] for hit in alone["hits"]]
+        assert len(alone["hits"]) == 2
+    assert results[2]["error"]["code"] == "INVALID_ARGUMENT"
 
 
 async def test_http_batch_results_hold_a_response_or_an_error_each(stack, ukbench_bytes):
@@ -107,7 +129,8 @@ async def test_openapi_documents_the_new_routes(stack):
     spec = (await stack.http.get("/openapi.json")).json()
     assert {"/v1/search/batch", "/v1/collections", "/v1/collections/{name}"} <= set(spec["paths"])
     batch = spec["paths"]["/v1/search/batch"]["post"]["requestBody"]["content"]
-    assert set(batch) == {"application/json"}
+    assert set(batch) == {"application/json", "multipart/form-data"}
+    assert "images" in batch["multipart/form-data"]["schema"]["properties"]
     assert batch["application/json"]["schema"]["$ref"] == "#/components/schemas/SearchBatchBody"
     schemas = spec["components"]["schemas"]
     assert {"SearchBatchBody", "SearchBatchResponseBody", "CollectionsResponseBody", "FieldSummaryBody"} <= set(schemas)
