@@ -53,6 +53,12 @@ class CopyFeatureSettings(BaseModel):
     keypoints: int = Field(256, ge=8, le=1000)
     query_keypoints: int = Field(192, ge=8, le=1000)
     mirrored_query_keypoints: int = Field(96, ge=0, le=1000)
+    # A query's keypoints found again on its working image shrunk `query_zoom` times (0 keypoints: none),
+    # added to its own. A copy cropped to half the side reaches the working side at twice the catalog
+    # image's scale, and ORB's pyramid only shrinks from there, so the crop's coarse keypoints, those
+    # that match the catalog image's finest, would otherwise be missing.
+    zoomed_query_keypoints: int = Field(64, ge=0, le=1000)
+    query_zoom: float = Field(2.0, gt=1, le=8)
     # Keypoints are found `oversample` times over, then `keypoints` of them kept, spread over a
     # grid x grid partition (see _spread).
     oversample: int = Field(3, ge=1, le=10)
@@ -65,7 +71,7 @@ class CopyFeatureSettings(BaseModel):
     # ones enlarged, so that keypoint scales of query and catalog image are comparable).
     working_side: int = Field(512, ge=64, le=2048)
     # Matches that must agree on one transform for a copy verdict.
-    min_inliers: int = Field(10, ge=4)
+    min_inliers: int = Field(12, ge=4)
     # RANSAC's reprojection tolerance, in working-image pixels of the candidate.
     ransac_pixels: float = Field(6.0, gt=0)
     # Lowe's ratio test: a match counts only when its nearest descriptor is clearly nearer than the
@@ -139,9 +145,21 @@ class CopyFeatureExtractor:
         height, width = working.shape
         if mirrored:
             features = self._detect(np.ascontiguousarray(working[:, ::-1]), self.settings.mirrored_query_keypoints)
+        elif for_query:
+            features = _joined(self._detect(working, self.settings.query_keypoints), self._zoomed(working))
         else:
-            features = self._detect(working, self.settings.query_keypoints if for_query else self.settings.keypoints)
+            features = self._detect(working, self.settings.keypoints)
         return ExtractedSet(features, (width, height), original_size)
+
+    def _zoomed(self, working: np.ndarray) -> FeatureSet:
+        """Keypoints of the working image shrunk `query_zoom` times, positioned in the working image."""
+        if self.settings.zoomed_query_keypoints == 0:
+            return _EMPTY
+        height, width = working.shape
+        zoom = self.settings.query_zoom
+        size = (max(1, round(width / zoom)), max(1, round(height / zoom)))
+        found = self._detect(cv2.resize(working, size, interpolation=cv2.INTER_AREA), self.settings.zoomed_query_keypoints)
+        return FeatureSet(found.points * np.float32(zoom), found.descriptors)
 
     @staticmethod
     def combine(plain: "ExtractedSet", mirrored: "ExtractedSet | None") -> bytes:
@@ -165,6 +183,10 @@ class CopyFeatureExtractor:
             return _EMPTY
         points = np.array([keypoint.pt for keypoint in found], dtype=np.float32)
         return FeatureSet(points, descriptors)
+
+
+def _joined(first: FeatureSet, second: FeatureSet) -> FeatureSet:
+    return FeatureSet(np.concatenate([first.points, second.points]), np.concatenate([first.descriptors, second.descriptors]))
 
 
 def _spread(found: list, keypoints: int, shape: tuple[int, int], grid: int) -> list:

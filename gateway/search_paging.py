@@ -34,15 +34,16 @@ def _check(body: bytes) -> bytes:
     return hashlib.sha256(_CHECK_SALT + body).digest()[:_CHECK_BYTES]
 
 
-def query_fingerprint(request: gateway_pb2.VisualSearchRequest, text: str = "") -> bytes:
+def query_fingerprint(request: gateway_pb2.VisualSearchRequest, text: str = "", image_sha256: str = "") -> bytes:
     """What makes two requests the same query for paging: every field but `page_token` and `k`, the image
-    by its sha256, a text as normalised (`text`), no mode as similar mode."""
+    by its sha256 (`image_sha256`, hex, when the caller has it already: hashing a large image again would
+    cost a cache hit a good part of its time), a text as normalised (`text`), no mode as similar mode."""
     same = gateway_pb2.VisualSearchRequest()
     same.CopyFrom(request)
     same.ClearField("page_token")
     same.ClearField("k")
     if same.WhichOneof("query") == "image":
-        same.image = hashlib.sha256(request.image).digest()
+        same.image = bytes.fromhex(image_sha256) if image_sha256 else hashlib.sha256(request.image).digest()
     elif same.WhichOneof("query") == "text":
         same.text = text or request.text
     if same.mode == gateway_pb2.SEARCH_MODE_UNSPECIFIED:

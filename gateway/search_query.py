@@ -185,7 +185,7 @@ class SearchQuery:
                 raise invalid_argument(f"min_probability must be within [0, 1], not {request.min_probability}")
         check_filter_numbers(request.filter)
         expansion = settings.text_expansion if query == "text" and settings.text_expansion.hits else None
-        fingerprint = query_fingerprint(request, text)
+        fingerprint = query_fingerprint(request, text, image_sha256)
         limit = settings.max_paging_depth
         copy_shortlist = 0
         if page_token is not None:

@@ -3,6 +3,7 @@ features, VerifyCopies and their errors. Real Caltech-101 photos, transformed as
 
 from __future__ import annotations
 
+import csv
 import io
 import random
 from pathlib import Path
@@ -92,6 +93,31 @@ def test_features_are_compact_and_round_trip(photos: list[Image.Image]) -> None:
     assert len(features.mirrored.points) == 0 and 100 <= len(features.plain.points) <= SETTINGS.keypoints
     assert features.original_size == photos[0].size
     assert max(features.working_size) == SETTINGS.working_side
+
+
+def test_a_query_keypoints_zoomed_out_find_more_half_side_crops(shared_dir: Path) -> None:
+    """A crop to half the side reaches the working side at twice its original's scale; the query's keypoints
+    found again on its working image shrunk twice are what match the original's finest ones. On the four
+    quarter crops of 40 Caltech photos, they find more copies than the query's own keypoints alone."""
+    root = shared_dir / "datasets" / "caltech101"
+    with (root / "labels.csv").open() as labels:
+        rows = list(csv.DictReader(labels))
+    random.Random(5).shuffle(rows)
+    photos = [Image.open(root / row["path"]).convert("RGB") for row in rows[:40]]
+    verified = {}
+    for zoomed in (0, SETTINGS.zoomed_query_keypoints):
+        settings = SETTINGS.model_copy(update={"zoomed_query_keypoints": zoomed})
+        extractor, verifier = CopyFeatureExtractor(settings), CopyVerifier(settings)
+        verified[zoomed] = 0
+        for photo in photos:
+            original = decode_copy_features(extractor.extract(photo))
+            width, height = photo.size
+            for left, top in ((0, 0), (width // 2, 0), (0, height // 2), (width // 2, height // 2)):
+                crop = photo.crop((left, top, left + width // 2, top + height // 2))
+                query = decode_copy_features(extractor.extract(crop, for_query=True))
+                assert len(query.plain.points) <= settings.query_keypoints + zoomed
+                verified[zoomed] += verifier.verify(query, original).is_copy
+    assert verified[SETTINGS.zoomed_query_keypoints] > verified[0], verified
 
 
 def test_a_blank_image_has_no_keypoints_and_is_no_copy() -> None:
