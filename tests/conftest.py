@@ -476,6 +476,22 @@ async def in_process_stack(
         redis.kill()
 
 
+@contextlib.asynccontextmanager
+async def second_gateway(stack: InProcessStack, **settings: object) -> AsyncIterator[gateway_pb2_grpc.VisualSearchStub]:
+    """One more real gateway over an `in_process_stack`'s embedder and search_svc, with its own settings
+    (its own in-process cache unless they name the stack's Redis: `redis_url=stack.redis.url`)."""
+    gateway, _ = await create_gateway(GatewaySettings(
+        port=0, http_port=0, embedder_address=stack.embedder_server.address,
+        search_address=stack.search_server.address, **settings))
+    await gateway.start()
+    try:
+        await gateway.wait_ready(30)
+        async with grpc.aio.insecure_channel(gateway.address) as channel:
+            yield gateway_pb2_grpc.VisualSearchStub(channel)
+    finally:
+        await gateway.stop(grace=1)
+
+
 # ---- the command line, as a user runs it --------------------------------------------------------
 
 VSEARCH = [sys.executable, "-m", "vsearch_cli"]

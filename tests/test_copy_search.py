@@ -7,12 +7,10 @@ real stack cannot make the case happen on demand (ties, a shortlist deeper than 
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import re
 import shutil
 from pathlib import Path
-from typing import AsyncIterator
 
 import grpc
 import numpy as np
@@ -20,12 +18,13 @@ import pytest
 from google.protobuf import struct_pb2
 from PIL import Image, ImageOps
 
-from conftest import CHROMIUM_FLAGS, SEARCH_BACKENDS, encode, in_process_stack, metric_value, run_cli_async
+from conftest import (
+    CHROMIUM_FLAGS, SEARCH_BACKENDS, encode, in_process_stack, metric_value, run_cli_async, second_gateway,
+)
 from gateway.copy_ranking import rank_copies
 from gateway.search_query import SearchQuery
-from gateway.server import create_server as create_gateway
 from gateway.settings import GatewaySettings
-from vsearch.v1 import embedder_pb2, gateway_pb2, gateway_pb2_grpc, search_pb2
+from vsearch.v1 import embedder_pb2, gateway_pb2, search_pb2
 
 VIEWS = 4
 CATALOG = 16  # ukbench objects 0..3, four views each
@@ -207,28 +206,11 @@ async def test_the_result_cache_keeps_modes_apart(stack, copies):
 # ---- ingest: copy features stored, items without them embedded again ------------------------------
 
 
-@contextlib.asynccontextmanager
-async def second_gateway(stack, **settings) -> AsyncIterator[gateway_pb2_grpc.VisualSearchStub]:
-    """Another gateway over the same embedder, search_svc and Redis (so the index generation it bumps
-    is the one the stack's gateway reads), with other settings."""
-    gateway, _ = await create_gateway(GatewaySettings(
-        embedder_address=stack.embedder_server.address, search_address=stack.search_server.address, port=0,
-        http_port=0, redis_url=stack.redis.url, **settings,
-    ))
-    await gateway.start()
-    try:
-        await gateway.wait_ready(30)
-        async with grpc.aio.insecure_channel(gateway.address) as channel:
-            yield gateway_pb2_grpc.VisualSearchStub(channel)
-    finally:
-        await gateway.stop(grace=1)
-
-
 async def test_items_stored_without_copy_features_are_embedded_again_to_get_them(stack, ukbench_images, copies):
     collection = "copy_features_later"
     items = range(ORIGINAL - 1, ORIGINAL + 2)
     try:
-        async with second_gateway(stack, copy_search={"features_at_ingest": False}) as plain:
+        async with second_gateway(stack, redis_url=stack.redis.url, copy_search={"features_at_ingest": False}) as plain:
             added = await plain.AddImages(add_requests(ukbench_images, items, collection), timeout=60)
             assert (added.indexed, added.unchanged, added.failed) == (3, 0, 0), added
             # Stored without features: no copy can be verified, and an item_id copy search says why.

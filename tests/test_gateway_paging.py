@@ -8,11 +8,9 @@ ranking, and min_probability ends the pages where it cuts. Over gRPC and HTTP (J
 from __future__ import annotations
 
 import base64
-import contextlib
 import io
 import shutil
 from pathlib import Path
-from typing import AsyncIterator
 
 import grpc
 import numpy as np
@@ -20,12 +18,10 @@ import pytest
 from PIL import Image, ImageOps
 from google.protobuf import struct_pb2
 
-from conftest import SEARCH_BACKENDS, encode, in_process_stack
+from conftest import SEARCH_BACKENDS, encode, in_process_stack, second_gateway
 from embedder_svc.model_card import Calibration, ModelCard, read_model_card, write_model_card
 from gateway.match_probability import MatchCalibration
-from gateway.server import create_server as create_gateway
-from gateway.settings import GatewaySettings
-from vsearch.v1 import embedder_pb2, gateway_pb2, gateway_pb2_grpc, search_pb2
+from vsearch.v1 import embedder_pb2, gateway_pb2, search_pb2
 
 CATALOG = 16  # ukbench objects 0..3, four views each, in the default collection
 SHORTLIST = 8  # GATEWAY_COPY_SEARCH__SHORTLIST of the stack
@@ -243,21 +239,6 @@ async def test_altered_tokens_and_tokens_of_another_query_are_invalid(stack, ukb
     refused = await stack.http.post("/v1/search", json={"item_id": "p-02", "page_token": token})
     assert refused.status_code == 400 and refused.json()["error"]["code"] == "INVALID_ARGUMENT"
     assert "page_token" in refused.json()["error"]["message"]
-
-
-@contextlib.asynccontextmanager
-async def second_gateway(stack, **settings: object) -> AsyncIterator[gateway_pb2_grpc.VisualSearchStub]:
-    """One more real gateway over the stack's services, with its own settings (and in-process cache)."""
-    gateway, _ = await create_gateway(GatewaySettings(
-        port=0, http_port=0, embedder_address=stack.embedder_server.address,
-        search_address=stack.search_server.address, **settings))
-    await gateway.start()
-    try:
-        await gateway.wait_ready(30)
-        async with grpc.aio.insecure_channel(gateway.address) as channel:
-            yield gateway_pb2_grpc.VisualSearchStub(channel)
-    finally:
-        await gateway.stop(grace=1)
 
 
 async def test_pages_stop_at_the_paging_depth(stack):
