@@ -174,7 +174,10 @@ class AsyncVisualSearchClient(CallSettings):
                                                collection=collection, on_copy=on_copy, regions=regions)
                 try:
                     await call.write(request)
-                except asyncio.InvalidStateError:  # the call has ended: its status says why
+                except (asyncio.InvalidStateError, grpc.aio.AioRpcError):
+                    # The call has ended (refused, say, for the key's scope); awaiting it below gives its status.
+                    # A write racing that end fails on its own, as INTERNAL "Internal error from Core": `await
+                    # call` waits for the gateway's real status and reports that instead.
                     break
                 sent += 1
                 if progress is not None:
