@@ -266,18 +266,22 @@ class EmbeddingEngine:
     async def _extract_copy_features(
         self, loop: asyncio.AbstractEventLoop, images: list[Image.Image], for_query: bool
     ) -> list[bytes | Exception]:
-        """Each image's copy features. A lone query's two feature sets (as it is and mirrored) are
-        extracted side by side, one per decode worker: a search waits for them."""
+        """Each image's copy features. A lone query's, which a search waits for, are extracted in parts
+        over the decode workers: its keypoints are detected on one while its shrunk image's are found
+        on another, then described on it and on its mirror image side by side."""
         if not (for_query and len(images) == 1 and self._decode_workers > 1):
             return await self._in_shares(loop, images, lambda share: self._extract_all(share, for_query))
-        extractor = self._copy_extractor
+        extractor, executor = self._copy_extractor, self._decode_executor
         try:
-            plain, mirrored = await asyncio.gather(*(
-                loop.run_in_executor(self._decode_executor, extractor.feature_set, images[0], mirrored, True)
-                for mirrored in (False, True)
-            ))
-            return [extractor.combine(plain, mirrored)]
+            zoomed = loop.run_in_executor(executor, extractor.query_zoomed_set, images[0])
+            detections = await loop.run_in_executor(executor, extractor.query_detections, images[0])
+            plain, mirrored = await asyncio.gather(
+                loop.run_in_executor(executor, extractor.query_plain_set, detections),
+                loop.run_in_executor(executor, extractor.query_mirrored_set, detections),
+            )
+            return [extractor.combine(detections, plain, mirrored, await zoomed)]
         except Exception as error:  # noqa: BLE001 - reported per image by the caller
+            zoomed.cancel()
             return [CopyFeaturesFailed(f"copy features failed: {error}")]
 
     def _extract_all(self, images: list[Image.Image], for_query: bool) -> list[bytes | Exception]:

@@ -9,6 +9,7 @@ import random
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -125,6 +126,25 @@ def test_a_blank_image_has_no_keypoints_and_is_no_copy() -> None:
     features = decode_copy_features(EXTRACTOR.extract(blank, for_query=True))
     assert len(features.plain.points) == 0
     assert not VERIFIER.verify(features, features).is_copy
+
+
+def test_a_query_mirror_set_is_what_detection_on_the_mirror_image_finds(photos: list[Image.Image]) -> None:
+    """A query's mirror-image keypoints are its own detections mirrored (within their pyramid level) and
+    described again on the mirror image, which is cheaper than detecting anew. They must be the keypoints
+    that detection would find, with the same descriptors: a keypoint's orientation has to be mirrored too,
+    else every descriptor would differ, and one mirrored at level 0's width misses its coarse levels' pixels."""
+    settings = SETTINGS.model_copy(update={"mirrored_query_keypoints": SETTINGS.query_keypoints})
+    extractor = CopyFeatureExtractor(settings)
+    for photo in photos[:4]:
+        mirrored = extractor.query_mirrored_set(extractor.query_detections(photo))
+        detected = extractor.query_plain_set(extractor.query_detections(photo.transpose(Image.Transpose.FLIP_LEFT_RIGHT)))
+        assert len(mirrored.points) == settings.mirrored_query_keypoints
+        distances = np.linalg.norm(mirrored.points[:, None] - detected.points[None], axis=2)
+        same_place = distances.min(axis=1) < 0.01
+        assert same_place.mean() >= 0.95, same_place.mean()
+        nearest = distances.argmin(axis=1)[same_place]
+        identical = (mirrored.descriptors[same_place] == detected.descriptors[nearest]).all(axis=1)
+        assert identical.mean() >= 0.9, identical.mean()
 
 
 @pytest.mark.parametrize("blob, message", [
