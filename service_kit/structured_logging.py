@@ -1,5 +1,5 @@
-"""JSON (or plain text) logs on stderr, one object per line. A line logged while a traced request runs
-carries its `trace_id` and `span_id` (service_kit/tracing.py), the ids to find its trace by."""
+"""JSON (or plain text) logs on stderr, one line each. A line logged while a traced request runs carries its
+`trace_id` and `span_id` (service_kit/tracing.py), the ids to find its trace by, in either format."""
 
 from __future__ import annotations
 
@@ -24,10 +24,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        span_context = trace.get_current_span().get_span_context()
-        if span_context.is_valid:
-            entry["trace_id"] = format(span_context.trace_id, "032x")
-            entry["span_id"] = format(span_context.span_id, "016x")
+        entry.update(_trace_ids())
         extra = getattr(record, "fields", None)
         if extra:
             entry.update(extra)
@@ -36,12 +33,32 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+class TextFormatter(logging.Formatter):
+    """`time LEVEL service logger: message`, then the request's `trace_id=... span_id=...` when it has them."""
+
+    def __init__(self, service: str) -> None:
+        super().__init__(f"%(asctime)s %(levelname)s {service} %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        ids = _trace_ids()
+        if not ids:
+            return line
+        # After the first line: a traceback's lines stay below the message they belong to.
+        first, newline, rest = line.partition("\n")
+        return f"{first} " + " ".join(f"{key}={value}" for key, value in ids.items()) + newline + rest
+
+
+def _trace_ids() -> dict[str, str]:
+    span_context = trace.get_current_span().get_span_context()
+    if not span_context.is_valid:
+        return {}
+    return {"trace_id": format(span_context.trace_id, "032x"), "span_id": format(span_context.span_id, "016x")}
+
+
 def configure_logging(service: str, level: str = "INFO", log_format: str = "json") -> None:
     handler = logging.StreamHandler(sys.stderr)
-    if log_format == "json":
-        handler.setFormatter(JsonFormatter(service))
-    else:
-        handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s {service} %(name)s: %(message)s"))
+    handler.setFormatter(JsonFormatter(service) if log_format == "json" else TextFormatter(service))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -9,6 +9,7 @@ import io
 import json
 import logging
 import random
+import sys
 
 import grpc
 import pytest
@@ -23,7 +24,7 @@ from pydantic_settings import SettingsConfigDict
 from service_kit.channels import create_channel
 from service_kit.server import ManagedServer
 from service_kit.settings import ServiceSettings, TracingSettings, load_settings
-from service_kit.structured_logging import JsonFormatter
+from service_kit.structured_logging import JsonFormatter, TextFormatter
 from service_kit.tracing import exporting_also_to
 from service_kit.struct_nesting import struct_depth
 from service_kit.wire_format import find_problem, split_field
@@ -224,6 +225,26 @@ def test_a_json_log_line_carries_the_ids_of_the_span_it_was_logged_in():
         entry = line()
     assert entry["trace_id"] == f"{step.get_span_context().trace_id:032x}"
     assert entry["span_id"] == f"{step.get_span_context().span_id:016x}"
+
+
+def test_a_text_log_line_carries_the_ids_of_the_span_it_was_logged_in():
+    tracer = TracerProvider().get_tracer("test")
+    formatter = TextFormatter("svc")
+
+    def line(exc_info=None) -> str:
+        return formatter.format(logging.LogRecord("x", logging.ERROR, __file__, 1, "hello %s", ("there",), exc_info))
+
+    assert line().endswith("ERROR svc x: hello there") and "trace_id" not in line()
+    with tracer.start_as_current_span("step") as step:
+        plain = line()
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            with_traceback = line(sys.exc_info())
+    ids = f"trace_id={step.get_span_context().trace_id:032x} span_id={step.get_span_context().span_id:016x}"
+    assert plain.endswith(f"ERROR svc x: hello there {ids}")
+    first, *traceback = with_traceback.splitlines()
+    assert first.endswith(f"hello there {ids}") and traceback[-1] == "ValueError: boom"
 
 
 def test_tracing_is_off_by_default_and_set_from_the_environment(monkeypatch, capsys):
