@@ -23,6 +23,8 @@ from gateway.rate_limit import RateLimited, RateLimiter
 from vsearch.v1 import gateway_pb2, gateway_pb2_grpc, search_pb2
 
 RETRY_AFTER_MS = "retry-after-ms"
+# Initial metadata on an admitted AddImages stream (gateway.proto): clients wait for it before writing.
+STREAM_ACCEPTED = (("vsearch-stream", "accepted"),)
 STATUS_DETAILS = "grpc-status-details-bin"
 
 
@@ -80,6 +82,7 @@ class VisualSearchServicer(gateway_pb2_grpc.VisualSearchServicer):
         self, request_iterator: AsyncIterator[gateway_pb2.AddImageRequest], context: grpc.aio.ServicerContext
     ) -> gateway_pb2.AddImagesSummary:
         caller = self._admit(context, "AddImages")
+        await context.send_initial_metadata(STREAM_ACCEPTED)
         requests = request_iterator if self.limiter is None else self.limiter.charging_writes(caller, request_iterator)
         try:
             return await self.core.add_images(requests, deadline_after(context.time_remaining()))

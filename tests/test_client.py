@@ -300,6 +300,20 @@ async def test_errors_are_raised_with_their_class_code_and_message(stack, keys, 
         await searcher.close()
 
 
+async def test_a_stream_refused_for_its_scope_says_so_every_time(stack, keys, ukbench_images):
+    """The gateway refuses an AddImages stream the key may not write as soon as it starts; a client that
+    wrote meanwhile would see its own write fail (grpc's INTERNAL "Internal error from Core") instead of the
+    refusal, so the clients wait for the gateway to accept the stream first. Many tries, to meet the race."""
+    _, made = keys
+    searcher = AsyncVisualSearchClient(stack.gateway_server.address, api_key=made["searcher"])
+    try:
+        for _ in range(40):
+            with pytest.raises(PermissionDenied):
+                await searcher.add([ukbench_images[0], ukbench_images[1]], collection="client_nothing")
+    finally:
+        await searcher.close()
+
+
 async def test_a_rate_limit_says_how_long_to_wait(stack, keys, ukbench_images):
     keys_file, made = keys
     gateway, _ = await create_gateway(GatewaySettings(

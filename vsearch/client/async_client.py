@@ -168,6 +168,8 @@ class AsyncVisualSearchClient(CallSettings):
             await self._retry_or_raise("AddImages", error, attempt, deadline)
         sent = 0
         try:
+            if not await _stream_admitted(call):
+                return messages.add_summary(await call)  # refused: raises the gateway's status
             async for value in _each(items):
                 item = messages.add_item(value)
                 request = messages.add_request(item, await _image_bytes(item.image), first=sent == 0,
@@ -175,9 +177,7 @@ class AsyncVisualSearchClient(CallSettings):
                 try:
                     await call.write(request)
                 except (asyncio.InvalidStateError, grpc.aio.AioRpcError):
-                    # The call has ended (refused, say, for the key's scope); awaiting it below gives its status.
-                    # A write racing that end fails on its own, as INTERNAL "Internal error from Core": `await
-                    # call` waits for the gateway's real status and reports that instead.
+                    # The call has ended (the gateway went away, say); awaiting it below gives its status.
                     break
                 sent += 1
                 if progress is not None:
@@ -227,6 +227,28 @@ class AsyncVisualSearchClient(CallSettings):
             token = page.next_page_token
             if not token:
                 return
+
+
+# The gateway's initial metadata on an AddImages stream it admitted (gateway.proto). Writing before it
+# comes races a refusal: the write fails in grpc's core and the call then ends as INTERNAL ("Internal error
+# from Core"), not with the refusal's status.
+_STREAM_ACCEPTED = ("vsearch-stream", "accepted")
+# A gateway older than this marker never sends it: after this long, write anyway.
+_ADMISSION_WAIT_S = 5.0
+
+
+async def _stream_admitted(call: grpc.aio.StreamUnaryCall) -> bool:
+    """Whether the gateway admitted the AddImages stream (False: the call ended first, refused)."""
+    try:
+        # Shielded: on timeout only the wait ends, not the call's own futures.
+        metadata = await asyncio.wait_for(asyncio.shield(call.initial_metadata()), _ADMISSION_WAIT_S)
+        if _STREAM_ACCEPTED in tuple(metadata):
+            return True
+        # Metadata without the marker: a refusal, whose status comes with it (or just after).
+        await asyncio.wait_for(asyncio.shield(call.code()), _ADMISSION_WAIT_S)
+    except asyncio.TimeoutError:
+        return True
+    return False
 
 
 async def _each(items: Iterable[Any] | AsyncIterable[Any]) -> AsyncIterator[Any]:

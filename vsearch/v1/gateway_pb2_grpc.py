@@ -93,7 +93,10 @@ class VisualSearchServicer:
     def AddImages(self, request_iterator, context):
         """Client-streaming ingestion: one message per image. Bad items, messages that cannot be parsed
         included, are reported in the summary and skipped; they never abort the stream (except a first
-        message that cannot be parsed at all: it names the stream's collection).
+        message that cannot be parsed at all: it names the stream's collection). The gateway sends initial
+        metadata `vsearch-stream: accepted` once it has admitted the stream (the key may write): a client
+        that waits for it before writing sees a refusal's own status (UNAUTHENTICATED, PERMISSION_DENIED)
+        rather than its first write failing as the stream ends.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
