@@ -11,7 +11,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageEnhance
 
 from embedder_svc.copy_features import (
     CopyFeatureExtractor, CopyFeatureSettings, CopyFeaturesInvalid, CopyVerifier, decode_copy_features,
@@ -40,6 +40,10 @@ def photos(shared_dir: Path) -> list[Image.Image]:
         path = shared_dir / "datasets" / "caltech101" / relative
         images.append(Image.open(path).convert("RGB"))
     return images
+
+
+def _decoded(data: bytes) -> Image.Image:
+    return Image.open(io.BytesIO(data)).convert("RGB")
 
 
 def _jpeg(image: Image.Image) -> bytes:
@@ -119,6 +123,20 @@ def test_a_query_keypoints_zoomed_out_find_more_half_side_crops(shared_dir: Path
                 assert len(query.plain.points) <= settings.query_keypoints + zoomed
                 verified[zoomed] += verifier.verify(query, original).is_copy
     assert verified[SETTINGS.zoomed_query_keypoints] > verified[0], verified
+
+
+def test_a_low_contrast_image_gets_its_faint_corners(photos: list[Image.Image]) -> None:
+    """Keypoints are found at FAST's threshold of 20 grey levels, and again at 5 when too few were: a copy
+    with its contrast cut to a quarter keeps its keypoints, and is still verified a copy of its original;
+    without the second pass it has too few of them to keep."""
+    never_faint = SETTINGS.model_copy(update={"faint_fast_threshold": SETTINGS.fast_threshold})
+    for photo in photos[:3]:
+        faint = _decoded(_jpeg(ImageEnhance.Contrast(photo).enhance(0.25)))
+        query = decode_copy_features(EXTRACTOR.extract(faint, for_query=True))
+        assert len(query.plain.points) == SETTINGS.query_keypoints + SETTINGS.zoomed_query_keypoints
+        assert VERIFIER.verify(query, decode_copy_features(EXTRACTOR.extract(photo))).is_copy
+        fewer = decode_copy_features(CopyFeatureExtractor(never_faint).extract(faint, for_query=True))
+        assert len(fewer.plain.points) < len(query.plain.points)
 
 
 def test_a_blank_image_has_no_keypoints_and_is_no_copy() -> None:
