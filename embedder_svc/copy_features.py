@@ -71,8 +71,9 @@ class CopyFeatureSettings(BaseModel):
     pyramid_scale: float = Field(1.2, gt=1, le=2)
     # FAST's corner threshold (grey levels). Keypoints are found at `fast_threshold`, and found again at
     # `faint_fast_threshold` when fewer than `faint_below` x the keypoints to keep were: a low-contrast
-    # image's corners are faint. Finding faint corners in every image (5 throughout) cost 50% more
-    # detection time for the same verdicts; never finding them (20 throughout) missed low-contrast copies.
+    # image's corners are faint. Finding faint corners in every image (5 throughout) took 60% longer to
+    # extract a catalog image's features for the same verdicts; never finding them (20 throughout) missed
+    # low-contrast copies (docs/copy-search.md).
     fast_threshold: int = Field(20, ge=1, le=255)
     faint_fast_threshold: int = Field(5, ge=1, le=255)
     faint_below: float = Field(2.0, ge=0)
