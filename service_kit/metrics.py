@@ -32,10 +32,19 @@ class RpcMetrics:
             "vsearch_grpc_latency_seconds", "gRPC call latency, by method.",
             ["service", "method"], buckets=LATENCY_BUCKETS, registry=self.registry,
         )
+        self._requests_by_label: dict[tuple[str, str], Any] = {}
+        self._latency_by_method: dict[str, Any] = {}
 
     def observe(self, method: str, code: str, seconds: float) -> None:
-        self.requests.labels(self.service, method, code).inc()
-        self.latency.labels(self.service, method).observe(seconds)
+        # The labelled children are looked up once each (labels() takes a lock and builds a key per call).
+        requests = self._requests_by_label.get((method, code))
+        if requests is None:
+            requests = self._requests_by_label[(method, code)] = self.requests.labels(self.service, method, code)
+        latency = self._latency_by_method.get(method)
+        if latency is None:
+            latency = self._latency_by_method[method] = self.latency.labels(self.service, method)
+        requests.inc()
+        latency.observe(seconds)
 
     def serve_http(self, host: str, port: int) -> Any:
         server, _thread = start_http_server(port, addr=host, registry=self.registry)
@@ -63,6 +72,9 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, metrics: RpcMetrics) -> None:
         self.metrics = metrics
+        # The wrapped handler of each method, made on its first call: the service's handler for a method
+        # is one object, and wrapping it again on every call cost a cache hit a good part of its time.
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(
         self,
@@ -72,11 +84,19 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None:
             return handler
+        known = self._wrapped.get(details.method)
+        if known is not None and known[0] is handler:
+            return known[1]
+        wrapped = self._wrap(handler, details.method)
+        self._wrapped[details.method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(self, handler: grpc.RpcMethodHandler, full_method: str) -> grpc.RpcMethodHandler:
         deserializer = lenient_deserializer(handler.request_deserializer)
         if handler.unary_stream or handler.stream_stream:
             # Streaming responses (health Watch, reflection) are neither counted nor timed.
             return _refusing_unparsable_requests(handler, deserializer)
-        method = details.method.rsplit("/", 1)[-1]
+        method = full_method.rsplit("/", 1)[-1]
         kind = "unary_unary" if handler.unary_unary else "stream_unary"
         behavior = handler.unary_unary or handler.stream_unary
 
@@ -95,7 +115,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 raise
             except Exception:
                 failed = True
-                logger.exception("unhandled error in %s", details.method)
+                logger.exception("unhandled error in %s", full_method)
                 await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}")
             finally:
                 self.metrics.observe(method, _status_name(context, failed), time.perf_counter() - start)
