@@ -122,6 +122,10 @@ class Detections:
 
     working: np.ndarray
     found: tuple
+    # The found keypoints' positions ([n, 2], working-image pixels) and responses ([n]), read out once for
+    # both the query's own set and its mirror image's.
+    positions: np.ndarray
+    responses: np.ndarray
     original_size: tuple[int, int]
 
 
@@ -155,12 +159,13 @@ class CopyFeatureExtractor:
         mirror image's."""
         working, original_size = self._working_image(image)
         keypoints = max(self.settings.query_keypoints, self.settings.mirrored_query_keypoints)
-        return Detections(working, tuple(self._found(working, keypoints)), original_size)
+        found = tuple(self._found(working, keypoints))
+        return Detections(working, found, *_positions_and_responses(found), original_size)
 
     def query_plain_set(self, detections: "Detections") -> FeatureSet:
         found = detections.found
-        chosen = _spread(*_positions_and_responses(found), self.settings.query_keypoints, detections.working.shape,
-                         self.settings.grid)
+        chosen = _spread(detections.positions, detections.responses, self.settings.query_keypoints,
+                         detections.working.shape, self.settings.grid)
         return self._described(detections.working, [found[index] for index in chosen])
 
     def query_mirrored_set(self, detections: "Detections") -> FeatureSet:
@@ -174,9 +179,9 @@ class CopyFeatureExtractor:
         # Mirrored within each keypoint's pyramid level: ORB's levels are the image resized to
         # round(width / scale), so the keypoint lands on the pixel the mirror image's level has there.
         scales = self.settings.pyramid_scale ** np.array([keypoint.octave for keypoint in found], dtype=np.float64)
-        positions, responses = _positions_and_responses(found)
+        positions = detections.positions.copy()
         positions[:, 0] = (np.round(width / scales) - 1) * scales - positions[:, 0]
-        chosen = _spread(positions, responses, self.settings.mirrored_query_keypoints, working.shape, self.settings.grid)
+        chosen = _spread(positions, detections.responses, self.settings.mirrored_query_keypoints, working.shape, self.settings.grid)
         mirrored = [
             cv2.KeyPoint(float(positions[index, 0]), float(positions[index, 1]), found[index].size,
                          (180.0 - found[index].angle) % 360.0, found[index].response, found[index].octave,

@@ -83,7 +83,8 @@ SEARCH_FORM_FIELDS = {
     "page_token",
 }
 # A multipart batch: several query images, the same options for each (no page_token: each query pages alone).
-BATCH_FORM_FIELDS = {"images", *SEARCH_FORM_FIELDS - {"image", "item_id", "text", "page_token"}}
+PER_QUERY_FORM_FIELDS = frozenset({"image", "item_id", "text", "page_token"})
+BATCH_FORM_FIELDS = {"images", *SEARCH_FORM_FIELDS - PER_QUERY_FORM_FIELDS}
 ADD_FILE_FIELDS = frozenset({"images", "image"})
 ADD_FORM_FIELDS = {*ADD_FILE_FIELDS, "ids", "metadata", "image_uris", "collection", "on_copy", "regions"}
 FORM_CONTENT_TYPES = ("multipart/form-data", "application/x-www-form-urlencoded")
@@ -158,7 +159,7 @@ BATCH_FORM_SCHEMA = {
         "images": {"type": "array", "items": {"type": "string", "format": "binary"},
                    "description": "The query images, one query each (1..GATEWAY_MAX_BATCH_QUERIES)."},
         **{name: schema for name, schema in SEARCH_FORM_SCHEMA["properties"].items()
-           if name not in ("image", "item_id", "text", "page_token")},
+           if name not in PER_QUERY_FORM_FIELDS},
     },
 }
 
