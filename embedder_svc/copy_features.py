@@ -334,14 +334,18 @@ class CopyVerifier:
         self._min_scale, self._max_scale = 1.0 / settings.max_scale, settings.max_scale
         self._max_rotation = math.radians(settings.max_rotation_degrees)
 
-    def verify(self, query: CopyFeatures, candidate: CopyFeatures, check_mirrored: bool = True) -> Verdict:
-        """Is `query` a copy of (a part of) `candidate`, as it is or (when `check_mirrored`) mirrored?"""
+    def verify(
+        self, query: CopyFeatures, candidate: CopyFeatures, check_mirrored: bool = True, min_inliers: int | None = None,
+    ) -> Verdict:
+        """Is `query` a copy of (a part of) `candidate`, as it is or (when `check_mirrored`) mirrored? With
+        at least `min_inliers` agreeing matches (default: the settings' min_inliers)."""
+        needed = min_inliers or self.settings.min_inliers
         plain = self._match(query.plain, candidate.plain)
         mirrored = self._match(query.mirrored, candidate.plain) if check_mirrored else (0, None)
         best, is_mirrored = (mirrored, True) if mirrored[0] > plain[0] else (plain, False)
         inliers, transform = best
-        score = inliers / (inliers + self.settings.min_inliers)
-        if inliers < self.settings.min_inliers or transform is None:
+        score = inliers / (inliers + needed)
+        if inliers < needed or transform is None:
             return Verdict(is_copy=False, copy_score=score, inliers=inliers, mirrored=is_mirrored)
         box = _matched_box(transform, query.working_size, candidate)
         return Verdict(is_copy=True, copy_score=score, inliers=inliers, mirrored=is_mirrored, matched_box=box)

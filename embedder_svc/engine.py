@@ -210,18 +210,21 @@ class EmbeddingEngine:
         return vector / max(float(np.linalg.norm(vector)), 1e-12)
 
     async def verify_copies(
-        self, query: CopyFeatures, candidates: list[CopyFeatures | None], mirror_depth: int = 0
+        self, query: CopyFeatures, candidates: list[CopyFeatures | None], mirror_depth: int = 0, first_rank: int = 0,
+        min_inliers: int | None = None,
     ) -> list[Verdict]:
         """Is the query a copy of each candidate (None: no features, so no copy)? Its mirror image is
-        checked against the first `mirror_depth` candidates only (0: all)."""
+        checked against the candidates ranked below `mirror_depth` only (0: all), the first candidate
+        being `first_rank` in its shortlist; a copy needs `min_inliers` agreeing matches (None: the
+        settings')."""
         if not candidates:
             return []
-        mirror_depth = mirror_depth or len(candidates)
+        mirror_depth = mirror_depth or first_rank + len(candidates)
         loop = asyncio.get_running_loop()
         verifier = self._copy_verifier
         with span("verify copies", {"vsearch.candidates": len(candidates)}):
-            return await self._in_shares(loop, list(enumerate(candidates)), lambda share: [
-                verifier.verify(query, candidate, check_mirrored=rank < mirror_depth)
+            return await self._in_shares(loop, list(enumerate(candidates, first_rank)), lambda share: [
+                verifier.verify(query, candidate, check_mirrored=rank < mirror_depth, min_inliers=min_inliers)
                 if candidate is not None else NO_COPY
                 for rank, candidate in share
             ])

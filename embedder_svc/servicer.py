@@ -164,10 +164,18 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServicer):
         query = _parse_copy_features(request.query, "query")
         if query is None:
             raise invalid_argument("query: no copy features (empty); get them from EmbedImages with with_copy_features")
+        least = self._engine.copy_settings.min_inliers
+        if request.min_inliers and request.min_inliers < least:
+            raise invalid_argument(
+                f"min_inliers {request.min_inliers} is below this embedder's copy_min_inliers ({least}): a copy "
+                "needs at least that many agreeing features"
+            )
         candidates = [
             _parse_copy_features(blob, f"candidate {index}") for index, blob in enumerate(request.candidates)
         ]
-        verdicts = await self._engine.verify_copies(query, candidates, request.mirror_depth)
+        verdicts = await self._engine.verify_copies(
+            query, candidates, request.mirror_depth, request.first_rank, request.min_inliers or None
+        )
         return embedder_pb2.VerifyCopiesResponse(verdicts=[
             embedder_pb2.CopyVerdict(
                 is_copy=verdict.is_copy, copy_score=verdict.copy_score, mirrored=verdict.mirrored,

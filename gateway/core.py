@@ -454,19 +454,38 @@ class VisualSearchCore:
     async def _find_copies(self, query: SearchQuery, vector: QueryVector, deadline: float | None) -> RankedCopies:
         """Copy mode: a similar-mode shortlist `copy_shortlist` deep, with its hits' stored copy features
         (one Search call), each verified against the query's copy features (one VerifyCopies call), then
-        ranked: copies first (gateway/copy_ranking.py). Pages are cut from this ranking."""
+        ranked: copies first (gateway/copy_ranking.py). Pages are cut from this ranking. When the
+        shortlist holds no copy, a second look: the `copy_second_look` hits after it, verified with a
+        stricter count of agreeing features (a Search and a VerifyCopies call more)."""
         shortlist = await self.downstream.search_query(query.copy_candidates_request(vector.values), deadline)
-        candidates = shortlist.hits
-        if vector.copy_features and any(hit.copy_features for hit in candidates):
-            verdicts = await self.downstream.verify_copies(
-                vector.copy_features, [hit.copy_features for hit in candidates], deadline
+        candidates = list(shortlist.hits)
+        verdicts = await self._verify_candidates(vector, candidates, deadline)
+        if (query.copy_second_look and not any(verdict.is_copy for verdict in verdicts)
+                and len(candidates) == query.copy_shortlist):
+            deeper = await self.downstream.search_query(
+                query.copy_candidates_request(vector.values, second_look=True), deadline
             )
-        else:
-            # No features in the query image (the embedder found none), or none stored for any candidate
-            # (indexed without them): nothing can be verified a copy, and the call is spared.
-            verdicts = [embedder_pb2.CopyVerdict() for _ in candidates]
+            # By id, not by rank: the two searches may order equal scores differently.
+            seen = {hit.id for hit in candidates}
+            more = [hit for hit in deeper.hits if hit.id not in seen]
+            verdicts += await self._verify_candidates(
+                vector, more, deadline, first_rank=len(candidates), min_inliers=query.copy_second_look_min_inliers
+            )
+            candidates += more
         self.copy_metrics.count(sum(verdict.is_copy for verdict in verdicts), len(verdicts))
         return RankedCopies(rank_copies(candidates, verdicts, len(candidates), query.min_score), shortlist.generation)
+
+    async def _verify_candidates(
+        self, vector: QueryVector, candidates: list[search_pb2.Hit], deadline: float | None, first_rank: int = 0,
+        min_inliers: int = 0,
+    ) -> list[embedder_pb2.CopyVerdict]:
+        if vector.copy_features and any(hit.copy_features for hit in candidates):
+            return await self.downstream.verify_copies(
+                vector.copy_features, [hit.copy_features for hit in candidates], deadline, first_rank, min_inliers
+            )
+        # No features in the query image (the embedder found none), or none stored for any candidate
+        # (indexed without them): nothing can be verified a copy, and the call is spared.
+        return [embedder_pb2.CopyVerdict() for _ in candidates]
 
     @contextlib.asynccontextmanager
     async def _start_lookups(

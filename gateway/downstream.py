@@ -246,14 +246,18 @@ class Downstream:
         return list(response.results)
 
     async def verify_copies(
-        self, query: bytes, candidates: Sequence[bytes], deadline: float | None
+        self, query: bytes, candidates: Sequence[bytes], deadline: float | None, first_rank: int = 0,
+        min_inliers: int = 0,
     ) -> list[embedder_pb2.CopyVerdict]:
         """Whether the query (its copy features) is a copy of each candidate (theirs, as stored; an empty
-        one gets a verdict of no copy): one verdict per candidate, in order (one VerifyCopies call)."""
+        one gets a verdict of no copy): one verdict per candidate, in order (one VerifyCopies call). The
+        candidates are ranked from `first_rank` in their shortlist; a copy needs `min_inliers` agreeing
+        features (0: the embedder's copy_min_inliers)."""
         response = await _call(
             EMBEDDER, self.embedder.VerifyCopies,
             embedder_pb2.VerifyCopiesRequest(
-                query=query, candidates=candidates, mirror_depth=self.settings.copy_search.mirror_depth
+                query=query, candidates=candidates, mirror_depth=self.settings.copy_search.mirror_depth,
+                first_rank=first_rank, min_inliers=min_inliers,
             ),
             _timeout(self.settings.embed_timeout_s, deadline),
         )

@@ -114,6 +114,10 @@ class SearchQuery:
     expansion: TextExpansionSettings | None = None
     # Copy mode (SEARCH_MODE_COPY): how many similar-mode hits are verified as copies; 0 in similar mode.
     copy_shortlist: int = 0
+    # Copy mode: hits after the shortlist verified when it holds no copy, and the agreeing features
+    # each of them needs to be one (GATEWAY_COPY_SEARCH__SECOND_LOOK*).
+    copy_second_look: int = 0
+    copy_second_look_min_inliers: int = 0
     # The ranked hits this request asks for (its page), and what makes it the same query as another.
     page: Page = Page(0, 10, 10)
     fingerprint: bytes = b""
@@ -200,8 +204,11 @@ class SearchQuery:
                 raise invalid_argument("page_token was made for another query: search again from the first page")
             limit = min(limit, copy_shortlist)
         page = Page.of(page_token.offset if page_token is not None else 0, k, limit)
+        # Within what one search returns, however deep the page's shortlist.
+        second_look = min(settings.copy_search.second_look, MAX_COPY_CANDIDATES - copy_shortlist) if copy_mode else 0
+        second_look_min_inliers = settings.copy_search.second_look_min_inliers if second_look else 0
         return cls(request, k, min_score, crop, image_sha256, model_version, text, text_sha256, expansion,
-                   copy_shortlist, page, fingerprint, page_token)
+                   copy_shortlist, second_look, second_look_min_inliers, page, fingerprint, page_token)
 
     @property
     def min_probability(self) -> float | None:
@@ -239,6 +246,8 @@ class SearchQuery:
         if self.copy_mode:
             # Another mode gives other hits (and fields); another shortlist depth, other copies.
             query_key += f":copy:{self.copy_shortlist}"
+            if self.copy_second_look:
+                query_key += f":then:{self.copy_second_look}:{self.copy_second_look_min_inliers}"
         return result_cache_key(query_key, self.page.end - self.page.offset, self.request.filter, self.min_score,
                                 self.request.collection, offset=self.page.offset)
 
@@ -258,12 +267,13 @@ class SearchQuery:
             request.min_score = self.min_score
         return request
 
-    def copy_candidates_request(self, vector: np.ndarray) -> search_pb2.SearchRequest:
-        """The similar-mode search of `vector` whose hits are verified as copies: `copy_shortlist` deep,
-        with the query's collection and filter, with the hits' copy features. Without min_score: a
-        verified copy is kept whatever its cosine (min_score is applied after verification, to the other
-        hits only)."""
+    def copy_candidates_request(self, vector: np.ndarray, second_look: bool = False) -> search_pb2.SearchRequest:
+        """The similar-mode search of `vector` whose hits are verified as copies: `copy_shortlist` deep
+        (with `second_look`, `copy_second_look` deeper), with the query's collection and filter, with the
+        hits' copy features. Without min_score: a verified copy is kept whatever its cosine (min_score is
+        applied after verification, to the other hits only)."""
+        k = self.copy_shortlist + (self.copy_second_look if second_look else 0)
         return search_pb2.SearchRequest(
-            queries=[float_message(search_pb2.Vector, vector)], k=self.copy_shortlist, filter=self.request.filter,
+            queries=[float_message(search_pb2.Vector, vector)], k=k, filter=self.request.filter,
             collection=self.request.collection, include_copy_features=True,
         )

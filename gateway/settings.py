@@ -168,6 +168,25 @@ class CopySearchSettings(BaseModel):
     # copies: every mirrored copy's original within the first 10), and the mirror check is a third of
     # the verification's cost.
     mirror_depth: int = Field(10, ge=0, le=MAX_COPY_CANDIDATES)
+    # When the shortlist holds no copy: this many more hits (ranked after it) are verified, each a copy
+    # with at least `second_look_min_inliers` agreeing features; 0 (the default): no second look. An
+    # original cropped to half its side or less can rank far down a large catalog's similarity order
+    # (on Caltech-101 copies: 8 % of half-side crops beyond 30, 4 % beyond 100). Off by default: every
+    # search whose shortlist holds no copy pays for each candidate (70: copy-mode p50 2.3-2.6x the
+    # similar mode's -> 4.5x in `vsearch bench search`, whose copy queries have no copy; see
+    # docs/copy-search.md for what it finds).
+    second_look: int = Field(0, ge=0, le=MAX_COPY_CANDIDATES)
+    # A candidate that far down a similarity order is a copy less often to begin with, so it needs more
+    # agreeing features than the embedder's copy_min_inliers (12): at 12, a second look 120 deep took
+    # false copies on no-copy queries from 0.8 % to 2.0 %; at 15, 0.9 % (docs/copy-search.md).
+    second_look_min_inliers: int = Field(15, ge=1, le=1000)
+
+    @model_validator(mode="after")
+    def _searchable_depth(self) -> CopySearchSettings:
+        if self.shortlist + self.second_look > MAX_COPY_CANDIDATES:
+            raise ValueError(f"shortlist + second_look is {self.shortlist + self.second_look}, over the "
+                             f"{MAX_COPY_CANDIDATES} hits a search returns")
+        return self
 
 
 class GatewaySettings(ServiceSettings):

@@ -277,12 +277,44 @@ async def test_verify_copies_checks_the_mirror_image_only_to_mirror_depth(
         with_copy_features=True, copy_features_for_query=True))
     mirrored_query, plain_query = (result.copy_features for result in queries.results)
 
-    async def verdict_on_the_original(query: bytes, mirror_depth: int) -> embedder_pb2.CopyVerdict:
+    async def verdict_on_the_original(query: bytes, mirror_depth: int, first_rank: int = 0) -> embedder_pb2.CopyVerdict:
         response = await embedder.stub.VerifyCopies(embedder_pb2.VerifyCopiesRequest(
-            query=query, candidates=[stored[1], stored[0]], mirror_depth=mirror_depth))
+            query=query, candidates=[stored[1], stored[0]], mirror_depth=mirror_depth, first_rank=first_rank))
         return response.verdicts[1]
 
     assert (await verdict_on_the_original(mirrored_query, 0)).is_copy
     assert (await verdict_on_the_original(mirrored_query, 2)).mirrored
     assert not (await verdict_on_the_original(mirrored_query, 1)).is_copy
     assert (await verdict_on_the_original(plain_query, 1)).is_copy
+    # Candidates of a second look count their ranks on from the shortlist's: the original is rank 11.
+    assert not (await verdict_on_the_original(mirrored_query, 10, first_rank=10)).is_copy
+    assert (await verdict_on_the_original(mirrored_query, 12, first_rank=10)).mirrored
+    assert (await verdict_on_the_original(mirrored_query, 0, first_rank=10)).is_copy
+
+
+async def test_verify_copies_asks_for_min_inliers_when_told(embedder: RunningEmbedder, photos: list[Image.Image]) -> None:
+    """A copy with n agreeing features is one at min_inliers n and not at n + 1; copy_score is 0.5 at the
+    count a copy needed; a count below the embedder's own is INVALID_ARGUMENT."""
+    original = photos[0]
+    stored = EXTRACTOR.extract(original)
+    crop = original.crop((original.width // 3, original.height // 3, original.width * 5 // 6, original.height * 5 // 6))
+    query = (await embedder.stub.EmbedImages(embedder_pb2.EmbedImagesRequest(
+        images=[embedder_pb2.ImageInput(data=_jpeg(crop))], with_copy_features=True, copy_features_for_query=True,
+    ))).results[0].copy_features
+
+    async def verdict(min_inliers: int) -> embedder_pb2.CopyVerdict:
+        response = await embedder.stub.VerifyCopies(embedder_pb2.VerifyCopiesRequest(
+            query=query, candidates=[stored], min_inliers=min_inliers))
+        return response.verdicts[0]
+
+    default = await verdict(0)
+    assert default.is_copy and default.inliers > SETTINGS.min_inliers, default
+    exactly = await verdict(default.inliers)
+    assert exactly.is_copy and exactly.copy_score == pytest.approx(0.5) and exactly.HasField("matched_box")
+    more = await verdict(default.inliers + 1)
+    assert not more.is_copy and more.copy_score < 0.5 and not more.HasField("matched_box")
+    assert more.inliers == default.inliers
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await verdict(SETTINGS.min_inliers - 1)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"min_inliers {SETTINGS.min_inliers - 1} is below this embedder's copy_min_inliers" in raised.value.details()

@@ -23,7 +23,7 @@ from conftest import (
 )
 from gateway.copy_ranking import rank_copies
 from gateway.search_query import SearchQuery
-from gateway.settings import GatewaySettings
+from gateway.settings import MAX_COPY_CANDIDATES, GatewaySettings
 from vsearch.v1 import embedder_pb2, gateway_pb2, search_pb2
 
 VIEWS = 4
@@ -135,6 +135,29 @@ async def test_crop_mirror_and_greyscale_copies_find_their_original_first(stack,
             assert overlap(box, CROP) > 0.6, box  # where the crop was taken from
         else:
             assert overlap(box, (0, 0, *original.size)) > 0.6, (name, box)  # the whole picture
+
+
+async def test_a_second_look_finds_an_original_ranked_after_the_shortlist(stack, copies):
+    """The crop copy's original ranks third by similarity (two other views of the object come first), so
+    a shortlist of 2 cannot verify it. With a second look the gateway verifies the hits after the
+    shortlist once it holds no copy, and puts the original first; asking those hits for more agreeing
+    features than the original has (second_look_min_inliers) leaves it no copy."""
+    similar = await stack.stub.Search(gateway_pb2.VisualSearchRequest(image=copies["crop"], k=CATALOG), timeout=60)
+    rank = [hit.id for hit in similar.hits].index(item_id(ORIGINAL))
+    assert rank >= 2, [hit.id for hit in similar.hits]  # the case this test is about
+    shortlist_only = {"shortlist": 2, "second_look": 0}
+    async with second_gateway(stack, copy_search=shortlist_only) as gateway:
+        reply = await gateway.Search(gateway_pb2.VisualSearchRequest(image=copies["crop"], k=2, mode=COPY_MODE), timeout=60)
+        assert item_id(ORIGINAL) not in [hit.id for hit in reply.hits] and not any(hit.is_copy for hit in reply.hits)
+    async with second_gateway(stack, copy_search={"shortlist": 2, "second_look": CATALOG}) as gateway:
+        reply = await gateway.Search(gateway_pb2.VisualSearchRequest(image=copies["crop"], k=2, mode=COPY_MODE), timeout=60)
+        first = reply.hits[0]
+        assert first.id == item_id(ORIGINAL) and first.is_copy and first.copy_score >= 0.5, reply
+        assert overlap(box_tuple(first.matched_box), CROP) > 0.6, first.matched_box
+    strict = {"shortlist": 2, "second_look": CATALOG, "second_look_min_inliers": 1000}
+    async with second_gateway(stack, copy_search=strict) as gateway:
+        reply = await gateway.Search(gateway_pb2.VisualSearchRequest(image=copies["crop"], k=2, mode=COPY_MODE), timeout=60)
+        assert not any(hit.is_copy for hit in reply.hits), reply
 
 
 async def test_similar_mode_hits_carry_no_copy_fields(stack, copies):
@@ -443,6 +466,16 @@ def test_copy_mode_has_its_own_result_key_and_a_shortlist_of_at_least_k():
     request = deep.copy_candidates_request(vector)
     assert request.k == 50 and request.include_copy_features and not request.HasField("min_score")
     assert not similar.index_request(vector).include_copy_features  # similar mode fetches no features
+    looking_twice = GatewaySettings(
+        embedder_address="e:1", search_address="s:1", copy_search={"shortlist": 30, "second_look": 70})
+    twice = SearchQuery.parse(gateway_pb2.VisualSearchRequest(image=image, k=50, mode=COPY_MODE), looking_twice, "m@1")
+    assert twice.copy_candidates_request(vector).k == 50
+    assert twice.copy_candidates_request(vector, second_look=True).k == 120
+    again = SearchQuery.parse(gateway_pb2.VisualSearchRequest(image=image, k=10, mode=COPY_MODE), looking_twice, "m@1")
+    assert again.result_key != copy.result_key  # another second look, other copies
+    # However deep the page's shortlist, both looks fit in one search's hits.
+    widest = SearchQuery.parse(gateway_pb2.VisualSearchRequest(image=image, k=990, mode=COPY_MODE), looking_twice, "m@1")
+    assert widest.copy_candidates_request(vector, second_look=True).k == MAX_COPY_CANDIDATES
     explicit = SearchQuery.parse(
         gateway_pb2.VisualSearchRequest(image=image, k=10, mode=gateway_pb2.SEARCH_MODE_SIMILAR), settings, "m@1")
     assert explicit.result_key == similar.result_key  # SIMILAR and UNSPECIFIED are one mode

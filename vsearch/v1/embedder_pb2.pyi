@@ -145,14 +145,18 @@ class InfoResponse(_message.Message):
     def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., dimension: _Optional[int] = ..., preprocessing: _Optional[str] = ..., backend: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., text_search: _Optional[str] = ..., calibration: _Optional[_Union[Calibration, _Mapping]] = ..., copy_min_inliers: _Optional[int] = ..., regions_per_image: _Optional[int] = ...) -> None: ...
 
 class VerifyCopiesRequest(_message.Message):
-    __slots__ = ("query", "candidates", "mirror_depth")
+    __slots__ = ("query", "candidates", "mirror_depth", "first_rank", "min_inliers")
     QUERY_FIELD_NUMBER: _ClassVar[int]
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     MIRROR_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    FIRST_RANK_FIELD_NUMBER: _ClassVar[int]
+    MIN_INLIERS_FIELD_NUMBER: _ClassVar[int]
     query: bytes
     candidates: _containers.RepeatedScalarFieldContainer[bytes]
     mirror_depth: int
-    def __init__(self, query: _Optional[bytes] = ..., candidates: _Optional[_Iterable[bytes]] = ..., mirror_depth: _Optional[int] = ...) -> None: ...
+    first_rank: int
+    min_inliers: int
+    def __init__(self, query: _Optional[bytes] = ..., candidates: _Optional[_Iterable[bytes]] = ..., mirror_depth: _Optional[int] = ..., first_rank: _Optional[int] = ..., min_inliers: _Optional[int] = ...) -> None: ...
 
 class CopyVerdict(_message.Message):
     __slots__ = ("is_copy", "copy_score", "matched_box", "mirrored", "inliers")
