@@ -11,7 +11,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from PIL import Image, ImageEnhance
+from PIL import Image, ImageEnhance, ImageOps
 
 from embedder_svc.copy_features import (
     CopyFeatureExtractor, CopyFeatureSettings, CopyFeaturesInvalid, CopyVerifier, decode_copy_features,
@@ -91,11 +91,12 @@ def test_different_photos_are_not_copies(photos: list[Image.Image]) -> None:
 def test_features_are_compact_and_round_trip(photos: list[Image.Image]) -> None:
     blob = EXTRACTOR.extract(photos[0])
     query_blob = EXTRACTOR.extract(photos[0], for_query=True)
-    # What the index stores per item: about keypoints x 36 bytes; a query also carries its mirror's.
-    assert len(blob) <= SETTINGS.keypoints * 36 + 64
-    assert len(query_blob) > len(blob)
+    # What the index stores per item: about 36 bytes per keypoint, its own and its mirror image's.
+    assert len(blob) <= (SETTINGS.keypoints + SETTINGS.mirrored_keypoints) * 36 + 64
+    assert blob != query_blob
     features = decode_copy_features(blob)
-    assert len(features.mirrored.points) == 0 and 100 <= len(features.plain.points) <= SETTINGS.keypoints
+    assert 100 <= len(features.plain.points) <= SETTINGS.keypoints
+    assert 0 < len(features.mirrored.points) <= SETTINGS.mirrored_keypoints
     assert features.original_size == photos[0].size
     assert max(features.working_size) == SETTINGS.working_side
 
@@ -165,6 +166,22 @@ def test_a_query_mirror_set_is_what_detection_on_the_mirror_image_finds(photos: 
         assert identical.mean() >= 0.9, identical.mean()
 
 
+def test_stored_features_find_a_mirrored_copy_stored_beside_them(photos: list[Image.Image]) -> None:
+    """Stored features are the query of a copy search by item_id and of `vsearch duplicates`: with their
+    mirror image's keypoints, an item finds its mirrored copy in the catalog (both stored as indexed);
+    without them (mirrored_keypoints 0) it does not, and its own features are the same either way."""
+    without = CopyFeatureExtractor(SETTINGS.model_copy(update={"mirrored_keypoints": 0}))
+    for photo in photos[:3]:
+        stored = decode_copy_features(EXTRACTOR.extract(photo))
+        mirrored_copy = decode_copy_features(EXTRACTOR.extract(ImageOps.mirror(photo)))
+        verdict = VERIFIER.verify(stored, mirrored_copy)
+        assert verdict.is_copy and verdict.mirrored, verdict
+        plain_only = decode_copy_features(without.extract(photo))
+        assert len(plain_only.mirrored.points) == 0
+        assert np.array_equal(plain_only.plain.descriptors, stored.plain.descriptors)
+        assert not VERIFIER.verify(plain_only, mirrored_copy).is_copy
+
+
 @pytest.mark.parametrize("blob, message", [
     (b"xyz", "shorter than"),
     (b"ABC" + bytes(17), "wrong magic"),
@@ -199,8 +216,10 @@ async def test_embed_images_returns_copy_features_only_when_asked(embedder: Runn
         images=images, with_copy_features=True, copy_features_for_query=True))
     for plain_result, indexed_result, query_result in zip(plain.results, indexed.results, query.results):
         assert list(indexed_result.embedding.values) == pytest.approx(list(plain_result.embedding.values), abs=1e-6)
-        assert len(decode_copy_features(indexed_result.copy_features).mirrored.points) == 0
-        assert len(decode_copy_features(query_result.copy_features).mirrored.points) > 0
+        stored, query = (decode_copy_features(result.copy_features) for result in (indexed_result, query_result))
+        assert 0 < len(stored.mirrored.points) <= SETTINGS.mirrored_keypoints
+        assert 0 < len(query.mirrored.points) <= SETTINGS.mirrored_query_keypoints
+        assert not np.array_equal(stored.plain.points, query.plain.points)  # a query's has the shrunk image's too
     info = await embedder.stub.Info(embedder_pb2.InfoRequest())
     assert info.copy_min_inliers == SETTINGS.min_inliers
 

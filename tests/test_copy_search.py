@@ -203,6 +203,26 @@ async def test_item_id_copy_search_uses_the_stored_features(stack, original):
     assert missing.value.code() == grpc.StatusCode.NOT_FOUND and "'no-such-item'" in missing.value.details()
 
 
+async def test_an_item_finds_its_mirrored_copy_by_id(stack, copies, original):
+    """Stored features carry the image's mirror-image keypoints, so a copy search by item_id (and so
+    `vsearch duplicates`) finds a mirrored copy stored as an ordinary item."""
+    collection = "mirrored_pair"
+
+    def pair():
+        for item, data in (("photo", jpeg(original)), ("photo-mirrored", copies["mirror"])):
+            yield gateway_pb2.AddImageRequest(id=item, image=data, collection=collection)
+
+    summary = await stack.stub.AddImages(pair(), timeout=60)
+    assert summary.indexed == 2, summary
+    try:
+        for item, other in (("photo", "photo-mirrored"), ("photo-mirrored", "photo")):
+            reply = await copy_search(stack, k=2, item_id=item, collection=collection)
+            verdicts = {hit.id: hit.is_copy for hit in reply.hits}
+            assert verdicts == {item: True, other: True}, reply
+    finally:
+        await stack.stub.DropCollection(search_pb2.DropCollectionRequest(collection=collection), timeout=30)
+
+
 async def test_copy_mode_with_text_or_an_unknown_mode_is_invalid(stack, copies):
     with pytest.raises(grpc.aio.AioRpcError) as text:
         await copy_search(stack, text="a red sports car")
