@@ -342,7 +342,7 @@ class VisualSearchCore:
 
         search_started = time.perf_counter()
         if query.copy_mode:
-            found: QueryHits | RankedCopies = await self._find_copies(query, vector, deadline)
+            found: QueryHits | RankedCopies = await self._find_copies(query, vector, deadline, model.copy_min_inliers)
         else:
             found = await self._find(query, vector.values, deadline)
         search_ms = elapsed_ms(search_started)
@@ -451,12 +451,15 @@ class VisualSearchCore:
                 return found
             fetch = min(fetch * 2, page.limit)
 
-    async def _find_copies(self, query: SearchQuery, vector: QueryVector, deadline: float | None) -> RankedCopies:
+    async def _find_copies(
+        self, query: SearchQuery, vector: QueryVector, deadline: float | None, copy_min_inliers: int
+    ) -> RankedCopies:
         """Copy mode: a similar-mode shortlist `copy_shortlist` deep, with its hits' stored copy features
         (one Search call), each verified against the query's copy features (one VerifyCopies call), then
         ranked: copies first (gateway/copy_ranking.py). Pages are cut from this ranking. When the
         shortlist holds no copy, a second look: the `copy_second_look` hits after it, verified with a
-        stricter count of agreeing features (a Search and a VerifyCopies call more)."""
+        stricter count of agreeing features, never below the embedder's own `copy_min_inliers` (a Search
+        and a VerifyCopies call more)."""
         shortlist = await self.downstream.search_query(query.copy_candidates_request(vector.values), deadline)
         candidates = list(shortlist.hits)
         verdicts = await self._verify_candidates(vector, candidates, deadline)
@@ -469,7 +472,8 @@ class VisualSearchCore:
             seen = {hit.id for hit in candidates}
             more = [hit for hit in deeper.hits if hit.id not in seen]
             verdicts += await self._verify_candidates(
-                vector, more, deadline, first_rank=len(candidates), min_inliers=query.copy_second_look_min_inliers
+                vector, more, deadline, first_rank=len(candidates),
+                min_inliers=max(query.copy_second_look_min_inliers, copy_min_inliers),
             )
             candidates += more
         self.copy_metrics.count(sum(verdict.is_copy for verdict in verdicts), len(verdicts))

@@ -178,7 +178,8 @@ class CopySearchSettings(BaseModel):
     second_look: int = Field(0, ge=0, le=MAX_COPY_CANDIDATES)
     # A candidate that far down a similarity order is a copy less often to begin with, so it needs more
     # agreeing features than the embedder's copy_min_inliers (12): at 12, a second look 120 deep took
-    # false copies on no-copy queries from 0.8 % to 2.0 %; at 15, 0.9 % (docs/copy-search.md).
+    # false copies on no-copy queries from 0.8 % to 2.0 %; at 15, 0.9 % (docs/copy-search.md). Below
+    # the embedder's copy_min_inliers, that count applies.
     second_look_min_inliers: int = Field(15, ge=1, le=1000)
 
     @model_validator(mode="after")

@@ -154,6 +154,11 @@ async def test_a_second_look_finds_an_original_ranked_after_the_shortlist(stack,
         first = reply.hits[0]
         assert first.id == item_id(ORIGINAL) and first.is_copy and first.copy_score >= 0.5, reply
         assert overlap(box_tuple(first.matched_box), CROP) > 0.6, first.matched_box
+    # Below the embedder's own count (12), its own count applies: the original is still found.
+    lenient = {"shortlist": 2, "second_look": CATALOG, "second_look_min_inliers": 1}
+    async with second_gateway(stack, copy_search=lenient) as gateway:
+        reply = await gateway.Search(gateway_pb2.VisualSearchRequest(image=copies["crop"], k=2, mode=COPY_MODE), timeout=60)
+        assert reply.hits[0].id == item_id(ORIGINAL) and reply.hits[0].is_copy, reply
     strict = {"shortlist": 2, "second_look": CATALOG, "second_look_min_inliers": 1000}
     async with second_gateway(stack, copy_search=strict) as gateway:
         reply = await gateway.Search(gateway_pb2.VisualSearchRequest(image=copies["crop"], k=2, mode=COPY_MODE), timeout=60)
