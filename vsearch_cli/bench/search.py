@@ -366,17 +366,18 @@ async def run_search(config: SearchConfig, stack: StackEndpoints, rig: ModelRig)
         "catalog_images": len(items), "indexed": sum(summary.indexed for summary in summaries), "k": config.k,
         "collection": collection, "cleanup": cleanup, "cache": stack.cache, "modes": list(config.modes),
         # What a stack the bench starts uses; another gateway's own setting is not known here.
-        "copy_shortlist": copy_shortlist() if config.copy_mode else None,
+        "copy_shortlist": copy_search_setting("shortlist") if config.copy_mode else None,
+        "copy_second_look": copy_search_setting("second_look") if config.copy_mode else None,
         "floor": floor, "bound": bound, "levels": levels, "targets": targets(floor, bound, levels),
     }
 
 
-def copy_shortlist() -> int:
-    """GATEWAY_COPY_SEARCH__SHORTLIST as the gateway reads it (the environment reaches a started stack)."""
+def copy_search_setting(name: str) -> int:
+    """GATEWAY_COPY_SEARCH__<NAME> as the gateway reads it (the environment reaches a started stack)."""
     from gateway.settings import CopySearchSettings
 
-    value = os.environ.get("GATEWAY_COPY_SEARCH__SHORTLIST")
-    return int(value) if value else CopySearchSettings.model_fields["shortlist"].default
+    value = os.environ.get(f"GATEWAY_COPY_SEARCH__{name.upper()}")
+    return int(value) if value else CopySearchSettings.model_fields[name].default
 
 
 def targets(floor: dict[str, Any], bound: dict[str, Any], levels: list[dict[str, Any]]) -> dict[str, Any]:
