@@ -122,7 +122,7 @@ class Verdict:
 
 @dataclass(frozen=True)
 class Detections:
-    """A query's keypoints as found on its working image, before they are chosen and described."""
+    """An image's keypoints as found on its working image, before they are chosen and described."""
 
     working: np.ndarray
     found: tuple
@@ -154,28 +154,30 @@ class CopyFeatureExtractor:
                 detections, self.query_plain_set(detections), self.query_mirrored_set(detections),
                 self.query_zoomed_set(image),
             )
-        working, original_size = self._working_image(image)
-        found = self._found(working, self.settings.keypoints)
-        detections = Detections(working, tuple(found), *_positions_and_responses(found), original_size)
-        chosen = _spread(detections.positions, detections.responses, self.settings.keypoints, working.shape,
-                         self.settings.grid)
-        own = self._described(working, [found[index] for index in chosen])
+        detections = self._detections(*self._working_image(image), self.settings.keypoints)
+        own = self._chosen_set(detections, self.settings.keypoints)
         mirrored = self._mirrored_set(detections, min(self.settings.mirrored_keypoints, self.settings.keypoints))
-        return encode_copy_features(CopyFeatures(own, mirrored, _size(working), original_size))
+        return encode_copy_features(CopyFeatures(own, mirrored, _size(detections.working), detections.original_size))
 
     def query_detections(self, image: Image.Image) -> "Detections":
         """A query's keypoints on its working image, not yet described: enough for its own set and its
         mirror image's."""
-        working, original_size = self._working_image(image)
         keypoints = max(self.settings.query_keypoints, self.settings.mirrored_query_keypoints)
+        return self._detections(*self._working_image(image), keypoints)
+
+    def query_plain_set(self, detections: "Detections") -> FeatureSet:
+        return self._chosen_set(detections, self.settings.query_keypoints)
+
+    def _detections(self, working: np.ndarray, original_size: tuple[int, int], keypoints: int) -> "Detections":
+        """Keypoints found on `working` to choose `keypoints` of, not yet described."""
         found = tuple(self._found(working, keypoints))
         return Detections(working, found, *_positions_and_responses(found), original_size)
 
-    def query_plain_set(self, detections: "Detections") -> FeatureSet:
-        found = detections.found
-        chosen = _spread(detections.positions, detections.responses, self.settings.query_keypoints,
-                         detections.working.shape, self.settings.grid)
-        return self._described(detections.working, [found[index] for index in chosen])
+    def _chosen_set(self, detections: "Detections", keypoints: int) -> FeatureSet:
+        """`keypoints` of the detections, spread over the image (see _spread), described."""
+        chosen = _spread(detections.positions, detections.responses, keypoints, detections.working.shape,
+                         self.settings.grid)
+        return self._described(detections.working, [detections.found[index] for index in chosen])
 
     def query_mirrored_set(self, detections: "Detections") -> FeatureSet:
         return self._mirrored_set(detections, self.settings.mirrored_query_keypoints)
@@ -211,7 +213,8 @@ class CopyFeatureExtractor:
         height, width = working.shape
         zoom = self.settings.query_zoom
         shrunk = cv2.resize(working, (max(1, round(width / zoom)), max(1, round(height / zoom))), interpolation=cv2.INTER_AREA)
-        found = self._detected_and_described(shrunk, self.settings.zoomed_query_keypoints)
+        keypoints = self.settings.zoomed_query_keypoints
+        found = self._chosen_set(self._detections(shrunk, _size(shrunk), keypoints), keypoints)
         return FeatureSet(found.points * np.float32(zoom), found.descriptors)
 
     @staticmethod
@@ -242,11 +245,6 @@ class CopyFeatureExtractor:
         if len(found) < settings.faint_below * keypoints and settings.faint_fast_threshold < settings.fast_threshold:
             found = self._orb(keypoints, settings.faint_fast_threshold).detect(grey, None)
         return found
-
-    def _detected_and_described(self, grey: np.ndarray, keypoints: int) -> FeatureSet:
-        found = self._found(grey, keypoints)
-        chosen = _spread(*_positions_and_responses(found), keypoints, grey.shape, self.settings.grid)
-        return self._described(grey, [found[index] for index in chosen])
 
     def _described(self, grey: np.ndarray, keypoints: list) -> FeatureSet:
         if not keypoints:
