@@ -21,7 +21,8 @@ Index types: FLAT (exact inner product) and IVF_FLAT. An IVF_FLAT collection sea
 until it holds `ivf_train_min_items`, then trains its lists (nlist from `index_params`, else
 4 * sqrt(items)) in a background thread while the old index keeps serving; writes made meanwhile
 are replayed onto the new index before it is swapped in. It retrains when the collection has grown
-by `ivf_retrain_growth`.
+by `ivf_retrain_growth`. A search probes `search_params`' nprobe lists, else as many as hold about
+`ivf_scan_vectors` vectors.
 
 Filters are SQL over the typed columns (`sql_where`: bound parameters); the matching labels
 restrict the FAISS search through an ID selector. On IVF a query that finds fewer hits than it could (a selective
@@ -55,7 +56,7 @@ from search_svc.field_summaries import TOP_VALUES, FieldSummary, top_values, val
 from search_svc.filters import FilterCondition, FilterValue
 from search_svc.item_codec import Row
 from search_svc.metrics import StoreMetrics
-from search_svc.settings import COLLECTION_NAME, DEFAULT_NPROBE, FieldType, SearchSettings
+from search_svc.settings import COLLECTION_NAME, MIN_AUTO_NPROBE, FieldType, SearchSettings
 from search_svc.vector_store import (
     CollectionInfo, StoreHit, VectorMatch, best_per_item, over_fetch, refuse_dropping_default,
 )
@@ -343,7 +344,7 @@ class FaissCollection:
             params = faiss.SearchParameters(sel=selector) if selector is not None else None
             return self.index.search(vectors, k, params=params)
         ivf = self.index
-        nprobe = min(self.store.nprobe, ivf.nlist)
+        nprobe = self.store.nprobe(ivf.nlist, ivf.ntotal)
         scores, labels = ivf.search(vectors, k, params=faiss.SearchParametersIVF(sel=selector, nprobe=nprobe))
         short = np.flatnonzero((labels >= 0).sum(axis=1) < min(k, candidates))
         if short.size and nprobe < ivf.nlist:
@@ -362,12 +363,22 @@ class FaissStore:
         self.index_type = settings.index_type
         # Checked by the settings (SearchSettings._check_backend).
         self._nlist: int | None = settings.index_params.get("nlist")
-        self.nprobe: int = settings.search_params.get("nprobe", DEFAULT_NPROBE)
+        self._nprobe: int | None = settings.search_params.get("nprobe")
         self._collections: dict[str, FaissCollection] = {}
         self._collections_lock = threading.Lock()
         self._opened = False
         self._closing = threading.Event()
         self._use_gpu = settings.faiss.gpu == "on" or (settings.faiss.gpu == "auto" and faiss_gpus() > 0)
+
+    def nprobe(self, nlist: int, vectors: int) -> int:
+        """The IVF lists a search of an index of `nlist` lists holding `vectors` probes: search_params'
+        nprobe, else as many lists as hold about faiss.ivf_scan_vectors vectors (at least
+        MIN_AUTO_NPROBE), never more than there are."""
+        if self._nprobe is not None:
+            return min(self._nprobe, nlist)
+        mean_list = max(vectors / nlist, 1.0)
+        wanted = math.ceil(self._settings.faiss.ivf_scan_vectors / mean_list)
+        return min(max(wanted, MIN_AUTO_NPROBE), nlist)
 
     # --- lifecycle ---------------------------------------------------------------------------
 

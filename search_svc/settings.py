@@ -22,7 +22,8 @@ _FIELD_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,62}$")
 COLLECTION_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
 _SERVER_SCHEMES = ("http", "https", "tcp", "grpc", "unix")
 FAISS_INDEX_TYPES = ("FLAT", "IVF_FLAT")
-DEFAULT_NPROBE = 16
+# The fewest IVF lists a search probes when nprobe comes from the scan budget (ivf_scan_vectors).
+MIN_AUTO_NPROBE = 16
 
 
 class MilvusSettings(BaseModel):
@@ -67,6 +68,12 @@ class FaissSettings(BaseModel):
     # `ivf_retrain_growth` since, so the list count follows the catalog size.
     ivf_train_min_items: int = Field(10_000, ge=100)
     ivf_retrain_growth: float = Field(4.0, gt=1.0)
+    # Unless search_params set nprobe, an IVF search probes as many lists as hold about this many
+    # vectors (at least 16 lists; every list of a small index, which is then exact), so that the
+    # share of the catalog it looks at shrinks only as the catalog grows. A fixed 16 lists lost a
+    # copy's original from the 30-deep shortlist for 1 % of copies at 9k real image vectors, and for
+    # greyscale copies 3.5 % at 137k (docs/search-backends.md, "How many lists a search probes").
+    ivf_scan_vectors: int = Field(16_384, ge=1)
     # k-means of the IVF training on a GPU when faiss has one ("auto": when one is present). The
     # index itself stays on the CPU: faiss GPU indexes cannot remove ids or filter by id, which
     # updates, deletes and metadata filters need.
@@ -89,7 +96,7 @@ class SearchSettings(ServiceSettings):
     # Length of the stored vectors; the service refuses to become ready on a collection of another.
     dimension: int = Field(1280, ge=1, le=32768)
     # FLAT is exact. IVF_FLAT: both backends (on FAISS exact until ivf_train_min_items, then nlist
-    # 4 * sqrt(items) unless index_params say, nprobe 16). HNSW, IVF_SQ8, DISKANN, ...: a Milvus
+    # 4 * sqrt(items) unless index_params say, nprobe from faiss.ivf_scan_vectors unless search_params say). HNSW, IVF_SQ8, DISKANN, ...: a Milvus
     # server only. Default: IVF_FLAT on FAISS (what `vsearch bench ann` chose at 1M), FLAT on Milvus.
     index_type: str = ""
     index_params: dict[str, Any] = Field(default_factory=dict)  # e.g. {"nlist": 1024}

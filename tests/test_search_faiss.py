@@ -149,6 +149,40 @@ def test_filtered_ivf_search_is_exact_over_the_allowed_items(tmp_path: Path, clo
     assert top_ids(store, vectors[0], 10, FilterCondition("category", "==", ('c0" OR 1=1 --',))) == []
 
 
+def test_ivf_probes_as_many_lists_as_its_scan_budget_covers(tmp_path: Path, closing: list[FaissStore]):
+    """Without search_params' nprobe, an IVF search probes the lists that hold about
+    faiss.ivf_scan_vectors vectors: a budget as large as the index is exact, one below 16 lists' worth
+    still probes 16 and misses neighbours; search_params' nprobe wins over the budget."""
+    rng = np.random.default_rng(7)
+    vectors = rng.normal(size=(4000, DIM)).astype(np.float32)  # no clusters: IVF lists cut neighbourhoods
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    ids = [f"u{n}" for n in range(4000)]
+    queries = rng.normal(size=(20, DIM)).astype(np.float32)
+    exact = [exact_ids(ids, vectors, query, 10) for query in queries]
+
+    def answers(name: str, scan_vectors: int, **overrides: object) -> list[list[str]]:
+        store, _ = open_store(
+            tmp_path / name, index_type="IVF_FLAT", index_params={"nlist": 100},
+            faiss={"ivf_train_min_items": 4000, "ivf_scan_vectors": scan_vectors}, **overrides,
+        )
+        closing.append(store)
+        store.upsert(store.default_collection, rows(ids, vectors))
+        collection = store._collections[store.default_collection]
+        collection.rebuild.join(60)
+        assert collection.is_ivf and collection.index.nlist == 100
+        return [top_ids(store, query, 10) for query in queries]
+
+    assert answers("whole", scan_vectors=4000) == exact  # 100 lists of 40: every list
+    assert answers("least", scan_vectors=1) != exact  # 16 lists of 100
+    assert answers("pinned", scan_vectors=4000, search_params={"nprobe": 1}) != exact
+
+    store = FaissStore(settings(tmp_path / "arithmetic"), StoreMetrics("faiss", CollectorRegistry()))
+    assert store.nprobe(800, 137_160) == 96  # 9,144 images with regions: lists of 171 vectors
+    assert store.nprobe(4_000, 1_000_000) == 66
+    assert store.nprobe(40_000, 100_000_000) == 16  # lists of 2,500: the floor
+    assert store.nprobe(234, 9_144) == 234  # a small index is searched whole
+
+
 def test_filter_results_are_cached_until_the_next_write(tmp_path: Path, closing: list[FaissStore]):
     store, registry = open_store(tmp_path, index_type="FLAT")
     closing.append(store)
