@@ -14,8 +14,11 @@ import pytest
 from PIL import Image, ImageOps
 
 from conftest import in_process_stack, run_cli, run_cli_async
+from vsearch.client import AddItem, AsyncVisualSearchClient
 from vsearch.v1 import gateway_pb2
+from vsearch_cli.evaluation.copy_eval import catalog_duplicates, score_copies
 from vsearch_cli.evaluation.copy_transforms import TRANSFORMS, transformed_copy
+from vsearch_cli.evaluation.eval_command import LabelledImage, QueryOutcome
 
 
 def test_every_transform_makes_a_decodable_jpeg_that_differs_as_it_says(ukbench_images: list[Path]) -> None:
@@ -171,3 +174,47 @@ async def test_copies_eval_with_regions_indexes_its_catalog_with_regions(tmp_pat
             "--regions", timeout=300)
         assert code == 0, err
         assert "16 images in the catalog (with regions)" in out, out
+
+
+async def test_a_catalog_duplicate_of_the_original_is_told_from_another_image(tmp_path: Path, mobilenet_dir: Path,
+                                                                             ukbench_images: list[Path]) -> None:
+    """An original's duplicates in the catalog are the items a copy search by its id verifies: a
+    half-size re-encoding and a mirror image of the photo are, another photo of the same object is not."""
+    photo = Image.open(ukbench_images[0]).convert("RGB")
+    half, mirrored = io.BytesIO(), io.BytesIO()
+    photo.resize((photo.width // 2, photo.height // 2)).save(half, "JPEG", quality=80)
+    ImageOps.mirror(photo).save(mirrored, "JPEG", quality=90)
+    items = [AddItem(ukbench_images[0].read_bytes(), id="photo"), AddItem(half.getvalue(), id="photo-half"),
+             AddItem(mirrored.getvalue(), id="photo-mirrored"),
+             # ukbench56 shows each object four times: images 1-3 show image 0's from elsewhere, 5-7 image 4's.
+             *(AddItem(path.read_bytes(), id=path.stem) for path in ukbench_images[1:8])]
+    async with in_process_stack(tmp_path / "stack", mobilenet_dir) as stack:
+        async with AsyncVisualSearchClient(stack.gateway_server.address) as client:
+            summary = await client.add(items, collection="dups", timeout=120)
+            assert summary.failed == 0, summary
+            found = await catalog_duplicates(client, "dups", ["photo", ukbench_images[4].stem])
+    assert found == {"photo": frozenset({"photo-half", "photo-mirrored"}), ukbench_images[4].stem: frozenset()}
+
+
+def test_a_first_hit_that_duplicates_the_original_counts_only_in_its_own_figure() -> None:
+    def outcome(name: str, transform: str, ranked: list[str], verdicts: tuple[bool, ...]) -> QueryOutcome:
+        query = LabelledImage(f"{name}#copy-{transform}", Path(f"/{name}-{transform}.jpg"), name, transform)
+        return QueryOutcome(query, ranked, 1.0, False, (), verdicts)
+
+    outcomes = [
+        outcome("a", "crop50", ["a", "x"], (True, False)),  # right
+        outcome("b", "crop50", ["b-dup", "b"], (True, True)),  # the original's duplicate first
+        outcome("c", "crop50", ["x", "c"], (True, True)),  # another image first
+        outcome("b", "mirror", ["b", "b-dup"], (False, False)),  # the original first, not verified
+    ]
+    scores = score_copies(outcomes, {"b": frozenset({"b-dup"}), "c": frozenset({"c-dup"})})
+    crop50 = scores["per_transform"]["crop50"]
+    assert crop50["copy_recall_at_1"] == round(1 / 3, 4) and crop50["first_hit_other_copy"] == 2
+    assert crop50["first_hit_catalog_duplicate"] == 1 and crop50["copy_recall_at_1_duplicates_counted"] == round(2 / 3, 4)
+    assert scores["copy_recall_at_1"] == 0.25 and scores["copy_recall_at_1_duplicates_counted"] == 0.5
+    assert scores["per_transform"]["mirror"]["copy_recall_at_1_duplicates_counted"] == 0.0
+    # Without the duplicates looked up, none is counted.
+    assert score_copies(outcomes)["copy_recall_at_1_duplicates_counted"] == 0.25
+    # Similar mode gives no verdicts, hence no such figure.
+    similar = [outcome("a", "crop50", ["a"], (None,))]
+    assert score_copies(similar)["copy_recall_at_1_duplicates_counted"] is None
