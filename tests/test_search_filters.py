@@ -14,7 +14,7 @@ from search_svc.filters import parse_filter
 from search_svc.generation import IndexGeneration
 from search_svc.item_codec import ItemCodec, decode_id, encode_id
 from search_svc.milvus_expressions import filter_expression, ids_expression, string_literal
-from search_svc.milvus_store import milvus_service_error
+from search_svc.milvus_store import DEFAULT_HNSW_EF, ann_search_params, milvus_service_error
 from service_kit.status import ServiceError
 from vsearch.v1 import search_pb2
 
@@ -239,3 +239,13 @@ def test_milvus_errors_map_to_precise_codes(error: MilvusException, code: grpc.S
 def test_milvus_error_message_drops_the_retry_preamble():
     wrapped = MilvusException(1100, "[query] Retry run out of 0 retry times, message=Invalid expr: x")
     assert milvus_service_error("query", wrapped, 10.0).message == "milvus query: Invalid expr: x"
+
+
+def test_hnsw_searches_at_least_its_default_breadth_and_never_below_the_hits_asked():
+    assert ann_search_params("HNSW", {}, 10) == {"ef": DEFAULT_HNSW_EF}  # not Milvus's ef = k
+    assert ann_search_params("HNSW", {"ef": 64}, 10) == {"ef": 64}
+    # A region search asks for k x 16 rows: an ef below them would be refused by Milvus.
+    assert ann_search_params("HNSW", {"ef": 64}, 480) == {"ef": 480}
+    assert ann_search_params("HNSW_SQ", {}, 1000) == {"ef": 1000}
+    assert ann_search_params("IVF_FLAT", {"nprobe": 32}, 480) == {"nprobe": 32}
+    assert ann_search_params("FLAT", {}, 10) == {}
