@@ -96,8 +96,9 @@ class SearchSettings(ServiceSettings):
     # Length of the stored vectors; the service refuses to become ready on a collection of another.
     dimension: int = Field(1280, ge=1, le=32768)
     # FLAT is exact. IVF_FLAT: both backends (on FAISS exact until ivf_train_min_items, then nlist
-    # 4 * sqrt(items) unless index_params say, nprobe from faiss.ivf_scan_vectors unless search_params say). HNSW, IVF_SQ8, DISKANN, ...: a Milvus
-    # server only. Default: IVF_FLAT on FAISS (what `vsearch bench ann` chose at 1M), FLAT on Milvus.
+    # 4 * sqrt(items) unless index_params say, nprobe from faiss.ivf_scan_vectors unless search_params
+    # say). HNSW, IVF_SQ8, DISKANN, ...: a Milvus server only. Default: IVF_FLAT on FAISS (what
+    # `vsearch bench ann` chose at 1M), FLAT on Milvus.
     index_type: str = ""
     index_params: dict[str, Any] = Field(default_factory=dict)  # e.g. {"nlist": 1024}
     search_params: dict[str, Any] = Field(default_factory=dict)  # e.g. {"nprobe": 32}
