@@ -49,8 +49,10 @@ class HttpLimits(BaseModel):
     # From the end of the headers until the whole body is in, however it trickles; later: 408.
     # At the largest body (http_max_body_bytes, 64 MiB) the default asks for ~0.55 MB/s.
     body_timeout_s: float = Field(120.0, gt=0)
-    # How long a connection may sit idle between two requests.
-    keepalive_timeout_s: float = Field(5.0, gt=0)
+    # How long a connection may sit idle between two requests. Longer than the idle timeout of what
+    # reuses connections in front (ingress-nginx's upstream keep-alive and AWS ALB: 60 s; httpx: 5 s):
+    # a request sent on a connection the gateway is closing fails, and a proxy answers it 502.
+    keepalive_timeout_s: float = Field(75.0, gt=0)
     # Open connections; a request on one beyond this is answered 503 UNAVAILABLE and its connection closed.
     max_connections: int = Field(1000, ge=1)
     # Request line plus headers; a longer head is answered 431 RESOURCE_EXHAUSTED.

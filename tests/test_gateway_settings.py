@@ -60,7 +60,7 @@ def test_http_limits_and_readiness_settings(monkeypatch):
     monkeypatch.setenv("GATEWAY_SEARCH_ADDRESS", "search:50053")
     defaults = GatewaySettings()
     assert (defaults.http.header_timeout_s, defaults.http.body_timeout_s, defaults.http.keepalive_timeout_s) == (
-        10.0, 120.0, 5.0)
+        10.0, 120.0, 75.0)
     assert (defaults.http.max_connections, defaults.http.max_header_bytes) == (1000, 16384)
     assert (defaults.downstream_grace_s, defaults.downstream_check_interval_s,
             defaults.downstream_check_timeout_s) == (5.0, 1.0, 1.0)
