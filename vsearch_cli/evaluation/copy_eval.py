@@ -61,6 +61,16 @@ def _share(count: int, total: int) -> float | None:
     return round(count / total, 4) if total else None
 
 
+def first_hit_is_copy(outcome: QueryOutcome) -> bool:
+    return bool(outcome.copy_verdicts) and outcome.copy_verdicts[0] is True
+
+
+def first_hit_is_another_copy(outcome: QueryOutcome) -> bool:
+    """The copy's first hit is another image than its original, verified a copy (a duplicate of the
+    original in the catalog, or a false copy)."""
+    return first_hit_is_copy(outcome) and outcome.ranked_ids[0] != outcome.query.label
+
+
 def score_copies(outcomes: Sequence[QueryOutcome], duplicates: Mapping[str, frozenset[str]] | None = None) -> dict:
     """Per transform and over all (relevant = the copy's original): queries; recall_at_1, the original
     first; copy_recall_at_1, the original first and is_copy (None when the hits carry no verdict: similar
@@ -83,10 +93,10 @@ def score_copies(outcomes: Sequence[QueryOutcome], duplicates: Mapping[str, froz
             absent += rank is None
             at_10 += rank is not None and rank < 10
             first += rank == 0
-            top_is_copy = bool(outcome.copy_verdicts) and outcome.copy_verdicts[0] is True
-            copy_first += rank == 0 and top_is_copy
-            other_copy_first += rank != 0 and top_is_copy
-            duplicate_first += rank != 0 and top_is_copy and ranked[0] in duplicates.get(original, ())
+            copy_first += rank == 0 and first_hit_is_copy(outcome)
+            other_first = first_hit_is_another_copy(outcome)
+            other_copy_first += other_first
+            duplicate_first += other_first and ranked[0] in duplicates.get(original, ())
         total = len(group)
         return {
             "queries": total, "recall_at_1": _share(first, total),
@@ -103,8 +113,7 @@ def score_copies(outcomes: Sequence[QueryOutcome], duplicates: Mapping[str, froz
     # Which images took the first place as copies: telling a duplicate in the catalog from a false copy
     # needs a look at them.
     other_copies_first = [{"copy": outcome.query.id, "first_hit": outcome.ranked_ids[0]} for outcome in every
-                          if outcome.copy_verdicts and outcome.copy_verdicts[0] is True
-                          and outcome.ranked_ids[0] != outcome.query.label]
+                          if first_hit_is_another_copy(outcome)]
     return {"per_transform": {name: figures(group) for name, group in by_transform.items()}, **figures(every),
             "first_hit_other_copy_examples": other_copies_first[:MAX_REPORTED_EXAMPLES]}
 
@@ -208,9 +217,8 @@ async def evaluate_copies(
                 search_s = time.perf_counter() - search_started
             # Only the originals whose copies found another verified copy first need the look.
             duplicates = await catalog_duplicates(client, collection, sorted({
-                outcome.query.label for outcome in outcomes
-                if outcome.copy_verdicts and outcome.copy_verdicts[0] is True
-                and outcome.ranked_ids[0] != outcome.query.label})) if mode == "copy" else {}
+                outcome.query.label for outcome in outcomes if first_hit_is_another_copy(outcome)
+            })) if mode == "copy" else {}
             distractor_outcomes, distractor_failures = (
                 await search_queries(client, distractor_queries, collection, HITS_WANTED, concurrency, show_progress,
                                      mode)
