@@ -1,5 +1,6 @@
 """search_svc without a Milvus: filter validation and its Milvus rendering, id encoding, item
-validation, the mapping of Milvus errors to status codes and the generation."""
+validation, the mapping of Milvus errors to status codes, the search params an index is asked with,
+and the generation."""
 
 from __future__ import annotations
 
