@@ -8,20 +8,15 @@ matches agreeing on one plausible transform make a copy, whatever was cropped, r
 rescaled or slightly rotated; the transform also says where the query lies in the candidate.
 
 `extract` runs once per catalog image at ingest and once per query; its blob is stored with the item
-(search_svc keeps it as opaque bytes), so verification never needs the catalog image again. Blocking
+(search_svc stores it, and reads its descriptors to find copy candidates), so verification never needs the catalog image again. Blocking
 (OpenCV): run both in the decode executor, never on the event loop.
 
-Blob layout (little-endian), version 1:
-  header  magic b"VCF", version u8, keypoints n u16, mirrored keypoints m u16,
-          working width u16, working height u16, original width u32, original height u32
-  points  (n + m) x 2 float16, in working-image pixels (the mirrored set in the mirror image's)
-  descriptors (n + m) x 32 uint8 (ORB)
+The blob's layout and codec: service_kit/copy_feature_codec.py.
 """
 
 from __future__ import annotations
 
 import math
-import struct
 from dataclasses import dataclass
 
 import cv2
@@ -30,18 +25,12 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
-_MAGIC = b"VCF"
-_VERSION = 1
-_HEADER = struct.Struct("<3sBHHHHII")
-_DESCRIPTOR_BYTES = 32
+from service_kit.copy_feature_codec import DESCRIPTOR_BYTES, CopyFeatures, FeatureSet, encode_copy_features
+
 # OpenCV's and faiss's own thread pools would compete with the decode executor's threads, which
 # already run extractions and verifications side by side.
 cv2.setNumThreads(1)
 faiss.omp_set_num_threads(1)
-
-
-class CopyFeaturesInvalid(ValueError):
-    """A blob that is not copy features of this format (corrupt, truncated, or another version)."""
 
 
 class CopyFeatureSettings(BaseModel):
@@ -97,20 +86,6 @@ class CopyFeatureSettings(BaseModel):
 
 
 @dataclass(frozen=True)
-class FeatureSet:
-    points: np.ndarray  # [n, 2] float32, working-image pixels
-    descriptors: np.ndarray  # [n, 32] uint8
-
-
-@dataclass(frozen=True)
-class CopyFeatures:
-    plain: FeatureSet
-    mirrored: FeatureSet
-    working_size: tuple[int, int]
-    original_size: tuple[int, int]
-
-
-@dataclass(frozen=True)
 class Verdict:
     is_copy: bool
     copy_score: float
@@ -133,7 +108,7 @@ class Detections:
     original_size: tuple[int, int]
 
 
-_EMPTY = FeatureSet(np.zeros((0, 2), np.float32), np.zeros((0, _DESCRIPTOR_BYTES), np.uint8))
+_EMPTY = FeatureSet(np.zeros((0, 2), np.float32), np.zeros((0, DESCRIPTOR_BYTES), np.uint8))
 NO_COPY = Verdict(is_copy=False, copy_score=0.0, inliers=0)
 
 
@@ -299,42 +274,6 @@ def _resize_longer_side(grey: np.ndarray, side: int) -> np.ndarray:
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
     interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
     return cv2.resize(grey, size, interpolation=interpolation)
-
-
-def encode_copy_features(features: CopyFeatures) -> bytes:
-    plain, mirrored = features.plain, features.mirrored
-    header = _HEADER.pack(
-        _MAGIC, _VERSION, len(plain.points), len(mirrored.points), *features.working_size, *features.original_size
-    )
-    points = np.concatenate([plain.points, mirrored.points]).astype("<f2")
-    descriptors = np.concatenate([plain.descriptors, mirrored.descriptors]).astype(np.uint8)
-    return header + points.tobytes() + descriptors.tobytes()
-
-
-def decode_copy_features(blob: bytes) -> CopyFeatures:
-    if len(blob) < _HEADER.size:
-        raise CopyFeaturesInvalid(f"copy features of {len(blob)} bytes: shorter than their {_HEADER.size}-byte header")
-    magic, version, plain_count, mirrored_count, width, height, original_width, original_height = _HEADER.unpack_from(blob)
-    if magic != _MAGIC:
-        raise CopyFeaturesInvalid("not copy features (wrong magic bytes)")
-    if version != _VERSION:
-        raise CopyFeaturesInvalid(f"copy features of version {version}; this embedder reads version {_VERSION}")
-    count = plain_count + mirrored_count
-    expected = _HEADER.size + count * (4 + _DESCRIPTOR_BYTES)
-    if len(blob) != expected or min(width, height, original_width, original_height) == 0:
-        raise CopyFeaturesInvalid(f"copy features of {len(blob)} bytes; their header says {expected}")
-    points = np.frombuffer(blob, "<f2", count * 2, _HEADER.size).astype(np.float32).reshape(count, 2)
-    descriptors = np.frombuffer(blob, np.uint8, count * _DESCRIPTOR_BYTES, _HEADER.size + count * 4).reshape(
-        count, _DESCRIPTOR_BYTES
-    )
-    if not np.isfinite(points).all():
-        raise CopyFeaturesInvalid("copy features with non-finite keypoint positions")
-    return CopyFeatures(
-        plain=FeatureSet(points[:plain_count], descriptors[:plain_count]),
-        mirrored=FeatureSet(points[plain_count:], descriptors[plain_count:]),
-        working_size=(width, height),
-        original_size=(original_width, original_height),
-    )
 
 
 class CopyVerifier:

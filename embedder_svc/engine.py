@@ -16,15 +16,14 @@ import numpy as np
 from PIL import Image
 
 from embedder_svc.backends import BackendError, InferenceBackend
-from embedder_svc.copy_features import (
-    NO_COPY, CopyFeatureExtractor, CopyFeatures, CopyFeatureSettings, CopyVerifier, Verdict,
-)
+from embedder_svc.copy_features import NO_COPY, CopyFeatureExtractor, CopyFeatureSettings, CopyVerifier, Verdict
 from embedder_svc.batching import MicroBatcher
 from embedder_svc.metrics import EmbedderMetrics
 from embedder_svc.image_decoding import CropBox, ImageDecoder
 from embedder_svc.model_card import ModelCard, read_model_card
 from embedder_svc.preprocessing import Preprocessor
 from embedder_svc.regions import region_boxes
+from service_kit.copy_feature_codec import CopyFeatures
 from service_kit.tracing import span
 
 logger = logging.getLogger(__name__)

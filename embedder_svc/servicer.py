@@ -8,13 +8,13 @@ import grpc
 from embedder_svc.backend_health import BackendHealthMonitor
 from embedder_svc.backends import BackendError, BackendMisconfigured, BackendUnavailable
 from embedder_svc.batching import BatcherClosed
-from embedder_svc.copy_features import CopyFeatures, CopyFeaturesInvalid, decode_copy_features
 from embedder_svc.engine import CopyFeaturesFailed, Embedded, EmbeddingEngine, ModelNotLoaded
 from embedder_svc.image_decoding import CropBox, ImageRejected
 from embedder_svc.metrics import EmbedderMetrics
 from embedder_svc.model_card import ModelCard
 from embedder_svc.regions import REGION_GRID
 from embedder_svc.text_search import MAX_TEXT_CHARS, TextSearchService, TextSearchUnavailable, normalise_text
+from service_kit.copy_feature_codec import CopyFeatures, CopyFeaturesInvalid, decode_copy_features
 from service_kit.float_vectors import float_message
 from service_kit.status import ServiceError, invalid_argument
 from vsearch.v1 import embedder_pb2, embedder_pb2_grpc

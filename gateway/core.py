@@ -455,15 +455,27 @@ class VisualSearchCore:
         self, query: SearchQuery, vector: QueryVector, deadline: float | None, copy_min_inliers: int
     ) -> RankedCopies:
         """Copy mode: a similar-mode shortlist `copy_shortlist` deep, with its hits' stored copy features
-        (one Search call), each verified against the query's copy features (one VerifyCopies call), then
-        ranked: copies first (gateway/copy_ranking.py). Pages are cut from this ranking. When the
-        shortlist holds no copy, a second look: the `copy_second_look` hits after it, verified with a
+        and the `copy_feature_candidates` other items sharing the most local features with the query (one
+        Search call), each verified against the query's copy features (a VerifyCopies call for each of
+        the two, side by side), then ranked: copies first (gateway/copy_ranking.py), the feature
+        candidates only when verified. Pages are cut from this ranking. When neither holds a copy, a
+        second look: the `copy_second_look` hits after it, verified with a
         stricter count of agreeing features, never below the embedder's own `copy_min_inliers` (a Search
         and a VerifyCopies call more)."""
-        shortlist = await self.downstream.search_query(query.copy_candidates_request(vector.values), deadline)
+        shortlist = await self.downstream.search_query(
+            query.copy_candidates_request(vector.values, vector.copy_features), deadline
+        )
         candidates = list(shortlist.hits)
-        verdicts = await self._verify_candidates(vector, candidates, deadline)
-        if (query.copy_second_look and not any(verdict.is_copy for verdict in verdicts)
+        # Items outside the shortlist that share the most local features with the query: only those
+        # verified copies join the ranking (the others are not among the most similar).
+        suspects = list(shortlist.feature_matches)
+        verdicts, suspect_verdicts = await asyncio.gather(
+            self._verify_candidates(vector, candidates, deadline),
+            self._verify_candidates(vector, suspects, deadline),
+        )
+        checked = len(verdicts) + len(suspect_verdicts)
+        found = [(hit, verdict) for hit, verdict in zip(suspects, suspect_verdicts) if verdict.is_copy]
+        if (query.copy_second_look and not found and not any(verdict.is_copy for verdict in verdicts)
                 and len(candidates) == query.copy_shortlist):
             deeper = await self.downstream.search_query(
                 query.copy_candidates_request(vector.values, second_look=True), deadline
@@ -475,8 +487,11 @@ class VisualSearchCore:
                 vector, more, deadline, first_rank=len(candidates),
                 min_inliers=max(query.copy_second_look_min_inliers, copy_min_inliers),
             )
+            checked += len(more)
             candidates += more
-        self.copy_metrics.count(sum(verdict.is_copy for verdict in verdicts), len(verdicts))
+        candidates += [hit for hit, _verdict in found]
+        verdicts += [verdict for _hit, verdict in found]
+        self.copy_metrics.count(sum(verdict.is_copy for verdict in verdicts), checked)
         return RankedCopies(rank_copies(candidates, verdicts, len(candidates), query.min_score), shortlist.generation)
 
     async def _verify_candidates(
@@ -941,19 +956,25 @@ class VisualSearchCore:
         summary: gateway_pb2.AddImagesSummary, deadline: float | None,
     ) -> list[tuple[PendingItem, search_pb2.Item]]:
         """The items to write, after the copy check: each new item is verified (one VerifyCopies call)
-        against a copy-mode shortlist of the collection (one Search call, shared by the batch's items)
-        and against the batch's earlier items; earlier batches of the stream are stored by then. A copy
+        against a copy-mode shortlist of the collection and its feature candidates (one Search call per
+        item, or shared by the batch's items when there are none to ask for) and against the batch's
+        earlier items; earlier batches of the stream are stored by then. A copy
         is reported in the summary and, by `on_copy`, flagged (metadata `copy_of`) or left out. An item
         never counts as a copy of its own id (an update of it), nor of an item this check left out."""
         async def copies_of(position: int) -> list[tuple[str, float]]:
             pending, item = items[position]
             if not item.copy_features:  # the embedder found no features in it: nothing can be verified
                 return []
+            request = search_pb2.SearchRequest(
+                queries=[item.vector], k=self.settings.copy_search.shortlist, collection=collection,
+                include_copy_features=True,
+            )
+            if self.settings.copy_search.feature_candidates:
+                request.copy_query_features = item.copy_features
+                request.feature_candidates = self.settings.copy_search.feature_candidates
             try:
-                shortlist = (await self.downstream.search_query(search_pb2.SearchRequest(
-                    queries=[item.vector], k=self.settings.copy_search.shortlist, collection=collection,
-                    include_copy_features=True,
-                ), deadline)).hits
+                searched = await self.downstream.search_query(request, deadline)
+                shortlist = [*searched.hits, *searched.feature_matches]
             except ServiceError as error:
                 if error.code != grpc.StatusCode.NOT_FOUND:
                     raise

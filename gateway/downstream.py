@@ -108,6 +108,9 @@ class QueryHits:
     # search_svc's repeated field, or the first k of it.
     hits: Sequence[search_pb2.SearchHit]
     generation: int
+    # A copy search's items outside `hits` sharing the most local features with its query
+    # (SearchRequest.feature_candidates); empty otherwise.
+    feature_matches: Sequence[search_pb2.Hit] = ()
 
 
 class Downstream:
@@ -314,7 +317,12 @@ class Downstream:
     async def search_query(self, request: search_pb2.SearchRequest, deadline: float | None) -> QueryHits:
         """The answer to a search of one query vector (in one Search call with the other searches of
         the moment that ask the same collection, k, filter and min_score, and for copy features or not)."""
-        _timeout(self.settings.search_timeout_s, deadline)  # no time left: fail before queueing
+        timeout_s = _timeout(self.settings.search_timeout_s, deadline)  # no time left: fail before queueing
+        if request.feature_candidates:
+            # Feature matches are looked up for one query vector: a copy search is sent on its own.
+            (found,) = await self._search_queries(None, [request], timeout_s)
+            assert isinstance(found, QueryHits)
+            return found
         shared = search_pb2.SearchRequest()
         shared.CopyFrom(request)
         shared.ClearField("queries")
@@ -343,7 +351,7 @@ class Downstream:
                 grpc.StatusCode.INTERNAL,
                 f"search answered {len(response.results)} results for {len(request.queries)} queries",
             )
-        return [QueryHits(result.hits, response.generation) for result in response.results]
+        return [QueryHits(result.hits, response.generation, result.feature_matches) for result in response.results]
 
     async def stored_items(
         self, ids: Iterable[str], collection: str, deadline: float | None, include_copy_features: bool = False

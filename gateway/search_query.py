@@ -118,6 +118,9 @@ class SearchQuery:
     # each of them needs to be one (GATEWAY_COPY_SEARCH__SECOND_LOOK*).
     copy_second_look: int = 0
     copy_second_look_min_inliers: int = 0
+    # Copy mode: items outside the shortlist sharing the most local features with the query, verified
+    # too (GATEWAY_COPY_SEARCH__FEATURE_CANDIDATES).
+    copy_feature_candidates: int = 0
     # The ranked hits this request asks for (its page), and what makes it the same query as another.
     page: Page = Page(0, 10, 10)
     fingerprint: bytes = b""
@@ -207,8 +210,10 @@ class SearchQuery:
         # Within what one search returns, however deep the page's shortlist.
         second_look = min(settings.copy_search.second_look, MAX_COPY_CANDIDATES - copy_shortlist) if copy_mode else 0
         second_look_min_inliers = settings.copy_search.second_look_min_inliers if second_look else 0
+        feature_candidates = settings.copy_search.feature_candidates if copy_mode else 0
         return cls(request, k, min_score, crop, image_sha256, model_version, text, text_sha256, expansion,
-                   copy_shortlist, second_look, second_look_min_inliers, page, fingerprint, page_token)
+                   copy_shortlist, second_look, second_look_min_inliers, feature_candidates, page, fingerprint,
+                   page_token)
 
     @property
     def min_probability(self) -> float | None:
@@ -248,6 +253,8 @@ class SearchQuery:
             query_key += f":copy:{self.copy_shortlist}"
             if self.copy_second_look:
                 query_key += f":then:{self.copy_second_look}:{self.copy_second_look_min_inliers}"
+            if self.copy_feature_candidates:
+                query_key += f":features:{self.copy_feature_candidates}"
         return result_cache_key(query_key, self.page.end - self.page.offset, self.request.filter, self.min_score,
                                 self.request.collection, offset=self.page.offset)
 
@@ -267,13 +274,20 @@ class SearchQuery:
             request.min_score = self.min_score
         return request
 
-    def copy_candidates_request(self, vector: np.ndarray, second_look: bool = False) -> search_pb2.SearchRequest:
+    def copy_candidates_request(
+        self, vector: np.ndarray, copy_features: bytes = b"", second_look: bool = False
+    ) -> search_pb2.SearchRequest:
         """The similar-mode search of `vector` whose hits are verified as copies: `copy_shortlist` deep
         (with `second_look`, `copy_second_look` deeper), with the query's collection and filter, with the
         hits' copy features. Without min_score: a verified copy is kept whatever its cosine (min_score is
-        applied after verification, to the other hits only)."""
+        applied after verification, to the other hits only). With the query's `copy_features` (not on a
+        second look), also the `copy_feature_candidates` items sharing the most local features with it."""
         k = self.copy_shortlist + (self.copy_second_look if second_look else 0)
-        return search_pb2.SearchRequest(
+        request = search_pb2.SearchRequest(
             queries=[float_message(search_pb2.Vector, vector)], k=k, filter=self.request.filter,
             collection=self.request.collection, include_copy_features=True,
         )
+        if copy_features and self.copy_feature_candidates and not second_look:
+            request.copy_query_features = copy_features
+            request.feature_candidates = self.copy_feature_candidates
+        return request

@@ -183,6 +183,12 @@ class CopySearchSettings(BaseModel):
     # false copies on no-copy queries from 0.8 % to 2.0 %; at 15, 0.9 % (docs/copy-search.md). Below
     # the embedder's copy_min_inliers, that count applies.
     second_look_min_inliers: int = Field(15, ge=1, le=1000)
+    # Items outside the shortlist that share the most local features with the query (search_svc's
+    # feature index, FAISS backend) verified as well; only those verified copies are kept. A crop's
+    # original can rank far down a similarity order: on 5,425 Caltech-101 photos, 5 of them took
+    # half-side crops found from 0.847 to 0.893, with no more false copies (docs/copy-search.md).
+    # 0: the shortlist only.
+    feature_candidates: int = Field(5, ge=0, le=MAX_COPY_CANDIDATES)
 
     @model_validator(mode="after")
     def _searchable_depth(self) -> CopySearchSettings:

@@ -52,6 +52,7 @@ import grpc
 import numpy as np
 
 from search_svc import columns
+from search_svc.feature_index import FeatureIndex
 from search_svc.field_summaries import TOP_VALUES, FieldSummary, top_values, value_text
 from search_svc.filters import FilterCondition, FilterValue
 from search_svc.item_codec import Row
@@ -213,6 +214,8 @@ class FaissCollection:
         self.path = path
         self.lock = ReadWriteLock()
         self.index: faiss.Index | None = None
+        # The items' local descriptors, for a copy search's feature candidates; None when off.
+        self.features: FeatureIndex | None = None
         self.revision = 0
         self.next_label = 1
         self.ivf_trained_items = 0  # vectors the IVF lists were trained on; 0 while searching flat
@@ -309,6 +312,26 @@ class FaissCollection:
         if self.pending is not None:
             self.pending.append((removed, vectors, labels))
 
+    def build_features(self, connection: sqlite3.Connection, hash_bits: int) -> None:
+        """The feature index over every item's stored copy features, as `connection` sees them."""
+        features = FeatureIndex(hash_bits)
+        cursor = connection.execute(
+            f"SELECT label, {columns.COPY_FEATURES} FROM items WHERE length({columns.COPY_FEATURES}) > 0"
+        )
+        while rows := cursor.fetchmany(BUILD_CHUNK_ROWS):
+            features.add(rows)
+        self.features = features
+
+    def apply_features(self, removed: np.ndarray, added: list[tuple[int, bytes]]) -> None:
+        """Brings the feature index up to a committed write (under the write lock); rebuilt from the file
+        once most of what it holds was removed (it cannot remove entries)."""
+        if self.features is None:
+            return
+        self.features.remove(removed.tolist())
+        self.features.add(added)
+        if self.features.wants_rebuild:
+            self.build_features(self.connection(), self.store.feature_hash_bits)
+
     def allowed(self, connection: sqlite3.Connection, conditions: Sequence[FilterCondition]) -> AllowedItems:
         """The items a filter allows, from a cache kept per filter until the next write (under the
         read lock, so the revision cannot move meanwhile): catalogs reuse a few filters (a category,
@@ -369,6 +392,7 @@ class FaissStore:
         self._opened = False
         self._closing = threading.Event()
         self._use_gpu = settings.faiss.gpu == "on" or (settings.faiss.gpu == "auto" and faiss_gpus() > 0)
+        self.feature_hash_bits = settings.faiss.feature_hash_bits
 
     def nprobe(self, nlist: int, vectors: int) -> int:
         """The IVF lists a search of an index of `nlist` lists holding `vectors` probes: search_params'
@@ -467,6 +491,8 @@ class FaissStore:
                 collection.index = None
             if collection.index is None:
                 collection.index = self._build(collection, connection)
+            if self._settings.faiss.feature_index:
+                collection.build_features(connection, self.feature_hash_bits)
         except sqlite3.Error as error:
             collection.close_connections()
             raise sqlite_service_error("open", error) from error
@@ -741,6 +767,9 @@ class FaissStore:
                 collection.next_label = int(labels[-1]) + 1
                 collection.regions_per_item = regions_per_item
                 collection.apply(replaced, vectors, labels)
+                collection.apply_features(
+                    replaced, [(int(label), row[columns.COPY_FEATURES]) for label, row in zip(labels, rows)]
+                )
                 self._maybe_rebuild(collection)
 
         self._timed("upsert", run)
@@ -795,6 +824,48 @@ class FaissStore:
             return results
 
         return self._timed("search", run)
+
+    def feature_matches(
+        self, collection_name: str, descriptors: np.ndarray, vector: np.ndarray, count: int,
+        conditions: Sequence[FilterCondition], exclude_ids: set[str], include_copy_features: bool = False,
+    ) -> list[StoreHit]:
+        """Up to `count` items outside `exclude_ids` whose stored copy features share the most local
+        descriptors with `descriptors` (search_svc/feature_index.py), most first, each scored by its
+        full view's cosine with `vector`; allowed by `conditions`. None without a feature index."""
+        selected = f"label, id, image_uri, metadata, {columns.VECTOR}" + (
+            f", {columns.COPY_FEATURES}" if include_copy_features else ""
+        )
+
+        def run() -> list[StoreHit]:
+            collection = self._existing(collection_name)
+            with collection.lock.reading():
+                self._check_not_dropped(collection)
+                if collection.features is None or count <= 0:
+                    return []
+                connection = collection.connection()
+                allowed = collection.allowed(connection, conditions).labels if conditions else None
+                if allowed is not None and not allowed.size:
+                    return []
+                # The excluded (the similarity hits) are usually among the best, so as many more are asked.
+                labels = collection.features.best(descriptors, count + len(exclude_ids), allowed)
+                rows = {}
+                for chunk in _chunks(labels):
+                    for row in connection.execute(
+                        f"SELECT {selected} FROM items WHERE label IN ({_placeholders(len(chunk))})", chunk
+                    ):
+                        rows[row[0]] = row
+            hits = []
+            for label in labels:
+                row = rows.get(label)
+                if row is None or row[1] in exclude_ids:
+                    continue
+                score = float(np.frombuffer(row[4], dtype="<f4") @ vector)
+                hits.append(StoreHit(row[1], score, row[2], row[3], row[5] if include_copy_features else b"", None))
+                if len(hits) == count:
+                    break
+            return hits
+
+        return self._timed("feature_matches", run)
 
     @staticmethod
     def _regions_of(connection: sqlite3.Connection, labels: Sequence[int]) -> dict[int, tuple[int, tuple]]:
@@ -872,6 +943,7 @@ class FaissStore:
                 collection.revision += 1
                 empty = np.empty((0, self._settings.dimension), dtype=np.float32)
                 collection.apply(removed, empty, np.empty(0, dtype=np.int64))
+                collection.apply_features(removed, [])
 
         self._timed("delete", run)
 

@@ -544,6 +544,15 @@ class MilvusStore:
         """The copy features column, when asked for and the collection has it (else they read back empty)."""
         return [columns.COPY_FEATURES] if include_copy_features and self._prepared.get(collection) else []
 
+    def feature_matches(
+        self, collection: str, descriptors: np.ndarray, vector: np.ndarray, count: int,
+        conditions: Sequence[FilterCondition], exclude_ids: set[str], include_copy_features: bool = False,
+    ) -> list[StoreHit]:
+        """None: no descriptor index on Milvus yet (one in each replica's memory would miss the other
+        replicas' writes, and Milvus Lite indexes binary vectors by brute force only: docs/copy-search.md);
+        copy searches verify their similarity shortlist only."""
+        return []
+
     def search(
         self, collection: str, vectors: np.ndarray, k: int, conditions: Sequence[FilterCondition],
         include_copy_features: bool = False,

@@ -21,6 +21,7 @@ from search_svc.generation import IndexGeneration
 from search_svc.item_codec import ItemCodec, stored_ids
 from search_svc.settings import SearchSettings
 from search_svc.vector_store import CollectionInfo, VectorStore, collection_name
+from service_kit.copy_feature_codec import CopyFeaturesInvalid, decode_copy_features
 from service_kit.status import invalid_argument
 from service_kit.tracing import carried, record_span, span
 from vsearch.v1 import search_pb2, search_pb2_grpc
@@ -118,6 +119,7 @@ class VectorSearchServicer(search_pb2_grpc.VectorSearchServicer):
         min_score = request.min_score if request.HasField("min_score") else None
         if min_score is not None and not math.isfinite(min_score):
             raise invalid_argument(f"min_score must be finite, got {min_score}")
+        descriptors = self._copy_query_descriptors(request)
         vectors = self._codec.query_matrix(request.queries)
         conditions = parse_filter(request.filter, self._settings.filter_fields)
         with span("store search", {
@@ -134,7 +136,35 @@ class VectorSearchServicer(search_pb2_grpc.VectorSearchServicer):
             if min_score is not None:  # compared as float32, the precision of Hit.score
                 hits = [hit for hit in hits if np.float32(hit.score) >= np.float32(min_score)]
             response.results.add().hits.extend(self._codec.hit(hit) for hit in hits)
+        if descriptors is not None:
+            with span("feature matches", {"vsearch.search.feature_candidates": request.feature_candidates}):
+                matches = self._store.feature_matches(
+                    collection, descriptors, vectors[0], request.feature_candidates, conditions,
+                    {hit.id for hit in results[0]}, include_copy_features=request.include_copy_features,
+                )
+            response.results[0].feature_matches.extend(self._codec.hit(hit) for hit in matches)
         return response
+
+    def _copy_query_descriptors(self, request: search_pb2.SearchRequest) -> np.ndarray | None:
+        """The local descriptors of a copy search's query (its own and its mirror image's) that
+        feature matches are looked up with; None when none are asked for."""
+        if request.feature_candidates > self._settings.max_k:
+            raise invalid_argument(
+                f"feature_candidates must be at most {self._settings.max_k}, got {request.feature_candidates}"
+            )
+        if not request.feature_candidates:
+            return None
+        if not request.copy_query_features:
+            raise invalid_argument("feature_candidates needs copy_query_features (the query image's copy features)")
+        if len(request.queries) != 1:
+            raise invalid_argument(
+                f"feature_candidates needs exactly one query vector, got {len(request.queries)}"
+            )
+        try:
+            features = decode_copy_features(request.copy_query_features)
+        except CopyFeaturesInvalid as error:
+            raise invalid_argument(f"copy_query_features: {error}") from error
+        return np.concatenate([features.plain.descriptors, features.mirrored.descriptors])
 
     async def Get(self, request: search_pb2.GetRequest, context: grpc.aio.ServicerContext) -> search_pb2.GetResponse:
         return await self._offload(self._get, request)

@@ -78,6 +78,16 @@ class FaissSettings(BaseModel):
     # index itself stays on the CPU: faiss GPU indexes cannot remove ids or filter by id, which
     # updates, deletes and metadata filters need.
     gpu: Literal["auto", "on", "off"] = "auto"
+    # Keep each collection's items' local descriptors (from their stored copy features) in memory, so
+    # that a copy search also gets the items sharing the most descriptors with its query
+    # (SearchRequest.feature_candidates): about 16 KiB of memory per item with copy features, built
+    # when a collection is opened (search_svc/feature_index.py). Off: copy searches verify their
+    # similarity shortlist only.
+    feature_index: bool = True
+    # Descriptors are bucketed by their first this many bits: a lookup reads one bucket per query
+    # descriptor, about descriptors / 2^bits entries each (unevenly). 16 suits up to about 100k items;
+    # add a bit each time a catalog doubles beyond that.
+    feature_hash_bits: int = Field(16, ge=8, le=30)
 
 
 class SearchSettings(ServiceSettings):

@@ -97,6 +97,14 @@ class VectorStore(Protocol):
         include_copy_features: bool = False,
     ) -> list[list[StoreHit]]: ...
 
+    def feature_matches(
+        self, collection: str, descriptors: np.ndarray, vector: np.ndarray, count: int,
+        conditions: Sequence[FilterCondition], exclude_ids: set[str], include_copy_features: bool = False,
+    ) -> list[StoreHit]:
+        """Up to `count` items outside `exclude_ids` (stored ids) whose copy features share the most local
+        descriptors ([n, 32] uint8) with a copy search's query, most first, scored by cosine with
+        `vector`; [] for a store without a descriptor index."""
+
     def get(
         self, collection: str, stored_ids: Sequence[str], include_vectors: bool, include_copy_features: bool = False
     ) -> list[dict]:

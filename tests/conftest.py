@@ -405,6 +405,7 @@ class InProcessStack:
     channel: grpc.aio.Channel
     stub: gateway_pb2_grpc.VisualSearchStub
     http: httpx.AsyncClient
+    backend: str  # search_svc's: "faiss" or "milvus"
 
     @property
     def registry(self) -> CollectorRegistry:
@@ -465,7 +466,7 @@ async def in_process_stack(
         http = httpx.AsyncClient(base_url=f"http://127.0.0.1:{gateway.http_port}", timeout=30)
         try:
             yield InProcessStack(
-                embedder, search, gateway, redis, channel, gateway_pb2_grpc.VisualSearchStub(channel), http
+                embedder, search, gateway, redis, channel, gateway_pb2_grpc.VisualSearchStub(channel), http, backend
             )
         finally:
             await http.aclose()

@@ -90,7 +90,7 @@ def test_search_figures(report):
     assert search["indexed"] == CATALOG
     assert search["floor"]["floor_ms"] > 0 and search["floor"]["model_batch1"]["p50_ms"] > 0
     assert search["modes"] == ["similar", "copy"] and search["copy_shortlist"] == 30
-    assert search["copy_second_look"] == 0
+    assert search["copy_second_look"] == 0 and search["copy_feature_candidates"] == 5
     levels = {(level["mode"], level["cache"], level["concurrency"]): level for level in search["levels"]}
     assert set(levels) == ({("similar", cache, concurrency) for cache in ("miss", "hit") for concurrency in CONCURRENCY}
                            | {("copy", "miss", concurrency) for concurrency in CONCURRENCY})

@@ -13,9 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageEnhance, ImageOps
 
-from embedder_svc.copy_features import (
-    CopyFeatureExtractor, CopyFeatureSettings, CopyFeaturesInvalid, CopyVerifier, decode_copy_features,
-)
+from embedder_svc.copy_features import CopyFeatureExtractor, CopyFeatureSettings, CopyVerifier
+from service_kit.copy_feature_codec import CopyFeaturesInvalid, decode_copy_features
 from tests.conftest import RunningEmbedder, embedder_settings, running_embedder
 from vsearch.v1 import embedder_pb2
 from vsearch_cli.evaluation.copy_transforms import TRANSFORMS

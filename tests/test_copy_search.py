@@ -145,24 +145,69 @@ async def test_a_second_look_finds_an_original_ranked_after_the_shortlist(stack,
     similar = await stack.stub.Search(gateway_pb2.VisualSearchRequest(image=copies["crop"], k=CATALOG), timeout=60)
     rank = [hit.id for hit in similar.hits].index(item_id(ORIGINAL))
     assert rank >= 2, [hit.id for hit in similar.hits]  # the case this test is about
-    shortlist_only = {"shortlist": 2, "second_look": 0}
+    shortlist_only = {"shortlist": 2, "second_look": 0, "feature_candidates": 0}
     async with second_gateway(stack, copy_search=shortlist_only) as gateway:
         reply = await gateway.Search(gateway_pb2.VisualSearchRequest(image=copies["crop"], k=2, mode=COPY_MODE), timeout=60)
         assert item_id(ORIGINAL) not in [hit.id for hit in reply.hits] and not any(hit.is_copy for hit in reply.hits)
-    async with second_gateway(stack, copy_search={"shortlist": 2, "second_look": CATALOG}) as gateway:
+    async with second_gateway(stack, copy_search={"shortlist": 2, "second_look": CATALOG, "feature_candidates": 0}) as gateway:
         reply = await gateway.Search(gateway_pb2.VisualSearchRequest(image=copies["crop"], k=2, mode=COPY_MODE), timeout=60)
         first = reply.hits[0]
         assert first.id == item_id(ORIGINAL) and first.is_copy and first.copy_score >= 0.5, reply
         assert overlap(box_tuple(first.matched_box), CROP) > 0.6, first.matched_box
     # Below the embedder's own count (12), its own count applies: the original is still found.
-    lenient = {"shortlist": 2, "second_look": CATALOG, "second_look_min_inliers": 1}
+    lenient = {"shortlist": 2, "second_look": CATALOG, "second_look_min_inliers": 1, "feature_candidates": 0}
     async with second_gateway(stack, copy_search=lenient) as gateway:
         reply = await gateway.Search(gateway_pb2.VisualSearchRequest(image=copies["crop"], k=2, mode=COPY_MODE), timeout=60)
         assert reply.hits[0].id == item_id(ORIGINAL) and reply.hits[0].is_copy, reply
-    strict = {"shortlist": 2, "second_look": CATALOG, "second_look_min_inliers": 1000}
+    strict = {"shortlist": 2, "second_look": CATALOG, "second_look_min_inliers": 1000, "feature_candidates": 0}
     async with second_gateway(stack, copy_search=strict) as gateway:
         reply = await gateway.Search(gateway_pb2.VisualSearchRequest(image=copies["crop"], k=2, mode=COPY_MODE), timeout=60)
         assert not any(hit.is_copy for hit in reply.hits), reply
+
+
+async def test_items_sharing_the_querys_features_are_verified_beyond_the_shortlist(stack, copies):
+    """The crop's original ranks after a 2-deep shortlist, but it shares the most local descriptors with
+    the crop: search_svc's feature index (FAISS) hands it to the gateway beside the shortlist, and it
+    is verified and put first without a second look. Candidates found so that are not copies are left
+    out. Milvus keeps no descriptor index, so there the shortlist alone is verified."""
+    similar = await stack.stub.Search(gateway_pb2.VisualSearchRequest(image=copies["crop"], k=CATALOG), timeout=60)
+    shortlist = [hit.id for hit in similar.hits][:2]
+    assert item_id(ORIGINAL) not in shortlist  # the case this test is about
+    async with second_gateway(stack, copy_search={"shortlist": 2, "second_look": 0, "feature_candidates": 3}) as gateway:
+        # k 2: the shortlist is as deep as k when k is deeper.
+        reply = await gateway.Search(gateway_pb2.VisualSearchRequest(image=copies["crop"], k=2, mode=COPY_MODE), timeout=60)
+    ids = [hit.id for hit in reply.hits]
+    if stack.backend == "milvus":
+        assert ids == shortlist and not any(hit.is_copy for hit in reply.hits), reply
+        return
+    first = reply.hits[0]
+    assert first.id == item_id(ORIGINAL) and first.is_copy and first.copy_score >= 0.5, reply
+    assert overlap(box_tuple(first.matched_box), CROP) > 0.6, first.matched_box
+    # Then the shortlist: the other feature candidates were no copies, so they are left out.
+    assert ids[1:] == shortlist[:1] and not reply.hits[1].is_copy, reply
+
+
+async def test_the_copy_check_at_ingest_verifies_the_feature_candidates_too(stack, copies):
+    """`on_copy` checks a new image as a copy search does: with a 2-deep shortlist the crop's original
+    is found among the feature candidates (FAISS), so the crop is left out as its copy; without them it
+    is not recognised and is written (and deleted again after each try)."""
+    async def add_crop(copy_search: dict) -> gateway_pb2.AddImagesSummary:
+        request = gateway_pb2.AddImageRequest(id="crop-upload", image=copies["crop"], on_copy=gateway_pb2.ON_COPY_SKIP)
+        try:
+            async with second_gateway(stack, copy_search=copy_search) as gateway:
+                return await gateway.AddImages(iter([request]), timeout=60)
+        finally:
+            await stack.stub.DeleteImages(gateway_pb2.DeleteImagesRequest(ids=["crop-upload"]), timeout=30)
+
+    summary = await add_crop({"shortlist": 2, "second_look": 0, "feature_candidates": 3})
+    if stack.backend == "faiss":
+        assert [(found.id, found.copy_of, found.skipped) for found in summary.copies] == [
+            ("crop-upload", item_id(ORIGINAL), True)], summary
+        assert (summary.indexed, summary.skipped_copies) == (0, 1)
+    else:  # no feature index on Milvus: as without feature candidates
+        assert (summary.indexed, summary.skipped_copies, len(summary.copies)) == (1, 0, 0), summary
+    summary = await add_crop({"shortlist": 2, "second_look": 0, "feature_candidates": 0})
+    assert (summary.indexed, summary.skipped_copies, len(summary.copies)) == (1, 0, 0), summary
 
 
 async def test_similar_mode_hits_carry_no_copy_fields(stack, copies):
@@ -504,3 +549,13 @@ def test_copy_mode_has_its_own_result_key_and_a_shortlist_of_at_least_k():
     explicit = SearchQuery.parse(
         gateway_pb2.VisualSearchRequest(image=image, k=10, mode=gateway_pb2.SEARCH_MODE_SIMILAR), settings, "m@1")
     assert explicit.result_key == similar.result_key  # SIMILAR and UNSPECIFIED are one mode
+    # The query's copy features go with the first look only, asking for the setting's feature candidates.
+    with_features = copy.copy_candidates_request(vector, b"features")
+    assert (with_features.copy_query_features, with_features.feature_candidates) == (b"features", 5)
+    assert not copy.copy_candidates_request(vector).feature_candidates  # no features (none in the image)
+    assert not twice.copy_candidates_request(vector, b"features", second_look=True).feature_candidates
+    fewer = GatewaySettings(embedder_address="e:1", search_address="s:1",
+                            copy_search={"shortlist": 30, "feature_candidates": 0})
+    shortlist_only = SearchQuery.parse(gateway_pb2.VisualSearchRequest(image=image, k=10, mode=COPY_MODE), fewer, "m@1")
+    assert not shortlist_only.copy_candidates_request(vector, b"features").feature_candidates
+    assert shortlist_only.result_key != copy.result_key  # other candidates, other copies

@@ -31,16 +31,17 @@ def test_settings_from_the_environment(monkeypatch):
     assert GatewaySettings().text_expansion.model_dump() == {"hits": 0, "weight": 0.5}
     assert settings.copy_search.model_dump() == {
         "features_at_ingest": True, "shortlist": 30, "mirror_depth": 10, "second_look": 0,
-        "second_look_min_inliers": 15,
+        "second_look_min_inliers": 15, "feature_candidates": 5,
     }
     monkeypatch.setenv("GATEWAY_COPY_SEARCH__FEATURES_AT_INGEST", "false")
     monkeypatch.setenv("GATEWAY_COPY_SEARCH__SHORTLIST", "100")
     monkeypatch.setenv("GATEWAY_COPY_SEARCH__MIRROR_DEPTH", "0")
     monkeypatch.setenv("GATEWAY_COPY_SEARCH__SECOND_LOOK", "900")
     monkeypatch.setenv("GATEWAY_COPY_SEARCH__SECOND_LOOK_MIN_INLIERS", "20")
+    monkeypatch.setenv("GATEWAY_COPY_SEARCH__FEATURE_CANDIDATES", "0")
     assert GatewaySettings().copy_search.model_dump() == {
         "features_at_ingest": False, "shortlist": 100, "mirror_depth": 0, "second_look": 900,
-        "second_look_min_inliers": 20,
+        "second_look_min_inliers": 20, "feature_candidates": 0,
     }
     monkeypatch.setenv("GATEWAY_COPY_SEARCH__SECOND_LOOK", "901")
     with pytest.raises(ValidationError, match="shortlist \\+ second_look is 1001, over the 1000 hits a search returns"):

@@ -731,3 +731,116 @@ async def test_list_refuses_bad_page_tokens_and_sizes_naming_the_field(shared: S
     with pytest.raises(grpc.aio.AioRpcError) as missing:
         await shared.stub.List(search_pb2.ListRequest(collection="no_such_listing"))
     assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+# --- feature matches: a copy search's candidates by shared local descriptors ----------------------
+
+FEATURE_CATALOG = 12  # ukbench objects 0..2, four views each
+CROPPED = 5  # the view whose half-side crop is the query
+
+
+@pytest.fixture(scope="module")
+def feature_blobs(ukbench_images: list[Path]) -> tuple[list[bytes], bytes, bytes]:
+    """The catalog views' stored copy features, the query's (a crop of half the side of one view), and
+    those of a photo of an object the catalog does not show."""
+    from PIL import Image  # the embedder's extractor makes them, as at ingest and for a query
+
+    from embedder_svc.copy_features import CopyFeatureExtractor, CopyFeatureSettings
+
+    extractor = CopyFeatureExtractor(CopyFeatureSettings())
+    views = [Image.open(path).convert("RGB") for path in ukbench_images[:FEATURE_CATALOG]]
+    width, height = views[CROPPED].size
+    crop = views[CROPPED].crop((width // 4, height // 4, width // 4 + width // 2, height // 4 + height // 2))
+    outsider = Image.open(ukbench_images[40]).convert("RGB")
+    return ([extractor.extract(view) for view in views], extractor.extract(crop, for_query=True),
+            extractor.extract(outsider, for_query=True))
+
+
+def copy_search_request(vector: np.ndarray, query_features: bytes, candidates: int, k: int = 1,
+                        *conditions: search_pb2.Condition) -> search_pb2.SearchRequest:
+    return search_pb2.SearchRequest(
+        queries=[search_pb2.Vector(values=vector.tolist())], k=k, filter=search_pb2.Filter(conditions=list(conditions)),
+        include_copy_features=True, copy_query_features=query_features, feature_candidates=candidates,
+    )
+
+
+async def test_feature_matches_are_the_items_sharing_the_query_crops_descriptors(
+    tmp_path: Path, backend: str, feature_blobs: tuple[list[bytes], bytes, bytes]
+):
+    """The crop's view is found by its descriptors though its vector is far from the query's; the hits
+    are never repeated, chance votes (an unrelated photo's) find nothing, a filter and deletes apply, a
+    re-upsert's new features replace the old ones' votes, and a restart builds the index again from the
+    stored features. Milvus keeps no descriptor index: none there."""
+    stored, query, outsider = feature_blobs
+    vectors = random_unit_vectors(FEATURE_CATALOG, seed=51)
+    ids = [f"view-{position}" for position in range(FEATURE_CATALOG)]
+    items = [item(ids[p], vectors[p], copy_features=stored[p], category=f"o{p // 4}", stock=p) for p in range(FEATURE_CATALOG)]
+    # The query vector is another object's: the cropped view is no similarity hit.
+    query_vector = vectors[0]
+    async with running(tmp_path / "features", backend) as service:
+        await service.upsert(items)
+        response = await service.stub.Search(copy_search_request(query_vector, query, 3))
+        [result] = response.results
+        assert [hit.id for hit in result.hits] == ["view-0"]
+        matches = list(result.feature_matches)
+        if backend == "milvus":
+            assert matches == []
+            return
+        assert matches[0].id == ids[CROPPED], [hit.id for hit in matches]
+        assert len(matches) == 3 and "view-0" not in {hit.id for hit in matches}
+        assert matches[0].score == pytest.approx(float(vectors[CROPPED] @ query_vector), abs=1e-5)
+        assert matches[0].copy_features == stored[CROPPED] and matches[0].metadata["category"] == "o1"
+        # Another object's photo shares descriptors with nothing here beyond chance (fewer than MIN_VOTES).
+        unrelated = (await service.stub.Search(copy_search_request(query_vector, outsider, 3))).results[0]
+        assert list(unrelated.feature_matches) == []
+        # Asked for by the cropped view's own vector, it is a hit, so not a feature match as well.
+        by_own = (await service.stub.Search(copy_search_request(vectors[CROPPED], query, 3))).results[0]
+        assert ids[CROPPED] in {hit.id for hit in by_own.hits}
+        assert ids[CROPPED] not in {hit.id for hit in by_own.feature_matches}
+        # A filter applies to them as to the hits.
+        not_cropped = condition("stock", search_pb2.NE, CROPPED)
+        filtered = (await service.stub.Search(copy_search_request(query_vector, query, 3, 1, not_cropped))).results[0]
+        assert filtered.feature_matches and ids[CROPPED] not in {hit.id for hit in filtered.feature_matches}
+        # Re-upserted with another view's features: the crop's view no longer shares its descriptors.
+        await service.upsert([item(ids[CROPPED], vectors[CROPPED], copy_features=stored[0], category="o1", stock=CROPPED)])
+        replaced = (await service.stub.Search(copy_search_request(query_vector, query, 3))).results[0]
+        assert replaced.feature_matches[0].id != ids[CROPPED]
+        await service.upsert([items[CROPPED]])
+        restored = (await service.stub.Search(copy_search_request(query_vector, query, 3))).results[0]
+        assert restored.feature_matches[0].id == ids[CROPPED]
+    async with running(tmp_path / "features", backend) as service:  # built again from the file
+        after_restart = (await service.stub.Search(copy_search_request(query_vector, query, 3))).results[0]
+        assert after_restart.feature_matches[0].id == ids[CROPPED]
+        # Deleting most of the catalog (the index is then rebuilt, it cannot remove entries) leaves
+        # only what remains.
+        gone = [ids[p] for p in range(FEATURE_CATALOG) if p not in (0, 1, 2)]
+        assert (await service.stub.Delete(search_pb2.DeleteRequest(ids=gone))).deleted == len(gone)
+        remaining = (await service.stub.Search(copy_search_request(query_vector, query, 10))).results[0]
+        assert {hit.id for hit in remaining.feature_matches} <= {"view-1", "view-2"}
+        await service.upsert([items[CROPPED]])
+        back = (await service.stub.Search(copy_search_request(query_vector, query, 3))).results[0]
+        assert back.feature_matches[0].id == ids[CROPPED]
+
+
+async def test_feature_matches_off_returns_none(tmp_path: Path, feature_blobs: tuple[list[bytes], bytes, bytes]):
+    stored, query, _outsider = feature_blobs
+    vectors = random_unit_vectors(2, seed=52)
+    async with running(tmp_path / "off", "faiss", faiss={"feature_index": False}) as service:
+        await service.upsert([item("a", vectors[0], copy_features=stored[0]), item("b", vectors[1], copy_features=stored[CROPPED])])
+        result = (await service.stub.Search(copy_search_request(vectors[0], query, 3))).results[0]
+        assert [hit.id for hit in result.hits] == ["a"] and not result.feature_matches
+
+
+async def test_bad_feature_match_requests_are_refused_naming_the_field(
+    shared: Service, feature_blobs: tuple[list[bytes], bytes, bytes]
+):
+    _stored, query, _outsider = feature_blobs
+    vector = random_unit_vectors(1, seed=53)[0]
+    await expect_invalid(shared.stub.Search(copy_search_request(vector, b"", 3)), "copy_query_features")
+    await expect_invalid(shared.stub.Search(copy_search_request(vector, b"not features, though long enough", 3)),
+                         "copy_query_features", "not copy features")
+    await expect_invalid(shared.stub.Search(copy_search_request(vector, query[:-7], 3)), "copy_query_features")
+    two = copy_search_request(vector, query, 3)
+    two.queries.append(search_pb2.Vector(values=vector.tolist()))
+    await expect_invalid(shared.stub.Search(two), "exactly one query vector")
+    await expect_invalid(shared.stub.Search(copy_search_request(vector, query, 1001)), "feature_candidates", "1000")

@@ -106,20 +106,24 @@ class Filter(_message.Message):
     def __init__(self, conditions: _Optional[_Iterable[_Union[Condition, _Mapping]]] = ...) -> None: ...
 
 class SearchRequest(_message.Message):
-    __slots__ = ("queries", "k", "filter", "min_score", "collection", "include_copy_features")
+    __slots__ = ("queries", "k", "filter", "min_score", "collection", "include_copy_features", "copy_query_features", "feature_candidates")
     QUERIES_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
     FILTER_FIELD_NUMBER: _ClassVar[int]
     MIN_SCORE_FIELD_NUMBER: _ClassVar[int]
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_COPY_FEATURES_FIELD_NUMBER: _ClassVar[int]
+    COPY_QUERY_FEATURES_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     queries: _containers.RepeatedCompositeFieldContainer[Vector]
     k: int
     filter: Filter
     min_score: float
     collection: str
     include_copy_features: bool
-    def __init__(self, queries: _Optional[_Iterable[_Union[Vector, _Mapping]]] = ..., k: _Optional[int] = ..., filter: _Optional[_Union[Filter, _Mapping]] = ..., min_score: _Optional[float] = ..., collection: _Optional[str] = ..., include_copy_features: _Optional[bool] = ...) -> None: ...
+    copy_query_features: bytes
+    feature_candidates: int
+    def __init__(self, queries: _Optional[_Iterable[_Union[Vector, _Mapping]]] = ..., k: _Optional[int] = ..., filter: _Optional[_Union[Filter, _Mapping]] = ..., min_score: _Optional[float] = ..., collection: _Optional[str] = ..., include_copy_features: _Optional[bool] = ..., copy_query_features: _Optional[bytes] = ..., feature_candidates: _Optional[int] = ...) -> None: ...
 
 class Hit(_message.Message):
     __slots__ = ("id", "score", "image_uri", "metadata", "copy_features", "region")
@@ -138,10 +142,12 @@ class Hit(_message.Message):
     def __init__(self, id: _Optional[str] = ..., score: _Optional[float] = ..., image_uri: _Optional[str] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., copy_features: _Optional[bytes] = ..., region: _Optional[_Union[RegionBox, _Mapping]] = ...) -> None: ...
 
 class HitList(_message.Message):
-    __slots__ = ("hits",)
+    __slots__ = ("hits", "feature_matches")
     HITS_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_MATCHES_FIELD_NUMBER: _ClassVar[int]
     hits: _containers.RepeatedCompositeFieldContainer[Hit]
-    def __init__(self, hits: _Optional[_Iterable[_Union[Hit, _Mapping]]] = ...) -> None: ...
+    feature_matches: _containers.RepeatedCompositeFieldContainer[Hit]
+    def __init__(self, hits: _Optional[_Iterable[_Union[Hit, _Mapping]]] = ..., feature_matches: _Optional[_Iterable[_Union[Hit, _Mapping]]] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
     __slots__ = ("results", "generation")

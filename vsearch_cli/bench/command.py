@@ -450,8 +450,9 @@ def format_search(result: dict[str, Any]) -> str:
                              target_rows))
     if result.get("copy_shortlist"):
         text.append(f"copy mode: shortlist {result['copy_shortlist']} (GATEWAY_COPY_SEARCH__SHORTLIST of a started "
-                    f"stack) verified per search, and a second look of {result.get('copy_second_look') or 0} "
-                    "(GATEWAY_COPY_SEARCH__SECOND_LOOK) when it holds no copy")
+                    f"stack) and {result.get('copy_feature_candidates') or 0} feature candidates "
+                    "(GATEWAY_COPY_SEARCH__FEATURE_CANDIDATES) verified per search, and a second look of "
+                    f"{result.get('copy_second_look') or 0} (GATEWAY_COPY_SEARCH__SECOND_LOOK) when neither holds a copy")
     for level in result["levels"]:
         if level["cache"] == "miss":
             cores = ", ".join(f"{name} {usage['cores']} ({usage.get('cpu_ms_per_request')})"

@@ -368,6 +368,7 @@ async def run_search(config: SearchConfig, stack: StackEndpoints, rig: ModelRig)
         # What a stack the bench starts uses; another gateway's own setting is not known here.
         "copy_shortlist": copy_search_setting("shortlist") if config.copy_mode else None,
         "copy_second_look": copy_search_setting("second_look") if config.copy_mode else None,
+        "copy_feature_candidates": copy_search_setting("feature_candidates") if config.copy_mode else None,
         "floor": floor, "bound": bound, "levels": levels, "targets": targets(floor, bound, levels),
     }
 
