@@ -16,7 +16,9 @@ import numpy as np
 import pytest
 import pytest_asyncio
 from google.protobuf import json_format, struct_pb2
+from PIL import Image
 
+from embedder_svc.copy_features import CopyFeatureExtractor, CopyFeatureSettings
 from search_svc.columns import COPY_FEATURES_MAX_BYTES
 from search_svc.filters import MAX_CONDITIONS, MAX_LIST_VALUES
 from search_svc.server import create_server
@@ -743,11 +745,7 @@ CROPPED = 5  # the view whose half-side crop is the query
 def feature_blobs(ukbench_images: list[Path]) -> tuple[list[bytes], bytes, bytes]:
     """The catalog views' stored copy features, the query's (a crop of half the side of one view), and
     those of a photo of an object the catalog does not show."""
-    from PIL import Image  # the embedder's extractor makes them, as at ingest and for a query
-
-    from embedder_svc.copy_features import CopyFeatureExtractor, CopyFeatureSettings
-
-    extractor = CopyFeatureExtractor(CopyFeatureSettings())
+    extractor = CopyFeatureExtractor(CopyFeatureSettings())  # as the embedder makes them
     views = [Image.open(path).convert("RGB") for path in ukbench_images[:FEATURE_CATALOG]]
     width, height = views[CROPPED].size
     crop = views[CROPPED].crop((width // 4, height // 4, width // 4 + width // 2, height // 4 + height // 2))
