@@ -1,20 +1,18 @@
 """Which items' stored copy features share the most local descriptors with a query's: candidates for a
 copy search that its similarity shortlist misses. A half-side crop's original can rank far down a large
 catalog's similarity order while it shares dozens of ORB descriptors with the crop; on 5,425 Caltech-101
-photos the original of 93 % of half-side crops was among the 30 most similar, and among those or the 5
-items with the most shared descriptors for 99 % (docs/copy-search.md, "Candidates by shared features").
+photos the original of 93.3 % of half-side crops was among the 30 most similar, and among those or the 5
+items with the most shared descriptors for 98.7 % (docs/copy-search.md, "Candidates by shared features").
 
 Each item's own descriptors (256 at most; not its mirror set: a query brings its mirror image's) are
 kept in a faiss IndexBinaryHash under the item's label, bucketed by their first `hash_bits` bits, which
-needs no training (ORB's tests were chosen for uncorrelated bits, so the first ones spread
-descriptors well enough, if unevenly). A query
-descriptor looks in its own bucket only; each item with a descriptor among the `NEIGHBOURS` nearest it
-finds there within `MAX_DISTANCE` bits gets one vote from it, and items with fewer than `MIN_VOTES`
-are left out. Looking in the 16 buckets one bit away
-as well found the same originals on the development set (0.987 of half-side crops among the shortlist
-and 5 candidates either way) for 13 times the time (5.3 ms against 0.4 for a query's 352 descriptors
-at 5,425 items). Memory: 65 bytes per descriptor measured (32 of code, 8 of label, the buckets'
-growth slack), about 16 KiB per item.
+needs no training (ORB's tests were chosen for uncorrelated bits, so the first ones spread descriptors
+well enough, if unevenly). A query descriptor looks in its own bucket only; each item with a descriptor
+among the `NEIGHBOURS` nearest it finds there within `MAX_DISTANCE` bits gets one vote from it, and
+items with fewer than `MIN_VOTES` are left out. Looking in the 16 buckets one bit away as well found the
+same originals on the development set for 13 times the time (5.3 ms against 0.4 for a query's 352
+descriptors at 5,425 items). Memory: 65 bytes per descriptor measured (32 of code, 8 of label, the
+buckets' growth slack), about 16 KiB per item.
 
 IndexBinaryHash cannot remove entries, so a deleted or replaced item's label is only marked removed
 (its votes are dropped); the owner rebuilds the index from the stored features once removed
@@ -40,9 +38,9 @@ DESCRIPTOR_BITS = DESCRIPTOR_BYTES * 8
 NEIGHBOURS = 4
 MAX_DISTANCE = 64
 # Fewer votes than this are chance: the best item outside a no-copy query's shortlist had 4 votes at the
-# median (5,425 Caltech-101 photos), the originals verified only through their votes 5 and more. At 5, a
-# no-copy query's search verifies 0.74 feature candidates on average instead of 5, for one half-side
-# crop of 150 fewer found (docs/copy-search.md).
+# median (5,425 Caltech-101 photos); all but one of the originals verified only through their votes had
+# 5 or more. At 5, a no-copy query's search verifies 0.74 feature candidates on average instead of 5,
+# for one half-side crop of 150 fewer found (docs/copy-search.md).
 MIN_VOTES = 5
 
 
