@@ -846,23 +846,26 @@ class FaissStore:
                 allowed = collection.allowed(connection, conditions).labels if conditions else None
                 if allowed is not None and not allowed.size:
                     return []
-                # The excluded (the similarity hits) are usually among the best, so as many more are asked.
+                # The excluded (the similarity hits) are usually among the best, so as many more are asked;
+                # their ids first, so that only the kept items' vectors and features are read.
                 labels = collection.features.best(descriptors, count + len(exclude_ids), allowed)
-                rows = {}
+                ids: dict[int, str] = {}
                 for chunk in _chunks(labels):
+                    ids.update(connection.execute(
+                        f"SELECT label, id FROM items WHERE label IN ({_placeholders(len(chunk))})", chunk
+                    ).fetchall())
+                kept = [label for label in labels if label in ids and ids[label] not in exclude_ids][:count]
+                rows = {}
+                for chunk in _chunks(kept):
                     for row in connection.execute(
                         f"SELECT {selected} FROM items WHERE label IN ({_placeholders(len(chunk))})", chunk
                     ):
                         rows[row[0]] = row
             hits = []
-            for label in labels:
-                row = rows.get(label)
-                if row is None or row[1] in exclude_ids:
-                    continue
+            for label in kept:
+                row = rows[label]
                 score = float(np.frombuffer(row[4], dtype="<f4") @ vector)
                 hits.append(StoreHit(row[1], score, row[2], row[3], row[5] if include_copy_features else b"", None))
-                if len(hits) == count:
-                    break
             return hits
 
         return self._timed("feature_matches", run)

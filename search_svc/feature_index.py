@@ -49,13 +49,8 @@ class FeatureIndex:
         self._index = faiss.IndexBinaryHash(DESCRIPTOR_BITS, hash_bits)
         self._index.nflip = 0
         self._descriptors: dict[int, int] = {}  # live label -> its descriptors in the index
-        self._removed: set[int] = set()
-        self._removed_labels = np.empty(0, dtype=np.int64)  # the same, as an array for lookups
+        self._removed_labels = np.empty(0, dtype=np.int64)  # their entries stay until a rebuild
         self._removed_descriptors = 0
-
-    @property
-    def items(self) -> int:
-        return len(self._descriptors)
 
     @property
     def wants_rebuild(self) -> bool:
@@ -82,13 +77,14 @@ class FeatureIndex:
             self._index.add_with_ids(np.ascontiguousarray(np.concatenate(descriptors)), np.concatenate(labels))
 
     def remove(self, labels: Iterable[int]) -> None:
+        removed = []
         for label in labels:
             count = self._descriptors.pop(int(label), None)
-            if count is not None:
-                self._removed.add(int(label))
+            if count is not None:  # each label once: it leaves `_descriptors`
+                removed.append(int(label))
                 self._removed_descriptors += count
-        if len(self._removed) != len(self._removed_labels):
-            self._removed_labels = np.fromiter(self._removed, dtype=np.int64, count=len(self._removed))
+        if removed:
+            self._removed_labels = np.concatenate([self._removed_labels, np.asarray(removed, dtype=np.int64)])
 
     def best(self, descriptors: np.ndarray, count: int, allowed: np.ndarray | None = None) -> list[int]:
         """The labels of up to `count` items with the most votes (at least MIN_VOTES) from `descriptors`
