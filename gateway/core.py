@@ -26,7 +26,7 @@ from gateway.index_generation import IndexGenerationTracker, SharedGenerations
 from gateway.match_probability import MatchCalibration, annotate
 from gateway.metrics import CopySearchMetrics
 from gateway.search_paging import Page, PageToken
-from gateway.search_query import SearchQuery, id_problem, pack_text_entry, unpack_text_entry
+from gateway.search_query import SearchQuery, copy_candidates_search, id_problem, pack_text_entry, unpack_text_entry
 from gateway.settings import GatewaySettings
 from service_kit.request_parsing import UnparsableMessage
 from service_kit.status import ServiceError, invalid_argument
@@ -965,13 +965,10 @@ class VisualSearchCore:
             pending, item = items[position]
             if not item.copy_features:  # the embedder found no features in it: nothing can be verified
                 return []
-            request = search_pb2.SearchRequest(
-                queries=[item.vector], k=self.settings.copy_search.shortlist, collection=collection,
-                include_copy_features=True,
+            request = copy_candidates_search(
+                item.vector, self.settings.copy_search.shortlist, collection,
+                copy_features=item.copy_features, feature_candidates=self.settings.copy_search.feature_candidates,
             )
-            if self.settings.copy_search.feature_candidates:
-                request.copy_query_features = item.copy_features
-                request.feature_candidates = self.settings.copy_search.feature_candidates
             try:
                 searched = await self.downstream.search_query(request, deadline)
                 shortlist = [*searched.hits, *searched.feature_matches]

@@ -86,6 +86,22 @@ def id_problem(item_id: str, what: str = "id") -> str | None:
     return None
 
 
+def copy_candidates_search(
+    vector: search_pb2.Vector, k: int, collection: str, search_filter: search_pb2.Filter | None = None,
+    copy_features: bytes = b"", feature_candidates: int = 0,
+) -> search_pb2.SearchRequest:
+    """The search whose hits a copy check verifies: `vector`'s k most similar items with their stored copy
+    features and, given the query image's `copy_features`, the `feature_candidates` items sharing the
+    most local features with it. Without min_score: a verified copy is kept whatever its cosine."""
+    request = search_pb2.SearchRequest(
+        queries=[vector], k=k, filter=search_filter, collection=collection, include_copy_features=True,
+    )
+    if copy_features and feature_candidates:
+        request.copy_query_features = copy_features
+        request.feature_candidates = feature_candidates
+    return request
+
+
 def check_filter_numbers(search_filter: search_pb2.Filter) -> None:
     """INVALID_ARGUMENT for a NaN or an infinity among the filter's values: no filter can match one,
     and checking here spares the query's embedding (search_svc checks everything else)."""
@@ -283,11 +299,7 @@ class SearchQuery:
         applied after verification, to the other hits only). With the query's `copy_features` (not on a
         second look), also the `copy_feature_candidates` items sharing the most local features with it."""
         k = self.copy_shortlist + (self.copy_second_look if second_look else 0)
-        request = search_pb2.SearchRequest(
-            queries=[float_message(search_pb2.Vector, vector)], k=k, filter=self.request.filter,
-            collection=self.request.collection, include_copy_features=True,
+        return copy_candidates_search(
+            float_message(search_pb2.Vector, vector), k, self.request.collection, self.request.filter,
+            copy_features, 0 if second_look else self.copy_feature_candidates,
         )
-        if copy_features and self.copy_feature_candidates and not second_look:
-            request.copy_query_features = copy_features
-            request.feature_candidates = self.copy_feature_candidates
-        return request
