@@ -120,25 +120,26 @@ class CopyFeatureExtractor:
     def __init__(self, settings: CopyFeatureSettings) -> None:
         self.settings = settings
 
-    def extract(self, image: Image.Image, for_query: bool = False) -> bytes:
+    def extract(self, image: Image.Image, for_query: bool = False, original_size: tuple[int, int] | None = None) -> bytes:
         """The copy features of an image (RGB or L) as a blob: for the index, or for a query (those of
-        the mirror image too)."""
+        the mirror image too). `original_size`: the picture's full size, when `image` was decoded
+        smaller (matched boxes are given in its pixels); default the image's own."""
         if for_query:
-            detections = self.query_detections(image)
+            detections = self.query_detections(image, original_size)
             return self.combine(
                 detections, self.query_plain_set(detections), self.query_mirrored_set(detections),
                 self.query_zoomed_set(image),
             )
-        detections = self._detections(*self._working_image(image), self.settings.keypoints)
+        detections = self._detections(self._working_image(image), original_size or image.size, self.settings.keypoints)
         own = self._chosen_set(detections, self.settings.keypoints)
         mirrored = self._mirrored_set(detections, min(self.settings.mirrored_keypoints, self.settings.keypoints))
         return encode_copy_features(CopyFeatures(own, mirrored, _size(detections.working), detections.original_size))
 
-    def query_detections(self, image: Image.Image) -> "Detections":
+    def query_detections(self, image: Image.Image, original_size: tuple[int, int] | None = None) -> "Detections":
         """A query's keypoints on its working image, not yet described: enough for its own set and its
         mirror image's."""
         keypoints = max(self.settings.query_keypoints, self.settings.mirrored_query_keypoints)
-        return self._detections(*self._working_image(image), keypoints)
+        return self._detections(self._working_image(image), original_size or image.size, keypoints)
 
     def query_plain_set(self, detections: "Detections") -> FeatureSet:
         return self._chosen_set(detections, self.settings.query_keypoints)
@@ -184,7 +185,7 @@ class CopyFeatureExtractor:
         working image (see CopyFeatureSettings.zoomed_query_keypoints)."""
         if self.settings.zoomed_query_keypoints == 0:
             return _EMPTY
-        working, _original_size = self._working_image(image)
+        working = self._working_image(image)
         height, width = working.shape
         zoom = self.settings.query_zoom
         shrunk = cv2.resize(working, (max(1, round(width / zoom)), max(1, round(height / zoom))), interpolation=cv2.INTER_AREA)
@@ -199,11 +200,9 @@ class CopyFeatureExtractor:
             _joined(plain, zoomed), mirrored, _size(detections.working), detections.original_size
         ))
 
-    def _working_image(self, image: Image.Image) -> tuple[np.ndarray, tuple[int, int]]:
-        """The greyscale working image, and the original's (width, height)."""
-        grey = np.asarray(image.convert("L"))
-        original_height, original_width = grey.shape
-        return _resize_longer_side(grey, self.settings.working_side), (original_width, original_height)
+    def _working_image(self, image: Image.Image) -> np.ndarray:
+        """The greyscale working image."""
+        return _resize_longer_side(np.asarray(image.convert("L")), self.settings.working_side)
 
     def _orb(self, keypoints: int, fast_threshold: int | None = None) -> "cv2.ORB":
         # A fresh detector per call: ORB objects are not safe to share between threads.

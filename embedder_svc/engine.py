@@ -7,22 +7,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal
 
 import numpy as np
-from PIL import Image
 
 from embedder_svc.backends import BackendError, InferenceBackend
 from embedder_svc.copy_features import NO_COPY, CopyFeatureExtractor, CopyFeatureSettings, CopyVerifier, Verdict
 from embedder_svc.batching import MicroBatcher
 from embedder_svc.metrics import EmbedderMetrics
-from embedder_svc.image_decoding import CropBox, ImageDecoder
+from embedder_svc.image_decoding import CropBox, DecodedImage, ImageDecoder, ResolutionNeed
 from embedder_svc.model_card import ModelCard, read_model_card
 from embedder_svc.preprocessing import Preprocessor
-from embedder_svc.regions import region_boxes
+from embedder_svc.regions import SMALLEST_REGION_SIDE, region_boxes
 from service_kit.copy_feature_codec import CopyFeatures
 from service_kit.tracing import span
 
@@ -54,7 +54,7 @@ class Prepared:
     """One decoded image's model inputs: its full view's, and its regions' (when asked for)."""
 
     tensor: np.ndarray
-    image: Image.Image | None  # kept for copy features only
+    picture: DecodedImage | None  # kept for copy features only
     regions: tuple[tuple[CropBox, np.ndarray], ...] = ()
 
 
@@ -78,6 +78,7 @@ class EmbeddingEngine:
         max_batch_wait_s: float,
         metrics: EmbedderMetrics,
         copy_settings: CopyFeatureSettings | None = None,
+        reduced_decoding: bool = True,
     ) -> None:
         self.model_dir = model_dir
         self.copy_settings = copy_settings or CopyFeatureSettings()
@@ -85,6 +86,7 @@ class EmbeddingEngine:
         self._copy_verifier = CopyVerifier(self.copy_settings)
         self._backend_factory = backend_factory
         self._decoder = decoder
+        self._reduced_decoding = reduced_decoding
         self._decode_executor = decode_executor
         self._decode_workers = max(1, decode_workers)
         self.max_batch_size = max_batch_size
@@ -174,7 +176,7 @@ class EmbeddingEngine:
         ]
         extraction = None
         if copy_features is not None:
-            decoded = [outcome.image for outcome in prepared if not isinstance(outcome, BaseException)]
+            decoded = [outcome.picture for outcome in prepared if not isinstance(outcome, BaseException)]
             extraction = asyncio.ensure_future(self._extract_copy_features(loop, decoded, copy_features == "query"))
         try:
             vectors = await asyncio.gather(
@@ -250,33 +252,43 @@ class EmbeddingEngine:
     ) -> list[Prepared | Exception]:
         """Each image to its model inputs (and the decoded image, when kept), or to the exception that
         stopped it (that image only)."""
+        need = self._resolution_need(preprocessor, keep_images, with_regions)
         outcomes: list[Prepared | Exception] = []
         for data, crop in images:
             try:
-                image = self._decoder.decode(data, crop)
+                picture = self._decoder.decode_for(data, crop, need)
                 regions = ()
                 if with_regions:
-                    regions = tuple(
-                        (box, preprocessor(image.crop((box.x, box.y, box.x + box.width, box.y + box.height))))
-                        for box in region_boxes(*image.size)
-                    )
-                outcomes.append(Prepared(preprocessor(image), image if keep_images else None, regions))
+                    regions = tuple((box, preprocessor(picture.part(box))) for box in region_boxes(*picture.size))
+                outcomes.append(Prepared(preprocessor(picture.image), picture if keep_images else None, regions))
             except Exception as error:  # noqa: BLE001 - reported per image by the caller
                 outcomes.append(error)
         return outcomes
 
+    def _resolution_need(self, preprocessor: Preprocessor, copy_features: bool, with_regions: bool) -> ResolutionNeed | None:
+        """What the model (and the regions, and the copy features, when asked for) need of a decoded
+        picture; None (every pixel) without reduced decoding."""
+        if not self._reduced_decoding:
+            return None
+        need = preprocessor.resolution_need
+        if with_regions:
+            need = need.combined(ResolutionNeed(shorter=math.ceil(need.shorter / SMALLEST_REGION_SIDE)))
+        if copy_features:
+            need = need.combined(ResolutionNeed(longer=self.copy_settings.working_side))
+        return need
+
     async def _extract_copy_features(
-        self, loop: asyncio.AbstractEventLoop, images: list[Image.Image], for_query: bool
+        self, loop: asyncio.AbstractEventLoop, pictures: list[DecodedImage], for_query: bool
     ) -> list[bytes | Exception]:
         """Each image's copy features. A lone query's, which a search waits for, are extracted in parts
         over the decode workers: its keypoints are detected on one while its shrunk image's are found
         on another, then described on it and on its mirror image side by side."""
-        if not (for_query and len(images) == 1 and self._decode_workers > 1):
-            return await self._in_shares(loop, images, lambda share: self._extract_all(share, for_query))
-        extractor, executor = self._copy_extractor, self._decode_executor
+        if not (for_query and len(pictures) == 1 and self._decode_workers > 1):
+            return await self._in_shares(loop, pictures, lambda share: self._extract_all(share, for_query))
+        extractor, executor, picture = self._copy_extractor, self._decode_executor, pictures[0]
         try:
-            zoomed = loop.run_in_executor(executor, extractor.query_zoomed_set, images[0])
-            detections = await loop.run_in_executor(executor, extractor.query_detections, images[0])
+            zoomed = loop.run_in_executor(executor, extractor.query_zoomed_set, picture.image)
+            detections = await loop.run_in_executor(executor, extractor.query_detections, picture.image, picture.size)
             plain, mirrored = await asyncio.gather(
                 loop.run_in_executor(executor, extractor.query_plain_set, detections),
                 loop.run_in_executor(executor, extractor.query_mirrored_set, detections),
@@ -286,11 +298,11 @@ class EmbeddingEngine:
             zoomed.cancel()
             return [CopyFeaturesFailed(f"copy features failed: {error}")]
 
-    def _extract_all(self, images: list[Image.Image], for_query: bool) -> list[bytes | Exception]:
+    def _extract_all(self, pictures: list[DecodedImage], for_query: bool) -> list[bytes | Exception]:
         outcomes: list[bytes | Exception] = []
-        for image in images:
+        for picture in pictures:
             try:
-                outcomes.append(self._copy_extractor.extract(image, for_query=for_query))
+                outcomes.append(self._copy_extractor.extract(picture.image, for_query=for_query, original_size=picture.size))
             except Exception as error:  # noqa: BLE001 - reported per image by the caller
                 outcomes.append(CopyFeaturesFailed(f"copy features failed: {error}"))
         return outcomes

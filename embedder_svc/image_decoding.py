@@ -1,9 +1,16 @@
 """Untrusted bytes in, an RGB Pillow image out (or `ImageRejected` with a message saying what is
-wrong). Blocking: run it in the decode executor, never on the event loop."""
+wrong). Blocking: run it in the decode executor, never on the event loop.
+
+A JPEG much larger than its consumers need (a phone's 12-megapixel photo, for a model that sees 256
+pixels) is decoded at 1/2, 1/4 or 1/8 of its size by libjpeg's DCT scaling (Pillow's `draft`), never
+below what `ResolutionNeed` asks for: under a third of the CPU, and a sixteenth of the memory or less, of
+decoding every pixel and then shrinking them (docs/benchmarks.md#large-photos). Coordinates stay those of
+the full picture: crop boxes in, region boxes and copy features' sizes out."""
 
 from __future__ import annotations
 
 import io
+import math
 import re
 import struct
 import warnings
@@ -41,6 +48,40 @@ class CropBox:
     height: int
 
 
+@dataclass(frozen=True)
+class ResolutionNeed:
+    """The least resolution the consumers of a decoded picture need, in its own pixels: its shorter side
+    at least `shorter` and its longer side at least `longer` (0: no need)."""
+
+    shorter: int = 0
+    longer: int = 0
+
+    def combined(self, other: "ResolutionNeed") -> "ResolutionNeed":
+        return ResolutionNeed(max(self.shorter, other.shorter), max(self.longer, other.longer))
+
+    def reduction(self, width: int, height: int) -> int:
+        """The largest factor (8, 4, 2, or 1) a width x height picture may shrink by and still meet it."""
+        room = min(
+            min(width, height) / self.shorter if self.shorter else math.inf,
+            max(width, height) / self.longer if self.longer else math.inf,
+        )
+        return next((factor for factor in (8, 4, 2) if factor <= room), 1)
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    """A picture (the image, or its crop) decoded at full resolution or reduced by `reduction`, and its
+    size at full resolution: the pixels every box a caller sends or receives is counted in."""
+
+    image: Image.Image
+    size: tuple[int, int]
+    reduction: int = 1
+
+    def part(self, box: CropBox) -> Image.Image:
+        """The pixels of `box` (full-resolution pixels of the picture)."""
+        return _reduced_crop(self.image, box, self.reduction)
+
+
 class ImageDecoder:
     def __init__(self, max_bytes: int, max_pixels: int) -> None:
         self.max_bytes = max_bytes
@@ -54,6 +95,12 @@ class ImageDecoder:
         ImageFile.LOAD_TRUNCATED_IMAGES = False
 
     def decode(self, data: bytes, crop: CropBox | None = None) -> Image.Image:
+        """The picture at full resolution."""
+        return self.decode_for(data, crop, None).image
+
+    def decode_for(self, data: bytes, crop: CropBox | None, need: ResolutionNeed | None) -> DecodedImage:
+        """The picture (the image, or `crop` of it) at the least resolution that meets `need` that DCT
+        scaling gives (JPEG only); at full resolution when `need` is None or the format cannot scale."""
         if not data:
             raise ImageRejected("empty image data")
         if len(data) > self.max_bytes:
@@ -62,16 +109,28 @@ class ImageDecoder:
         width, height = image.size
         if width * height > self.max_pixels:
             raise ImageRejected(self._too_many_pixels(f"image is {width}x{height} = {width * height} pixels"))
+        # Sides only (which is shorter): the same whatever the EXIF orientation.
+        sides = (width, height) if crop is None else (crop.width, crop.height)
+        reduction = need.reduction(*sides) if need is not None and image.format == "JPEG" else 1
+        if reduction > 1:
+            # Pillow may scale by less than asked (it divides with the remainder dropped), or not at all;
+            # what it chose is in the box it returns, (0, 0, width / factor, height / factor).
+            drafted = image.draft(None, (math.ceil(width / reduction), math.ceil(height / reduction)))
+            reduction = round(width / drafted[1][2]) if drafted is not None else 1
         try:
             image.load()  # decode every pixel now, so truncation shows here and not later
         except Image.DecompressionBombError as error:
             raise ImageRejected(self._too_many_pixels(_bomb_size(error))) from None
         except _DECODE_ERRORS as error:
             raise ImageRejected(f"truncated or corrupt {image.format} data: {error}") from None
+        stored_size = image.size
         image = _apply_exif_orientation(image)
+        full_size = (height, width) if image.size != stored_size else (width, height)
         if crop is not None:
-            image = _crop(image, crop)
-        return _to_rgb(image)
+            _check_crop(crop, full_size)
+            image = _reduced_crop(image, crop, reduction)
+        picture_size = full_size if crop is None else (crop.width, crop.height)
+        return DecodedImage(_to_rgb(image), picture_size, reduction)
 
     def _too_many_pixels(self, detail: str) -> str:
         return f"image too large: over the limit of {self.max_pixels} pixels (decompression bomb guard): {detail}"
@@ -113,14 +172,24 @@ def _apply_exif_orientation(image: Image.Image) -> Image.Image:
     return rotated if rotated is not None else image
 
 
-def _crop(image: Image.Image, crop: CropBox) -> Image.Image:
-    width, height = image.size
+def _check_crop(crop: CropBox, size: tuple[int, int]) -> None:
+    width, height = size
     box = f"x={crop.x} y={crop.y} width={crop.width} height={crop.height}"
     if crop.width == 0 or crop.height == 0:
         raise ImageRejected(f"crop box has zero size ({box})")
     if crop.x + crop.width > width or crop.y + crop.height > height:
         raise ImageRejected(f"crop box ({box}) lies outside the {width}x{height} image")
-    return image.crop((crop.x, crop.y, crop.x + crop.width, crop.y + crop.height))
+
+
+def _reduced_crop(image: Image.Image, box: CropBox, reduction: int) -> Image.Image:
+    """`box` (full-resolution pixels) cut from `image`, decoded `reduction` times smaller: the reduced
+    pixels that cover it, at least one."""
+    if reduction == 1:
+        return image.crop((box.x, box.y, box.x + box.width, box.y + box.height))
+    left, top = box.x // reduction, box.y // reduction
+    right = min(image.width, max(left + 1, math.ceil((box.x + box.width) / reduction)))
+    bottom = min(image.height, max(top + 1, math.ceil((box.y + box.height) / reduction)))
+    return image.crop((left, top, right, bottom))
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
+from embedder_svc.image_decoding import ResolutionNeed
 from embedder_svc.model_card import ModelCard
 
 _RESAMPLING = {
@@ -30,6 +31,11 @@ class Preprocessor:
         self.multiplier = (spec.pixel_scale / std).astype(np.float32)
         self.offset = (-np.asarray(spec.mean, dtype=np.float32) / std).astype(np.float32)
         self.dtype = _DTYPES[card.input.dtype]
+
+    @property
+    def resolution_need(self) -> ResolutionNeed:
+        """The least resolution of a picture this resizes without enlarging what it keeps."""
+        return ResolutionNeed(shorter=self.resize_shorter)
 
     def crop_box(self, width: int, height: int) -> tuple[float, float, float, float]:
         """The region of the source that resize-shorter-then-center-crop keeps, in source pixels.

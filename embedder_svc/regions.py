@@ -27,6 +27,11 @@ REGION_GRID: tuple[Fraction, ...] = tuple(
 )
 
 
+# The shorter side of the smallest region, as a fraction of the image's shorter side: an image must be
+# decoded 1 / SMALLEST_REGION_SIDE times larger than the model's input for every region to reach it.
+SMALLEST_REGION_SIDE = min(min(width, height) for _left, _top, width, height in REGION_GRID)
+
+
 def region_boxes(width: int, height: int, grid: tuple[Fraction, ...] = REGION_GRID) -> list[CropBox]:
     """The grid's regions in pixels of a `width` x `height` image, each at least 1x1 and inside it."""
     boxes = []

@@ -42,6 +42,7 @@ async def create_server(settings: EmbedderSettings) -> tuple[ManagedServer, int]
         max_batch_wait_s=settings.max_batch_wait_ms / 1000.0,
         metrics=metrics,
         copy_settings=settings.copy_search,
+        reduced_decoding=settings.reduced_decoding,
     )
     monitor = BackendHealthMonitor(server, engine)
     # Search by words, when the model card has a text section: loaded after the model, never failing it.

@@ -63,6 +63,10 @@ class EmbedderSettings(ServiceSettings):
     max_image_pixels: int = Field(40_000_000, ge=1)
     max_images_per_request: int = Field(256, ge=1)
     decode_workers: int = Field(2, ge=1)
+    # A JPEG larger than the model, the regions and the copy features need is decoded at 1/2, 1/4 or 1/8
+    # of its size (libjpeg's DCT scaling): a 12-megapixel photo's decode and preprocessing take a third of
+    # the CPU. Off: every pixel is decoded, as before (vectors of large JPEGs then differ slightly).
+    reduced_decoding: bool = True
     # Copy features and their verification (EMBEDDER_COPY_SEARCH__KEYPOINTS, ...; see copy_features.py).
     copy_search: CopyFeatureSettings = CopyFeatureSettings()
     # onnxruntime intra-op threads; 0 lets onnxruntime choose.

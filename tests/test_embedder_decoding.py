@@ -14,9 +14,13 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
+from embedder_svc.image_decoding import CropBox, ImageDecoder, ImageRejected, ResolutionNeed
 from embedder_svc.model_card import read_model_card
 from embedder_svc.preprocessing import Preprocessor
+from embedder_svc.regions import region_boxes
 from embedder_svc.server import SERVICE_NAME
+from service_kit.copy_feature_codec import decode_copy_features
+from vsearch.v1 import embedder_pb2
 from conftest import (
     TEST_MAX_IMAGE_BYTES,
     RunningEmbedder,
@@ -237,3 +241,91 @@ def test_preprocessing_computes_the_cards_formula(
     assert tensor.dtype == np.dtype(dtype) and tensor.shape == (3, spec.crop, spec.crop)
     assert tensor.flags.c_contiguous
     np.testing.assert_array_equal(tensor, expected)
+
+
+# --- large JPEGs, decoded no larger than needed ------------------------------------------------
+
+PHOTO_SIZE = (4032, 3024)  # a 12-megapixel phone photo
+
+
+@pytest.fixture(scope="module")
+def photo(pixels: Image.Image) -> Image.Image:
+    """A 12-megapixel photo's pixels: a ukbench image enlarged, with fine noise for a photo's detail."""
+    enlarged = np.asarray(pixels.resize(PHOTO_SIZE, Image.Resampling.BICUBIC), dtype=np.int16)
+    noise = np.random.default_rng(0).integers(-5, 6, enlarged.shape)
+    return Image.fromarray(np.clip(enlarged + noise, 0, 255).astype(np.uint8))
+
+
+@pytest.fixture(scope="module")
+def photo_jpeg(photo: Image.Image) -> bytes:
+    return encode(photo, "JPEG", quality=90)
+
+
+DECODER = ImageDecoder(max_bytes=1 << 26, max_pixels=40_000_000)
+
+
+@pytest.mark.parametrize(("need", "decoded_size", "reduction"), [
+    (ResolutionNeed(shorter=256), (504, 378), 8),                 # the model's 256: 1/8
+    (ResolutionNeed(shorter=256, longer=512), (1008, 756), 4),    # and copy features' 512 (1/8 is 504): 1/4
+    (ResolutionNeed(shorter=640), (1008, 756), 4),                # regions' 256 / 0.4
+    (ResolutionNeed(shorter=2000), PHOTO_SIZE, 1),                # 1/2 would be 1512 high
+    (None, PHOTO_SIZE, 1),
+])
+def test_a_large_jpeg_is_decoded_no_larger_than_its_consumers_need(
+    photo_jpeg: bytes, need: ResolutionNeed | None, decoded_size: tuple[int, int], reduction: int
+) -> None:
+    decoded = DECODER.decode_for(photo_jpeg, None, need)
+    assert decoded.image.size == decoded_size and decoded.image.mode == "RGB"
+    assert decoded.size == PHOTO_SIZE and decoded.reduction == reduction
+
+
+def test_formats_without_dct_scaling_are_decoded_whole(photo: Image.Image) -> None:
+    png = encode(photo.resize((2400, 1800)), "PNG")
+    decoded = DECODER.decode_for(png, None, ResolutionNeed(shorter=256))
+    assert decoded.image.size == (2400, 1800) and decoded.reduction == 1
+
+
+def test_reduced_crops_and_parts_are_in_the_full_pictures_pixels(photo: Image.Image) -> None:
+    """A crop box is in the full photo's displayed pixels (after EXIF orientation) however small the
+    photo is decoded; so is every box a DecodedImage cuts; the pixels are those of the full photo's,
+    shrunk."""
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown rotated 90 degrees clockwise: displayed 3024 x 4032
+    rotated = encode(photo, "JPEG", quality=90, exif=exif.tobytes())
+    displayed = photo.transpose(Image.Transpose.ROTATE_270)
+    crop = CropBox(800, 1200, 1600, 2000)
+    decoded = DECODER.decode_for(rotated, crop, ResolutionNeed(shorter=256))
+    assert decoded.size == (1600, 2000) and decoded.reduction == 4
+    assert decoded.image.size == (400, 500)
+    expected = displayed.crop((800, 1200, 2400, 3200)).resize((400, 500), Image.Resampling.BOX)
+    difference = np.abs(np.asarray(decoded.image, np.int16) - np.asarray(expected, np.int16))
+    assert difference.mean() < 4  # the same picture (0.8; a shifted crop or the stored orientation: 49, 59)
+
+    part = CropBox(400, 1000, 800, 600)
+    shrunk_part = decoded.part(part)
+    assert shrunk_part.size == (200, 150)
+    expected_part = displayed.crop((1200, 2200, 2000, 2800)).resize((200, 150), Image.Resampling.BOX)
+    assert np.abs(np.asarray(shrunk_part, np.int16) - np.asarray(expected_part, np.int16)).mean() < 4
+
+    with pytest.raises(ImageRejected, match=re.escape("lies outside the 3024x4032 image")):
+        DECODER.decode_for(rotated, CropBox(0, 0, 3100, 100), ResolutionNeed(shorter=256))
+
+
+async def test_a_large_jpeg_embeds_as_when_decoded_whole(
+    mobilenet_dir: Path, mobilenet_embedder: RunningEmbedder, photo_jpeg: bytes
+) -> None:
+    """Reduced decoding (the default) changes a photo's vectors less than recompressing it does, and
+    keeps every box in the photo's own pixels: its regions', and the size its copy features' matched
+    boxes are given in."""
+    request = embedder_pb2.EmbedImagesRequest(images=[image_input(photo_jpeg)], with_regions=True,
+                                              with_copy_features=True)
+    reduced = (await mobilenet_embedder.stub.EmbedImages(request, timeout=60)).results[0]
+    async with running_embedder(embedder_settings(mobilenet_dir, reduced_decoding=False)) as whole_embedder:
+        whole = (await whole_embedder.stub.EmbedImages(request, timeout=60)).results[0]
+    assert cosine(vector_of(reduced), vector_of(whole)) > 0.97
+    boxes = [(box.x, box.y, box.width, box.height) for box in region_boxes(*PHOTO_SIZE)]
+    for result in (reduced, whole):
+        assert [(r.box.x, r.box.y, r.box.width, r.box.height) for r in result.regions] == boxes
+        assert decode_copy_features(result.copy_features).original_size == PHOTO_SIZE
+    for reduced_region, whole_region in zip(reduced.regions, whole.regions):
+        assert np.dot(reduced_region.embedding.values, whole_region.embedding.values) > 0.95

@@ -66,8 +66,9 @@ class ModelRig:
         }
 
     def prepare(self, data: bytes) -> np.ndarray:
-        """Bytes -> model input tensor, exactly as the embedder's decode executor does it."""
-        return self.preprocessor(self.decoder.decode(data, None))
+        """Bytes -> model input tensor, exactly as the embedder's decode executor does it for a search."""
+        need = self.preprocessor.resolution_need if self.settings.reduced_decoding else None
+        return self.preprocessor(self.decoder.decode_for(data, None, need).image)
 
     async def infer(self, batch: np.ndarray) -> np.ndarray:
         output = await self.backend.infer(batch)
