@@ -431,3 +431,19 @@ async def test_invalid_argument_is_never_retried_and_a_deadline_bounds_every_cal
         await unreachable.call("stats")
     assert asyncio.get_running_loop().time() - started < 1.5 and 1 < gave_up.value.attempts < PATIENT.max_attempts
     await unreachable.close()
+
+
+async def test_a_stream_whose_write_failed_in_grpc_core_is_unavailable_only_when_the_gateway_is_gone(stack, keys):
+    """grpc.aio ends a stream whose write failed in its core with INTERNAL ("Internal error from Core"),
+    losing the status it had not yet received: a gateway killed mid-stream (the ingest retries that as
+    UNAVAILABLE) or the gateway's own. Which one is told by whether the gateway still answers."""
+    lost = grpc.aio.AioRpcError(grpc.StatusCode.INTERNAL, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                                details="Internal error from Core", debug_error_string="Failed \"execute_batch\"")
+    _, made = keys
+    async with AsyncVisualSearchClient(stack.gateway_server.address, api_key=made["operator"]) as alive:
+        error = await alive._broken_stream_error(lost, 1)
+    assert error.code == grpc.StatusCode.INTERNAL and "lost the status" in error.message
+    async with AsyncVisualSearchClient(f"127.0.0.1:{free_port()}") as gone:
+        error = await gone._broken_stream_error(lost, 2)
+    assert isinstance(error, Unavailable) and error.attempts == 2
+    assert "the connection to the gateway broke while the stream was being sent" in error.message

@@ -9,10 +9,11 @@ from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Ma
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from vsearch.client import messages
 from vsearch.client.calls import CallSettings, RetryEvent
-from vsearch.client.errors import VsearchError, error_from_rpc
+from vsearch.client.errors import VsearchError, error_for, error_from_rpc
 from vsearch.client.types import (
     AddItem, AddSummary, CatalogImage, CollectionInfo, CollectionStats, DeleteResult, DropResult, Hit,
     ImageSource, SearchQuery, SearchResult,
@@ -43,6 +44,7 @@ class AsyncVisualSearchClient(CallSettings):
                          if self.credentials is not None else
                          grpc.aio.insecure_channel(address, options=self.channel_options))
         self._stub = gateway_pb2_grpc.VisualSearchStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
 
     async def __aenter__(self) -> AsyncVisualSearchClient:
         return self
@@ -167,6 +169,7 @@ class AsyncVisualSearchClient(CallSettings):
                 error = error_from_rpc(rpc_error, attempt)
             await self._retry_or_raise("AddImages", error, attempt, deadline)
         sent = 0
+        write_failed = False
         try:
             if not await _stream_admitted(call):
                 return messages.add_summary(await call)  # refused: raises the gateway's status
@@ -178,6 +181,7 @@ class AsyncVisualSearchClient(CallSettings):
                     await call.write(request)
                 except (asyncio.InvalidStateError, grpc.aio.AioRpcError):
                     # The call has ended (the gateway went away, say); awaiting it below gives its status.
+                    write_failed = True
                     break
                 sent += 1
                 if progress is not None:
@@ -186,11 +190,36 @@ class AsyncVisualSearchClient(CallSettings):
                 await call.done_writing()
             reply = await call
         except grpc.aio.AioRpcError as rpc_error:
+            if write_failed and (rpc_error.code(), rpc_error.details()) == _WRITE_FAILED_IN_CORE:
+                raise await self._broken_stream_error(rpc_error, attempt)
             raise error_from_rpc(rpc_error, attempt)
         except BaseException:
             call.cancel()  # the items' own problem (or our cancellation): end the stream, keep the cause
             raise
         return messages.add_summary(reply)
+
+    async def _broken_stream_error(self, rpc_error: grpc.aio.AioRpcError, attempt: int) -> VsearchError:
+        """The error of a stream whose write failed in grpc's core, which then replaced the call's status
+        with INTERNAL: UNAVAILABLE when the gateway no longer answers (it went away mid-stream: the
+        connection, not the gateway, ended the stream), else that INTERNAL, saying what happened."""
+        if not await self._answers(_BROKEN_STREAM_PROBE_S):
+            error = error_for(grpc.StatusCode.UNAVAILABLE, "the connection to the gateway broke while the stream "
+                              f"was being sent, and the gateway does not answer ({rpc_error.debug_error_string()})",
+                              attempts=attempt)
+        else:
+            error = error_for(grpc.StatusCode.INTERNAL, "the gateway ended the stream while an item was being sent, "
+                              "and gRPC lost the status it ended it with", attempts=attempt)
+        error.__cause__ = rpc_error
+        return error
+
+    async def _answers(self, timeout: float) -> bool:
+        """Whether the gateway answers a health check within `timeout` seconds (any answer, a refusal
+        included, means it is there)."""
+        try:
+            await self._health.Check(health_pb2.HealthCheckRequest(), timeout=timeout, metadata=self.metadata)
+        except grpc.aio.AioRpcError as rpc_error:
+            return rpc_error.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+        return True
 
     async def delete(self, ids: Iterable[str], *, collection: str = "", timeout: float | None = None) -> DeleteResult:
         """As VisualSearchClient.delete."""
@@ -235,6 +264,12 @@ class AsyncVisualSearchClient(CallSettings):
 _STREAM_ACCEPTED = ("vsearch-stream", "accepted")
 # A gateway older than this marker never sends it: after this long, write anyway.
 _ADMISSION_WAIT_S = 5.0
+# The status grpc.aio gives a call whose write failed in grpc's core (grpc/aio/_call.py, _write), in place
+# of the one it had not yet received: the gateway's, or the broken connection's UNAVAILABLE. A gateway
+# killed mid-stream ends it either way, depending on which grpc sees first.
+_WRITE_FAILED_IN_CORE = (grpc.StatusCode.INTERNAL, "Internal error from Core")
+# How long the gateway has to answer a health check before such a stream counts as broken by its going away.
+_BROKEN_STREAM_PROBE_S = 2.0
 
 
 async def _stream_admitted(call: grpc.aio.StreamUnaryCall) -> bool:
