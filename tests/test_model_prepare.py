@@ -353,7 +353,9 @@ async def test_the_embedder_serves_a_custom_model_as_its_card_says(tmp_path: Pat
                                 mean=(110.0, 120.0, 130.0), std=(50.0, 60.0, 70.0))
     assert card.preprocessing == CUSTOM_PREPROCESSING
     paths = ukbench_images[::8]
-    async with running_embedder(embedder_settings(out)) as embedder:
+    # Every pixel decoded, as the reference does: with a 40-pixel resize the embedder would decode these
+    # 640x480 JPEGs at 1/8 (EMBEDDER_REDUCED_DECODING), which moves the vectors by about 1e-4.
+    async with running_embedder(embedder_settings(out, reduced_decoding=False)) as embedder:
         info = await embedder.stub.Info(embedder_pb2.InfoRequest(), timeout=5)
         assert (info.model_name, info.model_version, info.dimension) == ("tiny-conv", card.version, TINY_CHANNELS)
         served = await embed_vectors(embedder.stub, [path.read_bytes() for path in paths])
