@@ -20,8 +20,8 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 # Pillow format names, in the order Image.open tries them.
-SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
-_SUPPORTED_TEXT = "JPEG, PNG, WebP, GIF, BMP or TIFF"
+SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "AVIF", "GIF", "BMP", "TIFF")
+_SUPPORTED_TEXT = "JPEG, PNG, WebP, AVIF, GIF, BMP or TIFF"
 _BACKGROUND = (255, 255, 255)
 # Errors Pillow's plugins raise on malformed data, besides OSError.
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError)

@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
+from PIL import Image
 
 from conftest import REPO_ROOT, VSEARCH, children_of, run_cli, vsearch_up
 from dual_encoder import build_dual_encoder, write_tokenizer_json
@@ -81,8 +82,9 @@ def test_up_lets_the_gateway_serve_images_from_its_image_roots(running_stack, uk
 def test_index_reports_and_skips_bad_files(running_stack, ukbench_images, tmp_path):
     folder = tmp_path / "catalog" / "nested"
     folder.mkdir(parents=True)
-    for path in ukbench_images[:8]:
+    for path in ukbench_images[:7]:
         (folder / path.name).write_bytes(path.read_bytes())
+    Image.open(ukbench_images[7]).save(folder / "ukbench00007.avif", quality=90)  # AVIF is taken too
     (folder / "broken.jpg").write_bytes(ukbench_images[8].read_bytes()[:2000])
     (folder / "notes.txt").write_text("not an image")
     result = run_cli("index", str(tmp_path / "catalog"), "--gateway", running_stack.gateway, "--json",

@@ -64,6 +64,7 @@ async def jpeg_vector(mobilenet_embedder: RunningEmbedder, jpeg: bytes) -> np.nd
         ("TIFF", {"compression": "tiff_lzw"}, 0.9999),
         ("WEBP", {"lossless": True}, 0.9999),
         ("WEBP", {"quality": 90}, 0.95),
+        ("AVIF", {"quality": 90}, 0.95),
         ("GIF", {}, 0.9),  # 256-colour palette
         ("JPEG", {"quality": 75}, 0.95),
     ],

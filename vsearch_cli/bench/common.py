@@ -12,8 +12,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from vsearch_cli.image_files import is_image_file
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 # gRPC message limit of the bench's own channels: an ANN upsert of 1000 x 1280 floats is ~5 MB.
 CLIENT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 _VERSIONED_PACKAGES = ("onnxruntime", "pymilvus", "milvus-lite", "numpy", "pillow", "grpcio", "faiss-cpu")
@@ -98,7 +98,7 @@ def load_average() -> list[float]:
 def list_images(root: Path) -> list[Path]:
     if not root.is_dir():
         raise BenchError(f"image folder {root} not found (give --images DIR)")
-    files = sorted(path for path in root.rglob("*") if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(path for path in root.rglob("*") if path.is_file() and is_image_file(path))
     if not files:
         raise BenchError(f"no images under {root}")
     return files

@@ -36,11 +36,11 @@ from embedder_svc.image_decoding import ImageDecoder
 from embedder_svc.model_card import MODEL_FILE_NAME, ModelCard, read_model_card
 from embedder_svc.preprocessing import Preprocessor
 from embedder_svc.settings import EmbedderSettings, TritonSettings
+from vsearch_cli.image_files import is_image_file
 
 DEFAULT_BATCH_SIZES = (1, 8, 32)
 DEFAULT_IMAGES = 256
 DEFAULT_CONCURRENCY = 32
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 
 
 def default_image_dir() -> Path:
@@ -54,7 +54,7 @@ def _percentile(values: Sequence[float], q: float) -> float:
 
 
 def _load_images(image_dir: Path, limit: int = 64) -> list[bytes]:
-    paths = sorted(path for path in image_dir.rglob("*") if path.suffix.lower() in IMAGE_SUFFIXES)[:limit]
+    paths = sorted(path for path in image_dir.rglob("*") if is_image_file(path))[:limit]
     if not paths:
         raise ValueError(f"no images under {image_dir}")
     return [path.read_bytes() for path in paths]

@@ -45,8 +45,8 @@ from vsearch_cli.catalog.manifest import ManifestError, check_manifest, count_ro
 from vsearch_cli.gateway_connection import (
     add_gateway_arguments, async_gateway_client, report_gateway_failure,
 )
+from vsearch_cli.image_files import is_image_file
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 # Images per AddImages stream: two of the gateway's embedder batches of 32, and a broken stream costs
 # at most this much re-sending.
 INDEX_CHUNK = 64
@@ -146,7 +146,7 @@ def iter_image_files(paths: Sequence[str]) -> tuple[list[Path], list[Path]]:
         path = Path(raw)
         candidates = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
         for candidate in candidates:
-            (images if candidate.suffix.lower() in IMAGE_SUFFIXES else skipped).append(candidate)
+            (images if is_image_file(candidate) else skipped).append(candidate)
     return images, skipped
 
 

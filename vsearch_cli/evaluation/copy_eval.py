@@ -23,7 +23,7 @@ from PIL import Image, UnidentifiedImageError
 
 from service_kit.file_digest import file_sha256
 from vsearch.client import AsyncVisualSearchClient
-from vsearch_cli.catalog.ingest import IMAGE_SUFFIXES
+from vsearch_cli.image_files import is_image_file
 from vsearch_cli.evaluation.copy_transforms import TRANSFORMS, transformed_copy
 from vsearch_cli.evaluation.eval_command import (
     MAX_REPORTED_FAILURES, SEARCH_TIMEOUT_S, EvalError, LabelledImage, QueryOutcome, evaluation_collection,
@@ -145,7 +145,7 @@ def list_distractors(directory: Path) -> list[Path]:
             continue
         seen.add(real)
         images += [path for path in (Path(folder) / name for name in files)
-                   if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()]
+                   if is_image_file(path) and path.is_file()]
     images.sort()
     if not images:
         raise EvalError(f"--distractors {directory}: no images under it", 2)

@@ -33,7 +33,7 @@ from vsearch_cli.model_tools.projection_head import (
     initializers_sha256,
     read_source,
 )
-from vsearch_cli.model_tools.quantize import IMAGE_SUFFIXES
+from vsearch_cli.image_files import is_image_file
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def list_images(root: Path) -> list[Path]:
     """Image files under `root`, recursively, sorted."""
     if not root.is_dir():
         raise PcaError(f"image folder {root} not found")
-    return sorted(path for path in root.rglob("*") if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file())
+    return sorted(path for path in root.rglob("*") if is_image_file(path) and path.is_file())
 
 
 def sample_images(paths: Sequence[Path], max_images: int | None, seed: int = 0) -> list[Path]:

@@ -52,13 +52,13 @@ from vsearch_cli.model_tools.prepare import (
 )
 from embedder_svc.preprocessing import Preprocessor
 from vsearch_cli.evaluation.retrieval_metrics import score_query, summarise
+from vsearch_cli.image_files import is_image_file
 
 logger = logging.getLogger(__name__)
 
 CalibrationMethodName = Literal["minmax", "entropy", "percentile"]
 CALIBRATION_METHODS: tuple[CalibrationMethodName, ...] = ("minmax", "entropy", "percentile")
 QuantTypeName = Literal["int8", "uint8"]
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 GUARD_METRIC = "map_at_100"
 GUARD_K = 100
 DEFAULT_TOLERANCE = 0.01
@@ -153,7 +153,7 @@ def draw_calibration_images(folder: Path, count: int, *, seed: int = 0, exclude:
     excluded = {path.resolve() for path in exclude}
     candidates = sorted(
         path for path in folder.rglob("*")
-        if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file() and path.resolve() not in excluded
+        if is_image_file(path) and path.is_file() and path.resolve() not in excluded
     )
     if not candidates:
         raise QuantizeError(f"no images under {folder}" + (" besides the evaluation images" if excluded else ""))
