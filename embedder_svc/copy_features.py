@@ -49,9 +49,10 @@ class CopyFeatureSettings(BaseModel):
     # then see mirrored copies too. At most `keypoints`: its own detections, mirrored.
     mirrored_keypoints: int = Field(96, ge=0, le=1000)
     # A query's keypoints found again on its working image shrunk `query_zoom` times (0 keypoints: none),
-    # added to its own. A copy cropped to half the side reaches the working side at twice the catalog
-    # image's scale, and ORB's pyramid only shrinks from there, so the crop's coarse keypoints, those
-    # that match the catalog image's finest, would otherwise be missing.
+    # added to its own, and mirrored to its mirror image's (when it has those). A copy cropped to half the
+    # side reaches the working side at twice the catalog image's scale, and ORB's pyramid only shrinks from
+    # there, so the crop's coarse keypoints, those that match the catalog image's finest, would otherwise
+    # be missing (a mirrored half-side crop: 0.63 -> 0.80 found, docs/copy-search.md).
     zoomed_query_keypoints: int = Field(64, ge=0, le=1000)
     query_zoom: float = Field(2.0, gt=1, le=8)
     # Keypoints are found `oversample` times over, then `keypoints` of them kept, spread over a
@@ -115,7 +116,8 @@ NO_COPY = Verdict(is_copy=False, copy_score=0.0, inliers=0)
 class CopyFeatureExtractor:
     """Extraction in parts, so that a lone query's can run on several threads (see the engine): its
     keypoints are detected once (`query_detections`), then described on the image and on its mirror
-    image (`query_plain_set`, `query_mirrored_set`), beside those of its shrunk image (`query_zoomed_set`)."""
+    image (`query_plain_set`, `query_mirrored_set`), beside those of its shrunk image and of that one's mirror
+    image (`query_zoomed_sets`)."""
 
     def __init__(self, settings: CopyFeatureSettings) -> None:
         self.settings = settings
@@ -128,7 +130,7 @@ class CopyFeatureExtractor:
             detections = self.query_detections(image, original_size)
             return self.combine(
                 detections, self.query_plain_set(detections), self.query_mirrored_set(detections),
-                self.query_zoomed_set(image),
+                self.query_zoomed_sets(image),
             )
         detections = self._detections(self._working_image(image), original_size or image.size, self.settings.keypoints)
         own = self._chosen_set(detections, self.settings.keypoints)
@@ -180,24 +182,32 @@ class CopyFeatureExtractor:
         ]
         return self._described(np.ascontiguousarray(working[:, ::-1]), mirrored)
 
-    def query_zoomed_set(self, image: Image.Image) -> FeatureSet:
-        """A query's keypoints found on its working image shrunk `query_zoom` times, positioned in the
-        working image (see CopyFeatureSettings.zoomed_query_keypoints)."""
-        if self.settings.zoomed_query_keypoints == 0:
-            return _EMPTY
+    def query_zoomed_sets(self, image: Image.Image) -> tuple[FeatureSet, FeatureSet]:
+        """A query's keypoints found on its working image shrunk `query_zoom` times, and the same on the
+        shrunk image's mirror image (none without mirrored query keypoints), positioned in the working
+        image and in its mirror image (see CopyFeatureSettings.zoomed_query_keypoints)."""
+        keypoints = self.settings.zoomed_query_keypoints
+        if keypoints == 0:
+            return _EMPTY, _EMPTY
         working = self._working_image(image)
         height, width = working.shape
         zoom = self.settings.query_zoom
         shrunk = cv2.resize(working, (max(1, round(width / zoom)), max(1, round(height / zoom))), interpolation=cv2.INTER_AREA)
-        keypoints = self.settings.zoomed_query_keypoints
-        found = self._chosen_set(self._detections(shrunk, _size(shrunk), keypoints), keypoints)
-        return FeatureSet(found.points * np.float32(zoom), found.descriptors)
+        detections = self._detections(shrunk, _size(shrunk), keypoints)
+        found = self._chosen_set(detections, keypoints)
+        mirrored = self._mirrored_set(detections, keypoints) if self.settings.mirrored_query_keypoints else _EMPTY
+        scale = np.float32(zoom)
+        return (FeatureSet(found.points * scale, found.descriptors),
+                FeatureSet(mirrored.points * scale, mirrored.descriptors))
 
     @staticmethod
-    def combine(detections: "Detections", plain: FeatureSet, mirrored: FeatureSet, zoomed: FeatureSet) -> bytes:
-        """A query's blob: its own keypoints with the zoomed ones, and its mirror image's."""
+    def combine(detections: "Detections", plain: FeatureSet, mirrored: FeatureSet,
+                zoomed: tuple[FeatureSet, FeatureSet]) -> bytes:
+        """A query's blob: its own keypoints with the zoomed ones, and its mirror image's with theirs."""
+        zoomed_plain, zoomed_mirrored = zoomed
         return encode_copy_features(CopyFeatures(
-            _joined(plain, zoomed), mirrored, _size(detections.working), detections.original_size
+            _joined(plain, zoomed_plain), _joined(mirrored, zoomed_mirrored), _size(detections.working),
+            detections.original_size,
         ))
 
     def _working_image(self, image: Image.Image) -> np.ndarray:

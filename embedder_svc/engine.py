@@ -287,7 +287,7 @@ class EmbeddingEngine:
             return await self._in_shares(loop, pictures, lambda share: self._extract_all(share, for_query))
         extractor, executor, picture = self._copy_extractor, self._decode_executor, pictures[0]
         try:
-            zoomed = loop.run_in_executor(executor, extractor.query_zoomed_set, picture.image)
+            zoomed = loop.run_in_executor(executor, extractor.query_zoomed_sets, picture.image)
             detections = await loop.run_in_executor(executor, extractor.query_detections, picture.image, picture.size)
             plain, mirrored = await asyncio.gather(
                 loop.run_in_executor(executor, extractor.query_plain_set, detections),
