@@ -204,8 +204,7 @@ class AsyncVisualSearchClient(CallSettings):
         connection, not the gateway, ended the stream), else that INTERNAL, saying what happened."""
         if not await self._answers(_BROKEN_STREAM_PROBE_S):
             error = error_for(grpc.StatusCode.UNAVAILABLE, "the connection to the gateway broke while the stream "
-                              f"was being sent, and the gateway does not answer ({rpc_error.debug_error_string()})",
-                              attempts=attempt)
+                              "was being sent, and the gateway does not answer", attempts=attempt)
         else:
             error = error_for(grpc.StatusCode.INTERNAL, "the gateway ended the stream while an item was being sent, "
                               "and gRPC lost the status it ended it with", attempts=attempt)
