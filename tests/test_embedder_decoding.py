@@ -262,7 +262,9 @@ def photo_jpeg(photo: Image.Image) -> bytes:
     return encode(photo, "JPEG", quality=90)
 
 
-DECODER = ImageDecoder(max_bytes=1 << 26, max_pixels=40_000_000)
+@pytest.fixture(scope="module")
+def decoder() -> ImageDecoder:
+    return ImageDecoder(max_bytes=1 << 26, max_pixels=40_000_000)
 
 
 @pytest.mark.parametrize(("need", "decoded_size", "reduction"), [
@@ -273,20 +275,21 @@ DECODER = ImageDecoder(max_bytes=1 << 26, max_pixels=40_000_000)
     (None, PHOTO_SIZE, 1),
 ])
 def test_a_large_jpeg_is_decoded_no_larger_than_its_consumers_need(
-    photo_jpeg: bytes, need: ResolutionNeed | None, decoded_size: tuple[int, int], reduction: int
+    decoder: ImageDecoder, photo_jpeg: bytes, need: ResolutionNeed | None, decoded_size: tuple[int, int],
+    reduction: int,
 ) -> None:
-    decoded = DECODER.decode_for(photo_jpeg, None, need)
+    decoded = decoder.decode_for(photo_jpeg, None, need)
     assert decoded.image.size == decoded_size and decoded.image.mode == "RGB"
     assert decoded.size == PHOTO_SIZE and decoded.reduction == reduction
 
 
-def test_formats_without_dct_scaling_are_decoded_whole(photo: Image.Image) -> None:
+def test_formats_without_dct_scaling_are_decoded_whole(decoder: ImageDecoder, photo: Image.Image) -> None:
     png = encode(photo.resize((2400, 1800)), "PNG")
-    decoded = DECODER.decode_for(png, None, ResolutionNeed(shorter=256))
+    decoded = decoder.decode_for(png, None, ResolutionNeed(shorter=256))
     assert decoded.image.size == (2400, 1800) and decoded.reduction == 1
 
 
-def test_reduced_crops_and_parts_are_in_the_full_pictures_pixels(photo: Image.Image) -> None:
+def test_reduced_crops_and_parts_are_in_the_full_pictures_pixels(decoder: ImageDecoder, photo: Image.Image) -> None:
     """A crop box is in the full photo's displayed pixels (after EXIF orientation) however small the
     photo is decoded; so is every box a DecodedImage cuts; the pixels are those of the full photo's,
     shrunk."""
@@ -295,7 +298,7 @@ def test_reduced_crops_and_parts_are_in_the_full_pictures_pixels(photo: Image.Im
     rotated = encode(photo, "JPEG", quality=90, exif=exif.tobytes())
     displayed = photo.transpose(Image.Transpose.ROTATE_270)
     crop = CropBox(800, 1200, 1600, 2000)
-    decoded = DECODER.decode_for(rotated, crop, ResolutionNeed(shorter=256))
+    decoded = decoder.decode_for(rotated, crop, ResolutionNeed(shorter=256))
     assert decoded.size == (1600, 2000) and decoded.reduction == 4
     assert decoded.image.size == (400, 500)
     expected = displayed.crop((800, 1200, 2400, 3200)).resize((400, 500), Image.Resampling.BOX)
@@ -309,7 +312,7 @@ def test_reduced_crops_and_parts_are_in_the_full_pictures_pixels(photo: Image.Im
     assert np.abs(np.asarray(shrunk_part, np.int16) - np.asarray(expected_part, np.int16)).mean() < 4
 
     with pytest.raises(ImageRejected, match=re.escape("lies outside the 3024x4032 image")):
-        DECODER.decode_for(rotated, CropBox(0, 0, 3100, 100), ResolutionNeed(shorter=256))
+        decoder.decode_for(rotated, CropBox(0, 0, 3100, 100), ResolutionNeed(shorter=256))
 
 
 async def test_a_large_jpeg_embeds_as_when_decoded_whole(
