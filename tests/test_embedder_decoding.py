@@ -318,15 +318,16 @@ def test_reduced_crops_and_parts_are_in_the_full_pictures_pixels(decoder: ImageD
 async def test_a_large_jpeg_embeds_as_when_decoded_whole(
     mobilenet_dir: Path, mobilenet_embedder: RunningEmbedder, photo_jpeg: bytes
 ) -> None:
-    """Reduced decoding (the default) changes a photo's vectors less than recompressing it does, and
-    keeps every box in the photo's own pixels: its regions', and the size its copy features' matched
-    boxes are given in."""
+    """Reduced decoding (the default) changes a photo's vector a little (cosine 0.982 here; recompressing a ukbench
+    image at JPEG quality 75 gives 0.979, docs/benchmarks.md), and keeps every box in the photo's own pixels:
+    its regions', and the size its copy features' matched boxes are given in."""
     request = embedder_pb2.EmbedImagesRequest(images=[image_input(photo_jpeg)], with_regions=True,
                                               with_copy_features=True)
     reduced = (await mobilenet_embedder.stub.EmbedImages(request, timeout=60)).results[0]
     async with running_embedder(embedder_settings(mobilenet_dir, reduced_decoding=False)) as whole_embedder:
         whole = (await whole_embedder.stub.EmbedImages(request, timeout=60)).results[0]
-    assert cosine(vector_of(reduced), vector_of(whole)) > 0.97
+    # Different (the default did decode it smaller), but close.
+    assert 0.97 < cosine(vector_of(reduced), vector_of(whole)) < 0.999
     boxes = [(box.x, box.y, box.width, box.height) for box in region_boxes(*PHOTO_SIZE)]
     for result in (reduced, whole):
         assert [(r.box.x, r.box.y, r.box.width, r.box.height) for r in result.regions] == boxes
