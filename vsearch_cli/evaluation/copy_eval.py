@@ -23,12 +23,12 @@ from PIL import Image, UnidentifiedImageError
 
 from service_kit.file_digest import file_sha256
 from vsearch.client import AsyncVisualSearchClient
-from vsearch_cli.image_files import is_image_file
 from vsearch_cli.evaluation.copy_transforms import TRANSFORM_SETS, TRANSFORMS, transformed_copy
 from vsearch_cli.evaluation.eval_command import (
     MAX_REPORTED_FAILURES, SEARCH_TIMEOUT_S, EvalError, LabelledImage, QueryOutcome, evaluation_collection,
     new_collection_name, search_queries,
 )
+from vsearch_cli.image_files import is_image_file
 from vsearch_cli.gateway_connection import async_gateway_client
 
 COPY_ID_SEPARATOR = "#copy-"
@@ -75,13 +75,13 @@ def first_hit_is_another_copy(outcome: QueryOutcome) -> bool:
 
 def score_copies(outcomes: Sequence[QueryOutcome], duplicates: Mapping[str, frozenset[str]] | None = None,
                  transforms: Sequence[str] = tuple(TRANSFORMS)) -> dict:
-    """Per transform (of `transforms`, in that order) and over all (relevant = the copy's original): queries; recall_at_1, the original
-    first; copy_recall_at_1, the original first and is_copy (None when the hits carry no verdict: similar
-    mode); recall_at_10; original_absent (and its rate), the original not among the hits at all;
-    first_hit_other_copy, a copy whose first hit is another image verified a copy (a duplicate of the
-    original in the catalog, or a false copy); and, with `duplicates` (an original's id -> the catalog items
-    verified copies of it, `catalog_duplicates`), first_hit_catalog_duplicate, those whose first hit is one of
-    them, and copy_recall_at_1_duplicates_counted, copy recall@1 that counts them right."""
+    """Per transform (of `transforms`, in that order) and over all (relevant = the copy's original): queries;
+    recall_at_1, the original first; copy_recall_at_1, the original first and is_copy (None when the hits carry no
+    verdict: similar mode); recall_at_10; original_absent (and its rate), the original not among the hits at all;
+    first_hit_other_copy, a copy whose first hit is another image verified a copy (a duplicate of the original in
+    the catalog, or a false copy); and, with `duplicates` (an original's id -> the catalog items verified copies of
+    it, `catalog_duplicates`), first_hit_catalog_duplicate, those whose first hit is one of them, and
+    copy_recall_at_1_duplicates_counted, copy recall@1 that counts them right."""
     duplicates = duplicates or {}
     by_transform: dict[str, list[QueryOutcome]] = {name: [] for name in transforms}
     for outcome in outcomes:
@@ -200,6 +200,7 @@ async def evaluate_copies(
         raise EvalError("--copies must be at least 1", 2)
     if transforms not in TRANSFORM_SETS:
         raise EvalError(f"--transforms is one of {', '.join(TRANSFORM_SETS)}, not {transforms!r}", 2)
+    transform_names = tuple(TRANSFORM_SETS[transforms])
     if distractors_dir is not None and mode != "copy":
         raise EvalError("distractors measure false copies, which only copy mode tells", 2)
     started = time.perf_counter()
@@ -215,7 +216,7 @@ async def evaluate_copies(
                                          regions) as indexed:
             sample = random.Random(seed).sample(indexed.indexed, min(originals, len(indexed.indexed)))
             with tempfile.TemporaryDirectory(prefix="vsearch-copies-") as work_dir:
-                copies = make_copies(sample, Path(work_dir), seed, tuple(TRANSFORM_SETS[transforms]))
+                copies = make_copies(sample, Path(work_dir), seed, transform_names)
                 if not copies:
                     raise EvalError("none of the sampled catalog images could be decoded to make copies")
                 search_started = time.perf_counter()
@@ -231,7 +232,7 @@ async def evaluate_copies(
                                      mode)
                 if distractor_queries else ([], {}))
     latencies = np.array([outcome.latency_ms for outcome in outcomes]) if outcomes else np.zeros(1)
-    scores = score_copies(outcomes, duplicates, tuple(TRANSFORM_SETS[transforms]))
+    scores = score_copies(outcomes, duplicates, transform_names)
     report = {
         "copies": {
             "mode": mode, "originals": len(sample), "seed": seed, "transforms": transforms, **scores,
