@@ -16,6 +16,10 @@ IMAGE_URI = "image_uri"
 METADATA = "metadata"
 CONTENT_SHA256 = "content_sha256"
 COPY_FEATURES = "copy_features"
+# Milvus only: when the row was written, in microseconds (never the same twice in one process), so that
+# each replica's copy of the descriptor index can follow the other replicas' writes
+# (search_svc/milvus_feature_mirror.py).
+WRITTEN_US = "written_us"
 # An item's regions in a row: a list of `Region`s (see item_codec); stored apart from the item's row
 # (FAISS: the regions table; Milvus: the regions collection), each tied to its item.
 REGIONS = "regions"

@@ -321,6 +321,7 @@ class FaissCollection:
         while rows := cursor.fetchmany(BUILD_CHUNK_ROWS):
             features.add(rows)
         self.features = features
+        self.store.metrics.set_feature_index_items(self.name, features.items)
 
     def apply_features(self, removed: np.ndarray, added: list[tuple[int, bytes]]) -> None:
         """Brings the feature index up to a committed write (under the write lock); rebuilt from the file
@@ -331,6 +332,7 @@ class FaissCollection:
         self.features.add(added)
         if self.features.wants_rebuild:
             self.build_features(self.connection(), self.store.feature_hash_bits)
+        self.store.metrics.set_feature_index_items(self.name, self.features.items)
 
     def allowed(self, connection: sqlite3.Connection, conditions: Sequence[FilterCondition]) -> AllowedItems:
         """The items a filter allows, from a cache kept per filter until the next write (under the
@@ -961,6 +963,7 @@ class FaissStore:
                     with collection.lock.writing():
                         collection.dropped = True
                         collection.close_connections()
+                    self.metrics.forget_feature_index(collection_name)
                 path = self._path(collection_name)
                 existed = path.exists()
                 for leftover in [path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm"),

@@ -53,6 +53,11 @@ class FeatureIndex:
         self._removed_descriptors = 0
 
     @property
+    def items(self) -> int:
+        """Items with descriptors in the index (not removed)."""
+        return len(self._descriptors)
+
+    @property
     def wants_rebuild(self) -> bool:
         """More removed descriptors than live ones: rebuilt, the index would be less than half the size."""
         return self._removed_descriptors > max(self._index.ntotal - self._removed_descriptors, 0)

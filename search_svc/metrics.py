@@ -4,7 +4,7 @@ benchmarks read one set of names whichever backend runs."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from service_kit.metrics import LATENCY_BUCKETS
 
@@ -36,6 +36,11 @@ class StoreMetrics:
             "vsearch_store_filter_cache", "Filtered searches whose allowed items came from the cache, or not.",
             ["backend", "result"], registry=registry,
         )
+        self._feature_index_items = Gauge(
+            "vsearch_store_feature_index_items",
+            "Items in a collection's in-memory descriptor index (copy search's feature candidates; about 16 KiB each).",
+            ["backend", "collection"], registry=registry,
+        )
         self._index_builds = Histogram(
             "vsearch_store_index_build_seconds", "Time to build a collection's index from its stored items.",
             ["backend", "index"], buckets=INDEX_BUILD_BUCKETS, registry=registry,
@@ -52,3 +57,13 @@ class StoreMetrics:
 
     def observe_index_build(self, index: str, seconds: float) -> None:
         self._index_builds.labels(self.backend, index).observe(seconds)
+
+    def set_feature_index_items(self, collection: str, items: int) -> None:
+        self._feature_index_items.labels(self.backend, collection).set(items)
+
+    def forget_feature_index(self, collection: str) -> None:
+        """A dropped collection's gauge goes, rather than showing its last size."""
+        try:
+            self._feature_index_items.remove(self.backend, collection)
+        except KeyError:
+            pass

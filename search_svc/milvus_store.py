@@ -19,7 +19,11 @@ item), created by the first upsert that carries regions: so a collection created
 existed keeps its schema and gets regions the same way. A search asks both, over-fetching regions until
 k distinct items are found, and keeps each item's best vector; a write removes the item's old regions
 first. Whether a collection has regions is remembered per process, and a "no" is checked again after
-`REGIONS_RECHECK_S` (another replica may have turned them on)."""
+`REGIONS_RECHECK_S` (another replica may have turned them on).
+
+Each row also carries `written_us`, its write's time, by which every replica's in-memory descriptor index
+(`milvus_feature_mirror`) follows the other replicas' writes; a collection created before that column
+existed keeps working without feature candidates."""
 
 from __future__ import annotations
 
@@ -30,6 +34,8 @@ import re
 import threading
 import time
 import uuid
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -51,9 +57,11 @@ from pymilvus.exceptions import (
 from search_svc import columns
 from search_svc.field_summaries import FieldSummary, FieldTally
 from search_svc.filters import FilterCondition
+from search_svc.generation import IndexGeneration
 from search_svc.item_codec import Row, decode_id
 from search_svc.metrics import StoreMetrics
 from search_svc.milvus_expressions import filter_expression, ids_expression, item_ids_expression, string_literal
+from search_svc.milvus_feature_mirror import MilvusFeatureMirror
 from search_svc.settings import COLLECTION_NAME, FieldType, SearchSettings
 from search_svc.vector_store import (
     CollectionInfo, StoreHit, VectorMatch, best_per_item, over_fetch, refuse_dropping_default,
@@ -75,6 +83,13 @@ REGIONS_FETCHED_PER_ITEM = 16
 REGIONS_RECHECK_S = 5.0
 # Rows per batch of the scan that summarises the filter fields (a few small columns each).
 SUMMARY_BATCH_ROWS = 5000
+# The most rows one query may answer (Milvus's maxQueryResultWindow).
+MAX_QUERY_ROWS = 16384
+# Rows per batch of a scan that reads copy features (16 KB each typically, 64 KB at most as base64).
+FEATURE_BATCH_ROWS = 250
+# A feature match lookup with a filter asks its descriptor index for this many times the candidates
+# it needs: the filter is applied after it, by Milvus.
+FILTERED_FEATURE_OVERASK = 4
 # HNSW's search breadth (ef) where search_params do not set one. Milvus's own default is the hits asked
 # for, and a k-10 search at ef 10 misses true neighbours (raw FAISS HNSW at 100k: recall@10 0.918 at ef
 # 32, 0.989 at 64; docs/search-backends.md).
@@ -93,6 +108,14 @@ def ann_search_params(index_type: str, configured: dict[str, Any], limit: int) -
 
 def regions_collection(name: str) -> str:
     return name + REGIONS_SUFFIX
+
+
+@dataclass(frozen=True)
+class _OptionalColumns:
+    """Which of the columns that collections created by older versions lack a collection has."""
+
+    copy_features: bool = True
+    written_us: bool = True
 
 FIELD_DATA_TYPES: dict[FieldType, DataType] = {
     "string": DataType.VARCHAR,
@@ -176,10 +199,9 @@ class MilvusStore:
         self._settings = settings
         self._metrics = metrics
         self.default_collection = settings.collection
-        # Collections checked (or created), indexed and loaded by this process, and whether each has
-        # the copy features column. Guarded by a lock: the executor's threads may all want a new
-        # collection at once.
-        self._prepared: dict[str, bool] = {}
+        # Collections checked (or created), indexed and loaded by this process, and which optional
+        # columns each has. Guarded by a lock: the executor's threads may all want a new collection at once.
+        self._prepared: dict[str, _OptionalColumns] = {}
         self._prepare_lock = threading.Lock()
         # Whether each prepared collection has regions (its regions collection exists, indexed and
         # loaded), and when a "no" was last checked (time.monotonic).
@@ -193,6 +215,12 @@ class MilvusStore:
         self._alias = f"search_svc-{uuid.uuid4().hex}"
         self._client: MilvusClient | None = None
         self.index_type = settings.index_type
+        # Each prepared collection's descriptor index (with feature_index on), followed by a thread.
+        self._mirrors: dict[str, MilvusFeatureMirror] = {}
+        self._write_stamps = IndexGeneration()  # a microsecond clock that never repeats: rows' written_us
+        self._stop_following = threading.Event()
+        self._follower: threading.Thread | None = None
+        self._failing_mirrors: dict[str, str] = {}  # collection -> the last catch-up error logged
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -208,10 +236,19 @@ class MilvusStore:
             client.close()
             raise
         self._client = client
+        if self._settings.milvus.feature_index:
+            self._stop_following.clear()
+            self._follower = threading.Thread(target=self._follow_writes, name="milvus-feature-mirror", daemon=True)
+            self._follower.start()
 
     def close(self) -> None:
+        self._stop_following.set()
+        if self._follower is not None:
+            self._follower.join(timeout=self._timeout_s * 3)  # a catch-up's calls each end within the timeout
+            self._follower = None
         client, self._client = self._client, None
         self._prepared.clear()
+        self._mirrors.clear()
         self._regions.clear()
         if client is not None:
             client.close()
@@ -262,9 +299,9 @@ class MilvusStore:
         return client
 
     def _prepare_collection(self, client: MilvusClient, name: str, create: bool) -> bool:
-        has_copy_features = True
+        optional = _OptionalColumns()
         if self._call(client, "has_collection", client.has_collection, name):
-            has_copy_features = self._check_schema(
+            optional = self._check_schema(
                 name, self._call(client, "describe_collection", client.describe_collection, name)
             )
         elif not create:
@@ -276,9 +313,66 @@ class MilvusStore:
                 schema=self._schema(), consistency_level="Strong",
             )
         self._index_and_load(client, name)
-        self._prepared[name] = has_copy_features
+        self._prepared[name] = optional
         self._check_regions(client, name)
+        self._mirror_features(client, name, optional)
         return True
+
+    # --- the descriptor index of each collection ---------------------------------------------------
+
+    def _mirror_features(self, client: MilvusClient, name: str, optional: _OptionalColumns) -> None:
+        """Builds the collection's descriptor index (as the FAISS backend does on opening one)."""
+        if not self._settings.milvus.feature_index:
+            return
+        if not (optional.copy_features and optional.written_us):
+            logger.warning(
+                "collection %s was created before rows carried their write time: copy searches on it verify "
+                "their similarity shortlist only (no feature candidates)", name,
+            )
+            return
+        items = self._count(client, name)
+        if items > self._settings.milvus.feature_index_max_items:
+            self._warn_too_large(name, items)
+            return
+        start = time.perf_counter()
+        mirror = MilvusFeatureMirror(
+            name, self._settings.milvus.feature_hash_bits, partial(self._scan, client, name),
+            partial(self._query_rows, client, name), partial(self._count, client, name),
+        )
+        mirror.build()
+        self._mirrors[name] = mirror
+        self._metrics.observe_index_build("features", time.perf_counter() - start)
+        self._metrics.set_feature_index_items(name, mirror.indexed_items)
+        logger.info("collection %s: feature index of %d items built (%.1fs)", name, mirror.indexed_items,
+                    time.perf_counter() - start)
+
+    def _warn_too_large(self, name: str, items: int) -> None:
+        logger.warning(
+            "collection %s holds %d items, more than SEARCH_MILVUS__FEATURE_INDEX_MAX_ITEMS (%d): this replica keeps "
+            "no feature index for it, so its copy searches verify their similarity shortlist only",
+            name, items, self._settings.milvus.feature_index_max_items,
+        )
+
+    def _follow_writes(self) -> None:
+        """Every feature_sync_s, brings each collection's descriptor index up to every replica's writes."""
+        while not self._stop_following.wait(self._settings.milvus.feature_sync_s):
+            for name, mirror in list(self._mirrors.items()):
+                try:
+                    mirror.catch_up()
+                    if mirror.known_items > self._settings.milvus.feature_index_max_items:
+                        self._mirrors.pop(name, None)
+                        self._metrics.forget_feature_index(name)
+                        self._warn_too_large(name, mirror.known_items)
+                        continue
+                    self._metrics.set_feature_index_items(name, mirror.indexed_items)
+                except Exception as error:  # noqa: BLE001 - logged; the next round tries again
+                    message = error.message if isinstance(error, ServiceError) else repr(error)
+                    if self._failing_mirrors.get(name) != message:
+                        logger.warning("collection %s: the feature index cannot follow Milvus: %s", name, message)
+                        self._failing_mirrors[name] = message
+                else:
+                    if self._failing_mirrors.pop(name, None) is not None:
+                        logger.info("collection %s: the feature index follows Milvus again", name)
 
     def _index_and_load(self, client: MilvusClient, name: str) -> None:
         indexes = self._call(client, "list_indexes", client.list_indexes, name, field_name=columns.VECTOR)
@@ -338,6 +432,7 @@ class MilvusStore:
             columns.METADATA: DataType.JSON,
             columns.CONTENT_SHA256: DataType.VARCHAR,
             columns.COPY_FEATURES: DataType.VARCHAR,  # base64
+            columns.WRITTEN_US: DataType.INT64,
         }
         return {**expected, **self._expected_filter_columns()}
 
@@ -357,6 +452,7 @@ class MilvusStore:
         schema.add_field(columns.METADATA, DataType.JSON)
         schema.add_field(columns.CONTENT_SHA256, DataType.VARCHAR, max_length=columns.CONTENT_SHA256_MAX_BYTES)
         schema.add_field(columns.COPY_FEATURES, DataType.VARCHAR, max_length=columns.COPY_FEATURES_BASE64_MAX_BYTES)
+        schema.add_field(columns.WRITTEN_US, DataType.INT64)
         self._add_filter_columns(schema)
         return schema
 
@@ -400,9 +496,9 @@ class MilvusStore:
                 f"{dimension}). Drop it (the items' regions are lost; index them again) or use another SEARCH_COLLECTION.",
             )
 
-    def _check_schema(self, name: str, description: dict) -> bool:
+    def _check_schema(self, name: str, description: dict) -> _OptionalColumns:
         """FAILED_PRECONDITION unless the collection matches the settings; whether it has the copy
-        features column (a collection created before they existed has not)."""
+        features and write time columns (a collection created before they existed has not)."""
         actual = {field["name"]: field for field in description.get("fields", [])}
         problems = []
         vector = actual.get(columns.VECTOR)
@@ -410,9 +506,11 @@ class MilvusStore:
             dimension = int(vector.get("params", {}).get("dim", 0))
             if dimension != self._settings.dimension:
                 problems.append(f"its vectors have dimension {dimension}, SEARCH_DIMENSION is {self._settings.dimension}")
-        has_copy_features = columns.COPY_FEATURES in actual
+        optional = _OptionalColumns(columns.COPY_FEATURES in actual, columns.WRITTEN_US in actual)
         for column, data_type in self._expected_columns().items():
-            if column == columns.COPY_FEATURES and not has_copy_features:
+            if column == columns.COPY_FEATURES and not optional.copy_features:
+                continue
+            if column == columns.WRITTEN_US and not optional.written_us:
                 continue
             if column not in actual:
                 problems.append(f"it has no column {column!r}")
@@ -427,12 +525,12 @@ class MilvusStore:
                 f"collection {name!r} does not match the settings: {'; '.join(problems)}. "
                 "Use another SEARCH_COLLECTION, or drop this collection to rebuild it.",
             )
-        if not has_copy_features:
+        if not optional.copy_features:
             logger.warning(
                 "collection %s was created before copy features were stored: items without them can still be "
                 "written, items with them are refused until it is re-created", name,
             )
-        return has_copy_features
+        return optional
 
     def _check_index(self, name: str, description: dict) -> None:
         index_type = str(description.get("index_type", "")).upper()
@@ -495,16 +593,24 @@ class MilvusStore:
     def upsert(self, collection: str, rows: Sequence[Row]) -> None:
         client = self._ready_collection(collection, create=True)
         # Absent only after a concurrent drop, and then the upsert fails as the collection's absence.
-        has_copy_features = self._prepared.get(collection, True)
-        if not has_copy_features:
+        optional = self._prepared.get(collection, _OptionalColumns())
+        if not optional.copy_features:
             self._refuse_copy_features(collection, rows)  # before any batch is written
         if any(row[columns.REGIONS] for row in rows):
             self._turn_regions_on(client, collection)
         with_regions = self._has_regions(client, collection)
         if with_regions:  # the old regions go first: an item is never searched with another version's
             self._delete_regions(client, collection, [row[columns.ID] for row in rows])
+        stamp = self._write_stamps.advance() if optional.written_us else None
         for batch in self._batches(rows, self._item_bytes):
-            self._call(client, "upsert", client.upsert, collection, [_milvus_row(row, has_copy_features) for row in batch])
+            self._call(client, "upsert", client.upsert, collection, [_milvus_row(row, optional, stamp) for row in batch])
+        mirror = self._mirrors.get(collection)
+        if mirror is not None:  # what an upsert failing half-way wrote is caught up with later
+            mirror.apply_written(
+                {columns.ID: row[columns.ID], columns.WRITTEN_US: stamp, columns.COPY_FEATURES: row[columns.COPY_FEATURES]}
+                for row in rows
+            )
+            self._metrics.set_feature_index_items(collection, mirror.indexed_items)
         region_rows = [region_row for row in rows for region_row in self._region_rows(row)]
         for batch in self._batches(region_rows, lambda row: row[columns.VECTOR].nbytes + 256):
             self._call(client, "insert regions", client.insert, regions_collection(collection), list(batch))
@@ -542,16 +648,38 @@ class MilvusStore:
 
     def _copy_features_output(self, collection: str, include_copy_features: bool) -> list[str]:
         """The copy features column, when asked for and the collection has it (else they read back empty)."""
-        return [columns.COPY_FEATURES] if include_copy_features and self._prepared.get(collection) else []
+        optional = self._prepared.get(collection)
+        return [columns.COPY_FEATURES] if include_copy_features and optional and optional.copy_features else []
 
     def feature_matches(
         self, collection: str, descriptors: np.ndarray, vector: np.ndarray, count: int,
         conditions: Sequence[FilterCondition], exclude_ids: set[str], include_copy_features: bool = False,
     ) -> list[StoreHit]:
-        """None: no descriptor index on Milvus yet (one in each replica's memory would miss the other
-        replicas' writes, and Milvus Lite indexes binary vectors by brute force only: docs/copy-search.md);
-        copy searches verify their similarity shortlist only."""
-        return []
+        """Up to `count` items outside `exclude_ids` whose stored copy features share the most local
+        descriptors with `descriptors` (this replica's descriptor index, milvus_feature_mirror), most
+        first, each scored by its full view's cosine with `vector`; allowed by `conditions`, which Milvus
+        applies as it reads them back. None without a descriptor index."""
+        self._existing_collection(collection)
+        mirror = self._mirrors.get(collection)
+        if mirror is None or count <= 0:
+            return []
+        # The excluded (the similarity hits) are usually among the best, so as many more are asked.
+        wanted = (count + len(exclude_ids)) * (FILTERED_FEATURE_OVERASK if conditions else 1)
+        candidates = [item_id for item_id in mirror.best(descriptors, wanted) if item_id not in exclude_ids]
+        if not candidates:
+            return []
+        rows = {
+            row[columns.ID]: row for row in self._query_ids(
+                collection, candidates, [columns.ID, columns.IMAGE_URI, columns.METADATA, columns.VECTOR],
+                include_copy_features, filter_expression(conditions),
+            )
+        }  # an item deleted since the index last followed Milvus, or filtered out, is not there
+        return [
+            StoreHit(item_id, float(np.asarray(rows[item_id][columns.VECTOR], dtype=np.float32) @ vector),
+                     rows[item_id].get(columns.IMAGE_URI, ""), rows[item_id].get(columns.METADATA),
+                     _copy_features(rows[item_id]), None)
+            for item_id in [item_id for item_id in candidates if item_id in rows][:count]
+        ]
 
     def search(
         self, collection: str, vectors: np.ndarray, k: int, conditions: Sequence[FilterCondition],
@@ -673,9 +801,11 @@ class MilvusStore:
         return [row[columns.ID] for row in self._query_ids(collection, stored_ids, [columns.ID])]
 
     def _query_ids(
-        self, collection: str, stored_ids: Sequence[str], output_fields: list[str], include_copy_features: bool = False
+        self, collection: str, stored_ids: Sequence[str], output_fields: list[str], include_copy_features: bool = False,
+        expression: str = "",
     ) -> list[dict]:
-        """Rows for those ids; none when the collection does not exist."""
+        """Rows for those ids (that also match `expression`, when given); none when the collection does
+        not exist."""
         client = self._ready_collection(collection, create=False)
         if client is None:
             return []
@@ -685,8 +815,19 @@ class MilvusStore:
             chunk = stored_ids[start:start + IDS_PER_EXPRESSION]
             rows.extend(self._call(
                 client, "query", client.query, collection,
-                filter=ids_expression(chunk), output_fields=output_fields, consistency_level="Strong",
+                filter=ids_expression(chunk) + (f" and {expression}" if expression else ""),
+                output_fields=output_fields, consistency_level="Strong",
             ))
+        return rows
+
+    def _query_rows(self, client: MilvusClient, collection: str, stored_ids: Sequence[str], output_fields: list[str]) -> list[dict]:
+        """Rows for those ids, copy features as raw bytes (for the descriptor index)."""
+        rows = self._call(
+            client, "query", client.query, collection,
+            filter=ids_expression(stored_ids), output_fields=output_fields, consistency_level="Strong",
+        )
+        for row in rows:
+            row[columns.COPY_FEATURES] = _copy_features(row)
         return rows
 
     def delete(self, collection: str, stored_ids: Sequence[str]) -> None:
@@ -695,6 +836,10 @@ class MilvusStore:
         for start in range(0, len(stored_ids), IDS_PER_EXPRESSION):
             chunk = stored_ids[start:start + IDS_PER_EXPRESSION]
             self._call(client, "delete", client.delete, collection, filter=ids_expression(chunk))
+        mirror = self._mirrors.get(collection)
+        if mirror is not None:
+            mirror.remove(stored_ids)
+            self._metrics.set_feature_index_items(collection, mirror.indexed_items)
         if self._has_regions(client, collection):
             self._delete_regions(client, collection, stored_ids)
 
@@ -705,6 +850,8 @@ class MilvusStore:
         client = self._open_client
         with self._prepare_lock:
             self._regions.pop(collection, None)
+            if self._mirrors.pop(collection, None) is not None:
+                self._metrics.forget_feature_index(collection)
             if self._call(client, "has_collection", client.has_collection, regions_collection(collection)):
                 self._call(client, "drop_collection", client.drop_collection, regions_collection(collection))
             if not self._call(client, "has_collection", client.has_collection, collection):
@@ -715,9 +862,11 @@ class MilvusStore:
         return True
 
     def count(self, collection: str) -> int:
+        return self._count(self._existing_collection(collection), collection)
+
+    def _count(self, client: MilvusClient, collection: str) -> int:
         # count(*) rather than collection stats: a server's row_count includes deleted rows until
         # compaction.
-        client = self._existing_collection(collection)
         result = self._call(
             client, "count", client.query, collection,
             filter="", output_fields=["count(*)"], consistency_level="Strong",
@@ -752,30 +901,61 @@ class MilvusStore:
         tally = FieldTally(self._settings.filter_fields)
         if not tally.output_columns:
             return tally.summaries()
+        for rows in self._batches_of_rows(client, "field summaries", collection, SUMMARY_BATCH_ROWS, "", tally.output_columns):
+            tally.add(rows)
+        return tally.summaries()
+
+    def _batches_of_rows(
+        self, client: MilvusClient, operation: str, collection: str, batch_rows: int, expression: str,
+        output_fields: list[str],
+    ) -> Iterator[list[dict]]:
+        """The rows matching `expression`, a batch at a time (a query iterator, each batch within the
+        call deadline)."""
         iterator = self._call(
-            client, "field summaries", client.query_iterator, collection, batch_size=SUMMARY_BATCH_ROWS, filter="",
-            output_fields=tally.output_columns, consistency_level="Strong",
+            client, operation, client.query_iterator, collection, batch_size=batch_rows, filter=expression,
+            output_fields=output_fields, consistency_level="Strong",
         )
         try:
             while True:
-                with self._observed("field summaries"):
+                with self._observed(operation):
                     rows = iterator.next()
                 if not rows:
                     break
-                tally.add(rows)
+                yield rows
         finally:
             iterator.close()
-        return tally.summaries()
+
+    def _scan(self, client: MilvusClient, collection: str, expression: str, output_fields: list[str]) -> Iterator[list[dict]]:
+        """Batches of rows for the descriptor index, copy features as raw bytes. Small columns are asked
+        for in one query first (what a catch-up with nothing new costs: a query iterator makes two
+        calls, and on Milvus Lite logs a warning each time); only when that query is full, by a query
+        iterator."""
+        if columns.COPY_FEATURES not in output_fields:
+            rows = self._call(
+                client, "feature index scan", client.query, collection, filter=expression,
+                output_fields=output_fields, limit=MAX_QUERY_ROWS, consistency_level="Strong",
+            )
+            if len(rows) < MAX_QUERY_ROWS:
+                yield rows
+                return
+        batch_rows = FEATURE_BATCH_ROWS if columns.COPY_FEATURES in output_fields else SUMMARY_BATCH_ROWS
+        for rows in self._batches_of_rows(client, "feature index scan", collection, batch_rows, expression, output_fields):
+            if columns.COPY_FEATURES in output_fields:
+                for row in rows:
+                    row[columns.COPY_FEATURES] = _copy_features(row)
+            yield rows
 
 
-def _milvus_row(row: Row, has_copy_features: bool) -> Row:
+def _milvus_row(row: Row, optional: _OptionalColumns, stamp: int | None) -> Row:
     """The row as Milvus stores it: copy features as base64 text, or left out for a collection without
-    the column (whose rows were checked to have none)."""
+    the column (whose rows were checked to have none); its write time where the collection has the column."""
     milvus_row = dict(row)
     milvus_row.pop(columns.REGIONS, None)  # rows of the regions collection
     features = milvus_row.pop(columns.COPY_FEATURES)
-    if has_copy_features:
+    if optional.copy_features:
         milvus_row[columns.COPY_FEATURES] = base64.b64encode(features).decode("ascii")
+    if optional.written_us:
+        milvus_row[columns.WRITTEN_US] = stamp
     return milvus_row
 
 

@@ -17,7 +17,7 @@ from service_kit.settings import ServiceSettings
 FieldType = Literal["string", "float", "int", "bool"]
 
 # Column names the collection uses for itself; a filter field may not take one of them.
-RESERVED_COLUMNS = frozenset({"id", "vector", "image_uri", "metadata", "content_sha256"})
+RESERVED_COLUMNS = frozenset({"id", "vector", "image_uri", "metadata", "content_sha256", "copy_features", "written_us"})
 _FIELD_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,62}$")
 COLLECTION_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,254}$")
 _SERVER_SCHEMES = ("http", "https", "tcp", "grpc", "unix")
@@ -35,6 +35,16 @@ class MilvusSettings(BaseModel):
     token: SecretStr | None = None
     # Deadline of every single Milvus call (and of connecting); nothing is retried inside it.
     timeout_s: float = Field(10.0, gt=0, le=3600)
+    # As FaissSettings' feature_index and feature_hash_bits: each replica keeps a collection's
+    # descriptor index in memory, built from Milvus when it first uses the collection and following
+    # every replica's writes, polling Milvus every `feature_sync_s` (search_svc/milvus_feature_mirror.py).
+    # Collections created before rows carried their write time have none. Every replica holds the
+    # whole index (about 16 KiB per item), so a collection of more than `feature_index_max_items` gets
+    # none (logged): 100k items is about 1.6 GiB per replica.
+    feature_index: bool = True
+    feature_hash_bits: int = Field(16, ge=8, le=30)
+    feature_sync_s: float = Field(2.0, gt=0, le=3600)
+    feature_index_max_items: int = Field(100_000, ge=0)
 
     @property
     def is_local(self) -> bool:

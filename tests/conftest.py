@@ -31,6 +31,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 from prometheus_client import CollectorRegistry
 
+from embedder_svc.copy_features import CopyFeatureExtractor, CopyFeatureSettings
 from embedder_svc.model_card import read_model_card
 from embedder_svc.server import create_server as create_embedder
 from embedder_svc.settings import EmbedderSettings
@@ -39,7 +40,7 @@ from gateway.settings import GatewaySettings
 from search_svc.server import create_server as create_search
 from search_svc.settings import SearchSettings
 from service_kit.server import ManagedServer
-from vsearch.v1 import embedder_pb2, embedder_pb2_grpc, gateway_pb2, gateway_pb2_grpc
+from vsearch.v1 import embedder_pb2, embedder_pb2_grpc, gateway_pb2, gateway_pb2_grpc, search_pb2
 from vsearch_cli.local_stack.ports import free_port
 from vsearch_cli.model_tools.prepare import ensure_model
 
@@ -389,6 +390,34 @@ def nested_struct_bytes(depth: int) -> bytes:
         struct_bytes = length_delimited(1, entry)
         value = length_delimited(5, struct_bytes)  # Value.struct_value
     return struct_bytes
+
+
+# ---- copy features of a few ukbench views, and a search asking for feature matches ---------------
+
+FEATURE_CATALOG = 12  # ukbench objects 0..2, four views each
+CROPPED = 5  # the view whose half-side crop is the query
+
+
+@pytest.fixture(scope="session")
+def feature_blobs(ukbench_images: list[Path]) -> tuple[list[bytes], bytes, bytes]:
+    """The catalog views' stored copy features, the query's (a crop of half the side of one view), and
+    those of a photo of an object the catalog does not show."""
+    extractor = CopyFeatureExtractor(CopyFeatureSettings())  # as the embedder makes them
+    views = [Image.open(path).convert("RGB") for path in ukbench_images[:FEATURE_CATALOG]]
+    width, height = views[CROPPED].size
+    crop = views[CROPPED].crop((width // 4, height // 4, width // 4 + width // 2, height // 4 + height // 2))
+    outsider = Image.open(ukbench_images[40]).convert("RGB")
+    return ([extractor.extract(view) for view in views], extractor.extract(crop, for_query=True),
+            extractor.extract(outsider, for_query=True))
+
+
+def copy_search_request(vector: np.ndarray, query_features: bytes, candidates: int, k: int = 1,
+                        *conditions: search_pb2.Condition) -> search_pb2.SearchRequest:
+    return search_pb2.SearchRequest(
+        queries=[search_pb2.Vector(values=vector.tolist())], k=k, filter=search_pb2.Filter(conditions=list(conditions)),
+        include_copy_features=True, copy_query_features=query_features, feature_candidates=candidates,
+    )
+
 
 
 # ---- the whole stack in process: embedder (ONNX) -> search_svc (FAISS) behind the gateway, Redis ----

@@ -167,9 +167,8 @@ async def test_a_second_look_finds_an_original_ranked_after_the_shortlist(stack,
 
 async def test_items_sharing_the_querys_features_are_verified_beyond_the_shortlist(stack, copies):
     """The crop's original ranks after a 2-deep shortlist, but it shares the most local descriptors with
-    the crop: search_svc's feature index (FAISS) hands it to the gateway beside the shortlist, and it
-    is verified and put first without a second look. Candidates found so that are not copies are left
-    out. Milvus keeps no descriptor index, so there the shortlist alone is verified."""
+    the crop: search_svc's feature index hands it to the gateway beside the shortlist, and it is
+    verified and put first without a second look. Candidates found so that are not copies are left out."""
     similar = await stack.stub.Search(gateway_pb2.VisualSearchRequest(image=copies["crop"], k=CATALOG), timeout=60)
     shortlist = [hit.id for hit in similar.hits][:2]
     assert item_id(ORIGINAL) not in shortlist  # the case this test is about
@@ -177,9 +176,6 @@ async def test_items_sharing_the_querys_features_are_verified_beyond_the_shortli
         # k 2: the shortlist is as deep as k when k is deeper.
         reply = await gateway.Search(gateway_pb2.VisualSearchRequest(image=copies["crop"], k=2, mode=COPY_MODE), timeout=60)
     ids = [hit.id for hit in reply.hits]
-    if stack.backend == "milvus":
-        assert ids == shortlist and not any(hit.is_copy for hit in reply.hits), reply
-        return
     first = reply.hits[0]
     assert first.id == item_id(ORIGINAL) and first.is_copy and first.copy_score >= 0.5, reply
     assert overlap(box_tuple(first.matched_box), CROP) > 0.6, first.matched_box
@@ -189,7 +185,7 @@ async def test_items_sharing_the_querys_features_are_verified_beyond_the_shortli
 
 async def test_the_copy_check_at_ingest_verifies_the_feature_candidates_too(stack, copies):
     """`on_copy` checks a new image as a copy search does: with a 2-deep shortlist the crop's original
-    is found among the feature candidates (FAISS), so the crop is left out as its copy; without them it
+    is found among the feature candidates, so the crop is left out as its copy; without them it
     is not recognised and is written (and deleted again after each try)."""
     async def add_crop(copy_search: dict) -> gateway_pb2.AddImagesSummary:
         request = gateway_pb2.AddImageRequest(id="crop-upload", image=copies["crop"], on_copy=gateway_pb2.ON_COPY_SKIP)
@@ -200,12 +196,9 @@ async def test_the_copy_check_at_ingest_verifies_the_feature_candidates_too(stac
             await stack.stub.DeleteImages(gateway_pb2.DeleteImagesRequest(ids=["crop-upload"]), timeout=30)
 
     summary = await add_crop({"shortlist": 2, "second_look": 0, "feature_candidates": 3})
-    if stack.backend == "faiss":
-        assert [(found.id, found.copy_of, found.skipped) for found in summary.copies] == [
-            ("crop-upload", item_id(ORIGINAL), True)], summary
-        assert (summary.indexed, summary.skipped_copies) == (0, 1)
-    else:  # no feature index on Milvus: as without feature candidates
-        assert (summary.indexed, summary.skipped_copies, len(summary.copies)) == (1, 0, 0), summary
+    assert [(found.id, found.copy_of, found.skipped) for found in summary.copies] == [
+        ("crop-upload", item_id(ORIGINAL), True)], summary
+    assert (summary.indexed, summary.skipped_copies) == (0, 1)
     summary = await add_crop({"shortlist": 2, "second_look": 0, "feature_candidates": 0})
     assert (summary.indexed, summary.skipped_copies, len(summary.copies)) == (1, 0, 0), summary
 

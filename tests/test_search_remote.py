@@ -1,10 +1,13 @@
 """search_svc against a Milvus server (Milvus Lite in server mode on a loopback port), readiness
-while Milvus is down, a collection created before copy features existed, and `python -m search_svc`
-as a process (both backends; FAISS through kill -9)."""
+while Milvus is down, collections created before copy features and write times existed, two replicas'
+descriptor indexes following each other's writes, and `python -m search_svc` as a process (both
+backends; FAISS through kill -9)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import os
 import signal
 import socket
@@ -12,7 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import AsyncIterator, Iterator
 
 import grpc
 import numpy as np
@@ -20,9 +23,10 @@ import pytest
 from google.protobuf import json_format, struct_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from milvus_lite.server import Server
+from prometheus_client import CollectorRegistry
 from pymilvus import DataType, MilvusClient
 
-from conftest import REPO_ROOT, service_env
+from conftest import CROPPED, FEATURE_CATALOG, REPO_ROOT, copy_search_request, metric_value, service_env, wait_until
 from search_svc.server import SERVICE_NAME, create_server
 from search_svc.settings import MilvusSettings, SearchSettings
 from vsearch.v1 import search_pb2, search_pb2_grpc
@@ -158,9 +162,10 @@ async def test_round_trip_through_a_milvus_server(milvus_server: MilvusLiteServe
         await server.stop(grace=1)
 
 
-def create_collection_before_copy_features(uri: str, vectors: np.ndarray) -> None:
+def create_collection_before_copy_features(uri: str, vectors: np.ndarray, with_copy_features: bool = False) -> None:
     """The default collection as search_svc created it before copy features existed (commit d620986:
-    no copy_features column), holding items r0, r1, ... with these vectors."""
+    no copy_features column), or with them but before rows carried their write time (no written_us),
+    holding items r0, r1, ... with these vectors."""
     client = MilvusClient(uri=uri)
     try:
         schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
@@ -169,6 +174,8 @@ def create_collection_before_copy_features(uri: str, vectors: np.ndarray) -> Non
         schema.add_field("image_uri", DataType.VARCHAR, max_length=2048)
         schema.add_field("metadata", DataType.JSON)
         schema.add_field("content_sha256", DataType.VARCHAR, max_length=64)
+        if with_copy_features:
+            schema.add_field("copy_features", DataType.VARCHAR, max_length=65_535)
         schema.add_field("category", DataType.VARCHAR, max_length=1024)
         schema.add_field("_has_category", DataType.BOOL)
         schema.add_field("price", DataType.DOUBLE)
@@ -180,7 +187,7 @@ def create_collection_before_copy_features(uri: str, vectors: np.ndarray) -> Non
         client.insert("vsearch_images", [
             {"id": f"r{n}", "vector": vector.tolist(), "image_uri": f"s3://catalog/r{n}.jpg",
              "metadata": {"category": "old", "price": n}, "content_sha256": f"{n:064x}", "category": "old",
-             "_has_category": True, "price": float(n), "_has_price": True}
+             "_has_category": True, "price": float(n), "_has_price": True, **({"copy_features": ""} if with_copy_features else {})}
             for n, vector in enumerate(vectors)
         ])
     finally:
@@ -357,3 +364,120 @@ async def test_faiss_backend_keeps_acknowledged_writes_through_sigkill(tmp_path:
     finally:
         process.kill()
         process.wait()
+
+
+@contextlib.asynccontextmanager
+async def search_replica(
+    uri: str, dimension: int, **milvus: object
+) -> AsyncIterator[tuple[search_pb2_grpc.VectorSearchStub, CollectorRegistry]]:
+    """A search_svc over the Milvus at `uri`, SERVING, and its metrics registry."""
+    settings = SearchSettings(port=0, dimension=dimension, log_format="text", backend="milvus",
+                              milvus=MilvusSettings(uri=uri, timeout_s=10, **milvus))
+    server, port = await create_server(settings)
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        await server.wait_ready(timeout=30)
+        yield search_pb2_grpc.VectorSearchStub(channel), server.metrics.registry
+    finally:
+        await channel.close()
+        await server.stop(grace=1)
+
+
+async def test_a_collection_without_write_times_serves_copy_searches_from_the_shortlist(
+    milvus_server: MilvusLiteServer, feature_blobs: tuple[list[bytes], bytes, bytes], caplog: pytest.LogCaptureFixture,
+):
+    """A collection created with copy features but before rows carried their write time cannot have a
+    descriptor index that follows other replicas: it keeps storing and returning copy features, and its
+    copy searches get no feature candidates, as the log says."""
+    stored, query, _outsider = feature_blobs
+    vectors = unit_vectors(12, 8, seed=4)
+    create_collection_before_copy_features(milvus_server.uri, vectors[:10], with_copy_features=True)
+    with caplog.at_level(logging.WARNING, logger="search_svc.milvus_store"):
+        async with search_replica(milvus_server.uri, 8) as (stub, _registry):
+            await stub.Upsert(search_pb2.UpsertRequest(items=[item("r5", vectors[5], stored[CROPPED])]))
+            got = await stub.Get(search_pb2.GetRequest(ids=["r5"], include_copy_features=True))
+            assert got.items[0].copy_features == stored[CROPPED]
+            result = (await stub.Search(copy_search_request(vectors[0], query, 3))).results[0]
+            assert [hit.id for hit in result.hits] == ["r0"] and not result.feature_matches
+    assert "created before rows carried their write time" in caplog.text
+
+
+async def test_replicas_feature_indexes_follow_each_others_writes(
+    milvus_server: MilvusLiteServer, feature_blobs: tuple[list[bytes], bytes, bytes],
+):
+    """Two search_svc replicas over one Milvus, each with its descriptor index in memory: items written
+    through one become feature matches through the other once it has followed Milvus (a poll every
+    0.1 s here), as do their re-writes; an item deleted through one is never a match through the other,
+    and one written through the second is found through the first."""
+    stored, query, _outsider = feature_blobs
+    vectors = unit_vectors(FEATURE_CATALOG, 8, seed=5)
+    ids = [f"view-{position}" for position in range(FEATURE_CATALOG)]
+    items = [item(ids[p], vectors[p], stored[p]) for p in range(FEATURE_CATALOG)]
+    crop_search = copy_search_request(vectors[0], query, 3)
+
+    async def finds_the_view(stub: search_pb2_grpc.VectorSearchStub) -> bool:
+        matches = (await stub.Search(crop_search)).results[0].feature_matches
+        return bool(matches) and matches[0].id == ids[CROPPED]
+
+    async def misses_the_view(stub: search_pb2_grpc.VectorSearchStub) -> bool:
+        return not await finds_the_view(stub)
+
+    async with search_replica(milvus_server.uri, 8, feature_sync_s=0.1) as (one, one_metrics), \
+            search_replica(milvus_server.uri, 8, feature_sync_s=0.1) as (two, two_metrics):
+
+        def indexed(registry: CollectorRegistry) -> float:
+            return metric_value(registry, "vsearch_store_feature_index_items", backend="milvus", collection="vsearch_images")
+
+        await one.Upsert(search_pb2.UpsertRequest(items=items))
+        assert await finds_the_view(one)  # its own write: at once
+        assert indexed(one_metrics) == FEATURE_CATALOG
+        await wait_until(lambda: finds_the_view(two), what="replica two finding the crop's view")
+        assert indexed(two_metrics) == FEATURE_CATALOG
+        # Re-written through one with another view's features: two follows.
+        await one.Upsert(search_pb2.UpsertRequest(items=[item(ids[CROPPED], vectors[CROPPED], stored[0])]))
+        await wait_until(lambda: misses_the_view(two), what="replica two dropping the old features")
+        await one.Upsert(search_pb2.UpsertRequest(items=[items[CROPPED]]))
+        await wait_until(lambda: finds_the_view(two), what="replica two taking the new features")
+        # Deleted through one: two never offers it, not even before it has followed (which it does by
+        # counting the items in Milvus).
+        await one.Delete(search_pb2.DeleteRequest(ids=[ids[CROPPED]]))
+        assert await misses_the_view(two)
+        assert indexed(one_metrics) == FEATURE_CATALOG - 1
+        await wait_until(lambda: indexed(two_metrics) == FEATURE_CATALOG - 1, what="replica two removing the deleted item")
+        # Written through two: one follows.
+        await two.Upsert(search_pb2.UpsertRequest(items=[items[CROPPED]]))
+        await wait_until(lambda: finds_the_view(one), what="replica one finding the view written through two")
+
+
+async def test_a_collection_beyond_the_feature_index_limit_gets_none(
+    milvus_server: MilvusLiteServer, feature_blobs: tuple[list[bytes], bytes, bytes], caplog: pytest.LogCaptureFixture,
+):
+    """Every replica holds a collection's whole descriptor index, so one that outgrows
+    feature_index_max_items loses it at the next catch-up (and one that is larger from the start gets
+    none): copy searches then verify their shortlist only, and the log says why."""
+    stored, query, _outsider = feature_blobs
+    vectors = unit_vectors(FEATURE_CATALOG, 8, seed=6)
+    items = [item(f"view-{p}", vectors[p], stored[p]) for p in range(FEATURE_CATALOG)]
+    crop_search = copy_search_request(vectors[0], query, 3)
+    limited = {"feature_sync_s": 0.1, "feature_index_max_items": FEATURE_CATALOG - 1}
+
+    async def feature_matches(stub: search_pb2_grpc.VectorSearchStub) -> list[str]:
+        return [hit.id for hit in (await stub.Search(crop_search)).results[0].feature_matches]
+
+    async def has_no_matches(stub: search_pb2_grpc.VectorSearchStub) -> bool:
+        return not await feature_matches(stub)
+
+    with caplog.at_level(logging.WARNING, logger="search_svc.milvus_store"):
+        async with search_replica(milvus_server.uri, 8, **limited) as (stub, registry):
+            await stub.Upsert(search_pb2.UpsertRequest(items=items[:-1]))  # at the limit: kept
+            assert (await feature_matches(stub))[0] == f"view-{CROPPED}"
+            await stub.Upsert(search_pb2.UpsertRequest(items=items[-1:]))
+            await wait_until(lambda: has_no_matches(stub), what="the index dropped beyond the limit")
+            assert registry.get_sample_value("vsearch_store_feature_index_items",
+                                             {"backend": "milvus", "collection": "vsearch_images"}) is None
+        assert "holds 12 items, more than SEARCH_MILVUS__FEATURE_INDEX_MAX_ITEMS (11)" in caplog.text
+        caplog.clear()
+        async with search_replica(milvus_server.uri, 8, **limited) as (stub, _registry):
+            assert await feature_matches(stub) == []
+        assert "holds 12 items, more than SEARCH_MILVUS__FEATURE_INDEX_MAX_ITEMS (11)" in caplog.text

@@ -16,9 +16,8 @@ import numpy as np
 import pytest
 import pytest_asyncio
 from google.protobuf import json_format, struct_pb2
-from PIL import Image
 
-from embedder_svc.copy_features import CopyFeatureExtractor, CopyFeatureSettings
+from conftest import CROPPED, FEATURE_CATALOG, copy_search_request, metric_value
 from search_svc.columns import COPY_FEATURES_MAX_BYTES
 from search_svc.filters import MAX_CONDITIONS, MAX_LIST_VALUES
 from search_svc.server import create_server
@@ -737,53 +736,30 @@ async def test_list_refuses_bad_page_tokens_and_sizes_naming_the_field(shared: S
 
 # --- feature matches: a copy search's candidates by shared local descriptors ----------------------
 
-FEATURE_CATALOG = 12  # ukbench objects 0..2, four views each
-CROPPED = 5  # the view whose half-side crop is the query
-
-
-@pytest.fixture(scope="module")
-def feature_blobs(ukbench_images: list[Path]) -> tuple[list[bytes], bytes, bytes]:
-    """The catalog views' stored copy features, the query's (a crop of half the side of one view), and
-    those of a photo of an object the catalog does not show."""
-    extractor = CopyFeatureExtractor(CopyFeatureSettings())  # as the embedder makes them
-    views = [Image.open(path).convert("RGB") for path in ukbench_images[:FEATURE_CATALOG]]
-    width, height = views[CROPPED].size
-    crop = views[CROPPED].crop((width // 4, height // 4, width // 4 + width // 2, height // 4 + height // 2))
-    outsider = Image.open(ukbench_images[40]).convert("RGB")
-    return ([extractor.extract(view) for view in views], extractor.extract(crop, for_query=True),
-            extractor.extract(outsider, for_query=True))
-
-
-def copy_search_request(vector: np.ndarray, query_features: bytes, candidates: int, k: int = 1,
-                        *conditions: search_pb2.Condition) -> search_pb2.SearchRequest:
-    return search_pb2.SearchRequest(
-        queries=[search_pb2.Vector(values=vector.tolist())], k=k, filter=search_pb2.Filter(conditions=list(conditions)),
-        include_copy_features=True, copy_query_features=query_features, feature_candidates=candidates,
-    )
-
-
 async def test_feature_matches_are_the_items_sharing_the_query_crops_descriptors(
     tmp_path: Path, backend: str, feature_blobs: tuple[list[bytes], bytes, bytes]
 ):
     """The crop's view is found by its descriptors though its vector is far from the query's; the hits
     are never repeated, chance votes (an unrelated photo's) find nothing, a filter and deletes apply, a
     re-upsert's new features replace the old ones' votes, and a restart builds the index again from the
-    stored features. Milvus keeps no descriptor index: none there."""
+    stored features."""
     stored, query, outsider = feature_blobs
     vectors = random_unit_vectors(FEATURE_CATALOG, seed=51)
     ids = [f"view-{position}" for position in range(FEATURE_CATALOG)]
     items = [item(ids[p], vectors[p], copy_features=stored[p], category=f"o{p // 4}", stock=p) for p in range(FEATURE_CATALOG)]
     # The query vector is another object's: the cropped view is no similarity hit.
     query_vector = vectors[0]
+    def indexed(service: Service) -> float:
+        return metric_value(service.server.metrics.registry, "vsearch_store_feature_index_items",
+                            backend=backend, collection="vsearch_images")
+
     async with running(tmp_path / "features", backend) as service:
         await service.upsert(items)
+        assert indexed(service) == FEATURE_CATALOG
         response = await service.stub.Search(copy_search_request(query_vector, query, 3))
         [result] = response.results
         assert [hit.id for hit in result.hits] == ["view-0"]
         matches = list(result.feature_matches)
-        if backend == "milvus":
-            assert matches == []
-            return
         assert matches[0].id == ids[CROPPED], [hit.id for hit in matches]
         assert len(matches) == 3 and "view-0" not in {hit.id for hit in matches}
         assert matches[0].score == pytest.approx(float(vectors[CROPPED] @ query_vector), abs=1e-5)
@@ -813,6 +789,7 @@ async def test_feature_matches_are_the_items_sharing_the_query_crops_descriptors
         # only what remains.
         gone = [ids[p] for p in range(FEATURE_CATALOG) if p not in (0, 1, 2)]
         assert (await service.stub.Delete(search_pb2.DeleteRequest(ids=gone))).deleted == len(gone)
+        assert indexed(service) == 3
         remaining = (await service.stub.Search(copy_search_request(query_vector, query, 10))).results[0]
         assert {hit.id for hit in remaining.feature_matches} <= {"view-1", "view-2"}
         await service.upsert([items[CROPPED]])
