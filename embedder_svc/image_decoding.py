@@ -5,7 +5,12 @@ A JPEG much larger than its consumers need (a phone's 12-megapixel photo, for a 
 pixels) is decoded at 1/2, 1/4 or 1/8 of its size by libjpeg's DCT scaling (Pillow's `draft`), never
 below what `ResolutionNeed` asks for: under a third of the CPU, and a sixteenth of the memory or less, of
 decoding every pixel and then shrinking them (docs/benchmarks.md#large-photos). Coordinates stay those of
-the full picture: crop boxes in, region boxes and copy features' sizes out."""
+the full picture: crop boxes in, region boxes and copy features' sizes out.
+
+The decompression-bomb guard (`max_pixels`) counts the pixels that will be decoded, from the header,
+before any is: so a 50-megapixel JPEG whose consumers need 1/8 of it (0.8 megapixels) is taken, while a
+PNG of as many pixels, or the same JPEG asked for at full size (a small crop of it, reduced decoding
+off), is refused."""
 
 from __future__ import annotations
 
@@ -28,6 +33,8 @@ _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, Inde
 # The image's size in Pillow's DecompressionBombError message, which also quotes Pillow's own limit
 # (twice ours), so it is not passed on as it is.
 _PILLOW_BOMB_SIZE = re.compile(r"Image size \((\d+) pixels\)")
+# The most DCT scaling shrinks a JPEG by (per side).
+LARGEST_REDUCTION = 8
 
 
 class ImageRejected(Exception):
@@ -86,9 +93,10 @@ class ImageDecoder:
     def __init__(self, max_bytes: int, max_pixels: int) -> None:
         self.max_bytes = max_bytes
         self.max_pixels = max_pixels
-        # Pillow's own bomb guard is process-wide and only a backstop (it raises at twice the limit);
-        # `decode` checks the header against this decoder's limit before decoding anything.
-        Image.MAX_IMAGE_PIXELS = max_pixels
+        # Pillow's own bomb guard is process-wide and only a backstop (it raises at twice its limit), set
+        # where a JPEG decoded at 1/8 could still be within ours; `decode_for` checks the pixels it will
+        # decode against this decoder's limit before decoding any.
+        Image.MAX_IMAGE_PIXELS = max_pixels * LARGEST_REDUCTION**2
         # Pillow warns between the limit and twice it; `decode` refuses those images anyway.
         warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
         # A truncated file must fail, not decode into grey padding.
@@ -107,8 +115,6 @@ class ImageDecoder:
             raise ImageRejected(f"image is {len(data)} bytes, over the limit of {self.max_bytes} bytes")
         image = self._open(data)
         width, height = image.size
-        if width * height > self.max_pixels:
-            raise ImageRejected(self._too_many_pixels(f"image is {width}x{height} = {width * height} pixels"))
         # Sides only (which is shorter): the same whatever the EXIF orientation.
         sides = (width, height) if crop is None else (crop.width, crop.height)
         reduction = need.reduction(*sides) if need is not None and image.format == "JPEG" else 1
@@ -117,6 +123,12 @@ class ImageDecoder:
             # what it chose is in the box it returns, (0, 0, width / factor, height / factor).
             drafted = image.draft(None, (math.ceil(width / reduction), math.ceil(height / reduction)))
             reduction = round(width / drafted[1][2]) if drafted is not None else 1
+        decoded_pixels = image.size[0] * image.size[1]  # the drafted size, once drafted
+        if decoded_pixels > self.max_pixels:
+            detail = f"image is {width}x{height} = {width * height} pixels"
+            if reduction > 1:
+                detail += f", {decoded_pixels} decoded at 1/{reduction} of its size"
+            raise ImageRejected(self._too_many_pixels(detail))
         try:
             image.load()  # decode every pixel now, so truncation shows here and not later
         except Image.DecompressionBombError as error:

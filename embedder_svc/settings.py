@@ -59,7 +59,8 @@ class EmbedderSettings(ServiceSettings):
     # a lone query does not wait (measured: 11.4 -> 7.3 ms per single image).
     max_batch_wait_ms: float = Field(0.0, ge=0)
     max_image_bytes: int = Field(20 * 1024 * 1024, ge=1)
-    # Decompression-bomb guard, checked against the header before any pixel is decoded.
+    # Decompression-bomb guard: the pixels that will be decoded (a JPEG's at 1/2-1/8 of its size, where
+    # reduced decoding takes it so), checked against the header before any is.
     max_image_pixels: int = Field(40_000_000, ge=1)
     max_images_per_request: int = Field(256, ge=1)
     decode_workers: int = Field(2, ge=1)

@@ -180,8 +180,8 @@ async def test_nasty_inputs_fail_alone_with_precise_messages(mobilenet_embedder:
 
 @pytest.mark.parametrize(("width", "height"), [(20_000, 20_000), (8_000, 6_000)])
 async def test_decompression_bombs_are_refused_from_the_header(mobilenet_embedder: RunningEmbedder, width: int, height: int) -> None:
-    # 400 Mpx trips Pillow's own guard (set to the limit; it raises at twice that) as the file is
-    # opened; 48 Mpx passes it and is caught by the service's check of the header's size.
+    # Pillow's own guard is a backstop far above these (a JPEG may be decoded at 1/8 of its size); the
+    # service's check of the header's size refuses both before any pixel is decoded.
     bomb = single_colour_png(width, height)
     assert len(bomb) < 100_000  # small on disk, huge decoded
     started = time.perf_counter()
@@ -281,6 +281,41 @@ def test_a_large_jpeg_is_decoded_no_larger_than_its_consumers_need(
     decoded = decoder.decode_for(photo_jpeg, None, need)
     assert decoded.image.size == decoded_size and decoded.image.mode == "RGB"
     assert decoded.size == PHOTO_SIZE and decoded.reduction == reduction
+
+
+def test_the_pixel_limit_counts_the_pixels_decoded() -> None:
+    """The bomb guard weighs what will be decoded: a JPEG over the limit is taken when its consumers need
+    it no larger than the limit allows, and refused, naming both sizes, when they need more of it; a PNG
+    of as many pixels is refused (it cannot be decoded smaller)."""
+    decoder = ImageDecoder(max_bytes=1 << 26, max_pixels=1_000_000)
+    picture = Image.new("RGB", (2400, 1800), (90, 140, 200))  # 4.3 Mpx
+    jpeg = encode(picture, "JPEG", quality=90)
+    decoded = decoder.decode_for(jpeg, None, ResolutionNeed(shorter=256, longer=512))
+    assert decoded.image.size == (600, 450) and decoded.reduction == 4 and decoded.size == (2400, 1800)
+    cases = {
+        (None, None): "image is 2400x1800 = 4320000 pixels",  # no reduction asked for
+        (ResolutionNeed(shorter=800), None): "image is 2400x1800 = 4320000 pixels, 1080000 decoded at 1/2 of its size",
+        (ResolutionNeed(shorter=256), CropBox(0, 0, 300, 300)): "image is 2400x1800 = 4320000 pixels",  # a small crop
+    }
+    for (need, crop), detail in cases.items():
+        with pytest.raises(ImageRejected) as refused:
+            decoder.decode_for(jpeg, crop, need)
+        assert refused.value.message == (
+            f"image too large: over the limit of 1000000 pixels (decompression bomb guard): {detail}"
+        )
+    with pytest.raises(ImageRejected, match=re.escape("image is 2400x1800 = 4320000 pixels")):
+        decoder.decode_for(encode(picture, "PNG"), None, ResolutionNeed(shorter=256))
+
+
+async def test_a_50_megapixel_photo_is_embedded(mobilenet_embedder: RunningEmbedder, photo: Image.Image) -> None:
+    """Over the default 40-megapixel limit, but decoded at 1/8 of its size (what the model, regions and copy
+    features need): embedded like the same photo at 12 megapixels."""
+    large = encode(photo.resize((8160, 6120), Image.Resampling.BILINEAR), "JPEG", quality=50)  # within the 3 MiB limit
+    request = embedder_pb2.EmbedImagesRequest(images=[image_input(large)], with_copy_features=True)
+    (result,) = (await mobilenet_embedder.stub.EmbedImages(request, timeout=60)).results
+    assert result.WhichOneof("result") == "embedding" and result.copy_features, result.error
+    reference = await embed_one(mobilenet_embedder.stub, encode(photo, "JPEG", quality=85))
+    assert cosine(vector_of(result), reference) > 0.95
 
 
 def test_formats_without_dct_scaling_are_decoded_whole(decoder: ImageDecoder, photo: Image.Image) -> None:
