@@ -286,7 +286,7 @@ def test_a_large_jpeg_is_decoded_no_larger_than_its_consumers_need(
 def test_the_pixel_limit_counts_the_pixels_decoded() -> None:
     """The bomb guard weighs what will be decoded: a JPEG over the limit is taken when its consumers need
     it no larger than the limit allows, and refused, naming both sizes, when they need more of it; a PNG
-    of as many pixels is refused (it cannot be decoded smaller)."""
+    of as many pixels is refused (it cannot be decoded smaller), and so is a progressive JPEG."""
     decoder = ImageDecoder(max_bytes=1 << 26, max_pixels=1_000_000)
     picture = Image.new("RGB", (2400, 1800), (90, 140, 200))  # 4.3 Mpx
     jpeg = encode(picture, "JPEG", quality=90)
@@ -305,6 +305,13 @@ def test_the_pixel_limit_counts_the_pixels_decoded() -> None:
         )
     with pytest.raises(ImageRejected, match=re.escape("image is 2400x1800 = 4320000 pixels")):
         decoder.decode_for(encode(picture, "PNG"), None, ResolutionNeed(shorter=256))
+    # libjpeg holds a progressive JPEG's every coefficient however small it decodes it: its full size counts.
+    progressive = encode(picture, "JPEG", quality=90, progressive=True)
+    with pytest.raises(ImageRejected, match=re.escape(
+            "image is 2400x1800 = 4320000 pixels (a progressive JPEG is weighed at its full size")):
+        decoder.decode_for(progressive, None, ResolutionNeed(shorter=256, longer=512))
+    small_progressive = encode(picture.resize((1000, 750)), "JPEG", quality=90, progressive=True)
+    assert decoder.decode_for(small_progressive, None, ResolutionNeed(shorter=256)).reduction == 2
 
 
 async def test_a_50_megapixel_photo_is_embedded(mobilenet_embedder: RunningEmbedder, photo: Image.Image) -> None:
