@@ -69,6 +69,7 @@ class MilvusFeatureMirror:
         self._lock = threading.Lock()  # guards `_held`; lookups and writes each take it briefly
         self._sync_lock = threading.Lock()  # one catch-up or rebuild at a time
         self._held = _Held(FeatureIndex(hash_bits))
+        self.built = False  # until a build has read the collection once
 
     # --- reading Milvus ------------------------------------------------------------------------
 
@@ -82,6 +83,7 @@ class MilvusFeatureMirror:
             with self._lock:
                 self._held = held
             self._catch_up()
+            self.built = True
 
     def catch_up(self) -> None:
         """Takes the rows every replica wrote since the newest stamp held (less OVERLAP_US), and removes

@@ -117,6 +117,7 @@ class _OptionalColumns:
     copy_features: bool = True
     written_us: bool = True
 
+
 FIELD_DATA_TYPES: dict[FieldType, DataType] = {
     "string": DataType.VARCHAR,
     "float": DataType.DOUBLE,
@@ -321,7 +322,9 @@ class MilvusStore:
     # --- the descriptor index of each collection ---------------------------------------------------
 
     def _mirror_features(self, client: MilvusClient, name: str, optional: _OptionalColumns) -> None:
-        """Builds the collection's descriptor index (as the FAISS backend does on opening one)."""
+        """Builds the collection's descriptor index (as the FAISS backend does on opening one). One that
+        cannot be built now (Milvus failing) is built by the next poll; the collection is served meanwhile,
+        its copy searches without feature candidates."""
         if not self._settings.milvus.feature_index:
             return
         if not (optional.copy_features and optional.written_us):
@@ -330,23 +333,33 @@ class MilvusStore:
                 "their similarity shortlist only (no feature candidates)", name,
             )
             return
-        items = self._count(client, name)
-        if items > self._settings.milvus.feature_index_max_items:
-            self._warn_too_large(name, items)
-            return
-        start = time.perf_counter()
         mirror = MilvusFeatureMirror(
             name, self._settings.milvus.feature_hash_bits, partial(self._scan, client, name),
             partial(self._query_rows, client, name), partial(self._count, client, name),
         )
-        mirror.build()
         self._mirrors[name] = mirror
+        try:
+            self._build_mirror(client, name, mirror)
+        except ServiceError as error:
+            logger.warning("collection %s: its feature index cannot be built yet (the next poll tries again): %s",
+                           name, error.message)
+
+    def _build_mirror(self, client: MilvusClient, name: str, mirror: MilvusFeatureMirror) -> None:
+        items = self._count(client, name)
+        if items > self._settings.milvus.feature_index_max_items:
+            self._drop_mirror(name, items)
+            return
+        start = time.perf_counter()
+        mirror.build()
         self._metrics.observe_index_build("features", time.perf_counter() - start)
         self._metrics.set_feature_index_items(name, mirror.indexed_items)
         logger.info("collection %s: feature index of %d items built (%.1fs)", name, mirror.indexed_items,
                     time.perf_counter() - start)
 
-    def _warn_too_large(self, name: str, items: int) -> None:
+    def _drop_mirror(self, name: str, items: int) -> None:
+        """No feature index for a collection of more items than feature_index_max_items."""
+        self._mirrors.pop(name, None)
+        self._metrics.forget_feature_index(name)
         logger.warning(
             "collection %s holds %d items, more than SEARCH_MILVUS__FEATURE_INDEX_MAX_ITEMS (%d): this replica keeps "
             "no feature index for it, so its copy searches verify their similarity shortlist only",
@@ -354,15 +367,17 @@ class MilvusStore:
         )
 
     def _follow_writes(self) -> None:
-        """Every feature_sync_s, brings each collection's descriptor index up to every replica's writes."""
+        """Every feature_sync_s, brings each collection's descriptor index up to every replica's writes
+        (or builds one that could not be built before)."""
         while not self._stop_following.wait(self._settings.milvus.feature_sync_s):
             for name, mirror in list(self._mirrors.items()):
                 try:
+                    if not mirror.built:
+                        self._build_mirror(self._open_client, name, mirror)
+                        continue
                     mirror.catch_up()
                     if mirror.known_items > self._settings.milvus.feature_index_max_items:
-                        self._mirrors.pop(name, None)
-                        self._metrics.forget_feature_index(name)
-                        self._warn_too_large(name, mirror.known_items)
+                        self._drop_mirror(name, mirror.known_items)
                         continue
                     self._metrics.set_feature_index_items(name, mirror.indexed_items)
                 except Exception as error:  # noqa: BLE001 - logged; the next round tries again
