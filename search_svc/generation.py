@@ -39,3 +39,8 @@ class IndexGeneration:
         with self._lock:
             self._value = max(self._value + 1, self._clock_us())
             return self._value
+
+    def advance_to(self, value: int) -> None:
+        """Makes the next `advance` exceed `value` (a value seen elsewhere, on a clock that may run ahead)."""
+        with self._lock:
+            self._value = max(self._value, value)

@@ -18,9 +18,10 @@ A mirror behind Milvus costs recall, never a wrong answer: the store reads its c
 Milvus by id, with the search's filter, so a deleted item drops out and a replaced one is verified
 against the features Milvus holds now.
 
-A stamp orders two versions of one item: a version is taken only over an older one. Two replicas whose
-clocks differ by more than the time between their writes of the same item may keep the older version's
-descriptors until the item is written again (recall only, as above).
+A stamp orders two versions of one item: a version is taken only over an older one. A replica stamps
+its writes above every stamp it has read (milvus_store), so only two writes of one item through two
+replicas within a poll of each other, by clocks that differ by more than the time between them, can
+leave the older version's descriptors held until the item is written again (recall only, as above).
 """
 
 from __future__ import annotations
@@ -146,6 +147,11 @@ class MilvusFeatureMirror:
     def known_items(self) -> int:
         """Items known (with features or without)."""
         return len(self._held.stamps)
+
+    @property
+    def newest(self) -> int:
+        """The newest stamp held."""
+        return self._held.newest
 
     @property
     def indexed_items(self) -> int:

@@ -376,6 +376,9 @@ class MilvusStore:
                         self._build_mirror(self._open_client, name, mirror)
                         continue
                     mirror.catch_up()
+                    # This replica's next write then outranks every version it has seen, whatever the
+                    # other replicas' clocks say (milvus_feature_mirror: a stamp orders two versions).
+                    self._write_stamps.advance_to(mirror.newest)
                     if mirror.known_items > self._settings.milvus.feature_index_max_items:
                         self._drop_mirror(name, mirror.known_items)
                         continue

@@ -219,6 +219,10 @@ def test_generation_never_repeats_even_when_the_clock_stalls_or_steps_back():
     assert generation.advance() == 1_002
     now[0] = 5_000
     assert generation.advance() == 5_000
+    # A value seen elsewhere (another replica's clock, ahead): the next one exceeds it; a smaller one is no step back.
+    generation.advance_to(9_000)
+    generation.advance_to(7_000)
+    assert generation.advance() == 9_001
 
 
 @pytest.mark.parametrize(
