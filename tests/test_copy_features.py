@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageEnhance, ImageOps
 
+from embedder_svc import copy_features
 from embedder_svc.copy_features import CopyFeatureExtractor, CopyFeatureSettings, CopyVerifier
 from service_kit.copy_feature_codec import DESCRIPTOR_BYTES, CopyFeaturesInvalid, FeatureSet, decode_copy_features
 from tests.conftest import RunningEmbedder, embedder_settings, running_embedder
@@ -85,6 +86,59 @@ def test_different_photos_are_not_copies(photos: list[Image.Image]) -> None:
             assert verdict.is_copy == (i == j), (PHOTOS[i], PHOTOS[j], verdict)
             if i != j:
                 assert verdict.matched_box is None and verdict.copy_score < 0.5
+
+
+# Photographs of one airliner type, one piano model, one watch, taken apart (Caltech-101, query first):
+# dozens of features agree, but few of those in their overlap.
+LOOK_ALIKES = (
+    ("airplanes/image_0684.jpg", "airplanes/image_0683.jpg"),
+    ("grand_piano/image_0037.jpg", "grand_piano/image_0039.jpg"),
+    ("watch/image_0035.jpg", "watch/image_0013.jpg"),
+)
+
+
+def _caltech(shared_dir: Path, relative: str) -> Image.Image:
+    return Image.open(shared_dir / "datasets" / "caltech101" / "101_ObjectCategories" / relative).convert("RGB")
+
+
+@pytest.mark.parametrize(("query", "candidate"), LOOK_ALIKES)
+def test_look_alikes_are_no_copies_though_enough_features_agree(shared_dir: Path, query: str, candidate: str) -> None:
+    """Enough matches agree on a transform (a verifier without the share condition calls them copies),
+    but they are too small a share of the keypoints in the overlap: no copy, and a copy_score below 0.5."""
+    query_features = decode_copy_features(EXTRACTOR.extract(_caltech(shared_dir, query), for_query=True))
+    candidate_features = decode_copy_features(EXTRACTOR.extract(_caltech(shared_dir, candidate)))
+    without_share = CopyVerifier(CopyFeatureSettings(min_matched_share=0)).verify(query_features, candidate_features)
+    assert without_share.is_copy and without_share.inliers >= SETTINGS.min_inliers
+    verdict = VERIFIER.verify(query_features, candidate_features)
+    assert not verdict.is_copy and verdict.copy_score < 0.5 and verdict.matched_box is None
+    assert verdict.inliers == without_share.inliers and verdict.matched_share < SETTINGS.min_matched_share
+
+
+def test_a_copy_keeps_its_copy_score_and_shows_its_share(photos: list[Image.Image]) -> None:
+    """Copies are ranked by inliers / (inliers + min_inliers) as before the share condition; a 70 % crop
+    shares far more than the condition asks."""
+    original = photos[1]
+    width, height = original.size
+    crop = original.crop((0, 0, int(width * 0.7), int(height * 0.7)))
+    verdict = VERIFIER.verify(decode_copy_features(EXTRACTOR.extract(crop, for_query=True)),
+                              decode_copy_features(EXTRACTOR.extract(original)))
+    assert verdict.is_copy and verdict.matched_share > 2 * SETTINGS.min_matched_share
+    assert verdict.copy_score == pytest.approx(verdict.inliers / (verdict.inliers + SETTINGS.min_inliers))
+
+
+@pytest.mark.parametrize("relative", ["Faces_easy/image_0179.jpg", "Motorbikes/image_0024.jpg", "accordion/image_0006.jpg"])
+def test_a_copy_squeezed_to_another_aspect_ratio_counts_its_share_under_an_affine_transform(
+    shared_dir: Path, relative: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Squeezed to 70 % of its width, the similarity transform keeps too small a share of the matches;
+    the affine one that the verifier then fits finds the copy (and does not when stretches are refused)."""
+    original = _caltech(shared_dir, relative)
+    squeezed = _decoded(_jpeg(original.resize((int(original.width * 0.7), original.height), Image.Resampling.BILINEAR)))
+    query = decode_copy_features(EXTRACTOR.extract(squeezed, for_query=True))
+    candidate = decode_copy_features(EXTRACTOR.extract(original))
+    assert VERIFIER.verify(query, candidate).is_copy
+    monkeypatch.setattr(copy_features, "MAX_STRETCH", 1.0)
+    assert not VERIFIER.verify(query, candidate).is_copy
 
 
 def test_features_are_compact_and_round_trip(photos: list[Image.Image]) -> None:
