@@ -169,12 +169,42 @@ async def test_copies_of_catalog_images_find_their_original(tmp_path: Path, mobi
         assert more["queries"] == len(MORE_TRANSFORMS) and more["meets_target"] is None
         assert more["per_transform"]["jpeg10"]["copy_recall_at_1"] == 1.0
 
+        # Look-alikes as distractors: another photo of each catalog object (its fourth view), from a split of
+        # the labels; an excluded label's row is left out.
+        split_labels = tmp_path / "split-labels.csv"
+        with split_labels.open("w", newline="") as stream:
+            writer = csv.writer(stream)
+            writer.writerow(["path", "label", "split"])
+            for index, image in enumerate(ukbench_images):
+                writer.writerow([image.name, str(index // 4), "other" if index % 4 == 3 else "catalog"])
+        code, out, err = await run_cli_async(
+            "eval", "--images", images_root, "--labels", str(split_labels), "--gateway", gateway, "--copies", "1",
+            "--catalog-split", "catalog", "--distractor-split", "other", "--exclude-label", "0", "--json", timeout=300)
+        assert code == 0, err
+        split_report = json.loads(out)
+        assert split_report["catalog_size"] == 42
+        found = split_report["distractors"]
+        assert found["source"] == "split other of the labels"
+        assert (found["images"], found["excluded_in_catalog"], found["searched"], found["failed"]) == (13, 0, 13, 0)
+        fourth_views = {f"distractor:{image.name}" for index, image in enumerate(ukbench_images) if index % 4 == 3}
+        assert set(found["false_copy_examples"]) <= fourth_views - {f"distractor:{ukbench_images[3].name}"}
+        assert found["false_copy_rate"] == pytest.approx(found["with_copy_hit"] / 13, abs=1e-4)
+        code, _out, err = await run_cli_async(
+            "eval", "--images", images_root, "--labels", str(split_labels), "--gateway", gateway, "--copies", "1",
+            "--catalog-split", "catalog", "--distractor-split", "nothing-here")
+        assert code == 2 and "--distractor-split nothing-here: no rows of that split" in err
+
         code, _out, err = await run_cli_async("eval", "--images", images_root, "--labels", str(labels),
                                               "--gateway", gateway, "--copies", "0")
         assert code == 2 and "--copies must be at least 1" in err
     for extra, message in ((["--copies", "2", "--text-template", "{label}"], "two different evaluations"),
                            (["--distractors", str(distractors)], "--distractors go with --copies N"),
                            (["--transforms", "more"], "--transforms go with --copies N"),
+                           (["--distractor-split", "test"], "--distractor-split go with --copies N"),
+                           (["--copies", "2", "--distractors", str(distractors), "--distractor-split", "test"],
+                            "give --distractors or --distractor-split, not both"),
+                           (["--copies", "2", "--mode", "similar", "--distractor-split", "test"],
+                            "--distractor-split measures false copies"),
                            (["--copies", "2", "--mode", "similar", "--distractors", str(distractors)],
                             "only copy mode tells")):
         refused = run_cli("eval", "--images", str(tmp_path), "--labels", str(labels), *extra)

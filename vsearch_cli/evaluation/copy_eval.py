@@ -167,15 +167,16 @@ def split_catalog_images(distractors: Sequence[Path],
     return kept, excluded
 
 
-def score_distractors(directory: Path, listed: int, excluded: Sequence[Path], outcomes: Sequence[QueryOutcome],
+def score_distractors(source: str, listed: int, excluded: Sequence[Path], outcomes: Sequence[QueryOutcome],
                       failures: dict[str, str]) -> dict:
-    """The false-copy rate: the share of the distractors searched with any hit verified a copy."""
+    """The false-copy rate: the share of the distractors searched with any hit verified a copy. `source`:
+    where they came from (a folder, or a split of the labels)."""
     false_copies = sorted(outcome.query.id for outcome in outcomes if any(outcome.copy_verdicts))
     searched = len(outcomes)
     rate = _share(len(false_copies), searched)
     latencies = [outcome.latency_ms for outcome in outcomes]
     return {
-        "directory": str(directory), "images": listed, "excluded_in_catalog": len(excluded),
+        "source": source, "images": listed, "excluded_in_catalog": len(excluded),
         "excluded_examples": [str(path) for path in excluded[:MAX_REPORTED_EXAMPLES]],
         "searched": searched, "failed": len(failures),
         "with_copy_hit": len(false_copies), "false_copy_rate": rate,
@@ -190,26 +191,36 @@ async def evaluate_copies(
     catalog: Sequence[LabelledImage], gateway: str, originals: int, *, seed: int = 0, concurrency: int = 8,
     keep_collection: bool = False, api_key: str | None = None, show_progress: bool = False,
     collection: str | None = None, mode: str = "copy", distractors_dir: Path | None = None, regions: bool = False,
-    transforms: str = "issue",
+    transforms: str = "issue", distractor_rows: Sequence[LabelledImage] = (), distractor_split: str | None = None,
 ) -> dict:
     """Indexes `catalog` (with regions when `regions`), queries in `mode` with transformed copies of
     `originals` of its images (those that indexed; the transforms of `copy_transforms.TRANSFORM_SETS[transforms]`)
-    and with the images under `distractors_dir` (those not in the catalog), drops the collection unless
+    and with the images under `distractors_dir`, or `distractor_rows` (the labels' rows of `distractor_split`),
+    those not in the catalog, drops the collection unless
     `keep_collection`, and returns the report. Issue 13's target is judged on its own transforms only."""
     if originals < 1:
         raise EvalError("--copies must be at least 1", 2)
     if transforms not in TRANSFORM_SETS:
         raise EvalError(f"--transforms is one of {', '.join(TRANSFORM_SETS)}, not {transforms!r}", 2)
     transform_names = tuple(TRANSFORM_SETS[transforms])
-    if distractors_dir is not None and mode != "copy":
+    with_distractors = distractors_dir is not None or bool(distractor_rows)
+    if with_distractors and mode != "copy":
         raise EvalError("distractors measure false copies, which only copy mode tells", 2)
+    if distractors_dir is not None and distractor_rows:
+        raise EvalError("give --distractors or --distractor-split, not both", 2)
     started = time.perf_counter()
     distractor_queries: list[LabelledImage] = []
     if distractors_dir is not None:
+        source = str(distractors_dir)
         listed = list_distractors(distractors_dir)
+        ids = {path: str(path.relative_to(distractors_dir)) for path in listed}
+    elif distractor_rows:
+        source = f"split {distractor_split} of the labels"
+        listed = [row.path for row in distractor_rows]
+        ids = {row.path: row.id for row in distractor_rows}
+    if with_distractors:
         kept, excluded = await asyncio.to_thread(split_catalog_images, listed, catalog)
-        distractor_queries = [LabelledImage(f"distractor:{path.relative_to(distractors_dir)}", path, "", "distractor")
-                              for path in kept]
+        distractor_queries = [LabelledImage(f"distractor:{ids[path]}", path, "", "distractor") for path in kept]
     collection = collection or new_collection_name()
     async with async_gateway_client(gateway, api_key) as client:
         async with evaluation_collection(client, catalog, collection, gateway, keep_collection, show_progress,
@@ -249,8 +260,8 @@ async def evaluate_copies(
         "wall_time_s": round(time.perf_counter() - started, 3),
         "failures": dict(list({**indexed.failures, **failures, **distractor_failures}.items())[:MAX_REPORTED_FAILURES]),
     }
-    if distractors_dir is not None:
-        report["distractors"] = score_distractors(distractors_dir, len(listed), excluded, distractor_outcomes,
+    if with_distractors:
+        report["distractors"] = score_distractors(source, len(listed), excluded, distractor_outcomes,
                                                   distractor_failures)
     return report
 
@@ -286,7 +297,7 @@ def format_copies_report(report: dict) -> str:
         lines.append(f"false copies: {distractors['with_copy_hit']} of {distractors['searched']} distractors had a "
                      f"hit is_copy (rate {_figure(rate)}; target <= {distractors['target_false_copy_rate']} "
                      f"{verdict}); "
-                     f"{distractors['images']} images under {distractors['directory']}, "
+                     f"{distractors['images']} images ({distractors['source']}), "
                      f"{distractors['excluded_in_catalog']} excluded as catalog images, {distractors['failed']} failed")
     lines.append(f"query p50 {report['query_p50_ms']:.1f} ms, p95 {report['query_p95_ms']:.1f} ms; "
                  f"{report['queries_failed']} queries failed; collection "

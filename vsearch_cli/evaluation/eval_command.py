@@ -16,7 +16,7 @@ import secrets
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import AsyncIterator, Awaitable, Iterable, Iterator, Sequence
 
@@ -60,6 +60,8 @@ class LabelledImage:
 class EvalSet:
     catalog: list[LabelledImage]
     queries: list[LabelledImage]
+    # With a distractor split: its rows (not of excluded labels, nor catalog rows), no-copy queries.
+    distractors: list[LabelledImage] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -85,11 +87,13 @@ def load_eval_set(
     catalog_split: str | None = None,
     query_split: str | None = None,
     exclude_labels: Sequence[str] = (),
+    distractor_split: str | None = None,
 ) -> EvalSet:
     """Catalog: the rows of `catalog_split` (all rows without one). Queries: the labelled rows of
     `query_split` (all of them without one) whose label is not excluded. Excluded labels stay in the
-    catalog as distractors, as unrelated images do in a real catalog."""
-    needs_split = catalog_split is not None or query_split is not None
+    catalog as distractors, as unrelated images do in a real catalog. Distractors (no-copy queries of a
+    copy evaluation): the rows of `distractor_split` that are not catalog rows, nor of an excluded label."""
+    needs_split = catalog_split is not None or query_split is not None or distractor_split is not None
     try:
         listed = read_listed_images(images_root, labels_csv, path_col, label_col, split_col if needs_split else None)
     except LabelsFileError as error:
@@ -107,7 +111,15 @@ def load_eval_set(
         raise EvalError(f"no catalog images (split {catalog_split!r})" if catalog_split else "no catalog images", 2)
     if not queries:
         raise EvalError("no query images left after the split and the excluded labels", 2)
-    return EvalSet(catalog=catalog, queries=queries)
+    distractors = []
+    if distractor_split is not None:
+        in_catalog = {image.id for image in catalog}
+        distractors = [image for image in images if image.split == distractor_split
+                       and image.id not in in_catalog and image.label not in excluded]
+        if not distractors:
+            raise EvalError(f"--distractor-split {distractor_split}: no rows of that split outside the catalog "
+                            "and the excluded labels", 2)
+    return EvalSet(catalog=catalog, queries=queries, distractors=distractors)
 
 
 def new_collection_name() -> str:
@@ -539,19 +551,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print("vsearch eval: --copies and --text-template are two different evaluations; give one", file=sys.stderr)
         return 2
     copies_only = [flag for flag, value in (("--mode", args.mode), ("--distractors", args.distractors),
+                                            ("--distractor-split", args.distractor_split),
                                             ("--transforms", args.transforms)) if value]
     if copies_only and args.copies is None:
         print(f"vsearch eval: {' and '.join(copies_only)} go with --copies N", file=sys.stderr)
         return 2
-    if args.distractors and args.mode == "similar":
-        print("vsearch eval: --distractors measures false copies, which only copy mode tells: drop --mode similar",
+    if args.distractors and args.distractor_split:
+        print("vsearch eval: give --distractors or --distractor-split, not both", file=sys.stderr)
+        return 2
+    if (args.distractors or args.distractor_split) and args.mode == "similar":
+        flag = "--distractors" if args.distractors else "--distractor-split"
+        print(f"vsearch eval: {flag} measures false copies, which only copy mode tells: drop --mode similar",
               file=sys.stderr)
         return 2
     collection = new_collection_name()
     try:
         eval_set = load_eval_set(
             Path(args.images), Path(args.labels), args.path_col, args.label_col, args.split_col,
-            args.catalog_split, args.query_split, args.exclude_label or (),
+            args.catalog_split, args.query_split, args.exclude_label or (), args.distractor_split,
         )
         show_progress = args.progress or sys.stderr.isatty()
         if args.copies is not None:
@@ -562,7 +579,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 keep_collection=args.keep_collection, api_key=args.api_key, show_progress=show_progress,
                 collection=collection, mode=args.mode or "copy",
                 distractors_dir=Path(args.distractors) if args.distractors else None, regions=args.regions,
-                transforms=args.transforms or "issue",
+                transforms=args.transforms or "issue", distractor_rows=eval_set.distractors,
+                distractor_split=args.distractor_split,
             ))
         else:
             report = asyncio.run(evaluate(
@@ -633,6 +651,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                                  "copy in the catalog; reports the false-copy rate (queries with any hit is_copy). "
                                  "They must not be catalog images: one whose sha256 is a catalog image's is "
                                  "excluded, and counted")
+    evaluation.add_argument("--distractor-split", metavar="SPLIT",
+                            help="with --copies: the labels CSV's rows of SPLIT (outside the catalog; not of an "
+                                 "--exclude-label label) are also queries with no copy in the catalog, as "
+                                 "--distractors: photos of the catalog's own subjects, so its look-alikes "
+                                 "(e.g. --catalog-split train --distractor-split test)")
     evaluation.add_argument("--regions", action="store_true",
                             help="index the catalog with its images' regions too (the full view plus a grid of "
                                  "14 parts, as vsearch index --regions; about 6x slower to index): measures what "
