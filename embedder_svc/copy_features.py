@@ -306,7 +306,8 @@ class CopyVerifier:
         self, query: CopyFeatures, candidate: CopyFeatures, check_mirrored: bool = True, min_inliers: int | None = None,
     ) -> Verdict:
         """Is `query` a copy of (a part of) `candidate`, as it is or (when `check_mirrored`) mirrored? With
-        at least `min_inliers` agreeing matches (default: the settings' min_inliers)."""
+        at least `min_inliers` agreeing matches (default: the settings' min_inliers), at least
+        `min_matched_share` of the keypoints in the overlap."""
         needed = min_inliers or self.settings.min_inliers
         plain = self._match(query.plain, candidate.plain, query.working_size, candidate.working_size, needed)
         mirrored = (self._match(query.mirrored, candidate.plain, query.working_size, candidate.working_size, needed)
