@@ -13,7 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from vsearch.client import messages
 from vsearch.client.calls import CallSettings, RetryEvent
-from vsearch.client.errors import VsearchError, error_for, error_from_rpc
+from vsearch.client.errors import NO_ANSWER, VsearchError, error_for, error_from_rpc
 from vsearch.client.types import (
     AddItem, AddSummary, CatalogImage, CollectionInfo, CollectionStats, DeleteResult, DropResult, Hit,
     ImageSource, SearchQuery, SearchResult,
@@ -217,7 +217,7 @@ class AsyncVisualSearchClient(CallSettings):
         try:
             await self._health.Check(health_pb2.HealthCheckRequest(), timeout=timeout, metadata=self.metadata)
         except grpc.aio.AioRpcError as rpc_error:
-            return rpc_error.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+            return rpc_error.code() not in NO_ANSWER
         return True
 
     async def delete(self, ids: Iterable[str], *, collection: str = "", timeout: float | None = None) -> DeleteResult:

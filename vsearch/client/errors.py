@@ -11,6 +11,9 @@ from google.rpc import error_details_pb2, status_pb2
 # status, and the same delay in milliseconds for clients without the google.rpc protos.
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
 RETRY_AFTER_MS_KEY = "retry-after-ms"
+# A health check failing with one of these got no answer from the gateway; any other answer, a refusal
+# included, means it is there.
+NO_ANSWER = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 
 _CODE_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
 

@@ -12,7 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from vsearch.client import messages
 from vsearch.client.calls import CallSettings, RetryEvent
-from vsearch.client.errors import VsearchError, error_from_rpc
+from vsearch.client.errors import NO_ANSWER, VsearchError, error_from_rpc
 from vsearch.client.types import (
     AddItem, AddSummary, CatalogImage, CollectionInfo, CollectionStats, DeleteResult, DropResult, Hit,
     ImageSource, SearchQuery, SearchResult,
@@ -67,7 +67,7 @@ class VisualSearchClient(CallSettings):
             self._health.Check(health_pb2.HealthCheckRequest(), timeout=timeout, wait_for_ready=wait,
                                metadata=self.metadata)
         except grpc.RpcError as rpc_error:
-            if rpc_error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):  # type: ignore[attr-defined]
+            if rpc_error.code() in NO_ANSWER:  # type: ignore[attr-defined]
                 return error_from_rpc(rpc_error)
         return None
 
