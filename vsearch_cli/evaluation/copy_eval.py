@@ -195,9 +195,9 @@ async def evaluate_copies(
 ) -> dict:
     """Indexes `catalog` (with regions when `regions`), queries in `mode` with transformed copies of
     `originals` of its images (those that indexed; the transforms of `copy_transforms.TRANSFORM_SETS[transforms]`)
-    and with the images under `distractors_dir`, or `distractor_rows` (the labels' rows of `distractor_split`),
-    those not in the catalog, drops the collection unless
-    `keep_collection`, and returns the report. Issue 13's target is judged on its own transforms only."""
+    and with distractors not in the catalog (the images under `distractors_dir`, or `distractor_rows`: the
+    labels' rows of `distractor_split`), drops the collection unless `keep_collection`, and returns the report.
+    Issue 13's target is judged on its own transforms only."""
     if originals < 1:
         raise EvalError("--copies must be at least 1", 2)
     if transforms not in TRANSFORM_SETS:
