@@ -335,7 +335,7 @@ class MilvusStore:
             return
         mirror = MilvusFeatureMirror(
             name, self._settings.milvus.feature_hash_bits, partial(self._scan, client, name),
-            partial(self._query_rows, client, name), partial(self._count, client, name),
+            partial(self._query_rows, name), partial(self._count, client, name),
         )
         self._mirrors[name] = mirror
         try:
@@ -788,10 +788,7 @@ class MilvusStore:
         if include_vectors:
             output_fields.append(columns.VECTOR)
         rows = self._query_ids(collection, stored_ids, output_fields, include_copy_features)
-        if include_copy_features:
-            for row in rows:
-                row[columns.COPY_FEATURES] = _copy_features(row)
-        return rows
+        return _with_raw_copy_features(rows) if include_copy_features else rows
 
     def list_page(
         self, collection: str, after: str, limit: int, include_vectors: bool, include_copy_features: bool
@@ -810,10 +807,7 @@ class MilvusStore:
             consistency_level="Strong",
         )
         rows = sorted(rows, key=lambda row: row[columns.ID].encode())
-        if include_copy_features:
-            for row in rows:
-                row[columns.COPY_FEATURES] = _copy_features(row)
-        return rows
+        return _with_raw_copy_features(rows) if include_copy_features else rows
 
     def existing_ids(self, collection: str, stored_ids: Sequence[str]) -> list[str]:
         return [row[columns.ID] for row in self._query_ids(collection, stored_ids, [columns.ID])]
@@ -838,15 +832,9 @@ class MilvusStore:
             ))
         return rows
 
-    def _query_rows(self, client: MilvusClient, collection: str, stored_ids: Sequence[str], output_fields: list[str]) -> list[dict]:
+    def _query_rows(self, collection: str, stored_ids: Sequence[str], output_fields: list[str]) -> list[dict]:
         """Rows for those ids, copy features as raw bytes (for the descriptor index)."""
-        rows = self._call(
-            client, "query", client.query, collection,
-            filter=ids_expression(stored_ids), output_fields=output_fields, consistency_level="Strong",
-        )
-        for row in rows:
-            row[columns.COPY_FEATURES] = _copy_features(row)
-        return rows
+        return _with_raw_copy_features(self._query_ids(collection, stored_ids, output_fields))
 
     def delete(self, collection: str, stored_ids: Sequence[str]) -> None:
         # By expression, not `ids=`: pymilvus writes `ids=` into an expression without escaping.
@@ -958,10 +946,7 @@ class MilvusStore:
                 return
         batch_rows = FEATURE_BATCH_ROWS if columns.COPY_FEATURES in output_fields else SUMMARY_BATCH_ROWS
         for rows in self._batches_of_rows(client, "feature index scan", collection, batch_rows, expression, output_fields):
-            if columns.COPY_FEATURES in output_fields:
-                for row in rows:
-                    row[columns.COPY_FEATURES] = _copy_features(row)
-            yield rows
+            yield _with_raw_copy_features(rows) if columns.COPY_FEATURES in output_fields else rows
 
 
 def _milvus_row(row: Row, optional: _OptionalColumns, stamp: int | None) -> Row:
@@ -980,3 +965,10 @@ def _milvus_row(row: Row, optional: _OptionalColumns, stamp: int | None) -> Row:
 def _copy_features(fields: dict) -> bytes:
     """The raw copy features of a hit's entity or a queried row; empty when not read or not stored."""
     return base64.b64decode(fields.get(columns.COPY_FEATURES) or "")
+
+
+def _with_raw_copy_features(rows: list[dict]) -> list[dict]:
+    """Queried rows with their copy features decoded from base64, in place."""
+    for row in rows:
+        row[columns.COPY_FEATURES] = _copy_features(row)
+    return rows
