@@ -109,14 +109,14 @@ class MilvusFeatureMirror:
 
     def _catch_up(self) -> None:
         started = _now_us()
-        with self._lock:
-            stamps = dict(self._held.stamps)
-        changed = [
-            row[columns.ID]
+        written = [
+            (row[columns.ID], row[columns.WRITTEN_US])
             for rows in self._scan(f"{columns.WRITTEN_US} > {self._read_since}", [columns.ID, columns.WRITTEN_US])
             for row in rows
-            if row[columns.WRITTEN_US] > stamps.get(row[columns.ID], -1)
         ]
+        with self._lock:
+            stamps = self._held.stamps
+            changed = [item_id for item_id, stamp in written if stamp > stamps.get(item_id, -1)]
         for start in range(0, len(changed), FETCH_IDS):
             rows = self._fetch(changed[start:start + FETCH_IDS], [columns.ID, columns.WRITTEN_US, columns.COPY_FEATURES])
             with self._lock:
