@@ -33,7 +33,7 @@ _BACKGROUND = (255, 255, 255)
 # Errors Pillow's plugins raise on malformed data, besides OSError.
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError)
 # The image's size in Pillow's DecompressionBombError message, which also quotes Pillow's own limit
-# (twice ours), so it is not passed on as it is.
+# (far above ours), so it is not passed on as it is.
 _PILLOW_BOMB_SIZE = re.compile(r"Image size \((\d+) pixels\)")
 # The most DCT scaling shrinks a JPEG by (per side).
 LARGEST_REDUCTION = 8
@@ -99,7 +99,7 @@ class ImageDecoder:
         # where a JPEG decoded at 1/8 could still be within ours; `decode_for` checks the pixels it will
         # decode against this decoder's limit before decoding any.
         Image.MAX_IMAGE_PIXELS = max_pixels * LARGEST_REDUCTION**2
-        # Pillow warns between the limit and twice it; `decode` refuses those images anyway.
+        # Pillow warns between its limit and twice it; `decode_for` refuses those images anyway.
         warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
         # A truncated file must fail, not decode into grey padding.
         ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -129,7 +129,7 @@ class ImageDecoder:
         weighed = width * height if progressive else image.size[0] * image.size[1]  # the drafted size
         if weighed > self.max_pixels:
             detail = f"image is {width}x{height} = {width * height} pixels"
-            if progressive and width * height > self.max_pixels:
+            if progressive:
                 detail += " (a progressive JPEG is weighed at its full size, however small it is decoded)"
             elif reduction > 1:
                 detail += f", {weighed} decoded at 1/{reduction} of its size"
@@ -156,7 +156,7 @@ class ImageDecoder:
         try:
             return Image.open(io.BytesIO(data), formats=SUPPORTED_FORMATS)
         except Image.DecompressionBombError as error:
-            # Pillow's backstop fired first (over twice the limit); its message carries the size.
+            # Pillow's backstop fired first (over twice its limit); its message carries the size.
             raise ImageRejected(self._too_many_pixels(_bomb_size(error))) from None
         except UnidentifiedImageError:
             raise ImageRejected(_unsupported_message(data)) from None
