@@ -98,6 +98,14 @@ class MilvusFeatureMirror:
             self._catch_up()
             self.built = True
 
+    def reset(self) -> None:
+        """Forgets everything held, as if never built (a collection beyond the index's size limit)."""
+        with self._sync_lock:
+            with self._lock:
+                self._held = _Held(FeatureIndex(self._hash_bits))
+            self.built = False
+            self._read_since = -1
+
     def catch_up(self) -> None:
         """Takes the rows every replica wrote since the previous poll began (less OVERLAP_US), and removes
         items deleted elsewhere; rebuilds once removed descriptors outnumber the live ones."""

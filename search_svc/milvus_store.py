@@ -222,6 +222,7 @@ class MilvusStore:
         self._stop_following = threading.Event()
         self._follower: threading.Thread | None = None
         self._failing_mirrors: dict[str, str] = {}  # collection -> the last catch-up error logged
+        self._oversized: dict[str, int] = {}  # collection -> its items, while beyond feature_index_max_items
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -250,6 +251,7 @@ class MilvusStore:
         client, self._client = self._client, None
         self._prepared.clear()
         self._mirrors.clear()
+        self._oversized.clear()
         self._regions.clear()
         if client is not None:
             client.close()
@@ -347,8 +349,11 @@ class MilvusStore:
     def _build_mirror(self, client: MilvusClient, name: str, mirror: MilvusFeatureMirror) -> None:
         items = self._count(client, name)
         if items > self._settings.milvus.feature_index_max_items:
-            self._drop_mirror(name, items)
+            self._drop_mirror(name, mirror, items)
             return
+        if self._oversized.pop(name, None) is not None:
+            logger.info("collection %s holds %d items, within SEARCH_MILVUS__FEATURE_INDEX_MAX_ITEMS again: "
+                        "building its feature index", name, items)
         start = time.perf_counter()
         mirror.build()
         self._metrics.observe_index_build("features", time.perf_counter() - start)
@@ -356,15 +361,19 @@ class MilvusStore:
         logger.info("collection %s: feature index of %d items built (%.1fs)", name, mirror.indexed_items,
                     time.perf_counter() - start)
 
-    def _drop_mirror(self, name: str, items: int) -> None:
-        """No feature index for a collection of more items than feature_index_max_items."""
-        self._mirrors.pop(name, None)
+    def _drop_mirror(self, name: str, mirror: MilvusFeatureMirror, items: int) -> None:
+        """No feature index for a collection of more items than feature_index_max_items: the mirror is
+        emptied, and built by the first poll that finds deletes have brought the collection within the
+        limit (until then a poll costs a count)."""
+        mirror.reset()
         self._metrics.forget_feature_index(name)
-        logger.warning(
-            "collection %s holds %d items, more than SEARCH_MILVUS__FEATURE_INDEX_MAX_ITEMS (%d): this replica keeps "
-            "no feature index for it, so its copy searches verify their similarity shortlist only",
-            name, items, self._settings.milvus.feature_index_max_items,
-        )
+        if name not in self._oversized:
+            logger.warning(
+                "collection %s holds %d items, more than SEARCH_MILVUS__FEATURE_INDEX_MAX_ITEMS (%d): this replica "
+                "keeps no feature index for it while it does, so its copy searches verify their similarity "
+                "shortlist only", name, items, self._settings.milvus.feature_index_max_items,
+            )
+        self._oversized[name] = items
 
     def _follow_writes(self) -> None:
         """Every feature_sync_s, brings each collection's descriptor index up to every replica's writes
@@ -380,7 +389,7 @@ class MilvusStore:
                     # other replicas' clocks say (milvus_feature_mirror: a stamp orders two versions).
                     self._write_stamps.advance_to(mirror.newest)
                     if mirror.known_items > self._settings.milvus.feature_index_max_items:
-                        self._drop_mirror(name, mirror.known_items)
+                        self._drop_mirror(name, mirror, mirror.known_items)
                         continue
                     self._metrics.set_feature_index_items(name, mirror.indexed_items)
                 except Exception as error:  # noqa: BLE001 - logged; the next round tries again
@@ -623,7 +632,9 @@ class MilvusStore:
         for batch in self._batches(rows, self._item_bytes):
             self._call(client, "upsert", client.upsert, collection, [_milvus_row(row, optional, stamp) for row in batch])
         mirror = self._mirrors.get(collection)
-        if mirror is not None:  # what an upsert failing half-way wrote is caught up with later
+        # What an upsert failing half-way wrote is caught up with later; an index not built yet (or
+        # dropped beyond its limit) takes every write when it is built.
+        if mirror is not None and mirror.built:
             mirror.apply_written(
                 {columns.ID: row[columns.ID], columns.WRITTEN_US: stamp, columns.COPY_FEATURES: row[columns.COPY_FEATURES]}
                 for row in rows
@@ -843,7 +854,7 @@ class MilvusStore:
             chunk = stored_ids[start:start + IDS_PER_EXPRESSION]
             self._call(client, "delete", client.delete, collection, filter=ids_expression(chunk))
         mirror = self._mirrors.get(collection)
-        if mirror is not None:
+        if mirror is not None and mirror.built:  # one not built yet reads what is left when it is
             mirror.remove(stored_ids)
             self._metrics.set_feature_index_items(collection, mirror.indexed_items)
         if self._has_regions(client, collection):
@@ -856,6 +867,7 @@ class MilvusStore:
         client = self._open_client
         with self._prepare_lock:
             self._regions.pop(collection, None)
+            self._oversized.pop(collection, None)
             if self._mirrors.pop(collection, None) is not None:
                 self._metrics.forget_feature_index(collection)
             if self._call(client, "has_collection", client.has_collection, regions_collection(collection)):

@@ -40,7 +40,8 @@ class MilvusSettings(BaseModel):
     # every replica's writes, polling Milvus every `feature_sync_s` (search_svc/milvus_feature_mirror.py).
     # Collections created before rows carried their write time have none. Every replica holds the
     # whole index (about 19 KiB per item with its id and write time), so a collection of more than
-    # `feature_index_max_items` gets none (logged): 100k items is about 1.8 GiB per replica.
+    # `feature_index_max_items` gets none while it is that large (logged): 100k items is about 1.8 GiB per
+    # replica.
     feature_index: bool = True
     feature_hash_bits: int = Field(16, ge=8, le=30)
     feature_sync_s: float = Field(2.0, gt=0, le=3600)

@@ -455,12 +455,15 @@ async def test_a_collection_beyond_the_feature_index_limit_gets_none(
 ):
     """Every replica holds a collection's whole descriptor index, so one that outgrows
     feature_index_max_items loses it at the next catch-up (and one that is larger from the start gets
-    none): copy searches then verify their shortlist only, and the log says why."""
+    none): copy searches then verify their shortlist only, and the log says why, once. Deletes that bring
+    the collection back within the limit bring the index back at the next poll."""
     stored, query, _outsider = feature_blobs
     vectors = unit_vectors(FEATURE_CATALOG, 8, seed=6)
     items = [item(f"view-{p}", vectors[p], stored[p]) for p in range(FEATURE_CATALOG)]
     crop_search = copy_search_request(vectors[0], query, 3)
     limited = {"feature_sync_s": 0.1, "feature_index_max_items": FEATURE_CATALOG - 1}
+    gauge = {"backend": "milvus", "collection": "vsearch_images"}
+    too_many = "holds 12 items, more than SEARCH_MILVUS__FEATURE_INDEX_MAX_ITEMS (11)"
 
     async def feature_matches(stub: search_pb2_grpc.VectorSearchStub) -> list[str]:
         return [hit.id for hit in (await stub.Search(crop_search)).results[0].feature_matches]
@@ -468,16 +471,30 @@ async def test_a_collection_beyond_the_feature_index_limit_gets_none(
     async def has_no_matches(stub: search_pb2_grpc.VectorSearchStub) -> bool:
         return not await feature_matches(stub)
 
-    with caplog.at_level(logging.WARNING, logger="search_svc.milvus_store"):
+    async def finds_the_view(stub: search_pb2_grpc.VectorSearchStub) -> bool:
+        return (await feature_matches(stub))[:1] == [f"view-{CROPPED}"]
+
+    def counts(registry: CollectorRegistry) -> float:
+        return registry.get_sample_value("vsearch_store_call_seconds_count", {"backend": "milvus", "operation": "count"}) or 0
+
+    with caplog.at_level(logging.INFO, logger="search_svc.milvus_store"):
         async with search_replica(milvus_server.uri, 8, **limited) as (stub, registry):
             await stub.Upsert(search_pb2.UpsertRequest(items=items[:-1]))  # at the limit: kept
-            assert (await feature_matches(stub))[0] == f"view-{CROPPED}"
+            assert await finds_the_view(stub)
             await stub.Upsert(search_pb2.UpsertRequest(items=items[-1:]))
             await wait_until(lambda: has_no_matches(stub), what="the index dropped beyond the limit")
-            assert registry.get_sample_value("vsearch_store_feature_index_items",
-                                             {"backend": "milvus", "collection": "vsearch_images"}) is None
-        assert "holds 12 items, more than SEARCH_MILVUS__FEATURE_INDEX_MAX_ITEMS (11)" in caplog.text
+            assert registry.get_sample_value("vsearch_store_feature_index_items", gauge) is None
+            # Polls go on counting the items; still too many: no index, and no second warning.
+            polled = counts(registry)
+            await wait_until(lambda: counts(registry) >= polled + 3, what="three more polls")
+            assert await has_no_matches(stub)
+            assert caplog.text.count(too_many) == 1
+            await stub.Delete(search_pb2.DeleteRequest(ids=["view-0"]))
+            await wait_until(lambda: finds_the_view(stub), what="the index back within the limit")
+            assert registry.get_sample_value("vsearch_store_feature_index_items", gauge) == FEATURE_CATALOG - 1
+            assert "within SEARCH_MILVUS__FEATURE_INDEX_MAX_ITEMS again" in caplog.text
+            await stub.Upsert(search_pb2.UpsertRequest(items=items[:1]))
         caplog.clear()
         async with search_replica(milvus_server.uri, 8, **limited) as (stub, _registry):
             assert await feature_matches(stub) == []
-        assert "holds 12 items, more than SEARCH_MILVUS__FEATURE_INDEX_MAX_ITEMS (11)" in caplog.text
+        assert too_many in caplog.text
