@@ -348,14 +348,22 @@ class CopyVerifier:
         if int(good.sum()) < 4:
             return _NO_MATCH
         source = query.points[good]
-        target = candidate.points[indices[good, 0]]
+        nearest = indices[good, 0]
+        target = candidate.points[nearest]
         transform, inlier_mask = cv2.estimateAffinePartial2D(
             source, target, method=cv2.RANSAC, ransacReprojThreshold=self.settings.ransac_pixels,
             maxIters=500, confidence=0.99,
         )
         if transform is None or inlier_mask is None or not self._plausible(transform):
             return _NO_MATCH
-        inliers = int(inlier_mask.sum())
+        agreeing = inlier_mask.ravel().astype(bool)
+        # Several query keypoints may match one candidate keypoint (a corner found at several scales, in
+        # a crop enlarged to the working side: half of a half-side crop's matches). But matches on only
+        # two of the candidate's keypoints verify nothing, since any two fix a similarity transform: a
+        # transform shrinking the query onto two of them (a carpet's texture) made 18 "agree".
+        if len(np.unique(nearest[agreeing])) < MIN_DISTINCT_KEYPOINTS:
+            return _NO_MATCH
+        inliers = int(agreeing.sum())
         share = _share(inliers, query, candidate, transform, query_size, candidate_size)
         if inliers >= needed and share < self.settings.min_matched_share:
             stretched, stretched_mask = cv2.estimateAffine2D(
@@ -379,6 +387,9 @@ class CopyVerifier:
 
 
 _NO_MATCH: tuple[int, None, float] = (0, None, 0.0)
+# The fewest of the candidate's keypoints the agreeing matches must land on: two fix the transform, so
+# a third is the first that can agree with it or not.
+MIN_DISTINCT_KEYPOINTS = 3
 # The most a copy's aspect ratio may have been changed for its share of matches to be counted under an
 # affine transform (squeezed to 70 % of the width: 1.43).
 MAX_STRETCH = 1.6

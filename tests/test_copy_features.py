@@ -114,6 +114,20 @@ def test_look_alikes_are_no_copies_though_enough_features_agree(shared_dir: Path
     assert verdict.inliers == without_share.inliers and verdict.matched_share < SETTINGS.min_matched_share
 
 
+def test_matches_piled_on_two_keypoints_are_no_copy(shared_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two ukbench photos of different toys, both on textured floors: 18 matches agree on a transform
+    that shrinks the query onto two of the candidate's keypoints, which any transform through them would
+    do. Counted as agreeing, they make a copy with a share of 0.78; they verify nothing, so no copy."""
+    images = shared_dir / "datasets" / "ukbench56" / "images"
+    query = decode_copy_features(EXTRACTOR.extract(Image.open(images / "ukbench00023.jpg").convert("RGB"), for_query=True))
+    candidate = decode_copy_features(EXTRACTOR.extract(Image.open(images / "ukbench00029.jpg").convert("RGB")))
+    verdict = VERIFIER.verify(query, candidate)
+    assert not verdict.is_copy and verdict.matched_box is None
+    monkeypatch.setattr(copy_features, "MIN_DISTINCT_KEYPOINTS", 0)
+    piled = VERIFIER.verify(query, candidate)
+    assert piled.is_copy and piled.inliers >= SETTINGS.min_inliers
+
+
 def test_a_copy_keeps_its_copy_score_and_shows_its_share(photos: list[Image.Image]) -> None:
     """Copies are ranked by inliers / (inliers + min_inliers) as before the share condition; a 70 % crop
     shares far more than the condition asks."""
