@@ -184,7 +184,7 @@ class CopySearchSettings(BaseModel):
     # the embedder's copy_min_inliers, that count applies.
     second_look_min_inliers: int = Field(15, ge=1, le=1000)
     # Items outside the shortlist that share the most local features with the query (search_svc's
-    # feature index, FAISS backend) verified as well; only those verified copies are kept. A crop's
+    # feature index, on either backend) verified as well; only those verified copies are kept. A crop's
     # original can rank far down a similarity order: on 5,425 Caltech-101 photos, 5 of them took
     # half-side crops found from 0.847 to 0.893, with no more false copies (docs/copy-search.md).
     # 0: the shortlist only.
