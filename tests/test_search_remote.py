@@ -475,7 +475,8 @@ async def test_a_collection_beyond_the_feature_index_limit_gets_none(
         return (await feature_matches(stub))[:1] == [f"view-{CROPPED}"]
 
     def counts(registry: CollectorRegistry) -> float:
-        return registry.get_sample_value("vsearch_store_call_seconds_count", {"backend": "milvus", "operation": "count"}) or 0
+        calls = {"backend": "milvus", "operation": "count"}
+        return registry.get_sample_value("vsearch_store_call_seconds_count", calls) or 0
 
     with caplog.at_level(logging.INFO, logger="search_svc.milvus_store"):
         async with search_replica(milvus_server.uri, 8, **limited) as (stub, registry):
