@@ -971,21 +971,32 @@ class VisualSearchCore:
             )
             try:
                 searched = await self.downstream.search_query(request, deadline)
-                shortlist = [*searched.hits, *searched.feature_matches]
+                similar, suspects = list(searched.hits), list(searched.feature_matches)
             except ServiceError as error:
                 if error.code != grpc.StatusCode.NOT_FOUND:
                     raise
-                shortlist = []  # the stream's first write creates the collection: nothing stored to copy
-            candidates = [(hit.id, hit.copy_features) for hit in shortlist if hit.id != pending.id and hit.copy_features]
-            candidates += [(earlier.id, stored.copy_features) for earlier, stored in items[:position]
-                           if stored.copy_features]
+                # The stream's first write creates the collection: nothing stored to copy.
+                similar, suspects = [], []
+            # The feature candidates and the batch's earlier items first, all checked against the new
+            # item's mirror image too; then the similar ones, as a copy search checks them (the first
+            # mirror_depth). Behind a full shortlist, the batch's mirror images of each other went unseen.
+            unranked = [(hit.id, hit.copy_features) for hit in suspects]
+            unranked += [(earlier.id, stored.copy_features) for earlier, stored in items[:position]]
+            unranked = [(candidate_id, features) for candidate_id, features in unranked
+                        if features and candidate_id != pending.id]
+            ranked = [(hit.id, hit.copy_features) for hit in similar if hit.id != pending.id and hit.copy_features]
+            candidates = [*unranked, *ranked]
             if not candidates:
                 return []
+            mirror_depth = self.settings.copy_search.mirror_depth
             verdicts = await self.downstream.verify_copies(
-                item.copy_features, [features for _, features in candidates], deadline
+                item.copy_features, [features for _, features in candidates], deadline,
+                mirror_depth=mirror_depth and len(unranked) + mirror_depth,
             )
-            return [(candidate_id, verdict.copy_score)
-                    for (candidate_id, _), verdict in zip(candidates, verdicts) if verdict.is_copy]
+            checked = list(zip(candidates, verdicts))
+            # In shortlist order again (similar, feature candidates, the batch's): the first of equal copies wins.
+            checked = checked[len(unranked):] + checked[:len(unranked)]
+            return [(candidate_id, verdict.copy_score) for (candidate_id, _), verdict in checked if verdict.is_copy]
 
         found = await asyncio.gather(*(copies_of(position) for position in range(len(items))))
         kept: list[tuple[PendingItem, search_pb2.Item]] = []

@@ -250,16 +250,19 @@ class Downstream:
 
     async def verify_copies(
         self, query: bytes, candidates: Sequence[bytes], deadline: float | None, first_rank: int = 0,
-        min_inliers: int = 0,
+        min_inliers: int = 0, mirror_depth: int | None = None,
     ) -> list[embedder_pb2.CopyVerdict]:
         """Whether the query (its copy features) is a copy of each candidate (theirs, as stored; an empty
         one gets a verdict of no copy): one verdict per candidate, in order (one VerifyCopies call). The
-        candidates are ranked from `first_rank` in their shortlist; a copy needs `min_inliers` agreeing
-        features (0: the embedder's copy_min_inliers)."""
+        candidates are ranked from `first_rank` in their shortlist; those ranked below `mirror_depth`
+        (None: the copy_search setting; 0: all) are checked against the query's mirror image too; a copy
+        needs `min_inliers` agreeing features (0: the embedder's copy_min_inliers)."""
+        if mirror_depth is None:
+            mirror_depth = self.settings.copy_search.mirror_depth
         response = await _call(
             EMBEDDER, self.embedder.VerifyCopies,
             embedder_pb2.VerifyCopiesRequest(
-                query=query, candidates=candidates, mirror_depth=self.settings.copy_search.mirror_depth,
+                query=query, candidates=candidates, mirror_depth=mirror_depth,
                 first_rank=first_rank, min_inliers=min_inliers,
             ),
             _timeout(self.settings.embed_timeout_s, deadline),

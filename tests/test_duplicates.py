@@ -217,6 +217,27 @@ async def test_on_copy_flag_writes_copy_of_and_a_second_run_changes_nothing(stac
         await stack.stub.DropCollection(search_pb2.DropCollectionRequest(collection=collection), timeout=30)
 
 
+async def test_on_copy_catches_a_mirror_image_of_an_item_earlier_in_its_batch(stack, catalog_files, shared_dir):
+    """The batch's earlier items are checked against a new item's mirror image too, however many stored
+    items its shortlist holds: here 12, more than the 10 first of a shortlist that a copy search checks
+    mirrored, behind which they used to come."""
+    collection = "on_copy_mirrored"
+    original = shared_dir / CALTECH / "pagoda/image_0005.jpg"
+    try:
+        stored = await stack.stub.AddImages(add_requests(catalog_files, collection), timeout=120)
+        assert stored.indexed == len(catalog_files) > 10
+        stream = iter([
+            gateway_pb2.AddImageRequest(id="pagoda", image=original.read_bytes(), collection=collection,
+                                        on_copy=gateway_pb2.ON_COPY_FLAG),
+            gateway_pb2.AddImageRequest(id="pagoda-mirrored", image=copy_of(original, "mirror")),
+        ])
+        summary = await stack.stub.AddImages(stream, timeout=120)
+        assert [(found.id, found.copy_of) for found in summary.copies] == [("pagoda-mirrored", "pagoda")]
+        assert summary.indexed == 2
+    finally:
+        await stack.stub.DropCollection(search_pb2.DropCollectionRequest(collection=collection), timeout=30)
+
+
 async def test_on_copy_keep_checks_nothing_and_an_unknown_policy_is_refused(stack, catalog_files):
     collection = "on_copy_keep"
     try:
