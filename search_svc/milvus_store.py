@@ -356,10 +356,10 @@ class MilvusStore:
                         "building its feature index", name, items)
         start = time.perf_counter()
         mirror.build()
-        self._metrics.observe_index_build("features", time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        self._metrics.observe_index_build("features", seconds)
         self._metrics.set_feature_index_items(name, mirror.indexed_items)
-        logger.info("collection %s: feature index of %d items built (%.1fs)", name, mirror.indexed_items,
-                    time.perf_counter() - start)
+        logger.info("collection %s: feature index of %d items built (%.1fs)", name, mirror.indexed_items, seconds)
 
     def _drop_mirror(self, name: str, mirror: MilvusFeatureMirror, items: int) -> None:
         """No feature index for a collection of more items than feature_index_max_items: the mirror is

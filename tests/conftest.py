@@ -419,7 +419,6 @@ def copy_search_request(vector: np.ndarray, query_features: bytes, candidates: i
     )
 
 
-
 # ---- the whole stack in process: embedder (ONNX) -> search_svc (FAISS) behind the gateway, Redis ----
 
 
