@@ -8,7 +8,9 @@ matches agreeing on one plausible transform make a copy, whatever was cropped, r
 rescaled or slightly rotated; the transform also says where the query lies in the candidate. And they
 must be a fair share of the features the two images show in their overlap: two photographs of one
 product model on one studio backdrop, or of one airliner type at one airport, agree on dozens of
-features, but on few of the ones they hold there (docs/copy-search.md, "Look-alikes").
+features, but on few of the ones they hold there (docs/copy-search.md, "Look-alikes"). Where that share
+is small, the pixels must agree too (embedder_svc/pixel_agreement.py): another photograph of one flat
+object passes the features but not its pixels.
 
 `extract` runs once per catalog image at ingest and once per query; its blob is stored with the item
 (search_svc stores it, and reads its descriptors to find copy candidates), so verification never needs the catalog image again. Blocking
@@ -28,6 +30,7 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
+from embedder_svc.pixel_agreement import pixel_agreement
 from service_kit.copy_feature_codec import DESCRIPTOR_BYTES, CopyFeatures, FeatureSet, encode_copy_features
 
 # OpenCV's and faiss's own thread pools would compete with the decode executor's threads, which
@@ -84,6 +87,20 @@ class CopyFeatureSettings(BaseModel):
     # outline, whichever are fewer). Measured on Caltech-101: copies 0.14 at the 5th percentile (0.57 at
     # the median), photographs of the same model or scene verified as copies 0.08 at the median.
     min_matched_share: float = Field(0.1, ge=0, le=1)
+    # Where the share is below `pixel_check_below_share`, a copy verdict also needs the two images' pixels
+    # to agree where the transform lays one on the other (embedder_svc/pixel_agreement.py): at least
+    # `min_pixel_agreement` (0: no pixel check). Another photograph of one flat object agrees on enough
+    # features, with a share of 0.1-0.35, but its pixels agree below 0.6 in half of ukbench56's such pairs;
+    # copies at 0.82-0.99 in their worst 1 %, by transform (docs/copy-search.md). Copies sharing more need
+    # no such check.
+    min_pixel_agreement: float = Field(0.6, ge=0, le=1)
+    pixel_check_below_share: float = Field(0.3, ge=0, le=1)
+    # Longer side of the greyscale thumbnail stored with a catalog image's features for that check (0:
+    # none; then its pairs get no pixel check): 64 is at most 4,096 bytes an item. A query's is twice as
+    # large, since a crop of a catalog image covers only part of that image's thumbnail; at most 64, so
+    # that a query's features (31,384 bytes at most), which an ingest checking copies stores, stay within
+    # what search_svc stores of an item's (48,000).
+    thumbnail_side: int = Field(64, ge=0, le=64)
     # RANSAC's reprojection tolerance, in working-image pixels of the candidate.
     ransac_pixels: float = Field(6.0, gt=0)
     # Lowe's ratio test: a match counts only when its nearest descriptor is clearly nearer than the
@@ -102,6 +119,8 @@ class Verdict:
     mirrored: bool = False
     # Agreeing matches / the keypoints in the overlap (see CopyFeatureSettings.min_matched_share).
     matched_share: float = 0.0
+    # The pixel check's agreement (embedder_svc/pixel_agreement.py); None where it was not made.
+    pixel_agreement: float | None = None
     # (x, y, width, height) in the candidate's original pixels; None without a copy.
     matched_box: tuple[int, int, int, int] | None = None
 
@@ -145,7 +164,10 @@ class CopyFeatureExtractor:
         detections = self._detections(self._working_image(image), original_size or image.size, self.settings.keypoints)
         own = self._chosen_set(detections, self.settings.keypoints)
         mirrored = self._mirrored_set(detections, min(self.settings.mirrored_keypoints, self.settings.keypoints))
-        return encode_copy_features(CopyFeatures(own, mirrored, _size(detections.working), detections.original_size))
+        thumbnail = _thumbnail(detections.working, self.settings.thumbnail_side)
+        return encode_copy_features(
+            CopyFeatures(own, mirrored, _size(detections.working), detections.original_size, thumbnail)
+        )
 
     def query_detections(self, image: Image.Image, original_size: tuple[int, int] | None = None) -> "Detections":
         """A query's keypoints on its working image, not yet described: enough for its own set and its
@@ -210,14 +232,14 @@ class CopyFeatureExtractor:
         return (FeatureSet(found.points * scale, found.descriptors),
                 FeatureSet(mirrored.points * scale, mirrored.descriptors))
 
-    @staticmethod
-    def combine(detections: "Detections", plain: FeatureSet, mirrored: FeatureSet,
+    def combine(self, detections: "Detections", plain: FeatureSet, mirrored: FeatureSet,
                 zoomed: tuple[FeatureSet, FeatureSet]) -> bytes:
-        """A query's blob: its own keypoints with the zoomed ones, and its mirror image's with theirs."""
+        """A query's blob: its own keypoints with the zoomed ones, and its mirror image's with theirs,
+        and its thumbnail at twice a catalog image's side."""
         zoomed_plain, zoomed_mirrored = zoomed
         return encode_copy_features(CopyFeatures(
             _joined(plain, zoomed_plain), _joined(mirrored, zoomed_mirrored), _size(detections.working),
-            detections.original_size,
+            detections.original_size, _thumbnail(detections.working, 2 * self.settings.thumbnail_side),
         ))
 
     def _working_image(self, image: Image.Image) -> np.ndarray:
@@ -248,6 +270,13 @@ class CopyFeatureExtractor:
         if descriptors is None or not described:
             return _EMPTY
         return FeatureSet(np.array([keypoint.pt for keypoint in described], dtype=np.float32), descriptors)
+
+
+def _thumbnail(working: np.ndarray, side: int) -> np.ndarray | None:
+    """The greyscale working image with its longer side `side` (never enlarged; None for 0)."""
+    if side == 0:
+        return None
+    return _resize_longer_side(working, min(side, max(working.shape)))
 
 
 def _joined(first: FeatureSet, second: FeatureSet) -> FeatureSet:
@@ -313,13 +342,43 @@ class CopyVerifier:
         mirrored = (self._match(query.mirrored, candidate.plain, query.working_size, candidate.working_size, needed)
                     if check_mirrored else _NO_MATCH)
         best, is_mirrored = (mirrored, True) if mirrored[0] > plain[0] else (plain, False)
-        inliers, transform, share = best
+        inliers, transform, share, stretched = best
         score = self._score(inliers, needed, share)
+        agreement = None
+        if score >= 0.5 and transform is not None and share < self.settings.pixel_check_below_share:
+            agreement = self._pixel_agreement(query, candidate, (transform, stretched), is_mirrored)
+            minimum = self.settings.min_pixel_agreement
+            if agreement is not None and agreement < minimum:
+                score = min(score, max(0.0, agreement) / (max(0.0, agreement) + minimum))
         if score < 0.5 or transform is None:
-            return Verdict(is_copy=False, copy_score=score, inliers=inliers, mirrored=is_mirrored, matched_share=share)
+            return Verdict(is_copy=False, copy_score=score, inliers=inliers, mirrored=is_mirrored, matched_share=share,
+                           pixel_agreement=agreement)
         box = _matched_box(transform, query.working_size, candidate)
         return Verdict(is_copy=True, copy_score=score, inliers=inliers, mirrored=is_mirrored, matched_box=box,
-                       matched_share=share)
+                       matched_share=share, pixel_agreement=agreement)
+
+    def _pixel_agreement(
+        self, query: CopyFeatures, candidate: CopyFeatures, transforms: tuple[np.ndarray, np.ndarray | None],
+        mirrored: bool,
+    ) -> float | None:
+        """The better agreement of the similarity transform's alignment and (when one was fitted) the
+        affine one's: a squeezed copy lines up under the affine only. None: not checked (no check asked,
+        a thumbnail missing, as in features stored before thumbnails, or too little overlap to judge)."""
+        if self.settings.min_pixel_agreement == 0 or query.thumbnail is None or candidate.thumbnail is None:
+            return None
+        # Features stored by an ingest that checked copies are a query's, with a thumbnail twice as large:
+        # compared at the side the agreement was measured at.
+        side = self.settings.thumbnail_side
+        thumbnail = candidate.thumbnail
+        if side and max(thumbnail.shape) > side:
+            thumbnail = _resize_longer_side(thumbnail, side)
+        agreements = [
+            pixel_agreement(query.thumbnail, query.working_size, thumbnail, candidate.working_size,
+                            transform, mirrored)
+            for transform in transforms if transform is not None
+        ]
+        judged = [agreement for agreement in agreements if agreement is not None]
+        return max(judged) if judged else None
 
     def _score(self, inliers: int, needed: int, share: float) -> float:
         """inliers / (inliers + needed), which ranks copies; below 0.5, the copy threshold, also when the
@@ -333,12 +392,13 @@ class CopyVerifier:
     def _match(
         self, query: FeatureSet, candidate: FeatureSet, query_size: tuple[int, int], candidate_size: tuple[int, int],
         needed: int,
-    ) -> tuple[int, np.ndarray | None, float]:
-        """Agreeing matches of the best plausible transform query -> candidate, the transform, and the
-        share of the overlap's keypoints the matches are. A copy stretched to another aspect ratio loses
-        matches to the similarity transform: where enough agree but too small a share, the share of a
-        general affine transform counts when it is higher (squeezed to 70 % of the width: 119 -> 149 of
-        150 such copies verified; docs/copy-search.md)."""
+    ) -> tuple[int, np.ndarray | None, float, np.ndarray | None]:
+        """Agreeing matches of the best plausible transform query -> candidate, the transform, the
+        share of the overlap's keypoints the matches are, and the affine transform fitted besides (or
+        None). A copy stretched to another aspect ratio loses matches to the similarity transform: where
+        enough agree but too small a share, a general affine transform is fitted too, and its share counts
+        when it is higher (squeezed to 70 % of the width: 119 -> 149 of 150 such copies verified;
+        docs/copy-search.md)."""
         if len(query.points) < 4 or len(candidate.points) < 4:
             return _NO_MATCH
         # faiss's Hamming k-NN: the same neighbours as cv2.batchDistance for a fifth to a quarter of the CPU
@@ -365,14 +425,20 @@ class CopyVerifier:
             return _NO_MATCH
         inliers = int(agreeing.sum())
         share = _share(inliers, query, candidate, transform, query_size, candidate_size)
-        if inliers >= needed and share < self.settings.min_matched_share:
+        if inliers >= needed and share < max(self.settings.min_matched_share, self._pixel_check_below_share()):
             stretched, stretched_mask = cv2.estimateAffine2D(
                 source, target, method=cv2.RANSAC, ransacReprojThreshold=self.settings.ransac_pixels,
                 maxIters=500, confidence=0.99,
             )
             if stretched is not None and stretched_mask is not None and self._plausible_stretch(stretched):
-                share = max(share, _share(int(stretched_mask.sum()), query, candidate, stretched, query_size, candidate_size))
-        return inliers, transform, share
+                if share < self.settings.min_matched_share:
+                    share = max(share, _share(int(stretched_mask.sum()), query, candidate, stretched, query_size,
+                                              candidate_size))
+                return inliers, transform, share, stretched
+        return inliers, transform, share, None
+
+    def _pixel_check_below_share(self) -> float:
+        return self.settings.pixel_check_below_share if self.settings.min_pixel_agreement > 0 else 0.0
 
     def _plausible(self, transform: np.ndarray) -> bool:
         scale = math.hypot(transform[0, 0], transform[1, 0])
@@ -386,7 +452,7 @@ class CopyVerifier:
         return self._min_scale <= smaller and larger <= self._max_scale and larger <= MAX_STRETCH * smaller
 
 
-_NO_MATCH: tuple[int, None, float] = (0, None, 0.0)
+_NO_MATCH: tuple[int, None, float, None] = (0, None, 0.0, None)
 # The fewest of the candidate's keypoints the agreeing matches must land on: two fix the transform, so
 # a third is the first that can agree with it or not.
 MIN_DISTINCT_KEYPOINTS = 3

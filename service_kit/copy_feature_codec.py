@@ -2,11 +2,15 @@
 with the item, and both read back (the embedder to verify a pair, search_svc to find the items whose
 local descriptors a query's share). Made by embedder_svc/copy_features.py.
 
-Layout (little-endian), version 1:
+Layout (little-endian), version 2:
   header  magic b"VCF", version u8, keypoints n u16, mirrored keypoints m u16,
-          working width u16, working height u16, original width u32, original height u32
+          working width u16, working height u16, original width u32, original height u32,
+          thumbnail width w u16, thumbnail height h u16
   points  (n + m) x 2 float16, in working-image pixels (the mirrored set in the mirror image's)
   descriptors (n + m) x 32 uint8 (ORB)
+  thumbnail w x h uint8: the working image in greyscale, scaled down (0 x 0: none)
+Version 1 (stored before thumbnails) is the same without the thumbnail's fields; it still decodes, with
+no thumbnail.
 """
 
 from __future__ import annotations
@@ -17,8 +21,9 @@ from dataclasses import dataclass
 import numpy as np
 
 _MAGIC = b"VCF"
-_VERSION = 1
-_HEADER = struct.Struct("<3sBHHHHII")
+_VERSION = 2
+_HEADER_V1 = struct.Struct("<3sBHHHHII")
+_HEADER = struct.Struct("<3sBHHHHIIHH")
 DESCRIPTOR_BYTES = 32
 
 
@@ -38,39 +43,57 @@ class CopyFeatures:
     mirrored: FeatureSet
     working_size: tuple[int, int]
     original_size: tuple[int, int]
+    # The working image in greyscale, scaled down ([height, width] uint8), for the pixel check of
+    # embedder_svc/pixel_agreement.py; None in features stored before it.
+    thumbnail: np.ndarray | None = None
 
 
 def encode_copy_features(features: CopyFeatures) -> bytes:
     plain, mirrored = features.plain, features.mirrored
+    thumbnail = features.thumbnail if features.thumbnail is not None else np.zeros((0, 0), np.uint8)
     header = _HEADER.pack(
-        _MAGIC, _VERSION, len(plain.points), len(mirrored.points), *features.working_size, *features.original_size
+        _MAGIC, _VERSION, len(plain.points), len(mirrored.points), *features.working_size, *features.original_size,
+        thumbnail.shape[1], thumbnail.shape[0],
     )
     points = np.concatenate([plain.points, mirrored.points]).astype("<f2")
     descriptors = np.concatenate([plain.descriptors, mirrored.descriptors]).astype(np.uint8)
-    return header + points.tobytes() + descriptors.tobytes()
+    return header + points.tobytes() + descriptors.tobytes() + np.ascontiguousarray(thumbnail, np.uint8).tobytes()
 
 
 def decode_copy_features(blob: bytes) -> CopyFeatures:
-    if len(blob) < _HEADER.size:
-        raise CopyFeaturesInvalid(f"copy features of {len(blob)} bytes: shorter than their {_HEADER.size}-byte header")
-    magic, version, plain_count, mirrored_count, width, height, original_width, original_height = _HEADER.unpack_from(blob)
+    if len(blob) < _HEADER_V1.size:
+        raise CopyFeaturesInvalid(f"copy features of {len(blob)} bytes: shorter than their {_HEADER_V1.size}-byte header")
+    magic, version = _HEADER_V1.unpack_from(blob)[:2]
     if magic != _MAGIC:
         raise CopyFeaturesInvalid("not copy features (wrong magic bytes)")
-    if version != _VERSION:
-        raise CopyFeaturesInvalid(f"copy features of version {version}; this embedder reads version {_VERSION}")
+    if version not in (1, _VERSION):
+        raise CopyFeaturesInvalid(f"copy features of version {version}; this embedder reads versions 1 and {_VERSION}")
+    header = _HEADER if version == _VERSION else _HEADER_V1
+    if len(blob) < header.size:
+        raise CopyFeaturesInvalid(f"copy features of {len(blob)} bytes: shorter than their {header.size}-byte header")
+    fields = header.unpack_from(blob)
+    _, _, plain_count, mirrored_count, width, height, original_width, original_height = fields[:8]
+    thumbnail_width, thumbnail_height = fields[8:] if version == _VERSION else (0, 0)
     count = plain_count + mirrored_count
-    expected = _HEADER.size + count * (4 + DESCRIPTOR_BYTES)
+    thumbnail_at = header.size + count * (4 + DESCRIPTOR_BYTES)
+    expected = thumbnail_at + thumbnail_width * thumbnail_height
     if len(blob) != expected or min(width, height, original_width, original_height) == 0:
         raise CopyFeaturesInvalid(f"copy features of {len(blob)} bytes; their header says {expected}")
-    points = np.frombuffer(blob, "<f2", count * 2, _HEADER.size).astype(np.float32).reshape(count, 2)
-    descriptors = np.frombuffer(blob, np.uint8, count * DESCRIPTOR_BYTES, _HEADER.size + count * 4).reshape(
+    points = np.frombuffer(blob, "<f2", count * 2, header.size).astype(np.float32).reshape(count, 2)
+    descriptors = np.frombuffer(blob, np.uint8, count * DESCRIPTOR_BYTES, header.size + count * 4).reshape(
         count, DESCRIPTOR_BYTES
     )
     if not np.isfinite(points).all():
         raise CopyFeaturesInvalid("copy features with non-finite keypoint positions")
+    thumbnail = None
+    if thumbnail_width and thumbnail_height:
+        thumbnail = np.frombuffer(blob, np.uint8, thumbnail_width * thumbnail_height, thumbnail_at).reshape(
+            thumbnail_height, thumbnail_width
+        )
     return CopyFeatures(
         plain=FeatureSet(points[:plain_count], descriptors[:plain_count]),
         mirrored=FeatureSet(points[plain_count:], descriptors[plain_count:]),
         working_size=(width, height),
         original_size=(original_width, original_height),
+        thumbnail=thumbnail,
     )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import random
+import struct
 from pathlib import Path
 
 import grpc
@@ -18,7 +19,7 @@ from embedder_svc.copy_features import CopyFeatureExtractor, CopyFeatureSettings
 from service_kit.copy_feature_codec import DESCRIPTOR_BYTES, CopyFeaturesInvalid, FeatureSet, decode_copy_features
 from tests.conftest import RunningEmbedder, embedder_settings, running_embedder
 from vsearch.v1 import embedder_pb2
-from vsearch_cli.evaluation.copy_transforms import TRANSFORMS
+from vsearch_cli.evaluation.copy_transforms import TRANSFORMS, transformed_copy
 
 SETTINGS = CopyFeatureSettings()
 EXTRACTOR, VERIFIER = CopyFeatureExtractor(SETTINGS), CopyVerifier(SETTINGS)
@@ -128,6 +129,42 @@ def test_matches_piled_on_two_keypoints_are_no_copy(shared_dir: Path, monkeypatc
     assert piled.is_copy and piled.inliers >= SETTINGS.min_inliers
 
 
+@pytest.mark.parametrize(("query", "candidate"), [(18, 17), (14, 13), (33, 34)])
+def test_another_photograph_of_one_object_is_no_copy_for_its_pixels(shared_dir: Path, query: int, candidate: int) -> None:
+    """Two ukbench56 photographs of one object: enough features agree, a share over min_matched_share, so
+    without the pixel check a copy; aligned, their pixels do not agree: no copy, copy_score below 0.5."""
+    images = shared_dir / "datasets" / "ukbench56" / "images"
+    query_features = decode_copy_features(
+        EXTRACTOR.extract(Image.open(images / f"ukbench{query:05d}.jpg").convert("RGB"), for_query=True))
+    candidate_features = decode_copy_features(
+        EXTRACTOR.extract(Image.open(images / f"ukbench{candidate:05d}.jpg").convert("RGB")))
+    unchecked = CopyVerifier(CopyFeatureSettings(min_pixel_agreement=0)).verify(query_features, candidate_features)
+    assert unchecked.is_copy and unchecked.pixel_agreement is None
+    assert SETTINGS.min_matched_share <= unchecked.matched_share < SETTINGS.pixel_check_below_share
+    verdict = VERIFIER.verify(query_features, candidate_features)
+    assert verdict.pixel_agreement is not None and verdict.pixel_agreement < SETTINGS.min_pixel_agreement
+    assert not verdict.is_copy and verdict.copy_score < 0.5 and verdict.matched_box is None
+    assert verdict.inliers == unchecked.inliers
+
+
+@pytest.mark.parametrize("transform", ["quarter_size", "blur", "squeezed"])
+def test_degraded_copies_pass_the_pixel_check(photos: list[Image.Image], transform: str) -> None:
+    """Copies that keep a small share of their original's keypoints (shrunk, blurred, squeezed)
+    are checked on their pixels too, and agree there: still copies, with the same copy_score."""
+    checked = 0
+    for index, original in enumerate(photos):
+        copy = _decoded(transformed_copy(original, transform, random.Random(index)))
+        query = decode_copy_features(EXTRACTOR.extract(copy, for_query=True))
+        candidate = decode_copy_features(EXTRACTOR.extract(original))
+        verdict = VERIFIER.verify(query, candidate)
+        unchecked = CopyVerifier(CopyFeatureSettings(min_pixel_agreement=0)).verify(query, candidate)
+        assert verdict.is_copy == unchecked.is_copy and verdict.copy_score == unchecked.copy_score
+        if verdict.pixel_agreement is not None:
+            checked += 1
+            assert verdict.is_copy and verdict.pixel_agreement >= SETTINGS.min_pixel_agreement, (index, verdict)
+    assert checked >= 1, f"{transform}: no copy of the {len(photos)} photos had its pixels checked"
+
+
 def test_a_copy_keeps_its_copy_score_and_shows_its_share(photos: list[Image.Image]) -> None:
     """Copies are ranked by inliers / (inliers + min_inliers) as before the share condition; a 70 % crop
     shares far more than the condition asks."""
@@ -158,14 +195,39 @@ def test_a_copy_squeezed_to_another_aspect_ratio_counts_its_share_under_an_affin
 def test_features_are_compact_and_round_trip(photos: list[Image.Image]) -> None:
     blob = EXTRACTOR.extract(photos[0])
     query_blob = EXTRACTOR.extract(photos[0], for_query=True)
-    # What the index stores per item: about 36 bytes per keypoint, its own and its mirror image's.
-    assert len(blob) <= (SETTINGS.keypoints + SETTINGS.mirrored_keypoints) * 36 + 64
+    # What the index stores per item: about 36 bytes per keypoint, its own and its mirror image's, and
+    # a thumbnail of at most thumbnail_side squared bytes.
+    assert len(blob) <= (SETTINGS.keypoints + SETTINGS.mirrored_keypoints) * 36 + SETTINGS.thumbnail_side ** 2 + 64
     assert blob != query_blob
     features = decode_copy_features(blob)
     assert 100 <= len(features.plain.points) <= SETTINGS.keypoints
     assert 0 < len(features.mirrored.points) <= SETTINGS.mirrored_keypoints
     assert features.original_size == photos[0].size
     assert max(features.working_size) == SETTINGS.working_side
+    width, height = photos[0].size
+    assert features.thumbnail is not None and max(features.thumbnail.shape) == SETTINGS.thumbnail_side
+    assert features.thumbnail.shape[1] / features.thumbnail.shape[0] == pytest.approx(width / height, rel=0.05)
+    query = decode_copy_features(query_blob)
+    assert query.thumbnail is not None and max(query.thumbnail.shape) == 2 * SETTINGS.thumbnail_side
+    without = decode_copy_features(CopyFeatureExtractor(CopyFeatureSettings(thumbnail_side=0)).extract(photos[0]))
+    assert without.thumbnail is None and np.array_equal(without.plain.descriptors, features.plain.descriptors)
+
+
+def test_features_stored_before_thumbnails_still_decode_and_verify(photos: list[Image.Image]) -> None:
+    """Version 1 blobs (no thumbnail; what collections indexed before it hold) decode as they did, and
+    verify a copy without the pixel check."""
+    features = decode_copy_features(EXTRACTOR.extract(photos[1]))
+    points = np.concatenate([features.plain.points, features.mirrored.points]).astype("<f2")
+    descriptors = np.concatenate([features.plain.descriptors, features.mirrored.descriptors])
+    version_1 = struct.pack("<3sBHHHHII", b"VCF", 1, len(features.plain.points), len(features.mirrored.points),
+                            *features.working_size, *features.original_size) + points.tobytes() + descriptors.tobytes()
+    old = decode_copy_features(version_1)
+    assert old.thumbnail is None and old.working_size == features.working_size
+    assert np.array_equal(old.plain.descriptors, features.plain.descriptors)
+    width, height = photos[1].size
+    crop = photos[1].crop((0, 0, int(width * 0.7), int(height * 0.7)))
+    verdict = VERIFIER.verify(decode_copy_features(EXTRACTOR.extract(crop, for_query=True)), old)
+    assert verdict.is_copy and verdict.pixel_agreement is None
 
 
 def test_a_query_keypoints_zoomed_out_find_more_half_side_crops(shared_dir: Path) -> None:
@@ -346,6 +408,32 @@ async def test_verify_copies_over_grpc(embedder: RunningEmbedder, photos: list[I
     # The crop's box in the original, within a few pixels.
     assert abs(found.x - box.x) <= 8 and abs(found.y - box.y) <= 8
     assert abs(found.width - box.width) <= 12 and abs(found.height - box.height) <= 12
+
+
+async def test_verify_copies_checks_the_pixels_of_a_query_made_by_the_embedder(
+    embedder: RunningEmbedder, shared_dir: Path,
+) -> None:
+    """A lone query's features are made in parts on several threads; they carry the query's thumbnail,
+    so VerifyCopies refuses another photograph of the same object for its pixels, and still verifies a
+    copy of that photograph."""
+    images = shared_dir / "datasets" / "ukbench56" / "images"
+    photo, other = ((images / f"ukbench{number:05d}.jpg").read_bytes() for number in (18, 17))
+    catalog = await embedder.stub.EmbedImages(embedder_pb2.EmbedImagesRequest(
+        images=[embedder_pb2.ImageInput(data=other)], with_copy_features=True))
+    query = await embedder.stub.EmbedImages(embedder_pb2.EmbedImagesRequest(
+        images=[embedder_pb2.ImageInput(data=photo)], with_copy_features=True, copy_features_for_query=True))
+    query_features = decode_copy_features(query.results[0].copy_features)
+    assert query_features.thumbnail is not None and max(query_features.thumbnail.shape) == 2 * SETTINGS.thumbnail_side
+    copy = await embedder.stub.EmbedImages(embedder_pb2.EmbedImagesRequest(
+        images=[embedder_pb2.ImageInput(data=_jpeg(_decoded(other).resize((320, 240))))],
+        with_copy_features=True, copy_features_for_query=True))
+    response = await embedder.stub.VerifyCopies(embedder_pb2.VerifyCopiesRequest(
+        query=query.results[0].copy_features, candidates=[catalog.results[0].copy_features]))
+    assert not response.verdicts[0].is_copy and response.verdicts[0].copy_score < 0.5
+    assert response.verdicts[0].inliers >= SETTINGS.min_inliers
+    response = await embedder.stub.VerifyCopies(embedder_pb2.VerifyCopiesRequest(
+        query=copy.results[0].copy_features, candidates=[catalog.results[0].copy_features]))
+    assert response.verdicts[0].is_copy
 
 
 def ImageOps_mirror(image: Image.Image) -> Image.Image:  # noqa: N802 - reads as the Pillow call it wraps
