@@ -21,8 +21,9 @@ import cv2
 import numpy as np
 
 CELL_PIXELS = 8
-# A cell is judged only when the query covers it (nearly) whole and the candidate has texture there:
-# a flat cell's gradients are noise on both sides.
+# A cell is judged only when the query covers it (nearly) whole and both images have texture there: a
+# flat cell's gradients are noise, and a copy's cell may be flat where the original's is not (highlights
+# clipped to white by brightening, detail blurred away).
 _COVERED = 0.9
 _MIN_GRADIENT_ENERGY = 50.0  # mean of gx^2 + gy^2 (Sobel 3x3 on 0..255 grey)
 # Fewer judged cells than this say nothing either way (a small crop of a plain picture).
