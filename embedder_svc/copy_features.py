@@ -341,12 +341,12 @@ class CopyVerifier:
         plain = self._match(query.plain, candidate.plain, query.working_size, candidate.working_size, needed)
         mirrored = (self._match(query.mirrored, candidate.plain, query.working_size, candidate.working_size, needed)
                     if check_mirrored else _NO_MATCH)
-        best, is_mirrored = (mirrored, True) if mirrored[0] > plain[0] else (plain, False)
-        inliers, transform, share, stretched = best
+        best, is_mirrored = (mirrored, True) if mirrored.inliers > plain.inliers else (plain, False)
+        inliers, transform, share = best.inliers, best.transform, best.share
         score = self._score(inliers, needed, share)
         agreement = None
         if score >= 0.5 and transform is not None and share < self.settings.pixel_check_below_share:
-            agreement = self._pixel_agreement(query, candidate, (transform, stretched), is_mirrored)
+            agreement = self._pixel_agreement(query, candidate, best, is_mirrored)
             minimum = self.settings.min_pixel_agreement
             if agreement is not None and agreement < minimum:
                 score = min(score, max(0.0, agreement) / (max(0.0, agreement) + minimum))
@@ -358,14 +358,17 @@ class CopyVerifier:
                        matched_share=share, pixel_agreement=agreement)
 
     def _pixel_agreement(
-        self, query: CopyFeatures, candidate: CopyFeatures, transforms: tuple[np.ndarray, np.ndarray | None],
-        mirrored: bool,
+        self, query: CopyFeatures, candidate: CopyFeatures, fit: "_Fit", mirrored: bool,
     ) -> float | None:
-        """The better agreement of the similarity transform's alignment and (when one was fitted) the
-        affine one's: a squeezed copy lines up under the affine only. None: not checked (no check asked,
-        a thumbnail missing, as in features stored before thumbnails, or too little overlap to judge)."""
+        """The better agreement of the fit's similarity transform's alignment and (when a plausible one
+        fits the matches) an affine one's: a squeezed copy lines up under the affine only. None: not
+        checked (no check asked, a thumbnail missing, as in features stored before thumbnails, or too
+        little overlap to judge)."""
         if self.settings.min_pixel_agreement == 0 or query.thumbnail is None or candidate.thumbnail is None:
             return None
+        # Fitted here, for the one pair the check runs on, unless _match already did for the share.
+        stretched = fit.stretched if fit.stretch_tried else self._stretched(fit.source, fit.target)
+        transforms = (fit.transform, stretched[0] if stretched else None)
         # Features stored by an ingest that checked copies are a query's, with a thumbnail twice as large:
         # compared at the side the agreement was measured at.
         side = self.settings.thumbnail_side
@@ -392,13 +395,12 @@ class CopyVerifier:
     def _match(
         self, query: FeatureSet, candidate: FeatureSet, query_size: tuple[int, int], candidate_size: tuple[int, int],
         needed: int,
-    ) -> tuple[int, np.ndarray | None, float, np.ndarray | None]:
-        """Agreeing matches of the best plausible transform query -> candidate, the transform, the
-        share of the overlap's keypoints the matches are, and the affine transform fitted besides (or
-        None). A copy stretched to another aspect ratio loses matches to the similarity transform: where
-        enough agree but too small a share, a general affine transform is fitted too, and its share counts
-        when it is higher (squeezed to 70 % of the width: 119 -> 149 of 150 such copies verified;
-        docs/copy-search.md)."""
+    ) -> "_Fit":
+        """Agreeing matches of the best plausible transform query -> candidate, the transform, and the
+        share of the overlap's keypoints the matches are. A copy stretched to another aspect ratio loses
+        matches to the similarity transform: where enough agree but too small a share, a general affine
+        transform is fitted too, and its share counts when it is higher (squeezed to 70 % of the width:
+        119 -> 149 of 150 such copies verified; docs/copy-search.md)."""
         if len(query.points) < 4 or len(candidate.points) < 4:
             return _NO_MATCH
         # faiss's Hamming k-NN: the same neighbours as cv2.batchDistance for a fifth to a quarter of the CPU
@@ -425,20 +427,22 @@ class CopyVerifier:
             return _NO_MATCH
         inliers = int(agreeing.sum())
         share = _share(inliers, query, candidate, transform, query_size, candidate_size)
-        if inliers >= needed and share < max(self.settings.min_matched_share, self._pixel_check_below_share()):
-            stretched, stretched_mask = cv2.estimateAffine2D(
-                source, target, method=cv2.RANSAC, ransacReprojThreshold=self.settings.ransac_pixels,
-                maxIters=500, confidence=0.99,
-            )
-            if stretched is not None and stretched_mask is not None and self._plausible_stretch(stretched):
-                if share < self.settings.min_matched_share:
-                    share = max(share, _share(int(stretched_mask.sum()), query, candidate, stretched, query_size,
-                                              candidate_size))
-                return inliers, transform, share, stretched
-        return inliers, transform, share, None
+        if inliers >= needed and share < self.settings.min_matched_share:
+            stretched = self._stretched(source, target)
+            if stretched:
+                share = max(share, _share(stretched[1], query, candidate, stretched[0], query_size, candidate_size))
+            return _Fit(inliers, transform, share, source, target, stretch_tried=True, stretched=stretched)
+        return _Fit(inliers, transform, share, source, target)
 
-    def _pixel_check_below_share(self) -> float:
-        return self.settings.pixel_check_below_share if self.settings.min_pixel_agreement > 0 else 0.0
+    def _stretched(self, source: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, int] | None:
+        """A plausible affine transform of the matches (see _plausible_stretch) and how many agree on it."""
+        stretched, mask = cv2.estimateAffine2D(
+            source, target, method=cv2.RANSAC, ransacReprojThreshold=self.settings.ransac_pixels,
+            maxIters=500, confidence=0.99,
+        )
+        if stretched is None or mask is None or not self._plausible_stretch(stretched):
+            return None
+        return stretched, int(mask.sum())
 
     def _plausible(self, transform: np.ndarray) -> bool:
         scale = math.hypot(transform[0, 0], transform[1, 0])
@@ -452,7 +456,21 @@ class CopyVerifier:
         return self._min_scale <= smaller and larger <= self._max_scale and larger <= MAX_STRETCH * smaller
 
 
-_NO_MATCH: tuple[int, None, float, None] = (0, None, 0.0, None)
+@dataclass(frozen=True)
+class _Fit:
+    """What _match found: the agreeing matches, the similarity transform and the share, the matches
+    themselves (query and candidate positions), and the affine transform when _match fitted one."""
+
+    inliers: int
+    transform: np.ndarray | None
+    share: float
+    source: np.ndarray | None = None
+    target: np.ndarray | None = None
+    stretch_tried: bool = False
+    stretched: tuple[np.ndarray, int] | None = None
+
+
+_NO_MATCH = _Fit(0, None, 0.0)
 # The fewest of the candidate's keypoints the agreeing matches must land on: two fix the transform, so
 # a third is the first that can agree with it or not.
 MIN_DISTINCT_KEYPOINTS = 3
