@@ -433,7 +433,8 @@ async def test_replicas_feature_indexes_follow_each_others_writes(
         assert await finds_the_view(one)  # its own write: at once
         assert indexed(one_metrics) == FEATURE_CATALOG
         await wait_until(lambda: finds_the_view(two), what="replica two finding the crop's view")
-        assert indexed(two_metrics) == FEATURE_CATALOG
+        # Its poll thread sets the gauge just after the index answers: wait for that too.
+        await wait_until(lambda: indexed(two_metrics) == FEATURE_CATALOG, what="replica two's gauge")
         # Re-written through one with another view's features: two follows.
         await one.Upsert(search_pb2.UpsertRequest(items=[item(ids[CROPPED], vectors[CROPPED], stored[0])]))
         await wait_until(lambda: misses_the_view(two), what="replica two dropping the old features")
@@ -474,6 +475,9 @@ async def test_a_collection_beyond_the_feature_index_limit_gets_none(
     async def finds_the_view(stub: search_pb2_grpc.VectorSearchStub) -> bool:
         return (await feature_matches(stub))[:1] == [f"view-{CROPPED}"]
 
+    def indexed(registry: CollectorRegistry) -> float | None:
+        return registry.get_sample_value("vsearch_store_feature_index_items", gauge)
+
     def counts(registry: CollectorRegistry) -> float:
         calls = {"backend": "milvus", "operation": "count"}
         return registry.get_sample_value("vsearch_store_call_seconds_count", calls) or 0
@@ -484,7 +488,8 @@ async def test_a_collection_beyond_the_feature_index_limit_gets_none(
             assert await finds_the_view(stub)
             await stub.Upsert(search_pb2.UpsertRequest(items=items[-1:]))
             await wait_until(lambda: has_no_matches(stub), what="the index dropped beyond the limit")
-            assert registry.get_sample_value("vsearch_store_feature_index_items", gauge) is None
+            # The poll thread updates the gauge just after the index it describes: wait for both.
+            await wait_until(lambda: indexed(registry) is None, what="the gauge gone with the index")
             # Polls go on counting the items; still too many: no index, and no second warning.
             polled = counts(registry)
             await wait_until(lambda: counts(registry) >= polled + 3, what="three more polls")
@@ -492,7 +497,7 @@ async def test_a_collection_beyond_the_feature_index_limit_gets_none(
             assert caplog.text.count(too_many) == 1
             await stub.Delete(search_pb2.DeleteRequest(ids=["view-0"]))
             await wait_until(lambda: finds_the_view(stub), what="the index back within the limit")
-            assert registry.get_sample_value("vsearch_store_feature_index_items", gauge) == FEATURE_CATALOG - 1
+            await wait_until(lambda: indexed(registry) == FEATURE_CATALOG - 1, what="the gauge back with the index")
             assert "within SEARCH_MILVUS__FEATURE_INDEX_MAX_ITEMS again" in caplog.text
             await stub.Upsert(search_pb2.UpsertRequest(items=items[:1]))
         caplog.clear()
