@@ -21,7 +21,7 @@ import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Iterator, Sequence
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Sequence, TypeVar
 
 import grpc
 import httpx
@@ -43,6 +43,8 @@ from service_kit.server import ManagedServer
 from vsearch.v1 import embedder_pb2, embedder_pb2_grpc, gateway_pb2, gateway_pb2_grpc, search_pb2
 from vsearch_cli.local_stack.ports import free_port
 from vsearch_cli.model_tools.prepare import ensure_model
+
+T = TypeVar("T")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DIR = Path(os.environ.get("VSEARCH_SHARED_DIR", REPO_ROOT.parent / "shared")).resolve()
@@ -98,6 +100,23 @@ async def wait_until(condition: Callable[[], Any], timeout: float = 10.0, what: 
         if time.monotonic() - started > timeout:
             pytest.fail(f"not within {timeout:g}s: {what}")
         await asyncio.sleep(interval)
+
+
+async def repeat_until_cached(search: Callable[[], Awaitable[T]], cached: Callable[[T], bool] | None = None,
+                              timeout: float = 10.0) -> T:
+    """`search()` repeated until its reply was served from the gateway's result cache (`cached(reply)`;
+    by default `reply.from_cache`), which is returned. The gateway writes a result to the cache only
+    after it has replied (`QueryCache.save_in_background`), so an immediate repeat may miss."""
+    is_cached = cached or (lambda reply: reply.from_cache)
+    reply: Any = None
+
+    async def served_from_cache() -> bool:
+        nonlocal reply
+        reply = await search()
+        return bool(is_cached(reply))
+
+    await wait_until(served_from_cache, timeout, "the repeated search served from the cache")
+    return reply
 
 
 def children_of(parent: int) -> dict[int, list[str]]:

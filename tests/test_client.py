@@ -14,7 +14,7 @@ from typing import Any, AsyncIterator
 import grpc
 import pytest
 
-from conftest import in_process_stack, run_cli, wait_until
+from conftest import in_process_stack, repeat_until_cached, run_cli, wait_until
 from gateway.server import create_server as create_gateway
 from gateway.settings import GatewaySettings
 from vsearch.client import (
@@ -153,6 +153,9 @@ async def test_search_by_words(stack, keys, shared_dir):
             collection="client_words")
         assert summary.indexed == 8, summary
         result = await client.search(text="a photo of a pizza", k=4, collection="client_words")
+        # Its cache write comes after the reply: wait for it with this client, so the sync client's
+        # one search below finds it.
+        await repeat_until_cached(lambda: client.search(text="a photo of a pizza", k=4, collection="client_words"))
     assert result.understood_as
     assert [hit.id.split("/")[0] for hit in result.hits].count("pizza") >= 3, result
     with VisualSearchClient(stack.gateway_server.address, api_key=made["searcher"]) as sync_client:

@@ -303,7 +303,8 @@ async def test_both_listeners_drain_together(stack, keys):
     addresses = (gateway.address, gateway.internal.address)
     for address in addresses:
         assert await health_of(address) == health_pb2.HealthCheckResponse.SERVING
-    stopping = asyncio.create_task(gateway.stop(grace=1, drain=1.0))
+    # A drain long enough for two new channels' checks on a slow machine; the stop waits it out.
+    stopping = asyncio.create_task(gateway.stop(grace=1, drain=3.0))
     for address in addresses:  # draining: both still answer, both NOT_SERVING
         await wait_until(lambda a=address: _not_serving(health_of, a), timeout=5, what=f"{address} NOT_SERVING")
     await stopping

@@ -407,8 +407,9 @@ def test_a_child_that_keeps_dying_stops_the_stack(tmp_path: Path) -> None:
                     return False
                 return True
 
-            # Well inside the supervisor's first backoff (0.5 s).
-            wait_for(took_the_port, 0.4, "search_svc's port free after the kill")
+            # Before the restart can bind: the supervisor waits 0.5 s, the new interpreter ~0.8 s more
+            # here. A restart that binds first keeps the port, so this fails rather than passes wrongly.
+            wait_for(took_the_port, 1.5, "search_svc's port free after the kill")
             squatter.listen()
             up.process.wait(90)
         said = output.finish()

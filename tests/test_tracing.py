@@ -232,6 +232,9 @@ async def test_a_refused_call_is_traced_with_its_status_code(stack, spans):
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         await stack.stub.Search(gateway_pb2.VisualSearchRequest(), timeout=10)  # neither image nor item_id
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    # context.abort sends the status before the server span ends: wait for it to be recorded.
+    await wait_until(lambda: any(span.name == "vsearch.v1.VisualSearch/Search" for span in spans.get_finished_spans()),
+                     10, "the gateway's server span")
     root = only(list(spans.get_finished_spans()), "vsearch.v1.VisualSearch/Search", "gateway")
     assert root.attributes["rpc.grpc.status_code"] == grpc.StatusCode.INVALID_ARGUMENT.value[0]
     assert root.status.status_code == StatusCode.UNSET  # the caller's mistake, not the server's error
