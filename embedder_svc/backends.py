@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import abc
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -41,6 +42,12 @@ class InferenceBackend(abc.ABC):
     @abc.abstractmethod
     async def infer(self, batch: np.ndarray) -> np.ndarray:
         """One batch at a time (the batcher never overlaps calls); raises `BackendError`."""
+
+    def blocking_infer(self) -> Callable[[np.ndarray], np.ndarray] | None:
+        """A blocking `infer` that any thread may call, its runs and `infer`'s one at a time (a lone
+        image then runs on the thread that decoded it: `MicroBatcher.run_now`), when the model runs
+        in-process; None otherwise."""
+        return None
 
     async def check_ready(self) -> None:
         """Raises `BackendUnavailable` or `BackendMisconfigured` when the loaded model can no longer

@@ -8,7 +8,12 @@ Traces: a batch serves several requests, each in its own trace. Each traced requ
 two spans of its own, children of its EmbedImages span: `batch wait` (from its images' arrival to the
 batch's start) and `inference` (the batch's run), both tagged with the batch's id and size. So every
 trace shows its whole embedder time without following links, and a batch's requests are found by its
-id (`vsearch.batch.id`); one span per batch, linked to the requests, would leave a gap in each trace."""
+id (`vsearch.batch.id`); one span per batch, linked to the requests, would leave a gap in each trace.
+
+A lone image: with no wait configured and nothing queued or running, `run_now` runs it at once on the
+thread that prepared it, as a batch of one (same metrics, same spans, `vsearch.batch.inline` true),
+saving the queue's wake-up and two thread hops; images arriving meanwhile queue as they would behind a
+running batch."""
 
 from __future__ import annotations
 
@@ -29,6 +34,8 @@ from service_kit.tracing import current_trace, record_span
 logger = logging.getLogger(__name__)
 
 InferFunction = Callable[[np.ndarray], Awaitable[np.ndarray]]
+# The backend's blocking run, safe on any thread (one run at a time: the backend's own lock).
+BlockingInferFunction = Callable[[np.ndarray], np.ndarray]
 
 
 class BatcherClosed(Exception):
@@ -46,8 +53,12 @@ class _Pending:
 
 
 class MicroBatcher:
-    def __init__(self, infer: InferFunction, max_batch_size: int, max_wait_s: float, metrics: EmbedderMetrics) -> None:
+    def __init__(
+        self, infer: InferFunction, max_batch_size: int, max_wait_s: float, metrics: EmbedderMetrics,
+        infer_blocking: BlockingInferFunction | None = None,
+    ) -> None:
         self._infer = infer
+        self._infer_blocking = infer_blocking
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self._metrics = metrics
@@ -55,6 +66,7 @@ class MicroBatcher:
         self._arrived = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
         self._closed = False
+        self._running_batch = False
         self._batch_ids = itertools.count(1)
 
     def start(self) -> None:
@@ -71,6 +83,40 @@ class MicroBatcher:
         self._arrived.set()
         return await future
 
+    @property
+    def idle(self) -> bool:
+        """Whether an image run now by `run_now` would delay no other, and would have run at once in the
+        queue too: no wait configured, nothing queued, no batch running, and the backend can run on the
+        caller's thread. Read on the event loop."""
+        return (self._infer_blocking is not None and self.max_wait_s == 0 and not self._queue
+                and not self._running_batch and not self._closed)
+
+    def run_now(self, tensor: np.ndarray, trace: Context | None = None) -> np.ndarray:
+        """Runs one preprocessed image as a batch of one on the calling (worker) thread, for a caller that
+        found the batcher `idle`; `trace` is its request's context (`current_trace()`, taken on the
+        event loop). Raises the backend's error."""
+        if self._infer_blocking is None:
+            raise RuntimeError("this backend cannot run on the caller's thread")
+        if self._closed:
+            raise BatcherClosed("embedder is shutting down")
+        started = time.perf_counter()
+        started_ns = time.time_ns() if trace is not None else 0
+        failure: BaseException | None = None
+        try:
+            return self._infer_blocking(tensor[np.newaxis])[0]
+        except BaseException as error:
+            failure = error
+            raise
+        finally:
+            self._metrics.batch_size.observe(1)
+            self._metrics.inference_seconds.observe(time.perf_counter() - started)
+            self._metrics.lone_runs.inc()
+            if trace is not None:
+                attributes = {"vsearch.batch.id": next(self._batch_ids), "vsearch.batch.size": 1,
+                              "vsearch.batch.images_of_request": 1, "vsearch.batch.inline": True}
+                record_span("batch wait", started_ns, started_ns, context=trace, attributes=attributes)
+                record_span("inference", started_ns, time.time_ns(), context=trace, attributes=attributes, error=failure)
+
     async def _run(self) -> None:
         while True:
             await self._wait_for_batch()
@@ -78,7 +124,11 @@ class MicroBatcher:
             # A caller that gave up (cancelled call) leaves a done future behind: skip its image.
             batch = [item for item in (self._queue.popleft() for _ in range(count)) if not item.future.done()]
             if batch:
-                await self._run_batch(batch)
+                self._running_batch = True
+                try:
+                    await self._run_batch(batch)
+                finally:
+                    self._running_batch = False
 
     async def _wait_for_batch(self) -> None:
         while not self._queue:

@@ -1,5 +1,6 @@
 """The embedding pipeline, independent of gRPC: bytes -> decode -> preprocess (decode executor) ->
-micro-batch -> backend -> L2-normalised vector; with the vectors of the image's regions (one decode,
+micro-batch -> backend -> L2-normalised vector (a lone image, the batcher idle: decode, preprocess and
+inference in one executor call); with the vectors of the image's regions (one decode,
 the regions' inputs cut from it and batched with the full views), copy features extracted from the
 decoded image alongside inference, and copy verification, both in the decode executor."""
 
@@ -8,12 +9,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal
 
 import numpy as np
+from opentelemetry.context import Context
 
 from embedder_svc.backends import BackendError, InferenceBackend
 from embedder_svc.copy_features import NO_COPY, CopyFeatureExtractor, CopyFeatureSettings, CopyVerifier, Verdict
@@ -24,7 +27,7 @@ from embedder_svc.model_card import ModelCard, read_model_card
 from embedder_svc.preprocessing import Preprocessor
 from embedder_svc.regions import SMALLEST_REGION_SIDE, region_boxes
 from service_kit.copy_feature_codec import CopyFeatures
-from service_kit.tracing import span
+from service_kit.tracing import current_trace, record_span, span
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +97,7 @@ class EmbeddingEngine:
         self._metrics = metrics
         self._model: LoadedModel | None = None
         self.last_load_error: BaseException | None = None
+        self._embed_calls_in_flight = 0
 
     @property
     def model(self) -> LoadedModel:
@@ -122,7 +126,8 @@ class EmbeddingEngine:
             await backend.close()
             raise
         self.last_load_error = None
-        batcher = MicroBatcher(backend.infer, self.max_batch_size, self.max_batch_wait_s, self._metrics)
+        batcher = MicroBatcher(backend.infer, self.max_batch_size, self.max_batch_wait_s, self._metrics,
+                               backend.blocking_infer())
         batcher.start()
         self._model = LoadedModel(card, Preprocessor(card), backend, batcher)
         logger.info(
@@ -162,6 +167,40 @@ class EmbeddingEngine:
         model = self.model
         if not images:
             return []
+        self._embed_calls_in_flight += 1
+        try:
+            # The only call, for one plain image, and nothing queued: it would run as a batch of one
+            # anyway. (With other calls in flight it may share their batch instead.)
+            if (len(images) == 1 and copy_features is None and not with_regions
+                    and self._embed_calls_in_flight == 1 and model.batcher.idle):
+                data, crop = images[0]
+                return [await asyncio.get_running_loop().run_in_executor(
+                    self._decode_executor, self._embed_alone, model, data, crop, current_trace(),
+                )]
+            return await self._embed_batched(model, images, copy_features, with_regions)
+        finally:
+            self._embed_calls_in_flight -= 1
+
+    def _embed_alone(
+        self, model: LoadedModel, data: bytes, crop: CropBox | None, trace: Context | None,
+    ) -> Embedded | Exception:
+        """One image decoded, preprocessed and run on this (decode worker) thread; `trace` is its
+        request's context."""
+        started_ns = time.time_ns()
+        [prepared] = self._prepare_all(model.preprocessor, [(data, crop)], False, False)
+        if trace is not None:
+            record_span("preprocess", started_ns, context=trace, attributes={"vsearch.images": 1, "vsearch.regions": False})
+        if isinstance(prepared, Exception):
+            return prepared
+        try:
+            return Embedded(self._normalised(model, model.batcher.run_now(prepared.tensor, trace)))
+        except Exception as error:  # noqa: BLE001 - reported per image by the caller
+            return error
+
+    async def _embed_batched(
+        self, model: LoadedModel, images: list[tuple[bytes, CropBox | None]],
+        copy_features: Literal["index", "query"] | None, with_regions: bool,
+    ) -> list[Embedded | Exception]:
         loop = asyncio.get_running_loop()
         keep_images = copy_features is not None
         with span("preprocess", {"vsearch.images": len(images), "vsearch.regions": with_regions}):

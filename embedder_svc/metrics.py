@@ -18,6 +18,10 @@ class EmbedderMetrics:
             "vsearch_embedder_inference_seconds", "Time of one inference run, whole batch.",
             buckets=INFERENCE_BUCKETS, registry=registry,
         )
+        self.lone_runs = Counter(
+            "vsearch_embedder_lone_runs", "Images run at once, as a batch of one, on the thread that decoded "
+            "them (nothing else was queued or running).", registry=registry,
+        )
         self.images_embedded = Counter(
             "vsearch_embedder_images_embedded", "Images turned into embeddings.", registry=registry,
         )

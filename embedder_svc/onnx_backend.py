@@ -1,13 +1,16 @@
-"""In-process onnxruntime. The session runs on its own single thread, so inference never blocks the
-event loop and never competes with itself; onnxruntime parallelises inside one run."""
+"""In-process onnxruntime. Batches run on the backend's own single thread, so inference never blocks
+the event loop; a lone image may run on the decode thread that prepared it (`blocking_infer`). A lock
+keeps runs one at a time either way, so inference never competes with itself; onnxruntime
+parallelises inside one run."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -51,6 +54,7 @@ class OnnxRuntimeBackend(InferenceBackend):
         self.inference_threads = inference_threads
         self._executor: ThreadPoolExecutor | None = None
         self._session: ort.InferenceSession | None = None
+        self._one_run_at_a_time = threading.Lock()
 
     async def load(self) -> None:
         if self._executor is None:
@@ -85,9 +89,19 @@ class OnnxRuntimeBackend(InferenceBackend):
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self._run, self._session, batch)
 
+    def blocking_infer(self) -> Callable[[np.ndarray], np.ndarray]:
+        return self._run_loaded
+
+    def _run_loaded(self, batch: np.ndarray) -> np.ndarray:
+        session = self._session
+        if session is None:
+            raise BackendError("model not loaded")
+        return self._run(session, batch)
+
     def _run(self, session: ort.InferenceSession, batch: np.ndarray) -> np.ndarray:
         try:
-            (output,) = session.run([self.output_name], {self.input_name: batch})
+            with self._one_run_at_a_time:
+                (output,) = session.run([self.output_name], {self.input_name: batch})
         except Exception as error:  # noqa: BLE001 - onnxruntime's errors share no base class
             raise BackendError(f"onnxruntime failed on a batch of {len(batch)}: {error}") from error
         return np.asarray(output, dtype=np.float32)

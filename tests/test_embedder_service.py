@@ -120,6 +120,31 @@ async def test_one_request_of_many_images_runs_as_full_batches(mobilenet_dir: Pa
         assert embedder.sample("vsearch_embedder_batch_size_count") - before == 2  # 16 images, batches of 8
 
 
+async def test_a_lone_image_runs_at_once_on_its_decode_thread(mobilenet_dir: Path, ukbench_bytes: list[bytes]) -> None:
+    """One request at a time, of one image, with no batch wait: each runs as a batch of one on the
+    thread that decoded it (counted), with the vector the batched path gives; a bad image is still
+    that image's INVALID_ARGUMENT. Copy features, regions or a configured wait keep the queue."""
+    images = ukbench_bytes[:6]
+    async with running_embedder(embedder_settings(mobilenet_dir)) as embedder:
+        alone = [await embed_one(embedder.stub, data) for data in images]
+        assert embedder.sample("vsearch_embedder_lone_runs_total") == len(images)
+        assert embedder.sample("vsearch_embedder_batch_size_sum") == len(images)
+        assert embedder.sample("vsearch_embedder_batch_size_bucket", {"le": "1.0"}) == len(images)
+        batched = await embed_vectors(embedder.stub, images)
+        assert embedder.sample("vsearch_embedder_lone_runs_total") == len(images)
+        np.testing.assert_allclose(np.stack(alone), np.stack(batched), atol=1e-5)
+
+        broken = await embedder.stub.EmbedImages(embedder_pb2.EmbedImagesRequest(images=[image_input(b"not an image")]), timeout=10)
+        assert broken.results[0].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+        with_features = embedder_pb2.EmbedImagesRequest(images=[image_input(images[0])], with_copy_features=True)
+        assert (await embedder.stub.EmbedImages(with_features, timeout=30)).results[0].copy_features
+        assert embedder.sample("vsearch_embedder_lone_runs_total") == len(images)
+    async with running_embedder(embedder_settings(mobilenet_dir, max_batch_wait_ms=1.0)) as waiting:
+        await embed_one(waiting.stub, images[0])
+        assert waiting.sample("vsearch_embedder_lone_runs_total") == 0
+        assert waiting.sample("vsearch_embedder_batch_size_count") == 1
+
+
 async def test_health_is_not_serving_until_the_model_is_loaded(mobilenet_dir: Path, tmp_path: Path) -> None:
     # The model directory starts empty (say, a volume still being filled): the startup hook fails
     # and is retried, and the service must say NOT_SERVING and refuse calls until it succeeds.
