@@ -18,7 +18,7 @@ from conftest import in_process_stack, run_cli, run_cli_async
 from vsearch.client import AddItem, AsyncVisualSearchClient
 from vsearch.v1 import gateway_pb2
 from vsearch_cli.evaluation.copy_eval import catalog_duplicates, score_copies
-from vsearch_cli.evaluation.copy_transforms import MORE_TRANSFORMS, TRANSFORMS, transformed_copy
+from vsearch_cli.evaluation.copy_transforms import CHAINED_TRANSFORMS, MORE_TRANSFORMS, TRANSFORMS, transformed_copy
 from vsearch_cli.evaluation.eval_command import LabelledImage, QueryOutcome
 
 
@@ -69,6 +69,34 @@ def test_the_transforms_beyond_the_issue_make_the_copies_they_name(ukbench_image
     assert roughness["blur"] < plain < roughness["noise"], (roughness, plain)
     again = transformed_copy(image, "noise", random.Random(1))
     assert again == transformed_copy(image, "noise", random.Random(1)) != transformed_copy(image, "noise", random.Random(2))
+
+
+def test_a_chain_applies_each_of_its_steps_in_order(ukbench_images: list[Path]) -> None:
+    """A chain's copy is its steps' copies one after the other, with the one random stream: the same
+    bytes as applying them by hand, and the sizes they make."""
+    image = Image.open(ukbench_images[0]).convert("RGB")
+    width, height = image.size
+    assert len(CHAINED_TRANSFORMS) == 8 and not set(CHAINED_TRANSFORMS) & (set(TRANSFORMS) | set(MORE_TRANSFORMS))
+    for name in CHAINED_TRANSFORMS:
+        steps = name.split("+")
+        assert 2 <= len(steps) <= 3 and set(steps) <= set(TRANSFORMS), name
+        by_hand, rng = image, random.Random(3)
+        for step in steps:
+            by_hand = TRANSFORMS[step](by_hand, rng)
+        expected = io.BytesIO()
+        by_hand.convert("RGB").save(expected, "JPEG", quality=90)
+        assert transformed_copy(image, name, random.Random(3)) == expected.getvalue(), name
+    copies = {name: Image.open(io.BytesIO(transformed_copy(image, name, random.Random(1)))) for name in CHAINED_TRANSFORMS}
+    assert copies["half_size+caption"].size == (width // 2, height // 2)
+    assert copies["crop70+jpeg20"].size == (round(width * 0.7), round(height * 0.7))
+    assert copies["greyscale+half_size+jpeg20"].size == (width // 2, height // 2)
+    red, green, blue = (band.tobytes() for band in copies["mirror+greyscale+caption"].split())
+    assert max(max(abs(r - g), abs(g - b)) for r, g, b in zip(red, green, blue)) <= 3
+    # Mirrored: the copy's left half is the original's right half flipped (a caption covers the bottom only).
+    top = (0, 0, width, height // 2)
+    mirrored = np.asarray(copies["mirror+greyscale+caption"].crop(top).convert("L"), dtype=np.float32)
+    flipped = np.asarray(image.transpose(Image.Transpose.FLIP_LEFT_RIGHT).crop(top).convert("L"), dtype=np.float32)
+    assert np.abs(mirrored - flipped).mean() < 3 < np.abs(mirrored - np.asarray(image.crop(top).convert("L"), dtype=np.float32)).mean()
 
 
 def _write_ukbench_labels(path: Path, images: list[Path]) -> Path:

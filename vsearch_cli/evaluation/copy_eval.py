@@ -272,13 +272,14 @@ def _figure(value: float | int | None) -> str:
 
 def format_copies_report(report: dict) -> str:
     copies = report["copies"]
+    width = max([17, *(len(name) for name in copies["per_transform"])])  # chains have long names
     lines = [f"copies of {copies['originals']} catalog images (seed {copies['seed']}), searched in {copies['mode']} "
              f"mode; {report['catalog_size']} images in the catalog{' (with regions)' if report['regions'] else ''}",
-             f"{'transform':<17} {'queries':>7} {'R@1':>7} {'copy R@1':>9} {'R@10':>7} {'absent':>7} "
+             f"{'transform':<{width}} {'queries':>7} {'R@1':>7} {'copy R@1':>9} {'R@10':>7} {'absent':>7} "
              f"{'other copy 1st':>15}"]
     for name, entry in [*copies["per_transform"].items(), ("all", copies)]:
         if entry["queries"]:
-            lines.append(f"{name:<17} {entry['queries']:>7} {_figure(entry['recall_at_1']):>7} "
+            lines.append(f"{name:<{width}} {entry['queries']:>7} {_figure(entry['recall_at_1']):>7} "
                          f"{_figure(entry['copy_recall_at_1']):>9} {_figure(entry['recall_at_10']):>7} "
                          f"{entry['original_absent']:>7} {_figure(entry['first_hit_other_copy']):>15}")
     if copies["copy_recall_at_1"] is not None:

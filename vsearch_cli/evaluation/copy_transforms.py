@@ -1,9 +1,10 @@
 """Transformed copies of an image, as people and platforms make them: crops, recompression, rescaling,
-rotation, mirroring, greyscale, brightness and an overlaid caption (`TRANSFORMS`, issue 13's list), and
+rotation, mirroring, greyscale, brightness and an overlaid caption (`TRANSFORMS`, issue 13's list),
 15 more that copy search was not developed on (`MORE_TRANSFORMS`: blur, noise, borders, squeezing, tiny
 and enlarged copies, harder recompression, contrast, saturation, a patch over the picture, a perspective
-tilt, and crops combined with mirroring, greyscale or rotation). `vsearch eval --copies` queries a
-catalog with them to measure copy detection (`--transforms issue|more|all`).
+tilt, and crops combined with mirroring, greyscale or rotation), and 8 chains of two or three of the
+issue's, as a copy reposted several times ends up (`CHAINED_TRANSFORMS`). `vsearch eval --copies`
+queries a catalog with them to measure copy detection (`--transforms issue|more|chains|all`).
 
 Every transform is deterministic given its `random.Random`, and the result is encoded as JPEG
 (quality 90, except `jpeg20` and `jpeg10`), as a copy found on the web would be."""
@@ -122,9 +123,36 @@ MORE_TRANSFORMS: dict[str, Callable[[Image.Image, random.Random], Image.Image]] 
     "double_size": lambda image, rng: image.resize((image.width * 2, image.height * 2), Image.Resampling.BICUBIC),
 }
 
-# `vsearch eval --copies --transforms`: issue 13's list (the default), the others, or both.
+
+
+def _chained(*names: str) -> Callable[[Image.Image, random.Random], Image.Image]:
+    """The issue's transforms `names`, applied in that order."""
+    def chain(image: Image.Image, rng: random.Random) -> Image.Image:
+        for name in names:
+            image = TRANSFORMS[name](image, rng)
+        return image
+    return chain
+
+
+# Each chain is named by its steps, in the order they are applied.
+CHAINED_TRANSFORMS: dict[str, Callable[[Image.Image, random.Random], Image.Image]] = {
+    "+".join(names): _chained(*names)
+    for names in (
+        ("crop70", "jpeg20"),
+        ("half_size", "caption"),
+        ("crop70", "mirror", "jpeg20"),
+        ("rotate", "brightness"),
+        ("crop70", "rotate", "caption"),
+        ("greyscale", "half_size", "jpeg20"),
+        ("crop50", "brightness"),
+        ("mirror", "greyscale", "caption"),
+    )
+}
+
+# `vsearch eval --copies --transforms`: issue 13's list (the default), the others, the chains, or all.
 TRANSFORM_SETS: dict[str, dict[str, Callable[[Image.Image, random.Random], Image.Image]]] = {
-    "issue": TRANSFORMS, "more": MORE_TRANSFORMS, "all": {**TRANSFORMS, **MORE_TRANSFORMS},
+    "issue": TRANSFORMS, "more": MORE_TRANSFORMS, "chains": CHAINED_TRANSFORMS,
+    "all": {**TRANSFORMS, **MORE_TRANSFORMS, **CHAINED_TRANSFORMS},
 }
 
 

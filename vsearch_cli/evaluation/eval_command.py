@@ -637,12 +637,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                                  "catalog images, searched in copy mode; reports per transform recall@1 of the "
                                  "original (also with is_copy on it), recall@10 and how often it was not in the "
                                  "hits")
-    evaluation.add_argument("--transforms", choices=("issue", "more", "all"),
+    evaluation.add_argument("--transforms", choices=("issue", "more", "chains", "all"),
                             help="with --copies: which transforms make the copies: issue 13's nine (the default), "
                                  "15 more that copy search was not developed on (blur, noise, a border, squeezed, "
                                  "quarter size, JPEG quality 10, contrast, saturation, a 50%% crop mirrored, a 70%% "
                                  "crop greyed or rotated, a perspective tilt, a patch, a 40%% crop, double size), "
-                                 "or all 24")
+                                 "8 chains of two or three of the issue's (e.g. crop70+mirror+jpeg20), or all 32")
     evaluation.add_argument("--mode", choices=("copy", "similar"),
                             help="with --copies: search the copies in copy mode (the default) or in similar mode "
                                  "(the baseline copy search starts from)")
