@@ -124,7 +124,6 @@ MORE_TRANSFORMS: dict[str, Callable[[Image.Image, random.Random], Image.Image]] 
 }
 
 
-
 def _chained(*names: str) -> Callable[[Image.Image, random.Random], Image.Image]:
     """The issue's transforms `names`, applied in that order."""
     def chain(image: Image.Image, rng: random.Random) -> Image.Image:
