@@ -112,10 +112,9 @@ class MicroBatcher:
             self._metrics.inference_seconds.observe(time.perf_counter() - started)
             self._metrics.lone_runs.inc()
             if trace is not None:
-                attributes = {"vsearch.batch.id": next(self._batch_ids), "vsearch.batch.size": 1,
-                              "vsearch.batch.images_of_request": 1, "vsearch.batch.inline": True}
-                record_span("batch wait", started_ns, started_ns, context=trace, attributes=attributes)
-                record_span("inference", started_ns, time.time_ns(), context=trace, attributes=attributes, error=failure)
+                _record_batch_spans(trace, {"vsearch.batch.id": next(self._batch_ids), "vsearch.batch.size": 1,
+                                            "vsearch.batch.images_of_request": 1, "vsearch.batch.inline": True},
+                                    started_ns, started_ns, time.time_ns(), failure)
 
     async def _run(self) -> None:
         while True:
@@ -187,10 +186,8 @@ class MicroBatcher:
                 "vsearch.batch.id": batch_id, "vsearch.batch.size": size,
                 "vsearch.batch.images_of_request": len(items),
             }
-            context = items[0].trace
-            record_span("batch wait", min(item.arrived_ns for item in items), started_ns, context=context,
-                        attributes=attributes)
-            record_span("inference", started_ns, ended_ns, context=context, attributes=attributes, error=failure)
+            _record_batch_spans(items[0].trace, attributes, min(item.arrived_ns for item in items), started_ns,
+                                ended_ns, failure)
 
     async def close(self) -> None:
         self._closed = True
@@ -205,3 +202,13 @@ class MicroBatcher:
             item = self._queue.popleft()
             if not item.future.done():
                 item.future.set_exception(BatcherClosed("embedder is shutting down"))
+
+
+def _record_batch_spans(
+    context: Context, attributes: dict[str, object], arrived_ns: int, started_ns: int, ended_ns: int,
+    failure: BaseException | None,
+) -> None:
+    """A request's two spans for one batch: `batch wait` from its images' arrival to the batch's start,
+    and `inference`, the batch's run."""
+    record_span("batch wait", arrived_ns, started_ns, context=context, attributes=attributes)
+    record_span("inference", started_ns, ended_ns, context=context, attributes=attributes, error=failure)
