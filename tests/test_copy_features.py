@@ -16,6 +16,7 @@ from PIL import Image, ImageEnhance, ImageOps
 
 from embedder_svc import copy_features
 from embedder_svc.copy_features import CopyFeatureExtractor, CopyFeatureSettings, CopyVerifier
+from embedder_svc.perspective_evidence import perspective_evidence
 from service_kit.copy_feature_codec import DESCRIPTOR_BYTES, CopyFeaturesInvalid, FeatureSet, decode_copy_features
 from tests.conftest import RunningEmbedder, embedder_settings, running_embedder
 from vsearch.v1 import embedder_pb2
@@ -149,21 +150,77 @@ def test_another_photograph_of_one_object_is_no_copy_for_its_pixels(shared_dir: 
     assert verdict.inliers == unchecked.inliers
 
 
-@pytest.mark.parametrize("transform", ["quarter_size", "blur", "squeezed"])
-def test_degraded_copies_pass_the_pixel_check(photos: list[Image.Image], transform: str) -> None:
-    """Copies that keep a small share of their original's keypoints (shrunk, blurred, squeezed)
-    are checked on their pixels too, and agree there: still copies, with the same copy_score."""
+def _matches(rng: np.random.Generator, count: int) -> np.ndarray:
+    """Keypoint positions spread over a 512 x 384 working image."""
+    return rng.uniform((0, 0), (512, 384), size=(count, 2))
+
+
+def _jittered(points: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """As a keypoint's position is found again: within about a pixel."""
+    return points + rng.normal(0, 0.8, size=points.shape)
+
+
+def test_perspective_evidence_tells_a_projective_image_from_an_affine_one() -> None:
+    """An affine image of the points (a copy's geometry: scaled, rotated, squeezed) gives an F statistic
+    near 1 however many matches agree; a mild perspective (another photograph of a flat object from a
+    step aside: a corner moved by about 16 pixels) gives one that grows with the matches, over the
+    threshold from about 60, as many as such photographs' verdicts have. Too few matches: None."""
+    rng = np.random.default_rng(7)
+    affine = np.array([[0.62, -0.18, 40.0], [0.21, 0.55, 12.0]])
+    projective = np.array([[1.0, 0.02, 5.0], [-0.01, 1.0, 3.0], [4e-5, 3e-5, 1.0]])
+    photo_evidence = []
+    for count in (12, 60, 200):
+        source = _matches(rng, count)
+        copy_target = _jittered(source @ affine[:, :2].T + affine[:, 2], rng)
+        assert perspective_evidence(source, copy_target) < 10, count
+        lifted = np.hstack([source, np.ones((count, 1))]) @ projective.T
+        photo_evidence.append(perspective_evidence(source, _jittered(lifted[:, :2] / lifted[:, 2:], rng)))
+    assert photo_evidence == sorted(photo_evidence)
+    assert photo_evidence[1] > SETTINGS.max_perspective_evidence < photo_evidence[2] / 3
+    assert perspective_evidence(_matches(rng, 9), _matches(rng, 9)) is None
+
+
+@pytest.mark.parametrize(("query", "candidate"), [(41, 42), (42, 43), (43, 40)])
+def test_another_photograph_of_one_flat_object_is_no_copy_for_its_perspective(
+    shared_dir: Path, query: int, candidate: int,
+) -> None:
+    """Two ukbench56 photographs of one flat object (a rug) from a step apart: enough features agree, a
+    small share, and at thumbnail size the pixels agree too, so without the perspective check a copy. A
+    homography fits their matches far better than an affine transform: no copy, copy_score below 0.5."""
+    images = shared_dir / "datasets" / "ukbench56" / "images"
+    query_features = decode_copy_features(
+        EXTRACTOR.extract(Image.open(images / f"ukbench{query:05d}.jpg").convert("RGB"), for_query=True))
+    candidate_features = decode_copy_features(
+        EXTRACTOR.extract(Image.open(images / f"ukbench{candidate:05d}.jpg").convert("RGB")))
+    unchecked = CopyVerifier(CopyFeatureSettings(max_perspective_evidence=0)).verify(query_features, candidate_features)
+    assert unchecked.is_copy and unchecked.perspective_evidence is None
+    assert unchecked.pixel_agreement is not None and unchecked.pixel_agreement >= SETTINGS.min_pixel_agreement
+    verdict = VERIFIER.verify(query_features, candidate_features)
+    assert verdict.perspective_evidence is not None
+    assert verdict.perspective_evidence > SETTINGS.max_perspective_evidence
+    assert not verdict.is_copy and verdict.copy_score < 0.5 and verdict.matched_box is None
+    assert (verdict.inliers, verdict.pixel_agreement) == (unchecked.inliers, unchecked.pixel_agreement)
+
+
+@pytest.mark.parametrize("transform", ["quarter_size", "blur", "squeezed", "crop70_rotate"])
+def test_degraded_copies_pass_the_pixel_and_perspective_checks(photos: list[Image.Image], transform: str) -> None:
+    """Copies that keep a small share of their original's keypoints (shrunk, blurred, squeezed, rotated
+    and cropped) are checked on their pixels and their perspective too, and pass both: still copies,
+    with the same copy_score."""
+    unchecking = CopyVerifier(CopyFeatureSettings(min_pixel_agreement=0, max_perspective_evidence=0))
     checked = 0
     for index, original in enumerate(photos):
         copy = _decoded(transformed_copy(original, transform, random.Random(index)))
         query = decode_copy_features(EXTRACTOR.extract(copy, for_query=True))
         candidate = decode_copy_features(EXTRACTOR.extract(original))
         verdict = VERIFIER.verify(query, candidate)
-        unchecked = CopyVerifier(CopyFeatureSettings(min_pixel_agreement=0)).verify(query, candidate)
+        unchecked = unchecking.verify(query, candidate)
         assert verdict.is_copy == unchecked.is_copy and verdict.copy_score == unchecked.copy_score
         if verdict.pixel_agreement is not None:
             checked += 1
             assert verdict.is_copy and verdict.pixel_agreement >= SETTINGS.min_pixel_agreement, (index, verdict)
+            assert verdict.perspective_evidence is not None, (index, verdict)
+            assert verdict.perspective_evidence <= SETTINGS.max_perspective_evidence, (index, verdict)
     assert checked >= 1, f"{transform}: no copy of the {len(photos)} photos had its pixels checked"
 
 
