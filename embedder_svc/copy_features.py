@@ -32,6 +32,7 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
+from embedder_svc.hamming_neighbours import Neighbours, nearest_two
 from embedder_svc.perspective_evidence import perspective_evidence
 from embedder_svc.pixel_agreement import pixel_agreement
 from service_kit.copy_feature_codec import DESCRIPTOR_BYTES, CopyFeatures, FeatureSet, encode_copy_features
@@ -350,9 +351,33 @@ class CopyVerifier:
         at least `min_inliers` agreeing matches (default: the settings' min_inliers), at least
         `min_matched_share` of the keypoints in the overlap; below `pixel_check_below_share`, pixels that
         agree and matches without perspective."""
+        return self.verify_all(query, [candidate], [check_mirrored], min_inliers)[0]
+
+    def verify_all(
+        self, query: CopyFeatures, candidates: list[CopyFeatures], check_mirrored: list[bool],
+        min_inliers: int | None = None,
+    ) -> list[Verdict]:
+        """`verify` of the query against each candidate (mirrored too where `check_mirrored` says so),
+        with the descriptors' nearest neighbours found for all candidates at once
+        (embedder_svc/hamming_neighbours.py): the same verdicts, in less time."""
         needed = min_inliers or self.settings.min_inliers
-        plain = self._match(query.plain, candidate.plain, query.working_size, candidate.working_size, needed)
-        mirrored = (self._match(query.mirrored, candidate.plain, query.working_size, candidate.working_size, needed)
+        plain = nearest_two(query.plain.descriptors, [candidate.plain.descriptors for candidate in candidates])
+        to_mirror = [index for index, mirror in enumerate(check_mirrored) if mirror]
+        mirrored = dict(zip(to_mirror, nearest_two(
+            query.mirrored.descriptors, [candidates[index].plain.descriptors for index in to_mirror])))
+        return [
+            self._verdict(query, candidate, plain[index], mirrored.get(index), index in mirrored, needed)
+            for index, candidate in enumerate(candidates)
+        ]
+
+    def _verdict(
+        self, query: CopyFeatures, candidate: CopyFeatures, plain_neighbours: Neighbours | None,
+        mirrored_neighbours: Neighbours | None, check_mirrored: bool, needed: int,
+    ) -> Verdict:
+        plain = self._match(query.plain, candidate.plain, plain_neighbours, query.working_size,
+                            candidate.working_size, needed)
+        mirrored = (self._match(query.mirrored, candidate.plain, mirrored_neighbours, query.working_size,
+                                candidate.working_size, needed)
                     if check_mirrored else _NO_MATCH)
         best, is_mirrored = (mirrored, True) if mirrored.inliers > plain.inliers else (plain, False)
         inliers, transform, share = best.inliers, best.transform, best.share
@@ -417,24 +442,21 @@ class CopyVerifier:
         return score
 
     def _match(
-        self, query: FeatureSet, candidate: FeatureSet, query_size: tuple[int, int], candidate_size: tuple[int, int],
-        needed: int,
+        self, query: FeatureSet, candidate: FeatureSet, neighbours: Neighbours | None, query_size: tuple[int, int],
+        candidate_size: tuple[int, int], needed: int,
     ) -> "_Fit":
         """Agreeing matches of the best plausible transform query -> candidate, the transform, and the
         share of the overlap's keypoints the matches are. A copy stretched to another aspect ratio loses
         matches to the similarity transform: where enough agree but too small a share, a general affine
         transform is fitted too, and its share counts when it is higher (squeezed to 70 % of the width:
         119 -> 149 of 150 such copies verified; docs/copy-search.md)."""
-        if len(query.points) < 4 or len(candidate.points) < 4:
+        if len(query.points) < 4 or len(candidate.points) < 4 or neighbours is None:
             return _NO_MATCH
-        # faiss's Hamming k-NN: the same neighbours as cv2.batchDistance for a fifth to a quarter of the CPU
-        # (these distances are most of a verification's cost), though it keeps Python's lock meanwhile.
-        distances, indices = faiss.knn_hamming(query.descriptors, candidate.descriptors, 2)
-        good = distances[:, 0] < self.settings.ratio * distances[:, 1]
+        good = neighbours.nearest < self.settings.ratio * neighbours.second
         if int(good.sum()) < 4:
             return _NO_MATCH
         source = query.points[good]
-        nearest = indices[good, 0]
+        nearest = neighbours.nearest_index[good]
         target = candidate.points[nearest]
         transform, inlier_mask = cv2.estimateAffinePartial2D(
             source, target, method=cv2.RANSAC, ransacReprojThreshold=self.settings.ransac_pixels,

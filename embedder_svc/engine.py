@@ -262,12 +262,16 @@ class EmbeddingEngine:
         mirror_depth = mirror_depth or first_rank + len(candidates)
         loop = asyncio.get_running_loop()
         verifier = self._copy_verifier
+
+        def verify_share(share: list[tuple[int, CopyFeatures | None]]) -> list[Verdict]:
+            present = [(rank, candidate) for rank, candidate in share if candidate is not None]
+            verdicts = iter(verifier.verify_all(
+                query, [candidate for _, candidate in present], [rank < mirror_depth for rank, _ in present],
+                min_inliers))
+            return [next(verdicts) if candidate is not None else NO_COPY for _, candidate in share]
+
         with span("verify copies", {"vsearch.candidates": len(candidates)}):
-            return await self._in_shares(loop, list(enumerate(candidates, first_rank)), lambda share: [
-                verifier.verify(query, candidate, check_mirrored=rank < mirror_depth, min_inliers=min_inliers)
-                if candidate is not None else NO_COPY
-                for rank, candidate in share
-            ])
+            return await self._in_shares(loop, list(enumerate(candidates, first_rank)), verify_share)
 
     async def _in_shares(self, loop: asyncio.AbstractEventLoop, items: list, work: Callable[[list], list]) -> list:
         """`work` over shares of `items`, one executor call per decode worker, results in order: an

@@ -9,12 +9,13 @@ import random
 import struct
 from pathlib import Path
 
+import faiss
 import grpc
 import numpy as np
 import pytest
 from PIL import Image, ImageEnhance, ImageOps
 
-from embedder_svc import copy_features
+from embedder_svc import copy_features, hamming_neighbours
 from embedder_svc.copy_features import CopyFeatureExtractor, CopyFeatureSettings, CopyVerifier
 from embedder_svc.perspective_evidence import perspective_evidence
 from service_kit.copy_feature_codec import DESCRIPTOR_BYTES, CopyFeaturesInvalid, FeatureSet, decode_copy_features
@@ -249,6 +250,63 @@ def test_a_copy_squeezed_to_another_aspect_ratio_counts_its_share_under_an_affin
     assert VERIFIER.verify(query, candidate).is_copy
     monkeypatch.setattr(copy_features, "MAX_STRETCH", 1.0)
     assert not VERIFIER.verify(query, candidate).is_copy
+
+
+def test_nearest_two_finds_what_a_k_nearest_search_of_each_set_finds() -> None:
+    """All candidates at once, in groups when their matrix would be large, sets of different sizes: the
+    same two nearest distances as faiss's k-NN of each set alone, and the same nearest wherever it is
+    unique (a tie is refused by the ratio test anyway); None for a set too small to have two."""
+    rng = np.random.default_rng(3)
+    query = rng.integers(0, 256, (300, DESCRIPTOR_BYTES), dtype=np.uint8)
+    sets = [rng.integers(0, 256, (size, DESCRIPTOR_BYTES), dtype=np.uint8) for size in (256, 7, 1, 180, 256, 40, 0)]
+    sets[3][:20] = query[:20]  # exact matches: distance 0
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(hamming_neighbours, "MAX_DISTANCES_PER_GROUP", 300 * 256 * 2)  # groups of two or fewer
+        grouped = hamming_neighbours.nearest_two(query, sets)
+    for found in (grouped, hamming_neighbours.nearest_two(query, sets)):
+        assert [neighbours is None for neighbours in found] == [False, False, True, False, False, False, True]
+        for descriptors, neighbours in zip(sets, found):
+            if neighbours is None:
+                continue
+            distances, indices = faiss.knn_hamming(query, descriptors, 2)
+            assert (neighbours.nearest == distances[:, 0]).all() and (neighbours.second == distances[:, 1]).all()
+            unique = distances[:, 0] < distances[:, 1]
+            assert (neighbours.nearest_index[unique] == indices[unique, 0]).all()
+    assert (grouped[3].nearest[:20] == 0).all() and (grouped[3].nearest_index[:20] == np.arange(20)).all()
+    assert hamming_neighbours.nearest_two(query[:0], sets) == [None] * len(sets)
+
+
+def test_verifying_candidates_together_gives_each_one_s_verdict(photos: list[Image.Image]) -> None:
+    """verify_all over a shortlist (copies, their originals, other photos, mirrored checks on some) gives
+    the verdicts of verifying each candidate alone with faiss's k-NN, field for field."""
+
+    def alone(query_features, candidate_features, check_mirrored):
+        def knn_of_one(query_set, candidate_set):
+            if len(candidate_set) < 2 or len(query_set) == 0:
+                return None
+            distances, indices = faiss.knn_hamming(query_set, candidate_set, 2)
+            return hamming_neighbours.Neighbours(distances[:, 0], distances[:, 1], indices[:, 0])
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(copy_features, "nearest_two", lambda query_set, sets: [knn_of_one(query_set, one) for one in sets])
+            return VERIFIER.verify(query_features, candidate_features, check_mirrored=check_mirrored)
+
+    candidates = [decode_copy_features(EXTRACTOR.extract(photo)) for photo in photos]
+    mirror_flags = [rank < 3 for rank in range(len(candidates))]
+    checked, found = 0, {}
+    for index, original in enumerate(photos):
+        for transform in ("crop50", "mirror", "rotate"):
+            query = decode_copy_features(EXTRACTOR.extract(
+                _decoded(transformed_copy(original, transform, random.Random(index))), for_query=True))
+            together = VERIFIER.verify_all(query, candidates, mirror_flags)
+            for candidate, mirror, verdict in zip(candidates, mirror_flags, together):
+                assert vars(verdict) == vars(alone(query, candidate, mirror))
+                checked += 1
+            found[transform, index] = together[index].is_copy
+    assert checked == 3 * len(photos) ** 2
+    # A mirrored copy is found where its original's mirror check ran, and only there.
+    assert [found["mirror", index] for index in range(len(photos))] == mirror_flags
+    assert sum(found["crop50", index] + found["rotate", index] for index in range(len(photos))) >= 2 * len(photos) - 2
 
 
 def test_features_are_compact_and_round_trip(photos: list[Image.Image]) -> None:
