@@ -4,8 +4,8 @@ Verification matches a query's descriptors against each candidate's (30 or more 
 that was half of its time: faiss's k-NN (`knn_hamming`, a heap per query descriptor) over one candidate
 at a time. Here one call computes every distance to a group of candidates at once (faiss's `hammings`,
 about a quarter of the heap's time per distance), and numpy picks each candidate's nearest two from that
-matrix, releasing Python's lock while it does, so the decode workers verifying other candidates run
-meanwhile. The neighbours are the same: where the nearest distance is unique its index is the same, and
+matrix, releasing Python's lock in its loops, so a decode worker verifying other candidates runs meanwhile
+(faiss keeps the lock). The neighbours are the same: where the nearest distance is unique its index is the same, and
 the verifier's ratio test refuses every match whose nearest two are tied."""
 
 from __future__ import annotations
