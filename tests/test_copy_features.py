@@ -18,7 +18,13 @@ from PIL import Image, ImageEnhance, ImageOps
 from embedder_svc import copy_features, hamming_neighbours
 from embedder_svc.copy_features import CopyFeatureExtractor, CopyFeatureSettings, CopyVerifier
 from embedder_svc.perspective_evidence import perspective_evidence
-from service_kit.copy_feature_codec import DESCRIPTOR_BYTES, CopyFeaturesInvalid, FeatureSet, decode_copy_features
+from service_kit.copy_feature_codec import (
+    DESCRIPTOR_BYTES,
+    CopyFeatures,
+    CopyFeaturesInvalid,
+    FeatureSet,
+    decode_copy_features,
+)
 from tests.conftest import RunningEmbedder, embedder_settings, running_embedder
 from vsearch.v1 import embedder_pb2
 from vsearch_cli.evaluation.copy_transforms import TRANSFORMS, transformed_copy
@@ -119,13 +125,22 @@ def test_look_alikes_are_no_copies_though_enough_features_agree(shared_dir: Path
     assert verdict.inliers == without_share.inliers and verdict.matched_share < SETTINGS.min_matched_share
 
 
+def _ukbench_pair(shared_dir: Path, query: int, candidate: int) -> tuple[CopyFeatures, CopyFeatures]:
+    """ukbench56 photo `query`'s features as a query's, photo `candidate`'s as a catalog image's."""
+    images = shared_dir / "datasets" / "ukbench56" / "images"
+
+    def features(number: int, for_query: bool) -> CopyFeatures:
+        photo = Image.open(images / f"ukbench{number:05d}.jpg").convert("RGB")
+        return decode_copy_features(EXTRACTOR.extract(photo, for_query=for_query))
+
+    return features(query, True), features(candidate, False)
+
+
 def test_matches_piled_on_two_keypoints_are_no_copy(shared_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two ukbench photos of different toys, both on textured floors: 18 matches agree on a transform
     that shrinks the query onto two of the candidate's keypoints, which any transform through them would
     do. Counted as agreeing, they make a copy with a share of 0.78; they verify nothing, so no copy."""
-    images = shared_dir / "datasets" / "ukbench56" / "images"
-    query = decode_copy_features(EXTRACTOR.extract(Image.open(images / "ukbench00023.jpg").convert("RGB"), for_query=True))
-    candidate = decode_copy_features(EXTRACTOR.extract(Image.open(images / "ukbench00029.jpg").convert("RGB")))
+    query, candidate = _ukbench_pair(shared_dir, 23, 29)
     verdict = VERIFIER.verify(query, candidate)
     assert not verdict.is_copy and verdict.matched_box is None
     monkeypatch.setattr(copy_features, "MIN_DISTINCT_KEYPOINTS", 0)
@@ -137,11 +152,7 @@ def test_matches_piled_on_two_keypoints_are_no_copy(shared_dir: Path, monkeypatc
 def test_another_photograph_of_one_object_is_no_copy_for_its_pixels(shared_dir: Path, query: int, candidate: int) -> None:
     """Two ukbench56 photographs of one object: enough features agree, a share over min_matched_share, so
     without the pixel check a copy; aligned, their pixels do not agree: no copy, copy_score below 0.5."""
-    images = shared_dir / "datasets" / "ukbench56" / "images"
-    query_features = decode_copy_features(
-        EXTRACTOR.extract(Image.open(images / f"ukbench{query:05d}.jpg").convert("RGB"), for_query=True))
-    candidate_features = decode_copy_features(
-        EXTRACTOR.extract(Image.open(images / f"ukbench{candidate:05d}.jpg").convert("RGB")))
+    query_features, candidate_features = _ukbench_pair(shared_dir, query, candidate)
     unchecked = CopyVerifier(CopyFeatureSettings(min_pixel_agreement=0)).verify(query_features, candidate_features)
     assert unchecked.is_copy and unchecked.pixel_agreement is None
     assert SETTINGS.min_matched_share <= unchecked.matched_share < SETTINGS.pixel_check_below_share
@@ -188,11 +199,7 @@ def test_another_photograph_of_one_flat_object_is_no_copy_for_its_perspective(
     """Two ukbench56 photographs of one flat object (a rug) from a step apart: enough features agree, a
     small share, and at thumbnail size the pixels agree too, so without the perspective check a copy. A
     homography fits their matches far better than an affine transform: no copy, copy_score below 0.5."""
-    images = shared_dir / "datasets" / "ukbench56" / "images"
-    query_features = decode_copy_features(
-        EXTRACTOR.extract(Image.open(images / f"ukbench{query:05d}.jpg").convert("RGB"), for_query=True))
-    candidate_features = decode_copy_features(
-        EXTRACTOR.extract(Image.open(images / f"ukbench{candidate:05d}.jpg").convert("RGB")))
+    query_features, candidate_features = _ukbench_pair(shared_dir, query, candidate)
     unchecked = CopyVerifier(CopyFeatureSettings(max_perspective_evidence=0)).verify(query_features, candidate_features)
     assert unchecked.is_copy and unchecked.perspective_evidence is None
     assert unchecked.pixel_agreement is not None and unchecked.pixel_agreement >= SETTINGS.min_pixel_agreement
