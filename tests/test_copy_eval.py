@@ -18,6 +18,7 @@ from conftest import in_process_stack, run_cli, run_cli_async
 from vsearch.client import AddItem, AsyncVisualSearchClient
 from vsearch.v1 import gateway_pb2
 from vsearch_cli.evaluation.copy_eval import catalog_duplicates, score_copies
+from vsearch_cli.evaluation.copy_set_eval import score_copy_set
 from vsearch_cli.evaluation.copy_transforms import CHAINED_TRANSFORMS, MORE_TRANSFORMS, TRANSFORMS, transformed_copy
 from vsearch_cli.evaluation.eval_command import LabelledImage, QueryOutcome
 
@@ -227,7 +228,7 @@ async def test_copies_of_catalog_images_find_their_original(tmp_path: Path, mobi
         assert code == 2 and "--copies must be at least 1" in err
     for extra, message in ((["--copies", "2", "--text-template", "{label}"], "two different evaluations"),
                            (["--distractors", str(distractors)], "--distractors go with --copies N"),
-                           (["--transforms", "more"], "--transforms go with --copies N"),
+                           (["--transforms", "more"], "--transforms goes with --copies N"),
                            (["--distractor-split", "test"], "--distractor-split go with --copies N"),
                            (["--copies", "2", "--distractors", str(distractors), "--distractor-split", "test"],
                             "give --distractors or --distractor-split, not both"),
@@ -318,3 +319,102 @@ def test_a_first_hit_that_duplicates_the_original_counts_only_in_its_own_figure(
     # Similar mode gives no verdicts, hence no such figure.
     similar = [outcome("a", "crop50", ["a"], (None,))]
     assert score_copies(similar)["copy_recall_at_1_duplicates_counted"] is None
+
+
+def _copy_set(root: Path, ukbench_images: list[Path]) -> tuple[Path, dict[str, str]]:
+    """A copy-detection set as a user brings one: six originals (different objects) in `catalog/`, each
+    labelled by its own name; copies of four of them in `crops/` and `jpeg/` under their original's label;
+    in `other/` two photos of other objects and a greyscale copy of an original mislabelled as having no
+    original (a false copy by construction). Returns the labels CSV and the mislabelled query's id ->
+    its original's id."""
+    originals = ukbench_images[0:24:4]  # one photo of each of six objects
+    rows = []
+    for folder in ("catalog", "crops", "jpeg", "other"):
+        (root / folder).mkdir(parents=True)
+    for original in originals:
+        shutil.copyfile(original, root / "catalog" / original.name)
+        rows.append((f"catalog/{original.name}", original.stem, "catalog"))
+    for index, original in enumerate(originals[:4]):
+        folder, transform = ("crops", "crop70") if index < 2 else ("jpeg", "jpeg20")
+        copy = transformed_copy(Image.open(original).convert("RGB"), transform, random.Random(index))
+        (root / folder / original.name).write_bytes(copy)
+        rows.append((f"{folder}/{original.name}", original.stem, "query"))
+    for index, other in enumerate(ukbench_images[24:32:4]):  # other objects: no copy in the catalog
+        shutil.copyfile(other, root / "other" / other.name)
+        rows.append((f"other/{other.name}", f"nothing-{index}", "query"))
+    ImageOps.grayscale(Image.open(originals[5])).save(root / "other" / "mislabelled.jpg", "JPEG", quality=90)
+    rows.append(("other/mislabelled.jpg", "nothing-else", "query"))
+    labels = root / "labels.csv"
+    with labels.open("w", newline="") as stream:
+        writer = csv.writer(stream)
+        writer.writerow(["path", "label", "split"])
+        writer.writerows(rows)
+    return labels, {"other/mislabelled.jpg": f"catalog/{originals[5].name}"}
+
+
+async def test_a_copy_set_of_ones_own_is_scored_by_its_labels(tmp_path: Path, mobilenet_dir: Path,
+                                                              ukbench_images: list[Path]) -> None:
+    """`vsearch eval --mode copy` without --copies: the query rows are copies labelled as their originals,
+    or queries whose label no catalog row has; searched in copy mode through a real stack."""
+    labels, mislabelled = _copy_set(tmp_path / "set", ukbench_images)
+    async with in_process_stack(tmp_path / "stack", mobilenet_dir) as stack:
+        args = ("eval", "--images", str(tmp_path / "set"), "--labels", str(labels), "--gateway",
+                stack.gateway_server.address, "--catalog-split", "catalog", "--query-split", "query", "--mode", "copy")
+        code, out, err = await run_cli_async(*args, "--json", timeout=300)
+        assert code == 0, err
+        report = json.loads(out)
+        found = report["copy_set"]
+        assert report["catalog_size"] == 6 and report["queries_failed"] == 0 and report["collection_dropped"]
+        assert (found["queries"], found["with_copy"], found["without_copy"]) == (7, 4, 3)
+        assert set(found["per_folder"]) == {"crops", "jpeg", "other"}
+        for folder in ("crops", "jpeg"):
+            entry = found["per_folder"][folder]
+            assert entry["with_copy"] == 2 and entry["without_copy"] == 0
+            assert entry["recall_at_1"] == entry["copy_recall_at_1"] == entry["copy_found"] == 1.0, (folder, found)
+        assert found["copy_recall_at_1"] == 1.0 and found["meets_copy_target"] is True
+        # Only the mislabelled copy is a false copy: the photos of other objects are copies of nothing.
+        assert found["false_copies"] == found["per_folder"]["other"]["false_copies"] == 1
+        assert found["false_copy_examples"] == [{"query": query, "copy_hit": original}
+                                                for query, original in mislabelled.items()]
+        assert found["false_copy_rate"] == round(1 / 3, 4) and found["meets_false_copy_target"] is False
+
+        code, out, err = await run_cli_async(*args, timeout=300)
+        assert code == 0, err
+        assert "copy recall@1 (first hit has the query's label, is_copy) 1.0000: target >= 0.98 met" in out, out
+        assert "false copies: 1 of 3 queries whose label no catalog image has (rate 0.3333" in out, out
+
+    for extra, message in ((["--mode", "copy", "--text-template", "{label}"], "two different evaluations"),
+                           (["--transforms", "more", "--mode", "copy"], "--transforms goes with --copies N"),
+                           (["--distractor-split", "query"], "go with --copies N or --mode copy")):
+        refused = run_cli("eval", "--images", str(tmp_path / "set"), "--labels", str(labels), *extra)
+        assert refused.returncode == 2 and message in refused.stderr, (extra, refused.stderr)
+
+
+def test_a_copy_set_counts_each_query_as_a_copy_or_not_by_its_label() -> None:
+    catalog = [LabelledImage(name, Path(f"/{name}"), label, "") for name, label in
+               (("a", "A"), ("b", "B"), ("c", "C"), ("x", "X"))]
+
+    def outcome(query_id: str, label: str, hits: list[tuple[str, bool]]) -> QueryOutcome:
+        query = LabelledImage(query_id, Path(f"/{query_id}"), label, "")
+        return QueryOutcome(query, [hit for hit, _ in hits], 1.0, False, (), tuple(copy for _, copy in hits))
+
+    outcomes = [
+        outcome("crops/1.jpg", "A", [("a", True), ("b", False)]),  # found, verified
+        outcome("crops/2.jpg", "B", [("c", True), ("b", True)]),  # another image verified first
+        outcome("jpeg/3.jpg", "C", [("a", False), ("b", False)]),  # its original not in the hits
+        outcome("other/4.jpg", "Z", [("a", False)]),  # no copy in the catalog, none claimed
+        outcome("other/5.jpg", "Y", [("b", False), ("c", True)]),  # a false copy, at any rank
+        outcome("x", "X", [("x", True), ("a", False)]),  # a catalog row as a query: its own hit does not count
+    ]
+    scores = score_copy_set(outcomes, catalog)
+    assert (scores["queries"], scores["with_copy"], scores["without_copy"]) == (6, 3, 3)
+    assert scores["recall_at_1"] == scores["copy_recall_at_1"] == round(1 / 3, 4)
+    assert scores["copy_found"] == round(2 / 3, 4) and scores["recall_at_10"] == round(2 / 3, 4)
+    assert scores["relevant_absent"] == 1 and scores["first_hit_other_copy"] == 1
+    assert scores["false_copies"] == 1 and scores["false_copy_rate"] == round(1 / 3, 4)
+    assert scores["false_copy_examples"] == [{"query": "other/5.jpg", "copy_hit": "c"}]
+    assert scores["first_hit_other_copy_examples"] == [{"query": "crops/2.jpg", "first_hit": "c"}]
+    assert scores["per_folder"]["crops"]["copy_recall_at_1"] == 0.5
+    assert scores["per_folder"]["jpeg"]["relevant_absent"] == 1
+    assert scores["per_folder"]["(top)"] == {**scores["per_folder"]["(top)"], "without_copy": 1, "false_copies": 0}
+    assert scores["meets_copy_target"] is False and scores["meets_false_copy_target"] is False

@@ -15,6 +15,7 @@ import os
 import random
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
@@ -25,8 +26,8 @@ from service_kit.file_digest import file_sha256
 from vsearch.client import AsyncVisualSearchClient
 from vsearch_cli.evaluation.copy_transforms import TRANSFORM_SETS, TRANSFORMS, transformed_copy
 from vsearch_cli.evaluation.eval_command import (
-    MAX_REPORTED_FAILURES, SEARCH_TIMEOUT_S, EvalError, LabelledImage, QueryOutcome, evaluation_collection,
-    new_collection_name, search_queries,
+    MAX_REPORTED_FAILURES, SEARCH_TIMEOUT_S, EvalError, IndexedCatalog, LabelledImage, QueryOutcome,
+    evaluation_collection, new_collection_name, search_queries,
 )
 from vsearch_cli.image_files import is_image_file
 from vsearch_cli.gateway_connection import async_gateway_client
@@ -59,7 +60,7 @@ def make_copies(originals: Sequence[LabelledImage], out_dir: Path, seed: int,
     return copies
 
 
-def _share(count: int, total: int) -> float | None:
+def share_of(count: int, total: int) -> float | None:
     return round(count / total, 4) if total else None
 
 
@@ -102,13 +103,13 @@ def score_copies(outcomes: Sequence[QueryOutcome], duplicates: Mapping[str, froz
             duplicate_first += other_first and ranked[0] in duplicates.get(original, ())
         total = len(group)
         return {
-            "queries": total, "recall_at_1": _share(first, total),
-            "copy_recall_at_1": _share(copy_first, total) if verdicts_given else None,
-            "recall_at_10": _share(at_10, total),
-            "original_absent": absent, "original_absent_rate": _share(absent, total),
+            "queries": total, "recall_at_1": share_of(first, total),
+            "copy_recall_at_1": share_of(copy_first, total) if verdicts_given else None,
+            "recall_at_10": share_of(at_10, total),
+            "original_absent": absent, "original_absent_rate": share_of(absent, total),
             "first_hit_other_copy": other_copy_first if verdicts_given else None,
             "first_hit_catalog_duplicate": duplicate_first if verdicts_given else None,
-            "copy_recall_at_1_duplicates_counted": _share(copy_first + duplicate_first, total) if verdicts_given
+            "copy_recall_at_1_duplicates_counted": share_of(copy_first + duplicate_first, total) if verdicts_given
             else None,
         }
 
@@ -167,16 +168,49 @@ def split_catalog_images(distractors: Sequence[Path],
     return kept, excluded
 
 
-def score_distractors(source: str, listed: int, excluded: Sequence[Path], outcomes: Sequence[QueryOutcome],
-                      failures: dict[str, str]) -> dict:
-    """The false-copy rate: the share of the distractors searched with any hit verified a copy. `source`:
-    where they came from (a folder, or a split of the labels)."""
+@dataclass(frozen=True)
+class Distractors:
+    """No-copy queries: `queries`, the images `listed` (from `source`: a folder, or a split of the labels)
+    less those `excluded` for being catalog images."""
+
+    source: str
+    listed: list[Path]
+    excluded: list[Path]
+    queries: list[LabelledImage]
+
+
+async def load_distractors(
+    catalog: Sequence[LabelledImage], distractors_dir: Path | None, distractor_rows: Sequence[LabelledImage],
+    distractor_split: str | None,
+) -> Distractors | None:
+    """The images under `distractors_dir`, or `distractor_rows` (the labels' rows of `distractor_split`), as
+    no-copy queries (ids `distractor:...`), less those that are catalog images; None without either."""
+    if distractors_dir is not None and distractor_rows:
+        raise EvalError("give --distractors or --distractor-split, not both", 2)
+    if distractors_dir is not None:
+        source = str(distractors_dir)
+        listed = list_distractors(distractors_dir)
+        ids = {path: str(path.relative_to(distractors_dir)) for path in listed}
+    elif distractor_rows:
+        source = f"split {distractor_split} of the labels"
+        listed = [row.path for row in distractor_rows]
+        ids = {row.path: row.id for row in distractor_rows}
+    else:
+        return None
+    kept, excluded = await asyncio.to_thread(split_catalog_images, listed, catalog)
+    queries = [LabelledImage(f"distractor:{ids[path]}", path, "", "distractor") for path in kept]
+    return Distractors(source, listed, excluded, queries)
+
+
+def score_distractors(distractors: Distractors, outcomes: Sequence[QueryOutcome], failures: dict[str, str]) -> dict:
+    """The false-copy rate: the share of the distractors searched with any hit verified a copy."""
+    excluded = distractors.excluded
     false_copies = sorted(outcome.query.id for outcome in outcomes if any(outcome.copy_verdicts))
     searched = len(outcomes)
-    rate = _share(len(false_copies), searched)
+    rate = share_of(len(false_copies), searched)
     latencies = [outcome.latency_ms for outcome in outcomes]
     return {
-        "source": source, "images": listed, "excluded_in_catalog": len(excluded),
+        "source": distractors.source, "images": len(distractors.listed), "excluded_in_catalog": len(excluded),
         "excluded_examples": [str(path) for path in excluded[:MAX_REPORTED_EXAMPLES]],
         "searched": searched, "failed": len(failures),
         "with_copy_hit": len(false_copies), "false_copy_rate": rate,
@@ -203,24 +237,11 @@ async def evaluate_copies(
     if transforms not in TRANSFORM_SETS:
         raise EvalError(f"--transforms is one of {', '.join(TRANSFORM_SETS)}, not {transforms!r}", 2)
     transform_names = tuple(TRANSFORM_SETS[transforms])
-    with_distractors = distractors_dir is not None or bool(distractor_rows)
-    if with_distractors and mode != "copy":
+    if (distractors_dir is not None or distractor_rows) and mode != "copy":
         raise EvalError("distractors measure false copies, which only copy mode tells", 2)
-    if distractors_dir is not None and distractor_rows:
-        raise EvalError("give --distractors or --distractor-split, not both", 2)
     started = time.perf_counter()
-    distractor_queries: list[LabelledImage] = []
-    if distractors_dir is not None:
-        source = str(distractors_dir)
-        listed = list_distractors(distractors_dir)
-        ids = {path: str(path.relative_to(distractors_dir)) for path in listed}
-    elif distractor_rows:
-        source = f"split {distractor_split} of the labels"
-        listed = [row.path for row in distractor_rows]
-        ids = {row.path: row.id for row in distractor_rows}
-    if with_distractors:
-        kept, excluded = await asyncio.to_thread(split_catalog_images, listed, catalog)
-        distractor_queries = [LabelledImage(f"distractor:{ids[path]}", path, "", "distractor") for path in kept]
+    distractors = await load_distractors(catalog, distractors_dir, distractor_rows, distractor_split)
+    distractor_queries = distractors.queries if distractors else []
     collection = collection or new_collection_name()
     async with async_gateway_client(gateway, api_key) as client:
         async with evaluation_collection(client, catalog, collection, gateway, keep_collection, show_progress,
@@ -242,31 +263,43 @@ async def evaluate_copies(
                 await search_queries(client, distractor_queries, collection, HITS_WANTED, concurrency, show_progress,
                                      mode)
                 if distractor_queries else ([], {}))
-    latencies = np.array([outcome.latency_ms for outcome in outcomes]) if outcomes else np.zeros(1)
     scores = score_copies(outcomes, duplicates, transform_names)
-    report = {
+    return {
         "copies": {
             "mode": mode, "originals": len(sample), "seed": seed, "transforms": transforms, **scores,
             "target_copy_recall_at_1": TARGET_COPY_RECALL_AT_1,
             "meets_target": None if scores["copy_recall_at_1"] is None or transforms != "issue"
             else scores["copy_recall_at_1"] >= TARGET_COPY_RECALL_AT_1,
         },
+        **run_report(indexed, outcomes, failures, search_s, concurrency, started, distractors, distractor_outcomes,
+                     distractor_failures),
+    }
+
+
+def run_report(
+    indexed: IndexedCatalog, outcomes: Sequence[QueryOutcome], failures: dict[str, str], search_s: float,
+    concurrency: int, started: float, distractors: Distractors | None, distractor_outcomes: Sequence[QueryOutcome],
+    distractor_failures: dict[str, str],
+) -> dict:
+    """What a copy evaluation's report says of its run besides its scores: the catalog, the collection,
+    timings, failures, and the distractors' false-copy rate when there were any."""
+    latencies = np.array([outcome.latency_ms for outcome in outcomes]) if outcomes else np.zeros(1)
+    report = {
         "queries_failed": len(failures),
         "catalog_size": len(indexed.indexed), "catalog_failed": len(indexed.failures), "regions": indexed.regions,
-        "collection": collection, "collection_dropped": indexed.dropped,
+        "collection": indexed.collection, "collection_dropped": indexed.dropped,
         "index_s": round(indexed.index_s, 3), "search_s": round(search_s, 3), "concurrency": concurrency,
         "query_p50_ms": round(float(np.percentile(latencies, 50)), 2),
         "query_p95_ms": round(float(np.percentile(latencies, 95)), 2),
         "wall_time_s": round(time.perf_counter() - started, 3),
         "failures": dict(list({**indexed.failures, **failures, **distractor_failures}.items())[:MAX_REPORTED_FAILURES]),
     }
-    if with_distractors:
-        report["distractors"] = score_distractors(source, len(listed), excluded, distractor_outcomes,
-                                                  distractor_failures)
+    if distractors:
+        report["distractors"] = score_distractors(distractors, distractor_outcomes, distractor_failures)
     return report
 
 
-def _figure(value: float | int | None) -> str:
+def figure_text(value: float | int | None) -> str:
     return "-" if value is None else (f"{value:.4f}" if isinstance(value, float) else str(value))
 
 
@@ -279,9 +312,9 @@ def format_copies_report(report: dict) -> str:
              f"{'other copy 1st':>15}"]
     for name, entry in [*copies["per_transform"].items(), ("all", copies)]:
         if entry["queries"]:
-            lines.append(f"{name:<{width}} {entry['queries']:>7} {_figure(entry['recall_at_1']):>7} "
-                         f"{_figure(entry['copy_recall_at_1']):>9} {_figure(entry['recall_at_10']):>7} "
-                         f"{entry['original_absent']:>7} {_figure(entry['first_hit_other_copy']):>15}")
+            lines.append(f"{name:<{width}} {entry['queries']:>7} {figure_text(entry['recall_at_1']):>7} "
+                         f"{figure_text(entry['copy_recall_at_1']):>9} {figure_text(entry['recall_at_10']):>7} "
+                         f"{entry['original_absent']:>7} {figure_text(entry['first_hit_other_copy']):>15}")
     if copies["copy_recall_at_1"] is not None:
         if copies["meets_target"] is None:
             verdict = "(issue 13's target is judged on its own transforms: --transforms issue)"
@@ -291,16 +324,21 @@ def format_copies_report(report: dict) -> str:
         lines.append(f"counting a catalog duplicate of the original first as right "
                      f"({copies['first_hit_catalog_duplicate']} copies): "
                      f"{copies['copy_recall_at_1_duplicates_counted']:.4f}")
+    return "\n".join(lines + format_run_lines(report))
+
+
+def format_run_lines(report: dict) -> list[str]:
+    """The lines of `run_report`'s part: the distractors' false copies, latencies, failures, the collection."""
+    lines = []
     distractors = report.get("distractors")
     if distractors:
         rate = distractors["false_copy_rate"]
         verdict = "-" if rate is None else ("met" if distractors["meets_target"] else "MISSED")
         lines.append(f"false copies: {distractors['with_copy_hit']} of {distractors['searched']} distractors had a "
-                     f"hit is_copy (rate {_figure(rate)}; target <= {distractors['target_false_copy_rate']} "
-                     f"{verdict}); "
-                     f"{distractors['images']} images ({distractors['source']}), "
+                     f"hit is_copy (rate {figure_text(rate)}; target <= {distractors['target_false_copy_rate']} "
+                     f"{verdict}); {distractors['images']} images ({distractors['source']}), "
                      f"{distractors['excluded_in_catalog']} excluded as catalog images, {distractors['failed']} failed")
     lines.append(f"query p50 {report['query_p50_ms']:.1f} ms, p95 {report['query_p95_ms']:.1f} ms; "
                  f"{report['queries_failed']} queries failed; collection "
                  f"{report['collection']} ({'dropped' if report['collection_dropped'] else 'kept'})")
-    return "\n".join(lines)
+    return lines

@@ -514,6 +514,9 @@ def format_report(report: dict) -> str:
     if "copies" in report:
         from vsearch_cli.evaluation.copy_eval import format_copies_report  # builds on this module
         return format_copies_report(report)
+    if "copy_set" in report:
+        from vsearch_cli.evaluation.copy_set_eval import format_copy_set_report  # builds on this module
+        return format_copy_set_report(report)
     lines = [f"{label.format(k=report['k']):<50} {report[key]:.4f}" for key, label in METRIC_ROWS]
     if "calibration_error" in report:
         lines.append(f"{'calibration error (ECE, 10 bins, hits scored)':<50} {report['calibration_error']:.4f} "
@@ -550,11 +553,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.copies is not None and args.text_template:
         print("vsearch eval: --copies and --text-template are two different evaluations; give one", file=sys.stderr)
         return 2
-    copies_only = [flag for flag, value in (("--mode", args.mode), ("--distractors", args.distractors),
-                                            ("--distractor-split", args.distractor_split),
-                                            ("--transforms", args.transforms)) if value]
-    if copies_only and args.copies is None:
-        print(f"vsearch eval: {' and '.join(copies_only)} go with --copies N", file=sys.stderr)
+    # --mode copy without --copies: the query rows are a copy-detection set of the user's own.
+    copy_set = args.copies is None and args.mode == "copy"
+    if copy_set and args.text_template:
+        print("vsearch eval: --mode copy and --text-template are two different evaluations; give one",
+              file=sys.stderr)
+        return 2
+    if args.copies is None and args.transforms:
+        print("vsearch eval: --transforms goes with --copies N", file=sys.stderr)
+        return 2
+    copies_only = [flag for flag, value in (("--distractors", args.distractors),
+                                            ("--distractor-split", args.distractor_split)) if value]
+    if copies_only and args.copies is None and not copy_set:
+        print(f"vsearch eval: {' and '.join(copies_only)} go with --copies N or --mode copy", file=sys.stderr)
         return 2
     if args.distractors and args.distractor_split:
         print("vsearch eval: give --distractors or --distractor-split, not both", file=sys.stderr)
@@ -581,6 +592,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 distractors_dir=Path(args.distractors) if args.distractors else None, regions=args.regions,
                 transforms=args.transforms or "issue", distractor_rows=eval_set.distractors,
                 distractor_split=args.distractor_split,
+            ))
+        elif copy_set:
+            from vsearch_cli.evaluation.copy_set_eval import evaluate_copy_set  # builds on this module
+            report = asyncio.run(evaluate_copy_set(
+                eval_set, args.gateway, concurrency=args.concurrency, keep_collection=args.keep_collection,
+                api_key=args.api_key, show_progress=show_progress, collection=collection,
+                distractors_dir=Path(args.distractors) if args.distractors else None,
+                distractor_split=args.distractor_split, regions=args.regions,
             ))
         else:
             report = asyncio.run(evaluate(
@@ -645,17 +664,21 @@ def register(sub: argparse._SubParsersAction) -> None:
                                  "8 chains of two or three of the issue's (e.g. crop70+mirror+jpeg20), or all 32")
     evaluation.add_argument("--mode", choices=("copy", "similar"),
                             help="with --copies: search the copies in copy mode (the default) or in similar mode "
-                                 "(the baseline copy search starts from)")
+                                 "(the baseline copy search starts from). Without --copies, copy: the query rows are "
+                                 "a copy-detection set of your own, searched in copy mode: give each original its "
+                                 "own label and each copy its original's; a query whose label no catalog row has is "
+                                 "a query with no copy. Reports copy recall@1 (first hit of the label, is_copy) and "
+                                 "the false-copy rate, also per folder of the queries")
     evaluation.add_argument("--distractors", metavar="DIR",
-                            help="with --copies: every image under DIR (recursively) is also a query, one with no "
-                                 "copy in the catalog; reports the false-copy rate (queries with any hit is_copy). "
-                                 "They must not be catalog images: one whose sha256 is a catalog image's is "
-                                 "excluded, and counted")
+                            help="with --copies or --mode copy: every image under DIR (recursively) is also a "
+                                 "query, one with no copy in the catalog; reports the false-copy rate (queries "
+                                 "with any hit is_copy). They must not be catalog images: one whose sha256 is a "
+                                 "catalog image's is excluded, and counted")
     evaluation.add_argument("--distractor-split", metavar="SPLIT",
-                            help="with --copies: the labels CSV's rows of SPLIT (outside the catalog; not of an "
-                                 "--exclude-label label) are also queries with no copy in the catalog, as "
-                                 "--distractors: photos of the catalog's own subjects, so its look-alikes "
-                                 "(e.g. --catalog-split train --distractor-split test)")
+                            help="with --copies or --mode copy: the labels CSV's rows of SPLIT (outside the "
+                                 "catalog; not of an --exclude-label label) are also queries with no copy in the "
+                                 "catalog, as --distractors: photos of the catalog's own subjects, so its "
+                                 "look-alikes (e.g. --catalog-split train --distractor-split test)")
     evaluation.add_argument("--regions", action="store_true",
                             help="index the catalog with its images' regions too (the full view plus a grid of "
                                  "14 parts, as vsearch index --regions; about 6x slower to index): measures what "
