@@ -456,12 +456,11 @@ class VisualSearchCore:
     ) -> RankedCopies:
         """Copy mode: a similar-mode shortlist `copy_shortlist` deep, with its hits' stored copy features
         and the `copy_feature_candidates` other items sharing the most local features with the query (one
-        Search call), each verified against the query's copy features (a VerifyCopies call for each of
-        the two, side by side), then ranked: copies first (gateway/copy_ranking.py), the feature
-        candidates only when verified. Pages are cut from this ranking. When neither holds a copy, a
-        second look: the `copy_second_look` hits after it, verified with a
-        stricter count of agreeing features, never below the embedder's own `copy_min_inliers` (a Search
-        and a VerifyCopies call more)."""
+        Search call), each verified against the query's copy features (one VerifyCopies call for both),
+        then ranked: copies first (gateway/copy_ranking.py), the feature candidates only when verified.
+        Pages are cut from this ranking. When neither holds a copy, a second look: the `copy_second_look`
+        hits after it, verified with a stricter count of agreeing features, never below the embedder's own
+        `copy_min_inliers` (a Search and a VerifyCopies call more)."""
         shortlist = await self.downstream.search_query(
             query.copy_candidates_request(vector.values, vector.copy_features), deadline
         )
@@ -469,11 +468,15 @@ class VisualSearchCore:
         # Items outside the shortlist that share the most local features with the query: only those
         # verified copies join the ranking (the others are not among the most similar).
         suspects = list(shortlist.feature_matches)
-        verdicts, suspect_verdicts = await asyncio.gather(
-            self._verify_candidates(vector, candidates, deadline),
-            self._verify_candidates(vector, suspects, deadline),
+        # Both in one call, the suspects first: they and the shortlist's first mirror_depth are checked
+        # against the query's mirror image, as when each had a call of its own (one call fewer: the
+        # embedder splits all of them over its workers at once).
+        mirror_depth = self.settings.copy_search.mirror_depth
+        verified = await self._verify_candidates(
+            vector, suspects + candidates, deadline, mirror_depth=mirror_depth and len(suspects) + mirror_depth
         )
-        checked = len(verdicts) + len(suspect_verdicts)
+        suspect_verdicts, verdicts = verified[:len(suspects)], verified[len(suspects):]
+        checked = len(verified)
         found = [(hit, verdict) for hit, verdict in zip(suspects, suspect_verdicts) if verdict.is_copy]
         if (query.copy_second_look and not found and not any(verdict.is_copy for verdict in verdicts)
                 and len(candidates) == query.copy_shortlist):
@@ -496,11 +499,12 @@ class VisualSearchCore:
 
     async def _verify_candidates(
         self, vector: QueryVector, candidates: list[search_pb2.Hit], deadline: float | None, first_rank: int = 0,
-        min_inliers: int = 0,
+        min_inliers: int = 0, mirror_depth: int | None = None,
     ) -> list[embedder_pb2.CopyVerdict]:
         if vector.copy_features and any(hit.copy_features for hit in candidates):
             return await self.downstream.verify_copies(
-                vector.copy_features, [hit.copy_features for hit in candidates], deadline, first_rank, min_inliers
+                vector.copy_features, [hit.copy_features for hit in candidates], deadline, first_rank, min_inliers,
+                mirror_depth,
             )
         # No features in the query image (the embedder found none), or none stored for any candidate
         # (indexed without them): nothing can be verified a copy, and the call is spared.

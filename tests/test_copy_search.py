@@ -25,7 +25,7 @@ from conftest import (
 from gateway.copy_ranking import rank_copies
 from gateway.search_query import SearchQuery
 from gateway.settings import MAX_COPY_CANDIDATES, GatewaySettings
-from vsearch.v1 import embedder_pb2, gateway_pb2, search_pb2
+from vsearch.v1 import embedder_pb2, embedder_pb2_grpc, gateway_pb2, search_pb2, search_pb2_grpc
 
 VIEWS = 4
 CATALOG = 16  # ukbench objects 0..3, four views each
@@ -182,6 +182,29 @@ async def test_items_sharing_the_querys_features_are_verified_beyond_the_shortli
     assert overlap(box_tuple(first.matched_box), CROP) > 0.6, first.matched_box
     # Then the shortlist: the other feature candidates were no copies, so they are left out.
     assert ids[1:] == shortlist[:1] and not reply.hits[1].is_copy, reply
+
+
+async def test_the_mirror_check_reaches_the_shortlist_behind_the_feature_candidates(stack, copies):
+    """The feature candidates and the shortlist are verified in one VerifyCopies call, the feature
+    candidates first: the shortlist's first mirror_depth hits are still checked against the query's
+    mirror image, so with a mirror depth of 1 a mirror image finds its original heading the shortlist."""
+    # The case: the original heads the mirror image's shortlist, and search_svc hands the gateway feature
+    # candidates beside it, which take the call's first places.
+    async with grpc.aio.insecure_channel(stack.embedder_server.address) as channel:
+        embedded = await embedder_pb2_grpc.EmbedderStub(channel).EmbedImages(embedder_pb2.EmbedImagesRequest(
+            images=[embedder_pb2.ImageInput(data=copies["mirror"])], with_copy_features=True,
+            copy_features_for_query=True), timeout=60)
+    query = embedded.results[0]
+    async with grpc.aio.insecure_channel(stack.search_server.address) as channel:
+        found = await search_pb2_grpc.VectorSearchStub(channel).Search(search_pb2.SearchRequest(
+            queries=[search_pb2.Vector(values=query.embedding.values)], k=2,
+            copy_query_features=query.copy_features, feature_candidates=3), timeout=60)
+    assert found.results[0].hits[0].id == item_id(ORIGINAL) and found.results[0].feature_matches, found
+    settings = {"shortlist": 2, "second_look": 0, "feature_candidates": 3, "mirror_depth": 1}
+    async with second_gateway(stack, copy_search=settings) as gateway:
+        reply = await gateway.Search(gateway_pb2.VisualSearchRequest(image=copies["mirror"], k=2, mode=COPY_MODE),
+                                     timeout=60)
+    assert reply.hits[0].id == item_id(ORIGINAL) and reply.hits[0].is_copy, reply
 
 
 async def test_the_copy_check_at_ingest_verifies_the_feature_candidates_too(stack, copies):
