@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -34,10 +35,62 @@ def query_folder(query: LabelledImage) -> str:
     return TOP_FOLDER if parent in ("", ".") else parent
 
 
-def _without_own_hit(outcome: QueryOutcome) -> list[tuple[str, bool]]:
-    """The hits (id, is_copy) but the query's own, when the query is a catalog image."""
-    return [(hit_id, verdict is True) for hit_id, verdict in zip(outcome.ranked_ids, outcome.copy_verdicts)
-            if hit_id != outcome.query.id]
+@dataclass(frozen=True)
+class JudgedQuery:
+    """One copy-set query's answer, read against the labels: its hits (id, is_copy) without its own, and
+    the ranks among them of the hits with its label (None: a query with no copy in the catalog)."""
+
+    query: LabelledImage
+    hits: list[tuple[str, bool]]
+    relevant_ranks: list[int] | None
+
+    @property
+    def first_relevant(self) -> int | None:
+        """The rank of the first hit with the query's label, None without one."""
+        return self.relevant_ranks[0] if self.relevant_ranks else None
+
+    @property
+    def false_copy(self) -> str | None:
+        """The first hit called a copy, for a query with no copy in the catalog."""
+        if self.relevant_ranks is not None:
+            return None
+        return next((hit_id for hit_id, is_copy in self.hits if is_copy), None)
+
+    @property
+    def other_copy_first(self) -> str | None:
+        """The first hit, when it is called a copy without the query's label (a query with a copy)."""
+        if self.relevant_ranks is None or not self.hits or not self.hits[0][1] or self.first_relevant == 0:
+            return None
+        return self.hits[0][0]
+
+
+def judge(outcome: QueryOutcome, label_of: dict[str, str], label_counts: Counter) -> JudgedQuery:
+    query = outcome.query
+    # A query that is itself a catalog row: its own hit neither counts nor makes it a query with a copy.
+    hits = [(hit_id, verdict is True) for hit_id, verdict in zip(outcome.ranked_ids, outcome.copy_verdicts)
+            if hit_id != query.id]
+    if label_counts[query.label] - (1 if label_of.get(query.id) == query.label else 0) <= 0:
+        return JudgedQuery(query, hits, None)
+    return JudgedQuery(query, hits, [rank for rank, (hit_id, _) in enumerate(hits) if label_of.get(hit_id) == query.label])
+
+
+def figures(group: Sequence[JudgedQuery]) -> dict:
+    with_copy = [judged for judged in group if judged.relevant_ranks is not None]
+    without = len(group) - len(with_copy)
+    first = [judged for judged in with_copy if judged.first_relevant == 0]
+    false_copies = sum(judged.false_copy is not None for judged in group)
+    return {
+        "queries": len(group), "with_copy": len(with_copy),
+        "recall_at_1": share_of(len(first), len(with_copy)),
+        "copy_recall_at_1": share_of(sum(judged.hits[0][1] for judged in first), len(with_copy)),
+        "recall_at_10": share_of(sum(judged.first_relevant is not None and judged.first_relevant < 10
+                                     for judged in with_copy), len(with_copy)),
+        "copy_found": share_of(sum(any(judged.hits[rank][1] for rank in judged.relevant_ranks)
+                                   for judged in with_copy), len(with_copy)),
+        "relevant_absent": sum(judged.first_relevant is None for judged in with_copy),
+        "first_hit_other_copy": sum(judged.other_copy_first is not None for judged in with_copy),
+        "without_copy": without, "false_copies": false_copies, "false_copy_rate": share_of(false_copies, without),
+    }
 
 
 def score_copy_set(outcomes: Sequence[QueryOutcome], catalog: Sequence[LabelledImage]) -> dict:
@@ -48,48 +101,11 @@ def score_copy_set(outcomes: Sequence[QueryOutcome], catalog: Sequence[LabelledI
     for no-copy queries false_copies (any hit verified a copy) and false_copy_rate."""
     label_of = {image.id: image.label for image in catalog}
     label_counts = Counter(image.label for image in catalog)
-
-    def figures(group: Sequence[QueryOutcome]) -> dict:
-        with_copy = first = copy_first = at_10 = found = absent = other_first = without = false_copies = 0
-        for outcome in group:
-            query = outcome.query
-            hits = _without_own_hit(outcome)
-            relevant = label_counts[query.label] - (1 if label_of.get(query.id) == query.label else 0)
-            if relevant <= 0:
-                without += 1
-                false_copies += any(is_copy for _id, is_copy in hits)
-                continue
-            with_copy += 1
-            ranks = [rank for rank, (hit_id, _copy) in enumerate(hits) if label_of.get(hit_id) == query.label]
-            first_is_copy = bool(hits) and hits[0][1]
-            first += bool(ranks) and ranks[0] == 0
-            copy_first += bool(ranks) and ranks[0] == 0 and first_is_copy
-            at_10 += bool(ranks) and ranks[0] < 10
-            found += any(hits[rank][1] for rank in ranks)
-            absent += not ranks
-            other_first += first_is_copy and not (ranks and ranks[0] == 0)
-        return {
-            "queries": len(group), "with_copy": with_copy,
-            "recall_at_1": share_of(first, with_copy), "copy_recall_at_1": share_of(copy_first, with_copy),
-            "recall_at_10": share_of(at_10, with_copy), "copy_found": share_of(found, with_copy),
-            "relevant_absent": absent, "first_hit_other_copy": other_first,
-            "without_copy": without, "false_copies": false_copies, "false_copy_rate": share_of(false_copies, without),
-        }
-
-    by_folder: dict[str, list[QueryOutcome]] = {}
-    for outcome in outcomes:
-        by_folder.setdefault(query_folder(outcome.query), []).append(outcome)
-    overall = figures(outcomes)
-    # Which queries went wrong, for a look at them.
-    false_copy_examples, other_copy_examples = [], []
-    for outcome in outcomes:
-        hits = _without_own_hit(outcome)
-        query = outcome.query
-        has_copy = label_counts[query.label] - (1 if label_of.get(query.id) == query.label else 0) > 0
-        if not has_copy and any(is_copy for _id, is_copy in hits):
-            false_copy_examples.append({"query": query.id, "copy_hit": next(hit_id for hit_id, is_copy in hits if is_copy)})
-        elif has_copy and hits and hits[0][1] and label_of.get(hits[0][0]) != query.label:
-            other_copy_examples.append({"query": query.id, "first_hit": hits[0][0]})
+    judged = [judge(outcome, label_of, label_counts) for outcome in outcomes]
+    by_folder: dict[str, list[JudgedQuery]] = {}
+    for one in judged:
+        by_folder.setdefault(query_folder(one.query), []).append(one)
+    overall = figures(judged)
     return {
         **overall,
         "target_copy_recall_at_1": TARGET_COPY_RECALL_AT_1,
@@ -99,8 +115,11 @@ def score_copy_set(outcomes: Sequence[QueryOutcome], catalog: Sequence[LabelledI
         "meets_false_copy_target": None if overall["false_copy_rate"] is None
         else overall["false_copy_rate"] <= TARGET_FALSE_COPY_RATE,
         "per_folder": {folder: figures(group) for folder, group in sorted(by_folder.items())},
-        "false_copy_examples": false_copy_examples[:MAX_REPORTED_EXAMPLES],
-        "first_hit_other_copy_examples": other_copy_examples[:MAX_REPORTED_EXAMPLES],
+        # Which queries went wrong, for a look at them.
+        "false_copy_examples": [{"query": one.query.id, "copy_hit": one.false_copy}
+                                for one in judged if one.false_copy is not None][:MAX_REPORTED_EXAMPLES],
+        "first_hit_other_copy_examples": [{"query": one.query.id, "first_hit": one.other_copy_first}
+                                          for one in judged if one.other_copy_first is not None][:MAX_REPORTED_EXAMPLES],
     }
 
 
