@@ -18,7 +18,7 @@ from conftest import in_process_stack, run_cli, run_cli_async
 from vsearch.client import AddItem, AsyncVisualSearchClient
 from vsearch.v1 import gateway_pb2
 from vsearch_cli.evaluation.copy_eval import catalog_duplicates, score_copies
-from vsearch_cli.evaluation.copy_set_eval import score_copy_set
+from vsearch_cli.evaluation.copy_set_eval import format_copy_set_report, score_copy_set
 from vsearch_cli.evaluation.copy_transforms import CHAINED_TRANSFORMS, MORE_TRANSFORMS, TRANSFORMS, transformed_copy
 from vsearch_cli.evaluation.eval_command import LabelledImage, QueryOutcome
 
@@ -371,7 +371,7 @@ async def test_a_copy_set_of_ones_own_is_scored_by_its_labels(tmp_path: Path, mo
             entry = found["per_folder"][folder]
             assert entry["with_copy"] == 2 and entry["without_copy"] == 0
             assert entry["recall_at_1"] == entry["copy_recall_at_1"] == entry["copy_found"] == 1.0, (folder, found)
-        assert found["copy_recall_at_1"] == 1.0 and found["meets_copy_target"] is True
+        assert found["copy_recall_at_1"] == 1.0 and found["meets_copy_target"] is True and found["missed"] == []
         # Only the mislabelled copy is a false copy: the photos of other objects are copies of nothing.
         assert found["false_copies"] == found["per_folder"]["other"]["false_copies"] == 1
         assert found["false_copy_examples"] == [{"query": query, "copy_hit": original}
@@ -418,3 +418,14 @@ def test_a_copy_set_counts_each_query_as_a_copy_or_not_by_its_label() -> None:
     assert scores["per_folder"]["jpeg"]["relevant_absent"] == 1
     assert scores["per_folder"]["(top)"] == {**scores["per_folder"]["(top)"], "without_copy": 1, "false_copies": 0}
     assert scores["meets_copy_target"] is False and scores["meets_false_copy_target"] is False
+    assert scores["missed"] == [
+        {"query": "crops/2.jpg", "why": "another image first (its original at rank 2)", "first_hit": "c"},
+        {"query": "jpeg/3.jpg", "why": "not among the hits", "first_hit": "a"},
+    ]
+    unverified = score_copy_set([outcome("crops/7.jpg", "A", [("a", False)])], catalog)
+    report = {"copy_set": scores, "regions": False, "catalog_size": 4, "query_p50_ms": 1.0, "query_p95_ms": 1.0,
+              "queries_failed": 0, "collection": "c", "collection_dropped": True}
+    text = format_copy_set_report(report)
+    assert "  missed crops/2.jpg: another image first (its original at rank 2)" in text, text
+    assert "  missed jpeg/3.jpg: not among the hits" in text
+    assert unverified["missed"] == [{"query": "crops/7.jpg", "why": "first, but not verified a copy", "first_hit": "a"}]

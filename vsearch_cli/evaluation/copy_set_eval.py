@@ -27,6 +27,8 @@ from vsearch_cli.evaluation.eval_command import (
 from vsearch_cli.gateway_connection import async_gateway_client
 
 TOP_FOLDER = "(top)"
+# The misses the text report lists (--json has them all).
+MISSED_SHOWN = 10
 
 
 def query_folder(query: LabelledImage) -> str:
@@ -55,6 +57,18 @@ class JudgedQuery:
         if self.relevant_ranks is not None:
             return None
         return next((hit_id for hit_id, is_copy in self.hits if is_copy), None)
+
+    @property
+    def missed(self) -> str | None:
+        """Why a query with a copy in the catalog did not find it first as a copy (None: it did, or it has
+        none): its original not among the hits, another image first, or found first but not verified."""
+        if self.relevant_ranks is None:
+            return None
+        if self.first_relevant is None:
+            return "not among the hits"
+        if self.first_relevant > 0:
+            return f"another image first (its original at rank {self.first_relevant + 1})"
+        return None if self.hits[0][1] else "first, but not verified a copy"
 
     @property
     def other_copy_first(self) -> str | None:
@@ -101,7 +115,8 @@ def score_copy_set(outcomes: Sequence[QueryOutcome], catalog: Sequence[LabelledI
     for no-copy queries false_copies (any hit verified a copy) and false_copy_rate."""
     label_of = {image.id: image.label for image in catalog}
     label_counts = Counter(image.label for image in catalog)
-    judged = [judge(outcome, label_of, label_counts) for outcome in outcomes]
+    # In the queries' order by id, not the order the searches ended in: the same run lists the same way.
+    judged = sorted((judge(outcome, label_of, label_counts) for outcome in outcomes), key=lambda one: one.query.id)
     by_folder: dict[str, list[JudgedQuery]] = {}
     for one in judged:
         by_folder.setdefault(query_folder(one.query), []).append(one)
@@ -120,6 +135,9 @@ def score_copy_set(outcomes: Sequence[QueryOutcome], catalog: Sequence[LabelledI
                                 for one in judged if one.false_copy is not None][:MAX_REPORTED_EXAMPLES],
         "first_hit_other_copy_examples": [{"query": one.query.id, "first_hit": one.other_copy_first}
                                           for one in judged if one.other_copy_first is not None][:MAX_REPORTED_EXAMPLES],
+        # Every copy query that missed copy recall@1, and why: a set of one's own is looked at query by query.
+        "missed": [{"query": one.query.id, "why": one.missed, "first_hit": one.hits[0][0] if one.hits else None}
+                   for one in judged if one.missed is not None],
     }
 
 
@@ -177,4 +195,8 @@ def format_copy_set_report(report: dict) -> str:
         lines.append(f"false copies: {found['false_copies']} of {found['without_copy']} queries whose label no catalog "
                      f"image has (rate {found['false_copy_rate']:.4f}; target <= {found['target_false_copy_rate']} "
                      f"{verdict})")
+    shown = found["missed"][:MISSED_SHOWN]
+    lines += [f"  missed {miss['query']}: {miss['why']}" for miss in shown]
+    if len(found["missed"]) > len(shown):
+        lines.append(f"  ... {len(found['missed']) - len(shown)} more missed (all in --json: copy_set.missed)")
     return "\n".join(lines + format_run_lines(report))
