@@ -16,6 +16,7 @@ from vsearch_cli.bench import command as bench
 from vsearch_cli.model_tools import command as cli_model
 from vsearch_cli.evaluation import eval_command as evaluation
 from vsearch_cli.keys import command as api_keys
+from vsearch_cli.catalog import backup as catalog_backup
 from vsearch_cli.catalog import ingest
 from vsearch_cli.catalog import overview as catalog_overview
 from vsearch_cli.duplicates import command as duplicates
@@ -333,6 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ingest.register(sub)
     catalog_overview.register(sub)
+    catalog_backup.register(sub)
     duplicates.register(sub)
     cli_model.register(sub)
     evaluation.register(sub)
