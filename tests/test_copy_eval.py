@@ -357,12 +357,17 @@ async def test_a_copy_set_of_ones_own_is_scored_by_its_labels(tmp_path: Path, mo
     """`vsearch eval --mode copy` without --copies: the query rows are copies labelled as their originals,
     or queries whose label no catalog row has; searched in copy mode through a real stack."""
     labels, mislabelled = _copy_set(tmp_path / "set", ukbench_images)
+    distractors = tmp_path / "distractors"  # photos of two more objects: copies of nothing in the catalog
+    distractors.mkdir()
+    for other in ukbench_images[33:41:4]:
+        shutil.copyfile(other, distractors / other.name)
     async with in_process_stack(tmp_path / "stack", mobilenet_dir) as stack:
         args = ("eval", "--images", str(tmp_path / "set"), "--labels", str(labels), "--gateway",
                 stack.gateway_server.address, "--catalog-split", "catalog", "--query-split", "query", "--mode", "copy")
-        code, out, err = await run_cli_async(*args, "--json", timeout=300)
+        code, out, err = await run_cli_async(*args, "--json", "--distractors", str(distractors), timeout=300)
         assert code == 0, err
         report = json.loads(out)
+        assert (report["distractors"]["searched"], report["distractors"]["with_copy_hit"]) == (2, 0), report
         found = report["copy_set"]
         assert report["catalog_size"] == 6 and report["queries_failed"] == 0 and report["collection_dropped"]
         assert (found["queries"], found["with_copy"], found["without_copy"]) == (7, 4, 3)
