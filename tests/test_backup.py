@@ -109,3 +109,6 @@ def test_backup_refuses_a_destination_in_use_and_a_directory_without_collections
         refused = run_cli("backup", *args)
         assert refused.returncode == 2 and message in refused.stderr, (args, refused.stderr)
     assert (tmp_path / "full" / "something").read_text() == "kept" and not (tmp_path / "new").exists()
+    (tmp_path / "live" / "vsearch_images.sqlite3").write_bytes(b"not a database, " * 512)
+    refused = run_cli("backup", str(tmp_path / "live"), str(tmp_path / "new"))
+    assert refused.returncode == 2 and "vsearch_images.sqlite3: file is not a database" in refused.stderr, refused.stderr

@@ -60,14 +60,20 @@ def back_up(faiss_dir: Path, destination: Path) -> list[CopiedFile]:
     if destination.exists() and (not destination.is_dir() or any(destination.iterdir())):
         raise BackupError(f"{destination}: exists and is not an empty directory; give a new one")
     destination.mkdir(parents=True, exist_ok=True)
-    return [back_up_file(source, destination / source.name) for source in files]
+    copied = []
+    for source in files:
+        try:
+            copied.append(back_up_file(source, destination / source.name))
+        except sqlite3.Error as error:
+            raise BackupError(f"{source}: {error} (nothing more copied; {len(copied)} file(s) in {destination})") from None
+    return copied
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     try:
         copied = back_up(Path(args.faiss_dir), Path(args.destination))
-    except (BackupError, sqlite3.Error, OSError) as error:
+    except (BackupError, OSError) as error:
         print(f"vsearch backup: {error}", file=sys.stderr)
         return 2 if isinstance(error, BackupError) else 1
     seconds = round(time.perf_counter() - started, 3)
