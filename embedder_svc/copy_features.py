@@ -396,8 +396,17 @@ class CopyVerifier:
             return Verdict(is_copy=False, copy_score=score, inliers=inliers, mirrored=is_mirrored, matched_share=share,
                            pixel_agreement=agreement, perspective_evidence=evidence)
         box = _matched_box(transform, query.working_size, candidate)
-        return Verdict(is_copy=True, copy_score=score, inliers=inliers, mirrored=is_mirrored, matched_box=box,
-                       matched_share=share, pixel_agreement=agreement, perspective_evidence=evidence)
+        # A copy is scored by the matches the better of its two transforms lets agree: a copy squeezed to
+        # another aspect ratio keeps few under the similarity transform, and another photograph of the
+        # same object, which a similarity transform fits as well as it fits anything, ranked above it.
+        inliers = max(inliers, self._stretched_count(best))
+        return Verdict(is_copy=True, copy_score=inliers / (inliers + needed), inliers=inliers, mirrored=is_mirrored,
+                       matched_box=box, matched_share=share, pixel_agreement=agreement, perspective_evidence=evidence)
+
+    def _stretched_count(self, fit: "_Fit") -> int:
+        """How many of the fit's matches agree on a plausible affine transform (0: none fits)."""
+        stretched = fit.stretched if fit.stretch_tried else self._stretched(fit.source, fit.target)
+        return stretched[1] if stretched else 0
 
     def _perspective_evidence(self, fit: "_Fit") -> float | None:
         """How strongly the fit's agreeing matches say the images were taken from different viewpoints;
