@@ -17,6 +17,7 @@ from google.protobuf import json_format, struct_pb2
 from search_svc import columns
 from search_svc.filters import has_control_chars
 from search_svc.settings import FieldType
+from service_kit.copy_feature_codec import without_mirrored_set
 from service_kit.status import invalid_argument
 from service_kit.struct_nesting import MAX_STRUCT_DEPTH, struct_depth
 from vsearch.v1 import search_pb2
@@ -241,9 +242,11 @@ class ItemCodec:
         return item
 
     def hit(self, hit: StoreHit) -> search_pb2.Hit:
+        """A search hit; its copy features (when read) without the mirrored set, since a hit's are verified
+        as a candidate's, which never reads it (Get returns them whole)."""
         found = search_pb2.Hit(
             id=decode_id(hit.id), score=hit.score, image_uri=hit.image_uri, metadata=self._metadata_struct(hit.metadata),
-            copy_features=hit.copy_features,
+            copy_features=without_mirrored_set(hit.copy_features),
         )
         if hit.region is not None:
             x, y, width, height = hit.region

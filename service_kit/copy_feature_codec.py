@@ -97,3 +97,31 @@ def decode_copy_features(blob: bytes) -> CopyFeatures:
         original_size=(original_width, original_height),
         thumbnail=thumbnail,
     )
+
+
+def without_mirrored_set(blob: bytes) -> bytes:
+    """`blob` less its mirror image's keypoints, in the same format (version and all): what verifying it as a
+    candidate reads, since only a query is checked mirrored (about a fifth fewer bytes to move per
+    candidate). A blob without a mirrored set, or that is not copy features of a version read here (stored
+    all the same), comes back as it is."""
+    if len(blob) < _HEADER_V1.size:
+        return blob
+    magic, version = _HEADER_V1.unpack_from(blob)[:2]
+    header = {_VERSION: _HEADER, 1: _HEADER_V1}.get(version)
+    if magic != _MAGIC or header is None or len(blob) < header.size:
+        return blob
+    fields = list(header.unpack_from(blob))
+    plain_count, mirrored_count = fields[2], fields[3]
+    thumbnail_width, thumbnail_height = fields[8:] if version == _VERSION else (0, 0)
+    count = plain_count + mirrored_count
+    descriptors_at = header.size + count * 4
+    thumbnail_at = descriptors_at + count * DESCRIPTOR_BYTES
+    if mirrored_count == 0 or len(blob) != thumbnail_at + thumbnail_width * thumbnail_height:
+        return blob
+    fields[3] = 0
+    return b"".join((
+        header.pack(*fields),
+        blob[header.size:header.size + plain_count * 4],
+        blob[descriptors_at:descriptors_at + plain_count * DESCRIPTOR_BYTES],
+        blob[thumbnail_at:],
+    ))

@@ -24,6 +24,7 @@ from service_kit.copy_feature_codec import (
     CopyFeaturesInvalid,
     FeatureSet,
     decode_copy_features,
+    without_mirrored_set,
 )
 from tests.conftest import RunningEmbedder, embedder_settings, running_embedder
 from vsearch.v1 import embedder_pb2
@@ -380,6 +381,35 @@ def test_features_stored_before_thumbnails_still_decode_and_verify(photos: list[
     crop = photos[1].crop((0, 0, int(width * 0.7), int(height * 0.7)))
     verdict = VERIFIER.verify(decode_copy_features(EXTRACTOR.extract(crop, for_query=True)), old)
     assert verdict.is_copy and verdict.pixel_agreement is None
+
+
+def test_a_candidate_without_its_mirrored_set_verifies_the_same(photos: list[Image.Image]) -> None:
+    """search_svc sends a search hit's features without the mirror image's keypoints
+    (`without_mirrored_set`): the same blob less those (version 2 and version 1 alike), and the same
+    verdicts, mirror checks included, since only the query is checked mirrored."""
+    for photo in photos[:3]:
+        blob = EXTRACTOR.extract(photo)
+        whole, trimmed = decode_copy_features(blob), decode_copy_features(without_mirrored_set(blob))
+        mirrored = len(whole.mirrored.points)
+        assert mirrored > 0 and len(without_mirrored_set(blob)) == len(blob) - mirrored * (4 + DESCRIPTOR_BYTES)
+        assert len(trimmed.mirrored.points) == 0 and np.array_equal(trimmed.plain.points, whole.plain.points)
+        assert np.array_equal(trimmed.plain.descriptors, whole.plain.descriptors)
+        assert np.array_equal(trimmed.thumbnail, whole.thumbnail)
+        assert (trimmed.working_size, trimmed.original_size) == (whole.working_size, whole.original_size)
+        assert without_mirrored_set(without_mirrored_set(blob)) == without_mirrored_set(blob)
+        for transform in ("crop70", "mirror", "crop50_mirror"):
+            copy = Image.open(io.BytesIO(transformed_copy(photo, transform, random.Random(3)))).convert("RGB")
+            query = decode_copy_features(EXTRACTOR.extract(copy, for_query=True))
+            assert VERIFIER.verify(query, trimmed) == VERIFIER.verify(query, whole), transform
+    # Version 1 (before thumbnails): trimmed the same way; anything else passes through as it is.
+    points = np.concatenate([whole.plain.points, whole.mirrored.points]).astype("<f2")
+    descriptors = np.concatenate([whole.plain.descriptors, whole.mirrored.descriptors])
+    version_1 = struct.pack("<3sBHHHHII", b"VCF", 1, len(whole.plain.points), mirrored, *whole.working_size,
+                            *whole.original_size) + points.tobytes() + descriptors.tobytes()
+    old = decode_copy_features(without_mirrored_set(version_1))
+    assert len(old.mirrored.points) == 0 and np.array_equal(old.plain.descriptors, whole.plain.descriptors)
+    for opaque in (b"", b"not features", version_1[:-1], b"VCF\x09" + version_1[4:]):
+        assert without_mirrored_set(opaque) == opaque
 
 
 def test_a_query_keypoints_zoomed_out_find_more_half_side_crops(shared_dir: Path) -> None:
