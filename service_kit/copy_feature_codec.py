@@ -60,7 +60,32 @@ def encode_copy_features(features: CopyFeatures) -> bytes:
     return header + points.tobytes() + descriptors.tobytes() + np.ascontiguousarray(thumbnail, np.uint8).tobytes()
 
 
-def decode_copy_features(blob: bytes) -> CopyFeatures:
+@dataclass(frozen=True)
+class _Layout:
+    """Where a blob's parts lie, as its header says (checked against the blob's length)."""
+
+    header: struct.Struct
+    fields: tuple
+    plain_count: int
+    mirrored_count: int
+    thumbnail_size: tuple[int, int]  # width, height
+
+    @property
+    def count(self) -> int:
+        return self.plain_count + self.mirrored_count
+
+    @property
+    def descriptors_at(self) -> int:
+        return self.header.size + self.count * 4
+
+    @property
+    def thumbnail_at(self) -> int:
+        return self.descriptors_at + self.count * DESCRIPTOR_BYTES
+
+
+def _layout(blob: bytes) -> _Layout:
+    """The blob's layout; CopyFeaturesInvalid naming what is wrong when it is not copy features of a
+    version read here, or its length is not what its header says."""
     if len(blob) < _HEADER_V1.size:
         raise CopyFeaturesInvalid(f"copy features of {len(blob)} bytes: shorter than their {_HEADER_V1.size}-byte header")
     magic, version = _HEADER_V1.unpack_from(blob)[:2]
@@ -72,22 +97,30 @@ def decode_copy_features(blob: bytes) -> CopyFeatures:
     if len(blob) < header.size:
         raise CopyFeaturesInvalid(f"copy features of {len(blob)} bytes: shorter than their {header.size}-byte header")
     fields = header.unpack_from(blob)
-    _, _, plain_count, mirrored_count, width, height, original_width, original_height = fields[:8]
-    thumbnail_width, thumbnail_height = fields[8:] if version == _VERSION else (0, 0)
-    count = plain_count + mirrored_count
-    thumbnail_at = header.size + count * (4 + DESCRIPTOR_BYTES)
-    expected = thumbnail_at + thumbnail_width * thumbnail_height
-    if len(blob) != expected or min(width, height, original_width, original_height) == 0:
+    thumbnail_size = fields[8:] if version == _VERSION else (0, 0)
+    layout = _Layout(header, fields, fields[2], fields[3], thumbnail_size)
+    expected = layout.thumbnail_at + thumbnail_size[0] * thumbnail_size[1]
+    if len(blob) != expected:
         raise CopyFeaturesInvalid(f"copy features of {len(blob)} bytes; their header says {expected}")
-    points = np.frombuffer(blob, "<f2", count * 2, header.size).astype(np.float32).reshape(count, 2)
-    descriptors = np.frombuffer(blob, np.uint8, count * DESCRIPTOR_BYTES, header.size + count * 4).reshape(
+    return layout
+
+
+def decode_copy_features(blob: bytes) -> CopyFeatures:
+    layout = _layout(blob)
+    width, height, original_width, original_height = layout.fields[4:8]
+    if min(width, height, original_width, original_height) == 0:
+        raise CopyFeaturesInvalid(f"copy features of {len(blob)} bytes; their header says {len(blob)}")
+    count, plain_count = layout.count, layout.plain_count
+    points = np.frombuffer(blob, "<f2", count * 2, layout.header.size).astype(np.float32).reshape(count, 2)
+    descriptors = np.frombuffer(blob, np.uint8, count * DESCRIPTOR_BYTES, layout.descriptors_at).reshape(
         count, DESCRIPTOR_BYTES
     )
     if not np.isfinite(points).all():
         raise CopyFeaturesInvalid("copy features with non-finite keypoint positions")
+    thumbnail_width, thumbnail_height = layout.thumbnail_size
     thumbnail = None
     if thumbnail_width and thumbnail_height:
-        thumbnail = np.frombuffer(blob, np.uint8, thumbnail_width * thumbnail_height, thumbnail_at).reshape(
+        thumbnail = np.frombuffer(blob, np.uint8, thumbnail_width * thumbnail_height, layout.thumbnail_at).reshape(
             thumbnail_height, thumbnail_width
         )
     return CopyFeatures(
@@ -104,24 +137,18 @@ def without_mirrored_set(blob: bytes) -> bytes:
     candidate reads, since only a query is checked mirrored (about a fifth fewer bytes to move per
     candidate). A blob without a mirrored set, or that is not copy features of a version read here (stored
     all the same), comes back as it is."""
-    if len(blob) < _HEADER_V1.size:
+    try:
+        layout = _layout(blob)
+    except CopyFeaturesInvalid:
         return blob
-    magic, version = _HEADER_V1.unpack_from(blob)[:2]
-    header = {_VERSION: _HEADER, 1: _HEADER_V1}.get(version)
-    if magic != _MAGIC or header is None or len(blob) < header.size:
+    if layout.mirrored_count == 0:
         return blob
-    fields = list(header.unpack_from(blob))
-    plain_count, mirrored_count = fields[2], fields[3]
-    thumbnail_width, thumbnail_height = fields[8:] if version == _VERSION else (0, 0)
-    count = plain_count + mirrored_count
-    descriptors_at = header.size + count * 4
-    thumbnail_at = descriptors_at + count * DESCRIPTOR_BYTES
-    if mirrored_count == 0 or len(blob) != thumbnail_at + thumbnail_width * thumbnail_height:
-        return blob
+    fields = list(layout.fields)
     fields[3] = 0
+    header_size, plain_count = layout.header.size, layout.plain_count
     return b"".join((
-        header.pack(*fields),
-        blob[header.size:header.size + plain_count * 4],
-        blob[descriptors_at:descriptors_at + plain_count * DESCRIPTOR_BYTES],
-        blob[thumbnail_at:],
+        layout.header.pack(*fields),
+        blob[header_size:header_size + plain_count * 4],
+        blob[layout.descriptors_at:layout.descriptors_at + plain_count * DESCRIPTOR_BYTES],
+        blob[layout.thumbnail_at:],
     ))
