@@ -471,9 +471,9 @@ class VisualSearchCore:
         # Both in one call, the suspects first: they and the shortlist's first mirror_depth are checked
         # against the query's mirror image, as when each had a call of its own (one call fewer: the
         # embedder splits all of them over its workers at once).
-        mirror_depth = self.settings.copy_search.mirror_depth
         verified = await self._verify_candidates(
-            vector, suspects + candidates, deadline, mirror_depth=mirror_depth and len(suspects) + mirror_depth
+            vector, suspects + candidates, deadline,
+            mirror_depth=self.settings.copy_search.mirror_depth_after(len(suspects)),
         )
         suspect_verdicts, verdicts = verified[:len(suspects)], verified[len(suspects):]
         checked = len(verified)
@@ -992,10 +992,9 @@ class VisualSearchCore:
             candidates = [*unranked, *ranked]
             if not candidates:
                 return []
-            mirror_depth = self.settings.copy_search.mirror_depth
             verdicts = await self.downstream.verify_copies(
                 item.copy_features, [features for _, features in candidates], deadline,
-                mirror_depth=mirror_depth and len(unranked) + mirror_depth,
+                mirror_depth=self.settings.copy_search.mirror_depth_after(len(unranked)),
             )
             checked = list(zip(candidates, verdicts))
             # In shortlist order again (similar, feature candidates, the batch's): the first of equal copies wins.

@@ -197,6 +197,12 @@ class CopySearchSettings(BaseModel):
                              f"{MAX_COPY_CANDIDATES} hits a search returns")
         return self
 
+    def mirror_depth_after(self, unranked: int) -> int:
+        """The mirror depth of a VerifyCopies call whose first `unranked` candidates (feature candidates, a
+        batch's earlier items) come before the shortlist: they, and the shortlist's first `mirror_depth`,
+        are checked against the query's mirror image (0 stays 0: every candidate)."""
+        return self.mirror_depth and unranked + self.mirror_depth
+
 
 class GatewaySettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="GATEWAY_")
