@@ -22,7 +22,8 @@ from vsearch_cli.evaluation.copy_eval import (
     format_run_lines, load_distractors, run_report, share_of,
 )
 from vsearch_cli.evaluation.eval_command import (
-    EvalError, EvalSet, LabelledImage, QueryOutcome, evaluation_collection, new_collection_name, search_queries,
+    EvalError, EvalSet, LabelledImage, QueryOutcome, evaluation_collection, new_collection_name, relevant_count,
+    search_queries,
 )
 from vsearch_cli.gateway_connection import async_gateway_client
 
@@ -83,7 +84,7 @@ def judge(outcome: QueryOutcome, label_of: dict[str, str], label_counts: Counter
     # A query that is itself a catalog row: its own hit neither counts nor makes it a query with a copy.
     hits = [(hit_id, verdict is True) for hit_id, verdict in zip(outcome.ranked_ids, outcome.copy_verdicts)
             if hit_id != query.id]
-    if label_counts[query.label] - (1 if label_of.get(query.id) == query.label else 0) <= 0:
+    if relevant_count(query, label_of, label_counts) <= 0:
         return JudgedQuery(query, hits, None)
     return JudgedQuery(query, hits, [rank for rank, (hit_id, _) in enumerate(hits) if label_of.get(hit_id) == query.label])
 

@@ -306,6 +306,11 @@ async def drop_collection(client: AsyncVisualSearchClient, collection: str) -> b
 
 # ---- the evaluation ------------------------------------------------------------------------------
 
+def relevant_count(query: LabelledImage, label_of: dict[str, str], label_counts: Counter) -> int:
+    """The catalog images relevant to `query` (its label's), the query itself left out when it is one."""
+    return label_counts[query.label] - (1 if label_of.get(query.id) == query.label else 0)
+
+
 def score_outcomes(
     outcomes: Sequence[QueryOutcome], catalog: Sequence[LabelledImage], k: int,
 ) -> tuple[list[QueryScores], int]:
@@ -317,7 +322,7 @@ def score_outcomes(
     skipped = 0
     for outcome in outcomes:
         query = outcome.query
-        relevant_total = label_counts[query.label] - (1 if label_of.get(query.id) == query.label else 0)
+        relevant_total = relevant_count(query, label_of, label_counts)
         if relevant_total <= 0:
             skipped += 1
             continue
@@ -336,7 +341,7 @@ def calibration_error_of(outcomes: Sequence[QueryOutcome], catalog: Sequence[Lab
     missing = 0
     for outcome in outcomes:
         query = outcome.query
-        if label_counts[query.label] - (1 if label_of.get(query.id) == query.label else 0) <= 0:
+        if relevant_count(query, label_of, label_counts) <= 0:
             continue  # not scored (see score_outcomes)
         hits = [(hit_id, probability) for hit_id, probability in zip(outcome.ranked_ids, outcome.probabilities)
                 if hit_id != query.id][:k]
