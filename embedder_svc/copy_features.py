@@ -264,11 +264,16 @@ class CopyFeatureExtractor:
         return cv2.ORB_create(
             nfeatures=keypoints * self.settings.oversample, scaleFactor=self.settings.pyramid_scale,
             nlevels=self.settings.pyramid_levels, fastThreshold=fast_threshold or self.settings.fast_threshold,
+            edgeThreshold=ORB_BORDER, patchSize=ORB_BORDER,
         )
 
     def _found(self, grey: np.ndarray, keypoints: int) -> list:
         """Keypoints to choose `keypoints` of: found at the FAST threshold, or again at the faint one when
-        too few were (see CopyFeatureSettings.fast_threshold)."""
+        too few were (see CopyFeatureSettings.fast_threshold). None in an image too narrow to hold one."""
+        if min(grey.shape) <= 2 * ORB_BORDER:
+            # Every pixel is within ORB's border of an edge, so no keypoint can be described there; and
+            # ORB's pyramid fails outright (an OpenCV assertion) on a strip whose levels shrink to nothing.
+            return []
         settings = self.settings
         found = self._orb(keypoints).detect(grey, None)
         if len(found) < settings.faint_below * keypoints and settings.faint_fast_threshold < settings.fast_threshold:
@@ -528,6 +533,9 @@ class _Fit:
 
 
 _NO_MATCH = _Fit(0, None, 0.0)
+# ORB's border and patch size (its defaults): a keypoint lies at least this far inside its pyramid level,
+# so an image whose shorter side is at most twice this holds none.
+ORB_BORDER = 31
 # The fewest of the candidate's keypoints the agreeing matches must land on: two fix the transform, so
 # a third is the first that can agree with it or not.
 MIN_DISTINCT_KEYPOINTS = 3

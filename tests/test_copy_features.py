@@ -483,6 +483,22 @@ def test_a_blank_image_has_no_keypoints_and_is_no_copy() -> None:
     assert not VERIFIER.verify(features, features).is_copy
 
 
+@pytest.mark.parametrize("size", [(2, 1000), (1000, 3), (5, 5000), (40, 600)])
+def test_an_image_too_narrow_for_orb_has_no_keypoints_instead_of_failing(size: tuple[int, int]) -> None:
+    """A strip whose working image is at most twice ORB's border across holds no keypoint, and ORB's pyramid
+    failed outright (an OpenCV assertion, INTERNAL to the caller) on one a pixel or two across."""
+    pixels = np.random.default_rng(3).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    strip = Image.fromarray(pixels)
+    for features in (decode_copy_features(EXTRACTOR.extract(strip)),
+                     decode_copy_features(EXTRACTOR.extract(strip, for_query=True))):
+        assert len(features.plain.points) == 0 and len(features.mirrored.points) == 0
+        assert not VERIFIER.verify(features, features).is_copy
+    # Just wider than twice the border, the same strip has keypoints.
+    wider = Image.fromarray(np.random.default_rng(3).integers(0, 256, (512, 2 * copy_features.ORB_BORDER + 2, 3),
+                                                              dtype=np.uint8))
+    assert len(decode_copy_features(EXTRACTOR.extract(wider)).plain.points) > 0
+
+
 def test_a_query_mirror_set_is_what_detection_on_the_mirror_image_finds(photos: list[Image.Image]) -> None:
     """A query's mirror-image keypoints are its own detections mirrored (within their pyramid level) and
     described again on the mirror image, which is cheaper than detecting anew. They must be the keypoints
