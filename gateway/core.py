@@ -22,6 +22,7 @@ from gateway.copy_ranking import rank_copies
 from gateway.downstream import (
     MESSAGE_HEADROOM_BYTES, Downstream, NoTextMatch, QueryEmbedding, QueryHits, Refused, TextEmbedding, item_error,
 )
+from gateway.identical_copies import with_identical_copies
 from gateway.index_generation import IndexGenerationTracker, SharedGenerations
 from gateway.match_probability import MatchCalibration, annotate
 from gateway.metrics import CopySearchMetrics
@@ -110,6 +111,9 @@ class QueryVector:
     understood_as: str = ""
     # A copy search's: the query image's copy features (made with its embedding, or stored for its item).
     copy_features: bytes = b""
+    # The sha256 of the query's bytes, where the whole image is the query (not a crop of it): an item
+    # stored from the same bytes is a copy (gateway/identical_copies.py).
+    content_sha256: str = ""
 
 
 @dataclass
@@ -502,13 +506,17 @@ class VisualSearchCore:
         min_inliers: int = 0, mirror_depth: int | None = None,
     ) -> list[embedder_pb2.CopyVerdict]:
         if vector.copy_features and any(hit.copy_features for hit in candidates):
-            return await self.downstream.verify_copies(
+            verdicts = await self.downstream.verify_copies(
                 vector.copy_features, [hit.copy_features for hit in candidates], deadline, first_rank, min_inliers,
                 mirror_depth,
             )
-        # No features in the query image (the embedder found none), or none stored for any candidate
-        # (indexed without them): nothing can be verified a copy, and the call is spared.
-        return [embedder_pb2.CopyVerdict() for _ in candidates]
+        else:
+            # No features in the query image (the embedder found none), or none stored for any candidate
+            # (indexed without them): nothing can be verified a copy, and the call is spared.
+            verdicts = [embedder_pb2.CopyVerdict() for _ in candidates]
+        return with_identical_copies(
+            [hit.content_sha256 for hit in candidates], verdicts, vector.content_sha256, vector.copy_features
+        )
 
     @contextlib.asynccontextmanager
     async def _start_lookups(
@@ -575,14 +583,15 @@ class VisualSearchCore:
                 return QueryVector(made.values, from_cache=False, model_version=made.model_version or query.model_version,
                                    understood_as=made.understood_as)
             return QueryVector(made.values, from_cache=False, model_version=made.model_version or query.model_version,
-                               copy_features=made.copy_features)
+                               copy_features=made.copy_features,
+                               content_sha256=query.image_sha256 if query.crop is None else "")
         if lookups.cached_embedding is not None:
             return QueryVector(lookups.cached_embedding, from_cache=True, model_version=query.model_version,
                                understood_as=lookups.cached_understood_as)
         if query.copy_mode:
             stored = await self.downstream.stored_copy_query(query.request.collection, query.request.item_id, deadline)
             return QueryVector(stored.values, from_cache=True, model_version=query.model_version,
-                               copy_features=stored.copy_features)
+                               copy_features=stored.copy_features, content_sha256=stored.content_sha256)
         values = await self.downstream.stored_vector(query.request.collection, query.request.item_id, deadline)
         return QueryVector(values, from_cache=True, model_version=query.model_version)
 
@@ -984,22 +993,25 @@ class VisualSearchCore:
             # The feature candidates and the batch's earlier items first, all checked against the new
             # item's mirror image too; then the similar ones, as a copy search checks them (the first
             # mirror_depth). Behind a full shortlist, the batch's mirror images of each other went unseen.
-            unranked = [(hit.id, hit.copy_features) for hit in suspects]
-            unranked += [(earlier.id, stored.copy_features) for earlier, stored in items[:position]]
-            unranked = [(candidate_id, features) for candidate_id, features in unranked
-                        if features and candidate_id != pending.id]
-            ranked = [(hit.id, hit.copy_features) for hit in similar if hit.id != pending.id and hit.copy_features]
+            unranked = [(hit.id, hit.copy_features, hit.content_sha256) for hit in suspects]
+            unranked += [(earlier.id, stored.copy_features, stored.content_sha256) for earlier, stored in items[:position]]
+            unranked = [candidate for candidate in unranked if candidate[1] and candidate[0] != pending.id]
+            ranked = [(hit.id, hit.copy_features, hit.content_sha256) for hit in similar
+                      if hit.id != pending.id and hit.copy_features]
             candidates = [*unranked, *ranked]
             if not candidates:
                 return []
             verdicts = await self.downstream.verify_copies(
-                item.copy_features, [features for _, features in candidates], deadline,
+                item.copy_features, [features for _, features, _ in candidates], deadline,
                 mirror_depth=self.settings.copy_search.mirror_depth_after(len(unranked)),
             )
+            # The same bytes under another id are a copy, features or none (a plain image has none).
+            verdicts = with_identical_copies([content for _, _, content in candidates], verdicts,
+                                             item.content_sha256, item.copy_features)
             checked = list(zip(candidates, verdicts))
             # In shortlist order again (similar, feature candidates, the batch's): the first of equal copies wins.
             checked = checked[len(unranked):] + checked[:len(unranked)]
-            return [(candidate_id, verdict.copy_score) for (candidate_id, _), verdict in checked if verdict.is_copy]
+            return [(candidate[0], verdict.copy_score) for candidate, verdict in checked if verdict.is_copy]
 
         found = await asyncio.gather(*(copies_of(position) for position in range(len(items))))
         kept: list[tuple[PendingItem, search_pb2.Item]] = []

@@ -91,6 +91,7 @@ class StoredCopyQuery:
 
     values: np.ndarray
     copy_features: bytes
+    content_sha256: str
 
 
 @dataclass(frozen=True)
@@ -399,7 +400,7 @@ class Downstream:
                 f"item {item_id!r}{where} has no copy features (it was indexed without them): add it again "
                 "with GATEWAY_COPY_SEARCH__FEATURES_AT_INGEST on, or search with its image",
             )
-        return StoredCopyQuery(np.asarray(item.vector.values, dtype=np.float32), item.copy_features)
+        return StoredCopyQuery(np.asarray(item.vector.values, dtype=np.float32), item.copy_features, item.content_sha256)
 
     async def stored_vector(self, collection: str, item_id: str, deadline: float | None) -> np.ndarray:
         """The vector stored for `item_id`; NOT_FOUND when there is no such item."""

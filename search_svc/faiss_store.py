@@ -150,6 +150,11 @@ def _vectors(blobs: Sequence[bytes], dimension: int) -> np.ndarray:
     return np.frombuffer(b"".join(blobs), dtype="<f4").reshape(len(blobs), dimension)
 
 
+# What a copy search reads of each candidate beside its vector and metadata: the copy features it is
+# verified with, and the content hash that makes an image with the same bytes a copy.
+_COPY_CHECK_COLUMNS = f", {columns.COPY_FEATURES}, {columns.CONTENT_SHA256}"
+
+
 def _chunks(values: Sequence[T], size: int = LABELS_PER_STATEMENT) -> Iterator[Sequence[T]]:
     for start in range(0, len(values), size):
         yield values[start:start + size]
@@ -780,8 +785,9 @@ class FaissStore:
         self, collection_name: str, vectors: np.ndarray, k: int, conditions: Sequence[FilterCondition],
         include_copy_features: bool = False,
     ) -> list[list[StoreHit]]:
-        # The hits' copy features come with the rest of their rows: one statement per 900 hits.
-        selected = "label, id, image_uri, metadata" + (f", {columns.COPY_FEATURES}" if include_copy_features else "")
+        # The hits' copy features (and content hashes) come with the rest of their rows: one statement per
+        # 900 hits.
+        selected = "label, id, image_uri, metadata" + (_COPY_CHECK_COLUMNS if include_copy_features else "")
 
         def run() -> list[list[StoreHit]]:
             collection = self._existing(collection_name)
@@ -820,8 +826,9 @@ class FaissStore:
                 hits = []
                 for match in best_per_item(matches, k):
                     row = by_id[match.item_id]
-                    hits.append(StoreHit(row[1], match.score, row[2], row[3],
-                                         row[4] if include_copy_features else b"", match.region))
+                    copy_features, content_sha256 = (row[4], row[5] or "") if include_copy_features else (b"", "")
+                    hits.append(StoreHit(row[1], match.score, row[2], row[3], copy_features, match.region,
+                                         content_sha256))
                 results.append(hits)
             return results
 
@@ -835,7 +842,7 @@ class FaissStore:
         descriptors with `descriptors` (search_svc/feature_index.py), most first, each scored by its
         full view's cosine with `vector`; allowed by `conditions`. None without a feature index."""
         selected = f"label, id, image_uri, metadata, {columns.VECTOR}" + (
-            f", {columns.COPY_FEATURES}" if include_copy_features else ""
+            _COPY_CHECK_COLUMNS if include_copy_features else ""
         )
 
         def run() -> list[StoreHit]:
@@ -867,7 +874,8 @@ class FaissStore:
             for label in kept:
                 row = rows[label]
                 score = float(np.frombuffer(row[4], dtype="<f4") @ vector)
-                hits.append(StoreHit(row[1], score, row[2], row[3], row[5] if include_copy_features else b"", None))
+                copy_features, content_sha256 = (row[5], row[6] or "") if include_copy_features else (b"", "")
+                hits.append(StoreHit(row[1], score, row[2], row[3], copy_features, None, content_sha256))
             return hits
 
         return self._timed("feature_matches", run)

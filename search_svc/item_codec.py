@@ -246,7 +246,7 @@ class ItemCodec:
         as a candidate's, which never reads it (Get returns them whole)."""
         found = search_pb2.Hit(
             id=decode_id(hit.id), score=hit.score, image_uri=hit.image_uri, metadata=self._metadata_struct(hit.metadata),
-            copy_features=without_mirrored_set(hit.copy_features),
+            copy_features=without_mirrored_set(hit.copy_features), content_sha256=hit.content_sha256,
         )
         if hit.region is not None:
             x, y, width, height = hit.region

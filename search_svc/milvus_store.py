@@ -675,6 +675,13 @@ class MilvusStore:
                     "or drop the collection (or use another SEARCH_COLLECTION) and index the catalog again.",
                 )
 
+    def _copy_check_output(self, collection: str, include_copy_features: bool) -> list[str]:
+        """What a copy search reads of each candidate: its copy features (where the collection has them)
+        and its content hash, which makes an image with the same bytes a copy."""
+        if not include_copy_features:
+            return []
+        return [*self._copy_features_output(collection, include_copy_features), columns.CONTENT_SHA256]
+
     def _copy_features_output(self, collection: str, include_copy_features: bool) -> list[str]:
         """The copy features column, when asked for and the collection has it (else they read back empty)."""
         optional = self._prepared.get(collection)
@@ -699,14 +706,15 @@ class MilvusStore:
             return []
         rows = {
             row[columns.ID]: row for row in self._query_ids(
-                collection, candidates, [columns.ID, columns.IMAGE_URI, columns.METADATA, columns.VECTOR],
+                collection, candidates, [columns.ID, columns.IMAGE_URI, columns.METADATA, columns.VECTOR,
+                                         columns.CONTENT_SHA256],
                 include_copy_features, filter_expression(conditions),
             )
         }  # an item deleted since the index last followed Milvus, or filtered out, is not there
         return [
             StoreHit(item_id, float(np.asarray(rows[item_id][columns.VECTOR], dtype=np.float32) @ vector),
                      rows[item_id].get(columns.IMAGE_URI, ""), rows[item_id].get(columns.METADATA),
-                     _copy_features(rows[item_id]), None)
+                     _copy_features(rows[item_id]), None, _content_sha256(rows[item_id], include_copy_features))
             for item_id in [item_id for item_id in candidates if item_id in rows][:count]
         ]
 
@@ -715,14 +723,15 @@ class MilvusStore:
         include_copy_features: bool = False,
     ) -> list[list[StoreHit]]:
         client = self._existing_collection(collection)
-        item_fields = [columns.IMAGE_URI, columns.METADATA, *self._copy_features_output(collection, include_copy_features)]
+        item_fields = [columns.IMAGE_URI, columns.METADATA, *self._copy_check_output(collection, include_copy_features)]
         results = self._vector_search(client, collection, vectors, k, conditions, item_fields)
         # pymilvus hits are dicts: {"id": ..., "distance": ..., "entity": {output fields}}.
         if not self._has_regions(client, collection):
             return [
                 [
                     StoreHit(hit[columns.ID], hit["distance"], hit["entity"].get(columns.IMAGE_URI, ""),
-                             hit["entity"].get(columns.METADATA), _copy_features(hit["entity"]))
+                             hit["entity"].get(columns.METADATA), _copy_features(hit["entity"]),
+                             content_sha256=_content_sha256(hit["entity"], include_copy_features))
                     for hit in hits
                 ]
                 for hits in results
@@ -742,13 +751,14 @@ class MilvusStore:
         missing = sorted({match.item_id for matches in grouped for match in matches} - entities.keys())
         if missing:
             entities.update((row[columns.ID], row) for row in self._query_ids(
-                collection, missing, [columns.ID, columns.IMAGE_URI, columns.METADATA], include_copy_features
+                collection, missing, [columns.ID, columns.IMAGE_URI, columns.METADATA, columns.CONTENT_SHA256],
+                include_copy_features,
             ))
         return [
             [
                 StoreHit(match.item_id, match.score, entities[match.item_id].get(columns.IMAGE_URI, ""),
                          entities[match.item_id].get(columns.METADATA), _copy_features(entities[match.item_id]),
-                         match.region)
+                         match.region, _content_sha256(entities[match.item_id], include_copy_features))
                 for match in matches if match.item_id in entities
             ]
             for matches in grouped
@@ -977,6 +987,11 @@ def _milvus_row(row: Row, optional: _OptionalColumns, stamp: int | None) -> Row:
 def _copy_features(fields: dict) -> bytes:
     """The raw copy features of a hit's entity or a queried row; empty when not read or not stored."""
     return base64.b64decode(fields.get(columns.COPY_FEATURES) or "")
+
+
+def _content_sha256(fields: dict, include_copy_features: bool) -> str:
+    """A hit's content hash, sent with its copy features only (StoreHit.content_sha256)."""
+    return (fields.get(columns.CONTENT_SHA256) or "") if include_copy_features else ""
 
 
 def _with_raw_copy_features(rows: list[dict]) -> list[dict]:

@@ -36,6 +36,7 @@ class StoreHit:
     metadata: str | dict | None  # JSON text (FAISS), or decoded by pymilvus
     copy_features: bytes = b""  # only when the search asked for them
     region: Box | None = None  # the region that matched; None: the full view
+    content_sha256: str = ""  # with the copy features
 
 
 @dataclass(frozen=True, slots=True)

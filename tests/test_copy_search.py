@@ -227,6 +227,46 @@ async def test_the_copy_check_at_ingest_verifies_the_feature_candidates_too(stac
     assert (summary.indexed, summary.skipped_copies, len(summary.copies)) == (1, 0, 0), summary
 
 
+async def test_an_image_without_local_features_is_a_copy_of_the_same_bytes(stack):
+    """A plain swatch and a strip a pixel or two across have no keypoints, so verification cannot call
+    anything a copy of them: the item stored from the same bytes is one all the same (copy_score 1, over
+    the whole image), by an image query, an item_id query and the check at ingest; another plain colour,
+    or a crop of the strip, is not. The strip failed the embedder outright before (INTERNAL)."""
+    collection = "plain_copies"
+    swatch = encode(Image.new("RGB", (120, 80), (200, 30, 40)), "PNG")
+    other_swatch = encode(Image.new("RGB", (120, 80), (30, 200, 40)), "PNG")
+    pixels = np.random.default_rng(5).integers(0, 256, (900, 2, 3), dtype=np.uint8)
+    strip = encode(Image.fromarray(pixels), "PNG")
+
+    def add(*items: tuple[str, bytes], on_copy: int = gateway_pb2.ON_COPY_KEEP):
+        for added_id, data in items:
+            yield gateway_pb2.AddImageRequest(id=added_id, image=data, collection=collection, on_copy=on_copy)
+
+    summary = await stack.stub.AddImages(add(("swatch", swatch), ("other-swatch", other_swatch), ("strip", strip)),
+                                         timeout=60)
+    assert (summary.indexed, summary.failed) == (3, 0), summary
+    try:
+        expected = {"swatch": (True, (0, 0, 120, 80)), "strip": (True, (0, 0, 2, 900))}
+        for name, data in (("swatch", swatch), ("strip", strip)):
+            reply = await copy_search(stack, k=3, image=data, collection=collection)
+            assert reply.hits[0].id == name and reply.hits[0].is_copy and reply.hits[0].copy_score == 1.0, reply
+            assert box_tuple(reply.hits[0].matched_box) == expected[name][1]
+            assert not any(hit.is_copy for hit in reply.hits[1:]), reply
+        reply = await copy_search(stack, k=3, image=strip, crop=embedder_pb2.CropBox(x=0, y=0, width=2, height=450),
+                                  collection=collection)
+        assert len(reply.hits) == 3 and not any(hit.is_copy for hit in reply.hits), reply  # a crop: other bytes
+
+        # The same bytes under another id: the ingest check flags it, and an item_id search finds both.
+        summary = await stack.stub.AddImages(add(("swatch-again", swatch), ("other-again", other_swatch),
+                                                 on_copy=gateway_pb2.ON_COPY_FLAG), timeout=60)
+        assert sorted((found.id, found.copy_of, found.copy_score) for found in summary.copies) == [
+            ("other-again", "other-swatch", 1.0), ("swatch-again", "swatch", 1.0)], summary
+        reply = await copy_search(stack, k=5, item_id="swatch", collection=collection)
+        assert {hit.id for hit in reply.hits if hit.is_copy} == {"swatch", "swatch-again"}, reply
+    finally:
+        await stack.stub.DropCollection(search_pb2.DropCollectionRequest(collection=collection), timeout=30)
+
+
 async def test_similar_mode_hits_carry_no_copy_fields(stack, copies):
     for mode in (gateway_pb2.SEARCH_MODE_UNSPECIFIED, gateway_pb2.SEARCH_MODE_SIMILAR):
         reply = await stack.search(copies["mirror"], k=6, mode=mode)

@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17vsearch/v1/search.proto\x12\nvsearch.v1\x1a\x1cgoogle/protobuf/struct.proto\"\x18\n\x06Vector\x12\x0e\n\x06values\x18\x01 \x03(\x02\"\xc8\x01\n\x04Item\x12\n\n\x02id\x18\x01 \x01(\t\x12\"\n\x06vector\x18\x02 \x01(\x0b\x32\x12.vsearch.v1.Vector\x12\x11\n\timage_uri\x18\x03 \x01(\t\x12)\n\x08metadata\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x16\n\x0e\x63ontent_sha256\x18\x05 \x01(\t\x12\x15\n\rcopy_features\x18\x06 \x01(\x0c\x12#\n\x07regions\x18\x07 \x03(\x0b\x32\x12.vsearch.v1.Region\"@\n\tRegionBox\x12\t\n\x01x\x18\x01 \x01(\r\x12\t\n\x01y\x18\x02 \x01(\r\x12\r\n\x05width\x18\x03 \x01(\r\x12\x0e\n\x06height\x18\x04 \x01(\r\"P\n\x06Region\x12\"\n\x03\x62ox\x18\x01 \x01(\x0b\x32\x15.vsearch.v1.RegionBox\x12\"\n\x06vector\x18\x02 \x01(\x0b\x32\x12.vsearch.v1.Vector\"D\n\rUpsertRequest\x12\x1f\n\x05items\x18\x01 \x03(\x0b\x32\x10.vsearch.v1.Item\x12\x12\n\ncollection\x18\x02 \x01(\t\"6\n\x0eUpsertResponse\x12\x10\n\x08upserted\x18\x01 \x01(\r\x12\x12\n\ngeneration\x18\x02 \x01(\x04\"c\n\tCondition\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12 \n\x02op\x18\x02 \x01(\x0e\x32\x14.vsearch.v1.Operator\x12%\n\x05value\x18\x03 \x01(\x0b\x32\x16.google.protobuf.Value\"3\n\x06\x46ilter\x12)\n\nconditions\x18\x01 \x03(\x0b\x32\x15.vsearch.v1.Condition\"\xf5\x01\n\rSearchRequest\x12#\n\x07queries\x18\x01 \x03(\x0b\x32\x12.vsearch.v1.Vector\x12\t\n\x01k\x18\x02 \x01(\r\x12\"\n\x06\x66ilter\x18\x03 \x01(\x0b\x32\x12.vsearch.v1.Filter\x12\x16\n\tmin_score\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\ncollection\x18\x05 \x01(\t\x12\x1d\n\x15include_copy_features\x18\x06 \x01(\x08\x12\x1b\n\x13\x63opy_query_features\x18\x07 \x01(\x0c\x12\x1a\n\x12\x66\x65\x61ture_candidates\x18\x08 \x01(\rB\x0c\n\n_min_score\"\x9c\x01\n\x03Hit\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x11\n\timage_uri\x18\x03 \x01(\t\x12)\n\x08metadata\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x15\n\rcopy_features\x18\x05 \x01(\x0c\x12%\n\x06region\x18\x06 \x01(\x0b\x32\x15.vsearch.v1.RegionBox\"R\n\x07HitList\x12\x1d\n\x04hits\x18\x01 \x03(\x0b\x32\x0f.vsearch.v1.Hit\x12(\n\x0f\x66\x65\x61ture_matches\x18\x02 \x03(\x0b\x32\x0f.vsearch.v1.Hit\"J\n\x0eSearchResponse\x12$\n\x07results\x18\x01 \x03(\x0b\x32\x13.vsearch.v1.HitList\x12\x12\n\ngeneration\x18\x02 \x01(\x04\"e\n\nGetRequest\x12\x0b\n\x03ids\x18\x01 \x03(\t\x12\x17\n\x0finclude_vectors\x18\x02 \x01(\x08\x12\x12\n\ncollection\x18\x03 \x01(\t\x12\x1d\n\x15include_copy_features\x18\x04 \x01(\x08\".\n\x0bGetResponse\x12\x1f\n\x05items\x18\x01 \x03(\x0b\x32\x10.vsearch.v1.Item\"0\n\rDeleteRequest\x12\x0b\n\x03ids\x18\x01 \x03(\t\x12\x12\n\ncollection\x18\x02 \x01(\t\"5\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\r\x12\x12\n\ngeneration\x18\x02 \x01(\x04\"T\n\x0cStatsRequest\x12\x12\n\nskip_count\x18\x01 \x01(\x08\x12\x12\n\ncollection\x18\x02 \x01(\t\x12\x1c\n\x14with_field_summaries\x18\x03 \x01(\x08\"\xdc\x01\n\rStatsResponse\x12\r\n\x05\x63ount\x18\x01 \x01(\x04\x12\x12\n\nindex_type\x18\x02 \x01(\t\x12\x0e\n\x06metric\x18\x03 \x01(\t\x12\x12\n\ngeneration\x18\x04 \x01(\x04\x12\x11\n\tdimension\x18\x05 \x01(\r\x12\x12\n\ncollection\x18\x06 \x01(\t\x12\x19\n\x11\x66ilterable_fields\x18\x07 \x03(\t\x12\x0f\n\x07regions\x18\x08 \x01(\x08\x12\x31\n\x0f\x66ield_summaries\x18\t \x03(\x0b\x32\x18.vsearch.v1.FieldSummary\"\xb0\x01\n\x0c\x46ieldSummary\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x0f\n\x07present\x18\x03 \x01(\x04\x12*\n\ntop_values\x18\x04 \x03(\x0b\x32\x16.vsearch.v1.ValueCount\x12\x13\n\x0bmore_values\x18\x05 \x01(\x08\x12\x10\n\x03min\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\x10\n\x03max\x18\x07 \x01(\x01H\x01\x88\x01\x01\x42\x06\n\x04_minB\x06\n\x04_max\"*\n\nValueCount\x12\r\n\x05value\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x04\"+\n\x15\x44ropCollectionRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\"=\n\x16\x44ropCollectionResponse\x12\x0f\n\x07\x64ropped\x18\x01 \x01(\x08\x12\x12\n\ngeneration\x18\x02 \x01(\x04\"\x80\x01\n\x0bListRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\x17\n\x0finclude_vectors\x18\x04 \x01(\x08\x12\x1d\n\x15include_copy_features\x18\x05 \x01(\x08\"H\n\x0cListResponse\x12\x1f\n\x05items\x18\x01 \x03(\x0b\x32\x10.vsearch.v1.Item\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x18\n\x16ListCollectionsRequest\"U\n\x11\x43ollectionSummary\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x04\x12\x12\n\nis_default\x18\x03 \x01(\x08\x12\x0f\n\x07regions\x18\x04 \x01(\x08\"M\n\x17ListCollectionsResponse\x12\x32\n\x0b\x63ollections\x18\x01 \x03(\x0b\x32\x1d.vsearch.v1.CollectionSummary*h\n\x08Operator\x12\x18\n\x14OPERATOR_UNSPECIFIED\x10\x00\x12\x06\n\x02\x45Q\x10\x01\x12\x06\n\x02NE\x10\x02\x12\x06\n\x02LT\x10\x03\x12\x06\n\x02LE\x10\x04\x12\x06\n\x02GT\x10\x05\x12\x06\n\x02GE\x10\x06\x12\x06\n\x02IN\x10\x07\x12\n\n\x06NOT_IN\x10\x08\x32\xb7\x04\n\x0cVectorSearch\x12?\n\x06Upsert\x12\x19.vsearch.v1.UpsertRequest\x1a\x1a.vsearch.v1.UpsertResponse\x12?\n\x06Search\x12\x19.vsearch.v1.SearchRequest\x1a\x1a.vsearch.v1.SearchResponse\x12\x36\n\x03Get\x12\x16.vsearch.v1.GetRequest\x1a\x17.vsearch.v1.GetResponse\x12?\n\x06\x44\x65lete\x12\x19.vsearch.v1.DeleteRequest\x1a\x1a.vsearch.v1.DeleteResponse\x12<\n\x05Stats\x12\x18.vsearch.v1.StatsRequest\x1a\x19.vsearch.v1.StatsResponse\x12W\n\x0e\x44ropCollection\x12!.vsearch.v1.DropCollectionRequest\x1a\".vsearch.v1.DropCollectionResponse\x12\x39\n\x04List\x12\x17.vsearch.v1.ListRequest\x1a\x18.vsearch.v1.ListResponse\x12Z\n\x0fListCollections\x12\".vsearch.v1.ListCollectionsRequest\x1a#.vsearch.v1.ListCollectionsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17vsearch/v1/search.proto\x12\nvsearch.v1\x1a\x1cgoogle/protobuf/struct.proto\"\x18\n\x06Vector\x12\x0e\n\x06values\x18\x01 \x03(\x02\"\xc8\x01\n\x04Item\x12\n\n\x02id\x18\x01 \x01(\t\x12\"\n\x06vector\x18\x02 \x01(\x0b\x32\x12.vsearch.v1.Vector\x12\x11\n\timage_uri\x18\x03 \x01(\t\x12)\n\x08metadata\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x16\n\x0e\x63ontent_sha256\x18\x05 \x01(\t\x12\x15\n\rcopy_features\x18\x06 \x01(\x0c\x12#\n\x07regions\x18\x07 \x03(\x0b\x32\x12.vsearch.v1.Region\"@\n\tRegionBox\x12\t\n\x01x\x18\x01 \x01(\r\x12\t\n\x01y\x18\x02 \x01(\r\x12\r\n\x05width\x18\x03 \x01(\r\x12\x0e\n\x06height\x18\x04 \x01(\r\"P\n\x06Region\x12\"\n\x03\x62ox\x18\x01 \x01(\x0b\x32\x15.vsearch.v1.RegionBox\x12\"\n\x06vector\x18\x02 \x01(\x0b\x32\x12.vsearch.v1.Vector\"D\n\rUpsertRequest\x12\x1f\n\x05items\x18\x01 \x03(\x0b\x32\x10.vsearch.v1.Item\x12\x12\n\ncollection\x18\x02 \x01(\t\"6\n\x0eUpsertResponse\x12\x10\n\x08upserted\x18\x01 \x01(\r\x12\x12\n\ngeneration\x18\x02 \x01(\x04\"c\n\tCondition\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12 \n\x02op\x18\x02 \x01(\x0e\x32\x14.vsearch.v1.Operator\x12%\n\x05value\x18\x03 \x01(\x0b\x32\x16.google.protobuf.Value\"3\n\x06\x46ilter\x12)\n\nconditions\x18\x01 \x03(\x0b\x32\x15.vsearch.v1.Condition\"\xf5\x01\n\rSearchRequest\x12#\n\x07queries\x18\x01 \x03(\x0b\x32\x12.vsearch.v1.Vector\x12\t\n\x01k\x18\x02 \x01(\r\x12\"\n\x06\x66ilter\x18\x03 \x01(\x0b\x32\x12.vsearch.v1.Filter\x12\x16\n\tmin_score\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\ncollection\x18\x05 \x01(\t\x12\x1d\n\x15include_copy_features\x18\x06 \x01(\x08\x12\x1b\n\x13\x63opy_query_features\x18\x07 \x01(\x0c\x12\x1a\n\x12\x66\x65\x61ture_candidates\x18\x08 \x01(\rB\x0c\n\n_min_score\"\xb4\x01\n\x03Hit\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x11\n\timage_uri\x18\x03 \x01(\t\x12)\n\x08metadata\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x15\n\rcopy_features\x18\x05 \x01(\x0c\x12%\n\x06region\x18\x06 \x01(\x0b\x32\x15.vsearch.v1.RegionBox\x12\x16\n\x0e\x63ontent_sha256\x18\x07 \x01(\t\"R\n\x07HitList\x12\x1d\n\x04hits\x18\x01 \x03(\x0b\x32\x0f.vsearch.v1.Hit\x12(\n\x0f\x66\x65\x61ture_matches\x18\x02 \x03(\x0b\x32\x0f.vsearch.v1.Hit\"J\n\x0eSearchResponse\x12$\n\x07results\x18\x01 \x03(\x0b\x32\x13.vsearch.v1.HitList\x12\x12\n\ngeneration\x18\x02 \x01(\x04\"e\n\nGetRequest\x12\x0b\n\x03ids\x18\x01 \x03(\t\x12\x17\n\x0finclude_vectors\x18\x02 \x01(\x08\x12\x12\n\ncollection\x18\x03 \x01(\t\x12\x1d\n\x15include_copy_features\x18\x04 \x01(\x08\".\n\x0bGetResponse\x12\x1f\n\x05items\x18\x01 \x03(\x0b\x32\x10.vsearch.v1.Item\"0\n\rDeleteRequest\x12\x0b\n\x03ids\x18\x01 \x03(\t\x12\x12\n\ncollection\x18\x02 \x01(\t\"5\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\r\x12\x12\n\ngeneration\x18\x02 \x01(\x04\"T\n\x0cStatsRequest\x12\x12\n\nskip_count\x18\x01 \x01(\x08\x12\x12\n\ncollection\x18\x02 \x01(\t\x12\x1c\n\x14with_field_summaries\x18\x03 \x01(\x08\"\xdc\x01\n\rStatsResponse\x12\r\n\x05\x63ount\x18\x01 \x01(\x04\x12\x12\n\nindex_type\x18\x02 \x01(\t\x12\x0e\n\x06metric\x18\x03 \x01(\t\x12\x12\n\ngeneration\x18\x04 \x01(\x04\x12\x11\n\tdimension\x18\x05 \x01(\r\x12\x12\n\ncollection\x18\x06 \x01(\t\x12\x19\n\x11\x66ilterable_fields\x18\x07 \x03(\t\x12\x0f\n\x07regions\x18\x08 \x01(\x08\x12\x31\n\x0f\x66ield_summaries\x18\t \x03(\x0b\x32\x18.vsearch.v1.FieldSummary\"\xb0\x01\n\x0c\x46ieldSummary\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x0f\n\x07present\x18\x03 \x01(\x04\x12*\n\ntop_values\x18\x04 \x03(\x0b\x32\x16.vsearch.v1.ValueCount\x12\x13\n\x0bmore_values\x18\x05 \x01(\x08\x12\x10\n\x03min\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\x10\n\x03max\x18\x07 \x01(\x01H\x01\x88\x01\x01\x42\x06\n\x04_minB\x06\n\x04_max\"*\n\nValueCount\x12\r\n\x05value\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x04\"+\n\x15\x44ropCollectionRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\"=\n\x16\x44ropCollectionResponse\x12\x0f\n\x07\x64ropped\x18\x01 \x01(\x08\x12\x12\n\ngeneration\x18\x02 \x01(\x04\"\x80\x01\n\x0bListRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\x17\n\x0finclude_vectors\x18\x04 \x01(\x08\x12\x1d\n\x15include_copy_features\x18\x05 \x01(\x08\"H\n\x0cListResponse\x12\x1f\n\x05items\x18\x01 \x03(\x0b\x32\x10.vsearch.v1.Item\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x18\n\x16ListCollectionsRequest\"U\n\x11\x43ollectionSummary\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x04\x12\x12\n\nis_default\x18\x03 \x01(\x08\x12\x0f\n\x07regions\x18\x04 \x01(\x08\"M\n\x17ListCollectionsResponse\x12\x32\n\x0b\x63ollections\x18\x01 \x03(\x0b\x32\x1d.vsearch.v1.CollectionSummary*h\n\x08Operator\x12\x18\n\x14OPERATOR_UNSPECIFIED\x10\x00\x12\x06\n\x02\x45Q\x10\x01\x12\x06\n\x02NE\x10\x02\x12\x06\n\x02LT\x10\x03\x12\x06\n\x02LE\x10\x04\x12\x06\n\x02GT\x10\x05\x12\x06\n\x02GE\x10\x06\x12\x06\n\x02IN\x10\x07\x12\n\n\x06NOT_IN\x10\x08\x32\xb7\x04\n\x0cVectorSearch\x12?\n\x06Upsert\x12\x19.vsearch.v1.UpsertRequest\x1a\x1a.vsearch.v1.UpsertResponse\x12?\n\x06Search\x12\x19.vsearch.v1.SearchRequest\x1a\x1a.vsearch.v1.SearchResponse\x12\x36\n\x03Get\x12\x16.vsearch.v1.GetRequest\x1a\x17.vsearch.v1.GetResponse\x12?\n\x06\x44\x65lete\x12\x19.vsearch.v1.DeleteRequest\x1a\x1a.vsearch.v1.DeleteResponse\x12<\n\x05Stats\x12\x18.vsearch.v1.StatsRequest\x1a\x19.vsearch.v1.StatsResponse\x12W\n\x0e\x44ropCollection\x12!.vsearch.v1.DropCollectionRequest\x1a\".vsearch.v1.DropCollectionResponse\x12\x39\n\x04List\x12\x17.vsearch.v1.ListRequest\x1a\x18.vsearch.v1.ListResponse\x12Z\n\x0fListCollections\x12\".vsearch.v1.ListCollectionsRequest\x1a#.vsearch.v1.ListCollectionsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'vsearch.v1.search_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_OPERATOR']._serialized_start=2586
-  _globals['_OPERATOR']._serialized_end=2690
+  _globals['_OPERATOR']._serialized_start=2610
+  _globals['_OPERATOR']._serialized_end=2714
   _globals['_VECTOR']._serialized_start=69
   _globals['_VECTOR']._serialized_end=93
   _globals['_ITEM']._serialized_start=96
@@ -53,41 +53,41 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SEARCHREQUEST']._serialized_start=727
   _globals['_SEARCHREQUEST']._serialized_end=972
   _globals['_HIT']._serialized_start=975
-  _globals['_HIT']._serialized_end=1131
-  _globals['_HITLIST']._serialized_start=1133
-  _globals['_HITLIST']._serialized_end=1215
-  _globals['_SEARCHRESPONSE']._serialized_start=1217
-  _globals['_SEARCHRESPONSE']._serialized_end=1291
-  _globals['_GETREQUEST']._serialized_start=1293
-  _globals['_GETREQUEST']._serialized_end=1394
-  _globals['_GETRESPONSE']._serialized_start=1396
-  _globals['_GETRESPONSE']._serialized_end=1442
-  _globals['_DELETEREQUEST']._serialized_start=1444
-  _globals['_DELETEREQUEST']._serialized_end=1492
-  _globals['_DELETERESPONSE']._serialized_start=1494
-  _globals['_DELETERESPONSE']._serialized_end=1547
-  _globals['_STATSREQUEST']._serialized_start=1549
-  _globals['_STATSREQUEST']._serialized_end=1633
-  _globals['_STATSRESPONSE']._serialized_start=1636
-  _globals['_STATSRESPONSE']._serialized_end=1856
-  _globals['_FIELDSUMMARY']._serialized_start=1859
-  _globals['_FIELDSUMMARY']._serialized_end=2035
-  _globals['_VALUECOUNT']._serialized_start=2037
-  _globals['_VALUECOUNT']._serialized_end=2079
-  _globals['_DROPCOLLECTIONREQUEST']._serialized_start=2081
-  _globals['_DROPCOLLECTIONREQUEST']._serialized_end=2124
-  _globals['_DROPCOLLECTIONRESPONSE']._serialized_start=2126
-  _globals['_DROPCOLLECTIONRESPONSE']._serialized_end=2187
-  _globals['_LISTREQUEST']._serialized_start=2190
-  _globals['_LISTREQUEST']._serialized_end=2318
-  _globals['_LISTRESPONSE']._serialized_start=2320
-  _globals['_LISTRESPONSE']._serialized_end=2392
-  _globals['_LISTCOLLECTIONSREQUEST']._serialized_start=2394
-  _globals['_LISTCOLLECTIONSREQUEST']._serialized_end=2418
-  _globals['_COLLECTIONSUMMARY']._serialized_start=2420
-  _globals['_COLLECTIONSUMMARY']._serialized_end=2505
-  _globals['_LISTCOLLECTIONSRESPONSE']._serialized_start=2507
-  _globals['_LISTCOLLECTIONSRESPONSE']._serialized_end=2584
-  _globals['_VECTORSEARCH']._serialized_start=2693
-  _globals['_VECTORSEARCH']._serialized_end=3260
+  _globals['_HIT']._serialized_end=1155
+  _globals['_HITLIST']._serialized_start=1157
+  _globals['_HITLIST']._serialized_end=1239
+  _globals['_SEARCHRESPONSE']._serialized_start=1241
+  _globals['_SEARCHRESPONSE']._serialized_end=1315
+  _globals['_GETREQUEST']._serialized_start=1317
+  _globals['_GETREQUEST']._serialized_end=1418
+  _globals['_GETRESPONSE']._serialized_start=1420
+  _globals['_GETRESPONSE']._serialized_end=1466
+  _globals['_DELETEREQUEST']._serialized_start=1468
+  _globals['_DELETEREQUEST']._serialized_end=1516
+  _globals['_DELETERESPONSE']._serialized_start=1518
+  _globals['_DELETERESPONSE']._serialized_end=1571
+  _globals['_STATSREQUEST']._serialized_start=1573
+  _globals['_STATSREQUEST']._serialized_end=1657
+  _globals['_STATSRESPONSE']._serialized_start=1660
+  _globals['_STATSRESPONSE']._serialized_end=1880
+  _globals['_FIELDSUMMARY']._serialized_start=1883
+  _globals['_FIELDSUMMARY']._serialized_end=2059
+  _globals['_VALUECOUNT']._serialized_start=2061
+  _globals['_VALUECOUNT']._serialized_end=2103
+  _globals['_DROPCOLLECTIONREQUEST']._serialized_start=2105
+  _globals['_DROPCOLLECTIONREQUEST']._serialized_end=2148
+  _globals['_DROPCOLLECTIONRESPONSE']._serialized_start=2150
+  _globals['_DROPCOLLECTIONRESPONSE']._serialized_end=2211
+  _globals['_LISTREQUEST']._serialized_start=2214
+  _globals['_LISTREQUEST']._serialized_end=2342
+  _globals['_LISTRESPONSE']._serialized_start=2344
+  _globals['_LISTRESPONSE']._serialized_end=2416
+  _globals['_LISTCOLLECTIONSREQUEST']._serialized_start=2418
+  _globals['_LISTCOLLECTIONSREQUEST']._serialized_end=2442
+  _globals['_COLLECTIONSUMMARY']._serialized_start=2444
+  _globals['_COLLECTIONSUMMARY']._serialized_end=2529
+  _globals['_LISTCOLLECTIONSRESPONSE']._serialized_start=2531
+  _globals['_LISTCOLLECTIONSRESPONSE']._serialized_end=2608
+  _globals['_VECTORSEARCH']._serialized_start=2717
+  _globals['_VECTORSEARCH']._serialized_end=3284
 # @@protoc_insertion_point(module_scope)

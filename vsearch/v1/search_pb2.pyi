@@ -126,20 +126,22 @@ class SearchRequest(_message.Message):
     def __init__(self, queries: _Optional[_Iterable[_Union[Vector, _Mapping]]] = ..., k: _Optional[int] = ..., filter: _Optional[_Union[Filter, _Mapping]] = ..., min_score: _Optional[float] = ..., collection: _Optional[str] = ..., include_copy_features: _Optional[bool] = ..., copy_query_features: _Optional[bytes] = ..., feature_candidates: _Optional[int] = ...) -> None: ...
 
 class Hit(_message.Message):
-    __slots__ = ("id", "score", "image_uri", "metadata", "copy_features", "region")
+    __slots__ = ("id", "score", "image_uri", "metadata", "copy_features", "region", "content_sha256")
     ID_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     IMAGE_URI_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
     COPY_FEATURES_FIELD_NUMBER: _ClassVar[int]
     REGION_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_SHA256_FIELD_NUMBER: _ClassVar[int]
     id: str
     score: float
     image_uri: str
     metadata: _struct_pb2.Struct
     copy_features: bytes
     region: RegionBox
-    def __init__(self, id: _Optional[str] = ..., score: _Optional[float] = ..., image_uri: _Optional[str] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., copy_features: _Optional[bytes] = ..., region: _Optional[_Union[RegionBox, _Mapping]] = ...) -> None: ...
+    content_sha256: str
+    def __init__(self, id: _Optional[str] = ..., score: _Optional[float] = ..., image_uri: _Optional[str] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., copy_features: _Optional[bytes] = ..., region: _Optional[_Union[RegionBox, _Mapping]] = ..., content_sha256: _Optional[str] = ...) -> None: ...
 
 class HitList(_message.Message):
     __slots__ = ("hits", "feature_matches")
