@@ -1,5 +1,6 @@
 """Property-based fuzzing of both front doors of a real `vsearch up` stack: image bytes (mutated
-JPEGs), filters, crops, ids, metadata and k through gRPC and HTTP, search and add. Whatever comes in,
+JPEGs, and well-formed images of any shape), filters, crops, ids, metadata, k and the search mode (copy
+mode included) through gRPC and HTTP, search and add. Whatever comes in,
 no answer is INTERNAL, UNKNOWN or an HTTP 5xx, and every service stays SERVING.
 
 Bounded and reproducible by default (hypothesis with a fixed seed, `FUZZ_EXAMPLES` examples per test);
@@ -9,6 +10,7 @@ fresh examples."""
 from __future__ import annotations
 
 import base64
+import io
 import math
 import os
 from pathlib import Path
@@ -16,7 +18,9 @@ from typing import Any
 
 import grpc
 import httpx
+import numpy as np
 import pytest
+from PIL import Image
 from google.protobuf import struct_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, given, settings
@@ -74,17 +78,28 @@ uint32 = st.integers(0, 2**32 - 1)
 ks = st.none() | st.integers(1, 50) | uint32
 crops = st.none() | st.none() | st.builds(embedder_pb2.CropBox, x=uint32 | st.integers(0, 600), y=uint32 | st.integers(0, 600),
                               width=uint32 | st.integers(0, 600), height=uint32 | st.integers(0, 600))
+# Unset, similar, copy (verified against the stored items' copy features), or no such mode.
+modes = st.sampled_from([gateway_pb2.SEARCH_MODE_UNSPECIFIED, gateway_pb2.SEARCH_MODE_SIMILAR, gateway_pb2.SEARCH_MODE_COPY,
+                         gateway_pb2.SEARCH_MODE_COPY]) | st.integers(0, 2**31 - 1)
 ids = st.just("item-0") | st.text(max_size=300) | st.sampled_from(["item-1", "", "x" * 257, "a/b c", "%2F", "\x7f"])
 
 
 @st.composite
 def mutated_images(draw, source: bytes) -> bytes:
-    """The catalog's JPEG as it is, or with a few bytes flipped, or cut short; sometimes random bytes."""
-    choice = draw(st.integers(0, 3))
+    """The catalog's JPEG as it is, or with a few bytes flipped, or cut short; sometimes random bytes, or a
+    well-formed image of any shape (a strip a pixel across, a single pixel)."""
+    choice = draw(st.integers(0, 4))
     if choice == 0:
         return source
     if choice == 1:
         return draw(st.binary(max_size=2048))
+    if choice == 4:
+        sides = st.integers(1, 4) | st.integers(1, 1200)
+        width, height = draw(sides), draw(sides)
+        pixels = np.random.default_rng(draw(st.integers(0, 2**16))).integers(0, 256, (height, width, 3), dtype=np.uint8)
+        encoded = io.BytesIO()
+        Image.fromarray(pixels).save(encoded, draw(st.sampled_from(["PNG", "JPEG"])))
+        return encoded.getvalue()
     data = bytearray(source)
     for _ in range(draw(st.integers(1, 8))):
         position = draw(st.integers(0, len(data) - 1))
@@ -142,10 +157,10 @@ def json_safe(value: Any) -> Any:
 
 @FUZZ
 @given(data=st.data(), k=ks, search_filter=filters, crop=crops,
-       min_score=st.none() | st.floats(allow_nan=True, allow_infinity=True, width=32))
-def test_grpc_search_by_image_never_fails_internally(stack, jpeg, data, k, search_filter, crop, min_score):
+       min_score=st.none() | st.floats(allow_nan=True, allow_infinity=True, width=32), mode=modes)
+def test_grpc_search_by_image_never_fails_internally(stack, jpeg, data, k, search_filter, crop, min_score, mode):
     _up, stub, _http = stack
-    request = gateway_pb2.VisualSearchRequest(image=data.draw(mutated_images(jpeg)), filter=search_filter)
+    request = gateway_pb2.VisualSearchRequest(image=data.draw(mutated_images(jpeg)), filter=search_filter, mode=mode)
     if k is not None:
         request.k = k
     if crop is not None:
@@ -156,10 +171,10 @@ def test_grpc_search_by_image_never_fails_internally(stack, jpeg, data, k, searc
 
 
 @FUZZ
-@given(item_id=ids, k=ks, search_filter=filters, collection=st.sampled_from(["", "", "fuzz_adds"]) | texts)
-def test_grpc_search_by_item_never_fails_internally(stack, item_id, k, search_filter, collection):
+@given(item_id=ids, k=ks, search_filter=filters, collection=st.sampled_from(["", "", "fuzz_adds"]) | texts, mode=modes)
+def test_grpc_search_by_item_never_fails_internally(stack, item_id, k, search_filter, collection, mode):
     _up, stub, _http = stack
-    request = gateway_pb2.VisualSearchRequest(item_id=item_id, filter=search_filter, collection=collection)
+    request = gateway_pb2.VisualSearchRequest(item_id=item_id, filter=search_filter, collection=collection, mode=mode)
     if k is not None:
         request.k = k
     assert_not_a_failure(lambda: stub.Search(request, timeout=30))
@@ -202,7 +217,7 @@ def test_grpc_garbage_payloads_never_fail_internally(stack, payload, method):
 @FUZZ
 @given(data=st.data(), body=st.fixed_dictionaries({}, optional={
     "k": json_values, "min_score": json_values, "crop": json_values, "filter": json_values,
-    "collection": json_values, "item_id": json_values,
+    "collection": json_values, "item_id": json_values, "mode": st.sampled_from(["similar", "copy"]) | json_values,
 }), with_image=st.booleans())
 def test_http_json_search_never_answers_5xx(stack, jpeg, data, body, with_image):
     _up, _stub, http = stack
