@@ -172,7 +172,9 @@ class ClassifierText(_Frozen):
     the `top_k` classes, weighted by softmax(similarity / temperature), give the query vector as the
     weighted sum of their rows of `file` (the classifier's weight rows, centred, in the image space)."""
 
-    # .npz: class_names [K] str, class_embeddings [K, E] float32 (unit rows), query_rows [K, D] float32.
+    # .npz: class_names [K] str, class_embeddings [K, E] float32 (unit rows), query_rows [K, D] float32;
+    # with synonyms, also synonyms [M] str, synonym_classes [M] int (each one's class) and
+    # synonym_embeddings [M, E] float32 (unit rows).
     file: str
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     classes: int = Field(gt=1)
@@ -183,6 +185,10 @@ class ClassifierText(_Frozen):
     min_similarity: float = Field(ge=-1, le=1)
     # How min_similarity was chosen, and what it gave, for people.
     threshold_rule: str = ""
+    # A class's synonyms (other names of it, in `file`) count toward its similarity where the text is at
+    # least this similar to one: a text that says a synonym ("puma" for the class "cougar") is taken for
+    # its class, and one only partly like it is not. None: the file has no synonyms.
+    synonym_min_similarity: float | None = Field(None, ge=-1, le=1)
 
 
 class TextProjection(_Frozen):

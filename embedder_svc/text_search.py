@@ -5,7 +5,8 @@ section says (`embedder_svc.model_card.TextSearch`).
   space.
 - **classifier** (a backbone that kept its classifier, e.g. ImageNet MobileNetV2): a sentence encoder
   embeds the text; its cosine similarity to each class name's embedding (computed once, when the model
-  was prepared) gives an affinity over the classes: nothing when the best is below the card's
+  was prepared; a class with synonyms takes the best of its name's and of those synonyms the text is
+  at least `synonym_min_similarity` like, `class_similarities`) gives an affinity over the classes: nothing when the best is below the card's
   `min_similarity` (the text names nothing the model knows), else softmax(similarity / temperature) over
   the `top_k` best. The classifier is linear on the pooled features the image vectors are made of
   (logits = W f + b), so the affinity-weighted sum of its (centred) weight rows is a direction in the
@@ -164,6 +165,32 @@ class TextQuery:
     no_match: str = ""
 
 
+@dataclass(frozen=True)
+class ClassSynonyms:
+    """Other names of the classes (WordNet's, for ImageNet's), embedded as the class names are."""
+
+    names: list[str]
+    classes: np.ndarray  # [M] int: each synonym's class
+    embeddings: np.ndarray  # [M, E] unit rows
+    # A synonym counts only where the text is at least this similar to it.
+    min_similarity: float
+
+
+def class_similarities(
+    texts: np.ndarray, class_embeddings: np.ndarray, synonyms: ClassSynonyms | None = None,
+) -> np.ndarray:
+    """[N, K] similarity of each text embedding (unit rows [N, E]) to each class: to its name, or to
+    one of its synonyms when that is higher and at least the synonyms' min_similarity. The gate keeps
+    what a synonym adds to texts that say it: one only partly like the text ("cat bear", red panda's,
+    against "wild cat") would otherwise pull it to a wrong class."""
+    similarity = texts @ class_embeddings.T
+    if synonyms is not None and len(synonyms.names):
+        to_synonyms = texts @ synonyms.embeddings.T
+        to_synonyms[to_synonyms < synonyms.min_similarity] = -1.0
+        np.maximum.at(similarity.T, synonyms.classes, to_synonyms.T)
+    return similarity
+
+
 def softmax(values: np.ndarray) -> np.ndarray:
     shifted = np.exp(values - values.max())
     return shifted / shifted.sum()
@@ -183,6 +210,7 @@ class TextSearcher:
             )
         self.kind = text.kind
         self.text = text
+        self.synonyms: ClassSynonyms | None = None
         self.encoder = load_text_encoder(model_dir, text, threads)
         self.projection: np.ndarray | None = None
         if text.projection is not None:
@@ -198,11 +226,17 @@ class TextSearcher:
                 self.class_names = [str(name) for name in stored["class_names"]]
                 self.class_embeddings = np.asarray(stored["class_embeddings"], dtype=np.float32)
                 self.query_rows = np.asarray(stored["query_rows"], dtype=np.float32)
+                self.synonyms = _synonyms(stored, spec.synonym_min_similarity, path)
             expected_rows = text.projection.source_dimension if text.projection is not None else text.dimension
             if (
                 len(self.class_names) != spec.classes
                 or self.class_embeddings.shape != (spec.classes, text.encoder.dimension)
                 or self.query_rows.shape != (spec.classes, expected_rows)
+                or (self.synonyms is not None and (
+                    self.synonyms.embeddings.shape != (len(self.synonyms.names), text.encoder.dimension)
+                    or self.synonyms.classes.shape != (len(self.synonyms.names),)
+                    or not np.all((self.synonyms.classes >= 0) & (self.synonyms.classes < spec.classes))
+                ))
             ):
                 raise TextSearchUnavailable(f"the class file {path} does not match the card's {spec.classes} classes")
 
@@ -214,8 +248,9 @@ class TextSearcher:
                 f"min similarity {spec.min_similarity:g})")
 
     def similarities(self, texts: list[str]) -> np.ndarray:
-        """Cosine similarity of each text to each class name [N, K] (classifier kind only)."""
-        return self.encoder(texts) @ self.class_embeddings.T
+        """Cosine similarity of each text to each class [N, K] (classifier kind only): to its name, or
+        to a synonym the text says (class_similarities)."""
+        return class_similarities(self.encoder(texts), self.class_embeddings, self.synonyms)
 
     def __call__(self, texts: list[str]) -> list[TextQuery]:
         if not texts:
@@ -249,6 +284,18 @@ class TextSearcher:
         if not np.isfinite(norm) or norm < 1e-12:
             return TextQuery(None, understood_as, "the text gives no direction in the image space")
         return TextQuery((vector / norm).astype(np.float32), understood_as)
+
+
+def _synonyms(stored: "np.lib.npyio.NpzFile", min_similarity: float | None, path: Path) -> ClassSynonyms | None:
+    """The class file's synonyms, where the card says it has them."""
+    if min_similarity is None:
+        return None
+    try:
+        return ClassSynonyms([str(name) for name in stored["synonyms"]],
+                             np.asarray(stored["synonym_classes"], dtype=np.int64),
+                             np.asarray(stored["synonym_embeddings"], dtype=np.float32), min_similarity)
+    except KeyError as missing:
+        raise TextSearchUnavailable(f"the class file {path} has no {missing} though the card gives synonyms") from None
 
 
 class TextSearchService:

@@ -26,7 +26,7 @@ from conftest import (
 )
 from dual_encoder import COLOURS, build_dual_encoder, colour_image, write_tokenizer_json
 from embedder_svc.model_card import read_model_card, write_model_card
-from embedder_svc.text_search import TextSearcher, load_text_encoder
+from embedder_svc.text_search import ClassSynonyms, TextSearcher, class_similarities, load_text_encoder
 from gateway.settings import TextExpansionSettings
 from vsearch.v1 import embedder_pb2, embedder_pb2_grpc, gateway_pb2, search_pb2, search_pb2_grpc
 from vsearch_cli.model_tools.text_search import (
@@ -356,6 +356,36 @@ async def test_classifier_embedder_matches_class_names_and_refuses_unrelated_wor
         assert "no class of the model matches 'zxqv qwerty'" in gibberish.error.message
         assert empty.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and "empty" in empty.error.message
         assert "espresso" in espresso.understood_as
+
+
+async def test_a_wordnet_synonym_is_taken_for_its_class_and_a_confusing_one_is_left_out(mobilenet_dir):
+    """The sentence encoder alone reads "puma" as "pug" and "rucksack" as "ruffed grouse"; as WordNet's
+    names of "cougar" and "backpack" they are understood. "plane", WordNet's for the carpenter's tool, is
+    as near "airplane" as a name can be, so it is left out, and "airplane" stays with the aircraft."""
+    card = read_model_card(mobilenet_dir)
+    classifier = card.text.classifier
+    assert classifier.synonym_min_similarity is not None and "synonyms kept" in classifier.threshold_rule
+    async with running_embedder(embedder_settings(mobilenet_dir)) as embedder:
+        texts = ["puma", "a photo of a mountain lion", "rucksack", "airplane", "the meaning of life"]
+        reply = await embedder.stub.EmbedTexts(embedder_pb2.EmbedTextsRequest(texts=texts), timeout=30)
+        understood = dict(zip(texts, (result.understood_as for result in reply.results)))
+        assert understood["puma"].startswith("cougar") and understood["a photo of a mountain lion"].startswith("cougar")
+        assert understood["rucksack"].startswith("backpack")
+        assert "aircraft" in understood["airplane"].split(",")[0], understood["airplane"]
+        assert reply.results[4].WhichOneof("result") == "error"  # still no match
+
+
+def test_a_synonym_counts_for_its_class_only_where_the_text_is_like_it():
+    """class_similarities: the best of a class's name and of its synonyms at or above the gate."""
+    texts = np.eye(4, dtype=np.float32)[:2]  # two texts along axes 0 and 1
+    names = np.array([[0.5, 0.0, 0.866, 0.0], [0.0, 0.3, 0.0, 0.954]], dtype=np.float32)  # two classes
+    synonyms = ClassSynonyms(["a", "b", "c"], np.array([1, 1, 0]), np.array(
+        [[0.9, 0.0, 0.436, 0.0], [0.0, 0.6, 0.0, 0.8], [0.0, 0.75, 0.661, 0.0]], dtype=np.float32), 0.7)
+    similarity = class_similarities(texts, names, synonyms)
+    # Text 0: class 1 takes synonym "a" (0.9); class 0 keeps its name (0.5). Text 1: synonym "c" (0.75)
+    # lifts class 0; "b" (0.6) is below the gate, so class 1 keeps its name (0.3).
+    np.testing.assert_allclose(similarity, [[0.5, 0.9], [0.75, 0.3]], atol=1e-6)
+    np.testing.assert_allclose(class_similarities(texts, names), texts @ names.T)
 
 
 async def test_classifier_words_find_their_caltech_images_through_the_gateway(tmp_path, mobilenet_dir, shared_dir):

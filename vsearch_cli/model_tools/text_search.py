@@ -49,7 +49,9 @@ from embedder_svc.model_card import (
     TextSearch,
     TextTokenizer,
 )
-from embedder_svc.text_search import TextEncoder, TextSearchUnavailable, load_text_encoder
+from embedder_svc.text_search import (
+    ClassSynonyms, TextEncoder, TextSearchUnavailable, class_similarities, load_text_encoder,
+)
 from service_kit.file_digest import file_sha256
 
 logger = logging.getLogger(__name__)
@@ -118,6 +120,22 @@ UNRELATED_PHRASES = (
     "zxqv", "qwertyuiop", "asdf jkl", "lorem ipsum dolor", "xyzzy plugh", "blorf grumple", "hmm",
     "ok thanks", "what time is it", "tomorrow maybe", "customer satisfaction survey", "the wrong answer",
 )
+
+# Other names of the ImageNet classes (WordNet's lemmas of their synsets, less the simple label and Latin
+# names; the file says where they come from), one list per class in logit order. MiniLM-L3 reads "puma"
+# as "pug" and "rucksack" as "ruffed grouse"; given "puma" as a name of "cougar", it no longer has to
+# guess. Used only with IMAGENET_LABELS, whose order they follow.
+IMAGENET_SYNONYMS_FILE = Path(__file__).with_name("imagenet_synonyms.json")
+# A synonym counts toward its class where the text is at least this similar to it: a text that says it,
+# in a phrasing ("a photo of a puma" against "puma"). Many synonyms are rare senses of common words
+# ("cat bear" for the red panda, "plane" for the carpenter's tool): nearer 0 they pull texts that are
+# only partly like them to the wrong class. With the threshold rule below, 0.7 leaves the no-match
+# threshold where it was (0.41; unrelated phrases accepted 17 -> 19 %); docs/models.md has what it gave.
+SYNONYM_MIN_SIMILARITY = 0.7
+# A synonym the sentence encoder finds at least this similar to another class's name or synonym is left
+# out: it would add a confusion, not a name ("plane", WordNet's for the carpenter's tool, is 0.93 from
+# "airplane"; "crayfish" names both the crayfish and the spiny lobster): 93 of the 835 (docs/models.md).
+SYNONYM_MAX_CONFUSION = 0.8
 
 # The linearity check of the measured head: the fit's residual on fresh probes, relative to the spread
 # of the logits, must be below this (a quantized head is affine up to its rounding).
@@ -380,6 +398,14 @@ def embed_phrases(encoder: TextEncoder, phrases: Sequence[str], batch: int = 256
     return vectors
 
 
+def load_imagenet_synonyms() -> list[list[str]]:
+    """IMAGENET_SYNONYMS_FILE's lists, one per ImageNet class in logit order."""
+    synonyms = json.loads(IMAGENET_SYNONYMS_FILE.read_text())["synonyms"]
+    if not isinstance(synonyms, list) or not all(isinstance(names, list) for names in synonyms):
+        raise TextSearchError(f"{IMAGENET_SYNONYMS_FILE} has no list of synonym lists")
+    return synonyms
+
+
 def class_name_embeddings(encoder: TextEncoder, class_names: Sequence[str]) -> np.ndarray:
     """[K, E] unit rows: each class name embedded in every CLASS_TEMPLATES phrasing, averaged."""
     total = sum(embed_phrases(encoder, [template.format(name) for name in class_names]) for template in CLASS_TEMPLATES)
@@ -422,49 +448,92 @@ class NameSimilarities:
     # The threshold rule's two sides: each related phrase's and each unrelated phrase's best similarity.
     related_best: np.ndarray
     unrelated_best: np.ndarray
+    # The classes' synonyms, embedded as their names are; None without synonyms.
+    synonyms: ClassSynonyms | None = None
 
 
-def name_similarities(encoder: TextEncoder, class_names: Sequence[str]) -> NameSimilarities:
+def name_similarities(
+    encoder: TextEncoder, class_names: Sequence[str], synonyms: Sequence[Sequence[str]] | None = None,
+) -> NameSimilarities:
     """Related phrases: each class name in every POSITIVE_TEMPLATES phrasing, scored against the other
-    classes only (as a query naming something the classifier has no class for, but knows neighbours of,
-    would be). Unrelated: UNRELATED_PHRASES."""
+    classes only, by their names and synonyms (as a query naming something the classifier has no class
+    for, but knows neighbours of, would be). Unrelated: UNRELATED_PHRASES, against every class."""
     class_embeddings = class_name_embeddings(encoder, class_names)
+    embedded = None
+    if synonyms is not None:
+        names = [(index, name) for index, listed in enumerate(synonyms) for name in listed]
+        embedded = _unconfused(ClassSynonyms(
+            [name for _, name in names], np.array([index for index, _ in names], dtype=np.int64),
+            class_name_embeddings(encoder, [name for _, name in names]), SYNONYM_MIN_SIMILARITY,
+        ), class_embeddings)
     related = []
     own = np.arange(len(class_names))
     for template in POSITIVE_TEMPLATES:
-        similarity = embed_phrases(encoder, [template.format(name) for name in class_names]) @ class_embeddings.T
+        phrases = embed_phrases(encoder, [template.format(name) for name in class_names])
+        similarity = class_similarities(phrases, class_embeddings, embedded)
         similarity[own, own] = -1.0
         related.append(similarity.max(axis=1))
-    unrelated_best = (embed_phrases(encoder, UNRELATED_PHRASES) @ class_embeddings.T).max(axis=1)
-    return NameSimilarities(class_embeddings, np.concatenate(related), unrelated_best)
+    unrelated_best = class_similarities(embed_phrases(encoder, UNRELATED_PHRASES), class_embeddings, embedded).max(axis=1)
+    return NameSimilarities(class_embeddings, np.concatenate(related), unrelated_best, embedded)
 
 
 def cached_name_similarities(
     encoder: TextEncoder, class_names: Sequence[str], encoder_sha256: str, vocab_sha256: str, cache_dir: Path,
+    synonyms: Sequence[Sequence[str]] | None = None,
 ) -> NameSimilarities:
     """`name_similarities`, kept in cache_dir under a key made of everything it depends on (the encoder's
-    and vocabulary's sha256, the names, the phrasings): every model prepared with the same class names
-    reuses it (embedding ~6,000 phrases takes 10-15 s on 2 cores)."""
+    and vocabulary's sha256, the names and synonyms, the phrasings): every model prepared with the same
+    class names reuses it (embedding ~6,000 phrases takes 10-15 s on 2 cores)."""
     defining = {
         "encoder": encoder_sha256, "vocab": vocab_sha256, "max_tokens": SENTENCE_MAX_TOKENS, "names": list(class_names),
         "class_templates": CLASS_TEMPLATES, "positive_templates": POSITIVE_TEMPLATES, "unrelated": UNRELATED_PHRASES,
+        "synonyms": None if synonyms is None else [list(names) for names in synonyms],
+        "synonym_min_similarity": SYNONYM_MIN_SIMILARITY, "synonym_max_confusion": SYNONYM_MAX_CONFUSION,
     }
     key = hashlib.sha256(json.dumps(defining, sort_keys=True).encode()).hexdigest()[:24]
     path = cache_dir / f"text-names-{key}.npz"
     try:
         with np.load(path) as stored:
-            found = NameSimilarities(stored["class_embeddings"], stored["related_best"], stored["unrelated_best"])
+            found = NameSimilarities(stored["class_embeddings"], stored["related_best"], stored["unrelated_best"],
+                                     _stored_synonyms(stored, synonyms))
         if found.class_embeddings.shape == (len(class_names), encoder.dimension):
             return found
     except (OSError, KeyError, ValueError):  # absent or unreadable: computed again
         pass
-    made = name_similarities(encoder, class_names)
+    made = name_similarities(encoder, class_names, synonyms)
     try:
         _write_npz(path, class_embeddings=made.class_embeddings, related_best=made.related_best,
-                   unrelated_best=made.unrelated_best)
+                   unrelated_best=made.unrelated_best, **_synonym_arrays(made.synonyms))
     except OSError as error:  # a read-only cache only costs time
         logger.warning("cannot cache the class names' embeddings in %s: %s", cache_dir, error)
     return made
+
+
+def _unconfused(synonyms: ClassSynonyms, class_embeddings: np.ndarray) -> ClassSynonyms:
+    """The synonyms less those at least SYNONYM_MAX_CONFUSION similar to another class's name or
+    synonym."""
+    to_names = synonyms.embeddings @ class_embeddings.T
+    to_names[np.arange(len(synonyms.names)), synonyms.classes] = -1.0
+    to_synonyms = synonyms.embeddings @ synonyms.embeddings.T
+    to_synonyms[synonyms.classes[:, None] == synonyms.classes[None, :]] = -1.0
+    kept = np.flatnonzero(np.maximum(to_names.max(axis=1), to_synonyms.max(axis=1, initial=-1.0)) < SYNONYM_MAX_CONFUSION)
+    return ClassSynonyms([synonyms.names[index] for index in kept], synonyms.classes[kept], synonyms.embeddings[kept],
+                         synonyms.min_similarity)
+
+
+def _synonym_arrays(synonyms: ClassSynonyms | None) -> dict[str, np.ndarray]:
+    """The class file's synonym arrays (ClassifierText.file); none without synonyms."""
+    if synonyms is None:
+        return {}
+    return {"synonyms": np.array(synonyms.names, dtype=str), "synonym_classes": synonyms.classes,
+            "synonym_embeddings": synonyms.embeddings.astype(np.float32)}
+
+
+def _stored_synonyms(stored: "np.lib.npyio.NpzFile", synonyms: Sequence[Sequence[str]] | None) -> ClassSynonyms | None:
+    if synonyms is None:
+        return None
+    return ClassSynonyms([str(name) for name in stored["synonyms"]], stored["synonym_classes"],
+                         stored["synonym_embeddings"], SYNONYM_MIN_SIMILARITY)
 
 
 # ---- writing the text section -------------------------------------------------------------------------
@@ -482,10 +551,14 @@ def build_classifier_text(
     out_dir: Path, head: LinearHead, class_names: Sequence[str], label_set: str, vocab: Path,
     top_k: int = DEFAULT_TOP_K, temperature: float = DEFAULT_TEMPERATURE,
     progress: Callable[[str], None] = logger.info, cache_dir: Path | None = None,
+    synonyms: Sequence[Sequence[str]] | None = None,
 ) -> TextSearch:
-    """Writes out_dir/text/ (vocabulary, classes.npz) and returns the card's text section."""
+    """Writes out_dir/text/ (vocabulary, classes.npz) and returns the card's text section. `synonyms`:
+    other names of each class, in class order (see SYNONYM_MIN_SIMILARITY)."""
     if head.weights.shape[0] != len(class_names):
         raise TextSearchError(f"{len(class_names)} class names for a classifier of {head.weights.shape[0]} classes")
+    if synonyms is not None and len(synonyms) != len(class_names):
+        raise TextSearchError(f"{len(synonyms)} synonym lists for {len(class_names)} class names")
     encoder_sha256, _encoder_path = sentence_encoder_file()
     (out_dir / TEXT_DIR).mkdir(parents=True, exist_ok=True)
     shutil.copyfile(vocab, out_dir / VOCAB_FILE)
@@ -501,17 +574,22 @@ def build_classifier_text(
     progress(f"embedding {len(class_names)} class names with the sentence encoder")
     from vsearch_cli.model_tools.prepare import default_cache_dir
 
-    names = cached_name_similarities(encoder, class_names, encoder_sha256, vocab_sha256, cache_dir or default_cache_dir())
+    names = cached_name_similarities(encoder, class_names, encoder_sha256, vocab_sha256, cache_dir or default_cache_dir(),
+                                     synonyms)
     class_embeddings = names.class_embeddings
     threshold = choose_min_similarity(names.related_best, names.unrelated_best)
     progress(f"no-match threshold {threshold.value:.2f}: {threshold.rule}")
     sha256 = _write_npz(
         out_dir / CLASSES_FILE, class_names=np.array(class_names), class_embeddings=class_embeddings.astype(np.float32),
-        query_rows=query_rows(head.weights),
+        query_rows=query_rows(head.weights), **_synonym_arrays(names.synonyms),
     )
     classifier = draft.classifier.model_copy(update={  # type: ignore[union-attr]
         "sha256": sha256, "min_similarity": threshold.value,
-        "threshold_rule": threshold.rule + f"; head fitted with residual {head.residual:.2%} ({head.logits_name!r})",
+        "synonym_min_similarity": None if names.synonyms is None else names.synonyms.min_similarity,
+        "threshold_rule": threshold.rule + f"; head fitted with residual {head.residual:.2%} ({head.logits_name!r})"
+        + ("" if names.synonyms is None else
+           f"; {len(names.synonyms.names)} of {sum(map(len, synonyms or []))} synonyms kept (the others within "
+           f"{SYNONYM_MAX_CONFUSION} of another class's name or synonym)"),
     })
     return draft.model_copy(update={"classifier": classifier})
 
@@ -541,7 +619,12 @@ def add_text_search(
                                   f"{card.output.dimension}-d vectors")
         vocab = find_asset(VOCAB, shared_dir, cache_dir)
         label_set = f"{names_path.name} sha256 {file_sha256(names_path)}"
-        text = build_classifier_text(out_dir, head, class_names, label_set, vocab, progress=progress, cache_dir=cache_dir)
+        # WordNet's other names follow the ImageNet labels' order: for those labels only.
+        synonyms = load_imagenet_synonyms() if class_names_file is None else None
+        if synonyms is not None:
+            label_set += f", with WordNet's synonyms ({IMAGENET_SYNONYMS_FILE.name})"
+        text = build_classifier_text(out_dir, head, class_names, label_set, vocab, progress=progress, cache_dir=cache_dir,
+                                     synonyms=synonyms)
     except TextSearchError as error:
         logger.warning("%s gets no text search: %s", card.name, error)
         progress(f"no text search: {error}")
