@@ -5,10 +5,10 @@ section says (`embedder_svc.model_card.TextSearch`).
   space.
 - **classifier** (a backbone that kept its classifier, e.g. ImageNet MobileNetV2): a sentence encoder
   embeds the text; its cosine similarity to each class name's embedding (computed once, when the model
-  was prepared; a class with synonyms takes the best of its name's and of those synonyms the text is
-  at least `synonym_min_similarity` like, `class_similarities`) gives an affinity over the classes: nothing when the best is below the card's
-  `min_similarity` (the text names nothing the model knows), else softmax(similarity / temperature) over
-  the `top_k` best. The classifier is linear on the pooled features the image vectors are made of
+  was prepared; a class with synonyms takes the best of its name's and of those synonyms the text is at
+  least `synonym_min_similarity` like: `class_similarities`) gives an affinity over the classes: nothing
+  when the best is below the card's `min_similarity` (the text names nothing the model knows), else
+  softmax(similarity / temperature) over the `top_k` best. The classifier is linear on the pooled features the image vectors are made of
   (logits = W f + b), so the affinity-weighted sum of its (centred) weight rows is a direction in the
   image space along which images of those classes lie: the query vector.
 
