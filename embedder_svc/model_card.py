@@ -189,6 +189,10 @@ class ClassifierText(_Frozen):
     # least this similar to one: a text that says a synonym ("puma" for the class "cougar") is taken for
     # its class, and one only partly like it is not. None: the file has no synonyms.
     synonym_min_similarity: float | None = Field(None, ge=-1, le=1)
+    # ... and at least this much more similar to it than to any class's own name: a synonym that is a rare
+    # sense of the text's words ("cat bear", the red panda's, against "wild cat", a name's 0.71 from
+    # "tiger cat") does not take a text the names already answer.
+    synonym_margin: float = Field(0.0, ge=0, le=2)
 
 
 class TextProjection(_Frozen):

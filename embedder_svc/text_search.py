@@ -28,7 +28,7 @@ from typing import Callable
 
 import numpy as np
 
-from embedder_svc.model_card import ModelCard, TextEncoderSpec, TextSearch, TextTokenizer
+from embedder_svc.model_card import ClassifierText, ModelCard, TextEncoderSpec, TextSearch, TextTokenizer
 from service_kit.file_digest import file_sha256
 
 logger = logging.getLogger(__name__)
@@ -172,21 +172,25 @@ class ClassSynonyms:
     names: list[str]
     classes: np.ndarray  # [M] int: each synonym's class
     embeddings: np.ndarray  # [M, E] unit rows
-    # A synonym counts only where the text is at least this similar to it.
+    # A synonym counts only where the text is at least this similar to it, and this much more than to
+    # any class's name.
     min_similarity: float
+    margin: float = 0.0
 
 
 def class_similarities(
     texts: np.ndarray, class_embeddings: np.ndarray, synonyms: ClassSynonyms | None = None,
 ) -> np.ndarray:
     """[N, K] similarity of each text embedding (unit rows [N, E]) to each class: to its name, or to
-    one of its synonyms when that is higher and at least the synonyms' min_similarity. The gate keeps
-    what a synonym adds to texts that say it: one only partly like the text ("cat bear", red panda's,
-    against "wild cat") would otherwise pull it to a wrong class."""
+    one of its synonyms where the text is at least the synonyms' min_similarity like it and their margin
+    more like it than like any class's name. The gates keep what a synonym adds to texts that say it:
+    one only partly like the text, or a rare sense of words a name already answers ("cat bear", the red
+    panda's, against "wild cat"), would otherwise pull it to a wrong class."""
     similarity = texts @ class_embeddings.T
     if synonyms is not None and len(synonyms.names):
         to_synonyms = texts @ synonyms.embeddings.T
-        to_synonyms[to_synonyms < synonyms.min_similarity] = -1.0
+        needed = np.maximum(synonyms.min_similarity, similarity.max(axis=1, keepdims=True) + synonyms.margin)
+        to_synonyms[to_synonyms < needed] = -1.0
         np.maximum.at(similarity.T, synonyms.classes, to_synonyms.T)
     return similarity
 
@@ -226,7 +230,7 @@ class TextSearcher:
                 self.class_names = [str(name) for name in stored["class_names"]]
                 self.class_embeddings = np.asarray(stored["class_embeddings"], dtype=np.float32)
                 self.query_rows = np.asarray(stored["query_rows"], dtype=np.float32)
-                self.synonyms = _synonyms(stored, spec.synonym_min_similarity, path)
+                self.synonyms = _synonyms(stored, spec, path)
             expected_rows = text.projection.source_dimension if text.projection is not None else text.dimension
             if (
                 len(self.class_names) != spec.classes
@@ -286,14 +290,15 @@ class TextSearcher:
         return TextQuery((vector / norm).astype(np.float32), understood_as)
 
 
-def _synonyms(stored: "np.lib.npyio.NpzFile", min_similarity: float | None, path: Path) -> ClassSynonyms | None:
+def _synonyms(stored: "np.lib.npyio.NpzFile", spec: ClassifierText, path: Path) -> ClassSynonyms | None:
     """The class file's synonyms, where the card says it has them."""
-    if min_similarity is None:
+    if spec.synonym_min_similarity is None:
         return None
     try:
         return ClassSynonyms([str(name) for name in stored["synonyms"]],
                              np.asarray(stored["synonym_classes"], dtype=np.int64),
-                             np.asarray(stored["synonym_embeddings"], dtype=np.float32), min_similarity)
+                             np.asarray(stored["synonym_embeddings"], dtype=np.float32), spec.synonym_min_similarity,
+                             spec.synonym_margin)
     except KeyError as missing:
         raise TextSearchUnavailable(f"the class file {path} has no {missing} though the card gives synonyms") from None
 

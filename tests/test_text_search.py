@@ -361,30 +361,37 @@ async def test_classifier_embedder_matches_class_names_and_refuses_unrelated_wor
 async def test_a_wordnet_synonym_is_taken_for_its_class_and_a_confusing_one_is_left_out(mobilenet_dir):
     """The sentence encoder alone reads "puma" as "pug" and "rucksack" as "ruffed grouse"; as WordNet's
     names of "cougar" and "backpack" they are understood. "plane", WordNet's for the carpenter's tool, is
-    as near "airplane" as a name can be, so it is left out, and "airplane" stays with the aircraft."""
+    as near "airplane" as a name can be, so it is left out, and "airplane" stays with the aircraft; a
+    synonym only a little nearer a text than a class's name does not take it."""
     card = read_model_card(mobilenet_dir)
     classifier = card.text.classifier
     assert classifier.synonym_min_similarity is not None and "synonyms kept" in classifier.threshold_rule
     async with running_embedder(embedder_settings(mobilenet_dir)) as embedder:
-        texts = ["puma", "a photo of a mountain lion", "rucksack", "airplane", "the meaning of life"]
+        texts = ["puma", "a photo of a mountain lion", "rucksack", "airplane", "wild cat", "the meaning of life"]
         reply = await embedder.stub.EmbedTexts(embedder_pb2.EmbedTextsRequest(texts=texts), timeout=30)
         understood = dict(zip(texts, (result.understood_as for result in reply.results)))
         assert understood["puma"].startswith("cougar") and understood["a photo of a mountain lion"].startswith("cougar")
         assert understood["rucksack"].startswith("backpack")
         assert "aircraft" in understood["airplane"].split(",")[0], understood["airplane"]
-        assert reply.results[4].WhichOneof("result") == "error"  # still no match
+        # "cat bear" (the red panda's) is a little nearer "wild cat" than "tiger cat" is, not clearly.
+        assert understood["wild cat"].startswith("tiger cat"), understood["wild cat"]
+        assert reply.results[5].WhichOneof("result") == "error"  # still no match
 
 
 def test_a_synonym_counts_for_its_class_only_where_the_text_is_like_it():
-    """class_similarities: the best of a class's name and of its synonyms at or above the gate."""
-    texts = np.eye(4, dtype=np.float32)[:2]  # two texts along axes 0 and 1
+    """class_similarities: the best of a class's name and of its synonyms past both gates (at least
+    min_similarity, and margin more than any class's name)."""
+    texts = np.array([[1, 0, 0, 0], [0, 1, 0, 0], [0.8, 0, 0.6, 0]], dtype=np.float32)
     names = np.array([[0.5, 0.0, 0.866, 0.0], [0.0, 0.3, 0.0, 0.954]], dtype=np.float32)  # two classes
     synonyms = ClassSynonyms(["a", "b", "c"], np.array([1, 1, 0]), np.array(
-        [[0.9, 0.0, 0.436, 0.0], [0.0, 0.6, 0.0, 0.8], [0.0, 0.75, 0.661, 0.0]], dtype=np.float32), 0.7)
+        [[0.9, 0.0, 0.436, 0.0], [0.0, 0.6, 0.0, 0.8], [0.0, 0.75, 0.661, 0.0]], dtype=np.float32), 0.7, 0.1)
     similarity = class_similarities(texts, names, synonyms)
     # Text 0: class 1 takes synonym "a" (0.9); class 0 keeps its name (0.5). Text 1: synonym "c" (0.75)
-    # lifts class 0; "b" (0.6) is below the gate, so class 1 keeps its name (0.3).
-    np.testing.assert_allclose(similarity, [[0.5, 0.9], [0.75, 0.3]], atol=1e-6)
+    # lifts class 0; "b" (0.6) is below the gate, so class 1 keeps its name (0.3). Text 2 is 0.98 like
+    # "a", but 0.92 like class 0's own name, less than the margin below: class 1 keeps its name's 0.
+    np.testing.assert_allclose(similarity, [[0.5, 0.9], [0.75, 0.3], [0.92, 0.0]], atol=2e-3)
+    without_margin = ClassSynonyms(synonyms.names, synonyms.classes, synonyms.embeddings, 0.7, 0.0)
+    assert class_similarities(texts, names, without_margin)[2, 1] == pytest.approx(0.982, abs=2e-3)
     np.testing.assert_allclose(class_similarities(texts, names), texts @ names.T)
 
 

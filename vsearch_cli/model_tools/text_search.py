@@ -132,6 +132,11 @@ IMAGENET_SYNONYMS_FILE = Path(__file__).with_name("imagenet_synonyms.json")
 # only partly like them to the wrong class. With the threshold rule below, 0.7 leaves the no-match
 # threshold where it was (0.41; unrelated phrases accepted 17 -> 19 %); docs/models.md has what it gave.
 SYNONYM_MIN_SIMILARITY = 0.7
+# ... and where it is at least this much more like the text than any class's name is: a synonym that is a
+# rare sense of words a name already answers ("cat bear", the red panda's, 0.75 from "wild cat", whose
+# nearest name, "tiger cat", is 0.71; "postbag" against "handbag", "basset" against "bass") does not
+# take the text from it. A text that says the synonym is far nearer it ("puma" 1.00, against "pug" 0.74).
+SYNONYM_MARGIN = 0.1
 # A synonym the sentence encoder finds at least this similar to another class's name or synonym is left
 # out: it would add a confusion, not a name ("plane", WordNet's for the carpenter's tool, is 0.93 from
 # "airplane"; "crayfish" names both the crayfish and the spiny lobster): 93 of the 835 (docs/models.md).
@@ -464,7 +469,7 @@ def name_similarities(
         names = [(index, name) for index, listed in enumerate(synonyms) for name in listed]
         embedded = _unconfused(ClassSynonyms(
             [name for _, name in names], np.array([index for index, _ in names], dtype=np.int64),
-            class_name_embeddings(encoder, [name for _, name in names]), SYNONYM_MIN_SIMILARITY,
+            class_name_embeddings(encoder, [name for _, name in names]), SYNONYM_MIN_SIMILARITY, SYNONYM_MARGIN,
         ), class_embeddings)
     related = []
     own = np.arange(len(class_names))
@@ -489,6 +494,7 @@ def cached_name_similarities(
         "class_templates": CLASS_TEMPLATES, "positive_templates": POSITIVE_TEMPLATES, "unrelated": UNRELATED_PHRASES,
         "synonyms": None if synonyms is None else [list(names) for names in synonyms],
         "synonym_min_similarity": SYNONYM_MIN_SIMILARITY, "synonym_max_confusion": SYNONYM_MAX_CONFUSION,
+        "synonym_margin": SYNONYM_MARGIN,
     }
     key = hashlib.sha256(json.dumps(defining, sort_keys=True).encode()).hexdigest()[:24]
     path = cache_dir / f"text-names-{key}.npz"
@@ -518,7 +524,7 @@ def _unconfused(synonyms: ClassSynonyms, class_embeddings: np.ndarray) -> ClassS
     to_synonyms[synonyms.classes[:, None] == synonyms.classes[None, :]] = -1.0
     kept = np.flatnonzero(np.maximum(to_names.max(axis=1), to_synonyms.max(axis=1, initial=-1.0)) < SYNONYM_MAX_CONFUSION)
     return ClassSynonyms([synonyms.names[index] for index in kept], synonyms.classes[kept], synonyms.embeddings[kept],
-                         synonyms.min_similarity)
+                         synonyms.min_similarity, synonyms.margin)
 
 
 def _synonym_arrays(synonyms: ClassSynonyms | None) -> dict[str, np.ndarray]:
@@ -533,7 +539,7 @@ def _stored_synonyms(stored: "np.lib.npyio.NpzFile", synonyms: Sequence[Sequence
     if synonyms is None:
         return None
     return ClassSynonyms([str(name) for name in stored["synonyms"]], stored["synonym_classes"],
-                         stored["synonym_embeddings"], SYNONYM_MIN_SIMILARITY)
+                         stored["synonym_embeddings"], SYNONYM_MIN_SIMILARITY, SYNONYM_MARGIN)
 
 
 # ---- writing the text section -------------------------------------------------------------------------
@@ -586,6 +592,7 @@ def build_classifier_text(
     classifier = draft.classifier.model_copy(update={  # type: ignore[union-attr]
         "sha256": sha256, "min_similarity": threshold.value,
         "synonym_min_similarity": None if names.synonyms is None else names.synonyms.min_similarity,
+        "synonym_margin": 0.0 if names.synonyms is None else names.synonyms.margin,
         "threshold_rule": threshold.rule + f"; head fitted with residual {head.residual:.2%} ({head.logits_name!r})"
         + ("" if names.synonyms is None else
            f"; {len(names.synonyms.names)} of {sum(map(len, synonyms or []))} synonyms kept (the others within "
