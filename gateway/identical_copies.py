@@ -25,24 +25,19 @@ def with_identical_copies(
     """`verdicts` (one per candidate, whose content_sha256 is `candidate_hashes[i]`), with each candidate
     stored from the query's own bytes a copy scored IDENTICAL_COPY_SCORE, the query lying over the whole of
     it. Unchanged without a query hash, and for candidates stored without one."""
-    if not query_sha256:
+    if len(candidate_hashes) != len(verdicts):
+        raise ValueError(f"{len(verdicts)} verdicts for {len(candidate_hashes)} candidates")
+    # Most searches have no identical candidate: the query's features are read only for one that does.
+    if not query_sha256 or query_sha256 not in candidate_hashes:
         return list(verdicts)
     box = _whole_image(query_features)
-    identical = embedder_pb2.CopyVerdict(is_copy=True, copy_score=IDENTICAL_COPY_SCORE)
-    if box is not None:
-        identical.matched_box.CopyFrom(box)
     return [
-        _identical_to(verdict, identical) if candidate_hash == query_sha256 else verdict
-        for candidate_hash, verdict in zip(candidate_hashes, verdicts, strict=True)
+        # A copy of the whole image; the agreeing features, if any, kept.
+        embedder_pb2.CopyVerdict(is_copy=True, copy_score=IDENTICAL_COPY_SCORE, matched_box=box,
+                                 inliers=verdict.inliers)
+        if candidate_hash == query_sha256 else verdict
+        for candidate_hash, verdict in zip(candidate_hashes, verdicts)
     ]
-
-
-def _identical_to(verdict: embedder_pb2.CopyVerdict, identical: embedder_pb2.CopyVerdict) -> embedder_pb2.CopyVerdict:
-    """The verdict on an identical image: a copy, of the whole image (the agreeing features, if any, kept)."""
-    merged = embedder_pb2.CopyVerdict()
-    merged.CopyFrom(identical)
-    merged.inliers = verdict.inliers
-    return merged
 
 
 def _whole_image(query_features: bytes) -> embedder_pb2.CropBox | None:
