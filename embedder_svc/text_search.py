@@ -290,15 +290,19 @@ class TextSearcher:
         return TextQuery((vector / norm).astype(np.float32), understood_as)
 
 
+def read_synonyms(stored: "np.lib.npyio.NpzFile", min_similarity: float, margin: float) -> ClassSynonyms:
+    """The synonym arrays of a class file (or of prepare's cache of one); KeyError when it has none."""
+    return ClassSynonyms([str(name) for name in stored["synonyms"]],
+                         np.asarray(stored["synonym_classes"], dtype=np.int64),
+                         np.asarray(stored["synonym_embeddings"], dtype=np.float32), min_similarity, margin)
+
+
 def _synonyms(stored: "np.lib.npyio.NpzFile", spec: ClassifierText, path: Path) -> ClassSynonyms | None:
     """The class file's synonyms, where the card says it has them."""
     if spec.synonym_min_similarity is None:
         return None
     try:
-        return ClassSynonyms([str(name) for name in stored["synonyms"]],
-                             np.asarray(stored["synonym_classes"], dtype=np.int64),
-                             np.asarray(stored["synonym_embeddings"], dtype=np.float32), spec.synonym_min_similarity,
-                             spec.synonym_margin)
+        return read_synonyms(stored, spec.synonym_min_similarity, spec.synonym_margin)
     except KeyError as missing:
         raise TextSearchUnavailable(f"the class file {path} has no {missing} though the card gives synonyms") from None
 

@@ -50,7 +50,7 @@ from embedder_svc.model_card import (
     TextTokenizer,
 )
 from embedder_svc.text_search import (
-    ClassSynonyms, TextEncoder, TextSearchUnavailable, class_similarities, load_text_encoder,
+    ClassSynonyms, TextEncoder, TextSearchUnavailable, class_similarities, load_text_encoder, read_synonyms,
 )
 from service_kit.file_digest import file_sha256
 
@@ -538,8 +538,7 @@ def _synonym_arrays(synonyms: ClassSynonyms | None) -> dict[str, np.ndarray]:
 def _stored_synonyms(stored: "np.lib.npyio.NpzFile", synonyms: Sequence[Sequence[str]] | None) -> ClassSynonyms | None:
     if synonyms is None:
         return None
-    return ClassSynonyms([str(name) for name in stored["synonyms"]], stored["synonym_classes"],
-                         stored["synonym_embeddings"], SYNONYM_MIN_SIMILARITY, SYNONYM_MARGIN)
+    return read_synonyms(stored, SYNONYM_MIN_SIMILARITY, SYNONYM_MARGIN)
 
 
 # ---- writing the text section -------------------------------------------------------------------------
